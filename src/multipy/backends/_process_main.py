@@ -1,0 +1,155 @@
+"""The worker loop of the ``process`` backend: runs inside the interpreter process.
+
+::
+
+    read frame ─▶ Request ─▶ decode args (tensors viewed in the args arena)
+        ─▶ InterpreterState.handle ─▶ encode value (tensors copied to the results arena)
+        ─▶ Reply{value, error, pinned, unpinned, output} ─▶ write frame
+
+The process exits when the request pipe reaches end-of-file (the host closed
+it or died) and, through the parent-death signal, when its parent dies.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import io
+import os
+import pickle
+import signal
+import sys
+import weakref
+
+from .._current import set_process_interpreter
+from ..interp.state import InterpreterState, capture_exception
+from ..transport.codec import Decoder, Encoder
+from ..transport.frames import read_frame, write_frame
+from ..transport.messages import Reply
+from ..transport.shm import Arena, Segment
+
+
+class _Tracked:
+    """A text stream that remembers whether anything was written to it."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+        self.dirty = False
+
+    def write(self, s):
+        self.dirty = True
+        return self._stream.write(s)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def main(config, host_pid: int, fds, parent_pid: int | None = None) -> None:
+    """Entry point of a worker process; ``fds`` are inherited descriptors."""
+    _die_with_parent()
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(0)  # the parent died before the death signal was armed
+    req_r, rep_w, args_fd, results_fd, out_w, err_w = (fd.detach() if hasattr(fd, "detach") else fd for fd in fds)
+    os.dup2(out_w, 1)
+    os.dup2(err_w, 2)
+    os.close(out_w)
+    os.close(err_w)
+    sys.stdout = _Tracked(open(1, "w", buffering=1, closefd=False))
+    sys.stderr = _Tracked(open(2, "w", buffering=1, closefd=False))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the host's to handle
+    sys.path[:] = list(config.sys_path)
+    set_process_interpreter(config.index)
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None:
+        torch.set_num_threads(config.num_threads)
+        torch.version.interp = config.index
+    state = InterpreterState(config.index)
+    state.activate_for_process()
+    Loop(state, req_r, rep_w, args_fd, results_fd).run()
+
+
+class Loop:
+    """Serves requests until the host goes away."""
+
+    def __init__(self, state: InterpreterState, req_r: int, rep_w: int, args_fd: int,
+                 results_fd: int) -> None:
+        self.state = state
+        self.req_r = req_r
+        self.rep_w = rep_w
+        args = Segment(args_fd, os.fstat(args_fd).st_size, owner=False)
+        self.results = Arena(Segment(results_fd, os.fstat(results_fd).st_size, owner=True))
+        self.decoder = Decoder(args, own=self.results.segment, open_shared=self._open_shared,
+                               resolve_handle=state.objects.__getitem__)
+        self.encoder = Encoder(self.results)
+        self.shared: dict[tuple, Segment] = {}
+        self.pinned: set[int] = set()
+        self.unpinned: list[int] = []
+
+    def _open_shared(self, ident: tuple) -> Segment:
+        seg = self.shared.get(ident)
+        if seg is None:
+            seg = Segment.open(*ident, private=True)
+            self.shared[ident] = seg
+        return seg
+
+    def _release_pin(self, offset: int) -> None:
+        if offset in self.pinned:
+            self.pinned.discard(offset)
+            self.unpinned.append(offset)
+
+    def run(self) -> None:
+        while True:
+            data = read_frame(self.req_r)
+            if data is None:
+                break
+            write_frame(self.rep_w, self.serve(data))
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+    def serve(self, data: bytes) -> bytes:
+        state = self.state
+        state.close_adopted_segments()
+        watched = []
+        value = error = None
+        try:
+            request = pickle.loads(data)
+            for offset in request.freed:
+                self.results.free(offset)
+            args = self.decoder.decode(request.args)
+            watched = [(off, weakref.ref(arr)) for off, arr in self.decoder.received]
+            self.decoder.received = []
+            result = state.handle(request.op, args, request.drop)
+            del args
+            value = self.encoder.encode(result) if result is not None else None
+            del result
+        except BaseException as exc:  # every failure goes back to the caller
+            for offset in self.encoder.placed:
+                self.results.free(offset)
+            self.encoder.placed = []
+            error = capture_exception(exc)
+            del exc
+        pinned = []
+        for offset, ref in watched:
+            array = ref()
+            if array is not None:
+                self.pinned.add(offset)
+                pinned.append(offset)
+                weakref.finalize(array, self._release_pin, offset)
+        unpinned, self.unpinned = self.unpinned, []
+        output = sys.stdout.dirty or sys.stderr.dirty
+        if output:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            sys.stdout.dirty = sys.stderr.dirty = False
+        reply = Reply(value, error, tuple(pinned), tuple(unpinned))
+        return pickle.dumps((reply, output), protocol=5)

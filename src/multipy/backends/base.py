@@ -1,0 +1,281 @@
+"""The worker protocol: what a backend implements so the manager never
+branches on which backend it drives.
+
+A :class:`Worker` is one interpreter seen from the host.  The manager calls
+:meth:`Worker.request` (one operation, blocking, thread-safe) and nothing
+else on the hot path; the base class keeps the per-interpreter bookkeeping
+that is the same for every backend (which replicated objects are loaded there,
+which handles were dropped, the interpreter's generation, statistics).  A
+backend subclass supplies four steps, in the shape of
+``concurrent.futures``' worker context: ``_launch`` (start the interpreter),
+``_wait_ready``, ``_roundtrip`` (send one request, return the reply) and
+``_terminate``.
+
+::
+
+    caller ─▶ Worker.request ─▶ [lock] ─▶ _roundtrip ─▶ interpreter
+                  ▲                          │
+                  └──── value / raised ◀─────┘  (crash → InterpreterCrashedError)
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+import pickle
+import threading
+import time
+from typing import Any
+
+from ..errors import (InterpreterCrashedError, InterpreterError, InterpreterStartError,
+                      ManagerClosedError, RemoteTraceback, TransportError)
+from ..transport.messages import Op, RemoteException
+
+
+class BackendKind(str, enum.Enum):
+    """The kinds of interpreter multipy can run."""
+
+    PROCESS = "process"
+    THREAD = "thread"
+    SUBINTERPRETER = "subinterpreter"
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerConfig:
+    """What every interpreter is started with."""
+
+    index: int
+    sys_path: tuple[str, ...]
+    num_threads: int
+    start_timeout: float = 300.0
+    startup: tuple = ()          # (op, args) replayed on every (re)start
+
+
+class Worker:
+    """One interpreter, seen from the host.  Subclasses implement the transport."""
+
+    kind: BackendKind
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.index = config.index
+        self.generation = 0
+        self.pid: int | None = None
+        self.lock = threading.Lock()
+        self.materialized: set[int] = set()
+        self.drops: collections.deque = collections.deque()
+        self.closed = False
+        self.dead_reason: str | None = None
+        self.calls = 0
+        self.failures = 0
+        self.restarts = 0
+        self.latencies: list[float] = []
+        self._started = False
+        self._startup = list(config.startup)
+
+    # -- to implement ---------------------------------------------------
+    def _launch(self) -> None:
+        raise NotImplementedError
+
+    def _wait_ready(self) -> None:
+        raise NotImplementedError
+
+    def _roundtrip(self, op: Op, args: tuple, drop: tuple, timeout: float | None, handles):
+        """Send one request, return ``(value, RemoteException | None)``.
+
+        ``handles`` is ``(Obj type, obj -> handle id)`` for the session the
+        request belongs to (or ``None``): how to pass ``Obj`` arguments.
+        """
+        raise NotImplementedError
+
+    def _terminate(self, *, kill: bool) -> None:
+        raise NotImplementedError
+
+    # -- lifecycle --------------------------------------------------------
+    def launch(self) -> None:
+        """Begin starting the interpreter (returns before it is ready)."""
+        with self.lock:
+            self._launch_locked()
+
+    def _launch_locked(self) -> None:
+        if self.closed:
+            raise ManagerClosedError("the interpreter manager is closed")
+        self.generation += 1
+        self.materialized = set()
+        self.drops.clear()
+        self._launch()
+        self._started = False
+
+    def ready(self) -> None:
+        """Wait until the interpreter serves requests; replay start-up requests."""
+        with self.lock:
+            self._ready_locked()
+
+    def _ready_locked(self) -> None:
+        if self._started:
+            return
+        try:
+            self._wait_ready()
+            for op, args in self._startup:
+                self._checked(op, args, None)
+        except BaseException:
+            self._terminate(kill=True)
+            raise
+        self._started = True
+
+    def add_startup(self, op: Op, args: tuple) -> None:
+        """Run ``op`` now and after every restart (module registrations)."""
+        with self.lock:
+            self._startup.append((op, args))
+            if self._started:
+                self._checked(op, args, None)
+
+    def close(self, *, timeout: float = 10.0) -> None:
+        got = self.lock.acquire(timeout=timeout)
+        try:
+            self.closed = True
+            self._terminate(kill=not got)
+        finally:
+            if got:
+                self.lock.release()
+
+    # -- the hot path -------------------------------------------------------
+    def request(self, op: Op, args: tuple = (), *, timeout: float | None = None,
+                handles: tuple | None = None, materializes: int | None = None) -> Any:
+        """Run one operation in the interpreter and return its value.
+
+        Raises the interpreter's exception (rebuilt in the host), or
+        :class:`InterpreterCrashedError` when the interpreter died.
+        ``materializes`` names a replicated object the request loads there.
+        """
+        with self.lock:
+            if self.closed:
+                raise ManagerClosedError("the interpreter manager is closed")
+            if not self._started:
+                if self.dead_reason is not None:
+                    self.restarts += 1
+                    self.dead_reason = None
+                    self._launch_locked()
+                self._ready_locked()
+            started = time.perf_counter()
+            try:
+                value = self._checked(op, args, timeout, handles)
+                if materializes is not None:
+                    self.materialized.add(materializes)
+                return value
+            except BaseException:
+                self.failures += 1
+                raise
+            finally:
+                self.calls += 1
+                lat = self.latencies
+                lat.append(time.perf_counter() - started)
+                if len(lat) > 4096:
+                    del lat[:2048]
+
+    def _checked(self, op: Op, args: tuple, timeout: float | None, handles=None) -> Any:
+        drop = drain(self.drops)
+        try:
+            value, error = self._roundtrip(op, args, drop, timeout, handles)
+        except TransportError:
+            self.drops.extend(drop)  # nothing or something was sent: dropping twice is harmless
+            raise
+        if error is not None:
+            raise rebuild_exception(error)
+        return value
+
+    def mark_dead(self, reason: str) -> None:
+        """Record that the interpreter died; the next request restarts it."""
+        self.dead_reason = reason
+        self._started = False
+        self.materialized = set()
+
+    def drop(self, item) -> None:
+        """Queue the release of an object in this interpreter (any thread)."""
+        self.drops.append(item)
+
+    def percentiles(self) -> tuple[float, float, float]:
+        lat = sorted(self.latencies)
+        if not lat:
+            return (0.0, 0.0, 0.0)
+        pick = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]
+        return (pick(0.5), pick(0.95), pick(0.99))
+
+
+class Backend:
+    """Creates workers of one kind.  ``name`` is what ``manager.backend`` says."""
+
+    kind: BackendKind
+
+    def create_worker(self, config: WorkerConfig) -> Worker:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the backend shares between its workers."""
+
+
+def drain(queue: collections.deque) -> tuple:
+    """Take everything from ``queue`` (appended to from any thread)."""
+    out = []
+    try:
+        while True:
+            out.append(queue.popleft())
+    except IndexError:
+        return tuple(out)
+
+
+def rebuild_exception(error: RemoteException) -> BaseException:
+    """The host-side exception for an interpreter-side one.
+
+    The original type when it can be unpickled here (with the remote traceback
+    as ``__cause__``), else :class:`InterpreterError`.
+    """
+    exc: BaseException | None = None
+    if error.pickled is not None:
+        try:
+            exc = pickle.loads(error.pickled)
+        except Exception:
+            exc = None
+    if not isinstance(exc, BaseException):
+        exc = InterpreterError(error.type_name, error.message, error.traceback)
+    exc.__cause__ = RemoteTraceback(error.traceback)
+    return exc
+
+
+def describe_exit(index: int, pid: int | None, exitcode: int | None, while_: str) -> InterpreterCrashedError:
+    """An :class:`InterpreterCrashedError` naming the signal and the likely cause."""
+    import signal as _signal
+
+    if exitcode is None:
+        how, cause = "stopped answering", "its process is gone but its exit status is unknown"
+    elif exitcode < 0:
+        try:
+            name = _signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        how = f"was killed by {name}({exitcode})"
+        cause = _SIGNAL_CAUSES.get(name, "a signal sent to the process")
+    else:
+        how = f"exited with code {exitcode}"
+        cause = "the code it ran called os._exit() or sys.exit(), or the interpreter aborted"
+    return InterpreterCrashedError(
+        f"interpreter {index} (pid {pid}) {how} {while_}; likely cause: {cause}. "
+        "It will be restarted for later calls; objects created in it are gone.",
+        index=index, pid=pid, exitcode=exitcode)
+
+
+_SIGNAL_CAUSES = {
+    "SIGSEGV": "a segmentation fault in native code (an extension bug or an out-of-bounds access)",
+    "SIGBUS": "a bus error: memory-mapped data vanished or /dev/shm is full",
+    "SIGABRT": "an abort (os.abort(), a failed C assertion or a fatal error in an extension)",
+    "SIGKILL": "the kernel's OOM killer (check `dmesg`) or an external `kill -9`, or a call timeout",
+    "SIGTERM": "an external request to terminate",
+    "SIGFPE": "a fatal arithmetic error in native code",
+    "SIGILL": "an illegal instruction (a binary built for another CPU)",
+}
+
+
+def no_start(index: int, why: str) -> InterpreterStartError:
+    return InterpreterStartError(f"interpreter {index} failed to start: {why}")
+

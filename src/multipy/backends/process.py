@@ -1,0 +1,276 @@
+"""The ``process`` backend: one worker process per interpreter.
+
+::
+
+    host thread                                worker process (_process_main.Loop)
+    -----------                                ------------------------------------
+    request(op, args)
+      encode args ──▶ args arena (memfd)
+      write frame ──── request pipe ─────────▶ read frame, view args in place
+                                               run op under the caller's grad mode
+                                               copy result tensors ▶ results arena
+      read frame  ◀──── reply pipe ─────────── write frame
+      view results in place (freed when the host tensor dies)
+
+Workers are forked by a fork server that imported torch once but never ran an
+op (so no thread pool exists to be broken by ``fork``): starting N
+interpreters costs about one ``import torch``, not N.  Each worker's stdout
+and stderr are pumped into the host's ``sys.stdout``/``sys.stderr``.  A
+worker that dies closes its reply pipe: the waiting caller sees end-of-file at
+once and gets :class:`~multipy.errors.InterpreterCrashedError`.
+"""
+
+from __future__ import annotations
+
+import collections
+import multiprocessing
+import os
+import pickle
+import select
+import sys
+import threading
+import time
+from multiprocessing import reduction
+
+from ..errors import CallTimeoutError, TransportError
+from ..transport.codec import Decoder, Encoder
+from ..transport.frames import FrameError, read_frame, write_frame
+from ..transport.messages import Op, Request
+from ..transport.shm import Arena, Segment
+from .base import Backend, BackendKind, Worker, WorkerConfig, describe_exit, drain, no_start
+
+ARENA_BYTES = 1 << 22  # grows on demand; pages are only touched when used
+_PRELOAD = ["multipy.backends._process_main", "numpy", "torch"]
+
+
+class _Fd:
+    """An inherited file descriptor in a Process's arguments."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self):
+        return (_identity, (reduction.DupFd(self.fd),))
+
+
+def _identity(x):
+    return x
+
+
+def _context():
+    """forkserver (torch preloaded) where available, else spawn."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(_PRELOAD)
+        return ctx
+    return multiprocessing.get_context("spawn")
+
+
+class _Pump(threading.Thread):
+    """Copies a worker's stdout or stderr into the host's current stream."""
+
+    def __init__(self, fd: int, stream_name: str, name: str) -> None:
+        super().__init__(name=name, daemon=True)
+        self.fd = fd
+        self.stream_name = stream_name
+        self.lock = threading.Lock()
+        self.tail = b""
+        self.done = False
+        os.set_blocking(fd, False)
+
+    def run(self) -> None:
+        while not self.done:
+            try:
+                select.select([self.fd], [], [])
+            except (OSError, ValueError):
+                return
+            self.drain()
+
+    def drain(self) -> None:
+        with self.lock:
+            if self.done:
+                return
+            while True:
+                try:
+                    chunk = os.read(self.fd, 65536)
+                except BlockingIOError:
+                    return
+                except OSError:
+                    chunk = b""
+                if not chunk:
+                    self.done = True
+                    os.close(self.fd)
+                    return
+                self.tail = (self.tail + chunk)[-4096:]
+                stream = getattr(sys, self.stream_name)
+                try:
+                    stream.write(chunk.decode("utf-8", "replace"))
+                    stream.flush()
+                except (OSError, ValueError):
+                    pass
+
+
+class ProcessWorker(Worker):
+    """One interpreter in its own process."""
+
+    kind = BackendKind.PROCESS
+
+    def __init__(self, config: WorkerConfig, ctx) -> None:
+        super().__init__(config)
+        self._ctx = ctx
+        self._process = None
+        self._freed: collections.deque = collections.deque()
+        self._pins: set[int] = set()
+
+    def _launch(self) -> None:
+        self._terminate(kill=True)
+        req_r, self._req_w = os.pipe()
+        self._rep_r, rep_w = os.pipe()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        self._args = Arena(Segment.create(ARENA_BYTES, name=f"multipy-args-{self.index}"))
+        self._results = Segment.create(ARENA_BYTES, name=f"multipy-results-{self.index}")
+        self._freed = collections.deque()
+        self._pins = set()
+        generation = self.generation
+        freed = self._freed
+        self._encoder = Encoder(self._args, returnable=self._results)
+        self._decoder = Decoder(self._results, own=self._args.segment,
+                                on_release=lambda off: freed.append(off) if self.generation == generation else None)
+        fds = tuple(_Fd(fd) for fd in (req_r, rep_w, self._args.segment.fd, self._results.fd, out_w, err_w))
+        process = self._ctx.Process(
+            target=_worker_entry, args=(self.config, os.getpid(), fds),
+            name=f"multipy-interpreter-{self.index}", daemon=True)
+        try:
+            process.start()
+        finally:
+            for fd in (req_r, rep_w, out_w, err_w):
+                os.close(fd)
+        self._process = process
+        self.pid = process.pid
+        self._out = _Pump(out_r, "stdout", f"multipy-stdout-{self.index}")
+        self._err = _Pump(err_r, "stderr", f"multipy-stderr-{self.index}")
+        self._out.start()
+        self._err.start()
+
+    def _wait_ready(self) -> None:
+        try:
+            self._exchange(Op.PING, (), (), self.config.start_timeout, starting=True)
+        except Exception as exc:
+            tail = self._err.tail.decode("utf-8", "replace").strip() if self._err else ""
+            why = str(exc) + (f"\nits stderr ended with:\n{tail}" if tail else "")
+            raise no_start(self.index, why) from None
+
+    def _roundtrip(self, op, args, drop, timeout, handles):
+        return self._exchange(op, args, drop, timeout, handles)
+
+    def _exchange(self, op, args, drop, timeout, handles=None, *, starting: bool = False):
+        encoder = self._encoder
+        encoder.handles = handles
+        blob = encoder.encode(args)  # TransportError: nothing was sent, nothing lost
+        placed = encoder.placed
+        freed = drain(self._freed)
+        data = pickle.dumps(Request(op, blob, drop, freed), protocol=5)
+        try:
+            write_frame(self._req_w, data)
+            if timeout is not None and not _readable(self._rep_r, timeout):
+                self._kill_for_timeout(timeout)
+            frame = read_frame(self._rep_r)
+        except (BrokenPipeError, ConnectionResetError, FrameError):
+            frame = None
+        if frame is None:
+            raise self._crashed("while starting" if starting else "while running a call")
+        (reply, output) = pickle.loads(frame)
+        pins = self._pins
+        for offset in reply.unpinned:
+            pins.discard(offset)
+            self._args.free(offset)
+        keep = set(reply.pinned)
+        pins.update(keep)
+        for offset in placed:
+            if offset not in keep:
+                self._args.free(offset)
+        if output:
+            self._out.drain()
+            self._err.drain()
+        value = None
+        if reply.value is not None:
+            try:
+                value = self._decoder.decode(reply.value)
+            except Exception as exc:
+                raise TransportError(
+                    f"the result of {op.name.lower()} in interpreter {self.index} could not be "
+                    f"rebuilt in the host: {exc}. Types defined inside a package exist only in "
+                    "the interpreters; return plain values or tensors, or keep an Obj handle.") from exc
+        return value, reply.error
+
+    def _kill_for_timeout(self, timeout: float):
+        pid = self.pid
+        self._terminate(kill=True)
+        self.mark_dead("timed out")
+        raise CallTimeoutError(
+            f"call on interpreter {self.index} (pid {pid}) ran past its timeout of {timeout:g} s; "
+            "the interpreter was killed and will be restarted. Raise call_timeout= (manager) or "
+            "timeout= (per call) if the work is expected to take longer.")
+
+    def _crashed(self, while_: str):
+        process = self._process
+        pid = self.pid
+        exitcode = None
+        if process is not None:
+            process.join(5)
+            exitcode = process.exitcode
+        self._terminate(kill=True)
+        self.mark_dead("crashed")
+        return describe_exit(self.index, pid, exitcode, while_)
+
+    def _terminate(self, *, kill: bool) -> None:
+        process, self._process = self._process, None
+        if process is None:
+            return
+        try:
+            os.close(self._req_w)  # end-of-file: a healthy worker exits by itself
+        except OSError:
+            pass
+        process.join(0 if kill else 5)
+        if process.is_alive():
+            process.kill()
+            process.join(5)
+        try:
+            os.close(self._rep_r)
+        except OSError:
+            pass
+        for pump in (self._out, self._err):
+            pump.join(1)
+        self._args.segment.close()
+        self._results.close()
+        process.close()
+
+
+def _readable(fd: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        r, _, _ = select.select([fd], [], [], left)
+        if r:
+            return True
+
+
+def _worker_entry(config, host_pid, fds):
+    from ._process_main import main
+
+    main(config, host_pid, tuple(f.detach() if hasattr(f, "detach") else f for f in fds))
+
+
+class ProcessBackend(Backend):
+    """Creates :class:`ProcessWorker` interpreters."""
+
+    kind = BackendKind.PROCESS
+
+    def __init__(self) -> None:
+        self._ctx = _context()
+
+    def create_worker(self, config: WorkerConfig) -> Worker:
+        return ProcessWorker(config, self._ctx)

@@ -1,0 +1,120 @@
+"""torch.package archives opened with their storages shared between interpreters.
+
+torch.package stores each tensor storage as an uncompressed, 64-byte aligned
+zip entry.  Instead of reading those entries into private memory, every
+interpreter maps the archive file copy-on-write and views each storage in
+place: the page cache holds one copy of the weights however many interpreters
+load the model, and an interpreter that writes to a weight gets a private copy
+of just the pages it wrote.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import mmap
+import os
+import struct
+import sys
+import weakref
+import zipfile
+
+from ..errors import ExternModuleError, PackageError
+
+_LOCAL_HEADER = struct.Struct("<4s5H3I2H")
+
+
+def stored_records(path: str) -> dict[str, tuple[int, int]]:
+    """``{record name without the archive root: (data offset, size)}`` for
+    uncompressed entries of the zip at ``path``."""
+    out = {}
+    with open(path, "rb") as raw, zipfile.ZipFile(raw) as zf:
+        for info in zf.infolist():
+            if info.compress_type != zipfile.ZIP_STORED:
+                continue
+            raw.seek(info.header_offset)
+            fields = _LOCAL_HEADER.unpack(raw.read(_LOCAL_HEADER.size))
+            name_len, extra_len = fields[-2], fields[-1]
+            data = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+            name = info.filename.split("/", 1)[1] if "/" in info.filename else info.filename
+            out[name] = (data, info.file_size)
+    return out
+
+
+class SharedStorageReader:
+    """A proxy for ``PackageImporter.zip_reader`` whose storages are views of
+    the archive mapped copy-on-write.  Everything else is delegated."""
+
+    def __init__(self, reader, path: str) -> None:
+        import numpy as np
+
+        self._reader = reader
+        self._records = stored_records(path)
+        with open(path, "rb") as f:
+            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        self._base = np.frombuffer(self._mm, dtype=np.uint8)
+        self._cache: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+    def get_storage_from_record(self, name, numel, dtype):
+        import torch
+
+        cached = self._cache.get((name, dtype))
+        if cached is not None:
+            return cached
+        found = self._records.get(name)
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        if found is None or found[1] < nbytes or found[0] % 64:
+            return self._reader.get_storage_from_record(name, numel, dtype)
+        offset, _ = found
+        t = torch.from_numpy(self._base[offset:offset + nbytes])
+        if dtype != torch.uint8:
+            t = t.view(dtype)
+        self._cache[(name, dtype)] = t
+        return t
+
+    def __getattr__(self, name):
+        return getattr(self._reader, name)
+
+
+def open_package(path: str):
+    """A ``PackageImporter`` for ``path`` whose storages are shared.
+
+    Raises :class:`ExternModuleError` when an extern module of the archive
+    cannot be found in this interpreter's environment.
+    """
+    from torch.package import PackageImporter
+
+    if not os.path.exists(path):
+        raise PackageError(f"package {path!r} does not exist")
+    importer = PackageImporter(path)
+    importer.zip_reader = SharedStorageReader(importer.zip_reader, path)
+    missing = sorted({m.split(".")[0] for m in importer.extern_modules
+                      if _top_level_missing(m.split(".")[0])})
+    if missing:
+        names = ", ".join(repr(m) for m in missing)
+        raise ExternModuleError(
+            f"package {path!r} needs extern module(s) {names}, which this interpreter's "
+            f"environment cannot import; searched sys.path = {sys.path}. Install them into the "
+            "environment given to InterpreterManager (PathEnvironment(site_packages)), or "
+            "mock or intern them when exporting the package.")
+    return importer
+
+
+def _top_level_missing(name: str) -> bool:
+    if name in sys.modules:
+        return False
+    try:
+        return importlib.util.find_spec(name) is None
+    except (ImportError, ValueError):
+        return True
+
+
+def check_resource(importer, package: str, resource: str) -> None:
+    """Raise :class:`PackageError` listing what exists when a resource is absent."""
+    path = f"{package.replace('.', '/')}/{resource}"
+    if importer.zip_reader.has_record(path):
+        return
+    records = importer.zip_reader.get_all_records()
+    pickles = sorted(r for r in records if r.endswith(".pkl") and not r.startswith(".data/"))
+    raise PackageError(
+        f"no resource {path!r} in package {importer.filename!r}; "
+        f"pickles there: {', '.join(pickles) or 'none'}")

@@ -1,0 +1,252 @@
+"""The object table and the operations of the worker protocol.
+
+One :class:`InterpreterState` lives in each interpreter.  A backend's worker
+loop decodes a :class:`~multipy.transport.messages.Request`, calls
+:meth:`InterpreterState.handle`, and encodes what it returns (or the exception
+it raised).  Nothing here knows how the request arrived.
+
+Objects the host holds handles to live in ``objects`` (id -> object).
+Replicated objects live in ``replicated`` (replicated id -> object) and are
+materialized on first use from their recipe: a package pickle or a movable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+import traceback
+from typing import Any
+
+from ..errors import PackageError
+from ..transport.messages import GradMode, Handle, MovablePayload, Op, RemoteException
+from .modules import SourceFinder
+
+_local = threading.local()
+_process_state: "InterpreterState | None" = None
+
+
+def current_state() -> "InterpreterState":
+    state = getattr(_local, "state", None) or _process_state
+    if state is None:
+        raise RuntimeError("not running inside a multipy interpreter")
+    return state
+
+
+class InterpreterState:
+    """Everything one interpreter holds on behalf of the host."""
+
+    def __init__(self, index: int, *, finder: SourceFinder | None = None,
+                 importer_factory=None) -> None:
+        self.index = index
+        self.objects: dict[int, Any] = {}
+        self._next = 1
+        self.replicated: dict[int, Any] = {}
+        self.package_paths: dict[int, str] = {}
+        self.importers: dict[int, Any] = {}
+        self.prefixes: dict[str, int] = {}
+        self.finder = finder if finder is not None else SourceFinder().install()
+        self.open_segments: list = []
+        self._importer_factory = importer_factory
+        self._ops = {
+            Op.PING: self._ping,
+            Op.REGISTER_MODULE: self._register_module,
+            Op.PACKAGE_IMPORTER: self._package_importer,
+            Op.LOAD_PICKLE: self._load_pickle,
+            Op.GLOBAL: self._global,
+            Op.CALL: self._call,
+            Op.ATTR: self._attr,
+            Op.HASATTR: self._hasattr,
+            Op.DEREF: self._deref,
+            Op.MAKE_MOVABLE: self._make_movable,
+            Op.MATERIALIZE: self._materialize,
+            Op.REPLICATED_HANDLE: self._replicated_handle,
+            Op.UNLOAD: self._unload,
+            Op.CALL_REPLICATED: self._call_replicated,
+            Op.HASATTR_REPLICATED: self._hasattr_replicated,
+            Op.EXEC: self._exec,
+        }
+
+    def activate_for_process(self) -> None:
+        global _process_state
+        _process_state = self
+
+    def activate_for_thread(self) -> None:
+        _local.state = self
+
+    # -- the dispatcher ---------------------------------------------------
+
+    def handle(self, op: Op, args: tuple, drop: tuple = ()) -> Any:
+        for item in drop:
+            self._drop(item)
+        return self._ops[op](*args)
+
+    def _drop(self, item) -> None:
+        kind, ident = item
+        if kind == "obj":
+            self.objects.pop(ident, None)
+        else:
+            self.replicated.pop(ident, None)
+
+    def _store(self, obj: Any) -> Handle:
+        ident = self._next
+        self._next += 1
+        self.objects[ident] = obj
+        return Handle(ident)
+
+    def resolve(self, value: Any) -> Any:
+        """Replace :class:`Handle` arguments by the objects they name."""
+        if type(value) is Handle:
+            return self.objects[value.id]
+        if type(value) is tuple and any(type(v) is Handle for v in value):
+            return tuple(self.resolve(v) for v in value)
+        if type(value) is dict and any(type(v) is Handle for v in value.values()):
+            return {k: self.resolve(v) for k, v in value.items()}
+        if type(value) is list and any(type(v) is Handle for v in value):
+            return [self.resolve(v) for v in value]
+        return value
+
+    # -- operations -------------------------------------------------------
+
+    def _ping(self) -> int:
+        return self.index
+
+    def _register_module(self, name: str, source: str) -> None:
+        self.finder.register(name, source)
+
+    def package_importer_by_id(self, package_id: int):
+        importer = self.importers.get(package_id)
+        if importer is None:
+            raise PackageError(f"package {package_id} was never opened in interpreter {self.index}")
+        return importer
+
+    def _importer(self, package_id: int, path: str):
+        importer = self.importers.get(package_id)
+        if importer is None:
+            from .packages import open_package
+
+            importer = (self._importer_factory or open_package)(path)
+            self.importers[package_id] = importer
+            self.prefixes[importer._mangler.parent_name()] = package_id
+        return importer
+
+    def _package_importer(self, package_id: int, path: str) -> Handle:
+        return self._store(self._importer(package_id, path))
+
+    def _load_from_package(self, package_id: int, path: str, package: str, resource: str):
+        from .packages import check_resource
+
+        importer = self._importer(package_id, path)
+        check_resource(importer, package, resource)
+        return importer.load_pickle(package, resource)
+
+    def _load_pickle(self, package_id: int, path: str, package: str, resource: str) -> Handle:
+        return self._store(self._load_from_package(package_id, path, package, resource))
+
+    def _global(self, module: str, name: str) -> Handle:
+        import importlib
+
+        obj = importlib.import_module(module)
+        for part in name.split("."):
+            obj = getattr(obj, part)
+        return self._store(obj)
+
+    def _call(self, target, args, kwargs, grad_mode, want_handle: bool):
+        fn = self.resolve(target)
+        with grad_context(grad_mode):
+            result = fn(*self.resolve(args), **self.resolve(kwargs))
+        return self._store(result) if want_handle else result
+
+    def _attr(self, target, name: str) -> Handle:
+        return self._store(getattr(self.resolve(target), name))
+
+    def _hasattr(self, target, name: str) -> bool:
+        return hasattr(self.resolve(target), name)
+
+    def _deref(self, target) -> Any:
+        return self.resolve(target)
+
+    def _make_movable(self, target) -> tuple[MovablePayload, tuple]:
+        from .movable import make_movable
+
+        payload, segment, used = make_movable(self.resolve(target), self.prefixes)
+        if segment is not None:
+            self.open_segments.append(segment)  # closed once the host has adopted it
+        return payload, used
+
+    def close_adopted_segments(self) -> None:
+        while self.open_segments:
+            self.open_segments.pop().close()
+
+    def _materialize(self, rid: int, recipe) -> None:
+        if rid in self.replicated:
+            return
+        kind = recipe[0]
+        if kind == "pickle":
+            _, package_id, path, package, resource = recipe
+            obj = self._load_from_package(package_id, path, package, resource)
+        elif kind == "movable":
+            from .movable import load_movable
+
+            for package_id, path in recipe[2]:
+                self._importer(package_id, path)
+            obj = load_movable(recipe[1])
+        else:
+            raise ValueError(f"unknown recipe kind {kind!r}")
+        self.replicated[rid] = obj
+
+    def _replicated(self, rid: int, recipe):
+        obj = self.replicated.get(rid)
+        if obj is None:
+            if recipe is None:
+                raise LookupError(f"replicated object {rid} is not loaded in interpreter {self.index}")
+            self._materialize(rid, recipe)
+            obj = self.replicated[rid]
+        return obj
+
+    def _replicated_handle(self, rid: int, recipe) -> Handle:
+        return self._store(self._replicated(rid, recipe))
+
+    def _unload(self, rid: int) -> None:
+        self.replicated.pop(rid, None)
+
+    def _call_replicated(self, rid, method, args, kwargs, grad_mode, recipe):
+        obj = self._replicated(rid, recipe)
+        fn = obj if method is None else getattr(obj, method)
+        with grad_context(grad_mode):
+            return fn(*self.resolve(args), **self.resolve(kwargs))
+
+    def _hasattr_replicated(self, rid, name, recipe) -> bool:
+        return hasattr(self._replicated(rid, recipe), name)
+
+    def _exec(self, source: str) -> Any:
+        namespace: dict[str, Any] = {"__name__": "__multipy_exec__"}
+        exec(compile(source, "<multipy exec>", "exec"), namespace)
+        return namespace.get("result")
+
+
+def grad_context(mode):
+    """The autograd context for ``mode``; a no-op where torch is not loaded."""
+    torch = sys.modules.get("torch")
+    if torch is None or mode is None:
+        return contextlib.nullcontext()
+    if mode == GradMode.INFERENCE:
+        return torch.inference_mode()
+    if mode == GradMode.NO_GRAD:
+        return torch.no_grad()
+    return torch.enable_grad()
+
+
+def capture_exception(exc: BaseException) -> RemoteException:
+    """Turn ``exc`` into a record that always crosses to the host."""
+    import pickle
+
+    kind = type(exc)
+    type_name = f"{kind.__module__}.{kind.__qualname__}"
+    tb = "".join(traceback.format_exception(kind, exc, exc.__traceback__))
+    try:
+        pickled = pickle.dumps(exc, protocol=5)
+        pickle.loads(pickled)  # a type that pickles but cannot be rebuilt is useless
+    except Exception:
+        pickled = None
+    return RemoteException(type_name, str(exc), tb, pickled)

@@ -1,0 +1,28 @@
+"""Helpers for ``torch.package`` archives: list their contents, write them.
+
+Importing this package does not import ``torch``: :func:`inspect_package`
+reads archives with the stdlib only, and :func:`save_package` (which needs
+torch) is loaded on first use.
+
+Example:
+    >>> from multipy.package import inspect_package
+    >>> inspect_package("out/simple.pt").pickles          # doctest: +SKIP
+    ('model/example.pkl', 'model/model.pkl')
+"""
+
+from typing import TYPE_CHECKING, Any
+
+from .inspect import PackageContents, format_contents, inspect_package
+
+if TYPE_CHECKING:
+    from .export import save_package
+
+__all__ = ["PackageContents", "format_contents", "inspect_package", "save_package"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "save_package":
+        from .export import save_package
+
+        return save_package
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

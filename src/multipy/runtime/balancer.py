@@ -1,0 +1,54 @@
+"""torch::deploy's load balancer: a free interpreter first, else the least loaded.
+
+Choosing never blocks: the counters are updated under a lock held only for
+the choice itself (a few hundred nanoseconds), never while waiting for an
+interpreter.  The caller then queues on the chosen interpreter's own lock.
+"""
+
+from __future__ import annotations
+
+import threading
+
+
+class LoadBalancer:
+    """Counts in-flight users per interpreter and hands out the best one.
+
+    >>> lb = LoadBalancer(2)
+    >>> a = lb.acquire(); b = lb.acquire()
+    >>> sorted([a, b])
+    [0, 1]
+    >>> lb.release(a)
+    """
+
+    def __init__(self, n: int) -> None:
+        self._load = [0] * n
+        self._limit = n
+        self._lock = threading.Lock()
+        self._start = 0
+
+    def set_limit(self, k: int) -> None:
+        """Use only the first ``k`` interpreters (``debug_limit_interpreters``)."""
+        self._limit = max(1, min(k, len(self._load)))
+
+    def acquire(self) -> int:
+        with self._lock:
+            load, n = self._load, self._limit
+            start = self._start
+            self._start = (start + 1) % n
+            best = start % n
+            for k in range(n):
+                i = (start + k) % n
+                if load[i] == 0:
+                    best = i
+                    break
+                if load[i] < load[best]:
+                    best = i
+            load[best] += 1
+            return best
+
+    def release(self, index: int) -> None:
+        with self._lock:
+            self._load[index] -= 1
+
+    def in_flight(self, index: int) -> int:
+        return self._load[index]

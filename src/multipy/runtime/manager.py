@@ -1,0 +1,234 @@
+"""InterpreterManager: owns N interpreters and balances work over them.
+
+::
+
+    InterpreterManager ──▶ LoadBalancer (free first, else least loaded)
+          │                      │ index
+          ├── Package ──▶ ReplicatedObj ──call──▶ Worker[index].request(...)
+          └── acquire_one ──▶ InterpreterSession ──▶ Obj ──▶ Worker[index].request(...)
+
+The manager talks to its interpreters only through the worker protocol of
+:mod:`multipy.backends.base`; it never branches on the backend.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from typing import Any, Callable
+
+from ..backends.base import WorkerConfig
+from ..backends.capabilities import resolve_backend
+from ..errors import ManagerClosedError
+from ..transport.messages import Op
+from .balancer import LoadBalancer
+from .environment import Environment, NoopEnvironment
+from .package import Package
+from .replicated import ReplicatedObj
+from .session import InterpreterSession, Obj, caller_grad_mode
+from .stats import InterpreterStatistics, ManagerStatistics
+
+
+class Interpreter:
+    """One interpreter of a manager (``manager.all_instances()``)."""
+
+    def __init__(self, manager: "InterpreterManager", index: int) -> None:
+        self._manager = manager
+        self.index = index
+
+    @property
+    def pid(self) -> int | None:
+        """The interpreter's process id (``None`` for in-process backends)."""
+        return self._manager._workers[self.index].pid
+
+    def acquire_session(self) -> InterpreterSession:
+        """A session on this interpreter (bypasses the load balancer's choice).
+
+        >>> for interp in manager.all_instances():          # doctest: +SKIP
+        ...     with interp.acquire_session() as s:
+        ...         s.global_("builtins", "print")("hello")
+        """
+        self._manager._check_open()
+        return InterpreterSession(self._manager, self.index, balanced=False)
+
+    def __repr__(self) -> str:
+        return f"<Interpreter {self.index} pid={self.pid}>"
+
+
+class InterpreterManager:
+    """N independent interpreters and a load balancer over them.
+
+    >>> from multipy import InterpreterManager
+    >>> with InterpreterManager(2) as manager:               # doctest: +SKIP
+    ...     model = manager.load_package("simple.pt").load_pickle("model", "model.pkl")
+    ...     out = model(torch.rand(10, 20))
+
+    ``env`` says where interpreters find extern modules (default: the host's
+    ``sys.path``).  ``backend`` is ``"process"``, ``"thread"``,
+    ``"subinterpreter"`` or ``"auto"``.  ``num_threads`` is torch's intra-op
+    thread count per interpreter (default: cores // n, at least 1).
+    ``call_timeout`` (seconds) bounds every call; a call past it kills and
+    restarts its interpreter.
+    """
+
+    def __init__(self, n: int, /, env: Environment | None = None, *, backend: str = "process",
+                 num_threads: int | None = None, call_timeout: float | None = None,
+                 start_timeout: float = 300.0) -> None:
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"an InterpreterManager needs at least one interpreter, got {n!r}")
+        self._closed = True
+        self._packages: dict[int, str] = {}
+        self._backend, self.backend_choice = resolve_backend(backend)
+        self.backend = self._backend.kind.value
+        self.env = env if env is not None else NoopEnvironment()
+        self._call_timeout = call_timeout
+        threads = num_threads if num_threads is not None else max(1, (os.cpu_count() or 1) // n)
+        self._workers = [
+            self._backend.create_worker(WorkerConfig(i, self.env.sys_path(), threads, start_timeout))
+            for i in range(n)]
+        self._balancer = LoadBalancer(n)
+        self._interpreters = [Interpreter(self, i) for i in range(n)]
+        self._closed = False
+        self._finalizer = weakref.finalize(self, _close_workers, self._workers, self._backend)
+        try:
+            for worker in self._workers:
+                worker.launch()
+            for worker in self._workers:
+                worker.ready()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- the deploy API -------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._workers)
+
+    def all_instances(self) -> list[Interpreter]:
+        """Every interpreter, e.g. to load or unload eagerly on each."""
+        return list(self._interpreters)
+
+    def acquire_one(self) -> InterpreterSession:
+        """A session on the best interpreter now: a free one, else the least loaded."""
+        self._check_open()
+        return InterpreterSession(self, self._balancer.acquire(), balanced=True)
+
+    def debug_limit_interpreters(self, k: int, /) -> None:
+        """Balance over the first ``k`` interpreters only (benchmarks: one vs many)."""
+        self._balancer.set_limit(k)
+
+    def load_package(self, path: str | os.PathLike, /) -> Package:
+        """Open a torch.package archive; raises a clear error for a missing or non-zip path."""
+        self._check_open()
+        return Package(self, os.fspath(path))
+
+    def register_module_source(self, name: str, source: str, /) -> None:
+        """Make module ``name`` (from ``source``) importable in every interpreter,
+        now and after any restart.  Each interpreter has its own copy."""
+        compile(source, f"<registered module {name}>", "exec")
+        self._check_open()
+        for worker in self._workers:
+            worker.add_startup(Op.REGISTER_MODULE, (name, source))
+
+    def create_movable(self, obj: Obj, session: InterpreterSession, /) -> ReplicatedObj:
+        """Pickle ``obj`` out of ``session`` as a :class:`ReplicatedObj`.
+
+        Its tensors go once into shared memory; every interpreter that loads it
+        maps them instead of copying.
+        """
+        if not session.is_owner(obj):
+            owner = obj._session.interpreter_index if isinstance(obj, Obj) else None
+            raise _ownership(obj, owner, session.interpreter_index)
+        payload, used = session._request(Op.MAKE_MOVABLE, (obj,))
+        fd = None
+        segment = payload.segment
+        if segment is not None:
+            from ..transport.messages import MovablePayload
+
+            pid, their_fd, inode = segment
+            fd = os.open(f"/proc/{pid}/fd/{their_fd}", os.O_RDWR | os.O_CLOEXEC)
+            if os.fstat(fd).st_ino != inode:
+                os.close(fd)
+                raise OSError("the movable's shared segment vanished before it was adopted")
+            payload = MovablePayload(payload.data, (os.getpid(), fd, inode))
+        packages = tuple((package_id, self._packages[package_id]) for package_id in used)
+        return ReplicatedObj(self, ("movable", payload, packages), segment_fd=fd)
+
+    def statistics(self) -> ManagerStatistics:
+        """A frozen snapshot of per-interpreter counters and latency percentiles."""
+        out = []
+        for w in self._workers:
+            p50, p95, p99 = w.percentiles()
+            out.append(InterpreterStatistics(
+                index=w.index, pid=w.pid, generation=w.generation, calls=w.calls,
+                in_flight=self._balancer.in_flight(w.index), failures=w.failures,
+                restarts=w.restarts, p50_latency=p50, p95_latency=p95, p99_latency=p99))
+        return ManagerStatistics(self.backend, tuple(out))
+
+    # -- lifetime --------------------------------------------------------------
+    def close(self) -> None:
+        """Stop every interpreter.  Idempotent; ``with`` calls it."""
+        self._closed = True
+        finalizer = getattr(self, "_finalizer", None)
+        if finalizer is not None:
+            finalizer()  # runs once: later calls do nothing
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> "InterpreterManager":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<InterpreterManager {len(self)} x {self.backend} ({state})>"
+
+    # -- internals ---------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ManagerClosedError("this InterpreterManager is closed")
+
+    def _with_worker(self, fn: Callable[[Any], Any]) -> Any:
+        self._check_open()
+        index = self._balancer.acquire()
+        try:
+            return fn(self._workers[index])
+        finally:
+            self._balancer.release(index)
+
+    def _call_replicated(self, replicated: ReplicatedObj, method: str | None, args: tuple,
+                         kwargs: dict, timeout: float | None) -> Any:
+        if self._closed:
+            raise ManagerClosedError("this InterpreterManager is closed")
+        balancer = self._balancer
+        index = balancer.acquire()
+        try:
+            worker = self._workers[index]
+            rid = replicated._id
+            recipe = None if rid in worker.materialized else replicated._recipe
+            return worker.request(
+                Op.CALL_REPLICATED, (rid, method, args, kwargs, caller_grad_mode(), recipe),
+                timeout=timeout if timeout is not None else self._call_timeout, materializes=rid)
+        finally:
+            balancer.release(index)
+
+
+def _ownership(obj, owner, here):
+    from ..errors import OwnershipError
+
+    if owner is None:
+        return OwnershipError(f"create_movable needs an Obj of the session, got {type(obj).__name__}")
+    return OwnershipError(f"{obj!r} lives in a different session (interpreter {owner}) than the "
+                          f"session passed to create_movable (interpreter {here})")
+
+
+def _close_workers(workers, backend) -> None:
+    for worker in workers:
+        try:
+            worker.close()
+        except Exception:
+            pass
+    backend.close()

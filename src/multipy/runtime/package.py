@@ -1,0 +1,112 @@
+"""Package: a torch.package archive loaded into a manager.
+
+Resources (``load_text``/``load_binary``) are read by the host straight from
+the zip, without running anything from the archive.  Pickles become
+:class:`~multipy.runtime.replicated.ReplicatedObj` handles, loaded in each
+interpreter on first use with their storages shared.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import zipfile
+from typing import TYPE_CHECKING
+
+from ..errors import PackageError
+from ..transport.messages import Op
+from .replicated import ReplicatedObj
+from .session import InterpreterSession
+
+if TYPE_CHECKING:
+    from .manager import InterpreterManager
+
+_ids = itertools.count(1)
+
+
+def check_archive(path: str) -> list[str]:
+    """Record names (without the archive root) of a torch.package archive.
+
+    Raises ``FileNotFoundError`` / :class:`PackageError` naming ``path``.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"package {path!r} does not exist")
+    if os.path.isdir(path) or not zipfile.is_zipfile(path):
+        raise PackageError(
+            f"{path!r} is not a torch.package archive (not a zip file); "
+            "write one with torch.package.PackageExporter or multipy.package.save_package")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+            bad = zf.testzip() if os.path.getsize(path) < (64 << 20) else None
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise PackageError(f"{path!r} is a damaged zip archive: {exc}") from exc
+    if bad is not None:
+        raise PackageError(f"{path!r} is a damaged zip archive: record {bad!r} fails its CRC check")
+    return [n.split("/", 1)[1] for n in names if "/" in n]
+
+
+class Package:
+    """A torch.package archive opened by an :class:`InterpreterManager`.
+
+    >>> package = manager.load_package("simple.pt")        # doctest: +SKIP
+    >>> model = package.load_pickle("model", "model.pkl")
+    >>> package.load_text("extra_files", "text")
+    'hello'
+    """
+
+    def __init__(self, manager: "InterpreterManager", path: str) -> None:
+        self._manager = manager
+        self.path = os.path.abspath(path)
+        self._records = check_archive(self.path)
+        self._id = next(_ids)
+        manager._packages[self._id] = self.path
+
+    def __repr__(self) -> str:
+        return f"<Package {self.path!r}>"
+
+    def _resource(self, package: str, resource: str) -> str:
+        name = f"{package.replace('.', '/')}/{resource}"
+        if name not in self._records:
+            listing = sorted(r for r in self._records if not r.startswith(".data/") and not r.endswith(".py"))
+            raise PackageError(f"no resource {name!r} in package {self.path!r}; resources there: "
+                               f"{', '.join(listing) or 'none'}")
+        return name
+
+    def load_pickle(self, package: str, resource: str, /) -> ReplicatedObj:
+        """The pickled object ``package/resource`` as a :class:`ReplicatedObj`.
+
+        It is loaded at once in one interpreter (so a bad pickle fails here) and
+        lazily in the others.
+        """
+        self._resource(package, resource)
+        replicated = ReplicatedObj(self._manager,
+                                   ("pickle", self._id, self.path, package, resource))
+        self._manager._with_worker(
+            lambda worker: worker.request(Op.MATERIALIZE, (replicated._id, replicated._recipe),
+                                          materializes=replicated._id))
+        return replicated
+
+    def _read(self, package: str, resource: str) -> bytes:
+        name = self._resource(package, resource)
+        with zipfile.ZipFile(self.path) as zf:
+            root = zf.namelist()[0].split("/", 1)[0]
+            return zf.read(f"{root}/{name}")
+
+    def load_text(self, package: str, resource: str, /) -> str:
+        """A text resource of the archive (read by the host; nothing is executed)."""
+        return self._read(package, resource).decode("utf-8")
+
+    def load_binary(self, package: str, resource: str, /) -> bytes:
+        """A binary resource of the archive (read by the host; nothing is executed)."""
+        return self._read(package, resource)
+
+    def acquire_session(self) -> InterpreterSession:
+        """A session whose ``self`` is that interpreter's ``PackageImporter``."""
+        session = self._manager.acquire_one()
+        try:
+            session.self = session._request_obj(Op.PACKAGE_IMPORTER, (self._id, self.path))
+        except BaseException:
+            session.close()
+            raise
+        return session

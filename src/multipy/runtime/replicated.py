@@ -1,0 +1,119 @@
+"""ReplicatedObj: one object that exists (lazily) in every interpreter.
+
+Its *recipe* says how an interpreter builds its copy: unpickle a resource of a
+package, or load a movable (an object pickled out of another interpreter with
+its tensors in a shared segment).  Either way the tensor bytes are shared, not
+copied: the package file or the segment is mapped copy-on-write.  The host
+remembers which interpreters hold a copy, so the recipe travels only with the
+first call on each.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from ..transport.messages import Op
+from .session import InterpreterSession
+
+if TYPE_CHECKING:
+    from .manager import Interpreter, InterpreterManager
+
+_ids = itertools.count(1)
+
+
+def _release(workers, rid: int, fd: int | None) -> None:
+    for worker in workers:
+        if rid in worker.materialized:
+            worker.materialized.discard(rid)
+            worker.drop(("rep", rid))
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+class ReplicatedObj:
+    """A handle to an object replicated across the manager's interpreters.
+
+    Calling it runs on a free interpreter and returns a host value::
+
+        model = package.load_pickle("model", "model.pkl")
+        out = model(torch.ones(1, 3, 224, 224))
+        out = model(x, scale=2.0)            # keyword arguments
+        model.hasattr("forward")             # True
+
+    The object is unloaded from every interpreter when the last handle is dropped.
+    """
+
+    def __init__(self, manager: "InterpreterManager", recipe: tuple, *, segment_fd: int | None = None) -> None:
+        self._manager = manager
+        self._id = next(_ids)
+        self._recipe = recipe
+        self._finalizer = weakref.finalize(self, _release, manager._workers, self._id, segment_fd)
+
+    def _recipe_for(self, worker) -> tuple | None:
+        return None if self._id in worker.materialized else self._recipe
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._manager._call_replicated(self, None, args, kwargs, None)
+
+    def call_method(self, name: str, /, *args: Any, **kwargs: Any) -> Any:
+        """Call ``obj.name(*args, **kwargs)`` on a free interpreter.
+
+        >>> model.call_method("make_prediction", [(a, b)])   # doctest: +SKIP
+        """
+        return self._manager._call_replicated(self, name, args, kwargs, None)
+
+    def with_timeout(self, timeout: float, /):
+        """A callable that calls this object with a per-call ``timeout`` (seconds).
+
+        >>> model.with_timeout(0.5)(x)                         # doctest: +SKIP
+        """
+        return lambda *args, **kwargs: self._manager._call_replicated(self, None, args, kwargs, timeout)
+
+    def hasattr(self, name: str, /) -> bool:
+        """``hasattr`` on the object (asked of one interpreter)."""
+        return self._manager._with_worker(
+            lambda worker: self._run(worker, Op.HASATTR_REPLICATED, (self._id, name)))
+
+    def _run(self, worker, op: Op, args: tuple, *, timeout=None):
+        return worker.request(op, args + (self._recipe_for(worker),), timeout=timeout,
+                              materializes=self._id)
+
+    def _handle_request(self, worker) -> tuple:
+        return (Op.REPLICATED_HANDLE, (self._id, self._recipe_for(worker)))
+
+    def acquire_session(self, interpreter: "Interpreter | None" = None) -> InterpreterSession:
+        """A session on one interpreter whose ``self`` is this object there.
+
+        >>> with model.acquire_session() as s:                 # doctest: +SKIP
+        ...     batch = s.self.attr("make_batch")(inputs, {"max_bs": "8"})
+        """
+        session = (interpreter.acquire_session() if interpreter is not None
+                   else self._manager.acquire_one())
+        try:
+            session.self = session.from_movable(self)
+        except BaseException:
+            session.close()
+            raise
+        return session
+
+    def unload(self, interpreter: "Interpreter | None" = None) -> None:
+        """Drop the object from one interpreter, or from all of them."""
+        workers = ([self._manager._workers[interpreter.index]] if interpreter is not None
+                   else self._manager._workers)
+        for worker in workers:
+            if self._id in worker.materialized:
+                worker.request(Op.UNLOAD, (self._id,))
+                worker.materialized.discard(self._id)
+
+    def loaded_in(self) -> list[int]:
+        """Indices of the interpreters that hold a copy now."""
+        return [w.index for w in self._manager._workers if self._id in w.materialized]
+
+    def __repr__(self) -> str:
+        return f"<ReplicatedObj {self._id} {self._recipe[0]} loaded in {self.loaded_in()}>"

@@ -1,0 +1,178 @@
+"""Sessions and object handles: exclusive work on one interpreter.
+
+An :class:`InterpreterSession` pins one interpreter for a block of work; every
+:class:`Obj` it hands out names an object living in that interpreter and is
+valid until the session closes.  Passing an ``Obj`` to another session raises
+:class:`~multipy.errors.OwnershipError` (torch::deploy's "lives in different
+session" check); move objects between interpreters with ``create_movable``.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any
+
+from ..errors import OwnershipError
+from ..transport.messages import GradMode, Handle, Op
+
+if TYPE_CHECKING:
+    from .manager import InterpreterManager
+    from .replicated import ReplicatedObj
+
+
+def caller_grad_mode():
+    """The calling thread's autograd mode, to be re-established in the interpreter."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    if torch.is_inference_mode_enabled():
+        return GradMode.INFERENCE
+    if not torch.is_grad_enabled():
+        return GradMode.NO_GRAD
+    return GradMode.GRAD
+
+
+class Obj:
+    """A handle to an object inside one interpreter session.
+
+    Call it with host values or other ``Obj`` of the same session; the result is
+    another ``Obj``.  ``deref()`` brings the value to the host.
+
+    >>> with manager.acquire_one() as s:                      # doctest: +SKIP
+    ...     conv = s.global_("torch.nn", "Conv2d")(6, 2, 2, 1)
+    ...     out = conv(torch.ones(1, 6, 6, 6)).deref()       # a host tensor
+    """
+
+    __slots__ = ("_session", "_id", "__weakref__")
+
+    def __init__(self, session: "InterpreterSession", ident: int) -> None:
+        self._session = session
+        self._id = ident
+
+    @property
+    def session(self) -> "InterpreterSession":
+        return self._session
+
+    def __call__(self, *args: Any, **kwargs: Any) -> "Obj":
+        return self._session._request_obj(Op.CALL, (self, args, kwargs, caller_grad_mode(), True))
+
+    def call_value(self, *args: Any, **kwargs: Any) -> Any:
+        """Call and bring the result straight to the host (one round trip)."""
+        return self._session._request(Op.CALL, (self, args, kwargs, caller_grad_mode(), False))
+
+    def attr(self, name: str, /) -> "Obj":
+        """``getattr`` inside the interpreter, as an ``Obj``."""
+        return self._session._request_obj(Op.ATTR, (self, name))
+
+    def hasattr(self, name: str, /) -> bool:
+        """``hasattr`` inside the interpreter."""
+        return self._session._request(Op.HASATTR, (self, name))
+
+    def deref(self) -> Any:
+        """The object's value in the host (tensors arrive through shared memory)."""
+        return self._session._request(Op.DEREF, (self,))
+
+    def __repr__(self) -> str:
+        return f"<Obj {self._id} in interpreter {self._session.interpreter_index}>"
+
+
+class InterpreterSession:
+    """Exclusive use of one interpreter for a block of work (a context manager).
+
+    >>> with manager.acquire_one() as s:                        # doctest: +SKIP
+    ...     add1 = s.global_("foomodule", "add1")
+    ...     assert add1(2).deref() == 3
+    """
+
+    def __init__(self, manager: "InterpreterManager", index: int, *, balanced: bool) -> None:
+        self._manager = manager
+        self._worker = manager._workers[index]
+        self._index = index
+        self._balanced = balanced
+        self._generation = self._worker.generation
+        self._owned: list[int] = []
+        self._closed = False
+        self.self: Obj | None = None
+
+    @property
+    def interpreter_index(self) -> int:
+        return self._index
+
+    # -- requests ---------------------------------------------------------
+    def _handle_of(self, obj: Obj) -> int:
+        if obj._session is not self:
+            raise OwnershipError(
+                f"{obj!r} lives in a different session (interpreter {obj._session._index}) "
+                f"than the one it was used in (interpreter {self._index}); use "
+                "create_movable()/from_movable() to move objects between interpreters")
+        self._check_live()
+        return obj._id
+
+    def _check_live(self) -> None:
+        if self._closed:
+            raise OwnershipError("this session is closed; its Obj handles are no longer valid")
+        if self._worker.generation != self._generation:
+            raise OwnershipError(
+                f"interpreter {self._index} was restarted after this session began "
+                "(it crashed or timed out); Obj handles from before are gone")
+
+    def _request(self, op: Op, args: tuple, *, timeout: float | None = None) -> Any:
+        self._check_live()
+        return self._worker.request(op, args, timeout=timeout or self._manager._call_timeout,
+                                    handles=(Obj, self._handle_of))
+
+    def _request_obj(self, op: Op, args: tuple, materializes: int | None = None) -> Obj:
+        self._check_live()
+        handle: Handle = self._worker.request(op, args, timeout=self._manager._call_timeout,
+                                              handles=(Obj, self._handle_of),
+                                              materializes=materializes)
+        self._owned.append(handle.id)
+        return Obj(self, handle.id)
+
+    # -- the deploy API ---------------------------------------------------
+    def global_(self, module: str, name: str, /) -> Obj:
+        """``from module import name`` inside the interpreter."""
+        return self._request_obj(Op.GLOBAL, (module, name))
+
+    def from_movable(self, replicated: "ReplicatedObj", /) -> Obj:
+        """This interpreter's copy of a replicated object (loaded on first use)."""
+        op, args = replicated._handle_request(self._worker)
+        return self._request_obj(op, args, materializes=replicated._id)
+
+    def create_movable(self, obj: Obj, /) -> "ReplicatedObj":
+        """Pickle ``obj`` out of this session as a :class:`ReplicatedObj`
+        (tensors shared, not copied, by every interpreter that loads it)."""
+        return self._manager.create_movable(obj, self)
+
+    def is_owner(self, obj: Obj, /) -> bool:
+        """True when ``obj`` belongs to this session."""
+        return isinstance(obj, Obj) and obj._session is self
+
+    def exec_(self, source: str, /) -> Any:
+        """Run ``source`` in the interpreter; returns its global ``result`` (for tools and tests)."""
+        return self._request(Op.EXEC, (source,))
+
+    # -- lifetime -------------------------------------------------------------
+    def close(self) -> None:
+        """Release the session's objects and the interpreter.  Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._worker.generation == self._generation:
+            for ident in self._owned:
+                self._worker.drop(("obj", ident))
+        self._owned = []
+        if self._balanced:
+            self._manager._balancer.release(self._index)
+
+    def __enter__(self) -> "InterpreterSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass

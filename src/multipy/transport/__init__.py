@@ -1,0 +1,7 @@
+"""How values cross between the host and an interpreter.
+
+``messages``  the wire vocabulary: small frozen request/reply records.
+``frames``    length-prefixed frames over a pipe, the process backend's doorbell.
+``shm``       shared-memory segments and the arenas tensors are placed in.
+``codec``     pickling with tensors out of band (never pickled by value).
+"""

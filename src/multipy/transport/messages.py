@@ -1,0 +1,121 @@
+"""The wire vocabulary between the host and an interpreter.
+
+A request names one operation (:class:`Op`) and its arguments; a reply carries
+either a value or a :class:`RemoteException`.  Both are tiny frozen records so
+that pickling them costs little on the hot path.  Piggy-backed housekeeping
+(objects the host dropped, result blocks it freed) rides on requests so that it
+never needs a round trip of its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any
+
+
+class Op(enum.IntEnum):
+    """Operations an interpreter performs for the host."""
+
+    PING = 0
+    REGISTER_MODULE = 1      # (name, source)
+    OPEN_PACKAGE = 2         # (package_id, path) -> None
+    PACKAGE_IMPORTER = 3     # (package_id,) -> handle of the PackageImporter
+    LOAD_PICKLE = 4          # (package_id, package, resource) -> handle
+    GLOBAL = 5               # (module, name) -> handle
+    CALL = 6                 # (target, args, kwargs, grad_mode, want_handle)
+    ATTR = 7                 # (handle, name) -> handle
+    HASATTR = 8              # (handle, name) -> bool
+    DEREF = 9                # (handle,) -> value
+    MAKE_MOVABLE = 10        # (handle,) -> MovablePayload
+    MATERIALIZE = 11         # (replicated_id, recipe) -> None
+    REPLICATED_HANDLE = 12   # (replicated_id,) -> handle
+    UNLOAD = 13              # (replicated_id,) -> None
+    CALL_REPLICATED = 14     # (replicated_id, method, args, kwargs, grad_mode, recipe|None)
+    HASATTR_REPLICATED = 15  # (replicated_id, name, recipe|None) -> bool
+    EXEC = 16                # (source,) -> value of `result` global; tests and tools
+    SHUTDOWN = 17
+
+
+class GradMode(enum.IntEnum):
+    """The caller's autograd mode, re-established around a call."""
+
+    GRAD = 0
+    NO_GRAD = 1
+    INFERENCE = 2
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Handle:
+    """Names an object in one interpreter's object table."""
+
+    id: int
+
+    def __reduce__(self):
+        return (Handle, (self.id,))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Request:
+    """One operation for an interpreter.
+
+    ``drop`` lists object-table ids and replicated ids the host released;
+    ``freed`` lists result-arena blocks whose host tensors were garbage collected.
+    """
+
+    op: Op
+    args: tuple
+    drop: tuple = ()
+    freed: tuple = ()
+
+    def __reduce__(self):
+        return (Request, (self.op, self.args, self.drop, self.freed))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RemoteException:
+    """An exception raised inside an interpreter, in a form that always crosses.
+
+    ``pickled`` is the exception pickled by the interpreter when that worked,
+    else ``None``; ``type_name`` and ``traceback`` are always present.
+    """
+
+    type_name: str
+    message: str
+    traceback: str
+    pickled: bytes | None
+
+    def __reduce__(self):
+        return (RemoteException, (self.type_name, self.message, self.traceback, self.pickled))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Reply:
+    """The outcome of one request.
+
+    ``pinned`` lists argument blocks the interpreter still references after the
+    call (the host must not reuse them); ``unpinned`` lists blocks it let go of.
+    """
+
+    value: Any = None
+    error: RemoteException | None = None
+    pinned: tuple = ()
+    unpinned: tuple = ()
+
+    def __reduce__(self):
+        return (Reply, (self.value, self.error, self.pinned, self.unpinned))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MovablePayload:
+    """An object pickled out of one interpreter with its tensors in shared memory.
+
+    ``data`` is the pickle; ``segment`` names the shared segment holding its
+    tensor bytes (``None`` when it has none) as ``(pid, fd, inode, size)``.
+    """
+
+    data: bytes
+    segment: tuple | None
+
+    def __reduce__(self):
+        return (MovablePayload, (self.data, self.segment))
