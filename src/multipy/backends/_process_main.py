@@ -23,9 +23,12 @@ import weakref
 from .._current import set_process_interpreter
 from ..interp.state import InterpreterState, capture_exception
 from ..transport.codec import Decoder, Encoder
-from ..transport.frames import read_frame, write_frame
+from ..transport.frames import Waiter, read_frame, write_frame
 from ..transport.messages import Reply
 from ..transport.shm import Arena, Segment
+
+
+_UNPINNED_REFS = 3  # the `watched` entry, the loop variable, getrefcount's argument
 
 
 class _Tracked:
@@ -75,15 +78,16 @@ def main(config, host_pid: int, fds, parent_pid: int | None = None) -> None:
         torch.version.interp = config.index
     state = InterpreterState(config.index)
     state.activate_for_process()
-    Loop(state, req_r, rep_w, args_fd, results_fd).run()
+    Loop(state, req_r, rep_w, args_fd, results_fd, spin=config.spin).run()
 
 
 class Loop:
     """Serves requests until the host goes away."""
 
     def __init__(self, state: InterpreterState, req_r: int, rep_w: int, args_fd: int,
-                 results_fd: int) -> None:
+                 results_fd: int, *, spin: float = 0.0) -> None:
         self.state = state
+        self.spin = spin
         self.req_r = req_r
         self.rep_w = rep_w
         args = Segment(args_fd, os.fstat(args_fd).st_size, owner=False)
@@ -93,6 +97,7 @@ class Loop:
         self.encoder = Encoder(self.results)
         self.shared: dict[tuple, Segment] = {}
         self.pinned: set[int] = set()
+        self._pin_refs: dict[int, weakref.ref] = {}
         self.unpinned: list[int] = []
 
     def _open_shared(self, ident: tuple) -> Segment:
@@ -103,12 +108,27 @@ class Loop:
         return seg
 
     def _release_pin(self, offset: int) -> None:
+        self._pin_refs.pop(offset, None)
         if offset in self.pinned:
             self.pinned.discard(offset)
             self.unpinned.append(offset)
 
+    def _pins(self, watched: list) -> tuple:
+        """Argument blocks that a tensor still uses after the call."""
+        pinned = []
+        for offset, holder in watched:
+            # Held by `watched` and the loop variable only, unless a tensor over it survived
+            # the call (the interpreter kept an argument): then the block stays pinned.
+            if sys.getrefcount(holder) > _UNPINNED_REFS:
+                self.pinned.add(offset)
+                pinned.append(offset)
+                self._pin_refs[offset] = weakref.ref(holder, lambda _, off=offset: self._release_pin(off))
+        return tuple(pinned)
+
     def run(self) -> None:
+        waiter = Waiter(self.req_r, self.spin)
         while True:
+            waiter.wait()
             data = read_frame(self.req_r)
             if data is None:
                 break
@@ -126,8 +146,7 @@ class Loop:
             for offset in request.freed:
                 self.results.free(offset)
             args = self.decoder.decode(request.args)
-            watched = [(off, weakref.ref(arr)) for off, arr in self.decoder.received]
-            self.decoder.received = []
+            watched, self.decoder.received = self.decoder.received, []
             result = state.handle(request.op, args, request.drop)
             del args
             value = self.encoder.encode(result) if result is not None else None
@@ -138,13 +157,8 @@ class Loop:
             self.encoder.placed = []
             error = capture_exception(exc)
             del exc
-        pinned = []
-        for offset, ref in watched:
-            array = ref()
-            if array is not None:
-                self.pinned.add(offset)
-                pinned.append(offset)
-                weakref.finalize(array, self._release_pin, offset)
+        pinned = self._pins(watched) if watched else ()
+        watched = None
         unpinned, self.unpinned = self.unpinned, []
         output = sys.stdout.dirty or sys.stderr.dirty
         if output:

@@ -50,6 +50,7 @@ class WorkerConfig:
     num_threads: int
     start_timeout: float = 300.0
     startup: tuple = ()          # (op, args) replayed on every (re)start
+    spin: float = 50e-6          # seconds each side polls before sleeping on a reply/request
 
 
 class Worker:

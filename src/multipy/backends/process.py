@@ -29,12 +29,11 @@ import pickle
 import select
 import sys
 import threading
-import time
 from multiprocessing import reduction
 
 from ..errors import CallTimeoutError, TransportError
 from ..transport.codec import Decoder, Encoder
-from ..transport.frames import FrameError, read_frame, write_frame
+from ..transport.frames import FrameError, Waiter, read_frame, write_frame
 from ..transport.messages import Op, Request
 from ..transport.shm import Arena, Segment
 from .base import Backend, BackendKind, Worker, WorkerConfig, describe_exit, drain, no_start
@@ -148,6 +147,7 @@ class ProcessWorker(Worker):
                 os.close(fd)
         self._process = process
         self.pid = process.pid
+        self._waiter = Waiter(self._rep_r, self.config.spin)
         self._out = _Pump(out_r, "stdout", f"multipy-stdout-{self.index}")
         self._err = _Pump(err_r, "stderr", f"multipy-stderr-{self.index}")
         self._out.start()
@@ -173,7 +173,7 @@ class ProcessWorker(Worker):
         data = pickle.dumps(Request(op, blob, drop, freed), protocol=5)
         try:
             write_frame(self._req_w, data)
-            if timeout is not None and not _readable(self._rep_r, timeout):
+            if not self._waiter.wait(timeout):
                 self._kill_for_timeout(timeout)
             frame = read_frame(self._rep_r)
         except (BrokenPipeError, ConnectionResetError, FrameError):
@@ -245,17 +245,6 @@ class ProcessWorker(Worker):
         self._args.segment.close()
         self._results.close()
         process.close()
-
-
-def _readable(fd: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return False
-        r, _, _ = select.select([fd], [], [], left)
-        if r:
-            return True
 
 
 def _worker_entry(config, host_pid, fds):

@@ -17,7 +17,7 @@ import os
 import pickle
 import sys
 
-from ..transport.codec import _contiguous_stride, _dtype, tensor_nbytes, view_tensor
+from ..transport.codec import _dtype, tensor_nbytes, view_tensor
 from ..transport.messages import MovablePayload
 from ..transport.shm import ALIGN, Segment
 
@@ -54,8 +54,8 @@ class _MovablePickler(pickle.Pickler):
         nbytes = tensor_nbytes(t)
         self.size += (nbytes + ALIGN - 1) & ~(ALIGN - 1)
         self.tensors.append((offset, t))
-        return (_MOVABLE, offset, nbytes, str(t.dtype), tuple(t.shape),
-                _contiguous_stride(t.shape), 0, bool(obj.requires_grad))
+        return (_MOVABLE, offset, nbytes, str(t.dtype), tuple(t.shape), None, 0,
+                bool(obj.requires_grad))
 
     def reducer_override(self, obj):
         module = getattr(obj, "__module__", None) if isinstance(obj, type) or callable(obj) else None
@@ -82,7 +82,7 @@ def make_movable(obj, prefixes: dict[str, int]) -> tuple[MovablePayload, Segment
             nbytes = tensor_nbytes(t)
             if nbytes:
                 dst = view_tensor(segment.view(offset, nbytes), str(t.dtype), tuple(t.shape),
-                                  _contiguous_stride(t.shape), 0)
+                                  None, 0)
                 dst.copy_(t)
         ident = (os.getpid(), segment.fd, segment.inode)
     payload = MovablePayload(buf.getvalue(), ident if segment else None)

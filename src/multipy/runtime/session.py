@@ -25,11 +25,15 @@ def caller_grad_mode():
     torch = sys.modules.get("torch")
     if torch is None:
         return None
+    # Plain ints on the wire: an enum member costs a global lookup to unpickle.
     if torch.is_inference_mode_enabled():
-        return GradMode.INFERENCE
+        return _INFERENCE
     if not torch.is_grad_enabled():
-        return GradMode.NO_GRAD
-    return GradMode.GRAD
+        return _NO_GRAD
+    return _GRAD
+
+
+_GRAD, _NO_GRAD, _INFERENCE = int(GradMode.GRAD), int(GradMode.NO_GRAD), int(GradMode.INFERENCE)
 
 
 class Obj:

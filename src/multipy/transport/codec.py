@@ -17,13 +17,17 @@ codec also serves interpreters that never load it.
 
 from __future__ import annotations
 
+import copyreg
+import ctypes
 import io
 import pickle
 import sys
+import threading
+import weakref
 from typing import Any, Callable
 
 from ..errors import TransportError
-from .shm import Arena, Segment, track
+from .shm import Arena, Segment
 
 # Descriptor segment names.  Anything else is a ``(pid, fd, inode)`` ident.
 OUTBOUND = "o"   # the sender's arena (host: args arena; interpreter: results arena)
@@ -34,25 +38,75 @@ HANDLE = "h"     # ("h", id): an object in the receiver's object table
 _DTYPES: dict[str, Any] = {}
 
 
+_NAMES: dict[Any, str] = {}
+
+
 def _dtype(name: str):
     if not _DTYPES:
-        import torch
-
-        for value in vars(torch).values():
-            if isinstance(value, torch.dtype):
-                _DTYPES[str(value)] = value
+        _load_dtypes()
     return _DTYPES[name]
+
+
+def _dtype_name(dtype) -> str:
+    name = _NAMES.get(dtype)
+    if name is None:
+        _load_dtypes()
+        name = _NAMES[dtype]
+    return name
+
+
+def _load_dtypes() -> None:
+    import torch
+
+    for value in vars(torch).values():
+        if isinstance(value, torch.dtype):
+            _DTYPES[str(value)] = value
+            _NAMES[value] = str(value)
+
+
+def _strided():
+    return sys.modules["torch"].strided
+
+
+_NUMPY: dict[str, Any] = {}
+
+
+def _numpy_dtype(name: str):
+    if not _NUMPY:
+        import numpy as np
+
+        for torch_name, np_name in (("bool", "bool_"), ("uint8", "uint8"), ("int8", "int8"),
+                                    ("int16", "int16"), ("int32", "int32"), ("int64", "int64"),
+                                    ("float16", "float16"), ("float32", "float32"),
+                                    ("float64", "float64"), ("complex64", "complex64"),
+                                    ("complex128", "complex128")):
+            _NUMPY["torch." + torch_name] = np.dtype(np_name)
+        _NUMPY[""] = None
+    return _NUMPY.get(name)
 
 
 def view_tensor(array, dtype_name: str, shape, stride, storage_offset):
     """A tensor over ``array``'s bytes (numpy uint8), sharing its memory."""
+    return hold_tensor(array, dtype_name, shape, stride, storage_offset)[0]
+
+
+def hold_tensor(array, dtype_name: str, shape, stride, storage_offset):
+    """``(tensor, holder)``: a tensor over ``array``'s bytes and the numpy array
+    its storage keeps alive (weak-reference *that* to learn when the bytes are free)."""
     import torch
 
+    if stride is None:
+        np_dtype = _numpy_dtype(dtype_name)
+        if np_dtype is not None:  # numpy reshapes for a fraction of torch's dispatch cost
+            holder = array.view(np_dtype).reshape(shape)
+            return torch.from_numpy(holder), holder
     base = torch.from_numpy(array)
     dtype = _dtype(dtype_name)
     if dtype != torch.uint8:
         base = base.view(dtype)
-    return base.as_strided(shape, stride, storage_offset)
+    if stride is None:
+        return base.view(shape), array
+    return base.as_strided(shape, stride, storage_offset), array
 
 
 def tensor_nbytes(t) -> int:
@@ -65,26 +119,37 @@ class Encoder:
     ``arena`` receives copies of outbound tensors; ``placed`` collects the
     offsets allocated while encoding (the caller frees or keeps them).
     ``returnable`` is a segment the receiver owns: tensors already in it cross
-    by reference.  ``shared`` maps segment addresses to idents for tensors in
-    shared segments (movables), which also cross by reference.
+    by reference (a result passed back as an argument is not copied).
     """
 
     def __init__(self, arena: Arena | None, *, returnable: Segment | None = None,
-                 shared: Callable[[int], tuple | None] | None = None,
                  keep_grad: bool = False) -> None:
         self.arena = arena
         self.returnable = returnable
-        self.shared = shared
         self.keep_grad = keep_grad
         self.placed: list[int] = []
         self.handles: tuple | None = None  # (Obj type, obj -> handle id) for this request
-        self._torch = None
+        # One pickler reused for every message (building one costs more than a small
+        # message), with tensors and handles in its dispatch table: a C-level type lookup,
+        # so the other objects of a message cost no Python call.
+        self._buf = io.BytesIO()
+        self._pickler = pickle.Pickler(self._buf, protocol=5)
+        self._table = copyreg.dispatch_table.copy()
+        self._pickler.dispatch_table = self._table
+        self._tensor_type = None
 
     def encode(self, value: Any, /) -> bytes:
+        """Pickle ``value``; tensors go to the arena (offsets in ``placed``)."""
         self.placed = []
-        buf = io.BytesIO()
-        pickler = pickle.Pickler(buf, protocol=5)
-        pickler.persistent_id = self._persistent_id
+        if self._tensor_type is None and "torch" in sys.modules:
+            self._tensor_type = sys.modules["torch"].Tensor
+            self._table[self._tensor_type] = self._reduce_tensor
+        if self.handles is not None:
+            self._table[self.handles[0]] = self._reduce_handle
+        buf, pickler = self._buf, self._pickler
+        buf.seek(0)
+        buf.truncate()
+        pickler.clear_memo()
         try:
             pickler.dump(value)
         except TransportError:
@@ -93,69 +158,54 @@ class Encoder:
             raise TransportError(describe_unpicklable(value, exc)) from exc
         return buf.getvalue()
 
-    def _persistent_id(self, obj):
-        torch = self._torch
-        if torch is None:
-            torch = sys.modules.get("torch")
-            if torch is None:
-                handles = self.handles
-                if handles is not None and type(obj) is handles[0]:
-                    return (HANDLE, handles[1](obj))
-                return None
-            self._torch = torch
-        if type(obj) is not torch.Tensor:
-            handles = self.handles
-            if handles is not None and type(obj) is handles[0]:
-                return (HANDLE, handles[1](obj))
-            return None
-        return self.describe(obj)
+    def _reduce_handle(self, obj):
+        if self.handles is None:
+            raise TransportError(f"{obj!r} cannot be sent outside its session")
+        return (_rebuild, ((HANDLE, self.handles[1](obj)),))
+
+    def _reduce_tensor(self, t):
+        desc = self.describe(t)
+        if desc is None:
+            return t.__reduce_ex__(5)
+        return (_rebuild, (desc,))
 
     def describe(self, t) -> tuple | None:
-        """Descriptor for tensor ``t``, copying its bytes into the arena if needed."""
-        torch = self._torch or sys.modules["torch"]
-        if t.layout != torch.strided or t.is_quantized or t.device.type != "cpu":
-            if t.device.type != "cpu":
+        """Descriptor for tensor ``t``, copying its bytes into the arena if needed.
+
+        ``stride`` is ``None`` in a descriptor of a contiguous block.
+        """
+        if not t.is_cpu or t.layout is not _strided() or t.is_quantized:
+            if not t.is_cpu:
                 raise TransportError(
-                    f"a {t.device.type} tensor cannot cross the process boundary yet; "
-                    "move it to the CPU first")
+                    f"a {t.device.type} tensor cannot cross the process boundary; "
+                    "move it to the CPU first (.cpu())")
             return None  # sparse and quantized tensors are pickled by value
-        grad = bool(self.keep_grad and t.requires_grad)
-        t = t.detach()
-        if t.is_conj():
-            t = t.resolve_conj()
-        if t.is_neg():
-            t = t.resolve_neg()
-        dtype = str(t.dtype)
-        if t.numel() == 0:
-            return (EMPTY, 0, 0, dtype, tuple(t.shape), tuple(t.stride()), 0, grad)
-        storage = t.untyped_storage()
-        address = storage.data_ptr()
-        if self.returnable is not None and self.returnable.contains(address):
-            return (RETURNED, address - self.returnable.address, storage.nbytes(), dtype,
-                    tuple(t.shape), tuple(t.stride()), t.storage_offset(), grad)
-        if self.shared is not None:
-            found = self.shared(address)
-            if found is not None:
-                ident, base = found
-                return (ident, address - base, storage.nbytes(), dtype,
-                        tuple(t.shape), tuple(t.stride()), t.storage_offset(), grad)
+        grad = self.keep_grad and t.requires_grad
+        if t.is_conj() or t.is_neg():
+            t = t.resolve_conj().resolve_neg()
+        dtype = _dtype_name(t.dtype)
+        shape = tuple(t.shape)
+        nbytes = t.nbytes
+        if nbytes == 0:
+            return (EMPTY, 0, 0, dtype, shape, None, 0, grad)
+        returnable = self.returnable
+        if returnable is not None:
+            storage = t.untyped_storage()
+            address = storage.data_ptr()
+            if returnable.contains(address):
+                return (RETURNED, address - returnable.address, storage.nbytes(), dtype,
+                        shape, tuple(t.stride()), t.storage_offset(), grad)
         if self.arena is None:
             raise TransportError("tensors cannot cross this link")
-        nbytes = tensor_nbytes(t)
         offset = self.arena.alloc(nbytes)
         self.placed.append(offset)
-        dst = view_tensor(self.arena.segment.view(offset, nbytes), dtype,
-                          tuple(t.shape), _contiguous_stride(t.shape), 0)
-        dst.copy_(t)
-        return (OUTBOUND, offset, nbytes, dtype, tuple(t.shape), tuple(dst.stride()), 0, grad)
-
-
-def _contiguous_stride(shape) -> tuple:
-    stride, acc = [], 1
-    for n in reversed(tuple(shape)):
-        stride.append(acc)
-        acc *= max(n, 1)
-    return tuple(reversed(stride))
+        segment = self.arena.segment
+        if t.is_contiguous():
+            ctypes.memmove(segment.address + offset, t.data_ptr(), nbytes)
+        else:
+            dst = view_tensor(segment.view(offset, nbytes), dtype, shape, None, 0)
+            dst.copy_(t.detach())
+        return (OUTBOUND, offset, nbytes, dtype, shape, None, 0, grad)
 
 
 class Decoder:
@@ -180,23 +230,39 @@ class Decoder:
         self.on_release = on_release
         self.find_class = find_class
         self.received: list = []
+        self._watched: dict[int, Any] = {}
+
+    def _watch(self, array, offset: int) -> None:
+        """Report ``offset`` to ``on_release`` once ``array`` (and every tensor over it) dies."""
+        watched, release = self._watched, self.on_release
+
+        def died(ref, offset=offset):
+            watched.pop(offset, None)
+            release(offset)
+
+        watched[offset] = weakref.ref(array, died)
 
     def decode(self, data: bytes, /) -> Any:
         self.received = []
-        unpickler = pickle.Unpickler(io.BytesIO(data))
-        unpickler.persistent_load = self._persistent_load
-        if self.find_class is not None:
+        previous = getattr(_decoding, "decoder", None)
+        _decoding.decoder = self
+        try:
+            if self.find_class is None:
+                return pickle.loads(data)
+            unpickler = pickle.Unpickler(io.BytesIO(data))
             unpickler.find_class = self.find_class
-        return unpickler.load()
+            return unpickler.load()
+        finally:
+            _decoding.decoder = previous
 
-    def _persistent_load(self, pid):
+    def rebuild(self, pid):
         if pid[0] == HANDLE:
             return self.resolve_handle(pid[1])
         seg, offset, nbytes, dtype, shape, stride, storage_offset, grad = pid
         if seg == EMPTY:
             import torch
 
-            t = torch.empty_strided(shape, stride, dtype=_dtype(dtype))
+            t = torch.empty(shape, dtype=_dtype(dtype))
         else:
             if seg == OUTBOUND:
                 segment = self.outbound
@@ -204,15 +270,25 @@ class Decoder:
                 segment = self.own
             else:
                 segment = self.open_shared(seg)
-            array = segment.view(offset, nbytes)
+            t, holder = hold_tensor(segment.view(offset, nbytes), dtype, shape, stride, storage_offset)
             if seg == OUTBOUND:
-                self.received.append((offset, array))
+                self.received.append((offset, holder))
                 if self.on_release is not None:
-                    track(array, self.on_release, offset)
-            t = view_tensor(array, dtype, shape, stride, storage_offset)
+                    self._watch(holder, offset)
         if grad:
             t.requires_grad_(True)
         return t
+
+
+_decoding = threading.local()
+
+
+def _rebuild(pid):
+    """Unpickling hook for tensors and handles: asks the decoder of this thread."""
+    decoder = getattr(_decoding, "decoder", None)
+    if decoder is None:
+        raise TransportError("a multipy tensor descriptor can only be unpickled by a Decoder")
+    return decoder.rebuild(pid)
 
 
 def describe_unpicklable(value: Any, exc: BaseException, where: str = "value") -> str:

@@ -8,7 +8,9 @@ writes (pipes carry at most 64 KiB at a time) are looped over.
 from __future__ import annotations
 
 import os
+import select
 import struct
+import time
 
 _HEADER = struct.Struct("<I")
 MAX_FRAME = 1 << 31
@@ -62,3 +64,56 @@ def read_frame(fd: int, /) -> bytes | None:
         parts.append(chunk)
         missing -= len(chunk)
     return b"".join(parts)
+
+
+def wait_readable(poller: "select.poll", spin: float, timeout: float | None) -> bool:
+    """Wait until the fd registered in ``poller`` is readable.
+
+    Polls without sleeping for ``spin`` seconds first: a reply that comes back
+    within that window costs no sleep and no wake-up (the dominant cost of a
+    round trip on a virtual machine), then sleeps in ``poll``.  Returns False
+    when ``timeout`` (seconds, ``None`` for ever) passed first.
+    """
+    if spin > 0:
+        clock = time.perf_counter
+        deadline = clock() + spin
+        while not poller.poll(0):
+            if clock() > deadline:
+                break
+        else:
+            return True
+    if timeout is None:
+        while not poller.poll(None):
+            pass
+        return True
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        if poller.poll(max(1, int(left * 1000))):
+            return True
+
+
+class Waiter:
+    """Waits for one pipe to become readable, spinning only when it pays.
+
+    Spinning is worth it while answers come back quickly (a back-to-back stream
+    of small calls); for long calls it would only burn a core.  The waiter
+    keeps a moving average of how long its waits took and spins only while that
+    average is within twice the spin window.
+    """
+
+    def __init__(self, fd: int, spin: float) -> None:
+        self.poller = select.poll()
+        self.poller.register(fd, select.POLLIN)
+        self.spin = spin
+        self.recent = 0.0
+
+    def wait(self, timeout: float | None = None) -> bool:
+        clock = time.perf_counter
+        start = clock()
+        spin = self.spin if self.recent < 2 * self.spin else 0.0
+        ready = wait_readable(self.poller, spin, timeout)
+        self.recent = 0.8 * self.recent + 0.2 * (clock() - start)
+        return ready

@@ -26,7 +26,6 @@ import bisect
 import mmap
 import os
 import threading
-import weakref
 
 ALIGN = 64
 
@@ -111,11 +110,16 @@ class Segment:
             pass
 
 
-class Arena:
-    """A segment with a first-fit allocator owned by one side.
+SMALL = 1 << 16
 
-    ``alloc`` grows the segment (doubling) when no free block fits.  ``free``
-    may be called from any thread (finalizers run wherever the GC runs).
+
+class Arena:
+    """A segment with an allocator owned by one side.
+
+    Blocks up to 64 KiB come from power-of-two size classes (a list pop on the
+    hot path) and go back to their class when freed; larger blocks are placed
+    first-fit and coalesced on free.  ``alloc`` grows the segment (doubling)
+    when nothing fits.  Thread-safe.
     """
 
     def __init__(self, segment: Segment) -> None:
@@ -124,6 +128,7 @@ class Arena:
         self._free_offsets = [0]
         self._free_sizes = {0: segment.size}
         self._used: dict[int, int] = {}
+        self._classes: dict[int, list[int]] = {}
 
     @property
     def used_bytes(self) -> int:
@@ -131,22 +136,37 @@ class Arena:
 
     def alloc(self, nbytes: int) -> int:
         need = _round(nbytes)
+        if need <= SMALL:
+            need = 1 << (need - 1).bit_length()
+            free = self._classes.get(need)
+            if free:
+                with self._lock:
+                    if free:
+                        offset = free.pop()
+                        self._used[offset] = need
+                        return offset
         with self._lock:
-            for i, off in enumerate(self._free_offsets):
-                size = self._free_sizes[off]
-                if size >= need:
-                    del self._free_offsets[i]
-                    del self._free_sizes[off]
-                    if size > need:
-                        self._insert(off + need, size - need)
-                    self._used[off] = need
-                    return off
+            offset = self._take(need)
+            if offset is not None:
+                return offset
             old = self.segment.size
             new = max(old * 2, old + need)
             self.segment.grow(new)
             self._insert(old, new - old)
             self._coalesce_tail()
         return self.alloc(nbytes)
+
+    def _take(self, need: int) -> int | None:
+        for i, off in enumerate(self._free_offsets):
+            size = self._free_sizes[off]
+            if size >= need:
+                del self._free_offsets[i]
+                del self._free_sizes[off]
+                if size > need:
+                    self._insert(off + need, size - need)
+                self._used[off] = need
+                return off
+        return None
 
     def _insert(self, off: int, size: int) -> None:
         bisect.insort(self._free_offsets, off)
@@ -165,6 +185,9 @@ class Arena:
             size = self._used.pop(off, None)
             if size is None:
                 return
+            if size <= SMALL:
+                self._classes.setdefault(size, []).append(off)
+                return
             offs = self._free_offsets
             i = bisect.bisect_left(offs, off)
             if i < len(offs) and off + size == offs[i]:
@@ -174,8 +197,3 @@ class Arena:
             else:
                 offs.insert(i, off)
                 self._free_sizes[off] = size
-
-
-def track(array, callback, *args) -> None:
-    """Call ``callback(*args)`` once ``array`` (and every tensor over it) dies."""
-    weakref.finalize(array, callback, *args)

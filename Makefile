@@ -1,0 +1,45 @@
+# Two commands on a fresh machine: `make demo` (the main job) and `make test`.
+# Both bootstrap .venv idempotently.  torch is pinned to the build on this machine's
+# disk; an unpinned torch would pull a multi-GB CUDA wheel.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-subinterpreters bench venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/multipy demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+	$(MAKE) --no-print-directory test-subinterpreters
+
+# The subinterpreter backend needs CPython 3.13+ (no torch there); pyenv provides one
+# on these machines.  It gets its own small venv; skipped with a message when absent.
+PY313 ?= $(shell (pyenv prefix 3.13.0 2>/dev/null || ls -d $$HOME/.pyenv/versions/3.13* 2>/dev/null) | head -n 1)
+VENV313 := .venv313
+
+test-subinterpreters:
+	@if [ -x "$(PY313)/bin/python3" ]; then \
+		[ -x $(VENV313)/bin/python ] || $(PY313)/bin/python3 -m venv $(VENV313); \
+		$(VENV313)/bin/python -m pip install -q pytest hypothesis && \
+		$(VENV313)/bin/python -m pip install -q --no-deps -e . && \
+		$(VENV313)/bin/python -m pytest -q -p no:cacheprovider tests/test_subinterpreter.py; \
+	else echo "skipped: no CPython 3.13 found (pyenv prefix 3.13.0) for the subinterpreter tests"; fi
+
+bench: $(STAMP)
+	$(VENV)/bin/multipy bench --max-interpreters 2
+
+clean:
+	rm -rf $(VENV) $(VENV313) build dist src/*.egg-info

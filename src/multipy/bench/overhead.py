@@ -1,0 +1,116 @@
+"""``multipy bench --overhead``: what a call through an interpreter costs over a direct one.
+
+The model returns its input (the ``identity`` example), so a call is pure
+dispatch: signal the interpreter, move the tensor in, run a no-op, move it back.
+Sequential calls on a manager of one interpreter are timed one by one and
+compared, quantile by quantile, with direct calls of the same model in the host.
+
+Example:
+    >>> for row in measure_overhead(calls=200):                # doctest: +SKIP
+    ...     print(row.label, round(row.overhead_p50_us))
+    1x16 12
+    1x3x224x224 41
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+
+import torch
+
+from ..runtime import InterpreterManager
+from . import _child
+from .targets import example_archive
+
+__all__ = ["OVERHEAD_SHAPES", "Overhead", "measure_overhead", "overhead_lines", "overhead_table"]
+
+#: (input shape, DESIGN.md's p50 target in µs)
+OVERHEAD_SHAPES: tuple[tuple[tuple[int, ...], float], ...] = (((1, 16), 30.0),
+                                                              ((1, 3, 224, 224), 60.0))
+_WARMUP = 50
+
+
+@dataclasses.dataclass(frozen=True)
+class Overhead:
+    """Per-call times in microseconds for one input shape."""
+
+    label: str
+    calls: int
+    direct_p50_us: float
+    direct_p99_us: float
+    p50_us: float
+    p99_us: float
+    target_p50_us: float
+
+    @property
+    def overhead_p50_us(self) -> float:
+        return self.p50_us - self.direct_p50_us
+
+    @property
+    def overhead_p99_us(self) -> float:
+        return self.p99_us - self.direct_p99_us
+
+    @property
+    def met(self) -> bool:
+        return self.overhead_p50_us <= self.target_p50_us
+
+
+def _timed(fn: Callable[[], object], calls: int) -> list[float]:
+    for _ in range(_WARMUP):
+        fn()
+    clock = time.perf_counter_ns
+    out = []
+    for _ in range(calls):
+        t = clock()
+        fn()
+        out.append((clock() - t) / 1e3)
+    out.sort()
+    return out
+
+
+def _quantile(ordered: list[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def measure_overhead(*, calls: int = 2000, backend: str = "process",
+                     on_tick: Callable[[float], None] | None = None) -> list[Overhead]:
+    """Time ``calls`` sequential calls per shape, direct and through one interpreter."""
+    archive = example_archive("identity")
+    direct = _child.load_from_archive(str(archive), "model.pkl")
+    out = []
+    with InterpreterManager(1, backend=backend, num_threads=1) as manager:
+        model = manager.load_package(archive).load_pickle("model", "model.pkl")
+        for i, (shape, target) in enumerate(OVERHEAD_SHAPES):
+            x = torch.randn(*shape)
+            here = _timed(lambda: direct(x), calls)
+            there = _timed(lambda: model(x), calls)
+            out.append(Overhead("x".join(map(str, shape)), calls, _quantile(here, 0.5),
+                                _quantile(here, 0.99), _quantile(there, 0.5),
+                                _quantile(there, 0.99), target))
+            if on_tick is not None:
+                on_tick((i + 1) / len(OVERHEAD_SHAPES))
+    return out
+
+
+def overhead_table(rows: list[Overhead]):
+    """A rich Table of :func:`measure_overhead`'s rows."""
+    from rich.table import Table
+
+    table = Table(title="dispatch overhead, process backend vs a direct call (µs per call)")
+    for name in ("input", "direct p50", "multipy p50", "multipy p99", "overhead p50",
+                 "overhead p99", "target p50"):
+        table.add_column(name, justify="left" if name == "input" else "right")
+    for r in rows:
+        table.add_row(r.label, f"{r.direct_p50_us:.1f}", f"{r.p50_us:.1f}", f"{r.p99_us:.1f}",
+                      f"{r.overhead_p50_us:.1f}", f"{r.overhead_p99_us:.1f}",
+                      f"≤ {r.target_p50_us:.0f} ({'met' if r.met else 'not met'})")
+    return table
+
+
+def overhead_lines(rows: list[Overhead]) -> list[str]:
+    """One plain line per shape (greppable; the table may be cut to the terminal)."""
+    return [f"overhead {r.label}: p50 {r.overhead_p50_us:.1f} µs, p99 {r.overhead_p99_us:.1f} µs "
+            f"over a direct call ({r.calls} calls; target p50 ≤ {r.target_p50_us:.0f} µs: "
+            f"{'met' if r.met else 'not met'})" for r in rows]
