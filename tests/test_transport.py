@@ -199,6 +199,15 @@ def test_a_tensor_that_requires_grad_arrives_detached(helpers, ident):
     assert t.requires_grad and t.grad is None  # the host tensor is untouched
 
 
+def test_a_parameter_arrives_detached_both_ways(helpers):
+    parameter = torch.nn.Parameter(torch.rand(3))
+    with helpers.acquire_one() as s:
+        inside = s.global_("transport_helpers", "describe")(parameter).deref()
+        weight = s.global_("torch.nn", "Linear")(2, 2).attr("weight").deref()
+    assert inside["requires_grad"] is False
+    assert weight.requires_grad is False
+
+
 # -- lifetimes and sizes -------------------------------------------------------------
 
 

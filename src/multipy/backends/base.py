@@ -33,6 +33,10 @@ from ..errors import (InterpreterCrashedError, InterpreterError, InterpreterStar
 from ..transport.messages import Op, RemoteException
 
 
+RESTART_BACKOFF = 0.1     # seconds before the 2nd start attempt, doubling after
+MAX_START_FAILURES = 5    # failed starts in a row before an interpreter is given up
+
+
 class BackendKind(str, enum.Enum):
     """The kinds of interpreter multipy can run."""
 
@@ -67,7 +71,9 @@ class Worker:
         self.materialized: set[int] = set()
         self.drops: collections.deque = collections.deque()
         self.closed = False
-        self.dead_reason: str | None = None
+        self.dead_reason: str | None = None   # why the interpreter is down, until restarted
+        self.broken: str | None = None        # set after too many failed starts in a row
+        self.start_failures = 0               # consecutive failed starts
         self.calls = 0
         self.failures = 0
         self.restarts = 0
@@ -133,13 +139,59 @@ class Worker:
                 self._checked(op, args, None)
 
     def close(self, *, timeout: float = 10.0) -> None:
+        """Stop the interpreter: wait up to ``timeout`` for the call in flight,
+        then kill.  A call cut short raises :class:`ManagerClosedError`."""
+        self.closed = True  # new requests fail at once from here on
         got = self.lock.acquire(timeout=timeout)
         try:
-            self.closed = True
             self._terminate(kill=not got)
         finally:
             if got:
                 self.lock.release()
+
+    @property
+    def available(self) -> bool:
+        """False while the interpreter is down (crashed, restarting or broken)."""
+        return self.dead_reason is None and self.broken is None and not self.closed
+
+    def _ensure_started_locked(self) -> None:
+        if self._started:
+            return
+        if self.broken is not None:
+            raise InterpreterStartError(self.broken)
+        if self.start_failures:
+            # Back off between failed starts: a broken environment must not spin a
+            # restart loop.  Bounded, so a caller never waits long for a verdict.
+            time.sleep(min(RESTART_BACKOFF * 2 ** (self.start_failures - 1), 2.0))
+        try:
+            if self.dead_reason is not None:
+                self._launch_locked()
+                self.restarts += 1
+            self._ready_locked()
+        except ManagerClosedError:
+            raise
+        except Exception as exc:
+            self.start_failures += 1
+            self.dead_reason = f"failed to start: {exc}"
+            if self.start_failures >= MAX_START_FAILURES:
+                self.broken = (f"interpreter {self.index} failed to start "
+                               f"{self.start_failures} times in a row and will not be "
+                               f"restarted again; last error: {exc}")
+                raise InterpreterStartError(self.broken) from exc
+            raise
+        self.start_failures = 0
+        self.dead_reason = None
+
+    def revive_in_background(self) -> None:
+        """Restart a dead interpreter now, so the next call finds it ready."""
+        def revive():
+            with self.lock:
+                if not self.closed and not self._started:
+                    try:
+                        self._ensure_started_locked()
+                    except Exception:
+                        pass  # the next request reports it
+        threading.Thread(target=revive, name=f"multipy-revive-{self.index}", daemon=True).start()
 
     # -- the hot path -------------------------------------------------------
     def request(self, op: Op, args: tuple = (), *, timeout: float | None = None,
@@ -154,11 +206,7 @@ class Worker:
             if self.closed:
                 raise ManagerClosedError("the interpreter manager is closed")
             if not self._started:
-                if self.dead_reason is not None:
-                    self.restarts += 1
-                    self.dead_reason = None
-                    self._launch_locked()
-                self._ready_locked()
+                self._ensure_started_locked()
             started = time.perf_counter()
             try:
                 value = self._checked(op, args, timeout, handles)
@@ -187,10 +235,13 @@ class Worker:
         return value
 
     def mark_dead(self, reason: str) -> None:
-        """Record that the interpreter died; the next request restarts it."""
+        """Record that the interpreter died (caller holds the lock) and restart it
+        in the background; requests queued behind the lock wait for the restart."""
         self.dead_reason = reason
         self._started = False
         self.materialized = set()
+        if not self.closed:
+            self.revive_in_background()
 
     def drop(self, item) -> None:
         """Queue the release of an object in this interpreter (any thread)."""

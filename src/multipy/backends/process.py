@@ -31,7 +31,7 @@ import sys
 import threading
 from multiprocessing import reduction
 
-from ..errors import CallTimeoutError, TransportError
+from ..errors import CallTimeoutError, ManagerClosedError, TransportError
 from ..transport.codec import Decoder, Encoder
 from ..transport.frames import FrameError, Waiter, read_frame, write_frame
 from ..transport.messages import Op, Request
@@ -221,8 +221,12 @@ class ProcessWorker(Worker):
             process.join(5)
             exitcode = process.exitcode
         self._terminate(kill=True)
-        self.mark_dead("crashed")
-        return describe_exit(self.index, pid, exitcode, while_)
+        if self.closed:
+            return ManagerClosedError(
+                f"the manager was closed while interpreter {self.index} was running this call")
+        error = describe_exit(self.index, pid, exitcode, while_)
+        self.mark_dead(str(error))
+        return error
 
     def _terminate(self, *, kill: bool) -> None:
         process, self._process = self._process, None

@@ -20,7 +20,7 @@ Example:
 
 from .harness import Result, run_threads
 from .report import CSV_COLUMNS, Row, plot, read_csv, table, write_csv
-from .runner import DEFAULT_SWEEP, Sweep, run_sweep, thread_counts
+from .runner import DEFAULT_SWEEP, Sweep, run_rows, run_sweep, thread_counts
 from .strategies import STRATEGIES, Fixtures, Skipped, Strategy
 from .targets import Target, TargetError, example_archive, resolve_target
 
@@ -40,6 +40,7 @@ __all__ = [
     "plot",
     "read_csv",
     "resolve_target",
+    "run_rows",
     "run_sweep",
     "run_threads",
     "table",

@@ -26,7 +26,8 @@ from .report import Row
 from .strategies import CAPPED, STRATEGIES, Fixtures, Skipped, Strategy
 from .targets import Target, resolve_target
 
-__all__ = ["DEFAULT_SWEEP", "Sweep", "host_threads", "progress_bar", "run_sweep", "thread_counts"]
+__all__ = ["DEFAULT_SWEEP", "Sweep", "host_threads", "progress_bar", "run_rows", "run_sweep",
+           "thread_counts"]
 
 #: deploy_benchmark's thread counts, cut at the maximum asked for.
 DEFAULT_SWEEP = (1, 2, 4, 8, 16, 32, 40)
@@ -77,53 +78,59 @@ def progress_bar(console=None):
         yield progress
 
 
+def run_rows(fx: Fixtures, plan: Sequence[tuple[Strategy, int]], *, seconds: float,
+             progress=None) -> Sweep:
+    """Measure ``(strategy, n)`` pairs, in order, on one target's fixtures.
+
+    A strategy that cannot run on the target (``jit`` without a ``_jit.pt``)
+    is left out with a note.  ``progress`` is a rich Progress to draw on.
+    """
+    task = progress.add_task(fx.target.name, total=len(plan)) if progress is not None else None
+    rows: list[Row] = []
+    notes: list[str] = []
+    skipped: set[Strategy] = set()
+    name = fx.target.name
+
+    def show(**fields) -> None:
+        if progress is not None:
+            progress.update(task, **fields)
+
+    fx.on_status = lambda text: show(description=f"{name}: {text}")
+    with host_threads(1):
+        for done, (strategy, n) in enumerate(plan):
+            if strategy not in skipped:
+                show(description=f"{name}: {strategy.value} x{n}")
+                try:
+                    result = STRATEGIES[strategy](
+                        fx, n, seconds, lambda f, base=done: show(completed=base + f))
+                except Skipped as why:
+                    skipped.add(strategy)
+                    notes.append(f"{name}: {strategy.value} skipped: {why}")
+                else:
+                    rows.append(Row.of(name, strategy.value, result))
+            show(completed=done + 1)
+    return Sweep(tuple(rows), tuple(notes))
+
+
 def run_sweep(targets: Sequence[str | Target], strategies: Sequence[Strategy],
               threads: Sequence[int], *, seconds: float, max_interpreters: int,
               backend: str = "process", progress=None) -> Sweep:
     """Measure every strategy at every thread count on every target.
 
-    ``limit`` rows stop at ``max_interpreters`` processes.  A strategy that
-    cannot run on a target (``jit`` without a ``_jit.pt``) is left out with a
-    note.  ``progress`` is a rich Progress to draw on (optional).
+    Thread counts are the outer loop so that ``one_python`` and
+    ``multi_python`` share one manager per count.  ``limit`` rows stop at
+    ``max_interpreters`` processes.  Rows come back grouped by target, then
+    strategy (in :class:`Strategy` order), then thread count.
     """
     resolved = [t if isinstance(t, Target) else resolve_target(t) for t in targets]
-    plan = [(target, n, s) for target in resolved for n in threads for s in strategies
+    plan = [(s, n) for n in threads for s in strategies
             if not (s in CAPPED and n > max_interpreters)]
-    task = progress.add_task("bench", total=len(plan)) if progress is not None else None
+    order = {s.value: i for i, s in enumerate(Strategy)}
     rows: list[Row] = []
     notes: list[str] = []
-    skipped: set[tuple[str, Strategy]] = set()
-    done = 0
-
-    def status(text: str) -> None:
-        if progress is not None:
-            progress.update(task, description=text)
-
-    with host_threads(1):
-        for target in resolved:
-            with Fixtures(target, max_interpreters=max_interpreters, backend=backend,
-                          on_status=lambda text, t=target: status(f"{t.name}: {text}")) as fx:
-                for _, n, strategy in (p for p in plan if p[0] is target):
-                    if (target.name, strategy) in skipped:
-                        done += 1
-                        continue
-                    status(f"{target.name}: {strategy.value} x{n}")
-
-                    def tick(fraction: float, base: int = done) -> None:
-                        if progress is not None:
-                            progress.update(task, completed=base + fraction)
-
-                    try:
-                        result = STRATEGIES[strategy](fx, n, seconds, tick)
-                    except Skipped as why:
-                        skipped.add((target.name, strategy))
-                        notes.append(f"{target.name}: {strategy.value} skipped: {why}")
-                    else:
-                        rows.append(Row.of(target.name, strategy.value, result))
-                    done += 1
-                    if progress is not None:
-                        progress.update(task, completed=done)
-    order = {s.value: i for i, s in enumerate(Strategy)}
-    first = {t.name: i for i, t in reversed(list(enumerate(resolved)))}
-    rows.sort(key=lambda r: (first[r.benchmark], order[r.strategy], r.n_threads))
+    for target in resolved:
+        with Fixtures(target, max_interpreters=max_interpreters, backend=backend) as fx:
+            sweep = run_rows(fx, plan, seconds=seconds, progress=progress)
+        rows.extend(sorted(sweep.rows, key=lambda r: (order[r.strategy], r.n_threads)))
+        notes.extend(sweep.notes)
     return Sweep(tuple(rows), tuple(notes))

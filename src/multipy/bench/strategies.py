@@ -71,7 +71,7 @@ class Fixtures:
         self.target = target
         self.max_interpreters = max_interpreters
         self.backend = backend
-        self._on_status = on_status or (lambda text: None)
+        self.on_status = on_status or (lambda text: None)
         self.args: tuple = _child.load_from_archive(str(target.archive), "example.pkl")
         self._eager = None
         self._jit = None
@@ -99,7 +99,7 @@ class Fixtures:
         if self._manager is not None and len(self._manager) != interpreters:
             self._close_manager()
         if self._manager is None:
-            self._on_status(f"starting {interpreters} interpreter(s)")
+            self.on_status(f"starting {interpreters} interpreter(s)")
             manager = InterpreterManager(interpreters, backend=self.backend, num_threads=1)
             try:
                 model = manager.load_package(self.target.archive).load_pickle("model", "model.pkl")

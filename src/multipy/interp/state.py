@@ -37,7 +37,14 @@ class InterpreterState:
     """Everything one interpreter holds on behalf of the host."""
 
     def __init__(self, index: int, *, finder: SourceFinder | None = None,
-                 importer_factory=None) -> None:
+                 importer_factory=None, movables=None) -> None:
+        """``finder`` keeps the registered modules (default: a :class:`SourceFinder`
+        installed in this process); ``importer_factory(path)`` opens a package
+        (default: :func:`~multipy.interp.packages.open_package`); ``movables`` is
+        ``(make, load)`` for create_movable/from_movable (default: pickles with
+        tensors in a shared segment, :mod:`~multipy.interp.movable`).  In-process
+        backends pass their own, so that interpreters sharing a process stay
+        isolated from one another and share tensors by reference."""
         self.index = index
         self.objects: dict[int, Any] = {}
         self._next = 1
@@ -48,6 +55,7 @@ class InterpreterState:
         self.finder = finder if finder is not None else SourceFinder().install()
         self.open_segments: list = []
         self._importer_factory = importer_factory
+        self._movables = movables
         self._ops = {
             Op.PING: self._ping,
             Op.REGISTER_MODULE: self._register_module,
@@ -72,7 +80,18 @@ class InterpreterState:
         _process_state = self
 
     def activate_for_thread(self) -> None:
+        """Make this the calling thread's interpreter (object table and registered modules)."""
         _local.state = self
+        self.finder.activate_for_thread()
+
+    def close(self) -> None:
+        """Drop every object this interpreter holds (in-process backends)."""
+        self.objects.clear()
+        self.replicated.clear()
+        self.importers.clear()
+        self.prefixes.clear()
+        self.close_adopted_segments()
+        self.finder.close()
 
     # -- the dispatcher ---------------------------------------------------
 
@@ -167,9 +186,12 @@ class InterpreterState:
         return self.resolve(target)
 
     def _make_movable(self, target) -> tuple[MovablePayload, tuple]:
-        from .movable import make_movable
+        if self._movables is not None:
+            payload, segment, used = self._movables[0](self.resolve(target), self.prefixes)
+        else:
+            from .movable import make_movable
 
-        payload, segment, used = make_movable(self.resolve(target), self.prefixes)
+            payload, segment, used = make_movable(self.resolve(target), self.prefixes)
         if segment is not None:
             self.open_segments.append(segment)  # closed once the host has adopted it
         return payload, used
@@ -186,11 +208,14 @@ class InterpreterState:
             _, package_id, path, package, resource = recipe
             obj = self._load_from_package(package_id, path, package, resource)
         elif kind == "movable":
-            from .movable import load_movable
-
             for package_id, path in recipe[2]:
                 self._importer(package_id, path)
-            obj = load_movable(recipe[1])
+            if self._movables is not None:
+                obj = self._movables[1](recipe[1])
+            else:
+                from .movable import load_movable
+
+                obj = load_movable(recipe[1])
         else:
             raise ValueError(f"unknown recipe kind {kind!r}")
         self.replicated[rid] = obj

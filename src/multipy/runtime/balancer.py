@@ -30,19 +30,28 @@ class LoadBalancer:
         """Use only the first ``k`` interpreters (``debug_limit_interpreters``)."""
         self._limit = max(1, min(k, len(self._load)))
 
-    def acquire(self) -> int:
+    def acquire(self, usable=None) -> int:
+        """The index to use; its load is counted until :meth:`release`.
+
+        ``usable(index) -> bool`` excludes interpreters (down, restarting); when
+        none is usable the least loaded of all is returned.
+        """
         with self._lock:
             load, n = self._load, self._limit
             start = self._start
             self._start = (start + 1) % n
-            best = start % n
+            best = None
             for k in range(n):
                 i = (start + k) % n
+                if usable is not None and not usable(i):
+                    continue
                 if load[i] == 0:
                     best = i
                     break
-                if load[i] < load[best]:
+                if best is None or load[i] < load[best]:
                     best = i
+            if best is None:
+                best = min(range(n), key=load.__getitem__)
             load[best] += 1
             return best
 

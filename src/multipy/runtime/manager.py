@@ -14,6 +14,7 @@ The manager talks to its interpreters only through the worker protocol of
 from __future__ import annotations
 
 import os
+import threading
 import weakref
 from typing import Any, Callable
 
@@ -191,9 +192,12 @@ class InterpreterManager:
         if self._closed:
             raise ManagerClosedError("this InterpreterManager is closed")
 
+    def _available(self, index: int) -> bool:
+        return self._workers[index].available
+
     def _with_worker(self, fn: Callable[[Any], Any]) -> Any:
         self._check_open()
-        index = self._balancer.acquire()
+        index = self._balancer.acquire(usable=self._available)
         try:
             return fn(self._workers[index])
         finally:
@@ -205,8 +209,12 @@ class InterpreterManager:
             raise ManagerClosedError("this InterpreterManager is closed")
         balancer = self._balancer
         index = balancer.acquire()
-        try:
+        worker = self._workers[index]
+        if not worker.available:  # crashed and restarting: send the call elsewhere
+            balancer.release(index)
+            index = balancer.acquire(usable=self._available)
             worker = self._workers[index]
+        try:
             rid = replicated._id
             recipe = None if rid in worker.materialized else replicated._recipe
             return worker.request(
@@ -225,10 +233,21 @@ def _ownership(obj, owner, here):
                           f"session passed to create_movable (interpreter {here})")
 
 
-def _close_workers(workers, backend) -> None:
+def _close_workers(workers, backend, timeout: float = 10.0) -> None:
+    """Close every worker at once: each waits up to ``timeout`` for its call in flight."""
     for worker in workers:
-        try:
-            worker.close()
-        except Exception:
-            pass
+        worker.closed = True
+    closers = [threading.Thread(target=_close_quietly, args=(w, timeout), daemon=True)
+               for w in workers]
+    for t in closers:
+        t.start()
+    for t in closers:
+        t.join()
     backend.close()
+
+
+def _close_quietly(worker, timeout: float) -> None:
+    try:
+        worker.close(timeout=timeout)
+    except Exception:
+        pass

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING, Any
 
-from ..errors import OwnershipError
+from ..errors import InterpreterCrashedError, OwnershipError
 from ..transport.messages import GradMode, Handle, Op
 
 if TYPE_CHECKING:
@@ -93,7 +93,7 @@ class InterpreterSession:
         self._worker = manager._workers[index]
         self._index = index
         self._balanced = balanced
-        self._generation = self._worker.generation
+        self._generation: int | None = None  # the interpreter's generation its handles live in
         self._owned: list[int] = []
         self._closed = False
         self.self: Obj | None = None
@@ -115,21 +115,27 @@ class InterpreterSession:
     def _check_live(self) -> None:
         if self._closed:
             raise OwnershipError("this session is closed; its Obj handles are no longer valid")
-        if self._worker.generation != self._generation:
-            raise OwnershipError(
-                f"interpreter {self._index} was restarted after this session began "
-                "(it crashed or timed out); Obj handles from before are gone")
+        generation = self._generation
+        if generation is not None and (self._worker.generation != generation
+                                       or self._worker.dead_reason is not None):
+            reason = self._worker.dead_reason or "it crashed or timed out and was restarted"
+            raise InterpreterCrashedError(
+                f"interpreter {self._index} went down after this session began ({reason}); "
+                "the session's Obj handles died with it. Start a new session.",
+                index=self._index, pid=self._worker.pid)
 
-    def _request(self, op: Op, args: tuple, *, timeout: float | None = None) -> Any:
+    def _request(self, op: Op, args: tuple, *, timeout: float | None = None,
+                 materializes: int | None = None) -> Any:
         self._check_live()
-        return self._worker.request(op, args, timeout=timeout or self._manager._call_timeout,
-                                    handles=(Obj, self._handle_of))
+        worker = self._worker
+        value = worker.request(op, args, timeout=timeout or self._manager._call_timeout,
+                               handles=(Obj, self._handle_of), materializes=materializes)
+        if self._generation is None:
+            self._generation = worker.generation
+        return value
 
     def _request_obj(self, op: Op, args: tuple, materializes: int | None = None) -> Obj:
-        self._check_live()
-        handle: Handle = self._worker.request(op, args, timeout=self._manager._call_timeout,
-                                              handles=(Obj, self._handle_of),
-                                              materializes=materializes)
+        handle: Handle = self._request(op, args, materializes=materializes)
         self._owned.append(handle.id)
         return Obj(self, handle.id)
 
@@ -162,7 +168,7 @@ class InterpreterSession:
         if self._closed:
             return
         self._closed = True
-        if self._worker.generation == self._generation:
+        if self._worker.generation == self._generation and self._worker.dead_reason is None:
             for ident in self._owned:
                 self._worker.drop(("obj", ident))
         self._owned = []

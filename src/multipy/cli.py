@@ -1,0 +1,374 @@
+"""The ``multipy`` command (also ``python -m multipy``).
+
+``multipy demo``       the main job: ResNet-18 on N interpreters vs plain threads
+``multipy examples``   write the torch::deploy example archives
+``multipy inspect``    list an archive's modules, pickles, resources, externs (runs nothing)
+``multipy info``       Python, torch, capabilities and which backends can run here
+``multipy bench``      deploy_benchmark: strategies x thread counts, CSV, table, plot
+
+Errors a user can cause (a missing file, a bad option value, a backend that
+cannot run here) print one ``multipy: error: ...`` line and exit non-zero,
+without a traceback.  torch is imported only by the commands that need it.
+
+Example:
+    $ multipy inspect /tmp/ex/simple.pt
+    $ multipy bench smallops --threads 1,2 --seconds 1 --csv out.csv --plot out.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main"]
+
+_STRATEGY_NAMES = ("limit", "one_python", "multi_python", "jit", "threads", "process_pool")
+_BACKENDS = ("process", "thread", "subinterpreter", "auto")
+_CHECK_RTOL, _CHECK_ATOL = 1e-3, 1e-5
+
+
+class UsageError(Exception):
+    """A mistake on the command line or in the files it names: one line, exit 2."""
+
+
+# ---------------------------------------------------------------- argument types
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected more than 0, got {text}")
+    return value
+
+
+def _int_list(text: str) -> list[int]:
+    return [_positive_int(part) for part in text.split(",") if part.strip()] or [
+        _positive_int(text)]
+
+
+def _strategy_list(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [n for n in names if n not in _STRATEGY_NAMES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown strategy {', '.join(unknown) or repr(text)}; "
+            f"choose from {','.join(_STRATEGY_NAMES)}")
+    return list(dict.fromkeys(names))
+
+
+# ----------------------------------------------------------------------- parser
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="multipy",
+        description="Eager PyTorch models on a pool of independent Python interpreters.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"multipy {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="ResNet-18 on N interpreters vs plain threads",
+                          description="Build the example ResNet-18 package, load it on N "
+                          "interpreters, check its outputs against eager PyTorch and "
+                          "compare throughput with plain host threads.")
+    demo.add_argument("--interpreters", type=_positive_int, default=os.cpu_count() or 1,
+                      metavar="N", help="interpreters and host threads (default: %(default)s, "
+                      "the number of cores)")
+    demo.add_argument("--seconds", type=_positive_float, default=3.0, metavar="S",
+                      help="measurement window per row (default: %(default)s)")
+    demo.add_argument("--out", metavar="DIR",
+                      help="where to write resnet.pt (default: a cache directory)")
+    demo.add_argument("--backend", choices=_BACKENDS, default="process")
+
+    examples = sub.add_parser("examples", help="write the example archives",
+                              description="Write the torch::deploy example models as "
+                              "torch.package archives (<name>.pt and <name>_jit.pt).")
+    examples.add_argument("--out", required=True, metavar="DIR")
+    examples.add_argument("--only", nargs="+", action="extend", metavar="NAME",
+                          help="examples to write (default: all)")
+
+    inspect = sub.add_parser("inspect", help="list what an archive contains, running none of it",
+                             description="List the modules, pickles, resources and externs "
+                             "of a torch.package archive without executing any of it.")
+    inspect.add_argument("package", metavar="PKG")
+
+    sub.add_parser("info", help="Python, torch, capabilities and available backends",
+                   description="Show this Python's capabilities and which backends can run.")
+
+    bench = sub.add_parser(
+        "bench", help="benchmark strategies (deploy_benchmark)",
+        description="Measure throughput of each strategy at each thread count, as "
+        "torch::deploy's deploy_benchmark did.  PKG is a torch.package archive with "
+        "model/model.pkl and model/example.pkl, or an example name (smallops, resnet, ...).")
+    bench.add_argument("packages", nargs="*", metavar="PKG")
+    bench.add_argument("--max-interpreters", type=_positive_int, default=os.cpu_count() or 1,
+                       metavar="N", help="most interpreters / processes (default: %(default)s)")
+    bench.add_argument("--max-threads", type=_positive_int, metavar="N",
+                       help="end of the default thread sweep (default: --max-interpreters)")
+    bench.add_argument("--threads", type=_int_list, metavar="1,2,4",
+                       help="thread counts (default: 1,2,4,8,16,32,40 up to --max-threads)")
+    bench.add_argument("--seconds", type=_positive_float, default=2.0, metavar="S",
+                       help="measurement window per row (default: %(default)s)")
+    bench.add_argument("--strategies", type=_strategy_list, default=list(_STRATEGY_NAMES),
+                       metavar="LIST", help=f"comma-separated (default: {','.join(_STRATEGY_NAMES)})")
+    bench.add_argument("--csv", metavar="FILE", help="write deploy_benchmark's CSV here")
+    bench.add_argument("--plot", metavar="FILE.png", help="plot throughput against threads")
+    bench.add_argument("--backend", choices=_BACKENDS, default="process")
+    bench.add_argument("--out", metavar="DIR",
+                       help="where example archives are written (default: a cache directory)")
+    bench.add_argument("--overhead", action="store_true",
+                       help="per-call dispatch overhead over a direct call (identity model)")
+    bench.add_argument("--overhead-calls", type=_positive_int, default=2000, metavar="N",
+                       help="sequential calls per input shape (default: %(default)s)")
+    bench.add_argument("--memory", action="store_true",
+                       help="PSS of 4 interpreters of a 200 MB model vs a tiny one")
+    bench.add_argument("--memory-mb", type=_positive_float, default=200.0, metavar="MB",
+                       help=argparse.SUPPRESS)
+    return parser
+
+
+# --------------------------------------------------------------------- commands
+def _cmd_inspect(args) -> int:
+    from .package import format_contents, inspect_package
+
+    try:
+        contents = inspect_package(args.package)
+    except (OSError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    print(format_contents(contents))
+    return 0
+
+
+def _cmd_examples(args) -> int:
+    from .examples import EXAMPLES, generate, jit_path
+
+    unknown = [n for n in args.only or () if n not in EXAMPLES]
+    if unknown:
+        raise UsageError(f"unknown example {', '.join(unknown)}; "
+                         f"choose from {', '.join(EXAMPLES)}")
+    _check_dir_writable(args.out)
+    for name, archive in generate(args.out, args.only).items():
+        suffix = f" (+ {jit_path(archive).name})" if EXAMPLES[name].has_jit else ""
+        print(f"{name}: {archive}{suffix}", flush=True)
+    return 0
+
+
+def _cmd_info(args) -> int:
+    import platform
+
+    import torch
+
+    from . import __version__
+    from .backends.base import BackendKind
+    from .backends.capabilities import detect, resolve_backend, why_unavailable
+    from .errors import BackendUnavailableError
+
+    caps = detect()
+    print(f"multipy {__version__}")
+    print(f"python {platform.python_version()} ({platform.python_implementation()}, "
+          f"{'free-threaded' if caps.free_threaded else 'with a GIL'}) at {sys.executable}")
+    print(f"torch {torch.__version__}")
+    print(f"cores {os.cpu_count()}")
+    print("capabilities:")
+    for key, value in caps.as_dict().items():
+        print(f"  {key}: {value}")
+    print("backends:")
+    for kind in BackendKind:
+        why = why_unavailable(kind, caps)
+        print(f"  {kind.value}: {'available' if why is None else 'unavailable: ' + why}")
+    try:
+        backend, reason = resolve_backend("auto")
+    except BackendUnavailableError as exc:
+        print(f"auto: none ({exc})")
+    else:
+        backend.close()  # creating one starts nothing; close for symmetry
+        print(f"auto picks {reason}")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from rich.console import Console
+
+    from .bench import Fixtures, Strategy, table
+    from .bench.runner import host_threads, progress_bar, run_rows
+    from .bench.targets import example_archive, resolve_target
+
+    n, out, err = args.interpreters, Console(), Console(stderr=True)
+    out.print(f"[bold]multipy demo[/]: ResNet-18, batch 1, on {n} interpreter(s) "
+              f"({args.backend} backend) vs {n} plain host thread(s); {os.cpu_count()} cores")
+    if args.out:
+        _check_dir_writable(args.out)
+    with err.status("writing the example ResNet-18 package"):
+        target = resolve_target(str(example_archive("resnet", args.out)))
+    out.print(f"package: {target.archive}")
+    with Fixtures(target, max_interpreters=n, backend=args.backend) as fx, host_threads(1):
+        with err.status(f"starting {n} interpreter(s) and loading the model on each"):
+            manager, model = fx.replicated(n)
+        out.print(f"started {len(manager)} interpreter(s), backend {manager.backend}")
+        _check_against_eager(fx, manager, model, out)
+        plan = [(Strategy.THREADS, n), (Strategy.MULTI_PYTHON, n)]
+        if n > 1:
+            plan.append((Strategy.ONE_PYTHON, n))
+        with progress_bar(err) as progress:
+            sweep = run_rows(fx, plan, seconds=args.seconds, progress=progress)
+    labels = {"threads": "plain threads, one eager model",
+              "multi_python": f"multipy, {n} interpreter{'s' if n > 1 else ''}",
+              "one_python": "multipy, 1 interpreter"}
+    out.print(table(sweep.rows, title=f"ResNet-18 throughput, {args.seconds:g} s per row",
+                    baseline="threads", label=lambda r: labels[r.strategy]))
+    return 0
+
+
+def _check_against_eager(fx, manager, model, out) -> None:
+    import torch
+
+    with torch.inference_mode():
+        expected = fx.eager()(*fx.args)
+    worst = 0.0
+    for interp in manager.all_instances():
+        with model.acquire_session(interp) as session:
+            got = session.self(*fx.args).deref()
+        if not torch.allclose(got, expected, rtol=_CHECK_RTOL, atol=_CHECK_ATOL):
+            raise _Failure(f"interpreter {interp.index}'s output differs from eager PyTorch "
+                           f"(max abs diff {(got - expected).abs().max().item():.3g}, "
+                           f"rtol {_CHECK_RTOL}, atol {_CHECK_ATOL})")
+        worst = max(worst, (got - expected).abs().max().item())
+    out.print(f"outputs match eager on all {len(manager)} interpreter(s) "
+              f"(max abs diff {worst:.2g})")
+
+
+def _cmd_bench(args) -> int:
+    from rich.console import Console
+
+    from .bench import Strategy, run_sweep, table, thread_counts, write_csv
+    from .bench import plot as save_plot
+    from .bench.runner import progress_bar
+    from .bench.targets import resolve_target
+
+    if not (args.packages or args.overhead or args.memory):
+        raise UsageError("name at least one package or example (e.g. `multipy bench smallops`),"
+                         " or pass --overhead or --memory")
+    for option, path in (("--csv", args.csv), ("--plot", args.plot)):
+        if path is not None:
+            _check_dir_writable(Path(path).resolve().parent, option)
+    if args.out:
+        _check_dir_writable(args.out)
+    out, err = Console(), Console(stderr=True)
+    strategies = [Strategy(s) for s in args.strategies]
+    threads = args.threads or thread_counts(args.max_threads or args.max_interpreters)
+    with err.status("preparing packages"):
+        targets = [resolve_target(spec, out=args.out) for spec in args.packages]
+
+    if targets:
+        with progress_bar(err) as progress:
+            sweep = run_sweep(targets, strategies, threads, seconds=args.seconds,
+                              max_interpreters=args.max_interpreters, backend=args.backend,
+                              progress=progress)
+        out.print(table(sweep.rows, title=f"multipy bench, {args.seconds:g} s per row, "
+                        f"{os.cpu_count()} cores, {args.backend} backend"))
+        for line in [*sweep.notes, *_limit_ratios(sweep.rows)]:
+            out.print(line)
+        if args.csv:
+            write_csv(args.csv, sweep.rows)
+            out.print(f"wrote {args.csv}")
+        if args.plot:
+            import torch
+
+            save_plot(args.plot, sweep.rows, title=f"multipy bench, {os.cpu_count()} cores, "
+                      f"torch {torch.__version__}")
+            out.print(f"wrote {args.plot}")
+    if args.overhead:
+        from .bench.overhead import measure_overhead, overhead_lines, overhead_table
+
+        with err.status(f"timing {args.overhead_calls} calls per input shape"):
+            rows = measure_overhead(calls=args.overhead_calls, backend=args.backend)
+        out.print(overhead_table(rows))
+        for line in overhead_lines(rows):
+            out.print(line, highlight=False)
+    if args.memory:
+        from .bench.memory import measure_memory, memory_lines
+
+        with err.status("measuring memory") as status:
+            report = measure_memory(weight_mb=args.memory_mb, backend=args.backend,
+                                    on_status=lambda text: status.update(f"memory: {text}"))
+        for line in memory_lines(report):
+            out.print(line, highlight=False)
+    return 0
+
+
+def _limit_ratios(rows) -> list[str]:
+    """multi_python over limit at equal n: the scaling target (≥ 0.9) in one line each."""
+    limit = {(r.benchmark, r.n_threads): r.work_items_per_second
+             for r in rows if r.strategy == "limit"}
+    lines = []
+    for r in rows:
+        ceiling = limit.get((r.benchmark, r.n_threads))
+        if r.strategy == "multi_python" and ceiling:
+            ratio = r.work_items_per_second / ceiling
+            lines.append(f"{r.benchmark}: multi_python x{r.n_threads} = {ratio:.2f} of the limit "
+                         f"({'meets' if ratio >= 0.9 else 'below'} the 0.9 target)")
+    return lines
+
+
+# ------------------------------------------------------------------------ main
+class _Failure(Exception):
+    """A command that ran but found something wrong (exit 1)."""
+
+
+def _check_dir_writable(path, option: str = "--out") -> None:
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{option}: {path} exists and is not a directory")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UsageError(f"{option}: cannot write into {path} (permission denied)")
+    if not path.exists() and option != "--out":
+        raise UsageError(f"{option}: directory {path} does not exist")
+
+
+_COMMANDS = {"demo": _cmd_demo, "examples": _cmd_examples, "inspect": _cmd_inspect,
+             "info": _cmd_info, "bench": _cmd_bench}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``multipy`` command line; return the exit status.
+
+    Example:
+        >>> main(["inspect", "/tmp/ex/simple.pt"])              # doctest: +SKIP
+        torch.package archive /tmp/ex/simple.pt (root 'simple', python 3.11.7)
+        ...
+        0
+    """
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or argparse's own usage error (2)
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
+    from .bench.targets import TargetError
+    from .errors import MultipyError
+
+    try:
+        return _COMMANDS[args.command](args)
+    except (UsageError, TargetError) as exc:
+        return _error(str(exc), 2)
+    except (_Failure, MultipyError, OSError) as exc:
+        return _error(str(exc) or type(exc).__name__, 1)
+    except KeyboardInterrupt:
+        return _error("interrupted", 130)
+
+
+def _error(message: str, code: int) -> int:
+    first, _, rest = message.partition("\n")
+    print(f"multipy: error: {first}", file=sys.stderr)
+    return code
