@@ -10,6 +10,8 @@ session.  After every error a normal call must still work.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import sys
 import textwrap
 
@@ -140,8 +142,9 @@ EXTERN_MODULE = "multipy_test_fake_dep_xyz"
 
 
 @pytest.fixture
-def package_with_missing_extern(tmp_path, monkeypatch):
-    """An archive whose model class lives in an extern module that the interpreters lack."""
+def package_with_missing_extern(tmp_path):
+    """An archive whose model class lives in an extern module that the interpreters lack:
+    the module exists only while the archive is written."""
     source_dir = tmp_path / "src"
     source_dir.mkdir()
     (source_dir / f"{EXTERN_MODULE}.py").write_text(textwrap.dedent("""
@@ -151,15 +154,18 @@ def package_with_missing_extern(tmp_path, monkeypatch):
             def forward(self, x):
                 return x
     """))
-    monkeypatch.syspath_prepend(str(source_dir))
-    module = __import__(EXTERN_MODULE)
     path = tmp_path / "needs_extern.pt"
-    with PackageExporter(str(path)) as exporter:
-        exporter.extern(EXTERN_MODULE)
-        exporter.save_pickle("model", "model.pkl", module.Thing())
-    monkeypatch.delitem(sys.modules, EXTERN_MODULE)
-    monkeypatch.undo()
-    assert str(source_dir) not in sys.path
+    sys.path.insert(0, str(source_dir))
+    try:
+        module = importlib.import_module(EXTERN_MODULE)
+        with PackageExporter(str(path)) as exporter:
+            exporter.extern(EXTERN_MODULE)
+            exporter.save_pickle("model", "model.pkl", module.Thing())
+    finally:
+        sys.path.remove(str(source_dir))
+        sys.modules.pop(EXTERN_MODULE, None)
+        importlib.invalidate_caches()
+    assert importlib.util.find_spec(EXTERN_MODULE) is None
     return path
 
 
@@ -239,7 +245,7 @@ def test_a_result_that_cannot_cross_names_its_type(helpers, assert_usable):
             s.global_("errors_helper", "make_lambda").call_value()
         assert s.global_("builtins", "sum")([1, 2]).deref() == 3
     with helpers.acquire_one() as s:
-        replicated = s.create_movable(s.global_("errors_helper", "make_lambda"))
+        replicated = s.create_movable(s.global_("_types", "make_lambda"))
     with pytest.raises(multipy.TransportError, match="function"):
         replicated()
     assert_usable(helpers)

@@ -15,6 +15,8 @@ import torch
 
 import multipy
 from multipy import InterpreterManager
+from multipy.backends.base import BackendKind
+from multipy.backends.capabilities import detect, why_unavailable
 
 
 def _sum_in(session) -> int:
@@ -105,6 +107,24 @@ def test_an_unknown_backend_is_refused_naming_the_choices():
     assert "no-such-backend" in message
     for choice in ("process", "thread", "subinterpreter", "auto"):
         assert choice in message
+
+
+def test_an_unavailable_backend_is_refused_at_construction_with_the_reason():
+    why = why_unavailable(BackendKind.SUBINTERPRETER, detect())
+    if why is None:
+        pytest.skip("the subinterpreter backend can run on this Python")
+    with pytest.raises(multipy.BackendUnavailableError) as info:
+        InterpreterManager(1, backend="subinterpreter")
+    assert why in str(info.value)
+
+
+def test_auto_picks_a_backend_and_says_why():
+    with InterpreterManager(1, backend="auto") as manager:
+        expected = "thread" if detect().free_threaded else "process"
+        assert manager.backend == expected
+        assert manager.backend_choice.startswith(f"{expected}: chosen by auto")
+        with manager.acquire_one() as s:
+            assert _sum_in(s) == 6
 
 
 # -- the module's shared manager --------------------------------------------------

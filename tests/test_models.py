@@ -326,7 +326,7 @@ def test_calls_run_under_the_callers_autograd_mode(helpers, mode, expected):
                 "inference_mode": torch.inference_mode}
     with helpers.acquire_one() as s:
         fn = s.global_("models_helpers", "grad_mode")
-        replicated = s.create_movable(fn)
+        replicated = s.create_movable(s.global_("_types", "grad_mode"))
         with contexts[mode]():
             via_obj = fn().deref()
             via_value = fn.call_value()

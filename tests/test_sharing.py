@@ -27,6 +27,12 @@ def loc(model):
 def weight_loc(module):
     return multipy.shared_location(module.weight)
 
+def data_ptr(tensor):
+    return tensor.untyped_storage().data_ptr()
+
+def scale(x, factor=2):
+    return x * factor
+
 def replicated_count():
     from multipy.interp.state import current_state
     return len(current_state().replicated)
@@ -35,11 +41,14 @@ def replicated_count():
 
 @pytest.fixture(scope="module")
 def helpers(manager):
-    if manager.backend != "process":
-        pytest.skip(f"shared_location reads this process's file mappings; the {manager.backend} "
-                    "backend shares tensors within one process instead")
     manager.register_module_source("sharing_helper", HELPERS)
     return manager
+
+
+def requires_file_mappings(manager):
+    if manager.backend != "process":
+        pytest.skip(f"shared_location names a file mapping; the {manager.backend} backend "
+                    "shares tensors by reference inside one process instead")
 
 
 def replicated_counts(manager) -> list[int]:
@@ -51,6 +60,7 @@ def replicated_counts(manager) -> list[int]:
 
 
 def test_package_weights_map_the_archive_file_in_every_interpreter(helpers, examples):
+    requires_file_mappings(helpers)
     path = examples["resnet"]
     model = helpers.load_package(path).load_pickle("model", "model.pkl")
     locations, weights = [], []
@@ -86,7 +96,21 @@ def test_a_movable_module_is_usable_after_its_session_closed(helpers):
     assert movable.hasattr("no_such_attribute") is False
 
 
+def test_package_weights_are_one_storage_for_thread_interpreters(helpers, examples):
+    if helpers.backend != "thread":
+        pytest.skip("only thread interpreters share a storage object; process interpreters "
+                    "map the same pages at different addresses (see the shared_location test)")
+    model = helpers.load_package(examples["simple"]).load_pickle("model", "model.pkl")
+    pointers = []
+    for interp in helpers.all_instances():
+        with model.acquire_session(interp) as s:
+            weight = s.global_("sharing_helper", "first_parameter")(s.self)
+            pointers.append(s.global_("sharing_helper", "data_ptr")(weight).deref())
+    assert pointers[0] == pointers[1] != 0
+
+
 def test_a_movable_linear_shares_its_weights_between_interpreters(helpers):
+    requires_file_mappings(helpers)
     with helpers.all_instances()[0].acquire_session() as s:
         linear = s.global_("torch.nn", "Linear")(4, 3)
         weight = linear.attr("weight").deref()
@@ -104,6 +128,16 @@ def test_a_movable_linear_shares_its_weights_between_interpreters(helpers):
     torch.testing.assert_close(outputs[0], expected)
     assert torch.equal(outputs[0], outputs[1])
     torch.testing.assert_close(movable(x), expected)
+
+
+def test_a_function_of_a_registered_module_can_be_made_movable(helpers):
+    with helpers.all_instances()[0].acquire_session() as s:
+        movable = s.create_movable(s.global_("sharing_helper", "scale"))
+    x = torch.arange(4.0)
+    for interp in helpers.all_instances():
+        with movable.acquire_session(interp) as s:
+            assert torch.equal(s.self(x, factor=3).deref(), x * 3)
+    assert torch.equal(movable(x), x * 2)
 
 
 def test_unload_drops_a_replicated_object_from_every_interpreter(helpers, examples):

@@ -50,7 +50,7 @@ def helpers(manager):
 @pytest.fixture(scope="module")
 def replicated_ident(helpers):
     with helpers.acquire_one() as s:
-        return s.create_movable(s.global_("transport_helpers", "ident"))
+        return s.create_movable(s.global_("_types", "ident"))
 
 
 @pytest.fixture(scope="module", params=["replicated_call", "obj_deref"])
@@ -212,11 +212,13 @@ def test_a_parameter_arrives_detached_both_ways(helpers):
 
 
 def test_results_stay_valid_while_later_calls_reuse_memory(ident):
-    kept = [(i, ident(torch.full((1000,), float(i)))[0][0]) for i in range(50)]
-    del kept[::2]  # free every other block so later results can reuse them
-    gc.collect()
-    later = [(i, ident(torch.full((1000,), float(i)))[0][0]) for i in range(100, 150)]
-    for i, t in kept + later:
+    kept = [ident(torch.full((1000,), float(i)))[0][0] for i in range(50)]
+    for i in range(100, 150):  # each result dies at once: its block is reused by the next
+        (later,), _ = ident(torch.full((1000,), float(i)))
+        assert torch.equal(later, torch.full((1000,), float(i)))
+        del later
+        gc.collect()
+    for i, t in enumerate(kept):
         assert torch.equal(t, torch.full((1000,), float(i))), f"result {i} was overwritten"
 
 

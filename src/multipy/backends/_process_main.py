@@ -24,7 +24,7 @@ from .._current import set_process_interpreter
 from ..interp.state import InterpreterState, capture_exception
 from ..transport.codec import Decoder, Encoder
 from ..transport.frames import Waiter, read_frame, write_frame
-from ..transport.messages import Reply
+from ..transport.messages import Reply, Request
 from ..transport.shm import Arena, Segment
 
 
@@ -141,8 +141,11 @@ class Loop:
         state.close_adopted_segments()
         watched = []
         value = error = None
+        self.encoder.placed = []  # blocks of *this* reply only: the host owns the older ones
         try:
             request = pickle.loads(data)
+            if type(request) is not Request:
+                raise TypeError(f"malformed request: got {type(request).__name__}, not Request")
             for offset in request.freed:
                 self.results.free(offset)
             args = self.decoder.decode(request.args)

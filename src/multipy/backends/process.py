@@ -34,7 +34,7 @@ from multiprocessing import reduction
 from ..errors import CallTimeoutError, ManagerClosedError, TransportError
 from ..transport.codec import Decoder, Encoder
 from ..transport.frames import FrameError, Waiter, read_frame, write_frame
-from ..transport.messages import Op, Request
+from ..transport.messages import Op, Request, parse_reply
 from ..transport.shm import Arena, Segment
 from .base import Backend, BackendKind, Worker, WorkerConfig, describe_exit, drain, no_start
 
@@ -176,11 +176,16 @@ class ProcessWorker(Worker):
             if not self._waiter.wait(timeout):
                 self._kill_for_timeout(timeout)
             frame = read_frame(self._rep_r)
-        except (BrokenPipeError, ConnectionResetError, FrameError):
+        except (BrokenPipeError, ConnectionResetError):
             frame = None
+        except FrameError as exc:
+            raise self._desynchronised(exc) from None
         if frame is None:
             raise self._crashed("while starting" if starting else "while running a call")
-        (reply, output) = pickle.loads(frame)
+        try:
+            reply, output = parse_reply(frame)
+        except TransportError as exc:
+            raise self._desynchronised(exc) from None
         pins = self._pins
         for offset in reply.unpinned:
             pins.discard(offset)
@@ -203,6 +208,15 @@ class ProcessWorker(Worker):
                     f"rebuilt in the host: {exc}. Types defined inside a package exist only in "
                     "the interpreters; return plain values or tensors, or keep an Obj handle.") from exc
         return value, reply.error
+
+    def _desynchronised(self, why) -> TransportError:
+        """The reply stream is corrupt: the interpreter cannot be trusted to be in step."""
+        pid = self.pid
+        self._terminate(kill=True)
+        self.mark_dead(f"its reply stream was corrupt ({why})")
+        return TransportError(
+            f"interpreter {self.index} (pid {pid}) sent a corrupt reply ({why}); it was killed "
+            "and will be restarted")
 
     def _kill_for_timeout(self, timeout: float):
         pid = self.pid
@@ -264,6 +278,14 @@ class ProcessBackend(Backend):
 
     def __init__(self) -> None:
         self._ctx = _context()
+
+    @staticmethod
+    def warm() -> None:
+        """Start the fork server now (it lives as long as the host, like the stdlib's)."""
+        if _context().get_start_method() == "forkserver":
+            from multiprocessing import forkserver
+
+            forkserver.ensure_running()
 
     def create_worker(self, config: WorkerConfig) -> Worker:
         return ProcessWorker(config, self._ctx)

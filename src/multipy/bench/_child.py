@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from .harness import WARMUP_ITEMS
+
 # Preloaded by the fork server so every child starts with torch imported.
 PRELOAD = ["torch", "numpy", "multipy.bench._child", "multipy.backends._process_main"]
 
@@ -62,7 +64,8 @@ def limit_worker(archive: str, seconds: float, barrier, results) -> None:
         torch.set_num_threads(1)
         model = load_from_archive(archive, "model.pkl")
         args = load_from_archive(archive, "example.pkl")
-        run_item(model, args)
+        for _ in range(WARMUP_ITEMS):
+            run_item(model, args)
         barrier.wait()
         start = now = time.perf_counter()
         deadline = start + seconds

@@ -73,9 +73,10 @@ def _speedups(rows: Sequence[Row], baseline: str) -> dict[Row, float]:
 
 
 def table(rows: Sequence[Row], *, title: str | None = None, baseline: str = "threads",
-          label: Callable[[Row], str] | None = None):
+          label: Callable[[Row], str] | None = None, p95: bool = True):
     """A rich Table of ``rows``; "vs threads" is throughput over the ``baseline``
-    strategy's at the same thread count (blank when it was not measured)."""
+    strategy's at the same thread count (blank when it was not measured).
+    ``label`` names a row's strategy (default: the strategy's name)."""
     from rich.table import Table
 
     speedups = _speedups(rows, baseline)
@@ -87,13 +88,15 @@ def table(rows: Sequence[Row], *, title: str | None = None, baseline: str = "thr
     out.add_column("threads", justify="right")
     out.add_column("items/s", justify="right")
     out.add_column("p50 ms", justify="right")
-    out.add_column("p95 ms", justify="right")
+    if p95:
+        out.add_column("p95 ms", justify="right")
     out.add_column(f"vs {baseline}", justify="right")
     for r in rows:
         speedup = speedups.get(r)
         cells = [label(r) if label else r.strategy, str(r.n_threads),
                  f"{r.work_items_per_second:,.1f}", f"{r.p50_latency:.3f}",
-                 f"{r.p95_latency:.3f}", f"{speedup:.2f}x" if speedup is not None else ""]
+                 *([f"{r.p95_latency:.3f}"] if p95 else []),
+                 f"{speedup:.2f}x" if speedup is not None else ""]
         out.add_row(*([r.benchmark] if several else []), *cells)
     return out
 
@@ -115,6 +118,7 @@ def plot(path: str | os.PathLike, rows: Sequence[Row], *, title: str | None = No
             points = sorted((r.n_threads, r.work_items_per_second)
                             for r in mine if r.strategy == strategy)
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=strategy)
+        ax.set_xticks(sorted({r.n_threads for r in mine}))
         ax.set_title(bench)
         ax.set_xlabel("host threads (processes for limit)")
         ax.set_ylabel("work items / s")

@@ -36,12 +36,27 @@ What ``ThreadModules`` isolates and what it does not:
 
 from __future__ import annotations
 
+import importlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import linecache
 import sys
 import threading
 import types
+
+
+def _origin(name: str) -> str:
+    return f"<registered module {name}>"
+
+
+def _remember_source(name: str, source: str) -> None:
+    """Put ``source`` in ``linecache`` so tracebacks show registered modules' lines
+    (``traceback`` never asks a loader for files named ``<...>``)."""
+    lines = source.splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines[-1] += "\n"
+    linecache.cache[_origin(name)] = (len(source), None, lines, _origin(name))
 
 
 class SourceFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -52,13 +67,14 @@ class SourceFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         self.sources: dict[str, str] = {}
 
     def register(self, name: str, source: str) -> None:
-        compile(source, f"<registered module {name}>", "exec")  # syntax errors surface here
+        compile(source, _origin(name), "exec")  # syntax errors surface here
         self.sources[name] = source
+        _remember_source(name, source)
         sys.modules.pop(name, None)
 
     def find_spec(self, fullname, path=None, target=None):
         if fullname in self.sources:
-            return importlib.util.spec_from_loader(fullname, self, origin=f"<registered module {fullname}>")
+            return importlib.util.spec_from_loader(fullname, self, origin=_origin(fullname))
         return None
 
     def create_module(self, spec):
@@ -106,8 +122,9 @@ class ThreadModules(importlib.abc.Loader):
         _hook.acquire()
 
     def register(self, name: str, source: str) -> None:
-        compile(source, f"<registered module {name}>", "exec")  # syntax errors surface here
+        compile(source, _origin(name), "exec")  # syntax errors surface here
         self.sources[name] = source
+        _remember_source(name, source)
         self.modules.pop(name, None)  # registering again replaces the module
 
     def activate_for_thread(self) -> None:
@@ -123,7 +140,7 @@ class ThreadModules(importlib.abc.Loader):
         module = self.modules.get(name)
         if module is not None:
             return module
-        spec = importlib.util.spec_from_loader(name, self, origin=f"<registered module {name}>")
+        spec = importlib.util.spec_from_loader(name, self, origin=_origin(name))
         module = importlib.util.module_from_spec(spec)
         self.modules[name] = module  # a module that imports itself sees the partial one
         try:
@@ -143,7 +160,7 @@ class ThreadModules(importlib.abc.Loader):
 
     def exec_module(self, module) -> None:
         name = module.__name__
-        exec(compile(self.sources[name], f"<registered module {name}>", "exec"), module.__dict__)
+        exec(compile(self.sources[name], _origin(name), "exec"), module.__dict__)
 
     def close(self) -> None:
         """Drop the modules; the import hook goes when the last interpreter closes."""
@@ -156,6 +173,21 @@ class ThreadModules(importlib.abc.Loader):
         _hook.release()
 
 
+def current_thread_modules() -> ThreadModules | None:
+    """The :class:`ThreadModules` of the interpreter running the calling thread, if any."""
+    return getattr(_local, "modules", None)
+
+
+def registered_global(module: str, qualname: str):
+    """``module.qualname`` as the calling interpreter sees it: how pickles made by
+    one thread interpreter name what a registered module defines, so that another
+    interpreter resolves it to its own copy."""
+    obj = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 class _InterpreterFinder(importlib.abc.MetaPathFinder):
     """Answers ``find_spec`` on interpreter threads: registered names, then the
     environment's extra directories.  Host threads get ``None`` (not found here)."""
@@ -165,8 +197,7 @@ class _InterpreterFinder(importlib.abc.MetaPathFinder):
         if modules is None:
             return None
         if fullname in modules.sources:
-            return importlib.util.spec_from_loader(fullname, modules,
-                                                   origin=f"<registered module {fullname}>")
+            return importlib.util.spec_from_loader(fullname, modules, origin=_origin(fullname))
         if path is None and modules.extra_paths:
             return importlib.machinery.PathFinder.find_spec(fullname, modules.extra_paths)
         return None

@@ -119,3 +119,28 @@ class MovablePayload:
 
     def __reduce__(self):
         return (MovablePayload, (self.data, self.segment))
+
+
+def parse_reply(frame: bytes, /) -> tuple[Reply, bool]:
+    """Decode a reply frame ``(Reply, output written?)``, checking its shape.
+
+    Anything else (corrupt bytes, a desynchronised stream) raises
+    :class:`~multipy.errors.TransportError`; nothing in the frame can make this
+    hang or raise another type.
+    """
+    import pickle
+
+    from ..errors import TransportError
+
+    try:
+        reply, output = pickle.loads(frame)
+        ok = (type(reply) is Reply and type(output) is bool
+              and (reply.value is None or type(reply.value) is bytes)
+              and (reply.error is None or type(reply.error) is RemoteException)
+              and type(reply.pinned) is tuple and type(reply.unpinned) is tuple
+              and all(type(o) is int for o in reply.pinned + reply.unpinned))
+    except Exception as exc:
+        raise TransportError(f"malformed reply frame ({len(frame)} bytes): {exc!r}") from None
+    if not ok:
+        raise TransportError(f"malformed reply frame ({len(frame)} bytes): not a (Reply, bool) pair")
+    return reply, output

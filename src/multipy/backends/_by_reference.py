@@ -1,0 +1,307 @@
+"""Values, movables and package weights shared by reference between the host
+and the interpreters of one process (the ``thread`` backend).
+
+::
+
+    plain data  (None, bool, int, float, str, bytes, dtype, Handle, ...)  ─▶ as is
+    tensor                      ─▶ the same tensor (detached if it requires grad)
+    tuple / list / dict of those ─▶ a new container of the same items
+    Obj (an argument)           ─▶ the object it names in the interpreter's table
+    anything else               ─▶ Pickled: the whole value pickled, with every tensor
+                                   and Obj kept out of band, by reference
+
+Pickling what is not plain data keeps the ``process`` backend's semantics
+(values are copies; a result whose type exists only in the interpreters cannot
+reach the host, and says so) while tensors never move.  The sender pickles and
+the receiver unpickles, so a class is looked up by the side that owns it.
+
+Package weights: every interpreter has its own ``PackageImporter`` (its own
+copies of the package's modules), but all importers of one archive take their
+storages from one process-wide mapping of the file, so two interpreters'
+copies of a model hold the same storage (same ``data_ptr``).  Movables pickle
+the object and keep its tensors themselves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import pickle
+import sys
+import threading
+import weakref
+from typing import Any
+
+from ..errors import MultipyError, TransportError
+from ..interp.modules import current_thread_modules, registered_global
+from ..interp.movable import _MovablePickler
+from ..interp.packages import open_package
+from ..transport.messages import GradMode, Handle, MovablePayload, Op, RemoteException
+
+_MAX_DEPTH = 64
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SharedMovable(MovablePayload):
+    """A movable whose tensors are kept, by reference, instead of a shared segment."""
+
+    tensors: tuple = ()
+
+    def __reduce__(self):
+        return (SharedMovable, (self.data, self.segment, self.tensors))
+
+
+_PLAIN: set = {type(None), bool, int, float, complex, str, bytes, Handle, GradMode, Op,
+               RemoteException, SharedMovable}
+_TENSOR: Any = None
+
+
+def _torch_types() -> None:
+    """Learn torch's types once torch is imported (it may be imported later)."""
+    global _TENSOR
+    torch = sys.modules.get("torch")
+    if torch is not None and hasattr(torch, "Tensor") and hasattr(torch, "Size"):
+        _PLAIN.update((torch.dtype, torch.device, torch.Size, torch.layout, torch.memory_format))
+        _TENSOR = torch.Tensor
+
+
+class _NotPlain(Exception):
+    pass
+
+
+def _copy(value, obj_type, resolve, depth: int):
+    kind = type(value)
+    if kind in _PLAIN:
+        return value
+    if kind is _TENSOR:
+        return value.detach() if value.requires_grad else value
+    if depth > _MAX_DEPTH:
+        raise _NotPlain
+    depth += 1
+    if kind is tuple:
+        return tuple([_copy(v, obj_type, resolve, depth) for v in value])
+    if kind is list:
+        return [_copy(v, obj_type, resolve, depth) for v in value]
+    if kind is dict:
+        out = {}
+        for k, v in value.items():
+            if type(k) not in _PLAIN:
+                raise _NotPlain
+            out[k] = _copy(v, obj_type, resolve, depth)
+        return out
+    if kind is obj_type and obj_type is not None:
+        return resolve(value)
+    raise _NotPlain
+
+
+class Pickled:
+    """A value that is not plain data: its pickle, with tensors and Obj handles
+    out of band (``refs``: the tensors themselves)."""
+
+    __slots__ = ("data", "refs")
+
+    def __init__(self, data: bytes, refs: list) -> None:
+        self.data = data
+        self.refs = refs
+
+    def load(self, objects: dict | None = None) -> Any:
+        refs = self.refs
+
+        def persistent_load(pid):
+            return refs[pid] if type(pid) is int else objects[pid[1]]
+
+        unpickler = pickle.Unpickler(io.BytesIO(self.data))
+        unpickler.persistent_load = persistent_load
+        return unpickler.load()
+
+
+class _RefPickler(pickle.Pickler):
+    def __init__(self, file, obj_type, handle_of) -> None:
+        super().__init__(file, protocol=5)
+        self.obj_type = obj_type
+        self.handle_of = handle_of
+        self.refs: list = []
+
+    def persistent_id(self, obj):
+        kind = type(obj)
+        if kind is _TENSOR:
+            self.refs.append(obj.detach() if obj.requires_grad else obj)
+            return len(self.refs) - 1
+        if kind is self.obj_type and kind is not None:
+            return ("h", self.handle_of(obj))
+        return None
+
+
+def _pickle(value, obj_type=None, handle_of=None) -> Pickled:
+    buf = io.BytesIO()
+    pickler = _RefPickler(buf, obj_type, handle_of)
+    try:
+        pickler.dump(value)
+    except MultipyError:
+        raise
+    except Exception as exc:
+        raise TransportError(_describe(value, exc, obj_type, handle_of)) from exc
+    return Pickled(buf.getvalue(), pickler.refs)
+
+
+def _describe(value, exc: BaseException, obj_type, handle_of) -> str:
+    """Name the first part of ``value`` that cannot cross (tensors and Obj can)."""
+    where, bad = _find_unpicklable(value, "value", obj_type, handle_of, 0)
+    kind = type(bad)
+    name = f"{kind.__module__}.{kind.__qualname__}" if kind.__module__ != "builtins" else kind.__qualname__
+    article = "an" if name[:1].lower() in "aeiou" else "a"
+    return (f"{where} is {article} {name} that cannot be pickled: {exc}. "
+            "Return plain values, tensors or picklable objects, or keep the object in the "
+            "interpreter and use an Obj handle (session.global_ / Obj.attr) instead.")
+
+
+def _find_unpicklable(value, where: str, obj_type, handle_of, depth: int):
+    if depth < 20:
+        items = ()
+        if isinstance(value, dict):
+            items = ((f"{where}[{k!r}]", v) for k, v in value.items())
+        elif isinstance(value, (list, tuple)):
+            items = ((f"{where}[{i}]", v) for i, v in enumerate(value))
+        elif hasattr(value, "__dict__") and not isinstance(value, type):
+            items = ((f"{where}.{k}", v) for k, v in vars(value).items())
+        for sub_where, sub in items:
+            try:
+                _RefPickler(io.BytesIO(), obj_type, handle_of).dump(sub)
+            except Exception:
+                return _find_unpicklable(sub, sub_where, obj_type, handle_of, depth + 1)
+    return where, value
+
+
+def to_interpreter(args: tuple, handles: tuple | None, objects: dict) -> Any:
+    """The caller's ``args`` as the interpreter receives them (in the caller's thread).
+
+    ``handles`` is ``(Obj type, obj -> handle id)``: an ``Obj`` becomes the object
+    it names in ``objects`` (the interpreter's table); the id function raises
+    :class:`~multipy.errors.OwnershipError` for another session's ``Obj``.
+    """
+    if _TENSOR is None:
+        _torch_types()
+    if handles is None:
+        obj_type = handle_of = resolve = None
+    else:
+        obj_type, handle_of = handles
+        resolve = lambda obj: objects[handle_of(obj)]  # noqa: E731
+    try:
+        return _copy(args, obj_type, resolve, 0)
+    except _NotPlain:
+        return _pickle(args, obj_type, handle_of)
+
+
+def to_host(value: Any) -> Any:
+    """A result as the host receives it (in the interpreter's thread)."""
+    if _TENSOR is None:
+        _torch_types()
+    try:
+        return _copy(value, None, None, 0)
+    except _NotPlain:
+        return _pickle(value)
+
+
+# -- movables ---------------------------------------------------------------------
+
+
+class _ByReferencePickler(_MovablePickler):
+    """The movable pickler (classes of packages named by package), tensors kept,
+    and what registered modules define named by module: the interpreter that
+    loads the movable resolves it in its own copy of the module."""
+
+    def __init__(self, file, prefixes: dict[str, int]) -> None:
+        super().__init__(file, prefixes)
+        modules = current_thread_modules()
+        self.registered = modules.sources if modules is not None else {}
+
+    def reducer_override(self, obj):
+        if self.registered and (isinstance(obj, type) or callable(obj)):
+            module = getattr(obj, "__module__", None)
+            qualname = getattr(obj, "__qualname__", None)
+            if module in self.registered and isinstance(qualname, str):
+                try:
+                    found = registered_global(module, qualname)
+                except Exception:
+                    found = None
+                if found is obj:
+                    return (registered_global, (module, qualname))
+        return super().reducer_override(obj)
+
+    def persistent_id(self, obj):
+        torch = self._torch
+        if torch is None or type(obj) is not torch.Tensor:
+            return None
+        self.tensors.append(obj.detach())
+        return (len(self.tensors) - 1, bool(obj.requires_grad))
+
+
+def make_movable(obj, prefixes: dict[str, int]) -> tuple[SharedMovable, None, tuple]:
+    """``(payload, no segment, ids of the packages it refers to)`` for ``obj``."""
+    buf = io.BytesIO()
+    pickler = _ByReferencePickler(buf, prefixes)
+    pickler.dump(obj)
+    return SharedMovable(buf.getvalue(), None, tuple(pickler.tensors)), None, tuple(sorted(pickler.used))
+
+
+def load_movable(payload: SharedMovable):
+    """This interpreter's copy of a movable; its tensors alias the original's storage."""
+    tensors = payload.tensors
+
+    def persistent_load(pid):
+        index, grad = pid
+        t = tensors[index].detach()
+        if grad:
+            t.requires_grad_(True)
+        return t
+
+    unpickler = pickle.Unpickler(io.BytesIO(payload.data))
+    unpickler.persistent_load = persistent_load
+    return unpickler.load()
+
+
+# -- package weights ----------------------------------------------------------------
+
+
+class _Archive:
+    """The process-wide storage source of one archive file."""
+
+    def __init__(self, reader) -> None:
+        self.reader = reader            # the SharedStorageReader of the first importer
+        self.lock = threading.Lock()
+
+
+class _SharedStorages:
+    """An importer's ``zip_reader`` whose storages come from the archive's
+    process-wide source; everything else is the importer's own reader."""
+
+    def __init__(self, reader, archive: _Archive) -> None:
+        self._reader = reader
+        self._archive = archive
+
+    def get_storage_from_record(self, name, numel, dtype):
+        archive = self._archive
+        with archive.lock:
+            return archive.reader.get_storage_from_record(name, numel, dtype)
+
+    def __getattr__(self, name):
+        return getattr(self._reader, name)
+
+
+_archives_lock = threading.Lock()
+_archives: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def open_package_shared(path: str):
+    """A ``PackageImporter`` for ``path`` whose storages are those of every other
+    importer of the same file in this process (same storage, same ``data_ptr``)."""
+    importer = open_package(path)
+    st = os.stat(path)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    with _archives_lock:
+        archive = _archives.get(key)
+        if archive is None:
+            archive = _archives[key] = _Archive(importer.zip_reader)
+    importer.zip_reader = _SharedStorages(importer.zip_reader, archive)
+    return importer

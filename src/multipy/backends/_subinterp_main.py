@@ -1,0 +1,254 @@
+"""The serving loop of the ``subinterpreter`` backend: runs inside each subinterpreter.
+
+::
+
+    host driver thread                 subinterpreter (own GIL)
+    ------------------                 ------------------------------------------
+    exec(boot)  ───────────────────▶   start(): sys.path, interpreter id, state
+    exec("_multipy_loop()") ───────▶   loop(): read frame ◀── request pipe
+                                         InterpreterState.handle(op, args, drop)
+                                         write frame ──▶ reply pipe
+                                         ... until end-of-file on the request pipe
+          ◀── WantBuffers / WantArena    (returns to the host thread to take
+    exec(loop, shared=...) ────────▶      shared buffers or a bigger arena, resumes)
+
+    watchdog thread (in the subinterpreter): interrupt pipe ─▶ CallInterrupted
+    raised in the serving thread, only while a call runs.
+
+The loop blocks in ``os.read`` (its own GIL released) between requests: no
+polling.  numpy and torch are never imported here; an ``import torch`` in user
+code fails at once with the reason (:class:`_RefuseNative`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.abc
+import os
+import pickle
+import select
+import sys
+import threading
+
+from .._current import set_process_interpreter
+from ..errors import BackendUnavailableError, TransportError
+from ..interp.state import InterpreterState, capture_exception
+from . import _subinterp_wire as wire
+
+#: Top-level modules whose C extensions cannot load in an isolated subinterpreter.
+REFUSED = ("torch", "numpy")
+_REASON = ("{name} cannot be imported in a subinterpreter: its C extension does not support "
+           "isolated (own-GIL) interpreters yet. Use InterpreterManager(..., backend='process') "
+           "for work that needs {name}; the subinterpreter backend runs pure-Python code only.")
+
+
+class WantBuffers(Exception):
+    """Raised out of :func:`loop` so the host thread re-enters it with the
+    request's shared buffers (``_multipy_in``)."""
+
+
+class WantArena(Exception):
+    """Raised out of :func:`loop` so the host thread re-enters it with a bigger
+    arena (``_multipy_arena``); the message is the size needed."""
+
+
+class CallInterrupted(BaseException):
+    """Raised inside a call that ran past its timeout (a ``BaseException`` so
+    that ``except Exception`` in user code does not swallow it)."""
+
+
+class _RefuseNative(importlib.abc.MetaPathFinder):
+    """Fails ``import torch`` / ``import numpy`` with the reason, before any of
+    their code runs."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        top = fullname.partition(".")[0]
+        if top in REFUSED:
+            raise ModuleNotFoundError(_REASON.format(name=top), name=fullname)
+        return None
+
+
+def _refuse_package(path: str):
+    raise BackendUnavailableError(
+        f"torch cannot be imported in a subinterpreter, so the torch.package archive {path!r} "
+        "cannot be opened here (torch's C extension does not support isolated, own-GIL "
+        "interpreters yet). Use InterpreterManager(..., backend='process') for torch models; "
+        "the subinterpreter backend runs pure-Python code only.")
+
+
+_set_async_exc = ctypes.pythonapi.PyThreadState_SetAsyncExc
+_set_async_exc.argtypes = (ctypes.c_ulong, ctypes.py_object)
+_set_async_exc.restype = ctypes.c_int
+
+_server: "_Server | None" = None
+
+
+def _op_name(op) -> str:
+    from ..transport.messages import Op
+
+    try:
+        return Op(op).name.lower()
+    except ValueError:
+        return str(op)
+
+
+def start(index: int, fds: tuple) -> None:
+    """Set this subinterpreter up to serve the host (run once, by the boot code)."""
+    global _server
+    set_process_interpreter(index)
+    sys.meta_path.insert(0, _RefuseNative())
+    state = InterpreterState(index, importer_factory=_refuse_package)
+    state.activate_for_process()
+    _server = _Server(state, *fds)
+
+
+def loop() -> None:
+    """Serve requests until the host closes the request pipe.
+
+    Raises :class:`WantBuffers` / :class:`WantArena` to get something from
+    the host thread; the host re-enters with it and the loop resumes.
+    """
+    namespace = sys.modules["__main__"].__dict__
+    server = _server
+    server.ident = threading.get_ident()
+    arena = namespace.pop("_multipy_arena", None)
+    if arena is not None:
+        server.arena = arena
+    server.resume(namespace.pop("_multipy_in", None))
+    server.run()
+
+
+def shutdown() -> None:
+    """Stop the watchdog thread (the interpreter can then be destroyed)."""
+    if _server is not None:
+        _server.stop_watchdog()
+
+
+class _Server:
+    def __init__(self, state: InterpreterState, req_r: int, rep_w: int, intr_r: int) -> None:
+        self.state = state
+        self.index = state.index
+        self.req_r = req_r
+        self.rep_w = rep_w
+        self.intr_r = intr_r
+        self.arena = memoryview(b"")
+        self.ident = threading.get_ident()
+        self.stash = None        # (seq, payload) of a request waiting for its buffers
+        self.pending = None      # (payload, oob) of a reply waiting for a bigger arena
+        self.table = wire.dispatch_table(results=True)
+        self.lock = threading.Lock()
+        self.active = None       # the call number running now, or None
+        self._quit_r, self._quit_w = os.pipe()
+        self._watchdog = threading.Thread(target=self._watch, name="multipy-watchdog")
+        self._watchdog.start()
+
+    # -- the loop ------------------------------------------------------------
+    def run(self) -> None:
+        while True:
+            header = wire.read_exact(self.req_r, wire.REQUEST.size)
+            if header is None:
+                return  # the host closed the request pipe
+            size, seq, nbufs = wire.REQUEST.unpack(header)
+            payload = wire.read_exact(self.req_r, size) if size else b""
+            if payload is None:
+                return
+            if nbufs:
+                self.stash = (seq, payload)
+                raise WantBuffers(nbufs)
+            self.serve(seq, payload, ())
+
+    def resume(self, incoming) -> None:
+        if self.stash is not None:
+            (seq, payload), self.stash = self.stash, None
+            self.serve(seq, payload, incoming or ())
+        elif self.pending is not None:
+            self.send()
+
+    def serve(self, seq: int, payload, buffers) -> None:
+        op = None
+        try:
+            op, args, drop = pickle.loads(payload, buffers=buffers)
+        except Exception as exc:
+            result, error = None, TransportError(
+                f"the arguments could not be rebuilt in interpreter {self.index}: "
+                f"{type(exc).__name__}: {exc}. Types passed by value must be importable in the "
+                "interpreter (on the environment's sys.path or registered with "
+                "register_module_source), or pass an Obj handle instead.")
+        else:
+            del payload, buffers
+            result, error = self._run(seq, op, args, drop)
+            del args
+        self.reply(op, result, error)
+
+    def _run(self, seq: int, op, args, drop):
+        result = error = None
+        try:
+            with self.lock:
+                self.active = seq
+            result = self.state.handle(op, args, drop)
+        except BaseException as exc:  # every failure goes back to the caller
+            error = exc
+        while True:  # an interrupt may land until the call is disarmed
+            try:
+                self._disarm()
+                break
+            except CallInterrupted as exc:
+                error = exc
+        return result, error
+
+    def _disarm(self) -> None:
+        with self.lock:
+            self.active = None
+            _set_async_exc(self.ident, ctypes.py_object())  # drop one not yet delivered
+
+    def reply(self, op, result, error) -> None:
+        remote = capture_exception(error) if error is not None else None
+        del error
+        try:
+            payload, oob = wire.dumps((result, remote), self.table)
+        except Exception as exc:
+            name = _op_name(op)
+            remote = capture_exception(TransportError(
+                f"the result of {name} in interpreter {self.index} ({type(result).__name__}) "
+                f"cannot cross to the host: {type(exc).__name__}: {exc}. Return plain values "
+                "(numbers, str, bytes, containers, picklable objects) or keep an Obj handle."))
+            payload, oob = wire.dumps((None, remote), self.table)
+        del result
+        self.pending = (payload, oob)
+        self.send()
+
+    def send(self) -> None:
+        payload, oob = self.pending
+        need = sum(wire.align(memoryview(b).nbytes) for b in oob)
+        if need > len(self.arena):
+            raise WantArena(str(need))  # the reply stays pending
+        self.pending = None
+        slots = []
+        position = 0
+        arena = self.arena
+        for buffer in oob:
+            raw = buffer.raw()
+            arena[position:position + raw.nbytes] = raw
+            slots.append(wire.SLOT.pack(position, raw.nbytes))
+            position += wire.align(raw.nbytes)
+        wire.write_all(self.rep_w, [wire.REPLY.pack(len(payload), len(slots)), payload, *slots])
+
+    # -- timeouts ------------------------------------------------------------
+    def _watch(self) -> None:
+        while True:
+            ready, _, _ = select.select([self.intr_r, self._quit_r], [], [])
+            if self._quit_r in ready:
+                return
+            data = wire.read_exact(self.intr_r, wire.SEQ.size)
+            if data is None:
+                return
+            (seq,) = wire.SEQ.unpack(data)
+            with self.lock:
+                if self.active is not None and seq in (0, self.active):
+                    _set_async_exc(self.ident, CallInterrupted)
+
+    def stop_watchdog(self) -> None:
+        os.write(self._quit_w, b"q")
+        self._watchdog.join()
+        os.close(self._quit_r)
+        os.close(self._quit_w)

@@ -1,0 +1,424 @@
+"""The ``subinterpreter`` backend: one CPython own-GIL subinterpreter per interpreter.
+
+::
+
+    caller thread (host)                driver thread (host)     subinterpreter (own GIL)
+    --------------------                --------------------     ------------------------
+                                        create(); exec(boot)
+                                        exec("_multipy_loop()") ─▶ loop: read request pipe
+    request(op, args)
+      pickle (protocol 5) ─── request pipe ──────────────────────▶ unpickle, state.handle
+      read reply pipe     ◀── reply pipe ───────────────────────── pickle, write
+      unpickle (big buffers from the arena)
+                                        ◀── WantBuffers/WantArena: re-enter with
+                                            exec(loop, shared=...)  (big arguments,
+                                            big results only)
+    close: end-of-file on the request pipe ─────────────────────▶ loop returns
+                                        destroy()
+
+Each subinterpreter runs on its own OS thread (the *driver*), which enters it
+once with ``_interpreters.exec`` and stays there: the serving loop blocks in
+``os.read`` with the subinterpreter's GIL released, and the caller blocks in
+``os.read`` with the main GIL released, so a call costs two pipe wake-ups and
+no polling (the cross-interpreter queue's blocking ``get`` sleeps 10 ms per
+try).  While N driver threads run code in N subinterpreters, none of them
+holds the main GIL: pure-Python work runs in parallel inside one process.
+The driver thread only comes back to the host (``exec`` returns) to pick up
+cross-interpreter buffer views of large arguments or a bigger result arena.
+
+What runs here and what does not:
+
+* **Pure Python only.**  torch and numpy cannot be imported in an isolated
+  subinterpreter today (their C extensions are single-phase); loading a
+  torch.package archive fails at once with
+  :class:`~multipy.errors.BackendUnavailableError` saying so, and
+  ``import torch`` inside raises ``ModuleNotFoundError`` with the reason.
+  Use ``backend="process"`` for torch models.
+* **No crash isolation.**  A segfault or ``os._exit`` in a subinterpreter ends
+  the whole host process: crash isolation is the ``process`` backend's alone.
+* **Timeouts interrupt, they do not kill.**  A call past its timeout gets
+  :class:`~multipy._subinterp_main.CallInterrupted` raised inside it (between
+  bytecodes) and the caller a :class:`~multipy.errors.CallTimeoutError`; the
+  interpreter and its objects are kept.  Code stuck in native code that does
+  not return within a grace second is abandoned: a new subinterpreter serves
+  later calls and the old one is destroyed when its code returns.
+* **Copies.**  See :mod:`multipy.backends._subinterp_wire`: large ``memoryview``
+  arguments cross with no copy, ``bytes``/``bytearray`` arguments with one,
+  large results with two; small values are pickled through the pipe.
+* stdout/stderr of the subinterpreter go straight to the process's file
+  descriptors 1 and 2 (pytest's ``capfd`` sees them, ``capsys`` does not).
+
+Needs CPython 3.13+ (``_interpreters``; 3.14 also offers it under
+``concurrent.interpreters``).  3.12 and older are unsupported.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import select
+import sys
+import threading
+import time
+import weakref
+
+from ..errors import (CallTimeoutError, InterpreterCrashedError, MultipyError, OwnershipError,
+                      TransportError)
+from ..transport.messages import Handle, Op
+from . import _subinterp_wire as wire
+from .base import Backend, BackendKind, Worker, WorkerConfig, no_start
+
+INTERRUPT_GRACE = 1.0     # seconds an interrupted call gets to unwind
+START_ARENA = 1 << 20     # the result arena grows on demand
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+_BOOT = """\
+import sys
+_index, _path, _fds, _root = _multipy_boot
+sys.path[:] = list(_path)
+if _root not in sys.path:
+    sys.path.append(_root)
+import _interpreters  # must be loaded before buffer views can be shared in
+from multipy.backends import _subinterp_main
+_subinterp_main.start(_index, _fds)
+_multipy_loop = _subinterp_main.loop
+_multipy_shutdown = _subinterp_main.shutdown
+del _index, _path, _fds, _root, _multipy_boot
+"""
+_LOOP = "_multipy_loop()"
+_SHUTDOWN = "_multipy_shutdown()"
+
+
+def _interpreters():
+    import _interpreters as module  # 3.13+; absent on 3.12 and older
+
+    return module
+
+
+class _Driver:
+    """One subinterpreter and the host thread that runs it.
+
+    File descriptors: the host ends (``req_w``, ``intr_w``, ``rep_r``) are
+    closed by :meth:`stop` when no caller uses them; the subinterpreter's ends
+    by the driver thread once the loop has returned.
+    """
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self.index = config.index
+        req_r, self.req_w = os.pipe()
+        self.rep_r, rep_w = os.pipe()
+        intr_r, self.intr_w = os.pipe()
+        self._sub_fds = (req_r, rep_w, intr_r)
+        self._boot = (config.index, tuple(config.sys_path), self._sub_fds, _ROOT)
+        self.arena = bytearray(START_ARENA)
+        self.pending_in: tuple | None = None
+        self.failure: str | None = None
+        self.started = threading.Event()
+        self.finished = threading.Event()
+        self._mutex = threading.Lock()
+        self._busy = False
+        self._stopping = False
+        self._host_open = True
+        self.thread = threading.Thread(target=self._run, name=f"multipy-subinterpreter-{self.index}",
+                                       daemon=True)
+        _watch_exit()
+        _live.add(self)
+        self.thread.start()
+
+    # -- the driver thread --------------------------------------------------
+    def _run(self) -> None:
+        interpreters = _interpreters()
+        iid = None
+        try:
+            iid = interpreters.create()  # the "isolated" config: its own GIL
+            excinfo = interpreters.exec(iid, _BOOT, {"_multipy_boot": self._boot})
+            if excinfo is not None:
+                self.failure = excinfo.errdisplay or excinfo.formatted
+                return
+            self.started.set()
+            shared = {"_multipy_arena": memoryview(self.arena)}
+            while True:
+                excinfo = interpreters.exec(iid, _LOOP, shared)
+                if excinfo is None:
+                    break  # the host closed the request pipe
+                name = excinfo.type.__name__
+                if name == "WantBuffers":
+                    shared, self.pending_in = {"_multipy_in": self.pending_in}, None
+                elif name == "WantArena":
+                    self.arena = bytearray(max(int(excinfo.msg), 2 * len(self.arena)))
+                    shared = {"_multipy_arena": memoryview(self.arena)}
+                else:
+                    self.failure = excinfo.errdisplay or excinfo.formatted
+                    break
+        except BaseException as exc:
+            self.failure = f"{type(exc).__name__}: {exc}"
+        finally:
+            for fd in self._sub_fds:  # a caller waiting on the reply pipe sees end-of-file
+                _close(fd)
+            if iid is not None:
+                try:
+                    interpreters.exec(iid, _SHUTDOWN)
+                    interpreters.destroy(iid)
+                except Exception as exc:
+                    print(f"multipy: subinterpreter {self.index} could not be destroyed: {exc}",
+                          file=sys.stderr)
+            self.started.set()
+            self.finished.set()
+            _live.discard(self)
+
+    # -- used by the worker ---------------------------------------------------
+    def enter(self) -> None:
+        with self._mutex:
+            if not self._host_open:
+                raise InterpreterCrashedError(
+                    f"subinterpreter {self.index} was stopped", index=self.index)
+            self._busy = True
+
+    def leave(self) -> None:
+        with self._mutex:
+            self._busy = False
+            if self._stopping:
+                self._close_host_ends()
+
+    def interrupt(self, seq: int) -> None:
+        try:
+            os.write(self.intr_w, wire.SEQ.pack(seq))
+        except OSError:
+            pass
+
+    def stop(self, *, wait: float) -> None:
+        """Close the request pipe (the loop returns, the interpreter is
+        destroyed); interrupt a call still running.  Idempotent."""
+        with self._mutex:
+            if self._host_open and self._busy:
+                self.interrupt(0)
+            self._stopping = True
+            if not self._busy:
+                self._close_host_ends()
+        if wait:
+            self.finished.wait(wait)
+
+    def _close_host_ends(self) -> None:
+        if self._host_open:
+            self._host_open = False
+            for fd in (self.req_w, self.intr_w, self.rep_r):
+                _close(fd)
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+class SubinterpreterWorker(Worker):
+    """One interpreter as an own-GIL subinterpreter of this process."""
+
+    kind = BackendKind.SUBINTERPRETER
+
+    def __init__(self, config: WorkerConfig) -> None:
+        super().__init__(config)
+        self._driver: _Driver | None = None
+        self._seq = 0
+        self._handle_of = None
+        self._tables: dict = {}
+
+    def _launch(self) -> None:
+        self._terminate(kill=True)
+        self._driver = _Driver(self.config)
+        self.pid = None
+
+    def _wait_ready(self) -> None:
+        driver = self._driver
+        if not driver.started.wait(self.config.start_timeout):
+            raise no_start(self.index, f"the subinterpreter did not start within "
+                                       f"{self.config.start_timeout:g} s")
+        if driver.failure is not None:
+            raise no_start(self.index, f"its start-up code failed:\n{driver.failure}")
+        self._exchange(driver, Op.PING, (), (), self.config.start_timeout, None)
+
+    def _roundtrip(self, op, args, drop, timeout, handles):
+        driver = self._driver
+        if driver is None:
+            raise InterpreterCrashedError(f"subinterpreter {self.index} is not running",
+                                          index=self.index)
+        return self._exchange(driver, op, args, drop, timeout, handles)
+
+    def _terminate(self, *, kill: bool) -> None:
+        driver, self._driver = self._driver, None
+        if driver is not None:
+            driver.stop(wait=0.5 if kill else 10.0)
+
+    # -- one call -------------------------------------------------------------
+    def _table(self, handles) -> dict:
+        kind = handles[0] if handles is not None else None
+        self._handle_of = handles[1] if handles is not None else None
+        table = self._tables.get(kind)
+        if table is None:
+            table = wire.dispatch_table(results=False)
+            if kind is not None:
+                table[kind] = self._reduce_obj
+            self._tables[kind] = table
+        return table
+
+    def _reduce_obj(self, obj):
+        handle_of = self._handle_of
+        if handle_of is None:
+            raise OwnershipError(f"{obj!r} can only be passed to calls of the session it belongs to")
+        return (Handle, (handle_of(obj),))
+
+    def _exchange(self, driver: _Driver, op, args, drop, timeout, handles):
+        try:
+            payload, buffers = wire.dumps((int(op), args, drop), self._table(handles))
+        except MultipyError:
+            raise
+        except Exception as exc:  # nothing was sent
+            raise TransportError(
+                f"an argument of {op.name.lower()} cannot cross to interpreter {self.index}: "
+                f"{type(exc).__name__}: {exc}. Pass picklable values (numbers, str, bytes, "
+                "containers, memoryview) or Obj handles of this session.") from exc
+        finally:
+            self._handle_of = None
+        self._seq += 1
+        seq = self._seq
+        views = tuple(memoryview(b) for b in buffers)
+        driver.enter()
+        try:
+            if views:
+                driver.pending_in = views
+            header = wire.REQUEST.pack(len(payload), seq, len(views))
+            try:
+                wire.write_all(driver.req_w, [header, payload])
+            except OSError:
+                raise self._lost(driver, "while sending a call") from None
+            del payload, buffers, views
+            if timeout is not None and not _readable(driver.rep_r, timeout):
+                self._timed_out(driver, seq, timeout)
+            value, error = self._read_reply(driver, op)
+        except BaseException as exc:
+            if not isinstance(exc, (CallTimeoutError, TransportError, InterpreterCrashedError)):
+                self._abandon(driver, "interrupted")  # a KeyboardInterrupt: the reply never read
+            raise
+        finally:
+            driver.leave()
+        return value, error
+
+    def _read_reply(self, driver: _Driver, op):
+        header = wire.read_exact(driver.rep_r, wire.REPLY.size)
+        if header is None:
+            raise self._lost(driver, "while running a call")
+        size, nslots = wire.REPLY.unpack(header)
+        body = wire.read_exact(driver.rep_r, size + nslots * wire.SLOT.size)
+        if body is None:
+            raise self._lost(driver, "while replying")
+        body = memoryview(body)
+        arena = memoryview(driver.arena)
+        buffers = []
+        for i in range(nslots):
+            offset, length = wire.SLOT.unpack_from(body, size + i * wire.SLOT.size)
+            buffers.append(arena[offset:offset + length])
+        try:
+            return pickle.loads(body[:size], buffers=buffers)
+        except Exception as exc:
+            raise TransportError(
+                f"the result of {op.name.lower()} in interpreter {self.index} could not be "
+                f"rebuilt in the host: {type(exc).__name__}: {exc}. Types defined inside the "
+                "interpreter (register_module_source) exist only there; return plain values, "
+                "or keep an Obj handle.") from exc
+        finally:
+            del buffers, arena, body
+
+    def _timed_out(self, driver: _Driver, seq: int, timeout: float):
+        driver.interrupt(seq)
+        if _readable(driver.rep_r, INTERRUPT_GRACE):
+            try:
+                self._read_reply(driver, Op.PING)  # the interrupted call's reply: discarded
+            except TransportError:
+                pass
+            raise CallTimeoutError(
+                f"call on interpreter {self.index} (subinterpreter) ran past its timeout of "
+                f"{timeout:g} s and was interrupted; the interpreter and its objects are kept. "
+                "Raise call_timeout= (manager) or timeout= (per call) if the work is expected "
+                "to take longer.")
+        self._abandon(driver, "timed out")
+        raise CallTimeoutError(
+            f"call on interpreter {self.index} (subinterpreter) ran past its timeout of "
+            f"{timeout:g} s and did not stop when interrupted (it is probably blocked in native "
+            "code); the subinterpreter was abandoned, its objects are gone, and a new one serves "
+            "later calls. Raise call_timeout= (manager) or timeout= (per call) if the work is "
+            "expected to take longer.")
+
+    def _abandon(self, driver: _Driver, reason: str) -> None:
+        if self._driver is driver:
+            self._driver = None
+        driver.leave()  # harmless twice: the caller's finally leaves again
+        driver.stop(wait=0)
+        self.mark_dead(reason)
+
+    def _lost(self, driver: _Driver, while_: str) -> InterpreterCrashedError:
+        driver.finished.wait(5)
+        why = driver.failure or "its serving loop stopped"
+        self._abandon(driver, "failed")
+        return InterpreterCrashedError(
+            f"subinterpreter {self.index} stopped serving {while_}: {why}. It will be "
+            "restarted for later calls; objects created in it are gone.", index=self.index)
+
+
+def _readable(fd: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready:
+            return True
+
+
+class SubinterpreterBackend(Backend):
+    """Creates :class:`SubinterpreterWorker` interpreters."""
+
+    kind = BackendKind.SUBINTERPRETER
+
+    def create_worker(self, config: WorkerConfig) -> Worker:
+        return SubinterpreterWorker(config)
+
+
+def create_backend() -> Backend:
+    """The backend object ``resolve_backend("subinterpreter")`` hands the manager.
+
+    >>> from multipy import InterpreterManager                # doctest: +SKIP
+    >>> with InterpreterManager(2, backend="subinterpreter") as manager:
+    ...     manager.register_module_source("m", "def f(x): return x + 1")
+    ...     with manager.acquire_one() as s:
+    ...         assert s.global_("m", "f")(1).deref() == 2
+    """
+    _interpreters()  # fail here, with the import error, on a Python without it
+    return SubinterpreterBackend()
+
+
+# Interpreters still running when the host exits are stopped before Python
+# finalizes (a subinterpreter left running would make finalization fail).
+_live: "weakref.WeakSet[_Driver]" = weakref.WeakSet()
+
+
+def _stop_all() -> None:
+    drivers = list(_live)
+    for driver in drivers:
+        driver.stop(wait=0)
+    deadline = time.monotonic() + 5.0
+    for driver in drivers:
+        driver.finished.wait(max(0.0, deadline - time.monotonic()))
+
+
+_exit_hook = False
+
+
+def _watch_exit() -> None:
+    # threading's exit hooks run before non-daemon threads are joined and long
+    # before the interpreter finalizes (atexit would run too late for that).
+    global _exit_hook
+    if not _exit_hook:
+        threading._register_atexit(_stop_all)
+        _exit_hook = True

@@ -1,0 +1,159 @@
+"""``multipy bench``: the harness, the strategies, the CSV/plot and the CLI end to end.
+
+Windows are a fraction of a second: these tests check what is measured and
+reported, not how fast anything is.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from multipy.bench import (CSV_COLUMNS, Row, Strategy, read_csv, run_sweep, run_threads,
+                           thread_counts, write_csv)
+from multipy.bench.targets import TargetError, resolve_target
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bench-cache")
+
+
+def run_multipy(*args: str, cache: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = dict(os.environ, MULTIPY_CACHE=str(cache), COLUMNS="200")
+    return subprocess.run([sys.executable, "-m", "multipy", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+# ------------------------------------------------------------------- harness
+def test_run_threads_counts_every_item_of_every_thread_inside_the_window():
+    counts = [0, 0, 0]
+
+    def factory(i):
+        def item():
+            counts[i] += 1
+            time.sleep(0.001)
+        return item
+
+    result = run_threads(factory, 3, 0.2)
+    assert result.n_threads == 3
+    assert all(c > 3 for c in counts)  # every thread ran past its warm-up
+    warmup = 3 * 3
+    assert result.work_items_completed == sum(counts) - warmup
+    assert 0.2 <= result.seconds < 1.0
+    assert result.work_items_per_second == pytest.approx(
+        result.work_items_completed / result.seconds)
+    assert 0 < result.p25_latency <= result.p50_latency <= result.p95_latency
+
+
+def test_run_threads_starts_the_clock_only_when_every_thread_has_warmed_up():
+    def factory(i):
+        if i == 1:
+            time.sleep(0.3)  # a slow start must not eat into the window of the others
+        return lambda: time.sleep(0.001)
+
+    start = time.perf_counter()
+    result = run_threads(factory, 2, 0.1)
+    assert time.perf_counter() - start >= 0.4
+    assert result.seconds < 0.3
+
+
+def test_run_threads_reraises_a_failing_thread_error_without_hanging():
+    def factory(i):
+        def item():
+            if i == 1:
+                raise ZeroDivisionError("item failed")
+        return item
+
+    with pytest.raises(ZeroDivisionError, match="item failed"):
+        run_threads(factory, 3, 5.0)
+
+
+def test_the_default_sweep_stops_at_the_maximum_and_includes_it():
+    assert thread_counts(2) == [1, 2]
+    assert thread_counts(6) == [1, 2, 4, 6]
+    assert thread_counts(40) == [1, 2, 4, 8, 16, 32, 40]
+    assert thread_counts(64) == [1, 2, 4, 8, 16, 32, 40, 64]
+
+
+# -------------------------------------------------------------------- report
+def test_csv_has_deploy_benchmarks_header_and_one_line_per_row(tmp_path):
+    rows = [Row("smallops", "threads", 1, 10, 20.0, 1.0, 2.0, 3.0),
+            Row("smallops", "multi_python", 2, 30, 60.5, 1.5, 2.5, 3.5)]
+    path = tmp_path / "b.csv"
+    write_csv(path, rows)
+    assert path.read_text().splitlines()[0] == (
+        "benchmark, strategy, n_threads, work_items_completed, work_items_per_second, "
+        "p25_latency, p50_latency, p95_latency, device")
+    back = read_csv(path)
+    assert [tuple(r) for r in back] == [CSV_COLUMNS] * 2
+    assert back[1]["strategy"] == "multi_python" and float(back[1]["work_items_per_second"]) == 60.5
+    assert back[0]["device"] == "cpu"
+
+
+# ---------------------------------------------------------------- strategies
+def test_jit_is_skipped_with_a_note_when_the_package_has_no_torchscript_reference(cache):
+    sweep = run_sweep([resolve_target("batched_model", out=cache)],
+                      [Strategy.JIT, Strategy.THREADS], [1, 2], seconds=0.05,
+                      max_interpreters=2)
+    assert [(r.strategy, r.n_threads) for r in sweep.rows] == [("threads", 1), ("threads", 2)]
+    assert len(sweep.notes) == 1 and "jit skipped" in sweep.notes[0]
+
+
+def test_limit_stops_at_max_interpreters_while_process_pool_follows_the_threads(cache):
+    sweep = run_sweep([resolve_target("smallops", out=cache)],
+                      [Strategy.LIMIT, Strategy.PROCESS_POOL], [1, 2], seconds=0.2,
+                      max_interpreters=1)
+    assert [(r.strategy, r.n_threads) for r in sweep.rows] == [
+        ("limit", 1), ("process_pool", 1), ("process_pool", 2)]
+    assert all(r.work_items_per_second > 0 for r in sweep.rows)
+
+
+def test_a_target_without_example_inputs_is_refused_with_how_to_fix_it(tmp_path):
+    import torch
+
+    from multipy.package import save_package
+
+    archive = save_package(tmp_path / "bare.pt", torch.nn.Identity())
+    with pytest.raises(TargetError, match="example_inputs"):
+        resolve_target(str(archive))
+
+
+# ------------------------------------------------------------------------ CLI
+def test_bench_cli_writes_the_csv_table_and_plot(tmp_path, cache):
+    csv, png = tmp_path / "bench.csv", tmp_path / "bench.png"
+    proc = run_multipy("bench", "smallops", "--max-interpreters", "2", "--threads", "1,2",
+                       "--seconds", "0.3", "--strategies", "threads,multi_python,one_python",
+                       "--csv", str(csv), "--plot", str(png), cache=cache)
+    assert proc.returncode == 0, proc.stderr
+    assert csv.read_text().splitlines()[0] == ", ".join(CSV_COLUMNS)
+    rows = read_csv(csv)
+    assert sorted((r["strategy"], int(r["n_threads"])) for r in rows) == sorted(
+        (s, n) for s in ("threads", "multi_python", "one_python") for n in (1, 2))
+    assert all(r["benchmark"] == "smallops" for r in rows)
+    assert all(float(r["work_items_per_second"]) > 0 for r in rows)
+    assert all(int(r["work_items_completed"]) > 0 for r in rows)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "multi_python" in proc.stdout and "items/s" in proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
+def test_bench_overhead_prints_p50_and_p99_over_a_direct_call(cache):
+    proc = run_multipy("bench", "--overhead", "--overhead-calls", "200", cache=cache)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("overhead ")]
+    assert [line.split(":")[0] for line in lines] == ["overhead 1x16", "overhead 1x3x224x224"]
+    assert all("p50" in line and "p99" in line and "µs" in line for line in lines)
+
+
+def test_bench_memory_reports_the_extra_pss_as_a_ratio_of_the_weights(cache):
+    proc = run_multipy("bench", "--memory", "--memory-mb", "40", cache=cache)
+    assert proc.returncode == 0, proc.stderr
+    assert "4 interpreters" in proc.stdout
+    ratio = [line for line in proc.stdout.splitlines() if line.startswith("extra for the big")]
+    assert len(ratio) == 1 and "x the weights" in ratio[0]
