@@ -147,3 +147,31 @@ def test_demo_checks_outputs_against_eager_and_prints_the_throughput_table(tmp_p
         assert label in out
     assert (tmp_path / "resnet.pt").exists()
     assert "Traceback" not in proc.stderr
+
+
+def test_bench_of_a_model_that_raises_exits_1_naming_the_row_and_the_error(tmp_path, capsys):
+    import torch
+
+    from multipy.package import save_package
+
+    # Linear(2, 2) on a 1x3 input: every call raises a shape error.
+    archive = save_package(tmp_path / "broken.pt", torch.nn.Linear(2, 2),
+                           example_inputs=(torch.randn(1, 3),))
+    assert main(["bench", str(archive), "--strategies", "threads", "--threads", "1",
+                 "--seconds", "0.1"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "broken: threads x1 failed: RuntimeError" in err and "shapes" in err
+
+
+def test_bench_on_a_backend_that_cannot_run_here_exits_1_with_the_reason(capsys):
+    from multipy.backends.base import BackendKind
+    from multipy.backends.capabilities import detect, why_unavailable
+
+    why = why_unavailable(BackendKind.SUBINTERPRETER, detect())
+    if why is None:
+        pytest.skip("the subinterpreter backend can run here")
+    assert main(["bench", "smallops", "--backend", "subinterpreter", "--strategies",
+                 "multi_python", "--threads", "1", "--seconds", "0.1"]) == 1
+    err = capsys.readouterr().err
+    assert "multi_python x1 failed" in err and "unavailable" in err

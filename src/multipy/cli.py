@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -213,11 +214,11 @@ def _cmd_demo(args) -> int:
               f"thread(s), {os.cpu_count()} cores")
     if args.out:
         _check_dir_writable(args.out)
-    with err.status("writing the example ResNet-18 package"):
+    with _status(err, "writing the example ResNet-18 package"):
         target = resolve_target(str(example_archive("resnet", args.out)))
     out.print(f"package: {target.archive}")
     with Fixtures(target, max_interpreters=n, backend=args.backend) as fx, host_threads(1):
-        with err.status(f"starting {n} interpreter(s) and loading the model on each"):
+        with _status(err, f"starting {n} interpreter(s) and loading the model on each"):
             manager, model = fx.replicated(n)
         out.print(f"started {len(manager)} interpreter(s), backend {manager.backend}")
         _check_against_eager(fx, manager, model, out)
@@ -277,7 +278,7 @@ def _cmd_bench(args) -> int:
     out, err = Console(), Console(stderr=True)
     strategies = [Strategy(s) for s in args.strategies]
     threads = args.threads or thread_counts(args.max_threads or args.max_interpreters)
-    with err.status("preparing packages"):
+    with _status(err, "preparing packages"):
         targets = [resolve_target(spec, out=args.out) for spec in args.packages]
 
     if targets:
@@ -301,7 +302,7 @@ def _cmd_bench(args) -> int:
     if args.overhead:
         from .bench.overhead import measure_overhead, overhead_lines, overhead_table
 
-        with err.status(f"timing {args.overhead_calls} calls per input shape"):
+        with _status(err, f"timing {args.overhead_calls} calls per input shape"):
             rows = measure_overhead(calls=args.overhead_calls, backend=args.backend)
         out.print(overhead_table(rows))
         for line in overhead_lines(rows):
@@ -309,7 +310,7 @@ def _cmd_bench(args) -> int:
     if args.memory:
         from .bench.memory import measure_memory, memory_lines
 
-        with err.status("measuring memory") as status:
+        with _status(err, "measuring memory") as status:
             report = measure_memory(weight_mb=args.memory_mb, backend=args.backend,
                                     on_status=lambda text: status.update(f"memory: {text}"))
         for line in memory_lines(report):
@@ -334,6 +335,23 @@ def _limit_ratios(rows) -> list[str]:
 # ------------------------------------------------------------------------ main
 class _Failure(Exception):
     """A command that ran but found something wrong (exit 1)."""
+
+
+class _Quiet:
+    """Stands in for a rich Status where there is no terminal to animate."""
+
+    def update(self, *args, **kwargs) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _status(console, text: str):
+    """A rich spinner on ``console`` while the block runs, when it is a terminal."""
+    if not console.is_terminal:
+        yield _Quiet()
+        return
+    with console.status(text) as status:
+        yield status
 
 
 def _check_dir_writable(path, option: str = "--out") -> None:
@@ -363,14 +381,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as exc:  # --help, --version, or argparse's own usage error (2)
         return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
-    from .bench.targets import TargetError
+    from .bench.errors import BenchError, TargetError
     from .errors import MultipyError
 
     try:
         return _COMMANDS[args.command](args)
     except (UsageError, TargetError) as exc:
         return _error(str(exc), 2)
-    except (_Failure, MultipyError, OSError) as exc:
+    except (_Failure, BenchError, MultipyError, OSError) as exc:
         return _error(str(exc) or type(exc).__name__, 1)
     except KeyboardInterrupt:
         return _error("interrupted", 130)

@@ -11,6 +11,7 @@ suite runs a short form; ``multipy soak`` runs a long one.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import random
 import signal
@@ -152,8 +153,10 @@ def run_soak(*, threads: int = 16, seconds: float = 10.0, interpreters: int = 2,
                 problems.append("a host thread hung")
         elapsed = time.monotonic() - started
         restarts = manager.statistics().restarts
-    # Background restarts may still be unwinding: give the host a moment to settle.
+    # Background restarts may still be unwinding, and exceptions kept in reference
+    # cycles hold result views (an mmap keeps its own descriptor) until collected.
     for _ in range(50):
+        gc.collect()
         if threading.active_count() <= threads_before and _open_fds() <= fds_before:
             break
         time.sleep(0.1)

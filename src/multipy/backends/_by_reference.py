@@ -55,14 +55,16 @@ class SharedMovable(MovablePayload):
 _PLAIN: set = {type(None), bool, int, float, complex, str, bytes, Handle, GradMode, Op,
                RemoteException, SharedMovable}
 _TENSOR: Any = None
+_PARAMETER: Any = None   # crosses as its detached data, like any tensor that requires grad
 
 
 def _torch_types() -> None:
     """Learn torch's types once torch is imported (it may be imported later)."""
-    global _TENSOR
+    global _TENSOR, _PARAMETER
     torch = sys.modules.get("torch")
-    if torch is not None and hasattr(torch, "Tensor") and hasattr(torch, "Size"):
+    if torch is not None and hasattr(torch, "Size") and hasattr(torch, "nn"):
         _PLAIN.update((torch.dtype, torch.device, torch.Size, torch.layout, torch.memory_format))
+        _PARAMETER = torch.nn.Parameter
         _TENSOR = torch.Tensor
 
 
@@ -70,12 +72,22 @@ class _NotPlain(Exception):
     pass
 
 
+def _share(t):
+    """The tensor that crosses for ``t``: ``t`` itself, detached when it requires
+    grad; conjugate and negative views are resolved (a copy), as on the wire."""
+    if t.requires_grad:
+        t = t.detach()
+    if t.is_conj() or t.is_neg():
+        t = t.resolve_conj().resolve_neg()
+    return t
+
+
 def _copy(value, obj_type, resolve, depth: int):
     kind = type(value)
     if kind in _PLAIN:
         return value
-    if kind is _TENSOR:
-        return value.detach() if value.requires_grad else value
+    if kind is _TENSOR or kind is _PARAMETER:
+        return _share(value)
     if depth > _MAX_DEPTH:
         raise _NotPlain
     depth += 1
@@ -125,8 +137,8 @@ class _RefPickler(pickle.Pickler):
 
     def persistent_id(self, obj):
         kind = type(obj)
-        if kind is _TENSOR:
-            self.refs.append(obj.detach() if obj.requires_grad else obj)
+        if kind is _TENSOR or kind is _PARAMETER:
+            self.refs.append(_share(obj))
             return len(self.refs) - 1
         if kind is self.obj_type and kind is not None:
             return ("h", self.handle_of(obj))

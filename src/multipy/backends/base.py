@@ -33,6 +33,16 @@ from ..errors import (InterpreterCrashedError, InterpreterError, InterpreterStar
 from ..transport.messages import Op, RemoteException
 
 
+class RequestNotSent(Exception):
+    """Raised by a backend's ``_roundtrip`` when the interpreter was already gone
+    before the request reached it; ``error`` is what to raise if it cannot be
+    sent to a replacement."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 RESTART_BACKOFF = 0.1     # seconds before the 2nd start attempt, doubling after
 MAX_START_FAILURES = 5    # failed starts in a row before an interpreter is given up
 
@@ -195,24 +205,40 @@ class Worker:
 
     # -- the hot path -------------------------------------------------------
     def request(self, op: Op, args: tuple = (), *, timeout: float | None = None,
-                handles: tuple | None = None, materializes: int | None = None) -> Any:
+                handles: tuple | None = None, materializes: int | None = None,
+                recipe: tuple | None = None, resend: bool = True) -> Any:
         """Run one operation in the interpreter and return its value.
 
         Raises the interpreter's exception (rebuilt in the host), or
         :class:`InterpreterCrashedError` when the interpreter died.
-        ``materializes`` names a replicated object the request loads there.
+        ``materializes`` names a replicated object the request uses there; its
+        ``recipe`` is appended to ``args`` (as ``None`` when the interpreter
+        already holds the object), decided under the lock so a restart in
+        between cannot leave the interpreter without it.  When the interpreter
+        turns out to have died before the request reached it, the request goes
+        to its replacement if ``resend`` (False for requests naming objects of
+        the dead one).
         """
         with self.lock:
             if self.closed:
                 raise ManagerClosedError("the interpreter manager is closed")
-            if not self._started:
-                self._ensure_started_locked()
             started = time.perf_counter()
             try:
-                value = self._checked(op, args, timeout, handles)
-                if materializes is not None:
-                    self.materialized.add(materializes)
-                return value
+                for attempt in (0, 1):
+                    if not self._started:
+                        self._ensure_started_locked()
+                    full = args
+                    if materializes is not None:
+                        full = args + ((None if materializes in self.materialized else recipe),)
+                    try:
+                        value = self._checked(op, full, timeout, handles)
+                    except RequestNotSent as not_sent:
+                        if attempt or not resend:
+                            raise not_sent.error from None
+                        continue
+                    if materializes is not None:
+                        self.materialized.add(materializes)
+                    return value
             except BaseException:
                 self.failures += 1
                 raise

@@ -58,8 +58,11 @@ def why_unavailable(kind: BackendKind, caps: Capabilities) -> str | None:
         return _missing_backend_module(kind)
     if kind is BackendKind.SUBINTERPRETER:
         if not caps.own_gil_subinterpreters:
-            return (f"own-GIL subinterpreters need CPython 3.13+ (`_interpreters`) or 3.14 "
-                    f"(`concurrent.interpreters`); this is Python {caps.python}")
+            return (f"own-GIL subinterpreters need CPython 3.13+ (`_interpreters`; 3.14 also "
+                    f"offers `concurrent.interpreters`); this is Python {caps.python}, and 3.12 "
+                    "and older are unsupported (3.12's private `_xxsubinterpreters` cannot share "
+                    "buffers or report errors the way the backend needs). Run the "
+                    "subinterpreter backend under python3.13+, or use backend='process'")
         return _missing_backend_module(kind)
     return f"unknown backend {kind!r}"
 

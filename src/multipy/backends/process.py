@@ -36,7 +36,8 @@ from ..transport.codec import Decoder, Encoder
 from ..transport.frames import FrameError, Waiter, read_frame, write_frame
 from ..transport.messages import Op, Request, parse_reply
 from ..transport.shm import Arena, Segment
-from .base import Backend, BackendKind, Worker, WorkerConfig, describe_exit, drain, no_start
+from .base import (Backend, BackendKind, RequestNotSent, Worker, WorkerConfig, describe_exit, drain,
+                   no_start)
 
 ARENA_BYTES = 1 << 22  # grows on demand; pages are only touched when used
 _PRELOAD = ["multipy.backends._process_main", "numpy", "torch"]
@@ -173,6 +174,11 @@ class ProcessWorker(Worker):
         data = pickle.dumps(Request(op, blob, drop, freed), protocol=5)
         try:
             write_frame(self._req_w, data)
+        except (BrokenPipeError, ConnectionResetError):
+            # Nobody reads the request pipe: the interpreter died while idle and never saw it.
+            self._release_placed(placed, ())
+            raise RequestNotSent(self._crashed("while idle, before this call was sent")) from None
+        try:
             if not self._waiter.wait(timeout):
                 self._kill_for_timeout(timeout)
             frame = read_frame(self._rep_r)
@@ -190,11 +196,7 @@ class ProcessWorker(Worker):
         for offset in reply.unpinned:
             pins.discard(offset)
             self._args.free(offset)
-        keep = set(reply.pinned)
-        pins.update(keep)
-        for offset in placed:
-            if offset not in keep:
-                self._args.free(offset)
+        self._release_placed(placed, reply.pinned)
         if output:
             self._out.drain()
             self._err.drain()
@@ -208,6 +210,13 @@ class ProcessWorker(Worker):
                     f"rebuilt in the host: {exc}. Types defined inside a package exist only in "
                     "the interpreters; return plain values or tensors, or keep an Obj handle.") from exc
         return value, reply.error
+
+    def _release_placed(self, placed: list[int], pinned: tuple) -> None:
+        """Free this call's argument blocks, except those the interpreter still uses."""
+        self._pins.update(pinned)
+        for offset in placed:
+            if offset not in pinned:
+                self._args.free(offset)
 
     def _desynchronised(self, why) -> TransportError:
         """The reply stream is corrupt: the interpreter cannot be trusted to be in step."""

@@ -22,11 +22,12 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from .errors import BenchError
 from .report import Row
 from .strategies import CAPPED, STRATEGIES, Fixtures, Skipped, Strategy
 from .targets import Target, resolve_target
 
-__all__ = ["DEFAULT_SWEEP", "Sweep", "host_threads", "progress_bar", "run_rows", "run_sweep",
+__all__ = ["DEFAULT_SWEEP", "BenchError", "Sweep", "host_threads", "progress_bar", "run_rows", "run_sweep",
            "thread_counts"]
 
 #: deploy_benchmark's thread counts, cut at the maximum asked for.
@@ -67,14 +68,22 @@ def host_threads(n: int, /) -> Iterator[None]:
 
 @contextlib.contextmanager
 def progress_bar(console=None):
-    """A transient rich progress bar (on stderr unless a console is given)."""
+    """A transient rich progress bar on stderr (unless a console is given).
+
+    Yields ``None`` when that console is not a terminal (logs, pipes, tests):
+    nothing to animate there, and the runner accepts ``progress=None``.
+    """
     from rich.console import Console
     from rich.progress import (BarColumn, Progress, SpinnerColumn, TextColumn,
                                TimeElapsedColumn)
 
+    console = console or Console(stderr=True)
+    if not console.is_terminal:
+        yield None
+        return
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                   TextColumn("{task.completed:.1f}/{task.total:.0f} rows"), TimeElapsedColumn(),
-                  console=console or Console(stderr=True), transient=True) as progress:
+                  console=console, transient=True) as progress:
         yield progress
 
 
@@ -106,6 +115,11 @@ def run_rows(fx: Fixtures, plan: Sequence[tuple[Strategy, int]], *, seconds: flo
                 except Skipped as why:
                     skipped.add(strategy)
                     notes.append(f"{name}: {strategy.value} skipped: {why}")
+                except Exception as exc:
+                    detail = str(exc).strip().splitlines()
+                    raise BenchError(f"{name}: {strategy.value} x{n} failed: "
+                                     f"{type(exc).__name__}: {detail[0] if detail else ''}"
+                                     ) from exc
                 else:
                     rows.append(Row.of(name, strategy.value, result))
             show(completed=done + 1)

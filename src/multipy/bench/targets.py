@@ -16,11 +16,9 @@ import dataclasses
 import os
 from pathlib import Path
 
+from .errors import TargetError
+
 __all__ = ["Target", "TargetError", "cache_dir", "example_archive", "resolve_target"]
-
-
-class TargetError(ValueError):
-    """A benchmark target that names no archive and no example, or lacks example inputs."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -89,6 +89,17 @@ def make_movable(obj, prefixes: dict[str, int]) -> tuple[MovablePayload, Segment
     return payload, segment, tuple(sorted(pickler.used))
 
 
+class _Unpickler(pickle.Unpickler):
+    # Python 3.13 made the C Unpickler's persistent_load read-only on instances:
+    # it must be a method of a subclass.
+    def __init__(self, file, load_persistent) -> None:
+        super().__init__(file)
+        self._load_persistent = load_persistent
+
+    def persistent_load(self, pid):
+        return self._load_persistent(pid)
+
+
 def load_movable(payload: MovablePayload):
     """Rebuild an object from a payload; its tensors map the shared segment."""
     segment = None
@@ -108,8 +119,7 @@ def load_movable(payload: MovablePayload):
             t.requires_grad_(True)
         return t
 
-    unpickler = pickle.Unpickler(io.BytesIO(payload.data))
-    unpickler.persistent_load = persistent_load
+    unpickler = _Unpickler(io.BytesIO(payload.data), persistent_load)
     try:
         return unpickler.load()
     finally:

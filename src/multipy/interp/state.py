@@ -67,7 +67,7 @@ class InterpreterState:
             Op.HASATTR: self._hasattr,
             Op.DEREF: self._deref,
             Op.MAKE_MOVABLE: self._make_movable,
-            Op.MATERIALIZE: self._materialize,
+            Op.MATERIALIZE: self._ensure_replicated,
             Op.REPLICATED_HANDLE: self._replicated_handle,
             Op.UNLOAD: self._unload,
             Op.CALL_REPLICATED: self._call_replicated,
@@ -228,6 +228,9 @@ class InterpreterState:
             self._materialize(rid, recipe)
             obj = self.replicated[rid]
         return obj
+
+    def _ensure_replicated(self, rid: int, recipe) -> None:
+        self._replicated(rid, recipe)
 
     def _replicated_handle(self, rid: int, recipe) -> Handle:
         return self._store(self._replicated(rid, recipe))

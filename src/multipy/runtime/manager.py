@@ -215,11 +215,10 @@ class InterpreterManager:
             index = balancer.acquire(usable=self._available)
             worker = self._workers[index]
         try:
-            rid = replicated._id
-            recipe = None if rid in worker.materialized else replicated._recipe
             return worker.request(
-                Op.CALL_REPLICATED, (rid, method, args, kwargs, caller_grad_mode(), recipe),
-                timeout=timeout if timeout is not None else self._call_timeout, materializes=rid)
+                Op.CALL_REPLICATED, (replicated._id, method, args, kwargs, caller_grad_mode()),
+                timeout=timeout if timeout is not None else self._call_timeout,
+                materializes=replicated._id, recipe=replicated._recipe)
         finally:
             balancer.release(index)
 

@@ -83,8 +83,8 @@ class Package:
         replicated = ReplicatedObj(self._manager,
                                    ("pickle", self._id, self.path, package, resource))
         self._manager._with_worker(
-            lambda worker: worker.request(Op.MATERIALIZE, (replicated._id, replicated._recipe),
-                                          materializes=replicated._id))
+            lambda worker: worker.request(Op.MATERIALIZE, (replicated._id,),
+                                          materializes=replicated._id, recipe=replicated._recipe))
         return replicated
 
     def _read(self, package: str, resource: str) -> bytes:

@@ -55,9 +55,6 @@ class ReplicatedObj:
         self._recipe = recipe
         self._finalizer = weakref.finalize(self, _release, manager._workers, self._id, segment_fd)
 
-    def _recipe_for(self, worker) -> tuple | None:
-        return None if self._id in worker.materialized else self._recipe
-
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._manager._call_replicated(self, None, args, kwargs, None)
 
@@ -81,11 +78,8 @@ class ReplicatedObj:
             lambda worker: self._run(worker, Op.HASATTR_REPLICATED, (self._id, name)))
 
     def _run(self, worker, op: Op, args: tuple, *, timeout=None):
-        return worker.request(op, args + (self._recipe_for(worker),), timeout=timeout,
-                              materializes=self._id)
-
-    def _handle_request(self, worker) -> tuple:
-        return (Op.REPLICATED_HANDLE, (self._id, self._recipe_for(worker)))
+        return worker.request(op, args, timeout=timeout, materializes=self._id,
+                              recipe=self._recipe)
 
     def acquire_session(self, interpreter: "Interpreter | None" = None) -> InterpreterSession:
         """A session on one interpreter whose ``self`` is this object there.

@@ -125,17 +125,19 @@ class InterpreterSession:
                 index=self._index, pid=self._worker.pid)
 
     def _request(self, op: Op, args: tuple, *, timeout: float | None = None,
-                 materializes: int | None = None) -> Any:
+                 materializes: int | None = None, recipe: tuple | None = None) -> Any:
         self._check_live()
         worker = self._worker
         value = worker.request(op, args, timeout=timeout or self._manager._call_timeout,
-                               handles=(Obj, self._handle_of), materializes=materializes)
+                               handles=(Obj, self._handle_of), materializes=materializes,
+                               recipe=recipe, resend=self._generation is None)
         if self._generation is None:
             self._generation = worker.generation
         return value
 
-    def _request_obj(self, op: Op, args: tuple, materializes: int | None = None) -> Obj:
-        handle: Handle = self._request(op, args, materializes=materializes)
+    def _request_obj(self, op: Op, args: tuple, materializes: int | None = None,
+                     recipe: tuple | None = None) -> Obj:
+        handle: Handle = self._request(op, args, materializes=materializes, recipe=recipe)
         self._owned.append(handle.id)
         return Obj(self, handle.id)
 
@@ -146,8 +148,8 @@ class InterpreterSession:
 
     def from_movable(self, replicated: "ReplicatedObj", /) -> Obj:
         """This interpreter's copy of a replicated object (loaded on first use)."""
-        op, args = replicated._handle_request(self._worker)
-        return self._request_obj(op, args, materializes=replicated._id)
+        return self._request_obj(Op.REPLICATED_HANDLE, (replicated._id,),
+                                 materializes=replicated._id, recipe=replicated._recipe)
 
     def create_movable(self, obj: Obj, /) -> "ReplicatedObj":
         """Pickle ``obj`` out of this session as a :class:`ReplicatedObj`

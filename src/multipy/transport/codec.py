@@ -149,13 +149,14 @@ class Encoder:
         buf, pickler = self._buf, self._pickler
         buf.seek(0)
         buf.truncate()
-        pickler.clear_memo()
         try:
             pickler.dump(value)
         except TransportError:
             raise
         except Exception as exc:
             raise TransportError(describe_unpicklable(value, exc)) from exc
+        finally:
+            pickler.clear_memo()  # the memo would keep the message's objects alive
         return buf.getvalue()
 
     def _reduce_handle(self, obj):
@@ -272,9 +273,10 @@ class Decoder:
                 segment = self.open_shared(seg)
             t, holder = hold_tensor(segment.view(offset, nbytes), dtype, shape, stride, storage_offset)
             if seg == OUTBOUND:
-                self.received.append((offset, holder))
                 if self.on_release is not None:
                     self._watch(holder, offset)
+                else:
+                    self.received.append((offset, holder))
         if grad:
             t.requires_grad_(True)
         return t

@@ -1,0 +1,343 @@
+"""The ``subinterpreter`` backend: own-GIL CPython subinterpreters for torch-free work.
+
+Runs under CPython 3.13+ without torch or numpy (``make test-subinterpreters``
+builds ``.venv313`` for it).  What the backend cannot do is checked as a clear
+error rather than skipped: loading a torch package, importing torch inside.
+Crash isolation is process-only, so no crash test lives here.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import zipfile
+
+import pytest
+
+if sys.version_info < (3, 13):
+    pytest.skip("the subinterpreter backend needs CPython 3.13+ (own-GIL `_interpreters`); "
+                "run `make test-subinterpreters`, which uses pyenv's 3.13",
+                allow_module_level=True)
+
+import multipy
+from multipy import (BackendUnavailableError, CallTimeoutError, InterpreterError,
+                     InterpreterManager, ManagerClosedError, OwnershipError, TransportError)
+from multipy.backends.base import BackendKind
+from multipy.backends.capabilities import Capabilities, detect, resolve_backend, why_unavailable
+
+HELPERS = '''
+import sys
+
+COUNTER = 0
+
+def bump(by=1):
+    global COUNTER
+    COUNTER += by
+    return COUNTER
+
+def boom(message):
+    raise ValueError(message)   # the line the host must see
+
+class LocalError(Exception):
+    pass
+
+def local_boom():
+    raise LocalError("only this interpreter knows the type")
+
+def echo(value):
+    return value
+
+def poke(view):
+    view[0] = 0x41
+    return (type(view).__name__, view.readonly, len(view))
+
+def loaded_native():
+    return sorted(m for m in ("numpy", "torch") if m in sys.modules)
+
+def spin():
+    while True:
+        pass
+
+class Tokenizer:
+    """A pure-Python object to replicate: its state travels in the movable."""
+
+    def __init__(self, separators):
+        self.separators = separators
+
+    def __call__(self, text):
+        words, word = [], []
+        for ch in text:
+            if ch in self.separators:
+                if word:
+                    words.append("".join(word))
+                    word = []
+            else:
+                word.append(ch)
+        if word:
+            words.append("".join(word))
+        return words
+
+    def where(self):
+        import multipy
+        return multipy.interpreter_id()
+'''
+
+
+@pytest.fixture(scope="module")
+def manager():
+    with InterpreterManager(2, backend="subinterpreter") as m:
+        m.register_module_source("helpers", HELPERS)
+        yield m
+
+
+def session_on(manager, index):
+    return manager.all_instances()[index].acquire_session()
+
+
+# -- choosing the backend ------------------------------------------------------------
+
+
+def test_manager_reports_the_subinterpreter_backend_it_was_asked_for(manager):
+    assert manager.backend == "subinterpreter"
+    assert manager.backend_choice == "subinterpreter: asked for"
+    assert [i.pid for i in manager.all_instances()] == [None, None]
+
+
+def test_auto_never_picks_subinterpreter_and_says_why():
+    backend, choice = resolve_backend("auto")
+    try:
+        assert backend.kind is not BackendKind.SUBINTERPRETER
+        assert "subinterpreter: never chosen by auto" in choice
+        assert "torch cannot load in subinterpreters" in choice
+    finally:
+        backend.close()
+
+
+def test_subinterpreter_backend_is_unavailable_on_312_with_the_reason():
+    caps = Capabilities(python="3.12.1", free_threaded=False, own_gil_subinterpreters=False,
+                        torch=True, cuda=False, fork_server=True)
+    why = why_unavailable(BackendKind.SUBINTERPRETER, caps)
+    assert why is not None
+    assert "3.13+" in why and "3.12.1" in why and "unsupported" in why
+
+
+def test_subinterpreter_backend_is_available_here():
+    assert detect().own_gil_subinterpreters
+    assert why_unavailable(BackendKind.SUBINTERPRETER, detect()) is None
+
+
+def test_multipy_imports_without_torch_or_numpy_in_the_host():
+    code = ("import sys, multipy, multipy.backends.subinterpreter; "
+            "print(sorted(m for m in ('numpy', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# -- the deploy API on subinterpreters -------------------------------------------------
+
+
+def test_global_and_registered_module_work_in_every_interpreter(manager):
+    for interp in manager.all_instances():
+        with interp.acquire_session() as s:
+            assert s.global_("builtins", "sum")([1, 2, 3]).deref() == 6
+            assert s.global_("helpers", "echo")({"a": (1, 2.5, "x", None)}).deref() == {"a": (1, 2.5, "x", None)}
+            assert s.global_("os.path", "join")("a", "b").deref() == "a/b"
+
+
+def test_a_global_changed_in_one_interpreter_is_unchanged_in_the_other(manager):
+    with session_on(manager, 0) as s0, session_on(manager, 1) as s1:
+        before = s1.global_("helpers", "COUNTER").deref()
+        s0.global_("helpers", "bump")(by=100)
+        assert s0.global_("helpers", "COUNTER").deref() >= 100
+        assert s1.global_("helpers", "COUNTER").deref() == before
+        # Each has its own sys.modules (id(None) is the same: static singletons are shared).
+        modules = "import sys\nresult = id(sys.modules)"
+        assert s0.exec_(modules) != s1.exec_(modules)
+
+
+def test_interpreter_id_inside_is_the_interpreter_index(manager):
+    assert multipy.interpreter_id() is None
+    for interp in manager.all_instances():
+        with interp.acquire_session() as s:
+            assert s.global_("multipy", "interpreter_id")().deref() == interp.index
+
+
+def test_obj_attr_hasattr_and_deref(manager):
+    with manager.acquire_one() as s:
+        tok = s.global_("helpers", "Tokenizer")(" ,")
+        assert tok.hasattr("where") and not tok.hasattr("nope")
+        assert tok.attr("separators").deref() == " ,"
+        words = tok("a b,c")
+        assert words.deref() == ["a", "b", "c"]
+        assert s.global_("builtins", "len")(words).deref() == 3  # an Obj as an argument
+
+
+def test_errors_are_reraised_as_the_same_type_with_the_interpreter_traceback(manager):
+    with manager.acquire_one() as s:
+        with pytest.raises(ValueError, match="bad input 42") as info:
+            s.global_("helpers", "boom")("bad input 42")
+    remote = str(info.value.__cause__)
+    assert "raise ValueError(message)   # the line the host must see" in remote
+    assert "<registered module helpers>" in remote
+
+
+def test_an_error_type_known_only_inside_becomes_interpreter_error(manager):
+    with manager.acquire_one() as s:
+        with pytest.raises(InterpreterError) as info:
+            s.global_("helpers", "local_boom")()
+    assert info.value.type_name == "helpers.LocalError"
+    assert "only this interpreter knows the type" in info.value.remote_traceback
+
+
+def test_an_obj_from_another_session_raises_ownership_error(manager):
+    with session_on(manager, 0) as s0, session_on(manager, 1) as s1:
+        foreign = s0.global_("helpers", "echo")
+        with pytest.raises(OwnershipError, match="different session"):
+            s1.global_("helpers", "echo")(foreign)
+        with pytest.raises(OwnershipError):
+            s1.create_movable(foreign)
+    with pytest.raises(OwnershipError, match="closed"):
+        foreign.deref()
+
+
+def test_replicated_pure_python_object_called_from_4_threads(manager):
+    with manager.acquire_one() as s:
+        tokenizer = s.create_movable(s.global_("helpers", "Tokenizer")(" ,;"))
+    failures, where = [], set()
+
+    def work(t: int) -> None:
+        try:
+            for i in range(50):
+                text = f"t{t} call {i},x;y"
+                got = tokenizer(text)
+                if got != [f"t{t}", "call", str(i), "x", "y"]:
+                    failures.append((t, i, got))
+            where.add(tokenizer.call_method("where"))
+        except BaseException as exc:  # reported below, with the thread that failed
+            failures.append((t, exc))
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    assert where <= {0, 1}
+    assert set(tokenizer.loaded_in()) <= {0, 1}
+    with tokenizer.acquire_session(manager.all_instances()[1]) as s:
+        assert s.self("a b").deref() == ["a", "b"]
+        assert s.global_("multipy", "interpreter_id")().deref() == 1
+
+
+# -- what crosses ---------------------------------------------------------------------------
+
+
+def test_bytes_str_numbers_and_containers_round_trip(manager):
+    values = [b"", b"\x00\xff" * 10, "héllo", 3, -2**70, 1.5, complex(1, 2), True, None,
+              (1, [2, {"k": b"v"}]), {1, 2}, frozenset({"a"}), bytearray(b"ab")]
+    with manager.acquire_one() as s:
+        echo = s.global_("helpers", "echo")
+        for value in values:
+            assert echo(value).deref() == value
+            assert type(echo.call_value(value)) is type(value)
+
+
+def test_large_bytes_and_bytearray_cross_both_ways(manager):
+    big = bytes(range(256)) * 4096             # 1 MiB: out of band
+    with manager.acquire_one() as s:
+        echo = s.global_("helpers", "echo")
+        assert echo.call_value(big) == big
+        assert echo.call_value([big, {"k": big}]) == [big, {"k": big}]
+        out = echo.call_value(bytearray(big))
+        assert type(out) is bytearray and out == big
+        huge = s.global_("builtins", "bytes")(8 << 20).deref()    # grows the result arena
+        assert huge == bytes(8 << 20)
+
+
+def test_a_large_memoryview_argument_is_the_hosts_memory_not_a_copy(manager):
+    host = bytearray(1 << 20)
+    with manager.acquire_one() as s:
+        kind, readonly, size = s.global_("helpers", "poke")(memoryview(host)).deref()
+    assert (kind, readonly, size) == ("memoryview", False, 1 << 20)
+    assert host[0] == 0x41  # written by the interpreter, through the view
+
+
+def test_a_memoryview_result_arrives_as_a_memoryview(manager):
+    with manager.acquire_one() as s:
+        view = s.global_("builtins", "memoryview")(b"abc" * 100000).deref()
+    assert isinstance(view, memoryview) and bytes(view) == b"abc" * 100000
+
+
+def test_an_argument_that_cannot_be_pickled_is_a_transport_error(manager):
+    with manager.acquire_one() as s:
+        with pytest.raises(TransportError, match="cannot cross to interpreter"):
+            s.global_("helpers", "echo")(threading.Lock())
+        assert s.global_("builtins", "sum")([1, 2]).deref() == 3
+
+
+def test_a_result_that_cannot_cross_is_a_transport_error_naming_its_type(manager):
+    with manager.acquire_one() as s:
+        code = s.global_("helpers", "echo").attr("__code__")
+        with pytest.raises(TransportError, match=r"\(code\) cannot cross to the host"):
+            code.deref()
+        assert s.global_("builtins", "sum")([1, 2]).deref() == 3
+
+
+# -- torch is not available in subinterpreters ------------------------------------------------
+
+
+@pytest.fixture
+def fake_torch_package(tmp_path):
+    path = tmp_path / "model.pt"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("model/.data/version", "6\n")
+        zf.writestr("model/model/model.pkl", b"\x80\x05N.")
+    return path
+
+
+def test_loading_a_torch_package_fails_at_once_with_the_reason(manager, fake_torch_package):
+    package = manager.load_package(fake_torch_package)
+    with pytest.raises(BackendUnavailableError, match="torch cannot be imported in a subinterpreter"):
+        package.load_pickle("model", "model.pkl")
+    with pytest.raises(BackendUnavailableError, match="backend='process'"):
+        package.acquire_session()
+    with manager.acquire_one() as s:  # still usable
+        assert s.global_("builtins", "sum")([1, 2]).deref() == 3
+
+
+@pytest.mark.parametrize("module", ["torch", "numpy", "torch.nn"])
+def test_importing_torch_or_numpy_inside_fails_with_the_reason(manager, module):
+    with manager.acquire_one() as s:
+        with pytest.raises(ModuleNotFoundError, match="cannot be imported in a subinterpreter"):
+            s.global_(module, "anything")
+        assert s.global_("helpers", "loaded_native")().deref() == []
+
+
+# -- lifetime and timeouts ------------------------------------------------------------------------
+
+
+def test_a_call_past_its_timeout_is_interrupted_and_the_interpreter_kept():
+    with InterpreterManager(1, backend="subinterpreter", call_timeout=0.3) as m:
+        m.register_module_source("helpers", HELPERS)
+        with m.acquire_one() as s:
+            s.global_("helpers", "bump")(by=5)
+            with pytest.raises(CallTimeoutError, match="was interrupted"):
+                s.global_("helpers", "spin")()
+            assert s.global_("helpers", "COUNTER").deref() == 5  # same interpreter, same state
+        assert m.statistics().interpreters[0].restarts == 0
+
+
+def test_close_is_idempotent_and_later_calls_raise_manager_closed():
+    m = InterpreterManager(2, backend="subinterpreter")
+    with m.acquire_one() as s:
+        echo = s.global_("builtins", "abs")
+        assert echo(-3).deref() == 3
+    m.close()
+    m.close()
+    assert m.closed
+    with pytest.raises(ManagerClosedError):
+        m.acquire_one()
+    with InterpreterManager(1, backend="subinterpreter") as again:  # a fresh one still starts
+        with again.acquire_one() as s:
+            assert s.global_("builtins", "abs")(-1).deref() == 1
