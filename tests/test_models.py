@@ -191,6 +191,19 @@ def test_uses_cuda_model_runs_on_the_gpu(load):
     torch.testing.assert_close(out.cpu(), x + 1)
 
 
+def test_simple_model_moved_to_cuda_equals_its_reference(manager, examples):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: this moves a replicated model to the GPU")
+    model = manager.load_package(examples["simple"]).load_pickle("model", "model.pkl")
+    x = torch.rand(10, 20)
+    expected = jit_reference(examples, "simple")(x)
+    with model.acquire_session() as s:
+        on_gpu = s.self.attr("cuda")()
+        out = on_gpu(x.cuda()).deref()
+    assert out.device.type == "cuda"
+    torch.testing.assert_close(out.cpu(), expected, **TOLERANCES)
+
+
 # -- MultiSerialSimpleModel / ThreadedSimpleModel ----------------------------------
 
 

@@ -341,3 +341,26 @@ def test_close_is_idempotent_and_later_calls_raise_manager_closed():
     with InterpreterManager(1, backend="subinterpreter") as again:  # a fresh one still starts
         with again.acquire_one() as s:
             assert s.global_("builtins", "abs")(-1).deref() == 1
+
+
+def test_closing_during_a_call_interrupts_it_with_manager_closed():
+    m = InterpreterManager(1, backend="subinterpreter")
+    m.register_module_source("helpers", HELPERS)
+    outcome = []
+
+    def run() -> None:
+        with m.acquire_one() as s:
+            spin = s.global_("helpers", "spin")
+            try:
+                spin()
+            except BaseException as exc:  # the outcome is asserted below
+                outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    while m.statistics().interpreters[0].calls < 2:  # global_ done, spin running
+        thread.join(0.01)
+    m.close(timeout=0.2)
+    thread.join(10)
+    assert not thread.is_alive()
+    assert len(outcome) == 1 and isinstance(outcome[0], ManagerClosedError), outcome

@@ -266,3 +266,15 @@ def test_a_result_passed_back_is_not_copied(helpers):
         inside_location = s.global_("transport_helpers", "location")(result).deref()
     assert host_location is not None
     assert inside_location == host_location
+
+
+def test_thread_interpreters_receive_the_callers_tensor_itself(helpers):
+    if helpers.backend != "thread":
+        pytest.skip(f"only thread interpreters share the host's memory; the {helpers.backend} "
+                    "backend passes tensors through shared memory segments")
+    t = torch.rand(256)
+    with helpers.acquire_one() as s:
+        pointer = s.global_("builtins", "getattr")(t, "data_ptr")().deref()
+        (back,), _ = s.global_("_types", "ident")(t).deref()
+    assert pointer == t.data_ptr()
+    assert back.data_ptr() == t.data_ptr()

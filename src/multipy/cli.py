@@ -35,6 +35,10 @@ class UsageError(Exception):
     """A mistake on the command line or in the files it names: one line, exit 2."""
 
 
+class _Failure(Exception):
+    """A command that ran but found something wrong, e.g. outputs that differ: exit 1."""
+
+
 # ---------------------------------------------------------------- argument types
 def _positive_int(text: str) -> int:
     try:
@@ -333,10 +337,6 @@ def _limit_ratios(rows) -> list[str]:
 
 
 # ------------------------------------------------------------------------ main
-class _Failure(Exception):
-    """A command that ran but found something wrong (exit 1)."""
-
-
 class _Quiet:
     """Stands in for a rich Status where there is no terminal to animate."""
 

@@ -90,21 +90,37 @@ def _copy(value, obj_type, resolve, depth: int):
         return _share(value)
     if depth > _MAX_DEPTH:
         raise _NotPlain
-    depth += 1
     if kind is tuple:
-        return tuple([_copy(v, obj_type, resolve, depth) for v in value])
+        return tuple(_copy_items(value, obj_type, resolve, depth + 1))
     if kind is list:
-        return [_copy(v, obj_type, resolve, depth) for v in value]
+        return _copy_items(value, obj_type, resolve, depth + 1)
     if kind is dict:
-        out = {}
-        for k, v in value.items():
+        if not value:
+            return {}
+        keys = value.keys()
+        for k in keys:
             if type(k) not in _PLAIN:
                 raise _NotPlain
-            out[k] = _copy(v, obj_type, resolve, depth)
-        return out
+        return dict(zip(keys, _copy_items(value.values(), obj_type, resolve, depth + 1)))
     if kind is obj_type and obj_type is not None:
         return resolve(value)
     raise _NotPlain
+
+
+def _copy_items(items, obj_type, resolve, depth: int) -> list:
+    # The common leaves inline: a call per item costs more than the copy.
+    out = []
+    append = out.append
+    plain = _PLAIN
+    for v in items:
+        kind = type(v)
+        if kind in plain:
+            append(v)
+        elif kind is _TENSOR and not v.requires_grad and not v.is_conj() and not v.is_neg():
+            append(v)
+        else:
+            append(_copy(v, obj_type, resolve, depth))
+    return out
 
 
 class Pickled:

@@ -152,7 +152,7 @@ class Loop:
             watched, self.decoder.received = self.decoder.received, []
             result = state.handle(request.op, args, request.drop)
             del args
-            value = self.encoder.encode(result) if result is not None else None
+            value = self.encoder.encode(result, "result") if result is not None else None
             del result
         except BaseException as exc:  # every failure goes back to the caller
             for offset in self.encoder.placed:

@@ -136,9 +136,11 @@ class Worker:
             self._wait_ready()
             for op, args in self._startup:
                 self._checked(op, args, None)
-        except BaseException:
+        except BaseException as exc:
             self._terminate(kill=True)
-            raise
+            if isinstance(exc, (InterpreterStartError, ManagerClosedError)) or not isinstance(exc, Exception):
+                raise
+            raise InterpreterStartError(f"interpreter {self.index} failed to start: {exc}") from exc
         self._started = True
 
     def add_startup(self, op: Op, args: tuple) -> None:
@@ -188,7 +190,11 @@ class Worker:
                                f"{self.start_failures} times in a row and will not be "
                                f"restarted again; last error: {exc}")
                 raise InterpreterStartError(self.broken) from exc
-            raise
+            if isinstance(exc, InterpreterStartError):
+                raise
+            raise InterpreterStartError(
+                f"interpreter {self.index} failed to start ({self.start_failures} time(s) "
+                f"in a row): {exc}") from exc
         self.start_failures = 0
         self.dead_reason = None
 

@@ -29,7 +29,7 @@ import pickle
 import select
 import sys
 import threading
-from multiprocessing import reduction
+from multiprocessing import reduction, spawn
 
 from ..errors import CallTimeoutError, ManagerClosedError, TransportError
 from ..transport.codec import Decoder, Encoder
@@ -55,6 +55,28 @@ class _Fd:
 
 def _identity(x):
     return x
+
+
+_starting = threading.local()
+
+
+def _preparation_without_main(name, _original=spawn.get_preparation_data):
+    """multiprocessing's start data, minus the host's ``__main__`` for our workers.
+
+    multiprocessing re-runs the parent's main script in every child so that
+    functions defined there can be unpickled.  An interpreter never needs the
+    host's ``__main__``, and re-running it costs start-up time and breaks
+    scripts without an ``if __name__ == "__main__"`` guard, so it is left out
+    while (and only while) this thread starts a worker.
+    """
+    data = _original(name)
+    if getattr(_starting, "worker", False):
+        data.pop("init_main_from_path", None)
+        data.pop("init_main_from_name", None)
+    return data
+
+
+spawn.get_preparation_data = _preparation_without_main
 
 
 def _context():
@@ -141,9 +163,11 @@ class ProcessWorker(Worker):
         process = self._ctx.Process(
             target=_worker_entry, args=(self.config, os.getpid(), fds),
             name=f"multipy-interpreter-{self.index}", daemon=True)
+        _starting.worker = True
         try:
             process.start()
         finally:
+            _starting.worker = False
             for fd in (req_r, rep_w, out_w, err_w):
                 os.close(fd)
         self._process = process
@@ -168,7 +192,7 @@ class ProcessWorker(Worker):
     def _exchange(self, op, args, drop, timeout, handles=None, *, starting: bool = False):
         encoder = self._encoder
         encoder.handles = handles
-        blob = encoder.encode(args)  # TransportError: nothing was sent, nothing lost
+        blob = encoder.encode(args, "arguments")  # TransportError: nothing sent, nothing lost
         placed = encoder.placed
         freed = drain(self._freed)
         data = pickle.dumps(Request(op, blob, drop, freed), protocol=5)

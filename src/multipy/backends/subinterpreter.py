@@ -37,7 +37,7 @@ What runs here and what does not:
 * **No crash isolation.**  A segfault or ``os._exit`` in a subinterpreter ends
   the whole host process: crash isolation is the ``process`` backend's alone.
 * **Timeouts interrupt, they do not kill.**  A call past its timeout gets
-  :class:`~multipy._subinterp_main.CallInterrupted` raised inside it (between
+  :class:`~multipy.backends._subinterp_main.CallInterrupted` raised inside it (between
   bytecodes) and the caller a :class:`~multipy.errors.CallTimeoutError`; the
   interpreter and its objects are kept.  Code stuck in native code that does
   not return within a grace second is abandoned: a new subinterpreter serves
@@ -62,11 +62,11 @@ import threading
 import time
 import weakref
 
-from ..errors import (CallTimeoutError, InterpreterCrashedError, MultipyError, OwnershipError,
-                      TransportError)
+from ..errors import (CallTimeoutError, InterpreterCrashedError, ManagerClosedError, MultipyError,
+                      OwnershipError, TransportError)
 from ..transport.messages import Handle, Op
 from . import _subinterp_wire as wire
-from .base import Backend, BackendKind, Worker, WorkerConfig, no_start
+from .base import Backend, BackendKind, RequestNotSent, Worker, WorkerConfig, no_start
 
 INTERRUPT_GRACE = 1.0     # seconds an interrupted call gets to unwind
 START_ARENA = 1 << 20     # the result arena grows on demand
@@ -133,7 +133,7 @@ class _Driver:
             iid = interpreters.create()  # the "isolated" config: its own GIL
             excinfo = interpreters.exec(iid, _BOOT, {"_multipy_boot": self._boot})
             if excinfo is not None:
-                self.failure = excinfo.errdisplay or excinfo.formatted
+                self.failure = _describe(excinfo)
                 return
             self.started.set()
             shared = {"_multipy_arena": memoryview(self.arena)}
@@ -148,7 +148,7 @@ class _Driver:
                     self.arena = bytearray(max(int(excinfo.msg), 2 * len(self.arena)))
                     shared = {"_multipy_arena": memoryview(self.arena)}
                 else:
-                    self.failure = excinfo.errdisplay or excinfo.formatted
+                    self.failure = _describe(excinfo)
                     break
         except BaseException as exc:
             self.failure = f"{type(exc).__name__}: {exc}"
@@ -203,6 +203,12 @@ class _Driver:
             self._host_open = False
             for fd in (self.req_w, self.intr_w, self.rep_r):
                 _close(fd)
+
+
+def _describe(excinfo) -> str:
+    """The text of an exception that escaped ``_interpreters.exec``."""
+    return (getattr(excinfo, "errdisplay", None) or getattr(excinfo, "formatted", None)
+            or str(excinfo))
 
 
 def _close(fd: int) -> None:
@@ -283,6 +289,8 @@ class SubinterpreterWorker(Worker):
         self._seq += 1
         seq = self._seq
         views = tuple(memoryview(b) for b in buffers)
+        if driver.finished.is_set():  # its loop ended while idle: a replacement can take the call
+            raise RequestNotSent(self._lost(driver, "while idle, before this call was sent"))
         driver.enter()
         try:
             if views:
@@ -291,17 +299,22 @@ class SubinterpreterWorker(Worker):
             try:
                 wire.write_all(driver.req_w, [header, payload])
             except OSError:
-                raise self._lost(driver, "while sending a call") from None
+                raise RequestNotSent(self._lost(driver, "while idle, before this call was sent")) from None
             del payload, buffers, views
             if timeout is not None and not _readable(driver.rep_r, timeout):
                 self._timed_out(driver, seq, timeout)
             value, error = self._read_reply(driver, op)
         except BaseException as exc:
-            if not isinstance(exc, (CallTimeoutError, TransportError, InterpreterCrashedError)):
+            if not isinstance(exc, (CallTimeoutError, TransportError, InterpreterCrashedError,
+                                    RequestNotSent)):
                 self._abandon(driver, "interrupted")  # a KeyboardInterrupt: the reply never read
             raise
         finally:
             driver.leave()
+        if error is not None and self.closed and error.type_name.endswith(".CallInterrupted"):
+            raise ManagerClosedError(
+                f"the manager was closed while interpreter {self.index} (subinterpreter) was "
+                "running this call; the call was interrupted")
         return value, error
 
     def _read_reply(self, driver: _Driver, op):

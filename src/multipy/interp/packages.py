@@ -88,7 +88,7 @@ def open_package(path: str):
     importer = PackageImporter(path)
     importer.zip_reader = SharedStorageReader(importer.zip_reader, path)
     missing = sorted({m.split(".")[0] for m in importer.extern_modules
-                      if _top_level_missing(m.split(".")[0])})
+                      if m and _top_level_missing(m.split(".")[0])})
     if missing:
         names = ", ".join(repr(m) for m in missing)
         raise ExternModuleError(

@@ -18,7 +18,7 @@ import threading
 import traceback
 from typing import Any
 
-from ..errors import PackageError
+from ..errors import ExternModuleError, PackageError
 from ..transport.messages import GradMode, Handle, MovablePayload, Op, RemoteException
 from .modules import SourceFinder
 
@@ -73,6 +73,7 @@ class InterpreterState:
             Op.CALL_REPLICATED: self._call_replicated,
             Op.HASATTR_REPLICATED: self._hasattr_replicated,
             Op.EXEC: self._exec,
+            Op.IMPORT: self._import,
         }
 
     def activate_for_process(self) -> None:
@@ -172,8 +173,12 @@ class InterpreterState:
 
     def _call(self, target, args, kwargs, grad_mode, want_handle: bool):
         fn = self.resolve(target)
-        with grad_context(grad_mode):
+        context = _grad_change(grad_mode)
+        if context is None:
             result = fn(*self.resolve(args), **self.resolve(kwargs))
+        else:
+            with context:
+                result = fn(*self.resolve(args), **self.resolve(kwargs))
         return self._store(result) if want_handle else result
 
     def _attr(self, target, name: str) -> Handle:
@@ -241,11 +246,25 @@ class InterpreterState:
     def _call_replicated(self, rid, method, args, kwargs, grad_mode, recipe):
         obj = self._replicated(rid, recipe)
         fn = obj if method is None else getattr(obj, method)
-        with grad_context(grad_mode):
+        context = _grad_change(grad_mode)
+        if context is None:
+            return fn(*self.resolve(args), **self.resolve(kwargs))
+        with context:
             return fn(*self.resolve(args), **self.resolve(kwargs))
 
     def _hasattr_replicated(self, rid, name, recipe) -> bool:
         return hasattr(self._replicated(rid, recipe), name)
+
+    def _import(self, module: str) -> None:
+        import importlib
+
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise ExternModuleError(
+                f"interpreter {self.index} cannot import {module!r} ({type(exc).__name__}: {exc}); "
+                f"searched sys.path = {sys.path}. Install it into the environment given to "
+                "InterpreterManager, or drop it from preload=.") from exc
 
     def _exec(self, source: str) -> Any:
         namespace: dict[str, Any] = {"__name__": "__multipy_exec__"}
@@ -253,14 +272,29 @@ class InterpreterState:
         return namespace.get("result")
 
 
+_NO_CONTEXT = contextlib.nullcontext()
+_GRAD, _NO_GRAD, _INFERENCE = int(GradMode.GRAD), int(GradMode.NO_GRAD), int(GradMode.INFERENCE)
+
+
 def grad_context(mode):
     """The autograd context for ``mode``; a no-op where torch is not loaded."""
+    return _grad_change(mode) or _NO_CONTEXT
+
+
+def _grad_change(mode):
+    """The context that puts the calling thread in ``mode``, or ``None`` when it is
+    already there (entering even a null context costs about 1 µs per call)."""
     torch = sys.modules.get("torch")
     if torch is None or mode is None:
-        return contextlib.nullcontext()
-    if mode == GradMode.INFERENCE:
+        return None
+    if torch.is_inference_mode_enabled():
+        if mode == _INFERENCE:
+            return None
+    elif torch.is_grad_enabled() == (mode == _GRAD):
+        return None
+    if mode == _INFERENCE:
         return torch.inference_mode()
-    if mode == GradMode.NO_GRAD:
+    if mode == _NO_GRAD:
         return torch.no_grad()
     return torch.enable_grad()
 

@@ -34,13 +34,17 @@ class NoopEnvironment(Environment):
 class PathEnvironment(Environment):
     """Interpreters search ``path`` (a site-packages directory) before the host's path.
 
-    >>> env = PathEnvironment("/opt/site-packages")
+    >>> env = PathEnvironment("/usr/lib")
     >>> env.sys_path()[0]
-    '/opt/site-packages'
+    '/usr/lib'
     """
 
     def __init__(self, path: str | os.PathLike, /) -> None:
         self.path = os.fspath(path)
+        if not os.path.isdir(self.path):
+            raise FileNotFoundError(
+                f"PathEnvironment({self.path!r}): no such directory; point it at a "
+                "site-packages directory holding the modules your packages extern")
 
     def sys_path(self) -> tuple[str, ...]:
         return (self.path, *sys.path)

@@ -69,12 +69,15 @@ class InterpreterManager:
     ``"subinterpreter"`` or ``"auto"``.  ``num_threads`` is torch's intra-op
     thread count per interpreter (default: cores // n, at least 1).
     ``call_timeout`` (seconds) bounds every call; a call past it kills and
-    restarts its interpreter.
+    restarts its interpreter.  ``preload`` names modules every interpreter
+    imports before it serves (after every restart too); one that cannot be
+    imported fails the start with :class:`~multipy.errors.InterpreterStartError`
+    naming it.
     """
 
     def __init__(self, n: int, /, env: Environment | None = None, *, backend: str = "process",
                  num_threads: int | None = None, call_timeout: float | None = None,
-                 start_timeout: float = 300.0) -> None:
+                 start_timeout: float = 300.0, preload: tuple[str, ...] = ()) -> None:
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"an InterpreterManager needs at least one interpreter, got {n!r}")
         self._closed = True
@@ -85,7 +88,9 @@ class InterpreterManager:
         self._call_timeout = call_timeout
         threads = num_threads if num_threads is not None else max(1, (os.cpu_count() or 1) // n)
         self._workers = [
-            self._backend.create_worker(WorkerConfig(i, self.env.sys_path(), threads, start_timeout))
+            self._backend.create_worker(WorkerConfig(
+                i, self.env.sys_path(), threads, start_timeout,
+                startup=tuple((Op.IMPORT, (name,)) for name in preload)))
             for i in range(n)]
         self._balancer = LoadBalancer(n)
         self._interpreters = [Interpreter(self, i) for i in range(n)]
@@ -166,12 +171,19 @@ class InterpreterManager:
         return ManagerStatistics(self.backend, tuple(out))
 
     # -- lifetime --------------------------------------------------------------
-    def close(self) -> None:
-        """Stop every interpreter.  Idempotent; ``with`` calls it."""
+    def close(self, *, timeout: float = 10.0) -> None:
+        """Stop every interpreter.  Idempotent; ``with`` calls it.
+
+        Calls in flight get up to ``timeout`` seconds to finish; then their
+        interpreters are killed and those calls raise
+        :class:`~multipy.errors.ManagerClosedError`, as does every later call.
+        """
         self._closed = True
         finalizer = getattr(self, "_finalizer", None)
         if finalizer is not None:
-            finalizer()  # runs once: later calls do nothing
+            args = finalizer.detach()  # None once closed: close runs once
+            if args is not None:
+                _close_workers(*args[2], timeout=timeout)
 
     @property
     def closed(self) -> bool:

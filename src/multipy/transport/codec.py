@@ -26,7 +26,7 @@ import threading
 import weakref
 from typing import Any, Callable
 
-from ..errors import TransportError
+from ..errors import MultipyError, TransportError
 from .shm import Arena, Segment
 
 # Descriptor segment names.  Anything else is a ``(pid, fd, inode)`` ident.
@@ -138,12 +138,17 @@ class Encoder:
         self._pickler.dispatch_table = self._table
         self._tensor_type = None
 
-    def encode(self, value: Any, /) -> bytes:
-        """Pickle ``value``; tensors go to the arena (offsets in ``placed``)."""
+    def encode(self, value: Any, /, where: str = "value") -> bytes:
+        """Pickle ``value``; tensors go to the arena (offsets in ``placed``).
+
+        ``where`` names the value in errors (``"argument"``, ``"result"``).
+        """
         self.placed = []
         if self._tensor_type is None and "torch" in sys.modules:
-            self._tensor_type = sys.modules["torch"].Tensor
-            self._table[self._tensor_type] = self._reduce_tensor
+            torch = sys.modules["torch"]
+            self._tensor_type = torch.Tensor
+            # Parameters cross as plain tensors too: detached, like every tensor.
+            self._table[torch.Tensor] = self._table[torch.nn.Parameter] = self._reduce_tensor
         if self.handles is not None:
             self._table[self.handles[0]] = self._reduce_handle
         buf, pickler = self._buf, self._pickler
@@ -151,10 +156,10 @@ class Encoder:
         buf.truncate()
         try:
             pickler.dump(value)
-        except TransportError:
-            raise
+        except MultipyError:
+            raise  # already says what went wrong (an Obj of another session, ...)
         except Exception as exc:
-            raise TransportError(describe_unpicklable(value, exc)) from exc
+            raise TransportError(describe_unpicklable(value, exc, where, self._table)) from exc
         finally:
             pickler.clear_memo()  # the memo would keep the message's objects alive
         return buf.getvalue()
@@ -293,13 +298,14 @@ def _rebuild(pid):
     return decoder.rebuild(pid)
 
 
-def describe_unpicklable(value: Any, exc: BaseException, where: str = "value") -> str:
+def describe_unpicklable(value: Any, exc: BaseException, where: str = "value",
+                         table: dict | None = None) -> str:
     """Find the first part of ``value`` that cannot be pickled and name it.
 
     >>> describe_unpicklable({"f": lambda: 0}, Exception("x"), "result").split(":")[0]
     "result['f'] is a function that cannot be pickled"
     """
-    path, bad = _find_unpicklable(value, where)
+    path, bad = _find_unpicklable(value, where, _Probe(table))
     kind = type(bad)
     name = f"{kind.__module__}.{kind.__qualname__}" if kind.__module__ != "builtins" else kind.__qualname__
     article = "an" if name[:1].lower() in "aeiou" else "a"
@@ -308,7 +314,31 @@ def describe_unpicklable(value: Any, exc: BaseException, where: str = "value") -
             "interpreter and use an Obj handle (session.global_ / Obj.attr) instead.")
 
 
-def _find_unpicklable(value: Any, where: str, depth: int = 0):
+class _Probe:
+    """Tries to pickle one part of a message the way the encoder would: tensors
+    and handles (in ``table``) count as crossing."""
+
+    def __init__(self, table: dict | None) -> None:
+        self.table = table or {}
+
+    def __call__(self, obj) -> bool:
+        if type(obj) in self.table and type(obj).__module__ != "builtins":
+            return True
+        pickler = pickle.Pickler(io.BytesIO(), protocol=5)
+        pickler.dispatch_table = {**copyreg.dispatch_table,
+                                  **{t: _harmless for t in self.table if t.__module__ != "builtins"}}
+        try:
+            pickler.dump(obj)
+            return True
+        except Exception:
+            return False
+
+
+def _harmless(obj):
+    return (type(None), ())
+
+
+def _find_unpicklable(value: Any, where: str, probe: _Probe, depth: int = 0):
     if depth < 20:
         items = ()
         if isinstance(value, dict):
@@ -318,8 +348,6 @@ def _find_unpicklable(value: Any, where: str, depth: int = 0):
         elif hasattr(value, "__dict__") and not isinstance(value, type):
             items = ((f"{where}.{k}", v) for k, v in vars(value).items())
         for sub_where, sub in items:
-            try:
-                pickle.dumps(sub, protocol=5)
-            except Exception:
-                return _find_unpicklable(sub, sub_where, depth + 1)
+            if not probe(sub):
+                return _find_unpicklable(sub, sub_where, probe, depth + 1)
     return where, value

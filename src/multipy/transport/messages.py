@@ -34,7 +34,7 @@ class Op(enum.IntEnum):
     CALL_REPLICATED = 14     # (replicated_id, method, args, kwargs, grad_mode, recipe|None)
     HASATTR_REPLICATED = 15  # (replicated_id, name, recipe|None) -> bool
     EXEC = 16                # (source,) -> value of `result` global; tests and tools
-    SHUTDOWN = 17
+    IMPORT = 17              # (module,) -> None; preloading at start
 
 
 class GradMode(enum.IntEnum):

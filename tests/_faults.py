@@ -1,0 +1,73 @@
+"""Fault injection for the reliability tests: objects that raise or crash the
+process at one chosen stage of a call.  Importable by the same name in the host
+and in every interpreter (the tests directory is on both paths)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+
+import multipy
+
+
+def inside() -> bool:
+    return multipy.interpreter_id() is not None
+
+
+def act(action: str) -> None:
+    if action == "raise":
+        raise RuntimeError("injected fault")
+    if action == "exit":
+        os._exit(13)
+    if action == "abort":
+        os.abort()
+    if action == "segv":
+        ctypes.string_at(0)
+    raise AssertionError(f"unknown action {action}")
+
+
+def _on_load(where: str, action: str) -> "OnLoad":
+    if (where == "interpreter") == inside():
+        act(action)
+    return OnLoad(where, action)
+
+
+class OnLoad:
+    """Faults when unpickled in ``where`` ("host" or "interpreter")."""
+
+    def __init__(self, where: str, action: str) -> None:
+        self.where, self.action = where, action
+
+    def __reduce__(self):
+        return (_on_load, (self.where, self.action))
+
+
+class OnDump:
+    """Faults when pickled in ``where``."""
+
+    def __init__(self, where: str, action: str) -> None:
+        self.where, self.action = where, action
+
+    def __reduce__(self):
+        if (self.where == "interpreter") == inside():
+            act(self.action)
+        return (OnDump, (self.where, self.action))
+
+
+def run(stage: str, *args):
+    """The entry point a test calls inside an interpreter."""
+    if stage == "echo":
+        return args[0]
+    if stage == "model":
+        act(args[0])
+    if stage == "result_dump":
+        return OnDump(*args)
+    if stage == "result_load":
+        return OnLoad(*args)
+    if stage == "sleep":
+        time.sleep(args[0])
+        return args[0]
+    if stage == "pid":
+        return os.getpid()
+    raise AssertionError(stage)

@@ -1,0 +1,300 @@
+"""Failure is part of the design: crashes, timeouts, closing and bad input.
+
+The fault table crashes or raises at every stage of a call, in the style of
+loky's crash tests: pickling the arguments in the host, unpickling them in the
+interpreter, in the model, pickling the result in the interpreter, unpickling
+it in the host.  Every row asserts the error and that the next call works.
+Process-only: the other backends cannot survive a crash.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+import multipy
+from _faults import OnDump, OnLoad
+from multipy.transport.messages import Op
+
+INTERPRETERS = 2
+
+
+@pytest.fixture(scope="module")
+def manager():
+    with multipy.InterpreterManager(INTERPRETERS, call_timeout=60) as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def run(manager):
+    """A ReplicatedObj of ``_faults.run``: it survives every restart."""
+    with manager.acquire_one() as s:
+        return s.create_movable(s.global_("_faults", "run"))
+
+
+def assert_serves(manager, run) -> None:
+    x = torch.arange(6.0)
+    for _ in range(2 * len(manager)):
+        assert torch.equal(run("echo", x), x)
+
+
+CRASHED = multipy.InterpreterCrashedError
+FAULTS = [
+    # stage,                     action,  arguments or result builder,           raises
+    ("pickling arguments (host)", "raise", lambda: ("echo", OnDump("host", "raise")), multipy.TransportError),
+    ("unpickling arguments", "raise", lambda: ("echo", OnLoad("interpreter", "raise")), RuntimeError),
+    ("unpickling arguments", "exit", lambda: ("echo", OnLoad("interpreter", "exit")), CRASHED),
+    ("unpickling arguments", "segv", lambda: ("echo", OnLoad("interpreter", "segv")), CRASHED),
+    ("in the model", "raise", lambda: ("model", "raise"), RuntimeError),
+    ("in the model", "exit", lambda: ("model", "exit"), CRASHED),
+    ("in the model", "abort", lambda: ("model", "abort"), CRASHED),
+    ("in the model", "segv", lambda: ("model", "segv"), CRASHED),
+    ("pickling the result", "raise", lambda: ("result_dump", "interpreter", "raise"), multipy.TransportError),
+    ("pickling the result", "exit", lambda: ("result_dump", "interpreter", "exit"), CRASHED),
+    ("pickling the result", "segv", lambda: ("result_dump", "interpreter", "segv"), CRASHED),
+    ("unpickling the result (host)", "raise", lambda: ("result_load", "host", "raise"), multipy.TransportError),
+]
+
+
+@pytest.mark.parametrize("stage, action, make_args, expected", FAULTS,
+                         ids=[f"{s}-{a}" for s, a, _, _ in FAULTS])
+def test_a_fault_at_each_stage_fails_only_that_call(manager, run, stage, action, make_args, expected):
+    before = manager.statistics().restarts
+    with pytest.raises(expected) as info:
+        run(*make_args())
+    if expected is CRASHED:
+        err = info.value
+        assert err.pid is not None and f"pid {err.pid}" in str(err)
+        assert "likely cause" in str(err)
+        if action == "segv":
+            assert "SIGSEGV(-11)" in str(err)
+        if action == "abort":
+            assert "SIGABRT(-6)" in str(err)
+        if action == "exit":
+            assert "exited with code 13" in str(err)
+    assert_serves(manager, run)
+    if expected is CRASHED:
+        wait_for(lambda: manager.statistics().restarts == before + 1)  # restarted in the background
+
+
+def wait_for(condition, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def test_a_result_that_cannot_cross_names_its_type_and_place(manager):
+    with manager.acquire_one() as s:
+        make = s.global_("builtins", "eval")
+        with pytest.raises(multipy.TransportError) as info:
+            make.call_value("{'a': [1, lambda: 0]}")
+    assert "result['a'][1]" in str(info.value) and "function" in str(info.value)
+
+
+def test_arguments_that_cannot_cross_name_their_type_and_place(manager, run):
+    with pytest.raises(multipy.TransportError) as info:
+        run("echo", {"k": (1, threading.Lock())})
+    assert "arguments" in str(info.value) and "lock" in str(info.value)
+    assert_serves(manager, run)
+
+
+def test_sigkill_while_idle_is_invisible_to_the_next_call(manager, run):
+    pid = manager.statistics().interpreters[0].pid
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(0.2)
+    manager.debug_limit_interpreters(1)
+    try:
+        x = torch.ones(3)
+        assert torch.equal(run("echo", x), x)  # resent to the replacement, never failed
+    finally:
+        manager.debug_limit_interpreters(INTERPRETERS)
+    assert manager.statistics().interpreters[0].pid != pid
+
+
+def test_sigkill_during_a_call_fails_only_that_call(manager, run):
+    results = {}
+
+    def slow():
+        try:
+            results["slow"] = run("sleep", 5.0)
+        except Exception as exc:
+            results["slow"] = exc
+
+    with manager.all_instances()[0].acquire_session() as s:
+        pid = s.global_("os", "getpid")().deref()
+    manager.debug_limit_interpreters(1)
+    try:
+        t = threading.Thread(target=slow)
+        t.start()
+        time.sleep(0.5)
+        os.kill(pid, signal.SIGKILL)
+        t.join(30)
+        assert not t.is_alive(), "the caller hung on a dead interpreter"
+        err = results["slow"]
+        assert isinstance(err, multipy.InterpreterCrashedError)
+        assert "SIGKILL(-9)" in str(err) and "OOM" in str(err)
+        assert_serves(manager, run)
+    finally:
+        manager.debug_limit_interpreters(INTERPRETERS)
+
+
+def test_obj_handles_into_a_dead_interpreter_raise(manager):
+    with manager.all_instances()[1].acquire_session() as s:
+        getpid = s.global_("os", "getpid")
+        os.kill(getpid().deref(), signal.SIGKILL)
+        with pytest.raises(multipy.InterpreterCrashedError):
+            getpid()
+        with pytest.raises(multipy.InterpreterCrashedError, match="went down after this session"):
+            getpid()
+    with manager.all_instances()[1].acquire_session() as s:
+        assert s.global_("builtins", "len")([1, 2]).deref() == 2
+
+
+def test_replicated_objects_survive_restarts(manager):
+    with manager.acquire_one() as s:
+        linear = s.global_("torch.nn", "Linear")(4, 2)
+        model = s.create_movable(linear)
+    x = torch.ones(1, 4)
+    want = model(x)
+    for interp in manager.all_instances():
+        with model.acquire_session(interp) as s:
+            os.kill(s.global_("os", "getpid")().deref(), signal.SIGKILL)
+    time.sleep(0.2)
+    for _ in range(4):
+        assert torch.equal(model(x), want)
+
+
+def test_a_call_past_its_timeout_kills_the_interpreter_and_raises(manager, run):
+    with pytest.raises(TimeoutError) as info:
+        run.with_timeout(0.5)("sleep", 30.0)
+    assert isinstance(info.value, multipy.CallTimeoutError)
+    assert "timeout of 0.5 s" in str(info.value)
+    assert_serves(manager, run)
+
+
+def test_manager_wide_call_timeout():
+    with multipy.InterpreterManager(1, call_timeout=0.5) as m:
+        with m.acquire_one() as s:
+            sleep = s.global_("time", "sleep")
+            started = time.monotonic()
+            with pytest.raises(multipy.CallTimeoutError):
+                sleep(20)
+            assert time.monotonic() - started < 10
+        with m.acquire_one() as s:
+            assert s.global_("builtins", "abs")(-2).deref() == 2
+        assert m.statistics().restarts == 1
+
+
+def test_an_interpreter_dying_at_every_start_is_given_up_with_the_reason():
+    with multipy.InterpreterManager(1) as m:
+        worker = m._workers[0]
+        # Every restart replays the start-up requests; this one kills the interpreter.
+        worker._startup.append((Op.EXEC, ("import os; os._exit(7)",)))
+        with m.acquire_one() as s:
+            with pytest.raises(multipy.InterpreterCrashedError):
+                s.exec_("import os; os._exit(7)")
+        started = time.monotonic()
+        for _ in range(10):
+            with m.acquire_one() as s:
+                try:
+                    s.exec_("result = 1")
+                except multipy.InterpreterStartError as exc:
+                    last = exc
+                    if "will not be restarted" in str(exc):
+                        break
+        assert "failed to start 5 times in a row" in str(last)
+        assert "exited with code 7" in str(last)
+        assert time.monotonic() - started > 0.5, "restarts were not backed off"
+        with m.acquire_one() as s:  # a verdict, at once, not another restart loop
+            t = time.monotonic()
+            with pytest.raises(multipy.InterpreterStartError):
+                s.exec_("result = 1")
+            assert time.monotonic() - t < 0.5
+
+
+def test_preload_failure_names_the_module():
+    with pytest.raises(multipy.InterpreterStartError) as info:
+        multipy.InterpreterManager(1, preload=("no_such_module_xyz",))
+    assert "no_such_module_xyz" in str(info.value)
+    with multipy.InterpreterManager(1, preload=("json",)) as m:
+        with m.acquire_one() as s:
+            assert s.exec_("import sys; result = 'json' in sys.modules")
+
+
+def test_close_waits_then_kills_and_calls_after_close_raise():
+    m = multipy.InterpreterManager(1)
+    with m.acquire_one() as s:
+        sleep = s.global_("time", "sleep")
+        outcome = {}
+
+        def call():
+            try:
+                sleep(30)
+                outcome["r"] = "returned"
+            except Exception as exc:
+                outcome["r"] = exc
+
+        t = threading.Thread(target=call)
+        t.start()
+        time.sleep(0.5)
+        started = time.monotonic()
+        m.close(timeout=0.5)
+        t.join(10)
+    assert time.monotonic() - started < 5
+    assert isinstance(outcome["r"], multipy.ManagerClosedError)
+    m.close()  # idempotent
+    with pytest.raises(multipy.ManagerClosedError):
+        m.acquire_one()
+    with pytest.raises(multipy.ManagerClosedError):
+        m.load_package(__file__)
+
+
+def test_statistics_count_restarts_and_failures(manager):
+    stats = manager.statistics()
+    assert stats.restarts >= 1 and stats.failures >= 1
+    assert all(i.pid for i in stats.interpreters)
+    with pytest.raises(Exception):
+        stats.restarts = 0  # frozen
+
+
+def test_a_pickle_that_raises_while_loading_leaves_the_manager_usable(tmp_path, manager):
+    from torch.package import PackageExporter
+
+    path = tmp_path / "raises.pt"
+    with PackageExporter(str(path)) as exporter:
+        exporter.intern("**")
+        exporter.save_source_string("boom", "def explode():\n    raise KeyError('from the pickle')\n")
+        exporter.save_source_string("holder", "import boom\nclass Holder:\n    def __reduce__(self):\n        return (boom.explode, ())\n")
+        exporter.save_binary("model", "model.pkl", _pickle_calling("boom", "explode"))
+    package = manager.load_package(path)
+    with pytest.raises(KeyError, match="from the pickle"):
+        package.load_pickle("model", "model.pkl")
+    with manager.acquire_one() as s:
+        assert s.global_("builtins", "max")(1, 5).deref() == 5
+
+
+def _pickle_calling(module: str, name: str) -> bytes:
+    import pickle
+
+    return b"\x80\x04" + pickle.GLOBAL + f"{module}\n{name}\n".encode() + b")R."
+
+
+def test_truncated_and_corrupt_archives_raise_package_error(tmp_path, manager, examples):
+    data = open(examples["simple"], "rb").read()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(multipy.PackageError, match="truncated.pt"):
+        manager.load_package(truncated)
+    corrupt = tmp_path / "corrupt.pt"
+    flipped = bytearray(data)
+    middle = len(flipped) // 3
+    flipped[middle:middle + 64] = bytes(64)
+    corrupt.write_bytes(bytes(flipped))
+    with pytest.raises(multipy.PackageError, match="corrupt.pt"):
+        manager.load_package(corrupt)
