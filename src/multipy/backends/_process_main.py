@@ -163,10 +163,11 @@ class Loop:
         pinned = self._pins(watched) if watched else ()
         watched = None
         unpinned, self.unpinned = self.unpinned, []
-        output = sys.stdout.dirty or sys.stderr.dirty
+        out, err = sys.stdout, sys.stderr
+        output = getattr(out, "dirty", False) or getattr(err, "dirty", False)
         if output:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            sys.stdout.dirty = sys.stderr.dirty = False
+            out.flush()
+            err.flush()
+            out.dirty = err.dirty = False
         reply = Reply(value, error, tuple(pinned), tuple(unpinned))
         return pickle.dumps((reply, output), protocol=5)

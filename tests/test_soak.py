@@ -1,0 +1,70 @@
+"""The soak test, short form for CI: 16 host threads, mixed calls, an
+interpreter SIGKILLed every second.  ``multipy soak`` runs the long form."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from multipy.soak import run_soak
+
+
+def test_soak_under_kills_loses_nothing_and_leaks_nothing():
+    report = run_soak(threads=16, seconds=12, interpreters=2, kill_every=1.0,
+                      big_numel=1 << 18)
+    assert not report.problems, report.problems
+    assert report.kills >= 8
+    assert report.good > 1000 and report.expected_errors > 100
+    assert report.crashed_calls <= report.kills
+    assert report.fds_after <= report.fds_before
+    assert report.threads_after <= report.threads_before
+    assert report.shm_leaked == ()
+
+
+@pytest.mark.slow
+def test_soak_long_form():
+    report = run_soak(threads=16, seconds=300, interpreters=2, kill_every=3.0)
+    assert not report.problems, report.problems
+
+
+HOST = textwrap.dedent("""
+    import sys, time
+    import multipy
+    m = multipy.InterpreterManager(2)
+    with m.acquire_one() as s:
+        s.global_("builtins", "len")([1])
+    print(*[i.pid for i in m.statistics().interpreters], flush=True)
+    time.sleep(120)
+""")
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_workers_exit_when_the_host_is_sigkilled_and_leave_nothing_behind():
+    shm_before = set(os.listdir("/dev/shm"))
+    host = subprocess.Popen([sys.executable, "-c", HOST], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in host.stdout.readline().split()]
+        assert len(pids) == 2 and all(alive(p) for p in pids)
+        host.send_signal(signal.SIGKILL)
+        host.wait(10)
+        deadline = time.monotonic() + 15
+        while any(alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(alive(p) for p in pids), "workers outlived their host"
+    finally:
+        if host.poll() is None:
+            host.kill()
+    assert set(os.listdir("/dev/shm")) - shm_before == set()
