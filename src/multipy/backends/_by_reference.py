@@ -307,8 +307,13 @@ class _SharedStorages:
     def __init__(self, reader, archive: _Archive) -> None:
         self._reader = reader
         self._archive = archive
+        self.preloaded: dict | None = None  # storages the host placed (a GPU), for one load
 
     def get_storage_from_record(self, name, numel, dtype):
+        preloaded = self.preloaded
+        if preloaded is not None and name in preloaded:
+            data = preloaded[name]
+            return data if dtype == data.dtype else data.view(dtype)
         archive = self._archive
         with archive.lock:
             return archive.reader.get_storage_from_record(name, numel, dtype)

@@ -157,7 +157,7 @@ class ProcessWorker(Worker):
         generation = self.generation
         freed = self._freed
         self._encoder = Encoder(self._args, returnable=self._results)
-        self._decoder = Decoder(self._results, own=self._args.segment,
+        self._decoder = Decoder(self._results, own=self._args.segment, own_cuda=True,
                                 on_release=lambda off: freed.append(off) if self.generation == generation else None)
         fds = tuple(_Fd(fd) for fd in (req_r, rep_w, self._args.segment.fd, self._results.fd, out_w, err_w))
         process = self._ctx.Process(

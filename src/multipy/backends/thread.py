@@ -77,6 +77,7 @@ from __future__ import annotations
 import queue
 import sys
 import threading
+import time
 
 from .._current import set_thread_interpreter
 from ..errors import CallTimeoutError, ManagerClosedError, TransportError
@@ -90,15 +91,21 @@ _CLOSED = "closed"
 
 
 class _Channel:
-    """One generation of an interpreter: its thread, its queues and its state."""
+    """One generation of an interpreter: its thread, its queues and its state.
 
-    __slots__ = ("requests", "replies", "thread", "state", "abandoned")
+    Requests are ``(sequence, op, args, drop)`` and replies ``(sequence, value,
+    error)``: a caller interrupted while waiting (Ctrl-C) leaves a reply behind,
+    which the next caller recognises as not its own and skips.
+    """
+
+    __slots__ = ("requests", "replies", "thread", "state", "abandoned", "sequence")
 
     def __init__(self, config: WorkerConfig) -> None:
         self.requests: queue.SimpleQueue = queue.SimpleQueue()
         self.replies: queue.SimpleQueue = queue.SimpleQueue()
         self.state: InterpreterState | None = None
         self.abandoned = False
+        self.sequence = 0
         self.thread = threading.Thread(target=_serve, args=(self, config),
                                        name=f"multipy-interpreter-{config.index}", daemon=True)
 
@@ -134,15 +141,9 @@ class ThreadWorker(Worker):
             raise ManagerClosedError("the interpreter manager is closed")
         if args:
             args = by_reference.to_interpreter(args, handles, channel.state.objects)
-        channel.requests.put((op, args, drop))
-        try:
-            reply = channel.replies.get(timeout=timeout) if timeout is not None else channel.replies.get()
-        except queue.Empty:
-            raise self._abandon_for_timeout(timeout, channel) from None
-        if reply is _CLOSED:
-            raise ManagerClosedError(
-                f"the manager was closed while interpreter {self.index} was running this call")
-        value, error = reply
+        sequence = channel.sequence = channel.sequence + 1
+        channel.requests.put((sequence, op, args, drop))
+        _, value, error = self._wait(channel, sequence, timeout)
         if type(value) is by_reference.Pickled:
             try:
                 value = value.load()
@@ -153,6 +154,20 @@ class ThreadWorker(Worker):
                     "module exist only in the interpreters; return plain values or tensors, or "
                     "keep an Obj handle.") from exc
         return value, error
+
+    def _wait(self, channel: _Channel, sequence: int, timeout: float | None) -> tuple:
+        get = channel.replies.get
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                reply = get() if deadline is None else get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise self._abandon_for_timeout(timeout, channel) from None
+            if reply is _CLOSED:
+                raise ManagerClosedError(
+                    f"the manager was closed while interpreter {self.index} was running this call")
+            if reply[0] == sequence:
+                return reply
 
     def _abandon_for_timeout(self, timeout: float, channel: _Channel) -> CallTimeoutError:
         self._terminate(kill=True)
@@ -194,16 +209,20 @@ def _serve(channel: _Channel, config: WorkerConfig) -> None:
 
 def _start(config: WorkerConfig) -> InterpreterState:
     set_thread_interpreter(config.index)
-    extra = tuple(p for p in config.sys_path if p not in sys.path)
-    state = InterpreterState(config.index, finder=ThreadModules(extra),
-                             importer_factory=by_reference.open_package_shared,
-                             movables=(by_reference.make_movable, by_reference.load_movable))
-    state.activate_for_thread()
+    modules = ThreadModules(tuple(p for p in config.sys_path if p not in sys.path))
     try:
-        import torch
-    except ImportError:
-        return state
-    _set_num_threads(torch, config.num_threads)
+        state = InterpreterState(config.index, finder=modules,
+                                 importer_factory=by_reference.open_package_shared,
+                                 movables=(by_reference.make_movable, by_reference.load_movable))
+        state.activate_for_thread()
+        try:
+            import torch
+        except ImportError:
+            return state
+        _set_num_threads(torch, config.num_threads)
+    except BaseException:
+        modules.close()
+        raise
     return state
 
 
@@ -235,7 +254,7 @@ def _loop(channel: _Channel, state: InterpreterState) -> None:
         request = get()
         if request is None:
             return
-        op, args, drop = request
+        sequence, op, args, drop = request
         try:
             if type(args) is pickled:
                 args = args.load(state.objects)
@@ -247,7 +266,7 @@ def _loop(channel: _Channel, state: InterpreterState) -> None:
         request = args = result = None  # hold nothing between requests
         if channel.abandoned:
             return
-        put((value, error))
+        put((sequence, value, error))
         value = None
 
 

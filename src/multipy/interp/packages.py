@@ -10,6 +10,7 @@ of just the pages it wrote.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import mmap
 import os
@@ -53,10 +54,14 @@ class SharedStorageReader:
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         self._base = np.frombuffer(self._mm, dtype=np.uint8)
         self._cache: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        self.preloaded: dict | None = None  # record name -> uint8 tensor (e.g. on a GPU)
 
     def get_storage_from_record(self, name, numel, dtype):
         import torch
 
+        if self.preloaded is not None and name in self.preloaded:
+            data = self.preloaded[name]
+            return data if dtype == torch.uint8 else data.view(dtype)
         cached = self._cache.get((name, dtype))
         if cached is not None:
             return cached
@@ -73,6 +78,21 @@ class SharedStorageReader:
 
     def __getattr__(self, name):
         return getattr(self._reader, name)
+
+
+@contextlib.contextmanager
+def preloaded_storages(importer, storages: dict | None):
+    """Serve the storages of one load from ``storages`` (tensors the host placed,
+    e.g. on a GPU and mapped here by CUDA IPC) instead of the archive file."""
+    reader = importer.zip_reader
+    if storages is None or not isinstance(reader, SharedStorageReader):
+        yield
+        return
+    reader.preloaded = storages
+    try:
+        yield
+    finally:
+        reader.preloaded = None
 
 
 def open_package(path: str):

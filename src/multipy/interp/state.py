@@ -153,12 +153,14 @@ class InterpreterState:
     def _package_importer(self, package_id: int, path: str) -> Handle:
         return self._store(self._importer(package_id, path))
 
-    def _load_from_package(self, package_id: int, path: str, package: str, resource: str):
-        from .packages import check_resource
+    def _load_from_package(self, package_id: int, path: str, package: str, resource: str,
+                           map_location=None, storages=None):
+        from .packages import check_resource, preloaded_storages
 
         importer = self._importer(package_id, path)
         check_resource(importer, package, resource)
-        return importer.load_pickle(package, resource)
+        with preloaded_storages(importer, storages):
+            return importer.load_pickle(package, resource, map_location=map_location)
 
     def _load_pickle(self, package_id: int, path: str, package: str, resource: str) -> Handle:
         return self._store(self._load_from_package(package_id, path, package, resource))
@@ -173,6 +175,7 @@ class InterpreterState:
 
     def _call(self, target, args, kwargs, grad_mode, want_handle: bool):
         fn = self.resolve(target)
+        _use_own_stream()
         context = _grad_change(grad_mode)
         if context is None:
             result = fn(*self.resolve(args), **self.resolve(kwargs))
@@ -210,8 +213,9 @@ class InterpreterState:
             return
         kind = recipe[0]
         if kind == "pickle":
-            _, package_id, path, package, resource = recipe
-            obj = self._load_from_package(package_id, path, package, resource)
+            _, package_id, path, package, resource, map_location, storages = recipe
+            obj = self._load_from_package(package_id, path, package, resource,
+                                          map_location, storages)
         elif kind == "movable":
             for package_id, path in recipe[2]:
                 self._importer(package_id, path)
@@ -245,6 +249,7 @@ class InterpreterState:
 
     def _call_replicated(self, rid, method, args, kwargs, grad_mode, recipe):
         obj = self._replicated(rid, recipe)
+        _use_own_stream()
         fn = obj if method is None else getattr(obj, method)
         context = _grad_change(grad_mode)
         if context is None:
@@ -274,6 +279,15 @@ class InterpreterState:
 
 _NO_CONTEXT = contextlib.nullcontext()
 _GRAD, _NO_GRAD, _INFERENCE = int(GradMode.GRAD), int(GradMode.NO_GRAD), int(GradMode.INFERENCE)
+
+
+def _use_own_stream() -> None:
+    """Once CUDA is in use in this interpreter, run on a stream of its own."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        from ..transport.cuda import ensure_stream
+
+        ensure_stream()
 
 
 def grad_context(mode):

@@ -60,6 +60,7 @@ class Package:
         self.path = os.path.abspath(path)
         self._records = check_archive(self.path)
         self._id = next(_ids)
+        self._on_device: dict[str, dict] = {}
         manager._packages[self._id] = self.path
 
     def __repr__(self) -> str:
@@ -73,19 +74,50 @@ class Package:
                                f"{', '.join(listing) or 'none'}")
         return name
 
-    def load_pickle(self, package: str, resource: str, /) -> ReplicatedObj:
+    def load_pickle(self, package: str, resource: str, /, *,
+                    map_location=None) -> ReplicatedObj:
         """The pickled object ``package/resource`` as a :class:`ReplicatedObj`.
 
         It is loaded at once in one interpreter (so a bad pickle fails here) and
-        lazily in the others.
+        lazily in the others.  ``map_location`` is torch.package's: with a CUDA
+        device (``"cuda:0"``) the host uploads the archive's storages to that
+        GPU once and every interpreter maps them by CUDA IPC, so N interpreters
+        hold one copy of the weights in device memory.
+
+        >>> model = package.load_pickle("model", "model.pkl", map_location="cuda:0")  # doctest: +SKIP
         """
         self._resource(package, resource)
-        replicated = ReplicatedObj(self._manager,
-                                   ("pickle", self._id, self.path, package, resource))
+        location = None if map_location is None else str(map_location)
+        storages = self._device_storages(location) if location and location.startswith("cuda") else None
+        replicated = ReplicatedObj(self._manager, ("pickle", self._id, self.path, package,
+                                                   resource, location, storages))
         self._manager._with_worker(
             lambda worker: worker.request(Op.MATERIALIZE, (replicated._id,),
                                           materializes=replicated._id, recipe=replicated._recipe))
         return replicated
+
+    def _device_storages(self, device: str) -> dict:
+        """The archive's storages on ``device``, uploaded once and kept by the host
+        (the owner of the memory every interpreter maps)."""
+        cached = self._on_device.get(device)
+        if cached is None:
+            import warnings
+
+            import numpy as np
+            import torch
+
+            from ..interp.packages import stored_records
+
+            cached = {}
+            with open(self.path, "rb") as f:
+                data = np.fromfile(f, dtype=np.uint8)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                for name, (offset, size) in stored_records(self.path).items():
+                    if name.startswith(".data/") and name.endswith(".storage"):
+                        cached[name] = torch.from_numpy(data[offset:offset + size]).to(device)
+            self._on_device[device] = cached
+        return cached
 
     def _read(self, package: str, resource: str) -> bytes:
         name = self._resource(package, resource)

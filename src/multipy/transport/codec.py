@@ -170,6 +170,10 @@ class Encoder:
         return (_rebuild, ((HANDLE, self.handles[1](obj)),))
 
     def _reduce_tensor(self, t):
+        if t.is_cuda:
+            from .cuda import reduce_cuda
+
+            return reduce_cuda(t)
         desc = self.describe(t)
         if desc is None:
             return t.__reduce_ex__(5)
@@ -183,7 +187,8 @@ class Encoder:
         if not t.is_cpu or t.layout is not _strided() or t.is_quantized:
             if not t.is_cpu:
                 raise TransportError(
-                    f"a {t.device.type} tensor cannot cross the process boundary; "
+                    f"a {t.device.type} tensor cannot cross the process boundary "
+                    "(CPU tensors cross through shared memory, CUDA tensors by CUDA IPC); "
                     "move it to the CPU first (.cpu())")
             return None  # sparse and quantized tensors are pickled by value
         grad = self.keep_grad and t.requires_grad
@@ -228,8 +233,10 @@ class Decoder:
                  open_shared: Callable[[tuple], Segment] | None = None,
                  on_release: Callable[[int], None] | None = None,
                  find_class: Callable[[str, str], Any] | None = None,
-                 resolve_handle: Callable[[int], Any] | None = None) -> None:
+                 resolve_handle: Callable[[int], Any] | None = None,
+                 own_cuda: bool = False) -> None:
         self.outbound = outbound
+        self.own_cuda = own_cuda
         self.resolve_handle = resolve_handle
         self.own = own
         self.open_shared = open_shared
