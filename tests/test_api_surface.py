@@ -37,6 +37,7 @@ EXPECTED_ALL = [
     "PathEnvironment",
     "ReplicatedObj",
     "TransportError",
+    "interpreter_device",
     "interpreter_id",
     "shared_location",
 ]

@@ -136,8 +136,8 @@ def test_a_movable_shares_its_tensors_by_reference(threads):
 def test_each_interpreter_has_its_own_registered_module_objects(threads):
     a, b = _sessions(threads)
     with a, b:
-        module_ids = [s.global_("builtins", "id")(s.global_("importlib", "import_module")("thread_helpers")).deref()
-                      for s in (a, b)]
+        modules = [s.global_("importlib", "import_module")("thread_helpers") for s in (a, b)]
+        module_ids = [s.global_("builtins", "id")(m).deref() for s, m in zip((a, b), modules)]
         add = [s.global_("thread_helpers", "ident") for s in (a, b)]
         assert module_ids[0] != module_ids[1]
         assert a.global_("builtins", "id")(add[0]).deref() != b.global_("builtins", "id")(add[1]).deref()
@@ -169,7 +169,8 @@ def test_interpreter_id_and_thread_are_per_interpreter(threads):
     for interp in threads.all_instances():
         with interp.acquire_session() as s:
             assert s.global_("multipy", "interpreter_id")().deref() == interp.index
-            assert s.global_("thread_helpers", "thread_name")().deref() == f"multipy-interpreter-{interp.index}"
+            name = s.global_("thread_helpers", "thread_name")().deref()
+            assert name == f"multipy-interpreter-{interp.index}"
     assert multipy.interpreter_id() is None
 
 

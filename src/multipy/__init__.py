@@ -19,6 +19,7 @@ from .runtime import (Environment, Interpreter, InterpreterManager, InterpreterS
                       InterpreterStatistics, ManagerStatistics, NoopEnvironment, Obj, Package,
                       PathEnvironment, ReplicatedObj)
 from .shared import shared_location
+from .transport.cuda import interpreter_device
 
 __version__ = "0.1.0"
 
@@ -45,6 +46,7 @@ __all__ = [
     "PathEnvironment",
     "ReplicatedObj",
     "TransportError",
+    "interpreter_device",
     "interpreter_id",
     "shared_location",
 ]

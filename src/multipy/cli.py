@@ -134,6 +134,12 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--csv", metavar="FILE", help="write deploy_benchmark's CSV here")
     bench.add_argument("--plot", metavar="FILE.png", help="plot throughput against threads")
     bench.add_argument("--backend", choices=_BACKENDS, default="process")
+    bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                       help="where models and inputs live (default: %(default)s); on cuda "
+                       "limit and process_pool are skipped")
+    bench.add_argument("--batch", type=_positive_int, default=1, metavar="N",
+                       help="example inputs repeated along dim 0 to N rows; one work item "
+                       "is one call on N inputs (default: %(default)s)")
     bench.add_argument("--out", metavar="DIR",
                        help="where example archives are written (default: a cache directory)")
     bench.add_argument("--overhead", action="store_true",
@@ -279,6 +285,7 @@ def _cmd_bench(args) -> int:
             _check_dir_writable(Path(path).resolve().parent, option)
     if args.out:
         _check_dir_writable(args.out)
+    device = _bench_device(args.device)
     out, err = Console(), Console(stderr=True)
     strategies = [Strategy(s) for s in args.strategies]
     threads = args.threads or thread_counts(args.max_threads or args.max_interpreters)
@@ -289,10 +296,12 @@ def _cmd_bench(args) -> int:
         with progress_bar(err) as progress:
             sweep = run_sweep(targets, strategies, threads, seconds=args.seconds,
                               max_interpreters=args.max_interpreters, backend=args.backend,
-                              progress=progress)
-        out.print(table(sweep.rows, title=f"multipy bench, {args.seconds:g} s per row, "
-                        f"{os.cpu_count()} cores, {args.backend} backend"))
-        for line in [*sweep.notes, *_limit_ratios(sweep.rows)]:
+                              progress=progress, device=args.device, batch=args.batch)
+        where = f", {device}, batch {args.batch}" if args.device != "cpu" or args.batch > 1 else ""
+        out.print(table(sweep.rows, batch=args.batch,
+                        title=f"multipy bench, {args.seconds:g} s per row, "
+                        f"{os.cpu_count()} cores, {args.backend} backend{where}"))
+        for line in [*sweep.notes, *_limit_ratios(sweep.rows), *_threads_ratios(sweep.rows)]:
             out.print(line)
         if args.csv:
             write_csv(args.csv, sweep.rows)
@@ -300,8 +309,11 @@ def _cmd_bench(args) -> int:
         if args.plot:
             import torch
 
-            save_plot(args.plot, sweep.rows, title=f"multipy bench, {os.cpu_count()} cores, "
-                      f"torch {torch.__version__}")
+            save_plot(args.plot, sweep.rows,
+                      title=f"multipy bench, {device}, batch {args.batch}, "
+                      f"{os.cpu_count()} cores, torch {torch.__version__}",
+                      ylabel="work items / s" if args.batch == 1
+                      else f"work items / s (x {args.batch} = images / s)")
             out.print(f"wrote {args.plot}")
     if args.overhead:
         from .bench.overhead import measure_overhead, overhead_lines, overhead_table
@@ -320,6 +332,42 @@ def _cmd_bench(args) -> int:
         for line in memory_lines(report):
             out.print(line, highlight=False)
     return 0
+
+
+def _bench_device(device: str) -> str:
+    """``--device`` in words for titles (``cuda (NVIDIA H100 80GB HBM3)``); exit 2
+    with one line when CUDA is asked for and torch sees no GPU."""
+    if device != "cuda":
+        return device
+    import torch
+
+    if not torch.cuda.is_available():
+        built = (f"torch {torch.__version__} was built without CUDA"
+                 if torch.version.cuda is None else
+                 f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU")
+        raise UsageError(f"no CUDA device: {built}; run with --device cpu")
+    return f"cuda ({torch.cuda.get_device_name(torch.cuda.current_device())})"
+
+
+def _threads_ratios(rows) -> list[str]:
+    """On CUDA: each multi_python row over the best plain-threads figure of the run
+    (issue 5's target: 8 interpreters ≥ 2 x the best plain threads at batch 1)."""
+    lines = []
+    for bench in dict.fromkeys(r.benchmark for r in rows if r.device != "cpu"):
+        mine = [r for r in rows if r.benchmark == bench]
+        plain = [r for r in mine if r.strategy == "threads"]
+        if not plain:
+            continue
+        best = max(plain, key=lambda r: r.work_items_per_second)
+        if not best.work_items_per_second:
+            continue
+        for r in mine:
+            if r.strategy == "multi_python":
+                ratio = r.work_items_per_second / best.work_items_per_second
+                lines.append(f"{bench}: multi_python x{r.n_threads} = {ratio:.2f} x the best "
+                             f"plain threads ({best.work_items_per_second:,.1f} items/s "
+                             f"at {best.n_threads} threads)")
+    return lines
 
 
 def _limit_ratios(rows) -> list[str]:

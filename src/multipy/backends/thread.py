@@ -7,11 +7,11 @@
     Worker.request(op, args)   [worker lock]
       args ─▶ by_reference.to_interpreter      (Obj ─▶ the object itself,
               tensors by reference, containers copied, anything else pickled)
-      requests.put((op, args, drop)) ─────────▶ requests.get()
+      requests.put((n, op, args, drop)) ──────▶ requests.get()
                                                 InterpreterState.handle(op, args, drop)
                                                   under the caller's grad mode
                                                 result ─▶ by_reference.to_host
-      replies.get(timeout) ◀─────────────────── replies.put((value, error))
+      replies.get(timeout) ◀─────────────────── replies.put((n, value, error))
       value (tensors are the interpreter's own, not copies) / raise rebuilt error
 
 **Actors.**  The *caller* is any host thread holding the worker lock (one
@@ -20,8 +20,10 @@ request in flight per interpreter).  The *interpreter thread* owns one
 ``PackageImporter`` per package, registered modules) and is the only thread
 that runs that interpreter's code; the caller never runs it.  A *channel* is one
 generation of an interpreter: its thread and its two ``queue.SimpleQueue``
-(a C-level lock handoff: about 13 µs per round trip on a GIL build, two thread
-switches).  A restart makes a new channel; the old one is abandoned.
+(C-level lock handoffs; no polling).  A restart makes a new channel; the old
+one is abandoned.  Per call, on a 2-core GIL build: the bare handoff is about
+13 µs (two thread switches), a 1x16 call through ``ReplicatedObj`` about 21 µs
+over a direct call (``multipy bench --overhead --backend thread``).
 
 **What one interpreter isolates.**  Its own ``PackageImporter`` per package (so
 its own copy of every interned module: classes, module globals), its own copy
@@ -31,7 +33,9 @@ by an import hook to that interpreter's thread only), its own object table, its
 own ``multipy.interpreter_id()``, grad mode and torch intra-op thread count
 (OpenMP builds: both are per thread).  *Shared*, by design, with the host and
 the other interpreters: ``sys.modules`` (the standard library, torch, numpy,
-everything imported from ``sys.path``), ``builtins``, ``torch.version``, the
+everything imported from ``sys.path``; a :class:`~multipy.PathEnvironment`'s
+directory is searched by interpreter threads only, but what they import from it
+is then imported for the whole process), ``builtins``, ``torch.version``, the
 process's file descriptors and environment.  ``id(None)`` is the same in every
 interpreter.  Threads started by code inside an interpreter are host threads.
 
@@ -47,13 +51,24 @@ weights are shared by reference between interpreters: every interpreter's
 importer gets its storages from one process-wide mapping of the archive
 (same ``data_ptr``), and ``create_movable`` keeps the tensors themselves.
 
-**Speed.**  On a free-threaded build (3.13t/3.14t with a torch built for it,
-``sys._is_gil_enabled()`` False) the interpreter threads run Python in
-parallel and this is the fastest backend: no copies, no pickling of tensors, no
-processes.  On a GIL build every interpreter still takes the one GIL to run
-Python, so N interpreters are not faster than one for small-op models; they are
-for models whose time is spent in ops that release the GIL (large convolutions
-and matmuls).  ``backend="auto"`` picks ``thread`` only on free-threaded builds.
+Conjugate and negative views are resolved (a copy), as on the wire; results
+made under ``inference_mode`` are inference tensors (the ``process`` backend
+returns ordinary ones); CUDA tensors cross by reference too.
+
+**Speed.**  The speed-up needs a free-threaded CPython (3.13t or 3.14t, where
+``sys._is_gil_enabled()`` is False) with torch and numpy wheels built for it
+(PyTorch publishes experimental cp313t wheels since 2.6; numpy since 2.1).
+There the interpreter threads run Python in parallel and this is the fastest
+backend: no copies, no pickling of tensors, no processes, so N interpreters are
+expected to approach N x one interpreter for small-op models, as TorchScript
+threads do (not measured here: free-threaded CPython cannot be installed on
+these machines).  On a GIL build every interpreter takes the one GIL to run
+Python: N interpreters are no faster than one for small-op models (GIL
+contention; ``multipy bench --backend thread smallops`` on 2 cores gave 2
+interpreters 0.28 and 0.81 of the limit in two runs, 1 interpreter 0.79-0.86),
+and help only when the time goes to ops that release the GIL (large
+convolutions and matmuls).  ``backend="auto"`` picks
+``thread`` only on free-threaded builds.
 
 **torch thread-safety.**  Concurrent calls into one module from several
 threads are reads of shared parameters and are safe; grad mode and
@@ -131,7 +146,8 @@ class ThreadWorker(Worker):
         try:
             ready = channel.replies.get(timeout=timeout)
         except queue.Empty:
-            raise no_start(self.index, f"its thread did not finish starting within {timeout:g} s") from None
+            why = f"its thread did not finish starting within {timeout:g} s"
+            raise no_start(self.index, why) from None
         if ready is not _READY:
             raise no_start(self.index, f"{ready.type_name}: {ready.message}\n{ready.traceback}")
 

@@ -40,6 +40,55 @@ def load_from_archive(archive: str, resource: str) -> Any:
         return PackageImporter(archive).load_pickle("model", resource)
 
 
+def batch_inputs(obj: Any, batch: int, /) -> Any:
+    """``obj`` with every tensor of at least one dimension made ``batch`` rows
+    along dim 0 by repeating its rows (row i is row ``i % rows`` of the example).
+
+    Tuples, lists and dicts are walked; anything else (and 0-d tensors) is
+    left as it is.  ``batch == 1`` returns ``obj`` unchanged.
+
+    Example:
+        >>> import torch
+        >>> batch_inputs((torch.ones(1, 3), 7), 4)[0].shape
+        torch.Size([4, 3])
+    """
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1, got {batch}")
+    if batch == 1:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        if obj.dim() == 0 or obj.shape[0] == batch:
+            return obj
+        if obj.shape[0] == 0:
+            raise ValueError(f"cannot repeat an empty example tensor {tuple(obj.shape)} "
+                             f"to {batch} rows")
+        with torch.no_grad():
+            rows = torch.arange(batch, device=obj.device) % obj.shape[0]
+            return obj.index_select(0, rows)
+    if isinstance(obj, tuple):
+        items = [batch_inputs(x, batch) for x in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
+    if isinstance(obj, list):
+        return [batch_inputs(x, batch) for x in obj]
+    if isinstance(obj, dict):
+        return {k: batch_inputs(v, batch) for k, v in obj.items()}
+    return obj
+
+
+def inputs_to(obj: Any, device: str | torch.device, /) -> Any:
+    """``obj`` with every tensor moved to ``device`` (tuples, lists, dicts walked)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        items = [inputs_to(x, device) for x in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
+    if isinstance(obj, list):
+        return [inputs_to(x, device) for x in obj]
+    if isinstance(obj, dict):
+        return {k: inputs_to(v, device) for k, v in obj.items()}
+    return obj
+
+
 def clone_args(args: tuple) -> tuple:
     """A fresh copy of every tensor argument, as deploy's benchmark made per item."""
     return tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
@@ -53,8 +102,9 @@ def run_item(model, args: tuple) -> Any:
 
 
 # ------------------------------------------------------------------ limit
-def limit_worker(archive: str, seconds: float, barrier, results) -> None:
-    """One of the N independent processes: run the model directly for the window.
+def limit_worker(archive: str, seconds: float, barrier, results, batch: int = 1) -> None:
+    """One of the N independent processes: run the model directly for the window
+    (on the example inputs repeated to ``batch`` rows).
 
     Puts ``(items, elapsed_seconds, latencies_bytes)`` on ``results``, or
     ``("error", text)`` when anything fails (the barrier is aborted so the
@@ -63,7 +113,7 @@ def limit_worker(archive: str, seconds: float, barrier, results) -> None:
     try:
         torch.set_num_threads(1)
         model = load_from_archive(archive, "model.pkl")
-        args = load_from_archive(archive, "example.pkl")
+        args = batch_inputs(load_from_archive(archive, "example.pkl"), batch)
         for _ in range(WARMUP_ITEMS):
             run_item(model, args)
         barrier.wait()

@@ -73,10 +73,12 @@ def _speedups(rows: Sequence[Row], baseline: str) -> dict[Row, float]:
 
 
 def table(rows: Sequence[Row], *, title: str | None = None, baseline: str = "threads",
-          label: Callable[[Row], str] | None = None, p95: bool = True):
+          label: Callable[[Row], str] | None = None, p95: bool = True, batch: int = 1):
     """A rich Table of ``rows``; "vs threads" is throughput over the ``baseline``
     strategy's at the same thread count (blank when it was not measured).
-    ``label`` names a row's strategy (default: the strategy's name)."""
+    ``label`` names a row's strategy (default: the strategy's name).  With
+    ``batch`` > 1 an "images/s" column gives items/s x batch (an item is one
+    call on ``batch`` inputs)."""
     from rich.table import Table
 
     speedups = _speedups(rows, baseline)
@@ -87,6 +89,8 @@ def table(rows: Sequence[Row], *, title: str | None = None, baseline: str = "thr
     out.add_column("strategy")
     out.add_column("threads", justify="right")
     out.add_column("items/s", justify="right")
+    if batch > 1:
+        out.add_column("images/s", justify="right")
     out.add_column("p50 ms", justify="right")
     if p95:
         out.add_column("p95 ms", justify="right")
@@ -94,14 +98,17 @@ def table(rows: Sequence[Row], *, title: str | None = None, baseline: str = "thr
     for r in rows:
         speedup = speedups.get(r)
         cells = [label(r) if label else r.strategy, str(r.n_threads),
-                 f"{r.work_items_per_second:,.1f}", f"{r.p50_latency:.3f}",
+                 f"{r.work_items_per_second:,.1f}",
+                 *([f"{r.work_items_per_second * batch:,.1f}"] if batch > 1 else []),
+                 f"{r.p50_latency:.3f}",
                  *([f"{r.p95_latency:.3f}"] if p95 else []),
                  f"{speedup:.2f}x" if speedup is not None else ""]
         out.add_row(*([r.benchmark] if several else []), *cells)
     return out
 
 
-def plot(path: str | os.PathLike, rows: Sequence[Row], *, title: str | None = None) -> None:
+def plot(path: str | os.PathLike, rows: Sequence[Row], *, title: str | None = None,
+         ylabel: str = "work items / s") -> None:
     """Save a PNG of throughput against threads, one line per strategy and one
     panel per benchmark (matplotlib, Agg backend: no display needed)."""
     import matplotlib
@@ -121,7 +128,7 @@ def plot(path: str | os.PathLike, rows: Sequence[Row], *, title: str | None = No
         ax.set_xticks(sorted({r.n_threads for r in mine}))
         ax.set_title(bench)
         ax.set_xlabel("host threads (processes for limit)")
-        ax.set_ylabel("work items / s")
+        ax.set_ylabel(ylabel)
         ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.3)
         ax.legend()

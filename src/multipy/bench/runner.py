@@ -94,11 +94,11 @@ def run_rows(fx: Fixtures, plan: Sequence[tuple[Strategy, int]], *, seconds: flo
     A strategy that cannot run on the target (``jit`` without a ``_jit.pt``)
     is left out with a note.  ``progress`` is a rich Progress to draw on.
     """
-    task = progress.add_task(fx.target.name, total=len(plan)) if progress is not None else None
+    name = fx.name
+    task = progress.add_task(name, total=len(plan)) if progress is not None else None
     rows: list[Row] = []
     notes: list[str] = []
     skipped: set[Strategy] = set()
-    name = fx.target.name
 
     def show(**fields) -> None:
         if progress is not None:
@@ -121,15 +121,20 @@ def run_rows(fx: Fixtures, plan: Sequence[tuple[Strategy, int]], *, seconds: flo
                                      f"{type(exc).__name__}: {detail[0] if detail else ''}"
                                      ) from exc
                 else:
-                    rows.append(Row.of(name, strategy.value, result))
+                    rows.append(Row.of(name, strategy.value, result, device=fx.device))
             show(completed=done + 1)
     return Sweep(tuple(rows), tuple(notes))
 
 
 def run_sweep(targets: Sequence[str | Target], strategies: Sequence[Strategy],
               threads: Sequence[int], *, seconds: float, max_interpreters: int,
-              backend: str = "process", progress=None) -> Sweep:
+              backend: str = "process", progress=None, device: str = "cpu",
+              batch: int = 1) -> Sweep:
     """Measure every strategy at every thread count on every target.
+
+    ``device`` (``"cpu"``, ``"cuda"``) is where the models and inputs live;
+    ``batch`` repeats the example inputs to that many rows, and rows are then
+    named ``<target>@b<batch>`` (see :class:`Fixtures`).
 
     Thread counts are the outer loop so that ``one_python`` and
     ``multi_python`` share one manager per count.  ``limit`` rows stop at
@@ -143,7 +148,8 @@ def run_sweep(targets: Sequence[str | Target], strategies: Sequence[Strategy],
     rows: list[Row] = []
     notes: list[str] = []
     for target in resolved:
-        with Fixtures(target, max_interpreters=max_interpreters, backend=backend) as fx:
+        with Fixtures(target, max_interpreters=max_interpreters, backend=backend,
+                      device=device, batch=batch) as fx:
             sweep = run_rows(fx, plan, seconds=seconds, progress=progress)
         rows.extend(sorted(sweep.rows, key=lambda r: (order[r.strategy], r.n_threads)))
         notes.extend(sweep.notes)

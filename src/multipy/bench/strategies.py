@@ -16,6 +16,26 @@ Every item copies its inputs first (as deploy's benchmark did) and runs under
 ``torch.set_num_threads(1)`` (the runner sets it) and interpreters are created
 with ``num_threads=1``, so n workers use at most n cores.
 
+Inputs are the archive's example inputs (``model/example.pkl``), every tensor
+repeated along dim 0 to ``batch`` rows (:func:`batch_inputs`) and moved to the
+device.  On CUDA (``device="cuda"``):
+
+* ``threads``: the eager model moved to the GPU (``.to(device)``), shared by n
+  host threads on the default stream: what plain Python users do.
+* ``jit``: the TorchScript reference loaded with ``map_location=device``.
+* ``one_python``/``multi_python``: ``load_pickle(..., map_location=device)``:
+  the host uploads the weights once and every interpreter maps them by CUDA
+  IPC; arguments cross by CUDA IPC and results come back as host-owned device
+  tensors.  Each host thread has a CUDA stream of its own, so one thread's
+  wait never includes another thread's work.
+* ``limit``, ``process_pool``: skipped (they measure the CPU).
+
+An item on CUDA ends with ``torch.cuda.current_stream().synchronize()`` on the
+thread that ran it, so latency and throughput count finished work: for the
+multipy strategies the host's copy of the result waits (on the host thread's
+stream) for the interpreter's event, so syncing that stream waits for the
+interpreter's kernels too.  A work item is one call, ``batch`` inputs.
+
 Example:
     >>> with Fixtures(target, max_interpreters=2) as fx:       # doctest: +SKIP
     ...     STRATEGIES[Strategy.MULTI_PYTHON](fx, 2, 1.0).work_items_per_second
@@ -35,10 +55,12 @@ import torch
 
 from ..runtime import InterpreterManager
 from . import _child
+from ._child import batch_inputs, inputs_to
 from .harness import Result, run_threads
 from .targets import Target
 
-__all__ = ["STRATEGIES", "Fixtures", "Skipped", "Strategy"]
+__all__ = ["STRATEGIES", "Fixtures", "Skipped", "Strategy", "batch_inputs", "benchmark_name",
+           "inputs_to"]
 
 Tick = Callable[[float], None]
 
@@ -58,21 +80,43 @@ class Skipped(Exception):
     """A strategy that cannot run on this target (e.g. no TorchScript reference)."""
 
 
+def benchmark_name(name: str, batch: int = 1, /) -> str:
+    """The CSV ``benchmark`` of a target at a batch size: ``resnet``, ``resnet@b8``.
+
+    Example:
+        >>> benchmark_name("resnet", 1), benchmark_name("resnet", 8)
+        ('resnet', 'resnet@b8')
+    """
+    return name if batch == 1 else f"{name}@b{batch}"
+
+
 class Fixtures:
     """What the strategies share for one target: its inputs, host-side models
     loaded once, and one manager at a time (kept while the thread count that
     needs its size is being measured, so one_python and multi_python reuse it).
 
     Loading the archive in the host runs its code, as loading it anywhere does.
+    ``device`` is ``"cpu"`` or a CUDA device (``"cuda"``, ``"cuda:1"``);
+    ``batch`` repeats the example inputs to that many rows (:func:`batch_inputs`).
     """
 
     def __init__(self, target: Target, /, *, max_interpreters: int, backend: str = "process",
-                 on_status: Callable[[str], None] | None = None) -> None:
+                 on_status: Callable[[str], None] | None = None, device: str = "cpu",
+                 batch: int = 1) -> None:
         self.target = target
         self.max_interpreters = max_interpreters
         self.backend = backend
         self.on_status = on_status or (lambda text: None)
-        self.args: tuple = _child.load_from_archive(str(target.archive), "example.pkl")
+        self.device = str(device)
+        self.cuda = torch.device(self.device).type == "cuda"
+        self.batch = batch
+        #: The ``benchmark`` column of this target's rows (``resnet@b8`` at batch 8).
+        self.name = benchmark_name(target.name, batch)
+        args = batch_inputs(_child.load_from_archive(str(target.archive), "example.pkl"), batch)
+        if self.cuda:
+            args = inputs_to(args, self.device)
+            torch.cuda.synchronize(self.device)
+        self.args: tuple = args
         self._eager = None
         self._jit = None
         self._manager: InterpreterManager | None = None
@@ -83,7 +127,10 @@ class Fixtures:
     def eager(self):
         """The eager model, loaded into the host once."""
         if self._eager is None:
-            self._eager = _child.load_from_archive(str(self.target.archive), "model.pkl")
+            eager = _child.load_from_archive(str(self.target.archive), "model.pkl")
+            if self.cuda:
+                eager = eager.to(self.device)
+            self._eager = eager
         return self._eager
 
     def jit(self):
@@ -91,7 +138,8 @@ class Fixtures:
         if self.target.jit is None:
             raise Skipped(f"no TorchScript reference {self.target.name}_jit.pt next to the archive")
         if self._jit is None:
-            self._jit = torch.jit.load(str(self.target.jit))
+            self._jit = (torch.jit.load(str(self.target.jit), map_location=self.device)
+                         if self.cuda else torch.jit.load(str(self.target.jit)))
         return self._jit
 
     def replicated(self, interpreters: int):
@@ -102,16 +150,59 @@ class Fixtures:
             self.on_status(f"starting {interpreters} interpreter(s)")
             manager = InterpreterManager(interpreters, backend=self.backend, num_threads=1)
             try:
-                model = manager.load_package(self.target.archive).load_pickle("model", "model.pkl")
-                for interp in manager.all_instances():
-                    with model.acquire_session(interp) as session:
-                        session.self(*self.args)
+                location = self.device if self.cuda else None
+                model = manager.load_package(self.target.archive).load_pickle(
+                    "model", "model.pkl", map_location=location)
+                self._warm_up(model, manager.all_instances())
             except BaseException:
                 manager.close()
                 raise
             self._manager, self._model = manager, model
         self._manager.debug_limit_interpreters(interpreters)
         return self._manager, self._model
+
+    def _warm_up(self, model, interpreters) -> None:
+        """One call on every interpreter (in parallel: on CUDA each one creates its
+        context and loads its kernels here, before any clock starts)."""
+        def warm(interp) -> None:
+            with model.acquire_session(interp) as session, torch.inference_mode():
+                session.self(*_child.clone_args(self.args))
+            if self.cuda:
+                torch.cuda.current_stream().synchronize()
+
+        interpreters = list(interpreters)
+        if len(interpreters) == 1:
+            warm(interpreters[0])
+            return
+        with concurrent.futures.ThreadPoolExecutor(len(interpreters),
+                                                   thread_name_prefix="bench-warm") as pool:
+            for future in [pool.submit(warm, interp) for interp in interpreters]:
+                future.result()
+
+    def item(self, model, *, own_stream: bool = False) -> Callable[[], Any]:
+        """One work item on ``model``: fresh input copies, inference mode and, on
+        CUDA, a sync of the calling thread's current stream so the item is finished.
+
+        Call it on the thread that will run the items: with ``own_stream`` (CUDA)
+        that thread gets a stream of its own first.
+        """
+        args = self.args
+        if not self.cuda:
+            return lambda: _child.run_item(model, args)
+        if own_stream:
+            torch.cuda.set_stream(torch.cuda.Stream(self.device))
+
+        def item() -> Any:
+            out = _child.run_item(model, args)
+            torch.cuda.current_stream().synchronize()
+            return out
+        return item
+
+    def cpu_only(self, strategy: "Strategy") -> None:
+        """Raise :class:`Skipped` for a strategy that measures the CPU, on CUDA."""
+        if self.cuda:
+            raise Skipped(f"{strategy.value} runs on the CPU only; not measured with "
+                          f"--device {self.device}")
 
     # -- lifetime ------------------------------------------------------------------
     def _close_manager(self) -> None:
@@ -130,19 +221,23 @@ class Fixtures:
         self.close()
 
 
-def _host_threads(model, args: tuple, n: int, seconds: float, on_tick: Tick | None) -> Result:
-    return run_threads(lambda i: lambda: _child.run_item(model, args), n, seconds, on_tick=on_tick)
+def _host_threads(fx: Fixtures, model, n: int, seconds: float, on_tick: Tick | None, *,
+                  own_stream: bool = False) -> Result:
+    return run_threads(lambda i: fx.item(model, own_stream=own_stream), n, seconds,
+                       on_tick=on_tick)
 
 
 # ------------------------------------------------------------------ strategies
 def run_limit(fx: Fixtures, n: int, seconds: float, on_tick: Tick | None = None) -> Result:
     """n independent processes, each running the model directly, started together."""
+    fx.cpu_only(Strategy.LIMIT)
     n = min(n, fx.max_interpreters)
     ctx = fx.mp_context
     barrier = ctx.Barrier(n)
     results = ctx.Queue()
     procs = [ctx.Process(target=_child.limit_worker, name=f"multipy-bench-limit-{i}",
-                         args=(str(fx.target.archive), seconds, barrier, results), daemon=True)
+                         args=(str(fx.target.archive), seconds, barrier, results, fx.batch),
+                         daemon=True)
              for i in range(n)]
     for p in procs:
         p.start()
@@ -178,7 +273,7 @@ def run_one_python(fx: Fixtures, n: int, seconds: float, on_tick: Tick | None = 
     manager, model = fx.replicated(min(n, fx.max_interpreters))
     manager.debug_limit_interpreters(1)
     try:
-        return _host_threads(model, fx.args, n, seconds, on_tick)
+        return _host_threads(fx, model, n, seconds, on_tick, own_stream=True)
     finally:
         manager.debug_limit_interpreters(len(manager))
 
@@ -186,18 +281,18 @@ def run_one_python(fx: Fixtures, n: int, seconds: float, on_tick: Tick | None = 
 def run_multi_python(fx: Fixtures, n: int, seconds: float, on_tick: Tick | None = None) -> Result:
     """n host threads on min(n, max_interpreters) interpreters."""
     _, model = fx.replicated(min(n, fx.max_interpreters))
-    return _host_threads(model, fx.args, n, seconds, on_tick)
+    return _host_threads(fx, model, n, seconds, on_tick, own_stream=True)
 
 
 def run_jit(fx: Fixtures, n: int, seconds: float, on_tick: Tick | None = None) -> Result:
     """n host threads sharing the TorchScript reference (TorchScript releases the GIL)."""
-    return _host_threads(fx.jit(), fx.args, n, seconds, on_tick)
+    return _host_threads(fx, fx.jit(), n, seconds, on_tick)
 
 
 def run_threads_baseline(fx: Fixtures, n: int, seconds: float,
                          on_tick: Tick | None = None) -> Result:
     """n host threads sharing one eager model: what plain Python gives, under one GIL."""
-    return _host_threads(fx.eager(), fx.args, n, seconds, on_tick)
+    return _host_threads(fx, fx.eager(), n, seconds, on_tick)
 
 
 def run_process_pool(fx: Fixtures, n: int, seconds: float, on_tick: Tick | None = None) -> Result:
@@ -207,6 +302,7 @@ def run_process_pool(fx: Fixtures, n: int, seconds: float, on_tick: Tick | None 
     its pipes; torch's own reducers move tensor storages via shared-memory
     file descriptors).
     """
+    fx.cpu_only(Strategy.PROCESS_POOL)
     archive = str(fx.target.archive)
     with concurrent.futures.ProcessPoolExecutor(
             n, mp_context=fx.mp_context, initializer=_child.pool_init,

@@ -31,7 +31,9 @@ What ``ThreadModules`` isolates and what it does not:
   before any hook, so a registered name that the host process has already
   imported as an ordinary module resolves to the host's module for ``import``
   statements (``importlib.import_module`` and ``session.global_`` still give the
-  interpreter's registered copy).
+  interpreter's registered copy); a registered submodule of an ordinary package
+  (``"json.extra"``) is set as an attribute of that shared package by whichever
+  interpreter imported it last: import it by its full name.
 """
 
 from __future__ import annotations

@@ -182,6 +182,7 @@ class InterpreterState:
         else:
             with context:
                 result = fn(*self.resolve(args), **self.resolve(kwargs))
+        _use_own_stream()  # the call may have been the first to touch CUDA
         return self._store(result) if want_handle else result
 
     def _attr(self, target, name: str) -> Handle:
@@ -253,9 +254,12 @@ class InterpreterState:
         fn = obj if method is None else getattr(obj, method)
         context = _grad_change(grad_mode)
         if context is None:
-            return fn(*self.resolve(args), **self.resolve(kwargs))
-        with context:
-            return fn(*self.resolve(args), **self.resolve(kwargs))
+            result = fn(*self.resolve(args), **self.resolve(kwargs))
+        else:
+            with context:
+                result = fn(*self.resolve(args), **self.resolve(kwargs))
+        _use_own_stream()  # the call may have been the first to touch CUDA
+        return result
 
     def _hasattr_replicated(self, rid, name, recipe) -> bool:
         return hasattr(self._replicated(rid, recipe), name)

@@ -64,5 +64,9 @@ def ensure_stream() -> None:
     import torch
 
     if getattr(_local, "stream", None) is None and torch.cuda.is_initialized():
-        _local.stream = torch.cuda.Stream()
-        torch.cuda.set_stream(_local.stream)
+        stream = torch.cuda.Stream()
+        # Work already queued on the default stream (IPC event waits of the first
+        # decoded arguments, the first ops) must finish before the new stream's.
+        stream.wait_stream(torch.cuda.default_stream())
+        _local.stream = stream
+        torch.cuda.set_stream(stream)

@@ -1,0 +1,127 @@
+"""CUDA across interpreters: weights uploaded once and mapped by CUDA IPC,
+CUDA tensors crossing by IPC, a stream per interpreter, device placement.
+
+torch::deploy's GPU tests (SimpleModel on CUDA equal to its JIT reference,
+UsesCuda) plus the transport's lifetime rule.  Every test skips with its reason
+where no GPU is present; they run on the GPU machine.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+import multipy
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="no CUDA device on this machine")
+
+INTERPRETERS = 2
+
+
+@pytest.fixture(scope="module")
+def manager():
+    with multipy.InterpreterManager(INTERPRETERS) as m:
+        m.register_module_source("gpu_helpers", GPU_HELPERS)
+        yield m
+
+
+GPU_HELPERS = '''
+import torch, multipy
+
+def double(x):
+    return x * 2
+
+def describe(x):
+    return (x.device.type, x.device.index, float(x.sum()))
+
+def stream_and_device():
+    x = torch.ones(1, device=multipy.interpreter_device())
+    s = torch.cuda.current_stream()
+    return (s != torch.cuda.default_stream(), str(x.device))
+
+def allocated():
+    return torch.cuda.memory_allocated()
+
+def weight_devices(model):
+    return sorted({str(p.device) for p in model.parameters()})
+'''
+
+
+def test_simple_model_on_cuda_equals_its_jit_reference(manager, examples, example_inputs):
+    path = examples["simple"]
+    (x,) = example_inputs(path)
+    model = manager.load_package(path).load_pickle("model", "model.pkl", map_location="cuda:0")
+    reference = torch.jit.load(str(path).replace(".pt", "_jit.pt"), map_location="cuda:0")
+    for _ in range(3):
+        out = model(x.cuda())
+        assert out.device.type == "cuda"
+        torch.testing.assert_close(out, reference(x.cuda()), rtol=1e-3, atol=1e-5)
+
+
+def test_uses_cuda_sees_the_gpu_inside_an_interpreter(manager, examples, example_inputs):
+    path = examples["uses_cuda"]
+    (x,) = example_inputs(path)
+    model = manager.load_package(path).load_pickle("model", "model.pkl")
+    out = model(x)
+    assert out.device.type == "cuda"
+    torch.testing.assert_close(out.cpu(), x + 1)
+    with manager.acquire_one() as s:
+        assert s.global_("torch.cuda", "is_available")().deref() is True
+
+
+def test_cuda_tensors_cross_by_ipc_not_through_host_memory(manager):
+    x = torch.arange(12.0, device="cuda").reshape(3, 4)
+    with manager.acquire_one() as s:
+        double = s.global_("gpu_helpers", "double")
+        worker = manager._workers[s.interpreter_index]
+        out = double.call_value(x)
+        assert worker._encoder.placed == []  # nothing went into the shared-memory arena
+        device, index, total = s.global_("gpu_helpers", "describe").call_value(x)
+    assert (device, index, total) == ("cuda", 0, float(x.sum()))
+    assert out.device.type == "cuda"
+    torch.testing.assert_close(out, x * 2)
+
+
+def test_cuda_results_stay_valid_after_their_interpreter_dies(manager):
+    x = torch.ones(1000, device="cuda")
+    interp = manager.all_instances()[0]
+    with interp.acquire_session() as s:
+        out = s.global_("gpu_helpers", "double").call_value(x)
+        pid = s.global_("os", "getpid")().deref()
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(0.5)
+    torch.cuda.synchronize()
+    assert float(out.sum()) == 2000.0  # the host owns a copy, not a mapping of dead memory
+
+
+def test_weights_are_uploaded_once_and_mapped_by_every_interpreter(manager, examples):
+    path = examples["resnet"]
+    package = manager.load_package(path)
+    before = [None] * len(manager)
+    for interp in manager.all_instances():
+        with interp.acquire_session() as s:
+            before[interp.index] = s.global_("gpu_helpers", "allocated")().deref()
+    host_before = torch.cuda.memory_allocated()
+    model = package.load_pickle("model", "model.pkl", map_location="cuda:0")
+    weights = sum(p.numel() * p.element_size()
+                  for p in torch.package.PackageImporter(str(path)).load_pickle("model", "model.pkl").state_dict().values())
+    host_growth = torch.cuda.memory_allocated() - host_before
+    assert 0.9 * weights <= host_growth <= 1.2 * weights, (host_growth, weights)
+    for interp in manager.all_instances():
+        with model.acquire_session(interp) as s:
+            assert s.global_("gpu_helpers", "weight_devices")(s.self).deref() == ["cuda:0"]
+            grown = s.global_("gpu_helpers", "allocated")().deref() - before[interp.index]
+            assert grown < 0.05 * weights, f"interpreter {interp.index} allocated its own weights"
+
+
+def test_each_interpreter_runs_on_its_own_stream_and_device(manager):
+    for interp in manager.all_instances():
+        with interp.acquire_session() as s:
+            own_stream, device = s.global_("gpu_helpers", "stream_and_device")().deref()
+        assert own_stream
+        assert device == f"cuda:{interp.index % torch.cuda.device_count()}"
