@@ -358,8 +358,9 @@ def test_closing_during_a_call_interrupts_it_with_manager_closed():
 
     thread = threading.Thread(target=run)
     thread.start()
-    while m.statistics().interpreters[0].calls < 2:  # global_ done, spin running
+    while m.statistics().interpreters[0].calls < 1:  # global_ done
         thread.join(0.01)
+    thread.join(0.3)  # spin() is running
     m.close(timeout=0.2)
     thread.join(10)
     assert not thread.is_alive()

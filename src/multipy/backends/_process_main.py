@@ -169,5 +169,4 @@ class Loop:
             out.flush()
             err.flush()
             out.dirty = err.dirty = False
-        reply = Reply(value, error, tuple(pinned), tuple(unpinned))
-        return pickle.dumps((reply, output), protocol=5)
+        return pickle.dumps(Reply(value, error, pinned, tuple(unpinned), output), protocol=5)

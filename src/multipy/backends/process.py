@@ -195,7 +195,7 @@ class ProcessWorker(Worker):
         blob = encoder.encode(args, "arguments")  # TransportError: nothing sent, nothing lost
         placed = encoder.placed
         freed = drain(self._freed)
-        data = pickle.dumps(Request(op, blob, drop, freed), protocol=5)
+        data = pickle.dumps(Request(int(op), blob, drop, freed), protocol=5)
         try:
             write_frame(self._req_w, data)
         except (BrokenPipeError, ConnectionResetError):
@@ -213,7 +213,7 @@ class ProcessWorker(Worker):
         if frame is None:
             raise self._crashed("while starting" if starting else "while running a call")
         try:
-            reply, output = parse_reply(frame)
+            reply = parse_reply(frame)
         except TransportError as exc:
             raise self._desynchronised(exc) from None
         pins = self._pins
@@ -221,7 +221,7 @@ class ProcessWorker(Worker):
             pins.discard(offset)
             self._args.free(offset)
         self._release_placed(placed, reply.pinned)
-        if output:
+        if reply.output:
             self._out.drain()
             self._err.drain()
         value = None
@@ -230,7 +230,7 @@ class ProcessWorker(Worker):
                 value = self._decoder.decode(reply.value)
             except Exception as exc:
                 raise TransportError(
-                    f"the result of {op.name.lower()} in interpreter {self.index} could not be "
+                    f"the result of {Op(op).name.lower()} in interpreter {self.index} could not be "
                     f"rebuilt in the host: {exc}. Types defined inside a package exist only in "
                     "the interpreters; return plain values or tensors, or keep an Obj handle.") from exc
         return value, reply.error

@@ -153,15 +153,21 @@ class _Driver:
         except BaseException as exc:
             self.failure = f"{type(exc).__name__}: {exc}"
         finally:
-            for fd in self._sub_fds:  # a caller waiting on the reply pipe sees end-of-file
-                _close(fd)
+            req_r, rep_w, intr_r = self._sub_fds
+            _close(rep_w)  # a caller waiting on the reply pipe sees end-of-file
+            _close(req_r)
             if iid is not None:
                 try:
+                    # The watchdog thread inside still selects on intr_r: stop it
+                    # before that descriptor is closed (and its number reused).
                     interpreters.exec(iid, _SHUTDOWN)
+                    _close(intr_r)
                     interpreters.destroy(iid)
                 except Exception as exc:
                     print(f"multipy: subinterpreter {self.index} could not be destroyed: {exc}",
                           file=sys.stderr)
+            else:
+                _close(intr_r)
             self.started.set()
             self.finished.set()
             _live.discard(self)
@@ -169,9 +175,9 @@ class _Driver:
     # -- used by the worker ---------------------------------------------------
     def enter(self) -> None:
         with self._mutex:
-            if not self._host_open:
-                raise InterpreterCrashedError(
-                    f"subinterpreter {self.index} was stopped", index=self.index)
+            if self._stopping:  # only closing the manager stops a driver still in use
+                raise ManagerClosedError(
+                    f"the manager was closed before interpreter {self.index} got this call")
             self._busy = True
 
     def leave(self) -> None:

@@ -107,15 +107,21 @@ class Fixtures:
         self.max_interpreters = max_interpreters
         self.backend = backend
         self.on_status = on_status or (lambda text: None)
+        #: The device as asked for (``"cuda"``): the CSV ``device`` column.
         self.device = str(device)
-        self.cuda = torch.device(self.device).type == "cuda"
+        placement = torch.device(self.device)
+        self.cuda = placement.type == "cuda"
+        if self.cuda and placement.index is None:
+            placement = torch.device("cuda", torch.cuda.current_device())
+        #: Where models and inputs are placed (``"cuda:0"`` for ``"cuda"``).
+        self.placement = str(placement)
         self.batch = batch
         #: The ``benchmark`` column of this target's rows (``resnet@b8`` at batch 8).
         self.name = benchmark_name(target.name, batch)
         args = batch_inputs(_child.load_from_archive(str(target.archive), "example.pkl"), batch)
         if self.cuda:
-            args = inputs_to(args, self.device)
-            torch.cuda.synchronize(self.device)
+            args = inputs_to(args, self.placement)
+            torch.cuda.synchronize(self.placement)
         self.args: tuple = args
         self._eager = None
         self._jit = None
@@ -129,7 +135,7 @@ class Fixtures:
         if self._eager is None:
             eager = _child.load_from_archive(str(self.target.archive), "model.pkl")
             if self.cuda:
-                eager = eager.to(self.device)
+                eager = eager.to(self.placement)
             self._eager = eager
         return self._eager
 
@@ -138,7 +144,7 @@ class Fixtures:
         if self.target.jit is None:
             raise Skipped(f"no TorchScript reference {self.target.name}_jit.pt next to the archive")
         if self._jit is None:
-            self._jit = (torch.jit.load(str(self.target.jit), map_location=self.device)
+            self._jit = (torch.jit.load(str(self.target.jit), map_location=self.placement)
                          if self.cuda else torch.jit.load(str(self.target.jit)))
         return self._jit
 
@@ -150,7 +156,7 @@ class Fixtures:
             self.on_status(f"starting {interpreters} interpreter(s)")
             manager = InterpreterManager(interpreters, backend=self.backend, num_threads=1)
             try:
-                location = self.device if self.cuda else None
+                location = self.placement if self.cuda else None
                 model = manager.load_package(self.target.archive).load_pickle(
                     "model", "model.pkl", map_location=location)
                 self._warm_up(model, manager.all_instances())
@@ -190,7 +196,7 @@ class Fixtures:
         if not self.cuda:
             return lambda: _child.run_item(model, args)
         if own_stream:
-            torch.cuda.set_stream(torch.cuda.Stream(self.device))
+            torch.cuda.set_stream(torch.cuda.Stream(self.placement))
 
         def item() -> Any:
             out = _child.run_item(model, args)

@@ -1,8 +1,8 @@
 """The wire vocabulary between the host and an interpreter.
 
 A request names one operation (:class:`Op`) and its arguments; a reply carries
-either a value or a :class:`RemoteException`.  Both are tiny frozen records so
-that pickling them costs little on the hot path.  Piggy-backed housekeeping
+either a value or a :class:`RemoteException`.  Both are tiny frozen records
+(named tuples: the cheapest typed record to pickle on the hot path).  Piggy-backed housekeeping
 (objects the host dropped, result blocks it freed) rides on requests so that it
 never needs a round trip of its own.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Any
+from typing import Any, NamedTuple
 
 
 class Op(enum.IntEnum):
@@ -55,21 +55,19 @@ class Handle:
         return (Handle, (self.id,))
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Request:
+class Request(NamedTuple):
     """One operation for an interpreter.
 
-    ``drop`` lists object-table ids and replicated ids the host released;
-    ``freed`` lists result-arena blocks whose host tensors were garbage collected.
+    ``op`` is an :class:`Op` sent as a plain int (an enum member costs a global
+    lookup to unpickle); ``args`` is the encoded argument tuple; ``drop`` lists
+    object-table ids and replicated ids the host released; ``freed`` lists
+    result-arena blocks whose host tensors were garbage collected.
     """
 
-    op: Op
-    args: tuple
+    op: int
+    args: bytes
     drop: tuple = ()
     freed: tuple = ()
-
-    def __reduce__(self):
-        return (Request, (self.op, self.args, self.drop, self.freed))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -89,21 +87,21 @@ class RemoteException:
         return (RemoteException, (self.type_name, self.message, self.traceback, self.pickled))
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Reply:
+class Reply(NamedTuple):
     """The outcome of one request.
 
-    ``pinned`` lists argument blocks the interpreter still references after the
-    call (the host must not reuse them); ``unpinned`` lists blocks it let go of.
+    ``value`` is the encoded result (``None`` for ``None``); ``pinned`` lists
+    argument blocks the interpreter still references after the call (the host
+    must not reuse them); ``unpinned`` lists blocks it let go of; ``output``
+    says the interpreter wrote to stdout/stderr (the host drains it before
+    returning, so prints appear in order).
     """
 
-    value: Any = None
+    value: bytes | None = None
     error: RemoteException | None = None
     pinned: tuple = ()
     unpinned: tuple = ()
-
-    def __reduce__(self):
-        return (Reply, (self.value, self.error, self.pinned, self.unpinned))
+    output: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -121,8 +119,8 @@ class MovablePayload:
         return (MovablePayload, (self.data, self.segment))
 
 
-def parse_reply(frame: bytes, /) -> tuple[Reply, bool]:
-    """Decode a reply frame ``(Reply, output written?)``, checking its shape.
+def parse_reply(frame: bytes, /) -> Reply:
+    """Decode a reply frame, checking its shape.
 
     Anything else (corrupt bytes, a desynchronised stream) raises
     :class:`~multipy.errors.TransportError`; nothing in the frame can make this
@@ -133,8 +131,8 @@ def parse_reply(frame: bytes, /) -> tuple[Reply, bool]:
     from ..errors import TransportError
 
     try:
-        reply, output = pickle.loads(frame)
-        ok = (type(reply) is Reply and type(output) is bool
+        reply = pickle.loads(frame)
+        ok = (type(reply) is Reply and type(reply.output) is bool
               and (reply.value is None or type(reply.value) is bytes)
               and (reply.error is None or type(reply.error) is RemoteException)
               and type(reply.pinned) is tuple and type(reply.unpinned) is tuple
@@ -142,5 +140,5 @@ def parse_reply(frame: bytes, /) -> tuple[Reply, bool]:
     except Exception as exc:
         raise TransportError(f"malformed reply frame ({len(frame)} bytes): {exc!r}") from None
     if not ok:
-        raise TransportError(f"malformed reply frame ({len(frame)} bytes): not a (Reply, bool) pair")
-    return reply, output
+        raise TransportError(f"malformed reply frame ({len(frame)} bytes): not a Reply")
+    return reply
