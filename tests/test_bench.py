@@ -14,9 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from multipy.bench import (CSV_COLUMNS, Row, Strategy, read_csv, run_sweep, run_threads,
-                           thread_counts, write_csv)
+from multipy.bench import (CSV_COLUMNS, Fixtures, Row, Strategy, read_csv, run_sweep,
+                           run_threads, table, thread_counts, write_csv)
+from multipy.bench.strategies import batch_inputs, benchmark_name
 from multipy.bench.targets import TargetError, resolve_target
+
+needs_cuda = pytest.mark.skipif(
+    not __import__("torch").cuda.is_available(), reason="needs a CUDA device (torch sees no GPU)")
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +100,55 @@ def test_csv_has_deploy_benchmarks_header_and_one_line_per_row(tmp_path):
     assert back[0]["device"] == "cpu"
 
 
+def test_the_table_adds_images_per_second_at_a_batch_above_one():
+    from rich.console import Console
+
+    rows = [Row("resnet@b8", "threads", 1, 10, 20.0, 1.0, 2.0, 3.0, "cuda")]
+
+    def render(**kwargs) -> str:
+        console = Console(record=True, width=200)
+        console.print(table(rows, **kwargs))
+        return console.export_text()
+
+    assert "images/s" not in render()
+    text = render(batch=8)
+    assert "images/s" in text and "160.0" in text  # 20 items/s x 8
+
+
+# ------------------------------------------------------------------ batching
+def test_batch_inputs_repeats_every_tensor_along_dim_0_to_batch_rows():
+    import torch
+
+    image = torch.randn(1, 3, 4, 4)
+    pair = torch.arange(6.0).reshape(2, 3)
+    scalar = torch.tensor(2.0)
+    out = batch_inputs((image, [pair, {"s": scalar, "k": 3}], "text"), 5)
+    big, (rows, extra), text = out
+    assert big.shape == (5, 3, 4, 4)
+    assert all(torch.equal(big[i], image[0]) for i in range(5))
+    assert rows.shape == (5, 3)  # rows cycle: 0, 1, 0, 1, 0
+    assert torch.equal(rows, pair[[0, 1, 0, 1, 0]])
+    assert extra["s"] is scalar and extra["k"] == 3 and text == "text"
+    assert big.is_contiguous() and big.data_ptr() != image.data_ptr()
+    same = (image,)
+    assert batch_inputs(same, 1) is same  # batch 1: the example as it is
+    with pytest.raises(ValueError, match="at least 1"):
+        batch_inputs(same, 0)
+    assert benchmark_name("resnet", 1) == "resnet"
+    assert benchmark_name("resnet", 8) == "resnet@b8"
+
+
+def test_fixtures_feed_the_model_the_batched_example_and_name_rows_by_batch(cache):
+    import torch
+
+    with Fixtures(resolve_target("smallops", out=cache), max_interpreters=1, batch=3) as fx:
+        assert fx.name == "smallops@b3" and fx.device == "cpu" and not fx.cuda
+        (x,) = fx.args
+        assert x.shape == (3, 16)
+        with torch.inference_mode():
+            assert fx.eager()(*fx.args).shape[0] == 3
+
+
 # ---------------------------------------------------------------- strategies
 def test_jit_is_skipped_with_a_note_when_the_package_has_no_torchscript_reference(cache):
     sweep = run_sweep([resolve_target("batched_model", out=cache)],
@@ -157,3 +210,42 @@ def test_bench_memory_reports_the_extra_pss_as_a_ratio_of_the_weights(cache):
     assert "4 interpreters" in proc.stdout
     ratio = [line for line in proc.stdout.splitlines() if line.startswith("extra for the big")]
     assert len(ratio) == 1 and "x the weights" in ratio[0]
+
+
+def test_bench_cli_at_batch_2_repeats_the_inputs_and_names_the_batch(tmp_path, cache):
+    csv = tmp_path / "b2.csv"
+    proc = run_multipy("bench", "smallops", "--batch", "2", "--max-interpreters", "1",
+                       "--threads", "1", "--seconds", "0.2",
+                       "--strategies", "limit,multi_python,threads", "--csv", str(csv),
+                       cache=cache)
+    assert proc.returncode == 0, proc.stderr
+    rows = read_csv(csv)
+    assert sorted(r["strategy"] for r in rows) == ["limit", "multi_python", "threads"]
+    assert all(r["benchmark"] == "smallops@b2" and r["device"] == "cpu" for r in rows)
+    assert all(float(r["work_items_per_second"]) > 0 for r in rows)
+    assert "images/s" in proc.stdout and "batch 2" in proc.stdout
+
+
+def test_bench_on_cuda_without_a_gpu_exits_2_with_one_line(monkeypatch, capsys):
+    import torch
+
+    from multipy.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["bench", "smallops", "--device", "cuda", "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("multipy: error: no CUDA device: ") and err.count("\n") == 1
+
+
+@needs_cuda
+def test_bench_on_cuda_measures_gpu_rows_and_skips_the_cpu_only_strategies(cache):
+    sweep = run_sweep([resolve_target("smallops", out=cache)],
+                      [Strategy.LIMIT, Strategy.MULTI_PYTHON, Strategy.JIT, Strategy.THREADS,
+                       Strategy.PROCESS_POOL], [1, 2], seconds=0.2, max_interpreters=2,
+                      device="cuda", batch=2)
+    assert [(r.strategy, r.n_threads) for r in sweep.rows] == [
+        (s, n) for s in ("multi_python", "jit", "threads") for n in (1, 2)]
+    assert all(r.benchmark == "smallops@b2" and r.device == "cuda" for r in sweep.rows)
+    assert all(r.work_items_per_second > 0 for r in sweep.rows)
+    assert sorted(n.split(":")[1].strip().split()[0] for n in sweep.notes) == [
+        "limit", "process_pool"]

@@ -16,6 +16,7 @@ import mmap
 import os
 import struct
 import sys
+import warnings
 import weakref
 import zipfile
 
@@ -85,7 +86,7 @@ def preloaded_storages(importer, storages: dict | None):
     """Serve the storages of one load from ``storages`` (tensors the host placed,
     e.g. on a GPU and mapped here by CUDA IPC) instead of the archive file."""
     reader = importer.zip_reader
-    if storages is None or not isinstance(reader, SharedStorageReader):
+    if storages is None or not hasattr(reader, "preloaded"):
         yield
         return
     reader.preloaded = storages
@@ -93,6 +94,12 @@ def preloaded_storages(importer, storages: dict | None):
         yield
     finally:
         reader.preloaded = None
+
+
+def _quiet_torch_package() -> None:
+    # torch.package's own loader trips torch's TypedStorage deprecation warning on every
+    # load; it says nothing the user can act on, so interpreters do not print it.
+    warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning)
 
 
 def open_package(path: str):
@@ -103,6 +110,7 @@ def open_package(path: str):
     """
     from torch.package import PackageImporter
 
+    _quiet_torch_package()
     if not os.path.exists(path):
         raise PackageError(f"package {path!r} does not exist")
     importer = PackageImporter(path)
