@@ -90,16 +90,14 @@ def test_random_bytes_as_a_request_give_an_error_reply(loop, data):
 @given(st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=8))
 def test_mutated_requests_give_a_reply(loop, flips):
     serve, encoder = loop
-    blob = encoder.encode((("builtins", "len"),), "arguments")
-    request = pickle.dumps(Request(Op.PING, encoder.encode((), "arguments"), (), ()), protocol=5)
+    request = encoder.encode(Request(int(Op.PING), (), (), ()), "arguments")
     reply = served(serve, mutate(request, flips))
     assert reply.error is None or reply.error.type_name
-    assert blob
 
 
 def test_a_valid_request_still_works_after_the_fuzzing(loop):
     serve, encoder = loop
-    request = pickle.dumps(Request(Op.PING, encoder.encode((), "arguments"), (), ()), protocol=5)
+    request = encoder.encode(Request(int(Op.PING), (), (), ()), "arguments")
     reply = served(serve, request)
     assert reply.error is None and Decoder(None).decode(reply.value) == 0
 

@@ -313,7 +313,7 @@ def _cmd_bench(args) -> int:
                       title=f"multipy bench, {device}, batch {args.batch}, "
                       f"{os.cpu_count()} cores, torch {torch.__version__}",
                       ylabel="work items / s" if args.batch == 1
-                      else f"work items / s (x {args.batch} = images / s)")
+                      else f"work items (calls of batch {args.batch}) / s")
             out.print(f"wrote {args.plot}")
     if args.overhead:
         from .bench.overhead import measure_overhead, overhead_lines, overhead_table

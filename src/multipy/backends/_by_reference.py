@@ -34,6 +34,7 @@ import weakref
 from typing import Any
 
 from ..errors import MultipyError, TransportError
+from ..transport.codec import PersistentUnpickler
 from ..interp.modules import current_thread_modules, registered_global
 from ..interp.movable import _MovablePickler
 from ..interp.packages import open_package
@@ -139,9 +140,7 @@ class Pickled:
         def persistent_load(pid):
             return refs[pid] if type(pid) is int else objects[pid[1]]
 
-        unpickler = pickle.Unpickler(io.BytesIO(self.data))
-        unpickler.persistent_load = persistent_load
-        return unpickler.load()
+        return PersistentUnpickler(io.BytesIO(self.data), persistent_load).load()
 
 
 class _RefPickler(pickle.Pickler):
@@ -284,9 +283,7 @@ def load_movable(payload: SharedMovable):
             t.requires_grad_(True)
         return t
 
-    unpickler = pickle.Unpickler(io.BytesIO(payload.data))
-    unpickler.persistent_load = persistent_load
-    return unpickler.load()
+    return PersistentUnpickler(io.BytesIO(payload.data), persistent_load).load()
 
 
 # -- package weights ----------------------------------------------------------------

@@ -143,14 +143,15 @@ class Loop:
         value = error = None
         self.encoder.placed = []  # blocks of *this* reply only: the host owns the older ones
         try:
-            request = pickle.loads(data)
+            request = self.decoder.decode(data)
+            watched, self.decoder.received = self.decoder.received, []
             if type(request) is not Request:
                 raise TypeError(f"malformed request: got {type(request).__name__}, not Request")
             for offset in request.freed:
                 self.results.free(offset)
-            args = self.decoder.decode(request.args)
-            watched, self.decoder.received = self.decoder.received, []
-            result = state.handle(request.op, args, request.drop)
+            op, args, drop = request.op, request.args, request.drop
+            del request
+            result = state.handle(op, args, drop)
             del args
             value = self.encoder.encode(result, "result") if result is not None else None
             del result

@@ -192,10 +192,13 @@ class ProcessWorker(Worker):
     def _exchange(self, op, args, drop, timeout, handles=None, *, starting: bool = False):
         encoder = self._encoder
         encoder.handles = handles
-        blob = encoder.encode(args, "arguments")  # TransportError: nothing sent, nothing lost
-        placed = encoder.placed
         freed = drain(self._freed)
-        data = pickle.dumps(Request(int(op), blob, drop, freed), protocol=5)
+        try:
+            data = encoder.encode(Request(int(op), args, drop, freed), "arguments", blame=args)
+        except BaseException:
+            self._freed.extend(freed)  # nothing was sent: report them with the next request
+            raise
+        placed = encoder.placed
         try:
             write_frame(self._req_w, data)
         except (BrokenPipeError, ConnectionResetError):

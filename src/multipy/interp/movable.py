@@ -17,7 +17,7 @@ import os
 import pickle
 import sys
 
-from ..transport.codec import _dtype, tensor_nbytes, view_tensor
+from ..transport.codec import PersistentUnpickler, _dtype, tensor_nbytes, view_tensor
 from ..transport.messages import MovablePayload
 from ..transport.shm import ALIGN, Segment
 
@@ -89,15 +89,6 @@ def make_movable(obj, prefixes: dict[str, int]) -> tuple[MovablePayload, Segment
     return payload, segment, tuple(sorted(pickler.used))
 
 
-class _Unpickler(pickle.Unpickler):
-    # Python 3.13 made the C Unpickler's persistent_load read-only on instances:
-    # it must be a method of a subclass.
-    def __init__(self, file, load_persistent) -> None:
-        super().__init__(file)
-        self._load_persistent = load_persistent
-
-    def persistent_load(self, pid):
-        return self._load_persistent(pid)
 
 
 def load_movable(payload: MovablePayload):
@@ -119,7 +110,7 @@ def load_movable(payload: MovablePayload):
             t.requires_grad_(True)
         return t
 
-    unpickler = _Unpickler(io.BytesIO(payload.data), persistent_load)
+    unpickler = PersistentUnpickler(io.BytesIO(payload.data), persistent_load)
     try:
         return unpickler.load()
     finally:

@@ -138,10 +138,12 @@ class Encoder:
         self._pickler.dispatch_table = self._table
         self._tensor_type = None
 
-    def encode(self, value: Any, /, where: str = "value") -> bytes:
+    def encode(self, value: Any, /, where: str = "value", blame: Any = None) -> bytes:
         """Pickle ``value``; tensors go to the arena (offsets in ``placed``).
 
-        ``where`` names the value in errors (``"argument"``, ``"result"``).
+        ``where`` names the value in errors (``"arguments"``, ``"result"``);
+        ``blame`` is the part of ``value`` searched for the culprit when pickling
+        fails (default: all of it).
         """
         self.placed = []
         if self._tensor_type is None and "torch" in sys.modules:
@@ -159,7 +161,8 @@ class Encoder:
         except MultipyError:
             raise  # already says what went wrong (an Obj of another session, ...)
         except Exception as exc:
-            raise TransportError(describe_unpicklable(value, exc, where, self._table)) from exc
+            culprit = value if blame is None else blame
+            raise TransportError(describe_unpicklable(culprit, exc, where, self._table)) from exc
         finally:
             pickler.clear_memo()  # the memo would keep the message's objects alive
         return buf.getvalue()
@@ -232,7 +235,6 @@ class Decoder:
     def __init__(self, outbound: Segment | None, *, own: Segment | None = None,
                  open_shared: Callable[[tuple], Segment] | None = None,
                  on_release: Callable[[int], None] | None = None,
-                 find_class: Callable[[str, str], Any] | None = None,
                  resolve_handle: Callable[[int], Any] | None = None,
                  own_cuda: bool = False) -> None:
         self.outbound = outbound
@@ -241,7 +243,6 @@ class Decoder:
         self.own = own
         self.open_shared = open_shared
         self.on_release = on_release
-        self.find_class = find_class
         self.received: list = []
         self._watched: dict[int, Any] = {}
 
@@ -260,11 +261,7 @@ class Decoder:
         previous = getattr(_decoding, "decoder", None)
         _decoding.decoder = self
         try:
-            if self.find_class is None:
-                return pickle.loads(data)
-            unpickler = pickle.Unpickler(io.BytesIO(data))
-            unpickler.find_class = self.find_class
-            return unpickler.load()
+            return pickle.loads(data)
         finally:
             _decoding.decoder = previous
 
@@ -292,6 +289,21 @@ class Decoder:
         if grad:
             t.requires_grad_(True)
         return t
+
+
+class PersistentUnpickler(pickle.Unpickler):
+    """An unpickler whose persistent ids are resolved by ``load(pid)``.
+
+    A subclass because Python 3.13 made the C unpickler's ``persistent_load``
+    read-only on instances.
+    """
+
+    def __init__(self, file, load: Callable[[Any], Any]) -> None:
+        super().__init__(file)
+        self._load = load
+
+    def persistent_load(self, pid):
+        return self._load(pid)
 
 
 _decoding = threading.local()

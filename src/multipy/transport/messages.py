@@ -59,13 +59,13 @@ class Request(NamedTuple):
     """One operation for an interpreter.
 
     ``op`` is an :class:`Op` sent as a plain int (an enum member costs a global
-    lookup to unpickle); ``args`` is the encoded argument tuple; ``drop`` lists
+    lookup to unpickle); ``args`` is the argument tuple; ``drop`` lists
     object-table ids and replicated ids the host released; ``freed`` lists
     result-arena blocks whose host tensors were garbage collected.
     """
 
     op: int
-    args: bytes
+    args: tuple
     drop: tuple = ()
     freed: tuple = ()
 
