@@ -39,7 +39,7 @@ test-subinterpreters:
 	else echo "skipped: no CPython 3.13 found (pyenv prefix 3.13.0) for the subinterpreter tests"; fi
 
 bench: $(STAMP)
-	$(VENV)/bin/multipy bench --max-interpreters 2
+	$(VENV)/bin/multipy bench smallops --max-interpreters 2 --csv benchmarks/smallops_cpu2.csv --plot benchmarks/smallops_cpu2.png
 
 clean:
 	rm -rf $(VENV) $(VENV313) build dist src/*.egg-info

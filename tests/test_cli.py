@@ -175,3 +175,21 @@ def test_bench_on_a_backend_that_cannot_run_here_exits_1_with_the_reason(capsys)
                  "multi_python", "--threads", "1", "--seconds", "0.1"]) == 1
     err = capsys.readouterr().err
     assert "multi_python x1 failed" in err and "unavailable" in err
+
+
+def test_soak_command_reports_and_exits_zero_when_nothing_is_wrong(capsys):
+    from multipy.cli import main
+
+    assert main(["soak", "--seconds", "3", "--kill-every", "1", "--threads", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "correct results" in out and "/dev/shm leaks: 0" in out
+
+
+def test_startup_figure_compares_against_import_torch(tmp_path):
+    from multipy.bench.startup import measure_startup
+    from multipy.examples import generate
+
+    archive = generate(tmp_path, ["smallops"])["smallops"]
+    result = measure_startup(str(archive), interpreters=2, repeat=1)
+    assert result.import_torch > 0 and result.manager_ready > 0
+    assert result.ratio == result.manager_ready / result.import_torch

@@ -150,6 +150,20 @@ def _parser() -> argparse.ArgumentParser:
                        help="PSS of 4 interpreters of a 200 MB model vs a tiny one")
     bench.add_argument("--memory-mb", type=_positive_float, default=200.0, metavar="MB",
                        help=argparse.SUPPRESS)
+    bench.add_argument("--startup", action="store_true",
+                       help="time InterpreterManager(4) + a package + every interpreter serving, "
+                       "against a fresh `import torch`")
+
+    soak = sub.add_parser("soak", help="many host threads, mixed calls, interpreters killed "
+                          "as it runs; checks every result and every leak")
+    soak.add_argument("--seconds", type=_positive_float, default=60.0, metavar="S",
+                      help="how long to run (default: %(default)s)")
+    soak.add_argument("--threads", type=_positive_int, default=16, metavar="N",
+                      help="host threads (default: %(default)s)")
+    soak.add_argument("--interpreters", type=_positive_int, default=2, metavar="N",
+                      help="interpreters (default: %(default)s)")
+    soak.add_argument("--kill-every", type=float, default=3.0, metavar="S",
+                      help="SIGKILL a random interpreter every S seconds; 0 never (default: %(default)s)")
     return parser
 
 
@@ -277,9 +291,9 @@ def _cmd_bench(args) -> int:
     from .bench.runner import progress_bar
     from .bench.targets import resolve_target
 
-    if not (args.packages or args.overhead or args.memory):
+    if not (args.packages or args.overhead or args.memory or args.startup):
         raise UsageError("name at least one package or example (e.g. `multipy bench smallops`),"
-                         " or pass --overhead or --memory")
+                         " or pass --overhead, --memory or --startup")
     for option, path in (("--csv", args.csv), ("--plot", args.plot)):
         if path is not None:
             _check_dir_writable(Path(path).resolve().parent, option)
@@ -331,7 +345,38 @@ def _cmd_bench(args) -> int:
                                     on_status=lambda text: status.update(f"memory: {text}"))
         for line in memory_lines(report):
             out.print(line, highlight=False)
+    if args.startup:
+        from .bench.startup import measure_startup
+
+        archive = str(resolve_target("smallops", out=args.out).archive)
+        with _status(err, "timing start-up (fresh processes, best of 3)"):
+            r = measure_startup(archive, interpreters=4)
+        out.print(f"start-up: import torch {r.import_torch:.2f} s; InterpreterManager(4) + package + "
+                  f"every interpreter serving {r.manager_ready:.2f} s = {r.ratio:.2f} x "
+                  f"(target <= 1.5: {'met' if r.ratio <= 1.5 else 'not met'})", highlight=False)
     return 0
+
+
+def _cmd_soak(args) -> int:
+    from rich.console import Console
+
+    from .soak import run_soak
+
+    out, err = Console(), Console(stderr=True)
+    with _status(err, "soaking") as status:
+        report = run_soak(threads=args.threads, seconds=args.seconds,
+                          interpreters=args.interpreters, kill_every=args.kill_every,
+                          progress=lambda t, n: status.update(f"soak: {t:.0f} s, {n} calls"))
+    out.print(f"{report.calls} calls in {report.seconds:.1f} s ({report.calls_per_second:.0f}/s) "
+              f"from {report.threads} threads on {report.interpreters} interpreters: "
+              f"{report.good} correct results, {report.expected_errors} expected errors, "
+              f"{report.crashed_calls} calls failed by {report.kills} kills "
+              f"({report.restarts} restarts); open fds {report.fds_before} -> {report.fds_after}, "
+              f"host threads {report.threads_before} -> {report.threads_after}, "
+              f"/dev/shm leaks: {len(report.shm_leaked)}", highlight=False)
+    for problem in report.problems:
+        err.print(f"problem: {problem}", highlight=False)
+    return 1 if report.problems else 0
 
 
 def _bench_device(device: str) -> str:
@@ -413,7 +458,7 @@ def _check_dir_writable(path, option: str = "--out") -> None:
 
 
 _COMMANDS = {"demo": _cmd_demo, "examples": _cmd_examples, "inspect": _cmd_inspect,
-             "info": _cmd_info, "bench": _cmd_bench}
+             "info": _cmd_info, "bench": _cmd_bench, "soak": _cmd_soak}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
