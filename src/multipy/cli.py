@@ -353,7 +353,8 @@ def _cmd_bench(args) -> int:
             r = measure_startup(archive, interpreters=4)
         out.print(f"start-up: import torch {r.import_torch:.2f} s; InterpreterManager(4) + package + "
                   f"every interpreter serving {r.manager_ready:.2f} s = {r.ratio:.2f} x "
-                  f"(target <= 1.5: {'met' if r.ratio <= 1.5 else 'not met'})", highlight=False)
+                  f"(target <= 1.5: {'met' if r.ratio <= 1.5 else 'not met'})", highlight=False,
+                  soft_wrap=True)
     return 0
 
 
@@ -373,7 +374,7 @@ def _cmd_soak(args) -> int:
               f"{report.crashed_calls} calls failed by {report.kills} kills "
               f"({report.restarts} restarts); open fds {report.fds_before} -> {report.fds_after}, "
               f"host threads {report.threads_before} -> {report.threads_after}, "
-              f"/dev/shm leaks: {len(report.shm_leaked)}", highlight=False)
+              f"/dev/shm leaks: {len(report.shm_leaked)}", highlight=False, soft_wrap=True)
     for problem in report.problems:
         err.print(f"problem: {problem}", highlight=False)
     return 1 if report.problems else 0
