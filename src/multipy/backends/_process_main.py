@@ -24,7 +24,7 @@ from .._current import set_process_interpreter
 from ..interp.state import InterpreterState, capture_exception
 from ..transport.codec import Decoder, Encoder
 from ..transport.frames import Waiter, read_frame, write_frame
-from ..transport.messages import Reply, Request
+from ..transport.messages import parse_request
 from ..transport.shm import Arena, Segment
 
 
@@ -143,10 +143,10 @@ class Loop:
         value = error = None
         self.encoder.placed = []  # blocks of *this* reply only: the host owns the older ones
         try:
-            request = self.decoder.decode(data)
+            fields = self.decoder.decode(data)
             watched, self.decoder.received = self.decoder.received, []
-            if type(request) is not Request:
-                raise TypeError(f"malformed request: got {type(request).__name__}, not Request")
+            request = parse_request(fields)
+            del fields
             for offset in request.freed:
                 self.results.free(offset)
             op, args, drop = request.op, request.args, request.drop
@@ -170,4 +170,5 @@ class Loop:
             out.flush()
             err.flush()
             out.dirty = err.dirty = False
-        return pickle.dumps(Reply(value, error, pinned, tuple(unpinned), output), protocol=5)
+        # A plain tuple of Reply's fields: see transport.messages.
+        return pickle.dumps((value, error, pinned, tuple(unpinned), output), protocol=5)

@@ -64,7 +64,10 @@ class WorkerConfig:
     num_threads: int
     start_timeout: float = 300.0
     startup: tuple = ()          # (op, args) replayed on every (re)start
-    spin: float = 50e-6          # seconds each side polls before sleeping on a reply/request
+    # Seconds each side polls before sleeping on a reply or request.  It must outlast a
+    # wake-up of the other side plus its work (~100 µs on a VM), or two sleeping
+    # sides keep making each other's spins fail.
+    spin: float = 200e-6
 
 
 class Worker:
@@ -256,7 +259,7 @@ class Worker:
                     del lat[:2048]
 
     def _checked(self, op: Op, args: tuple, timeout: float | None, handles=None) -> Any:
-        drop = drain(self.drops)
+        drop = drain(self.drops) if self.drops else ()
         try:
             value, error = self._roundtrip(op, args, drop, timeout, handles)
         except TransportError:

@@ -34,7 +34,7 @@ from multiprocessing import reduction, spawn
 from ..errors import CallTimeoutError, ManagerClosedError, TransportError
 from ..transport.codec import Decoder, Encoder
 from ..transport.frames import FrameError, Waiter, read_frame, write_frame
-from ..transport.messages import Op, Request, parse_reply
+from ..transport.messages import Op, parse_reply
 from ..transport.shm import Arena, Segment
 from .base import (Backend, BackendKind, RequestNotSent, Worker, WorkerConfig, describe_exit, drain,
                    no_start)
@@ -58,6 +58,7 @@ def _identity(x):
 
 
 _starting = threading.local()
+_waiting = 0  # host threads waiting for a reply now (approximate: updated under the GIL)
 
 
 def _preparation_without_main(name, _original=spawn.get_preparation_data):
@@ -192,9 +193,9 @@ class ProcessWorker(Worker):
     def _exchange(self, op, args, drop, timeout, handles=None, *, starting: bool = False):
         encoder = self._encoder
         encoder.handles = handles
-        freed = drain(self._freed)
-        try:
-            data = encoder.encode(Request(int(op), args, drop, freed), "arguments", blame=args)
+        freed = drain(self._freed) if self._freed else ()
+        try:  # a plain tuple of Request's fields: see transport.messages
+            data = encoder.encode((int(op), args, drop, freed), "arguments", blame=args)
         except BaseException:
             self._freed.extend(freed)  # nothing was sent: report them with the next request
             raise
@@ -206,7 +207,16 @@ class ProcessWorker(Worker):
             self._release_placed(placed, ())
             raise RequestNotSent(self._crashed("while idle, before this call was sent")) from None
         try:
-            if not self._waiter.wait(timeout):
+            # Spin for the reply only while no other host thread is waiting on an
+            # interpreter: a spinning thread takes the GIL back on every poll, and with
+            # many callers that starves the threads doing real work.
+            global _waiting
+            _waiting += 1
+            try:
+                ready = self._waiter.wait(timeout, spin=_waiting == 1)
+            finally:
+                _waiting -= 1
+            if not ready:
                 self._kill_for_timeout(timeout)
             frame = read_frame(self._rep_r)
         except (BrokenPipeError, ConnectionResetError):

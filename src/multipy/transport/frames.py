@@ -66,22 +66,22 @@ def read_frame(fd: int, /) -> bytes | None:
     return b"".join(parts)
 
 
-def wait_readable(poller: "select.poll", spin: float, timeout: float | None) -> bool:
-    """Wait until the fd registered in ``poller`` is readable.
+def spin_readable(poller: "select.poll", spin: float) -> bool:
+    """Poll without sleeping for up to ``spin`` seconds; True once readable.
 
-    Polls without sleeping for ``spin`` seconds first: a reply that comes back
-    within that window costs no sleep and no wake-up (the dominant cost of a
-    round trip on a virtual machine), then sleeps in ``poll``.  Returns False
-    when ``timeout`` (seconds, ``None`` for ever) passed first.
+    A reply that comes back within that window costs no sleep and no wake-up,
+    the dominant cost of a round trip on a virtual machine (tens of µs each way).
     """
-    if spin > 0:
-        clock = time.perf_counter
-        deadline = clock() + spin
-        while not poller.poll(0):
-            if clock() > deadline:
-                break
-        else:
-            return True
+    clock = time.perf_counter
+    deadline = clock() + spin
+    while not poller.poll(0):
+        if clock() > deadline:
+            return False
+    return True
+
+
+def block_readable(poller: "select.poll", timeout: float | None) -> bool:
+    """Sleep in ``poll`` until readable; False when ``timeout`` (seconds) passed first."""
     if timeout is None:
         while not poller.poll(None):
             pass
@@ -96,24 +96,32 @@ def wait_readable(poller: "select.poll", spin: float, timeout: float | None) -> 
 
 
 class Waiter:
-    """Waits for one pipe to become readable, spinning only when it pays.
+    """Waits for one pipe to become readable, spinning only while it pays.
 
-    Spinning is worth it while answers come back quickly (a back-to-back stream
-    of small calls); for long calls it would only burn a core.  The waiter
-    keeps a moving average of how long its waits took and spins only while that
-    average is within twice the spin window.
+    Spinning is worth it while answers come back within the spin window (a
+    stream of small calls); for long calls it would only burn a core.  After a
+    spin that ran out, the waiter sleeps straight away for the next 1, 2, 4 ...
+    64 waits before it tries spinning again, so a slow peer costs at most one
+    wasted window in 64 waits, and a peer that turns fast is noticed soon.
     """
 
     def __init__(self, fd: int, spin: float) -> None:
         self.poller = select.poll()
         self.poller.register(fd, select.POLLIN)
         self.spin = spin
-        self.recent = 0.0
+        self._skip = 0
+        self._backoff = 1
 
-    def wait(self, timeout: float | None = None) -> bool:
-        clock = time.perf_counter
-        start = clock()
-        spin = self.spin if self.recent < 2 * self.spin else 0.0
-        ready = wait_readable(self.poller, spin, timeout)
-        self.recent = 0.8 * self.recent + 0.2 * (clock() - start)
-        return ready
+    def wait(self, timeout: float | None = None, *, spin: bool = True) -> bool:
+        """Wait for data; ``spin=False`` sleeps at once (e.g. when other threads
+        of this process need the GIL more than this one needs a fast wake-up)."""
+        if spin and self.spin > 0:
+            if self._skip:
+                self._skip -= 1
+            elif spin_readable(self.poller, self.spin):
+                self._backoff = 1
+                return True
+            else:
+                self._backoff = min(self._backoff * 2, 64)
+                self._skip = self._backoff
+        return block_readable(self.poller, timeout)
