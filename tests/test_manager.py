@@ -240,3 +240,12 @@ def test_torch_version_interp_is_the_index_inside_each_interpreter(manager):
         with interp.acquire_session() as s:
             assert s.global_("torch.version", "interp").deref() == interp.index
     assert not hasattr(torch.version, "interp")
+
+
+def test_process_backend_says_it_needs_numpy_when_numpy_is_missing():
+    import dataclasses
+
+    from multipy.backends.capabilities import detect, why_unavailable
+
+    caps = dataclasses.replace(detect(), numpy=False)
+    assert "needs numpy" in why_unavailable(BackendKind.PROCESS, caps)

@@ -8,6 +8,7 @@ Crash isolation is process-only, so no crash test lives here.
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 import threading
@@ -105,6 +106,11 @@ def test_manager_reports_the_subinterpreter_backend_it_was_asked_for(manager):
 
 
 def test_auto_never_picks_subinterpreter_and_says_why():
+    if importlib.util.find_spec("numpy") is None:
+        # No numpy, so no process backend: auto has nothing to pick and must say why.
+        with pytest.raises(BackendUnavailableError, match="needs numpy"):
+            resolve_backend("auto")
+        return
     backend, choice = resolve_backend("auto")
     try:
         assert backend.kind is not BackendKind.SUBINTERPRETER
@@ -116,7 +122,7 @@ def test_auto_never_picks_subinterpreter_and_says_why():
 
 def test_subinterpreter_backend_is_unavailable_on_312_with_the_reason():
     caps = Capabilities(python="3.12.1", free_threaded=False, own_gil_subinterpreters=False,
-                        torch=True, cuda=False, fork_server=True)
+                        torch=True, numpy=True, cuda=False, fork_server=True)
     why = why_unavailable(BackendKind.SUBINTERPRETER, caps)
     assert why is not None
     assert "3.13+" in why and "3.12.1" in why and "unsupported" in why

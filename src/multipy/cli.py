@@ -196,8 +196,6 @@ def _cmd_examples(args) -> int:
 def _cmd_info(args) -> int:
     import platform
 
-    import torch
-
     from . import __version__
     from .backends.base import BackendKind
     from .backends.capabilities import detect, resolve_backend, why_unavailable
@@ -207,7 +205,12 @@ def _cmd_info(args) -> int:
     print(f"multipy {__version__}")
     print(f"python {platform.python_version()} ({platform.python_implementation()}, "
           f"{'free-threaded' if caps.free_threaded else 'with a GIL'}) at {sys.executable}")
-    print(f"torch {torch.__version__}")
+    try:
+        import torch
+    except ImportError:
+        print("torch: not installed (the subinterpreter backend and torch-free work still run)")
+    else:
+        print(f"torch {torch.__version__}")
     print(f"cores {os.cpu_count()}")
     print("capabilities:")
     for key, value in caps.as_dict().items():
@@ -484,6 +487,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _error(str(exc), 2)
     except (_Failure, BenchError, MultipyError, OSError) as exc:
         return _error(str(exc) or type(exc).__name__, 1)
+    except ImportError as exc:
+        return _error(f"{exc}: `multipy {args.command}` needs it; install the extras with "
+                      "pip install 'multipy[cli]' (and torch for demo and bench)", 1)
     except KeyboardInterrupt:
         return _error("interrupted", 130)
 

@@ -148,7 +148,11 @@ class BackendUnavailableError(MultipyError, RuntimeError):
 
 
 class PackageError(MultipyError, ValueError):
-    """A package archive is missing, not a zip file, or lacks a resource."""
+    """A package archive is not a zip file, is damaged, or lacks a resource.
+
+    A path that does not exist raises the standard ``FileNotFoundError``
+    (naming the path) instead, so existing ``except OSError`` clauses work.
+    """
 
 
 class ExternModuleError(MultipyError, ModuleNotFoundError):

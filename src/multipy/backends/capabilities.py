@@ -24,6 +24,7 @@ class Capabilities:
     free_threaded: bool          # a build without the GIL, running without it
     own_gil_subinterpreters: bool
     torch: bool
+    numpy: bool
     cuda: bool
     fork_server: bool
 
@@ -44,16 +45,18 @@ def detect() -> Capabilities:
     cuda = bool(torch is not None and torch.cuda.is_available())
     return Capabilities(
         python=sys.version.split()[0], free_threaded=free_threaded,
-        own_gil_subinterpreters=subinterpreters, torch=torch_spec, cuda=cuda,
+        own_gil_subinterpreters=subinterpreters, torch=torch_spec,
+        numpy=importlib.util.find_spec("numpy") is not None, cuda=cuda,
         fork_server="forkserver" in multiprocessing.get_all_start_methods())
 
 
 def why_unavailable(kind: BackendKind, caps: Capabilities) -> str | None:
     """``None`` when ``kind`` can run here, else the reason it cannot."""
     if kind is BackendKind.PROCESS:
-        if not caps.torch:
-            return None  # torch-free work still runs in processes
-        return None
+        if not caps.numpy:
+            return ("the process backend needs numpy (its shared-memory blocks are numpy "
+                    "arrays, which carry the weak references that free them); pip install numpy")
+        return None  # torch-free work runs in processes too
     if kind is BackendKind.THREAD:
         return _missing_backend_module(kind)
     if kind is BackendKind.SUBINTERPRETER:

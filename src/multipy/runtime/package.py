@@ -93,6 +93,7 @@ class Package:
                                                    resource, location, storages))
         self._manager._with_worker(
             lambda worker: worker.request(Op.MATERIALIZE, (replicated._id,),
+                                          timeout=self._manager._call_timeout,
                                           materializes=replicated._id, recipe=replicated._recipe))
         return replicated
 

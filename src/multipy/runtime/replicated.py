@@ -77,9 +77,9 @@ class ReplicatedObj:
         return self._manager._with_worker(
             lambda worker: self._run(worker, Op.HASATTR_REPLICATED, (self._id, name)))
 
-    def _run(self, worker, op: Op, args: tuple, *, timeout=None):
-        return worker.request(op, args, timeout=timeout, materializes=self._id,
-                              recipe=self._recipe)
+    def _run(self, worker, op: Op, args: tuple):
+        return worker.request(op, args, timeout=self._manager._call_timeout,
+                              materializes=self._id, recipe=self._recipe)
 
     def acquire_session(self, interpreter: "Interpreter | None" = None) -> InterpreterSession:
         """A session on one interpreter whose ``self`` is this object there.
@@ -102,7 +102,7 @@ class ReplicatedObj:
                    else self._manager._workers)
         for worker in workers:
             if self._id in worker.materialized:
-                worker.request(Op.UNLOAD, (self._id,))
+                worker.request(Op.UNLOAD, (self._id,), timeout=self._manager._call_timeout)
                 worker.materialized.discard(self._id)
 
     def loaded_in(self) -> list[int]:
