@@ -34,7 +34,7 @@ import weakref
 from typing import Any
 
 from ..errors import MultipyError, TransportError
-from ..transport.codec import PersistentUnpickler
+from ..transport.codec import PersistentUnpickler, describe_unpicklable
 from ..interp.modules import current_thread_modules, registered_global
 from ..interp.movable import _MovablePickler
 from ..interp.packages import open_package
@@ -174,30 +174,14 @@ def _pickle(value, obj_type=None, handle_of=None) -> Pickled:
 
 def _describe(value, exc: BaseException, obj_type, handle_of) -> str:
     """Name the first part of ``value`` that cannot cross (tensors and Obj can)."""
-    where, bad = _find_unpicklable(value, "value", obj_type, handle_of, 0)
-    kind = type(bad)
-    name = f"{kind.__module__}.{kind.__qualname__}" if kind.__module__ != "builtins" else kind.__qualname__
-    article = "an" if name[:1].lower() in "aeiou" else "a"
-    return (f"{where} is {article} {name} that cannot be pickled: {exc}. "
-            "Return plain values, tensors or picklable objects, or keep the object in the "
-            "interpreter and use an Obj handle (session.global_ / Obj.attr) instead.")
+    def crosses(part) -> bool:
+        try:
+            _RefPickler(io.BytesIO(), obj_type, handle_of).dump(part)
+            return True
+        except Exception:
+            return False
 
-
-def _find_unpicklable(value, where: str, obj_type, handle_of, depth: int):
-    if depth < 20:
-        items = ()
-        if isinstance(value, dict):
-            items = ((f"{where}[{k!r}]", v) for k, v in value.items())
-        elif isinstance(value, (list, tuple)):
-            items = ((f"{where}[{i}]", v) for i, v in enumerate(value))
-        elif hasattr(value, "__dict__") and not isinstance(value, type):
-            items = ((f"{where}.{k}", v) for k, v in vars(value).items())
-        for sub_where, sub in items:
-            try:
-                _RefPickler(io.BytesIO(), obj_type, handle_of).dump(sub)
-            except Exception:
-                return _find_unpicklable(sub, sub_where, obj_type, handle_of, depth + 1)
-    return where, value
+    return describe_unpicklable(value, exc, "value", probe=crosses)
 
 
 def to_interpreter(args: tuple, handles: tuple | None, objects: dict) -> Any:

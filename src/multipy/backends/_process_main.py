@@ -13,7 +13,6 @@ it or died) and, through the parent-death signal, when its parent dies.
 from __future__ import annotations
 
 import ctypes
-import io
 import os
 import pickle
 import signal

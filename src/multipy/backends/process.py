@@ -25,7 +25,6 @@ from __future__ import annotations
 import collections
 import multiprocessing
 import os
-import pickle
 import select
 import sys
 import threading
@@ -80,11 +79,13 @@ def _preparation_without_main(name, _original=spawn.get_preparation_data):
 spawn.get_preparation_data = _preparation_without_main
 
 
-def _context():
-    """forkserver (torch preloaded) where available, else spawn."""
+def worker_context(extra_preload: tuple[str, ...] = ()):
+    """The multiprocessing context interpreters start from: forkserver with torch
+    preloaded where available, else spawn.  ``extra_preload`` adds modules (the
+    preload list is the process-wide fork server's, so every user shares it)."""
     if "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(_PRELOAD)
+        ctx.set_forkserver_preload(_PRELOAD + list(extra_preload))
         return ctx
     return multiprocessing.get_context("spawn")
 
@@ -323,12 +324,12 @@ class ProcessBackend(Backend):
     kind = BackendKind.PROCESS
 
     def __init__(self) -> None:
-        self._ctx = _context()
+        self._ctx = worker_context()
 
     @staticmethod
     def warm() -> None:
         """Start the fork server now (it lives as long as the host, like the stdlib's)."""
-        if _context().get_start_method() == "forkserver":
+        if worker_context().get_start_method() == "forkserver":
             from multiprocessing import forkserver
 
             forkserver.ensure_running()

@@ -9,7 +9,6 @@ of a host that has already run torch.
 from __future__ import annotations
 
 import array
-import multiprocessing
 import time
 import warnings
 from typing import Any
@@ -18,17 +17,12 @@ import torch
 
 from .harness import WARMUP_ITEMS
 
-# Preloaded by the fork server so every child starts with torch imported.
-PRELOAD = ["torch", "numpy", "multipy.bench._child", "multipy.backends._process_main"]
-
-
 def mp_context():
-    """A forkserver context with torch preloaded where available, else spawn."""
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(PRELOAD)
-        return ctx
-    return multiprocessing.get_context("spawn")
+    """The interpreters' context (forkserver with torch preloaded, else spawn), whose
+    fork server also preloads this module for the benchmark's own children."""
+    from ..backends.process import worker_context
+
+    return worker_context(("multipy.bench._child",))
 
 
 def load_from_archive(archive: str, resource: str) -> Any:

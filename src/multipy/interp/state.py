@@ -174,7 +174,12 @@ class InterpreterState:
         return self._store(obj)
 
     def _call(self, target, args, kwargs, grad_mode, want_handle: bool):
-        fn = self.resolve(target)
+        result = self._invoke(self.resolve(target), args, kwargs, grad_mode)
+        return self._store(result) if want_handle else result
+
+    def _invoke(self, fn, args, kwargs, grad_mode):
+        """``fn(*args, **kwargs)`` under the caller's autograd mode, on this
+        interpreter's CUDA stream once CUDA is in use."""
         _use_own_stream()
         context = _grad_change(grad_mode)
         if context is None:
@@ -183,7 +188,7 @@ class InterpreterState:
             with context:
                 result = fn(*self.resolve(args), **self.resolve(kwargs))
         _use_own_stream()  # the call may have been the first to touch CUDA
-        return self._store(result) if want_handle else result
+        return result
 
     def _attr(self, target, name: str) -> Handle:
         return self._store(getattr(self.resolve(target), name))
@@ -250,16 +255,8 @@ class InterpreterState:
 
     def _call_replicated(self, rid, method, args, kwargs, grad_mode, recipe):
         obj = self._replicated(rid, recipe)
-        _use_own_stream()
-        fn = obj if method is None else getattr(obj, method)
-        context = _grad_change(grad_mode)
-        if context is None:
-            result = fn(*self.resolve(args), **self.resolve(kwargs))
-        else:
-            with context:
-                result = fn(*self.resolve(args), **self.resolve(kwargs))
-        _use_own_stream()  # the call may have been the first to touch CUDA
-        return result
+        return self._invoke(obj if method is None else getattr(obj, method), args, kwargs,
+                            grad_mode)
 
     def _hasattr_replicated(self, rid, name, recipe) -> bool:
         return hasattr(self._replicated(rid, recipe), name)

@@ -318,13 +318,14 @@ def _rebuild(pid):
 
 
 def describe_unpicklable(value: Any, exc: BaseException, where: str = "value",
-                         table: dict | None = None) -> str:
+                         table: dict | None = None,
+                         probe: Callable[[Any], bool] | None = None) -> str:
     """Find the first part of ``value`` that cannot be pickled and name it.
 
     >>> describe_unpicklable({"f": lambda: 0}, Exception("x"), "result").split(":")[0]
     "result['f'] is a function that cannot be pickled"
     """
-    path, bad = _find_unpicklable(value, where, _Probe(table))
+    path, bad = _find_unpicklable(value, where, probe or _Probe(table))
     kind = type(bad)
     name = f"{kind.__module__}.{kind.__qualname__}" if kind.__module__ != "builtins" else kind.__qualname__
     article = "an" if name[:1].lower() in "aeiou" else "a"
@@ -357,7 +358,7 @@ def _harmless(obj):
     return (type(None), ())
 
 
-def _find_unpicklable(value: Any, where: str, probe: _Probe, depth: int = 0):
+def _find_unpicklable(value: Any, where: str, probe: Callable[[Any], bool], depth: int = 0):
     if depth < 20:
         items = ()
         if isinstance(value, dict):
