@@ -57,7 +57,8 @@ def _identity(x):
 
 
 _starting = threading.local()
-_waiting = 0  # host threads waiting for a reply now (approximate: updated under the GIL)
+_waiting = 0  # host threads waiting for a reply now
+_waiting_lock = threading.Lock()
 
 
 def _preparation_without_main(name, _original=spawn.get_preparation_data):
@@ -76,13 +77,13 @@ def _preparation_without_main(name, _original=spawn.get_preparation_data):
     return data
 
 
-spawn.get_preparation_data = _preparation_without_main
-
 
 def worker_context(extra_preload: tuple[str, ...] = ()):
     """The multiprocessing context interpreters start from: forkserver with torch
     preloaded where available, else spawn.  ``extra_preload`` adds modules (the
     preload list is the process-wide fork server's, so every user shares it)."""
+    if spawn.get_preparation_data is not _preparation_without_main:
+        spawn.get_preparation_data = _preparation_without_main  # installed on first use
     if "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload(_PRELOAD + list(extra_preload))
@@ -212,11 +213,14 @@ class ProcessWorker(Worker):
             # interpreter: a spinning thread takes the GIL back on every poll, and with
             # many callers that starves the threads doing real work.
             global _waiting
-            _waiting += 1
+            with _waiting_lock:
+                _waiting += 1
+                alone = _waiting == 1
             try:
-                ready = self._waiter.wait(timeout, spin=_waiting == 1)
+                ready = self._waiter.wait(timeout, spin=alone)
             finally:
-                _waiting -= 1
+                with _waiting_lock:
+                    _waiting -= 1
             if not ready:
                 self._kill_for_timeout(timeout)
             frame = read_frame(self._rep_r)
