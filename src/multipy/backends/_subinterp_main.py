@@ -33,6 +33,7 @@ import threading
 from .._current import set_process_interpreter
 from ..errors import BackendUnavailableError, TransportError
 from ..interp.state import InterpreterState, capture_exception
+from ..transport.frames import Waiter
 from . import _subinterp_wire as wire
 
 #: Top-level modules whose C extensions cannot load in an isolated subinterpreter.
@@ -124,6 +125,9 @@ def shutdown() -> None:
         _server.stop_watchdog()
 
 
+SPIN = 200e-6  # seconds the loop polls for the next request before sleeping
+
+
 class _Server:
     def __init__(self, state: InterpreterState, req_r: int, rep_w: int, intr_r: int) -> None:
         self.state = state
@@ -144,7 +148,9 @@ class _Server:
 
     # -- the loop ------------------------------------------------------------
     def run(self) -> None:
+        waiter = Waiter(self.req_r, SPIN)  # spin, then sleep: see transport.frames.Waiter
         while True:
+            waiter.wait()
             header = wire.read_exact(self.req_r, wire.REQUEST.size)
             if header is None:
                 return  # the host closed the request pipe

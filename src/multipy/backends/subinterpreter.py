@@ -64,6 +64,7 @@ import weakref
 
 from ..errors import (CallTimeoutError, InterpreterCrashedError, ManagerClosedError, MultipyError,
                       OwnershipError, TransportError)
+from ..transport.frames import Waiter
 from ..transport.messages import Handle, Op
 from . import _subinterp_wire as wire
 from .base import Backend, BackendKind, RequestNotSent, Worker, WorkerConfig, no_start
@@ -107,6 +108,7 @@ class _Driver:
         self.index = config.index
         req_r, self.req_w = os.pipe()
         self.rep_r, rep_w = os.pipe()
+        self.waiter = Waiter(self.rep_r, config.spin)
         intr_r, self.intr_w = os.pipe()
         self._sub_fds = (req_r, rep_w, intr_r)
         self._boot = (config.index, tuple(config.sys_path), self._sub_fds, _ROOT)
@@ -307,8 +309,11 @@ class SubinterpreterWorker(Worker):
             except OSError:
                 raise RequestNotSent(self._lost(driver, "while idle, before this call was sent")) from None
             del payload, buffers, views
-            if timeout is not None and not _readable(driver.rep_r, timeout):
-                self._timed_out(driver, seq, timeout)
+            if timeout is not None:
+                if not _readable(driver.rep_r, timeout):
+                    self._timed_out(driver, seq, timeout)
+            else:
+                driver.waiter.wait()  # spin briefly, then sleep: see transport.frames.Waiter
             value, error = self._read_reply(driver, op)
         except BaseException as exc:
             if not isinstance(exc, (CallTimeoutError, TransportError, InterpreterCrashedError,
