@@ -1,7 +1,8 @@
 """A soak test: many host threads, mixed calls, interpreters killed as it runs.
 
 ``run_soak`` drives one manager with ``threads`` host threads making a mix of
-good calls, calls that raise and calls with large tensors, while a killer
+good calls, calls that raise, calls with large tensors and calls returning views
+of their arguments, while a killer
 thread SIGKILLs a random interpreter every ``kill_every`` seconds.  It checks
 every successful result, accounts for every failure, and compares the host's
 open file descriptors, threads and ``/dev/shm`` before and after.  The test
@@ -22,12 +23,15 @@ _MODULE = '''
 import torch
 
 class Mixed:
-    """good: x * 2; bad: raises ValueError; big: a large tensor plus one"""
+    """good: x * 2; bad: raises ValueError; big: a large tensor plus one;
+    view: a view of the argument (it goes back by reference, without a copy)"""
     def __call__(self, kind, x):
         if kind == "bad":
             raise ValueError("bad input, as asked")
         if kind == "big":
             return x + 1
+        if kind == "view":
+            return x[1:]
         return x * 2
 '''
 
@@ -103,8 +107,8 @@ def run_soak(*, threads: int = 16, seconds: float = 10.0, interpreters: int = 2,
             small = torch.arange(16, dtype=torch.float32) + n
             big = torch.full((big_numel,), float(n))
             while not stop.is_set():
-                kind = rng.choice(("good", "good", "good", "bad", "big"))
-                x = big if kind == "big" else small
+                kind = rng.choice(("good", "good", "good", "bad", "big", "view"))
+                x = big if kind == "big" else small.clone() if kind == "view" else small
                 try:
                     out = mixed(kind, x)
                 except ValueError:
@@ -114,7 +118,7 @@ def run_soak(*, threads: int = 16, seconds: float = 10.0, interpreters: int = 2,
                 except Exception as exc:  # anything else is a finding
                     outcome = f"unexpected {type(exc).__name__}: {exc}"
                 else:
-                    want = x + 1 if kind == "big" else x * 2
+                    want = x + 1 if kind == "big" else x[1:] if kind == "view" else x * 2
                     if kind == "bad":
                         outcome = "a bad call succeeded"
                     elif not torch.equal(out, want):

@@ -92,11 +92,16 @@ class Loop:
         args = Segment(args_fd, os.fstat(args_fd).st_size, owner=False)
         self.results = Arena(Segment(results_fd, os.fstat(results_fd).st_size, owner=True))
         self.decoder = Decoder(args, own=self.results.segment, open_shared=self._open_shared,
-                               resolve_handle=state.objects.__getitem__)
-        self.encoder = Encoder(self.results)
+                               resolve_handle=state.objects.__getitem__,
+                               on_return=lambda offset, holder: self._returned.append((offset, holder)))
+        # A result that is a view of an argument (the args arena) goes back by reference.
+        self.encoder = Encoder(self.results, returnable=args)
+        self._returned: list = []        # (offset, holder): result blocks handed back this call
+        self._kept: dict[int, list] = {} # result blocks the interpreter still views
+        self._free_later: set[int] = set()
         self.shared: dict[tuple, Segment] = {}
         self.pinned: set[int] = set()
-        self._pin_refs: dict[int, weakref.ref] = {}
+        self._pin_refs: dict[int, list] = {}
         self.unpinned: list[int] = []
 
     def _open_shared(self, ident: tuple) -> Segment:
@@ -106,11 +111,39 @@ class Loop:
             self.shared[ident] = seg
         return seg
 
-    def _release_pin(self, offset: int) -> None:
-        self._pin_refs.pop(offset, None)
-        if offset in self.pinned:
-            self.pinned.discard(offset)
-            self.unpinned.append(offset)
+    def _release_pin(self, offset: int, ref) -> None:
+        refs = self._pin_refs.get(offset, [])
+        if ref in refs:
+            refs.remove(ref)
+        if not refs:  # the last tensor over the block here is gone
+            self._pin_refs.pop(offset, None)
+            if offset in self.pinned:
+                self.pinned.discard(offset)
+                self.unpinned.append(offset)
+
+    def _free_result(self, offset: int) -> None:
+        """The host dropped a result block; reuse it unless this side still views it."""
+        if offset in self._kept:
+            self._free_later.add(offset)
+        else:
+            self.results.free(offset)
+
+    def _keep(self, returned: list) -> None:
+        """Result blocks handed back as arguments that a tensor here still views."""
+        for offset, holder in returned:
+            if sys.getrefcount(holder) > _UNPINNED_REFS:
+                refs = self._kept.setdefault(offset, [])
+                refs.append(weakref.ref(holder, lambda ref, off=offset: self._unkeep(off, ref)))
+
+    def _unkeep(self, offset: int, ref) -> None:
+        refs = self._kept.get(offset, [])
+        if ref in refs:
+            refs.remove(ref)
+        if not refs:
+            self._kept.pop(offset, None)
+            if offset in self._free_later:
+                self._free_later.discard(offset)
+                self.results.free(offset)
 
     def _pins(self, watched: list) -> tuple:
         """Argument blocks that a tensor still uses after the call."""
@@ -121,7 +154,8 @@ class Loop:
             if sys.getrefcount(holder) > _UNPINNED_REFS:
                 self.pinned.add(offset)
                 pinned.append(offset)
-                self._pin_refs[offset] = weakref.ref(holder, lambda _, off=offset: self._release_pin(off))
+                self._pin_refs.setdefault(offset, []).append(
+                    weakref.ref(holder, lambda ref, off=offset: self._release_pin(off, ref)))
         return tuple(pinned)
 
     def run(self) -> None:
@@ -147,7 +181,7 @@ class Loop:
             request = parse_request(fields)
             del fields
             for offset in request.freed:
-                self.results.free(offset)
+                self._free_result(offset)
             op, args, drop = request.op, request.args, request.drop
             del request
             result = state.handle(op, args, drop)
@@ -162,6 +196,10 @@ class Loop:
             del exc
         pinned = self._pins(watched) if watched else ()
         watched = None
+        if self._returned:
+            returned, self._returned = self._returned, []
+            self._keep(returned)
+            del returned
         unpinned, self.unpinned = self.unpinned, []
         out, err = sys.stdout, sys.stderr
         output = getattr(out, "dirty", False) or getattr(err, "dirty", False)

@@ -28,6 +28,7 @@ import os
 import select
 import sys
 import threading
+import weakref
 from multiprocessing import reduction, spawn
 
 from ..errors import CallTimeoutError, ManagerClosedError, TransportError
@@ -157,11 +158,14 @@ class ProcessWorker(Worker):
         self._results = Segment.create(ARENA_BYTES, name=f"multipy-results-{self.index}")
         self._freed = collections.deque()
         self._pins = set()
+        self._args_lock = threading.RLock()  # reentrant: a GC finalizer may run inside it
         generation = self.generation
         freed = self._freed
-        self._encoder = Encoder(self._args, returnable=self._results)
+        self._encoder = Encoder(self._args, returnable=self._results, reuse_arena=True)
+        self._held = {}        # args block -> host tensors over it (results handed back by reference)
         self._decoder = Decoder(self._results, own=self._args.segment, own_cuda=True,
-                                on_release=lambda off: freed.append(off) if self.generation == generation else None)
+                                on_release=lambda off: freed.append(off) if self.generation == generation else None,
+                                on_return=self._hold_args_block)
         fds = tuple(_Fd(fd) for fd in (req_r, rep_w, self._args.segment.fd, self._results.fd, out_w, err_w))
         process = self._ctx.Process(
             target=_worker_entry, args=(self.config, os.getpid(), fds),
@@ -206,7 +210,8 @@ class ProcessWorker(Worker):
             write_frame(self._req_w, data)
         except (BrokenPipeError, ConnectionResetError):
             # Nobody reads the request pipe: the interpreter died while idle and never saw it.
-            self._release_placed(placed, ())
+            with self._args_lock:
+                self._release_placed(placed, ())
             raise RequestNotSent(self._crashed("while idle, before this call was sent")) from None
         try:
             # Spin for the reply only while no other host thread is waiting on an
@@ -234,31 +239,57 @@ class ProcessWorker(Worker):
             reply = parse_reply(frame)
         except TransportError as exc:
             raise self._desynchronised(exc) from None
-        pins = self._pins
-        for offset in reply.unpinned:
-            pins.discard(offset)
-            self._args.free(offset)
-        self._release_placed(placed, reply.pinned)
         if reply.output:
             self._out.drain()
             self._err.drain()
         value = None
-        if reply.value is not None:
-            try:
+        try:
+            if reply.value is not None:
+                # Decoded before this call's argument blocks are released: a result can
+                # be a view of one (handed back by reference), which then stays held.
                 value = self._decoder.decode(reply.value)
-            except Exception as exc:
-                raise TransportError(
-                    f"the result of {Op(op).name.lower()} in interpreter {self.index} could not be "
-                    f"rebuilt in the host: {exc}. Types defined inside a package exist only in "
-                    "the interpreters; return plain values or tensors, or keep an Obj handle.") from exc
+        except Exception as exc:
+            raise TransportError(
+                f"the result of {Op(op).name.lower()} in interpreter {self.index} could not be "
+                f"rebuilt in the host: {exc}. Types defined inside a package exist only in "
+                "the interpreters; return plain values or tensors, or keep an Obj handle.") from exc
+        finally:
+            with self._args_lock:
+                for offset in reply.unpinned:
+                    self._pins.discard(offset)
+                    self._free_arg(offset)
+                self._release_placed(placed, reply.pinned)
         return value, reply.error
 
     def _release_placed(self, placed: list[int], pinned: tuple) -> None:
-        """Free this call's argument blocks, except those the interpreter still uses."""
+        """Free this call's argument blocks, except those the interpreter still uses
+        (``pinned``) and those a host result views (``_held``).  Under ``_args_lock``."""
         self._pins.update(pinned)
         for offset in placed:
             if offset not in pinned:
-                self._args.free(offset)
+                self._free_arg(offset)
+
+    def _free_arg(self, offset: int) -> None:
+        if offset not in self._held and offset not in self._pins:
+            self._args.free(offset)
+
+    def _hold_args_block(self, offset: int, holder) -> None:
+        """A result came back as a view of argument block ``offset``: keep the block
+        until the last such host tensor dies (finalizers run in any thread)."""
+        lock, held, pins, arena = self._args_lock, self._held, self._pins, self._args
+
+        def died(ref) -> None:
+            with lock:
+                refs = held.get(offset, ())
+                if ref in refs:
+                    refs.remove(ref)
+                if not refs:
+                    held.pop(offset, None)
+                    if offset not in pins:
+                        arena.free(offset)
+
+        with lock:
+            held.setdefault(offset, []).append(weakref.ref(holder, died))
 
     def _desynchronised(self, why) -> TransportError:
         """The reply stream is corrupt: the interpreter cannot be trusted to be in step."""

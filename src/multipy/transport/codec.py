@@ -120,12 +120,16 @@ class Encoder:
     offsets allocated while encoding (the caller frees or keeps them).
     ``returnable`` is a segment the receiver owns: tensors already in it cross
     by reference (a result passed back as an argument is not copied).
+    ``reuse_arena`` lets tensors already in ``arena`` cross by reference too
+    (the host's side only: its arena blocks are reference-counted, so a block
+    viewed twice is not freed under either view).
     """
 
     def __init__(self, arena: Arena | None, *, returnable: Segment | None = None,
-                 keep_grad: bool = False) -> None:
+                 reuse_arena: bool = False, keep_grad: bool = False) -> None:
         self.arena = arena
         self.returnable = returnable
+        self.reuse_arena = reuse_arena
         self.keep_grad = keep_grad
         self.placed: list[int] = []
         self.handles: tuple | None = None  # (Obj type, obj -> handle id) for this request
@@ -203,11 +207,17 @@ class Encoder:
         if nbytes == 0:
             return (EMPTY, 0, 0, dtype, shape, None, 0, grad)
         returnable = self.returnable
-        if returnable is not None:
+        if returnable is not None or self.reuse_arena:
             storage = t.untyped_storage()
             address = storage.data_ptr()
-            if returnable.contains(address):
+            if returnable is not None and returnable.contains(address):
                 return (RETURNED, address - returnable.address, storage.nbytes(), dtype,
+                        shape, tuple(t.stride()), t.storage_offset(), grad)
+            if self.reuse_arena and self.arena.segment.contains(address):
+                # Already in our own arena (a result that came back as a view of an
+                # argument): the receiver maps it there, no copy.
+                segment = self.arena.segment
+                return (OUTBOUND, address - segment.address, storage.nbytes(), dtype,
                         shape, tuple(t.stride()), t.storage_offset(), grad)
         if self.arena is None:
             raise TransportError("tensors cannot cross this link")
@@ -236,9 +246,11 @@ class Decoder:
                  open_shared: Callable[[tuple], Segment] | None = None,
                  on_release: Callable[[int], None] | None = None,
                  resolve_handle: Callable[[int], Any] | None = None,
+                 on_return: Callable[[int, Any], None] | None = None,
                  own_cuda: bool = False) -> None:
         self.outbound = outbound
         self.own_cuda = own_cuda
+        self.on_return = on_return
         self.resolve_handle = resolve_handle
         self.own = own
         self.open_shared = open_shared
@@ -286,6 +298,8 @@ class Decoder:
                     self._watch(holder, offset)
                 else:
                     self.received.append((offset, holder))
+            elif seg == RETURNED and self.on_return is not None:
+                self.on_return(offset, holder)
         if grad:
             t.requires_grad_(True)
         return t
