@@ -4,4 +4,5 @@
 ``frames``    length-prefixed frames over a pipe, the process backend's doorbell.
 ``shm``       shared-memory segments and the arenas tensors are placed in.
 ``codec``     pickling with tensors out of band (never pickled by value).
+``cuda``      CUDA tensors by CUDA IPC, the lifetime rule, a stream per interpreter.
 """
