@@ -17,7 +17,7 @@ import os
 import pickle
 import sys
 
-from ..transport.codec import PersistentUnpickler, _dtype, tensor_nbytes, view_tensor
+from ..transport.codec import PersistentUnpickler, _dtype, view_tensor
 from ..transport.messages import MovablePayload
 from ..transport.shm import ALIGN, Segment
 
@@ -51,7 +51,7 @@ class _MovablePickler(pickle.Pickler):
             return None
         t = obj.detach().resolve_conj().resolve_neg()
         offset = self.size
-        nbytes = tensor_nbytes(t)
+        nbytes = t.nbytes
         self.size += (nbytes + ALIGN - 1) & ~(ALIGN - 1)
         self.tensors.append((offset, t))
         return (_MOVABLE, offset, nbytes, str(t.dtype), tuple(t.shape), None, 0,
@@ -79,13 +79,12 @@ def make_movable(obj, prefixes: dict[str, int]) -> tuple[MovablePayload, Segment
     if pickler.tensors:
         segment = Segment.create(pickler.size, name="multipy-movable")
         for offset, t in pickler.tensors:
-            nbytes = tensor_nbytes(t)
+            nbytes = t.nbytes
             if nbytes:
                 dst = view_tensor(segment.view(offset, nbytes), str(t.dtype), tuple(t.shape),
                                   None, 0)
                 dst.copy_(t)
-        ident = (os.getpid(), segment.fd, segment.inode)
-    payload = MovablePayload(buf.getvalue(), ident if segment else None)
+    payload = MovablePayload(buf.getvalue(), segment.ident() if segment else None)
     return payload, segment, tuple(sorted(pickler.used))
 
 

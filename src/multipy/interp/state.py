@@ -12,7 +12,6 @@ materialized on first use from their recipe: a package pickle or a movable.
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import threading
 import traceback
@@ -278,7 +277,6 @@ class InterpreterState:
         return namespace.get("result")
 
 
-_NO_CONTEXT = contextlib.nullcontext()
 _GRAD, _NO_GRAD, _INFERENCE = int(GradMode.GRAD), int(GradMode.NO_GRAD), int(GradMode.INFERENCE)
 
 
@@ -289,11 +287,6 @@ def _use_own_stream() -> None:
         from ..transport.cuda import ensure_stream
 
         ensure_stream()
-
-
-def grad_context(mode):
-    """The autograd context for ``mode``; a no-op where torch is not loaded."""
-    return _grad_change(mode) or _NO_CONTEXT
 
 
 def _grad_change(mode):

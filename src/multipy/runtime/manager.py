@@ -207,9 +207,19 @@ class InterpreterManager:
     def _available(self, index: int) -> bool:
         return self._workers[index].available
 
+    def _acquire(self) -> int:
+        """The balancer's choice, skipping interpreters that are down (crashed and
+        restarting) -- checked after the fact so the usual case costs nothing."""
+        balancer = self._balancer
+        index = balancer.acquire()
+        if not self._workers[index].available:
+            balancer.release(index)
+            index = balancer.acquire(usable=self._available)
+        return index
+
     def _with_worker(self, fn: Callable[[Any], Any]) -> Any:
         self._check_open()
-        index = self._balancer.acquire(usable=self._available)
+        index = self._acquire()
         try:
             return fn(self._workers[index])
         finally:
@@ -217,22 +227,15 @@ class InterpreterManager:
 
     def _call_replicated(self, replicated: ReplicatedObj, method: str | None, args: tuple,
                          kwargs: dict, timeout: float | None) -> Any:
-        if self._closed:
-            raise ManagerClosedError("this InterpreterManager is closed")
-        balancer = self._balancer
-        index = balancer.acquire()
-        worker = self._workers[index]
-        if not worker.available:  # crashed and restarting: send the call elsewhere
-            balancer.release(index)
-            index = balancer.acquire(usable=self._available)
-            worker = self._workers[index]
+        self._check_open()
+        index = self._acquire()
         try:
-            return worker.request(
+            return self._workers[index].request(
                 Op.CALL_REPLICATED, (replicated._id, method, args, kwargs, caller_grad_mode()),
                 timeout=timeout if timeout is not None else self._call_timeout,
                 materializes=replicated._id, recipe=replicated._recipe)
         finally:
-            balancer.release(index)
+            self._balancer.release(index)
 
 
 def _ownership(obj, owner, here):

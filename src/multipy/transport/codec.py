@@ -109,10 +109,6 @@ def hold_tensor(array, dtype_name: str, shape, stride, storage_offset):
     return base.as_strided(shape, stride, storage_offset), array
 
 
-def tensor_nbytes(t) -> int:
-    return t.numel() * t.element_size()
-
-
 class Encoder:
     """Pickles values for one direction of one interpreter link.
 
