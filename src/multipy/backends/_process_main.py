@@ -17,14 +17,13 @@ import os
 import pickle
 import signal
 import sys
-import weakref
 
 from .._current import set_process_interpreter
 from ..interp.state import InterpreterState, capture_exception
 from ..transport.codec import Decoder, Encoder
 from ..transport.frames import Waiter, read_frame, write_frame
 from ..transport.messages import parse_request
-from ..transport.shm import Arena, Segment
+from ..transport.shm import Arena, BlockViews, Segment
 
 
 _UNPINNED_REFS = 3  # the `watched` entry, the loop variable, getrefcount's argument
@@ -97,11 +96,11 @@ class Loop:
         # A result that is a view of an argument (the args arena) goes back by reference.
         self.encoder = Encoder(self.results, returnable=args)
         self._returned: list = []        # (offset, holder): result blocks handed back this call
-        self._kept: dict[int, list] = {} # result blocks the interpreter still views
+        self._kept = BlockViews(self._unkept)  # result blocks the interpreter still views
         self._free_later: set[int] = set()
         self.shared: dict[tuple, Segment] = {}
         self.pinned: set[int] = set()
-        self._pin_refs: dict[int, list] = {}
+        self._pin_views = BlockViews(self._unpin)  # argument blocks kept after their call
         self.unpinned: list[int] = []
 
     def _open_shared(self, ident: tuple) -> Segment:
@@ -111,15 +110,11 @@ class Loop:
             self.shared[ident] = seg
         return seg
 
-    def _release_pin(self, offset: int, ref) -> None:
-        refs = self._pin_refs.get(offset, [])
-        if ref in refs:
-            refs.remove(ref)
-        if not refs:  # the last tensor over the block here is gone
-            self._pin_refs.pop(offset, None)
-            if offset in self.pinned:
-                self.pinned.discard(offset)
-                self.unpinned.append(offset)
+    def _unpin(self, offset: int) -> None:
+        """The last tensor over a kept argument block is gone: tell the host."""
+        if offset in self.pinned:
+            self.pinned.discard(offset)
+            self.unpinned.append(offset)
 
     def _free_result(self, offset: int) -> None:
         """The host dropped a result block; reuse it unless this side still views it."""
@@ -132,18 +127,12 @@ class Loop:
         """Result blocks handed back as arguments that a tensor here still views."""
         for offset, holder in returned:
             if sys.getrefcount(holder) > _UNPINNED_REFS:
-                refs = self._kept.setdefault(offset, [])
-                refs.append(weakref.ref(holder, lambda ref, off=offset: self._unkeep(off, ref)))
+                self._kept.add(offset, holder)
 
-    def _unkeep(self, offset: int, ref) -> None:
-        refs = self._kept.get(offset, [])
-        if ref in refs:
-            refs.remove(ref)
-        if not refs:
-            self._kept.pop(offset, None)
-            if offset in self._free_later:
-                self._free_later.discard(offset)
-                self.results.free(offset)
+    def _unkept(self, offset: int) -> None:
+        if offset in self._free_later:
+            self._free_later.discard(offset)
+            self.results.free(offset)
 
     def _pins(self, watched: list) -> tuple:
         """Argument blocks that a tensor still uses after the call."""
@@ -154,8 +143,7 @@ class Loop:
             if sys.getrefcount(holder) > _UNPINNED_REFS:
                 self.pinned.add(offset)
                 pinned.append(offset)
-                self._pin_refs.setdefault(offset, []).append(
-                    weakref.ref(holder, lambda ref, off=offset: self._release_pin(off, ref)))
+                self._pin_views.add(offset, holder)
         return tuple(pinned)
 
     def run(self) -> None:

@@ -28,14 +28,13 @@ import os
 import select
 import sys
 import threading
-import weakref
 from multiprocessing import reduction, spawn
 
 from ..errors import CallTimeoutError, ManagerClosedError, TransportError
 from ..transport.codec import Decoder, Encoder
 from ..transport.frames import FrameError, Waiter, read_frame, write_frame
 from ..transport.messages import Op, parse_reply
-from ..transport.shm import Arena, Segment
+from ..transport.shm import Arena, BlockViews, Segment
 from .base import (Backend, BackendKind, RequestNotSent, Worker, WorkerConfig, describe_exit, drain,
                    no_start)
 
@@ -162,7 +161,11 @@ class ProcessWorker(Worker):
         generation = self.generation
         freed = self._freed
         self._encoder = Encoder(self._args, returnable=self._results, reuse_arena=True)
-        self._held = {}        # args block -> host tensors over it (results handed back by reference)
+        # Argument blocks that host results view (results handed back by reference).
+        # The release binds this generation's arena: a result may outlive a restart.
+        pins, arena = self._pins, self._args
+        self._held = BlockViews(lambda off: None if off in pins else arena.free(off),
+                                self._args_lock)
         self._decoder = Decoder(self._results, own=self._args.segment, own_cuda=True,
                                 on_release=lambda off: freed.append(off) if self.generation == generation else None,
                                 on_return=self._hold_args_block)
@@ -275,21 +278,8 @@ class ProcessWorker(Worker):
 
     def _hold_args_block(self, offset: int, holder) -> None:
         """A result came back as a view of argument block ``offset``: keep the block
-        until the last such host tensor dies (finalizers run in any thread)."""
-        lock, held, pins, arena = self._args_lock, self._held, self._pins, self._args
-
-        def died(ref) -> None:
-            with lock:
-                refs = held.get(offset, ())
-                if ref in refs:
-                    refs.remove(ref)
-                if not refs:
-                    held.pop(offset, None)
-                    if offset not in pins:
-                        arena.free(offset)
-
-        with lock:
-            held.setdefault(offset, []).append(weakref.ref(holder, died))
+        until the last such host tensor dies."""
+        self._held.add(offset, holder)
 
     def _desynchronised(self, why) -> TransportError:
         """The reply stream is corrupt: the interpreter cannot be trusted to be in step."""

@@ -26,6 +26,7 @@ import bisect
 import mmap
 import os
 import threading
+import weakref
 
 ALIGN = 64
 
@@ -130,10 +131,6 @@ class Arena:
         self._used: dict[int, int] = {}
         self._classes: dict[int, list[int]] = {}
 
-    @property
-    def used_bytes(self) -> int:
-        return sum(self._used.values())
-
     def alloc(self, nbytes: int) -> int:
         need = _round(nbytes)
         if need <= SMALL:
@@ -197,3 +194,37 @@ class Arena:
             else:
                 offs.insert(i, off)
                 self._free_sizes[off] = size
+
+
+class BlockViews:
+    """Which arena blocks live tensors view here, counted per block.
+
+    ``add(offset, holder)`` watches ``holder`` (the numpy array a tensor's
+    storage keeps alive); when the last holder of a block dies,
+    ``on_last(offset)`` runs.  Finalizers run in whatever thread drops the last
+    reference, so a ``lock`` (reentrant: the GC may run a finalizer inside it)
+    guards the counts when several threads use the blocks.
+    """
+
+    def __init__(self, on_last, lock=None) -> None:
+        self._refs: dict[int, list] = {}
+        self._on_last = on_last
+        self._lock = lock if lock is not None else threading.RLock()
+
+    def add(self, offset: int, holder) -> None:
+        with self._lock:
+            self._refs.setdefault(offset, []).append(
+                weakref.ref(holder, lambda ref: self._died(offset, ref)))
+
+    def __contains__(self, offset: int) -> bool:
+        return offset in self._refs
+
+    def _died(self, offset: int, ref) -> None:
+        with self._lock:
+            refs = self._refs.get(offset, [])
+            if ref in refs:
+                refs.remove(ref)
+            if refs:
+                return
+            self._refs.pop(offset, None)
+            self._on_last(offset)
