@@ -125,3 +125,57 @@ def test_each_interpreter_runs_on_its_own_stream_and_device(manager):
             own_stream, device = s.global_("gpu_helpers", "stream_and_device")().deref()
         assert own_stream
         assert device == f"cuda:{interp.index % torch.cuda.device_count()}"
+
+
+def test_after_the_first_call_cuda_tensors_cross_through_the_link(manager, monkeypatch):
+    import multipy.transport.cuda as cuda
+
+    x = torch.arange(1000.0, device="cuda")
+    interp = manager.all_instances()[0]
+    worker = manager._workers[interp.index]
+    with interp.acquire_session() as s:
+        double = s.global_("gpu_helpers", "double")
+        torch.testing.assert_close(double.call_value(x), x * 2)  # makes the link if none yet
+        sent, fell_back = [], []
+        monkeypatch.setattr(cuda, "reduce_cuda", lambda t: sent.append(t) or pytest.fail("IPC'd"))
+        links = worker._links
+        monkeypatch.setattr(links, "fell_back", fell_back.append)
+        for i in range(20):
+            torch.testing.assert_close(double.call_value(x + i), (x + i) * 2)
+    assert sent == [] and fell_back == []
+    assert 0 in links._links
+
+
+def test_tensors_of_every_size_cross_both_ways_as_the_link_grows(manager):
+    interp = manager.all_instances()[1]
+    with interp.acquire_session() as s:
+        double = s.global_("gpu_helpers", "double")
+        for numel in (1, 256, 3 << 18, 10 << 20, 20 << 20, 3 << 18, 0):  # up to 80 MB: past the cap
+            for _ in range(2):
+                x = torch.rand(numel, device="cuda")
+                torch.testing.assert_close(double.call_value(x), x * 2)
+        y = torch.rand(64, 32, device="cuda").t()  # not contiguous
+        torch.testing.assert_close(double.call_value(y), y * 2)
+        b = torch.rand(8, device="cuda", dtype=torch.bfloat16)
+        torch.testing.assert_close(double.call_value(b), b * 2)
+
+
+def test_many_host_threads_on_their_own_streams_get_their_own_results(manager):
+    """The link's events order every buffer reuse: a missed wait shows up here as
+    another thread's numbers."""
+    import concurrent.futures
+
+    a = torch.rand(256, 256, device="cuda")
+
+    def work(seed: int):
+        torch.cuda.set_stream(torch.cuda.Stream())
+        with manager.acquire_one() as s:
+            double = s.global_("gpu_helpers", "double")
+            for i in range(30):
+                x = a * (seed * 100 + i)
+                out = double.call_value(x @ x)  # queued work the copy must wait for
+                torch.testing.assert_close(out, 2 * (x @ x))
+        return seed
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        assert sorted(pool.map(work, range(8))) == list(range(8))

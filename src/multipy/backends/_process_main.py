@@ -21,11 +21,13 @@ import sys
 from .._current import set_process_interpreter
 from ..interp.state import InterpreterState, capture_exception
 from ..transport.codec import Decoder, Encoder
+from ..transport.cuda_link import InterpreterLinks
 from ..transport.frames import Waiter, read_frame, write_frame
-from ..transport.messages import parse_request
+from ..transport.messages import Op, parse_request
 from ..transport.shm import Arena, BlockViews, Segment
 
 
+_CUDA_LINK = int(Op.CUDA_LINK)
 _UNPINNED_REFS = 3  # the `watched` entry, the loop variable, getrefcount's argument
 
 
@@ -95,6 +97,8 @@ class Loop:
                                on_return=lambda offset, holder: self._returned.append((offset, holder)))
         # A result that is a view of an argument (the args arena) goes back by reference.
         self.encoder = Encoder(self.results, returnable=args)
+        # CUDA tensors through the link buffers the host announces (Op.CUDA_LINK).
+        self.links = self.encoder.links = self.decoder.links = InterpreterLinks()
         self._returned: list = []        # (offset, holder): result blocks handed back this call
         self._kept = BlockViews(self._unkept)  # result blocks the interpreter still views
         self._free_later: set[int] = set()
@@ -157,6 +161,14 @@ class Loop:
         sys.stdout.flush()
         sys.stderr.flush()
 
+    def _map_links(self, args: tuple) -> None:
+        """Op.CUDA_LINK: map the host's link buffers and events, and move to this
+        interpreter's own stream before any block is read through them."""
+        from ..transport.cuda import ensure_stream
+
+        self.links.update(args[0])
+        ensure_stream()
+
     def serve(self, data: bytes) -> bytes:
         state = self.state
         state.close_adopted_segments()
@@ -164,18 +176,21 @@ class Loop:
         value = error = None
         self.encoder.placed = []  # blocks of *this* reply only: the host owns the older ones
         try:
-            fields = self.decoder.decode(data)
-            watched, self.decoder.received = self.decoder.received, []
-            request = parse_request(fields)
-            del fields
-            for offset in request.freed:
-                self._free_result(offset)
-            op, args, drop = request.op, request.args, request.drop
-            del request
-            result = state.handle(op, args, drop)
-            del args
-            value = self.encoder.encode(result, "result") if result is not None else None
-            del result
+            try:
+                fields = self.decoder.decode(data)
+                watched, self.decoder.received = self.decoder.received, []
+                request = parse_request(fields)
+                del fields
+                for offset in request.freed:
+                    self._free_result(offset)
+                op, args, drop = request.op, request.args, request.drop
+                del request
+                result = self._map_links(args) if op == _CUDA_LINK else state.handle(op, args, drop)
+                del args
+                value = self.encoder.encode(result, "result") if result is not None else None
+                del result
+            finally:
+                self.links.done()  # marks this call's link reads and writes finished
         except BaseException as exc:  # every failure goes back to the caller
             for offset in self.encoder.placed:
                 self.results.free(offset)

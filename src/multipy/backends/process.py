@@ -32,6 +32,7 @@ from multiprocessing import reduction, spawn
 
 from ..errors import CallTimeoutError, ManagerClosedError, TransportError
 from ..transport.codec import Decoder, Encoder
+from ..transport.cuda_link import HostLinks
 from ..transport.frames import FrameError, Waiter, read_frame, write_frame
 from ..transport.messages import Op, parse_reply
 from ..transport.shm import Arena, BlockViews, Segment
@@ -169,6 +170,8 @@ class ProcessWorker(Worker):
         self._decoder = Decoder(self._results, own=self._args.segment, own_cuda=True,
                                 on_release=lambda off: freed.append(off) if self.generation == generation else None,
                                 on_return=self._hold_args_block)
+        # CUDA link buffers for this generation (made when the first CUDA tensor crosses).
+        self._links = self._encoder.links = self._decoder.links = HostLinks()
         fds = tuple(_Fd(fd) for fd in (req_r, rep_w, self._args.segment.fd, self._results.fd, out_w, err_w))
         process = self._ctx.Process(
             target=_worker_entry, args=(self.config, os.getpid(), fds),
@@ -200,6 +203,9 @@ class ProcessWorker(Worker):
         return self._exchange(op, args, drop, timeout, handles)
 
     def _exchange(self, op, args, drop, timeout, handles=None, *, starting: bool = False):
+        links = self._links
+        if links.active and op != Op.CUDA_LINK:
+            self._announce_links(links, timeout)
         encoder = self._encoder
         encoder.handles = handles
         freed = drain(self._freed) if self._freed else ()
@@ -208,6 +214,8 @@ class ProcessWorker(Worker):
         except BaseException:
             self._freed.extend(freed)  # nothing was sent: report them with the next request
             raise
+        finally:
+            links.sent()
         placed = encoder.placed
         try:
             write_frame(self._req_w, data)
@@ -257,12 +265,23 @@ class ProcessWorker(Worker):
                 f"rebuilt in the host: {exc}. Types defined inside a package exist only in "
                 "the interpreters; return plain values or tensors, or keep an Obj handle.") from exc
         finally:
+            links.received()
             with self._args_lock:
                 for offset in reply.unpinned:
                     self._pins.discard(offset)
                     self._free_arg(offset)
                 self._release_placed(placed, reply.pinned)
         return value, reply.error
+
+    def _announce_links(self, links: HostLinks, timeout) -> None:
+        """Have the interpreter map CUDA link buffers made or grown since the last call.
+        If it cannot, CUDA tensors keep crossing by per-tensor IPC."""
+        announcements = links.announcements()
+        if announcements:
+            _, error = self._exchange(Op.CUDA_LINK, (announcements,), (), timeout)
+            if error is not None:
+                links.disable(f"interpreter {self.index} could not map them: "
+                              f"{error.type_name}: {error.message}")
 
     def _release_placed(self, placed: list[int], pinned: tuple) -> None:
         """Free this call's argument blocks, except those the interpreter still uses
@@ -334,6 +353,7 @@ class ProcessWorker(Worker):
             pump.join(1)
         self._args.segment.close()
         self._results.close()
+        self._links.close()
         process.close()
 
 

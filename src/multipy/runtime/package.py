@@ -108,6 +108,7 @@ class Package:
             import torch
 
             from ..interp.packages import stored_records
+            from ..transport.cuda_link import share_by_mapping
 
             cached = {}
             with open(self.path, "rb") as f:
@@ -116,7 +117,8 @@ class Package:
                 warnings.simplefilter("ignore")
                 for name, (offset, size) in stored_records(self.path).items():
                     if name.startswith(".data/") and name.endswith(".storage"):
-                        cached[name] = torch.from_numpy(data[offset:offset + size]).to(device)
+                        cached[name] = share_by_mapping(
+                            torch.from_numpy(data[offset:offset + size]).to(device))
             self._on_device[device] = cached
         return cached
 

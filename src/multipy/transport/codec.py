@@ -27,6 +27,7 @@ import weakref
 from typing import Any, Callable
 
 from ..errors import MultipyError, TransportError
+from .cuda_link import CUDA_BLOCK
 from .shm import Arena, Segment
 
 # Descriptor segment names.  Anything else is a ``(pid, fd, inode)`` ident.
@@ -34,6 +35,7 @@ OUTBOUND = "o"   # the sender's arena (host: args arena; interpreter: results ar
 RETURNED = "r"   # the receiver's own arena, handed back without a copy
 EMPTY = "e"      # numel == 0: no bytes at all
 HANDLE = "h"     # ("h", id): an object in the receiver's object table
+# CUDA_BLOCK ("c"): a CUDA tensor in the link buffer of its device (cuda_link)
 
 _DTYPES: dict[str, Any] = {}
 
@@ -128,6 +130,7 @@ class Encoder:
         self.reuse_arena = reuse_arena
         self.keep_grad = keep_grad
         self.placed: list[int] = []
+        self.links = None  # cuda_link.HostLinks / InterpreterLinks: CUDA tensors through a link
         self.handles: tuple | None = None  # (Obj type, obj -> handle id) for this request
         # One pickler reused for every message (building one costs more than a small
         # message), with tensors and handles in its dispatch table: a C-level type lookup,
@@ -174,6 +177,10 @@ class Encoder:
 
     def _reduce_tensor(self, t):
         if t.is_cuda:
+            if self.links is not None:
+                desc = self.links.place(t)
+                if desc is not None:
+                    return (_rebuild, (desc,))
             from .cuda import reduce_cuda
 
             return reduce_cuda(t)
@@ -246,6 +253,7 @@ class Decoder:
                  own_cuda: bool = False) -> None:
         self.outbound = outbound
         self.own_cuda = own_cuda
+        self.links = None  # where CUDA link blocks ("c" descriptors) are read from
         self.on_return = on_return
         self.resolve_handle = resolve_handle
         self.own = own
@@ -276,6 +284,8 @@ class Decoder:
     def rebuild(self, pid):
         if pid[0] == HANDLE:
             return self.resolve_handle(pid[1])
+        if pid[0] == CUDA_BLOCK:
+            return self.links.take(pid)
         seg, offset, nbytes, dtype, shape, stride, storage_offset, grad = pid
         if seg == EMPTY:
             import torch

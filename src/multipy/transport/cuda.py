@@ -38,6 +38,8 @@ def rebuild_cuda(rebuild, args):
     t = rebuild(*args)
     decoder = getattr(_decoding, "decoder", None)
     if decoder is not None and decoder.own_cuda:
+        if decoder.links is not None:
+            decoder.links.fell_back(t)  # the host makes room in the link for next time
         return t.clone()  # the mapping is released with `t`, right after the call
     return t
 

@@ -37,6 +37,7 @@ class Op(enum.IntEnum):
     HASATTR_REPLICATED = 15  # (replicated_id, name, recipe|None) -> bool
     EXEC = 16                # (source,) -> value of `result` global; tests and tools
     IMPORT = 17              # (module,) -> None; preloading at start
+    CUDA_LINK = 18           # (((device, pieces), ...),) -> None; map CUDA link buffers (cuda_link)
 
 
 class GradMode(enum.IntEnum):
