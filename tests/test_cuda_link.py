@@ -273,6 +273,15 @@ def test_a_link_the_interpreter_cannot_map_is_dropped_on_both_sides():
     assert not pair.host.active and pair.host.announcements() == ()
 
 
+def test_links_can_be_turned_off_for_every_interpreter(monkeypatch):
+    monkeypatch.setenv("MULTIPY_CUDA_LINKS", "0")
+    pair = Pair()
+    for _ in range(2):
+        pair.call([torch.ones(2)], lambda a: (a,))
+        assert pair.crossed == ["ipc", "ipc"]
+    assert pair.host.disabled == "MULTIPY_CUDA_LINKS=0" and not pair.host.active
+
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int8,
           torch.bool, torch.complex64]
 

@@ -336,7 +336,8 @@ def _cmd_bench(args) -> int:
         from .bench.overhead import measure_overhead, overhead_lines, overhead_table
 
         with _status(err, f"timing {args.overhead_calls} calls per input shape"):
-            rows = measure_overhead(calls=args.overhead_calls, backend=args.backend)
+            rows = measure_overhead(calls=args.overhead_calls, backend=args.backend,
+                                    device=args.device)
         out.print(overhead_table(rows))
         for line in overhead_lines(rows):
             out.print(line, highlight=False)

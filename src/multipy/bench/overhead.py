@@ -43,6 +43,7 @@ class Overhead:
     p50_us: float
     p99_us: float
     target_p50_us: float
+    device: str = "cpu"
 
     @property
     def overhead_p50_us(self) -> float:
@@ -74,21 +75,27 @@ def _quantile(ordered: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def measure_overhead(*, calls: int = 2000, backend: str = "process",
+def measure_overhead(*, calls: int = 2000, backend: str = "process", device: str = "cpu",
                      on_tick: Callable[[float], None] | None = None) -> list[Overhead]:
-    """Time ``calls`` sequential calls per shape, direct and through one interpreter."""
+    """Time ``calls`` sequential calls per shape, direct and through one interpreter.
+
+    On a CUDA ``device`` the input lives there and every call, direct or not,
+    ends with a sync of the caller's stream, so the time is the whole round trip.
+    """
     archive = example_archive("identity")
     direct = _child.load_from_archive(str(archive), "model.pkl")
+    cuda = torch.device(device).type == "cuda"
+    sync = torch.cuda.current_stream().synchronize if cuda else (lambda: None)
     out = []
     with InterpreterManager(1, backend=backend, num_threads=1) as manager:
         model = manager.load_package(archive).load_pickle("model", "model.pkl")
         for i, (shape, target) in enumerate(OVERHEAD_SHAPES):
-            x = torch.randn(*shape)
-            here = _timed(lambda: direct(x), calls)
-            there = _timed(lambda: model(x), calls)
+            x = torch.randn(*shape, device=device)
+            here = _timed(lambda: (direct(x), sync()), calls)
+            there = _timed(lambda: (model(x), sync()), calls)
             out.append(Overhead("x".join(map(str, shape)), calls, _quantile(here, 0.5),
                                 _quantile(here, 0.99), _quantile(there, 0.5),
-                                _quantile(there, 0.99), target))
+                                _quantile(there, 0.99), target, torch.device(device).type))
             if on_tick is not None:
                 on_tick((i + 1) / len(OVERHEAD_SHAPES))
     return out
@@ -110,6 +117,9 @@ def overhead_table(rows: list[Overhead]):
 
 def overhead_lines(rows: list[Overhead]) -> list[str]:
     """One plain line per shape (greppable; the table may be cut to the terminal)."""
-    return [f"overhead {r.label}: p50 {r.overhead_p50_us:.1f} µs, p99 {r.overhead_p99_us:.1f} µs "
-            f"over a direct call ({r.calls} calls; target p50 ≤ {r.target_p50_us:.0f} µs: "
-            f"{'met' if r.met else 'not met'})" for r in rows]
+    return [f"overhead {r.label}{' on cuda' if r.device == 'cuda' else ''}: "
+            f"p50 {r.overhead_p50_us:.1f} µs, p99 {r.overhead_p99_us:.1f} µs over a direct call "
+            f"({r.calls} calls; "
+            + (f"target p50 ≤ {r.target_p50_us:.0f} µs: {'met' if r.met else 'not met'})"
+               if r.device == "cpu" else "the targets are for CPU tensors)")
+            for r in rows]

@@ -40,6 +40,7 @@ so the protocol can be checked without one.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 LINK_ALIGN = 256            # every block starts on a 256-byte boundary (CUDA's own alignment)
@@ -291,7 +292,11 @@ class HostLinks:
         self._links: dict[Any, HostLink] = {}
         self._wanted: set = set()
         self._results_short: dict[Any, int] = {}
-        self.disabled: str | None = None  # why links are off for this interpreter
+        # Why links are off for this interpreter (None: on).  MULTIPY_CUDA_LINKS=0 turns
+        # them off for every interpreter: the escape hatch, and the baseline they are
+        # measured against (`multipy bench --overhead --device cuda`).
+        self.disabled: str | None = ("MULTIPY_CUDA_LINKS=0"
+                                     if os.environ.get("MULTIPY_CUDA_LINKS") == "0" else None)
 
     @property
     def active(self) -> bool:
