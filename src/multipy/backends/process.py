@@ -12,6 +12,10 @@
       read frame  ◀──── reply pipe ─────────── write frame
       view results in place (freed when the host tensor dies)
 
+CUDA tensors take the same path through device buffers instead (a CUDA link per
+interpreter and GPU, mapped once: transport.cuda_link); the host announces a new
+or grown link with an ``Op.CUDA_LINK`` request before the call that needs it.
+
 Workers are forked by a fork server that imported torch once but never ran an
 op (so no thread pool exists to be broken by ``fork``): starting N
 interpreters costs about one ``import torch``, not N.  Each worker's stdout
@@ -40,6 +44,7 @@ from .base import (Backend, BackendKind, RequestNotSent, Worker, WorkerConfig, d
                    no_start)
 
 ARENA_BYTES = 1 << 22  # grows on demand; pages are only touched when used
+_LINK_TIMEOUT = 30.0   # seconds an interpreter may take to map a CUDA link
 _PRELOAD = ["multipy.backends._process_main", "numpy", "torch"]
 
 
@@ -278,6 +283,8 @@ class ProcessWorker(Worker):
         If it cannot, CUDA tensors keep crossing by per-tensor IPC."""
         announcements = links.announcements()
         if announcements:
+            # Mapping takes milliseconds; a tight per-call timeout is for the call itself.
+            timeout = None if timeout is None else max(timeout, _LINK_TIMEOUT)
             _, error = self._exchange(Op.CUDA_LINK, (announcements,), (), timeout)
             if error is not None:
                 links.disable(f"interpreter {self.index} could not map them: "
