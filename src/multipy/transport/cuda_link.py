@@ -46,7 +46,7 @@ from typing import Any, Callable
 LINK_ALIGN = 256            # every block starts on a 256-byte boundary (CUDA's own alignment)
 LINK_MIN_BYTES = 1 << 20    # a new buffer's size
 LINK_MAX_TENSOR = 1 << 26   # larger tensors cross by per-tensor IPC (mapping cost is small beside them)
-CUDA_BLOCK = "c"            # descriptor tag: ("c", device, offset, nbytes, dtype, shape, grad)
+CUDA_BLOCK = "c"            # descriptor tag: ("c", device, offset, nbytes, dtype, shape)
 
 ARGS_WRITTEN, RESULTS_READ, WORKER_DONE = range(3)
 _BY_MAPPING = "_multipy_by_mapping"
@@ -135,12 +135,13 @@ class _Message:
 
 def _place(ops, buffer, message: _Message, t, index, before: Callable[[], None]) -> tuple | None:
     """Copy ``t`` into ``buffer`` after what this message placed; its descriptor,
-    or ``None`` when it does not fit (counted in ``message.short``)."""
-    from .codec import _dtype_name
+    or ``None`` when it does not fit (counted in ``message.short``).  Like every
+    tensor that crosses, it arrives detached."""
+    from .codec import _dtype_name, _strided
 
     nbytes = t.nbytes
-    if nbytes > LINK_MAX_TENSOR:
-        return None
+    if nbytes > LINK_MAX_TENSOR or t.layout is not _strided() or t.is_quantized:
+        return None  # sparse and quantized tensors keep torch's own reduction
     offset = message.used
     end = offset + _aligned(nbytes)
     if end > buffer.numel():
@@ -152,25 +153,20 @@ def _place(ops, buffer, message: _Message, t, index, before: Callable[[], None])
     message.used = end
     if nbytes:
         buffer[offset:offset + nbytes].view(t.dtype).view(t.shape).copy_(t.detach())
-    return (CUDA_BLOCK, index, offset, nbytes, _dtype_name(t.dtype), tuple(t.shape),
-            bool(t.requires_grad))
+    return (CUDA_BLOCK, index, offset, nbytes, _dtype_name(t.dtype), tuple(t.shape))
 
 
 def _take(ops, buffer, message: _Message, desc: tuple, before: Callable[[], None]):
     """A tensor of this side's own memory with the bytes of block ``desc``."""
     from .codec import _dtype
 
-    _, _, offset, nbytes, dtype, shape, grad = desc
+    _, _, offset, nbytes, dtype, shape = desc
     if not message.touched:
         before()
         message.touched = True
     if nbytes:
-        t = buffer[offset:offset + nbytes].view(_dtype(dtype)).view(shape).clone()
-    else:
-        t = ops.empty(shape, _dtype(dtype))
-    if grad:
-        t.requires_grad_(True)
-    return t
+        return buffer[offset:offset + nbytes].view(_dtype(dtype)).view(shape).clone()
+    return ops.empty(shape, _dtype(dtype))
 
 
 class HostLink:
