@@ -232,6 +232,17 @@ def test_interpreter_id_inside_each_interpreter_is_its_index(manager):
     assert multipy.interpreter_id() is None
 
 
+def test_interpreter_device_spreads_interpreters_over_the_gpus_like_gpuwrapper(manager):
+    """Interpreter i gets cuda:(i mod n) (deploy's GPUWrapper routing); naming n GPUs
+    checks the placement on a machine without any."""
+    for interp in manager.all_instances():
+        with interp.acquire_session() as s:
+            device = s.global_("multipy", "interpreter_device")
+            assert str(device(2).deref()) == f"cuda:{interp.index % 2}"
+            assert str(device(0).deref()) == "cpu"
+    assert str(multipy.interpreter_device(3)) == "cuda:0"  # the host counts as interpreter 0
+
+
 def test_torch_version_interp_is_the_index_inside_each_interpreter(manager):
     if manager.backend == "thread":
         pytest.skip("thread interpreters share one torch module, so torch.version.interp "
