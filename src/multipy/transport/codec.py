@@ -124,11 +124,10 @@ class Encoder:
     """
 
     def __init__(self, arena: Arena | None, *, returnable: Segment | None = None,
-                 reuse_arena: bool = False, keep_grad: bool = False) -> None:
+                 reuse_arena: bool = False) -> None:
         self.arena = arena
         self.returnable = returnable
         self.reuse_arena = reuse_arena
-        self.keep_grad = keep_grad
         self.placed: list[int] = []
         self.links = None  # cuda_link.HostLinks / InterpreterLinks: CUDA tensors through a link
         self.handles: tuple | None = None  # (Obj type, obj -> handle id) for this request
@@ -201,27 +200,26 @@ class Encoder:
                     "(CPU tensors cross through shared memory, CUDA tensors by CUDA IPC); "
                     "move it to the CPU first (.cpu())")
             return None  # sparse and quantized tensors are pickled by value
-        grad = self.keep_grad and t.requires_grad
         if t.is_conj() or t.is_neg():
             t = t.resolve_conj().resolve_neg()
         dtype = _dtype_name(t.dtype)
         shape = tuple(t.shape)
         nbytes = t.nbytes
         if nbytes == 0:
-            return (EMPTY, 0, 0, dtype, shape, None, 0, grad)
+            return (EMPTY, 0, 0, dtype, shape, None, 0)
         returnable = self.returnable
         if returnable is not None or self.reuse_arena:
             storage = t.untyped_storage()
             address = storage.data_ptr()
             if returnable is not None and returnable.contains(address):
                 return (RETURNED, address - returnable.address, storage.nbytes(), dtype,
-                        shape, tuple(t.stride()), t.storage_offset(), grad)
+                        shape, tuple(t.stride()), t.storage_offset())
             if self.reuse_arena and self.arena.segment.contains(address):
                 # Already in our own arena (a result that came back as a view of an
                 # argument): the receiver maps it there, no copy.
                 segment = self.arena.segment
                 return (OUTBOUND, address - segment.address, storage.nbytes(), dtype,
-                        shape, tuple(t.stride()), t.storage_offset(), grad)
+                        shape, tuple(t.stride()), t.storage_offset())
         if self.arena is None:
             raise TransportError("tensors cannot cross this link")
         offset = self.arena.alloc(nbytes)
@@ -232,7 +230,7 @@ class Encoder:
         else:
             dst = view_tensor(segment.view(offset, nbytes), dtype, shape, None, 0)
             dst.copy_(t.detach())
-        return (OUTBOUND, offset, nbytes, dtype, shape, None, 0, grad)
+        return (OUTBOUND, offset, nbytes, dtype, shape, None, 0)
 
 
 class Decoder:
@@ -286,7 +284,7 @@ class Decoder:
             return self.resolve_handle(pid[1])
         if pid[0] == CUDA_BLOCK:
             return self.links.take(pid)
-        seg, offset, nbytes, dtype, shape, stride, storage_offset, grad = pid
+        seg, offset, nbytes, dtype, shape, stride, storage_offset = pid
         if seg == EMPTY:
             import torch
 
@@ -306,8 +304,6 @@ class Decoder:
                     self.received.append((offset, holder))
             elif seg == RETURNED and self.on_return is not None:
                 self.on_return(offset, holder)
-        if grad:
-            t.requires_grad_(True)
         return t
 
 
