@@ -57,6 +57,8 @@ def share_by_mapping(t):
     IPC), never as a copy through a link: weights that every interpreter must share.
 
     Returns ``t``.  The mark is on the tensor object; views of it cross as copies.
+
+    >>> table = share_by_mapping(torch.randn(1 << 20, device="cuda"))  # doctest: +SKIP
     """
     setattr(t, _BY_MAPPING, True)
     return t
