@@ -5,4 +5,5 @@
 ``shm``       shared-memory segments and the arenas tensors are placed in.
 ``codec``     pickling with tensors out of band (never pickled by value).
 ``cuda``      CUDA tensors by CUDA IPC, the lifetime rule, a stream per interpreter.
+``cuda_link`` CUDA device buffers mapped once per interpreter, ordered by IPC events.
 """

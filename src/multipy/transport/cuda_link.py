@@ -135,7 +135,7 @@ class _Message:
         self.short = 0
 
 
-def _place(ops, buffer, message: _Message, t, index, before: Callable[[], None]) -> tuple | None:
+def _place(buffer, message: _Message, t, index, before: Callable[[], None]) -> tuple | None:
     """Copy ``t`` into ``buffer`` after what this message placed; its descriptor,
     or ``None`` when it does not fit (counted in ``message.short``).  Like every
     tensor that crosses, it arrives detached."""
@@ -188,7 +188,7 @@ class HostLink:
 
     def place(self, t, index) -> tuple | None:
         """An argument's descriptor (its bytes copied into the args buffer), or None."""
-        return _place(self.ops, self.args, self._out, t, index,
+        return _place(self.args, self._out, t, index,
                       lambda: self.ops.wait(self.events[WORKER_DONE]))
 
     def sent(self) -> None:
@@ -203,13 +203,16 @@ class HostLink:
         return _take(self.ops, self.results, self._in, desc,
                      lambda: self.ops.wait(self.events[WORKER_DONE]))
 
-    def received(self, *, results_short: int = 0) -> None:
-        """The reply is decoded: mark its results read.  ``results_short`` is what
-        the interpreter's results did not fit (they came by per-tensor IPC)."""
+    def received(self) -> None:
+        """The reply is decoded: mark its results read."""
         if self._in.touched:
             self.ops.record(self.events[RESULTS_READ])
         self._in.touched = False
-        self._in.short += results_short
+
+    def fell_back(self, nbytes: int) -> None:
+        """A result of ``nbytes`` did not fit the results buffer (it came by
+        per-tensor IPC): grow the buffer before the next call."""
+        self._in.short += _aligned(nbytes)
 
     def settle(self) -> None:
         """Between calls: grow a buffer the last calls outgrew."""
@@ -270,7 +273,7 @@ class InterpreterLink:
 
     def place(self, t, index) -> tuple | None:
         """A result's descriptor (its bytes copied into the results buffer), or None."""
-        return _place(self.ops, self.results, self._out, t, index,
+        return _place(self.results, self._out, t, index,
                       lambda: self.ops.wait(self.events[RESULTS_READ]))
 
     def done(self) -> None:
@@ -289,7 +292,6 @@ class HostLinks:
         self._make_ops = make_ops
         self._links: dict[Any, HostLink] = {}
         self._wanted: set = set()
-        self._results_short: dict[Any, int] = {}
         # Why links are off for this interpreter (None: on).  MULTIPY_CUDA_LINKS=0 turns
         # them off for every interpreter: the escape hatch, and the baseline they are
         # measured against (`multipy bench --overhead --device cuda`).
@@ -327,11 +329,11 @@ class HostLinks:
     def fell_back(self, t) -> None:
         """A result on ``t``'s device came by per-tensor IPC: make room for next time."""
         if t.nbytes <= LINK_MAX_TENSOR and self.disabled is None:
-            index = t.device.index
-            if index in self._links:
-                self._results_short[index] = self._results_short.get(index, 0) + _aligned(t.nbytes)
+            link = self._links.get(t.device.index)
+            if link is not None:
+                link.fell_back(t.nbytes)
             else:
-                self._wanted.add(index)
+                self._wanted.add(t.device.index)
 
     def sent(self) -> None:
         """The request is encoded (every call; costs nothing without links)."""
@@ -340,10 +342,8 @@ class HostLinks:
 
     def received(self) -> None:
         """The reply is decoded (every call; costs nothing without links)."""
-        if self._links:
-            short, self._results_short = self._results_short, {}
-            for index, link in self._links.items():
-                link.received(results_short=short.get(index, 0))
+        for link in self._links.values():
+            link.received()
 
     def announcements(self) -> tuple:
         """Between calls: make wanted links, grow outgrown ones, and return what
