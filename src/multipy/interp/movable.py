@@ -88,8 +88,6 @@ def make_movable(obj, prefixes: dict[str, int]) -> tuple[MovablePayload, Segment
     return payload, segment, tuple(sorted(pickler.used))
 
 
-
-
 def load_movable(payload: MovablePayload):
     """Rebuild an object from a payload; its tensors map the shared segment."""
     segment = None

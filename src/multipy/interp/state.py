@@ -198,13 +198,18 @@ class InterpreterState:
     def _deref(self, target) -> Any:
         return self.resolve(target)
 
-    def _make_movable(self, target) -> tuple[MovablePayload, tuple]:
-        if self._movables is not None:
-            payload, segment, used = self._movables[0](self.resolve(target), self.prefixes)
-        else:
-            from .movable import make_movable
+    def _movable_functions(self):
+        """``(make, load)`` for movables: the backend's, else the shared-segment
+        pickles of :mod:`~multipy.interp.movable` (imported on first use)."""
+        if self._movables is None:
+            from .movable import load_movable, make_movable
 
-            payload, segment, used = make_movable(self.resolve(target), self.prefixes)
+            self._movables = (make_movable, load_movable)
+        return self._movables
+
+    def _make_movable(self, target) -> tuple[MovablePayload, tuple]:
+        make, _ = self._movable_functions()
+        payload, segment, used = make(self.resolve(target), self.prefixes)
         if segment is not None:
             self.open_segments.append(segment)  # closed once the host has adopted it
         return payload, used
@@ -224,12 +229,8 @@ class InterpreterState:
         elif kind == "movable":
             for package_id, path in recipe[2]:
                 self._importer(package_id, path)
-            if self._movables is not None:
-                obj = self._movables[1](recipe[1])
-            else:
-                from .movable import load_movable
-
-                obj = load_movable(recipe[1])
+            _, load = self._movable_functions()
+            obj = load(recipe[1])
         else:
             raise ValueError(f"unknown recipe kind {kind!r}")
         self.replicated[rid] = obj
