@@ -15,8 +15,11 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import sys
 import threading
 import time
+
+from ..bench.harness import percentile_ms
 
 #: A tokenizer-like loop over a string: pure Python, CPU-bound, a few ms a call.
 WORK = '''
@@ -109,7 +112,7 @@ def latency(manager, calls: int = 5000) -> tuple[float, float]:
             add1.call_value(i)
             times.append(time.perf_counter() - t)
     times.sort()
-    return times[len(times) // 2] * 1e6, times[int(len(times) * 0.99)] * 1e6
+    return percentile_ms(times, 0.5) * 1e3, percentile_ms(times, 0.99) * 1e3
 
 
 def run(*, calls: int = 200, max_n: int | None = None, rounds: int = 3) -> dict:
@@ -145,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds per N, best kept (default 3)")
     args = parser.parse_args(argv)
     out = run(calls=args.calls, max_n=args.max_n, rounds=args.rounds)
-    print(f"subinterpreter backend, Python {os.sys.version.split()[0]}, {os.cpu_count()} cores")
+    print(f"subinterpreter backend, Python {sys.version.split()[0]}, {os.cpu_count()} cores")
     print(f"per call, small arguments (add1(1)): p50 {out['p50_us']:.1f} µs   "
           f"p99 {out['p99_us']:.1f} µs")
     print(f"work(): tokenizer loop over {len(TEXT)} chars, {out['work_ms']:.2f} ms per call in the host")

@@ -36,6 +36,8 @@ import os
 import pickle
 import struct
 
+from ..transport.frames import _write_all
+
 OOB_THRESHOLD = 64 * 1024
 ALIGN = 64
 WALK_LIMIT = 64          # containers longer than this are not searched for big bytes
@@ -68,29 +70,21 @@ def mark_big(value, depth: int = 0):
     if kind is bytes:
         return BigBytes(value) if len(value) >= OOB_THRESHOLD else value
     if kind is dict:
-        if depth >= 4 or len(value) > WALK_LIMIT:
-            return value
-        out = None
-        for key, item in value.items():
-            if type(item) in _WALKED:
-                marked = mark_big(item, depth + 1)
-                if marked is not item:
-                    if out is None:
-                        out = dict(value)
-                    out[key] = marked
-        return value if out is None else out
-    if kind is not tuple and kind is not list:
+        items = value.items()
+    elif kind is tuple or kind is list:
+        items = enumerate(value)
+    else:
         return value
     if depth >= 4 or len(value) > WALK_LIMIT:
         return value
     out = None
-    for i, item in enumerate(value):
+    for key, item in items:
         if type(item) in _WALKED:
             marked = mark_big(item, depth + 1)
             if marked is not item:
                 if out is None:
-                    out = list(value)
-                out[i] = marked
+                    out = dict(value) if kind is dict else list(value)
+                out[key] = marked
     if out is None:
         return value
     return tuple(out) if kind is tuple else out
@@ -175,6 +169,4 @@ def write_all(fd: int, parts: list) -> None:
     written = os.writev(fd, parts)
     if written == total:
         return
-    rest = memoryview(b"".join(bytes(p) for p in parts))[written:]
-    while rest:
-        rest = rest[os.write(fd, rest):]
+    _write_all(fd, memoryview(b"".join(parts))[written:])

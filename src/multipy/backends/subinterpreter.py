@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import select
 import sys
 import threading
 import time
@@ -64,7 +63,7 @@ import weakref
 
 from ..errors import (CallTimeoutError, InterpreterCrashedError, ManagerClosedError, MultipyError,
                       OwnershipError, TransportError)
-from ..transport.frames import Waiter
+from ..transport.frames import Waiter, block_readable
 from ..transport.messages import Handle, Op
 from . import _subinterp_wire as wire
 from .base import Backend, BackendKind, RequestNotSent, Worker, WorkerConfig, no_start
@@ -310,7 +309,7 @@ class SubinterpreterWorker(Worker):
                 raise RequestNotSent(self._lost(driver, "while idle, before this call was sent")) from None
             del payload, buffers, views
             if timeout is not None:
-                if not _readable(driver.rep_r, timeout):
+                if not block_readable(driver.waiter.poller, timeout):
                     self._timed_out(driver, seq, timeout)
             else:
                 driver.waiter.wait()  # spin briefly, then sleep: see transport.frames.Waiter
@@ -355,7 +354,7 @@ class SubinterpreterWorker(Worker):
 
     def _timed_out(self, driver: _Driver, seq: int, timeout: float):
         driver.interrupt(seq)
-        if _readable(driver.rep_r, INTERRUPT_GRACE):
+        if block_readable(driver.waiter.poller, INTERRUPT_GRACE):
             try:
                 self._read_reply(driver, Op.PING)  # the interrupted call's reply: discarded
             except TransportError:
@@ -388,16 +387,6 @@ class SubinterpreterWorker(Worker):
             f"subinterpreter {self.index} stopped serving {while_}: {why}. It will be "
             "restarted for later calls; objects created in it are gone.", index=self.index)
 
-
-def _readable(fd: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return False
-        ready, _, _ = select.select([fd], [], [], left)
-        if ready:
-            return True
 
 
 class SubinterpreterBackend(Backend):
