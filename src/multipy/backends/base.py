@@ -282,13 +282,6 @@ class Worker:
         """Queue the release of an object in this interpreter (any thread)."""
         self.drops.append(item)
 
-    def percentiles(self) -> tuple[float, float, float]:
-        lat = sorted(self.latencies)
-        if not lat:
-            return (0.0, 0.0, 0.0)
-        pick = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]
-        return (pick(0.5), pick(0.95), pick(0.99))
-
 
 class Backend:
     """Creates workers of one kind.  ``name`` is what ``manager.backend`` says."""

@@ -29,6 +29,8 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+from ..runtime.stats import quantile
+
 __all__ = ["WARMUP_ITEMS", "Result", "percentile_ms", "run_threads"]
 
 #: Items each thread (or process) runs before the clock starts: the first calls
@@ -75,9 +77,7 @@ def percentile_ms(ordered: Sequence[float], q: float) -> float:
         >>> percentile_ms([0.001, 0.002, 0.003], 0.5)
         2.0
     """
-    if not ordered:
-        return 0.0
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e3
+    return quantile(ordered, q) * 1e3
 
 
 def run_threads(fn_factory: Callable[[int], Callable[[], object]], n: int, seconds: float, *,

@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 
 from ..runtime import InterpreterManager
+from ..runtime.stats import quantile
 from . import _child
 from .targets import example_archive
 
@@ -71,12 +72,8 @@ def _timed(fn: Callable[[], object], calls: int) -> list[float]:
     return out
 
 
-def _quantile(ordered: list[float], q: float) -> float:
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def measure_overhead(*, calls: int = 2000, backend: str = "process", device: str = "cpu",
-                     on_tick: Callable[[float], None] | None = None) -> list[Overhead]:
+def measure_overhead(*, calls: int = 2000, backend: str = "process",
+                     device: str = "cpu") -> list[Overhead]:
     """Time ``calls`` sequential calls per shape, direct and through one interpreter.
 
     On a CUDA ``device`` the input lives there and every call, direct or not,
@@ -84,20 +81,18 @@ def measure_overhead(*, calls: int = 2000, backend: str = "process", device: str
     """
     archive = example_archive("identity")
     direct = _child.load_from_archive(str(archive), "model.pkl")
-    cuda = torch.device(device).type == "cuda"
-    sync = torch.cuda.current_stream().synchronize if cuda else (lambda: None)
+    kind = torch.device(device).type
+    sync = torch.cuda.current_stream().synchronize if kind == "cuda" else (lambda: None)
     out = []
     with InterpreterManager(1, backend=backend, num_threads=1) as manager:
         model = manager.load_package(archive).load_pickle("model", "model.pkl")
-        for i, (shape, target) in enumerate(OVERHEAD_SHAPES):
+        for shape, target in OVERHEAD_SHAPES:
             x = torch.randn(*shape, device=device)
             here = _timed(lambda: (direct(x), sync()), calls)
             there = _timed(lambda: (model(x), sync()), calls)
-            out.append(Overhead("x".join(map(str, shape)), calls, _quantile(here, 0.5),
-                                _quantile(here, 0.99), _quantile(there, 0.5),
-                                _quantile(there, 0.99), target, torch.device(device).type))
-            if on_tick is not None:
-                on_tick((i + 1) / len(OVERHEAD_SHAPES))
+            out.append(Overhead("x".join(map(str, shape)), calls, quantile(here, 0.5),
+                                quantile(here, 0.99), quantile(there, 0.5),
+                                quantile(there, 0.99), target, kind))
     return out
 
 

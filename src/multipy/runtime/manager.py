@@ -27,7 +27,7 @@ from .environment import Environment, NoopEnvironment
 from .package import Package
 from .replicated import ReplicatedObj
 from .session import InterpreterSession, Obj, caller_grad_mode
-from .stats import InterpreterStatistics, ManagerStatistics
+from .stats import InterpreterStatistics, ManagerStatistics, quantile
 
 
 class Interpreter:
@@ -163,7 +163,8 @@ class InterpreterManager:
         """A frozen snapshot of per-interpreter counters and latency percentiles."""
         out = []
         for w in self._workers:
-            p50, p95, p99 = w.percentiles()
+            latencies = sorted(w.latencies)
+            p50, p95, p99 = (quantile(latencies, q) for q in (0.5, 0.95, 0.99))
             out.append(InterpreterStatistics(
                 index=w.index, pid=w.pid, generation=w.generation, calls=w.calls,
                 in_flight=self._balancer.in_flight(w.index), failures=w.failures,

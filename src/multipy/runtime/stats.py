@@ -3,6 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+
+
+def quantile(ordered: Sequence[float], q: float) -> float:
+    """The ``q`` quantile (nearest rank) of sorted values; 0 when there are none.
+
+    >>> quantile([1.0, 2.0, 3.0], 0.5)
+    2.0
+    """
+    if not ordered:
+        return 0.0
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 @dataclasses.dataclass(frozen=True)
