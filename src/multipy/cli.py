@@ -277,11 +277,11 @@ def _check_against_eager(fx, manager, model, out) -> None:
     for interp in manager.all_instances():
         with model.acquire_session(interp) as session:
             got = session.self(*fx.args).deref()
+        diff = (got - expected).abs().max().item()
         if not torch.allclose(got, expected, rtol=_CHECK_RTOL, atol=_CHECK_ATOL):
             raise _Failure(f"interpreter {interp.index}'s output differs from eager PyTorch "
-                           f"(max abs diff {(got - expected).abs().max().item():.3g}, "
-                           f"rtol {_CHECK_RTOL}, atol {_CHECK_ATOL})")
-        worst = max(worst, (got - expected).abs().max().item())
+                           f"(max abs diff {diff:.3g}, rtol {_CHECK_RTOL}, atol {_CHECK_ATOL})")
+        worst = max(worst, diff)
     out.print(f"outputs match eager on all {len(manager)} interpreter(s) "
               f"(max abs diff {worst:.2g})")
 
@@ -292,14 +292,14 @@ def _cmd_bench(args) -> int:
     from .bench import Strategy, run_sweep, table, thread_counts, write_csv
     from .bench import plot as save_plot
     from .bench.runner import progress_bar
-    from .bench.targets import resolve_target
+    from .bench.targets import example_archive, resolve_target
 
     if not (args.packages or args.overhead or args.memory or args.startup):
         raise UsageError("name at least one package or example (e.g. `multipy bench smallops`),"
                          " or pass --overhead, --memory or --startup")
     for option, path in (("--csv", args.csv), ("--plot", args.plot)):
         if path is not None:
-            _check_dir_writable(Path(path).resolve().parent, option)
+            _check_dir_writable(Path(path).resolve().parent, option, must_exist=True)
     if args.out:
         _check_dir_writable(args.out)
     device = _bench_device(args.device)
@@ -352,7 +352,7 @@ def _cmd_bench(args) -> int:
     if args.startup:
         from .bench.startup import measure_startup
 
-        archive = str(resolve_target("smallops", out=args.out).archive)
+        archive = str(example_archive("smallops", args.out))
         with _status(err, "timing start-up (fresh processes, best of 3)"):
             r = measure_startup(archive, interpreters=4)
         out.print(f"start-up: import torch {r.import_torch:.2f} s; InterpreterManager(4) + package + "
@@ -422,13 +422,11 @@ def _threads_ratios(rows) -> list[str]:
 
 def _limit_ratios(rows) -> list[str]:
     """multi_python over limit at equal n: the scaling target (≥ 0.9) in one line each."""
-    limit = {(r.benchmark, r.n_threads): r.work_items_per_second
-             for r in rows if r.strategy == "limit"}
+    from .bench.report import speedups
+
     lines = []
-    for r in rows:
-        ceiling = limit.get((r.benchmark, r.n_threads))
-        if r.strategy == "multi_python" and ceiling:
-            ratio = r.work_items_per_second / ceiling
+    for r, ratio in speedups(rows, "limit").items():
+        if r.strategy == "multi_python":
             lines.append(f"{r.benchmark}: multi_python x{r.n_threads} = {ratio:.2f} of the limit "
                          f"({'meets' if ratio >= 0.9 else 'below'} the 0.9 target)")
     return lines
@@ -452,13 +450,13 @@ def _status(console, text: str):
         yield status
 
 
-def _check_dir_writable(path, option: str = "--out") -> None:
+def _check_dir_writable(path, option: str = "--out", *, must_exist: bool = False) -> None:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UsageError(f"{option}: {path} exists and is not a directory")
     if path.exists() and not os.access(path, os.W_OK):
         raise UsageError(f"{option}: cannot write into {path} (permission denied)")
-    if not path.exists() and option != "--out":
+    if not path.exists() and must_exist:
         raise UsageError(f"{option}: directory {path} does not exist")
 
 

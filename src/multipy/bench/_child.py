@@ -50,36 +50,36 @@ def batch_inputs(obj: Any, batch: int, /) -> Any:
         raise ValueError(f"batch must be at least 1, got {batch}")
     if batch == 1:
         return obj
-    if isinstance(obj, torch.Tensor):
-        if obj.dim() == 0 or obj.shape[0] == batch:
-            return obj
-        if obj.shape[0] == 0:
-            raise ValueError(f"cannot repeat an empty example tensor {tuple(obj.shape)} "
+
+    def repeat_rows(t):
+        if t.dim() == 0 or t.shape[0] == batch:
+            return t
+        if t.shape[0] == 0:
+            raise ValueError(f"cannot repeat an empty example tensor {tuple(t.shape)} "
                              f"to {batch} rows")
         with torch.no_grad():
-            rows = torch.arange(batch, device=obj.device) % obj.shape[0]
-            return obj.index_select(0, rows)
-    if isinstance(obj, tuple):
-        items = [batch_inputs(x, batch) for x in obj]
-        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
-    if isinstance(obj, list):
-        return [batch_inputs(x, batch) for x in obj]
-    if isinstance(obj, dict):
-        return {k: batch_inputs(v, batch) for k, v in obj.items()}
-    return obj
+            return t.index_select(0, torch.arange(batch, device=t.device) % t.shape[0])
+
+    return _map_tensors(obj, repeat_rows)
 
 
 def inputs_to(obj: Any, device: str | torch.device, /) -> Any:
     """``obj`` with every tensor moved to ``device`` (tuples, lists, dicts walked)."""
+    return _map_tensors(obj, lambda t: t.to(device))
+
+
+def _map_tensors(obj: Any, fn) -> Any:
+    """``obj`` with ``fn(t)`` for every tensor ``t`` in it (tuples, named tuples,
+    lists and dicts walked; anything else left as it is)."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        return fn(obj)
     if isinstance(obj, tuple):
-        items = [inputs_to(x, device) for x in obj]
+        items = [_map_tensors(x, fn) for x in obj]
         return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
     if isinstance(obj, list):
-        return [inputs_to(x, device) for x in obj]
+        return [_map_tensors(x, fn) for x in obj]
     if isinstance(obj, dict):
-        return {k: inputs_to(v, device) for k, v in obj.items()}
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
     return obj
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 from .harness import Result
 
-__all__ = ["CSV_COLUMNS", "Row", "plot", "read_csv", "table", "write_csv"]
+__all__ = ["CSV_COLUMNS", "Row", "plot", "read_csv", "speedups", "table", "write_csv"]
 
 #: deploy_benchmark's columns, in order (latencies in milliseconds).
 CSV_COLUMNS = ("benchmark", "strategy", "n_threads", "work_items_completed",
@@ -61,7 +61,9 @@ def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
     return [dict(zip(names, (v.strip() for v in line.split(",")))) for line in body]
 
 
-def _speedups(rows: Sequence[Row], baseline: str) -> dict[Row, float]:
+def speedups(rows: Sequence[Row], baseline: str) -> dict[Row, float]:
+    """``{row: items/s over the baseline strategy's at the same benchmark and n}``,
+    for the rows whose baseline was measured (and not zero)."""
     base = {(r.benchmark, r.n_threads): r.work_items_per_second
             for r in rows if r.strategy == baseline}
     out = {}
@@ -81,7 +83,7 @@ def table(rows: Sequence[Row], *, title: str | None = None, baseline: str = "thr
     call on ``batch`` inputs)."""
     from rich.table import Table
 
-    speedups = _speedups(rows, baseline)
+    ratios = speedups(rows, baseline)
     several = len({r.benchmark for r in rows}) > 1
     out = Table(title=title)
     if several:
@@ -96,7 +98,7 @@ def table(rows: Sequence[Row], *, title: str | None = None, baseline: str = "thr
         out.add_column("p95 ms", justify="right")
     out.add_column(f"vs {baseline}", justify="right")
     for r in rows:
-        speedup = speedups.get(r)
+        speedup = ratios.get(r)
         cells = [label(r) if label else r.strategy, str(r.n_threads),
                  f"{r.work_items_per_second:,.1f}",
                  *([f"{r.work_items_per_second * batch:,.1f}"] if batch > 1 else []),

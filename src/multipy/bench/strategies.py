@@ -59,8 +59,7 @@ from ._child import batch_inputs, inputs_to
 from .harness import Result, run_threads
 from .targets import Target
 
-__all__ = ["STRATEGIES", "Fixtures", "Skipped", "Strategy", "batch_inputs", "benchmark_name",
-           "inputs_to"]
+__all__ = ["STRATEGIES", "Fixtures", "Skipped", "Strategy", "batch_inputs", "benchmark_name"]
 
 Tick = Callable[[float], None]
 
@@ -101,12 +100,11 @@ class Fixtures:
     """
 
     def __init__(self, target: Target, /, *, max_interpreters: int, backend: str = "process",
-                 on_status: Callable[[str], None] | None = None, device: str = "cpu",
-                 batch: int = 1) -> None:
+                 device: str = "cpu", batch: int = 1) -> None:
         self.target = target
         self.max_interpreters = max_interpreters
         self.backend = backend
-        self.on_status = on_status or (lambda text: None)
+        self.on_status: Callable[[str], None] = lambda text: None  # the runner sets its own
         #: The device as asked for (``"cuda"``): the CSV ``device`` column.
         self.device = str(device)
         placement = torch.device(self.device)
@@ -151,7 +149,7 @@ class Fixtures:
     def replicated(self, interpreters: int):
         """``(manager, model)`` with ``interpreters`` interpreters, the model loaded on each."""
         if self._manager is not None and len(self._manager) != interpreters:
-            self._close_manager()
+            self.close()
         if self._manager is None:
             self.on_status(f"starting {interpreters} interpreter(s)")
             manager = InterpreterManager(interpreters, backend=self.backend, num_threads=1)
@@ -211,14 +209,11 @@ class Fixtures:
                           f"--device {self.device}")
 
     # -- lifetime ------------------------------------------------------------------
-    def _close_manager(self) -> None:
+    def close(self) -> None:
+        """Close the manager held now (idempotent)."""
         manager, self._manager, self._model = self._manager, None, None
         if manager is not None:
             manager.close()
-
-    def close(self) -> None:
-        """Close the manager held now (idempotent)."""
-        self._close_manager()
 
     def __enter__(self) -> "Fixtures":
         return self
