@@ -28,7 +28,7 @@ from ..transport.shm import Arena, BlockViews, Segment
 
 
 _CUDA_LINK = int(Op.CUDA_LINK)
-_UNPINNED_REFS = 3  # the `watched` entry, the loop variable, getrefcount's argument
+_UNPINNED_REFS = 3  # the blocks list's entry, the loop variable, getrefcount's argument
 
 
 class _Tracked:
@@ -103,7 +103,6 @@ class Loop:
         self._kept = BlockViews(self._unkept)  # result blocks the interpreter still views
         self._free_later: set[int] = set()
         self.shared: dict[tuple, Segment] = {}
-        self.pinned: set[int] = set()
         self._pin_views = BlockViews(self._unpin)  # argument blocks kept after their call
         self.unpinned: list[int] = []
 
@@ -116,9 +115,7 @@ class Loop:
 
     def _unpin(self, offset: int) -> None:
         """The last tensor over a kept argument block is gone: tell the host."""
-        if offset in self.pinned:
-            self.pinned.discard(offset)
-            self.unpinned.append(offset)
+        self.unpinned.append(offset)
 
     def _free_result(self, offset: int) -> None:
         """The host dropped a result block; reuse it unless this side still views it."""
@@ -127,28 +124,23 @@ class Loop:
         else:
             self.results.free(offset)
 
-    def _keep(self, returned: list) -> None:
-        """Result blocks handed back as arguments that a tensor here still views."""
-        for offset, holder in returned:
-            if sys.getrefcount(holder) > _UNPINNED_REFS:
-                self._kept.add(offset, holder)
-
     def _unkept(self, offset: int) -> None:
         if offset in self._free_later:
             self._free_later.discard(offset)
             self.results.free(offset)
 
-    def _pins(self, watched: list) -> tuple:
-        """Argument blocks that a tensor still uses after the call."""
-        pinned = []
-        for offset, holder in watched:
-            # Held by `watched` and the loop variable only, unless a tensor over it survived
-            # the call (the interpreter kept an argument): then the block stays pinned.
+    @staticmethod
+    def _survivors(blocks: list, views: BlockViews) -> tuple:
+        """The ``(offset, holder)`` blocks that a tensor still uses after the call,
+        now watched by ``views``: argument blocks the interpreter kept (pinned), and
+        result blocks handed back as arguments that it still views."""
+        kept = []
+        for offset, holder in blocks:
+            # Held by `blocks` and the loop variable only, unless a tensor over it survived.
             if sys.getrefcount(holder) > _UNPINNED_REFS:
-                self.pinned.add(offset)
-                pinned.append(offset)
-                self._pin_views.add(offset, holder)
-        return tuple(pinned)
+                kept.append(offset)
+                views.add(offset, holder)
+        return tuple(kept)
 
     def run(self) -> None:
         waiter = Waiter(self.req_r, self.spin)
@@ -197,11 +189,11 @@ class Loop:
             self.encoder.placed = []
             error = capture_exception(exc)
             del exc
-        pinned = self._pins(watched) if watched else ()
+        pinned = self._survivors(watched, self._pin_views) if watched else ()
         watched = None
         if self._returned:
             returned, self._returned = self._returned, []
-            self._keep(returned)
+            self._survivors(returned, self._kept)
             del returned
         unpinned, self.unpinned = self.unpinned, []
         out, err = sys.stdout, sys.stderr

@@ -143,7 +143,7 @@ class Worker:
             self._terminate(kill=True)
             if isinstance(exc, (InterpreterStartError, ManagerClosedError)) or not isinstance(exc, Exception):
                 raise
-            raise InterpreterStartError(f"interpreter {self.index} failed to start: {exc}") from exc
+            raise no_start(self.index, str(exc)) from exc
         self._started = True
 
     def add_startup(self, op: Op, args: tuple) -> None:

@@ -83,7 +83,6 @@ def _preparation_without_main(name, _original=spawn.get_preparation_data):
     return data
 
 
-
 def worker_context(extra_preload: tuple[str, ...] = ()):
     """The multiprocessing context interpreters start from: forkserver with torch
     preloaded where available, else spawn.  ``extra_preload`` adds modules (the
@@ -174,7 +173,7 @@ class ProcessWorker(Worker):
                                 self._args_lock)
         self._decoder = Decoder(self._results, own=self._args.segment, own_cuda=True,
                                 on_release=lambda off: freed.append(off) if self.generation == generation else None,
-                                on_return=self._hold_args_block)
+                                on_return=self._held.add)
         # CUDA link buffers for this generation (made when the first CUDA tensor crosses).
         self._links = self._encoder.links = self._decoder.links = HostLinks()
         fds = tuple(_Fd(fd) for fd in (req_r, rep_w, self._args.segment.fd, self._results.fd, out_w, err_w))
@@ -295,17 +294,11 @@ class ProcessWorker(Worker):
         (``pinned``) and those a host result views (``_held``).  Under ``_args_lock``."""
         self._pins.update(pinned)
         for offset in placed:
-            if offset not in pinned:
-                self._free_arg(offset)
+            self._free_arg(offset)
 
     def _free_arg(self, offset: int) -> None:
         if offset not in self._held and offset not in self._pins:
             self._args.free(offset)
-
-    def _hold_args_block(self, offset: int, holder) -> None:
-        """A result came back as a view of argument block ``offset``: keep the block
-        until the last such host tensor dies."""
-        self._held.add(offset, holder)
 
     def _desynchronised(self, why) -> TransportError:
         """The reply stream is corrupt: the interpreter cannot be trusted to be in step."""
