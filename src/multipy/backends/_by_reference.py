@@ -37,7 +37,7 @@ from ..errors import MultipyError, TransportError
 from ..transport.codec import PersistentUnpickler, describe_unpicklable
 from ..interp.modules import current_thread_modules, registered_global
 from ..interp.movable import _MovablePickler
-from ..interp.packages import open_package
+from ..interp.packages import StorageSource, open_package
 from ..transport.messages import GradMode, Handle, MovablePayload, Op, RemoteException
 
 _MAX_DEPTH = 64
@@ -273,49 +273,22 @@ def load_movable(payload: SharedMovable):
 # -- package weights ----------------------------------------------------------------
 
 
-class _Archive:
-    """The process-wide storage source of one archive file."""
-
-    def __init__(self, reader) -> None:
-        self.reader = reader            # the SharedStorageReader of the first importer
-        self.lock = threading.Lock()
-
-
-class _SharedStorages:
-    """An importer's ``zip_reader`` whose storages come from the archive's
-    process-wide source; everything else is the importer's own reader."""
-
-    def __init__(self, reader, archive: _Archive) -> None:
-        self._reader = reader
-        self._archive = archive
-        self.preloaded: dict | None = None  # storages the host placed (a GPU), for one load
-
-    def get_storage_from_record(self, name, numel, dtype):
-        preloaded = self.preloaded
-        if preloaded is not None and name in preloaded:
-            data = preloaded[name]
-            return data if dtype == data.dtype else data.view(dtype)
-        archive = self._archive
-        with archive.lock:
-            return archive.reader.get_storage_from_record(name, numel, dtype)
-
-    def __getattr__(self, name):
-        return getattr(self._reader, name)
-
-
-_archives_lock = threading.Lock()
-_archives: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_sources_lock = threading.Lock()
+_sources: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 def open_package_shared(path: str):
     """A ``PackageImporter`` for ``path`` whose storages are those of every other
-    importer of the same file in this process (same storage, same ``data_ptr``)."""
-    importer = open_package(path)
+    importer of the same file in this process (same storage, same ``data_ptr``):
+    the file is mapped once per process, not once per interpreter."""
+    return open_package(path, _shared_source)
+
+
+def _shared_source(path: str) -> StorageSource:
     st = os.stat(path)
     key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-    with _archives_lock:
-        archive = _archives.get(key)
-        if archive is None:
-            archive = _archives[key] = _Archive(importer.zip_reader)
-    importer.zip_reader = _SharedStorages(importer.zip_reader, archive)
-    return importer
+    with _sources_lock:
+        source = _sources.get(key)
+        if source is None:
+            source = _sources[key] = StorageSource(path)
+        return source

@@ -16,9 +16,11 @@ import mmap
 import os
 import struct
 import sys
+import threading
 import warnings
 import weakref
 import zipfile
+from typing import Callable
 
 from ..errors import ExternModuleError, PackageError
 
@@ -42,19 +44,53 @@ def stored_records(path: str) -> dict[str, tuple[int, int]]:
     return out
 
 
-class SharedStorageReader:
-    """A proxy for ``PackageImporter.zip_reader`` whose storages are views of
-    the archive mapped copy-on-write.  Everything else is delegated."""
+class StorageSource:
+    """An archive file mapped copy-on-write once, and the storages viewed in it.
 
-    def __init__(self, reader, path: str) -> None:
+    One source may serve several importers of the same file (the thread
+    backend's interpreters share one per process): their storages are then the
+    same tensors.  Thread-safe.
+    """
+
+    def __init__(self, path: str) -> None:
         import numpy as np
 
-        self._reader = reader
         self._records = stored_records(path)
         with open(path, "rb") as f:
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         self._base = np.frombuffer(self._mm, dtype=np.uint8)
         self._cache: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        self._lock = threading.Lock()
+
+    def storage(self, name, numel, dtype):
+        """Record ``name`` as a tensor viewing the mapping, or ``None`` where it
+        cannot be viewed in place (absent, short or not 64-byte aligned)."""
+        import torch
+
+        with self._lock:
+            cached = self._cache.get((name, dtype))
+            if cached is not None:
+                return cached
+            found = self._records.get(name)
+            nbytes = numel * torch.empty((), dtype=dtype).element_size()
+            if found is None or found[1] < nbytes or found[0] % 64:
+                return None
+            offset, _ = found
+            t = torch.from_numpy(self._base[offset:offset + nbytes])
+            if dtype != torch.uint8:
+                t = t.view(dtype)
+            self._cache[(name, dtype)] = t
+            return t
+
+
+class SharedStorageReader:
+    """A proxy for ``PackageImporter.zip_reader`` whose storages come from a
+    :class:`StorageSource` (views of the archive mapped copy-on-write).
+    Everything else is delegated."""
+
+    def __init__(self, reader, source: StorageSource) -> None:
+        self._reader = reader
+        self._source = source
         self.preloaded: dict | None = None  # record name -> uint8 tensor (e.g. on a GPU)
 
     def get_storage_from_record(self, name, numel, dtype):
@@ -63,19 +99,8 @@ class SharedStorageReader:
         if self.preloaded is not None and name in self.preloaded:
             data = self.preloaded[name]
             return data if dtype == torch.uint8 else data.view(dtype)
-        cached = self._cache.get((name, dtype))
-        if cached is not None:
-            return cached
-        found = self._records.get(name)
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
-        if found is None or found[1] < nbytes or found[0] % 64:
-            return self._reader.get_storage_from_record(name, numel, dtype)
-        offset, _ = found
-        t = torch.from_numpy(self._base[offset:offset + nbytes])
-        if dtype != torch.uint8:
-            t = t.view(dtype)
-        self._cache[(name, dtype)] = t
-        return t
+        t = self._source.storage(name, numel, dtype)
+        return t if t is not None else self._reader.get_storage_from_record(name, numel, dtype)
 
     def __getattr__(self, name):
         return getattr(self._reader, name)
@@ -102,8 +127,9 @@ def _quiet_torch_package() -> None:
     warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning)
 
 
-def open_package(path: str):
-    """A ``PackageImporter`` for ``path`` whose storages are shared.
+def open_package(path: str, source_for: Callable[[str], StorageSource] = StorageSource):
+    """A ``PackageImporter`` for ``path`` whose storages are shared: views of
+    ``source_for(path)`` (default: a new mapping of the file).
 
     Raises :class:`ExternModuleError` when an extern module of the archive
     cannot be found in this interpreter's environment.
@@ -114,7 +140,7 @@ def open_package(path: str):
     if not os.path.exists(path):
         raise PackageError(f"package {path!r} does not exist")
     importer = PackageImporter(path)
-    importer.zip_reader = SharedStorageReader(importer.zip_reader, path)
+    importer.zip_reader = SharedStorageReader(importer.zip_reader, source_for(path))
     missing = sorted({m.split(".")[0] for m in importer.extern_modules
                       if m and _top_level_missing(m.split(".")[0])})
     if missing:
