@@ -1,4 +1,5 @@
-# Two commands on a fresh machine: `make demo` (the main job) and `make test`.
+# Two commands on a fresh machine: `make demo` (the main job) and `make test`
+# (the suite and a strict build of the docs).
 # Both bootstrap .venv idempotently.  torch is pinned to the build on this machine's
 # disk; an unpinned torch would pull a multi-GB CUDA wheel.
 PYTHON ?= python3
@@ -23,6 +24,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+	$(VENV)/bin/mkdocs build --strict --quiet --site-dir build/site
 	$(MAKE) --no-print-directory test-subinterpreters
 
 # The subinterpreter backend needs CPython 3.13+ (no torch there); pyenv provides one
