@@ -21,7 +21,7 @@ from multipy.errors import TransportError
 from multipy.interp.state import InterpreterState
 from multipy.transport.codec import Decoder, Encoder
 from multipy.transport.frames import FrameError, read_frame
-from multipy.transport.messages import Op, Reply, RemoteException, parse_reply
+from multipy.transport.messages import Op, Reply, RemoteException, parse_reply, stamp
 from multipy.transport.shm import Arena, Segment
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -30,7 +30,7 @@ FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCh
 def valid_reply() -> bytes:
     arena = Arena(Segment.create(1 << 16))
     value = Encoder(arena).encode({"out": torch.arange(4.0), "n": 3})
-    return pickle.dumps((value, None, (), (), False), protocol=5)
+    return stamp(1, pickle.dumps((value, None, (), (), False), protocol=5))
 
 
 VALID_REPLY = valid_reply()
@@ -90,16 +90,16 @@ def test_random_bytes_as_a_request_give_an_error_reply(loop, data):
 @given(st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=8))
 def test_mutated_requests_give_a_reply(loop, flips):
     serve, encoder = loop
-    request = encoder.encode((int(Op.PING), (), (), ()), "arguments")
+    request = stamp(1, encoder.encode((int(Op.PING), (), (), ()), "arguments"))
     reply = served(serve, mutate(request, flips))
     assert reply.error is None or reply.error.type_name
 
 
 def test_a_valid_request_still_works_after_the_fuzzing(loop):
     serve, encoder = loop
-    request = encoder.encode((int(Op.PING), (), (), ()), "arguments")
+    request = stamp(7, encoder.encode((int(Op.PING), (), (), ()), "arguments"))
     reply = served(serve, request)
-    assert reply.error is None and Decoder(None).decode(reply.value) == 0
+    assert reply.call == 7 and reply.error is None and Decoder(None).decode(reply.value) == 0
 
 
 @FUZZ

@@ -2,9 +2,13 @@
 
 ::
 
-    read frame ─▶ Request ─▶ decode args (tensors viewed in the args arena)
+    read frame ─▶ call id, Request ─▶ decode args (tensors viewed in the args arena)
         ─▶ InterpreterState.handle ─▶ encode value (tensors copied to the results arena)
-        ─▶ Reply{value, error, pinned, unpinned, output} ─▶ write frame
+        ─▶ call id, Reply{value, error, pinned, unpinned, output} ─▶ write frame
+
+Every reply carries the call id of the request it answers, even when the
+request could not be decoded (a frame too short to hold an id is answered as
+call 0, which the host never uses: it then restarts the interpreter).
 
 The process exits when the request pipe reaches end-of-file (the host closed
 it or died) and, through the parent-death signal, when its parent dies.
@@ -23,7 +27,7 @@ from ..interp.state import InterpreterState, capture_exception
 from ..transport.codec import Decoder, Encoder
 from ..transport.cuda_link import InterpreterLinks
 from ..transport.frames import Waiter, read_frame, write_frame
-from ..transport.messages import Op, parse_request
+from ..transport.messages import Op, parse_request, split_call, stamp
 from ..transport.shm import Arena, BlockViews, Segment
 
 
@@ -162,6 +166,11 @@ class Loop:
         ensure_stream()
 
     def serve(self, data: bytes) -> bytes:
+        """The reply frame (call id first) for one request frame."""
+        try:
+            call, data = split_call(data)
+        except ValueError:
+            call = 0  # never a real call: the host treats the reply as out of step
         state = self.state
         state.close_adopted_segments()
         watched = []
@@ -202,5 +211,6 @@ class Loop:
             out.flush()
             err.flush()
             out.dirty = err.dirty = False
-        # A plain tuple of Reply's fields: see transport.messages.
-        return pickle.dumps((value, error, pinned, tuple(unpinned), output), protocol=5)
+        # A plain tuple of Reply's fields after the call id: see transport.messages.
+        return stamp(call, pickle.dumps((value, error, pinned, tuple(unpinned), output),
+                                        protocol=5))

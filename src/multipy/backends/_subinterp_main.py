@@ -138,7 +138,7 @@ class _Server:
         self.arena = memoryview(b"")
         self.ident = threading.get_ident()
         self.stash = None        # (seq, payload) of a request waiting for its buffers
-        self.pending = None      # (payload, oob) of a reply waiting for a bigger arena
+        self.pending = None      # (seq, payload, oob) of a reply waiting for a bigger arena
         self.table = wire.dispatch_table(results=True)
         self.lock = threading.Lock()
         self.active = None       # the call number running now, or None
@@ -184,7 +184,7 @@ class _Server:
             del payload, buffers
             result, error = self._run(seq, op, args, drop)
             del args
-        self.reply(op, result, error)
+        self.reply(seq, op, result, error)
 
     def _run(self, seq: int, op, args, drop):
         result = error = None
@@ -207,7 +207,7 @@ class _Server:
             self.active = None
             _set_async_exc(self.ident, ctypes.py_object())  # drop one not yet delivered
 
-    def reply(self, op, result, error) -> None:
+    def reply(self, seq: int, op, result, error) -> None:
         remote = capture_exception(error) if error is not None else None
         del error
         try:
@@ -220,11 +220,11 @@ class _Server:
                 "(numbers, str, bytes, containers, picklable objects) or keep an Obj handle."))
             payload, oob = wire.dumps((None, remote), self.table)
         del result
-        self.pending = (payload, oob)
+        self.pending = (seq, payload, oob)
         self.send()
 
     def send(self) -> None:
-        payload, oob = self.pending
+        seq, payload, oob = self.pending
         need = sum(wire.align(memoryview(b).nbytes) for b in oob)
         if need > len(self.arena):
             raise WantArena(str(need))  # the reply stays pending
@@ -237,7 +237,7 @@ class _Server:
             arena[position:position + raw.nbytes] = raw
             slots.append(wire.SLOT.pack(position, raw.nbytes))
             position += wire.align(raw.nbytes)
-        wire.write_all(self.rep_w, [wire.REPLY.pack(len(payload), len(slots)), payload, *slots])
+        wire.write_all(self.rep_w, [wire.REPLY.pack(len(payload), seq, len(slots)), payload, *slots])
 
     # -- timeouts ------------------------------------------------------------
     def _watch(self) -> None:

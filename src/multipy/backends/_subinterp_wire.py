@@ -10,7 +10,7 @@ Frames on the request pipe (host -> subinterpreter)::
 
 Frames on the reply pipe (subinterpreter -> host)::
 
-    REPLY header    (payload bytes, buffers placed in the arena)
+    REPLY header    (payload bytes, call number it answers, buffers placed in the arena)
     payload         pickle (protocol 5) of (value, RemoteException | None)
     slots           one SLOT (offset, length) per out-of-band buffer
 
@@ -42,7 +42,7 @@ OOB_THRESHOLD = 64 * 1024
 ALIGN = 64
 WALK_LIMIT = 64          # containers longer than this are not searched for big bytes
 REQUEST = struct.Struct("<QQI")
-REPLY = struct.Struct("<QI")
+REPLY = struct.Struct("<QQI")
 SLOT = struct.Struct("<QQ")
 SEQ = struct.Struct("<Q")
 

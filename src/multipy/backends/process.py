@@ -32,13 +32,14 @@ import os
 import select
 import sys
 import threading
+import time
 from multiprocessing import reduction, spawn
 
 from ..errors import CallTimeoutError, ManagerClosedError, TransportError
 from ..transport.codec import Decoder, Encoder
 from ..transport.cuda_link import HostLinks
-from ..transport.frames import FrameError, Waiter, read_frame, write_frame
-from ..transport.messages import Op, parse_reply
+from ..transport.frames import FrameError, FrameReader, Waiter, write_frame
+from ..transport.messages import Op, parse_reply, stamp
 from ..transport.shm import Arena, BlockViews, Segment
 from .base import (Backend, BackendKind, RequestNotSent, Worker, WorkerConfig, describe_exit, drain,
                    no_start)
@@ -190,6 +191,9 @@ class ProcessWorker(Worker):
         self._process = process
         self.pid = process.pid
         self._waiter = Waiter(self._rep_r, self.config.spin)
+        self._reader = FrameReader(self._rep_r)
+        self._next_call = 0
+        self._owed: dict[int, list[int]] = {}  # call id -> argument blocks, reply not read yet
         self._out = _Pump(out_r, "stdout", f"multipy-stdout-{self.index}")
         self._err = _Pump(err_r, "stderr", f"multipy-stderr-{self.index}")
         self._out.start()
@@ -217,18 +221,70 @@ class ProcessWorker(Worker):
             data = encoder.encode((int(op), args, drop, freed), "arguments", blame=args)
         except BaseException:
             self._freed.extend(freed)  # nothing was sent: report them with the next request
+            with self._args_lock:
+                self._release_placed(encoder.placed, ())
             raise
         finally:
             links.sent()
         placed = encoder.placed
+        call = self._next_call = self._next_call + 1
         try:
-            write_frame(self._req_w, data)
+            write_frame(self._req_w, stamp(call, data))
         except (BrokenPipeError, ConnectionResetError):
             # Nobody reads the request pipe: the interpreter died while idle and never saw it.
             with self._args_lock:
                 self._release_placed(placed, ())
             raise RequestNotSent(self._crashed("while idle, before this call was sent")) from None
+        except BaseException:
+            # Interrupted while writing (a signal handler raised): part of the request may
+            # be in the pipe, so the interpreter can no longer be trusted to be in step.
+            self._out_of_step("a request was interrupted while it was being sent")
+            raise
+        self._owed[call] = placed  # until its reply is read, by this caller or a later one
         try:
+            reply = self._reply_for(call, timeout, starting)
+        except BaseException:
+            if self._process is not None and self._links.active:
+                # The next call reuses the CUDA link buffers that this one may still be
+                # reading in the interpreter: only a fresh interpreter is safe.
+                self._out_of_step("a call using CUDA link buffers was interrupted")
+            raise
+        return self._settle(op, reply, placed)
+
+    def _reply_for(self, call: int, timeout, starting: bool):
+        """Wait for the reply to ``call``: the one place where replies meet callers.
+
+        Replies come back in request order.  One carrying an earlier id in
+        ``_owed`` belongs to a call whose caller gave up waiting (a signal
+        handler raised, e.g. Ctrl-C): it is settled (its blocks freed, its value
+        dropped) and never returned.  Any other id means the stream is out of
+        step: the interpreter is killed and restarted.  An exception raised
+        while waiting leaves ``call`` owed; one raised while a frame was being
+        read (its bytes half consumed) restarts the interpreter.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            frame = self._next_frame(deadline, timeout, starting)
+            try:
+                reply = parse_reply(frame)
+            except TransportError as exc:
+                raise self._desynchronised(exc) from None
+            if reply.call == call:
+                del self._owed[call]
+                return reply
+            placed = self._owed.pop(reply.call, None)
+            if placed is None:
+                raise self._desynchronised(
+                    f"a reply to call {reply.call} came while call {call} waited")
+            try:
+                self._settle(None, reply, placed)
+            except Exception:
+                pass  # nobody wants that value; its blocks are released all the same
+
+    def _next_frame(self, deadline, timeout, starting: bool) -> bytes:
+        """The next reply frame, waiting until ``deadline`` (monotonic; ``None``: no limit)."""
+        reader = self._reader
+        if not reader.buffered:
             # Spin for the reply only while no other host thread is waiting on an
             # interpreter: a spinning thread takes the GIL back on every poll, and with
             # many callers that starves the threads doing real work.
@@ -237,23 +293,30 @@ class ProcessWorker(Worker):
                 _waiting += 1
                 alone = _waiting == 1
             try:
-                ready = self._waiter.wait(timeout, spin=alone)
+                ready = self._waiter.wait(
+                    None if deadline is None else max(0.0, deadline - time.monotonic()),
+                    spin=alone)
             finally:
                 with _waiting_lock:
                     _waiting -= 1
             if not ready:
                 self._kill_for_timeout(timeout)
-            frame = read_frame(self._rep_r)
+        try:
+            frame = reader.read()
         except (BrokenPipeError, ConnectionResetError):
             frame = None
         except FrameError as exc:
             raise self._desynchronised(exc) from None
+        except BaseException:
+            self._out_of_step("a reply was interrupted while it was being read")
+            raise
         if frame is None:
             raise self._crashed("while starting" if starting else "while running a call")
-        try:
-            reply = parse_reply(frame)
-        except TransportError as exc:
-            raise self._desynchronised(exc) from None
+        return frame
+
+    def _settle(self, op, reply, placed: list[int]):
+        """Decode ``reply`` and release the argument blocks of its call.  ``op`` is
+        ``None`` for the reply of a call whose caller left: its value is dropped."""
         if reply.output:
             self._out.drain()
             self._err.drain()
@@ -264,18 +327,25 @@ class ProcessWorker(Worker):
                 # be a view of one (handed back by reference), which then stays held.
                 value = self._decoder.decode(reply.value)
         except Exception as exc:
+            if op is None:
+                raise
             raise TransportError(
                 f"the result of {Op(op).name.lower()} in interpreter {self.index} could not be "
                 f"rebuilt in the host: {exc}. Types defined inside a package exist only in "
                 "the interpreters; return plain values or tensors, or keep an Obj handle.") from exc
         finally:
-            links.received()
+            self._links.received()
             with self._args_lock:
                 for offset in reply.unpinned:
                     self._pins.discard(offset)
                     self._free_arg(offset)
                 self._release_placed(placed, reply.pinned)
         return value, reply.error
+
+    def _out_of_step(self, why: str) -> None:
+        """The request and reply streams may no longer match: restart the interpreter."""
+        self._terminate(kill=True)
+        self.mark_dead(why)
 
     def _announce_links(self, links: HostLinks, timeout) -> None:
         """Have the interpreter map CUDA link buffers made or grown since the last call.

@@ -313,7 +313,7 @@ class SubinterpreterWorker(Worker):
                     self._timed_out(driver, seq, timeout)
             else:
                 driver.waiter.wait()  # spin briefly, then sleep: see transport.frames.Waiter
-            value, error = self._read_reply(driver, op)
+            value, error = self._read_reply(driver, op, seq)
         except BaseException as exc:
             if not isinstance(exc, (CallTimeoutError, TransportError, InterpreterCrashedError,
                                     RequestNotSent)):
@@ -327,11 +327,20 @@ class SubinterpreterWorker(Worker):
                 "running this call; the call was interrupted")
         return value, error
 
-    def _read_reply(self, driver: _Driver, op):
+    def _read_reply(self, driver: _Driver, op, seq: int):
+        """The reply to call ``seq``.  Calls are answered in order and a caller
+        that gives up on its reply abandons the interpreter, so any other call
+        number means the streams are out of step: the interpreter is abandoned."""
         header = wire.read_exact(driver.rep_r, wire.REPLY.size)
         if header is None:
             raise self._lost(driver, "while running a call")
-        size, nslots = wire.REPLY.unpack(header)
+        size, answers, nslots = wire.REPLY.unpack(header)
+        if answers != seq:
+            self._abandon(driver, "out of step")
+            raise TransportError(
+                f"subinterpreter {self.index} answered call {answers} while call {seq} waited; "
+                "its replies are out of step, so it was abandoned and a new one serves later "
+                "calls")
         body = wire.read_exact(driver.rep_r, size + nslots * wire.SLOT.size)
         if body is None:
             raise self._lost(driver, "while replying")
@@ -356,7 +365,7 @@ class SubinterpreterWorker(Worker):
         driver.interrupt(seq)
         if block_readable(driver.waiter.poller, INTERRUPT_GRACE):
             try:
-                self._read_reply(driver, Op.PING)  # the interrupted call's reply: discarded
+                self._read_reply(driver, Op.PING, seq)  # the interrupted call's reply: discarded
             except TransportError:
                 pass
             raise CallTimeoutError(

@@ -3,6 +3,11 @@
 A frame is a 4-byte little-endian length followed by that many bytes.  A read
 that hits end-of-file returns ``None``: the peer is gone.  Short reads and
 writes (pipes carry at most 64 KiB at a time) are looped over.
+
+:func:`read_frame` expects one frame at a time in the pipe (a request loop);
+:class:`FrameReader` is for a reader that may find several queued (the host,
+when a call it gave up on left its reply behind): it keeps what one read
+brought in beyond the frame for the next read.
 """
 
 from __future__ import annotations
@@ -66,6 +71,58 @@ def read_frame(fd: int, /) -> bytes | None:
     return b"".join(parts)
 
 
+_CHUNK = 65536 + _HEADER.size
+
+
+class FrameReader:
+    """Reads whole frames from ``fd``, one ``os.read`` per small frame, keeping
+    the bytes of later frames that a read brought in (:attr:`buffered`).
+
+    An exception raised inside :meth:`read` (a signal handler's
+    ``KeyboardInterrupt``) may lose bytes: the stream must then be treated as
+    out of step.
+    """
+
+    __slots__ = ("fd", "_rest")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._rest = b""
+
+    @property
+    def buffered(self) -> bool:
+        """Whether bytes of the next frame were already read (no need to wait)."""
+        return bool(self._rest)
+
+    def read(self) -> bytes | None:
+        """The next frame's payload; ``None`` at end-of-file."""
+        fd = self.fd
+        data, self._rest = self._rest or os.read(fd, _CHUNK), b""
+        if not data:
+            return None
+        while len(data) < _HEADER.size:
+            more = os.read(fd, _CHUNK)
+            if not more:
+                return None
+            data += more
+        (size,) = _HEADER.unpack_from(data)
+        if size >= MAX_FRAME:
+            raise FrameError(f"frame header announces {size} bytes; the stream is corrupt")
+        end = _HEADER.size + size
+        if len(data) < end:
+            parts, have = [data], len(data)
+            while have < end:
+                chunk = os.read(fd, min(max(end - have, _CHUNK), 1 << 20))
+                if not chunk:
+                    return None
+                parts.append(chunk)
+                have += len(chunk)
+            data = b"".join(parts)
+        if len(data) > end:
+            self._rest = data[end:]
+        return data[_HEADER.size:end]
+
+
 def spin_readable(poller: "select.poll", spin: float) -> bool:
     """Poll without sleeping for up to ``spin`` seconds; True once readable.
 
@@ -90,7 +147,7 @@ def block_readable(poller: "select.poll", timeout: float | None) -> bool:
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
-            return False
+            return bool(poller.poll(0))
         if poller.poll(max(1, int(left * 1000))):
             return True
 

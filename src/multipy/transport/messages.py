@@ -7,13 +7,26 @@ named tuple costs a class lookup on each side, about 4 µs a round trip, which
 is a tenth of the whole dispatch budget.  Piggy-backed housekeeping
 (objects the host dropped, result blocks it freed) rides on requests so that it
 never needs a round trip of its own.
+
+**Call ids.**  Every request frame starts with the host's number for the call
+(:data:`CALL_ID`, 8 bytes, outside the pickle so that a request whose
+arguments cannot be unpickled is still answered under its id), and the reply
+repeats it.  A reply is only ever handed to the caller whose id it carries;
+see ``ProcessWorker._reply_for`` for what the host does with any other::
+
+    request frame:  length | call id | pickle(op, args, drop, freed)
+    reply frame:    length | call id | pickle(value, error, pinned, unpinned, output)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import struct
 from typing import NamedTuple
+
+#: The call id at the start of every request and reply payload.
+CALL_ID = struct.Struct("<Q")
 
 
 class Op(enum.IntEnum):
@@ -93,13 +106,14 @@ class RemoteException:
 class Reply(NamedTuple):
     """The outcome of one request.
 
-    ``value`` is the encoded result (``None`` for ``None``); ``pinned`` lists
+    ``call`` is the id of the request it answers; ``value`` is the encoded result (``None`` for ``None``); ``pinned`` lists
     argument blocks the interpreter still references after the call (the host
     must not reuse them); ``unpinned`` lists blocks it let go of; ``output``
     says the interpreter wrote to stdout/stderr (the host drains it before
     returning, so prints appear in order).
     """
 
+    call: int
     value: bytes | None = None
     error: RemoteException | None = None
     pinned: tuple = ()
@@ -122,8 +136,24 @@ class MovablePayload:
         return (MovablePayload, (self.data, self.segment))
 
 
+def stamp(call: int, body: bytes, /) -> bytes:
+    """A frame payload: ``body`` (a pickle) after the call id it belongs to.
+
+    >>> split_call(stamp(7, b"body"))
+    (7, b'body')
+    """
+    return CALL_ID.pack(call) + body
+
+
+def split_call(payload: bytes, /) -> tuple[int, bytes]:
+    """``(call id, body)`` of a frame payload; ``ValueError`` if it is too short for an id."""
+    if len(payload) < CALL_ID.size:
+        raise ValueError(f"a frame of {len(payload)} bytes is too short to carry a call id")
+    return CALL_ID.unpack_from(payload)[0], payload[CALL_ID.size:]
+
+
 def parse_reply(frame: bytes, /) -> Reply:
-    """Decode a reply frame, checking its shape.
+    """Decode a reply frame (call id, then the pickled fields), checking its shape.
 
     Anything else (corrupt bytes, a desynchronised stream) raises
     :class:`~multipy.errors.TransportError`; nothing in the frame can make this
@@ -134,8 +164,9 @@ def parse_reply(frame: bytes, /) -> Reply:
     from ..errors import TransportError
 
     try:
-        fields = pickle.loads(frame)
-        reply = Reply._make(fields) if type(fields) is tuple and len(fields) == 5 else None
+        call, body = split_call(frame)
+        fields = pickle.loads(body)
+        reply = Reply(call, *fields) if type(fields) is tuple and len(fields) == 5 else None
         ok = (reply is not None and type(reply.output) is bool
               and (reply.value is None or type(reply.value) is bytes)
               and (reply.error is None or type(reply.error) is RemoteException)
