@@ -26,7 +26,7 @@ import enum
 import pickle
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import (InterpreterCrashedError, InterpreterError, InterpreterStartError,
                       ManagerClosedError, RemoteTraceback, TransportError)
@@ -42,6 +42,10 @@ class RequestNotSent(Exception):
         super().__init__(str(error))
         self.error = error
 
+
+#: What ``Worker._collect`` returns when the ready data was not its reply after all
+#: (a reply left by a caller who gave up); it has re-armed the completion.
+PENDING = object()
 
 RESTART_BACKOFF = 0.1     # seconds before the 2nd start attempt, doubling after
 MAX_START_FAILURES = 5    # failed starts in a row before an interpreter is given up
@@ -93,6 +97,9 @@ class Worker:
         self.latencies: list[float] = []
         self._started = False
         self._startup = list(config.startup)
+        # Called (from any thread) after the lock is released at the end of a
+        # request or a restart: the dispatcher of posted requests sends the next.
+        self.on_free: Callable[[], None] | None = None
 
     # -- to implement ---------------------------------------------------
     def _launch(self) -> None:
@@ -158,6 +165,9 @@ class Worker:
         then kill.  A call cut short raises :class:`ManagerClosedError`."""
         self.closed = True  # new requests fail at once from here on
         got = self.lock.acquire(timeout=timeout)
+        helper = self.__dict__.pop("_helper", None)
+        if helper is not None:
+            helper.stop()
         try:
             self._terminate(kill=not got)
         finally:
@@ -210,6 +220,7 @@ class Worker:
                         self._ensure_started_locked()
                     except Exception:
                         pass  # the next request reports it
+            self._now_free()
         threading.Thread(target=revive, name=f"multipy-revive-{self.index}", daemon=True).start()
 
     # -- the hot path -------------------------------------------------------
@@ -252,11 +263,16 @@ class Worker:
                 self.failures += 1
                 raise
             finally:
-                self.calls += 1
-                lat = self.latencies
-                lat.append(time.perf_counter() - started)
-                if len(lat) > 4096:
-                    del lat[:2048]
+                self._count(started)
+        if self.on_free is not None:
+            self._now_free()
+
+    def _count(self, started: float) -> None:
+        self.calls += 1
+        lat = self.latencies
+        lat.append(time.perf_counter() - started)
+        if len(lat) > 4096:
+            del lat[:2048]
 
     def _checked(self, op: Op, args: tuple, timeout: float | None, handles=None) -> Any:
         drop = drain(self.drops) if self.drops else ()
@@ -268,6 +284,87 @@ class Worker:
         if error is not None:
             raise rebuild_exception(error)
         return value
+
+    # -- posting: a request whose reply no host thread waits for ------------------
+    def post(self, op: Op, args: tuple = (), *, completions, done: Callable[[Any, BaseException | None], None],
+             timeout: float | None = None, handles: tuple | None = None,
+             materializes: int | None = None, recipe: tuple | None = None) -> None:
+        """Send one request and return at once (futures, ``acall``, batches).
+
+        The caller holds ``self.lock``, taken without blocking; from here the
+        request owns it and releases it when the call ends, just before
+        ``done(value, error)`` runs once on ``completions``' thread (the
+        :class:`~multipy.backends.completions.Completions` of the manager).
+        ``timeout`` is enforced by a timer on that thread, the backend's way
+        (``_expire``).  When nothing could be sent, the lock is released and
+        the error raised here instead: :class:`RequestNotSent` when the
+        interpreter was found dead (the request may go to another one).
+        """
+        if self.closed or not self._started:
+            self.lock.release()
+            raise (ManagerClosedError("the interpreter manager is closed") if self.closed
+                   else RequestNotSent(InterpreterCrashedError(
+                       f"interpreter {self.index} is restarting", index=self.index)))
+        call = _PostedCall(self, done, materializes, timeout)
+        full = args
+        if materializes is not None:
+            full = args + ((None if materializes in self.materialized else recipe),)
+        drop = drain(self.drops) if self.drops else ()
+        try:
+            call.posted = self._post(op, full, drop, timeout, handles, completions, call.finish)
+        except BaseException:
+            call.finished = True  # a completion it registered before failing must not run
+            self.drops.extend(drop)  # nothing or something was sent: dropping twice is harmless
+            self.failures += 1
+            self.lock.release()
+            self._now_free()
+            raise
+        if timeout is not None and not isinstance(call.posted, _Fallback):
+            call.timer = completions.call_at(time.monotonic() + timeout, call.expire)
+
+    def _post(self, op: Op, args: tuple, drop: tuple, timeout: float | None, handles,
+              completions, finish: Callable[[str], None]):
+        """Send one request without waiting for its reply, and arrange for
+        ``finish(event)`` to run on the completion thread once the reply can be
+        read without blocking: ``completions.watch(reply_fd, finish)``, or
+        ``wake = completions.expect(finish)`` and ``wake()`` from the thread that
+        learns of the reply.  Returns what :meth:`_collect` needs.
+
+        The generic version, for a backend that only has ``_roundtrip``: the
+        round trip runs on one helper thread per interpreter (not per call).
+        """
+        fallback = _Fallback()
+        wake = completions.expect(finish)
+
+        def run() -> None:
+            try:
+                fallback.value = self._roundtrip(op, args, drop, timeout, handles)
+            except BaseException as exc:  # delivered to the caller by _collect
+                fallback.error = exc
+            wake()
+
+        helper = self.__dict__.get("_helper")
+        if helper is None:
+            helper = self._helper = _Helper(f"multipy-post-{self.index}")
+        helper.run(run)
+        return fallback
+
+    def _collect(self, posted) -> tuple:
+        """The reply of a posted request, ``(value, RemoteException | None)``;
+        called once :meth:`_post`'s ``finish`` ran.  Raises as ``_roundtrip`` does."""
+        if posted.error is not None:
+            raise posted.error
+        return posted.value
+
+    def _expire(self, posted, timeout: float) -> BaseException:
+        """A posted request ran past ``timeout``: stop it the way ``_roundtrip``
+        does on a timeout (kill, abandon or interrupt) and return the error."""
+        raise NotImplementedError
+
+    def _now_free(self) -> None:
+        hook = self.on_free
+        if hook is not None:
+            hook()
 
     def mark_dead(self, reason: str) -> None:
         """Record that the interpreter died (caller holds the lock) and restart it
@@ -359,3 +456,109 @@ _SIGNAL_CAUSES = {
 def no_start(index: int, why: str) -> InterpreterStartError:
     return InterpreterStartError(f"interpreter {index} failed to start: {why}")
 
+
+
+class _PostedCall:
+    """A posted request until its reply is read (at most one per interpreter)."""
+
+    __slots__ = ("worker", "done", "materializes", "timeout", "posted", "timer", "finished",
+                 "started")
+
+    def __init__(self, worker: Worker, done, materializes, timeout) -> None:
+        self.worker = worker
+        self.done = done
+        self.materializes = materializes
+        self.timeout = timeout
+        self.posted = None
+        self.timer = None
+        self.finished = False
+        self.started = time.perf_counter()
+
+    def finish(self, event: str) -> None:
+        """On the completion thread: read the reply, free the interpreter, tell the caller."""
+        from .completions import CLOSED
+
+        if self.finished:
+            return
+        worker = self.worker
+        if event == CLOSED:
+            self._end(None, ManagerClosedError(
+                f"the manager was closed while interpreter {worker.index} was running this call"))
+            return
+        try:
+            outcome = worker._collect(self.posted)
+            if outcome is PENDING:
+                return
+            value, error = outcome
+            if error is not None:
+                raise rebuild_exception(error)
+            if self.materializes is not None:
+                worker.materialized.add(self.materializes)
+        except BaseException as exc:
+            self._end(None, exc)
+        else:
+            self._end(value, None)
+
+    def expire(self) -> None:
+        """On the completion thread, at the deadline: stop the call."""
+        if self.finished:
+            return
+        try:
+            error = self.worker._expire(self.posted, self.timeout)
+        except BaseException as exc:
+            error = exc
+        self.timer = None
+        self._end(None, error)
+
+    def _end(self, value, error) -> None:
+        self.finished = True
+        if self.timer is not None:
+            self.timer[2] = None  # Completions.cancel: the deadline no longer applies
+            self.timer = None
+        worker = self.worker
+        if error is not None:
+            worker.failures += 1
+        worker._count(self.started)
+        self.posted = None
+        worker.lock.release()
+        worker._now_free()
+        self.done(value, error)
+
+class _Fallback:
+    """The outcome of a posted round trip run by :class:`_Helper`."""
+
+    __slots__ = ("value", "error")
+
+    def __init__(self) -> None:
+        self.value = None
+        self.error = None
+
+
+class _Helper:
+    """One thread per interpreter that runs posted round trips for a backend
+    without a ``_post`` of its own; it exits when its worker is collected."""
+
+    def __init__(self, name: str) -> None:
+        import queue
+
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=_helper_loop, args=(self._jobs,), name=name,
+                                        daemon=True)
+        self._thread.start()
+
+    def run(self, job) -> None:
+        self._jobs.put(job)
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+
+    __del__ = stop
+
+
+def _helper_loop(jobs) -> None:
+    while True:
+        job = jobs.get()
+        if job is None:
+            return
+        job()
+        job = None

@@ -41,8 +41,9 @@ from ..transport.cuda_link import HostLinks
 from ..transport.frames import FrameError, FrameReader, Waiter, write_frame
 from ..transport.messages import Op, parse_reply, stamp
 from ..transport.shm import Arena, BlockViews, Segment
-from .base import (Backend, BackendKind, RequestNotSent, Worker, WorkerConfig, describe_exit, drain,
+from .base import (PENDING, Backend, BackendKind, RequestNotSent, Worker, WorkerConfig, describe_exit, drain,
                    no_start)
+from .completions import READY
 
 ARENA_BYTES = 1 << 22  # grows on demand; pages are only touched when used
 _LINK_TIMEOUT = 30.0   # seconds an interpreter may take to map a CUDA link
@@ -211,6 +212,51 @@ class ProcessWorker(Worker):
         return self._exchange(op, args, drop, timeout, handles)
 
     def _exchange(self, op, args, drop, timeout, handles=None, *, starting: bool = False):
+        call, placed = self._send(op, args, drop, timeout, handles)
+        try:
+            reply = self._reply_for(call, timeout, starting)
+        except BaseException:
+            if self._process is not None and self._links.active:
+                # The next call reuses the CUDA link buffers that this one may still be
+                # reading in the interpreter: only a fresh interpreter is safe.
+                self._out_of_step("a call using CUDA link buffers was interrupted")
+            raise
+        return self._settle(op, reply, placed)
+
+    # -- posted requests (Worker.post): the completion thread reads the reply ----
+    def _post(self, op, args, drop, timeout, handles, completions, finish):
+        call, placed = self._send(op, args, drop, timeout, handles)
+        posted = (op, call, placed, completions, finish)
+        self._arm(posted)
+        return posted
+
+    def _arm(self, posted) -> None:
+        """Have the completion thread run ``finish`` once a reply frame can be read."""
+        completions, finish = posted[3], posted[4]
+        if self._reader.buffered:
+            completions.call_soon(lambda: finish(READY))
+        else:
+            completions.watch(self._rep_r, finish)
+
+    def _collect(self, posted):
+        op, call, placed, _, _ = posted
+        while True:
+            if not self._reader.buffered and not self._waiter.poller.poll(0):
+                # What arrived was the reply of an earlier call whose caller left.
+                self._arm(posted)
+                return PENDING
+            reply = self._match(call, self._read_frame(False))
+            if reply is not None:
+                return self._settle(op, reply, placed)
+
+    def _expire(self, posted, timeout):
+        try:
+            self._kill_for_timeout(timeout)
+        except BaseException as exc:
+            return exc
+
+    def _send(self, op, args, drop, timeout, handles) -> tuple[int, list[int]]:
+        """Write the request; returns its call id and the argument blocks it placed."""
         links = self._links
         if links.active and op != Op.CUDA_LINK:
             self._announce_links(links, timeout)
@@ -241,15 +287,7 @@ class ProcessWorker(Worker):
             self._out_of_step("a request was interrupted while it was being sent")
             raise
         self._owed[call] = placed  # until its reply is read, by this caller or a later one
-        try:
-            reply = self._reply_for(call, timeout, starting)
-        except BaseException:
-            if self._process is not None and self._links.active:
-                # The next call reuses the CUDA link buffers that this one may still be
-                # reading in the interpreter: only a fresh interpreter is safe.
-                self._out_of_step("a call using CUDA link buffers was interrupted")
-            raise
-        return self._settle(op, reply, placed)
+        return call, placed
 
     def _reply_for(self, call: int, timeout, starting: bool):
         """Wait for the reply to ``call``: the one place where replies meet callers.
@@ -264,22 +302,29 @@ class ProcessWorker(Worker):
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            frame = self._next_frame(deadline, timeout, starting)
-            try:
-                reply = parse_reply(frame)
-            except TransportError as exc:
-                raise self._desynchronised(exc) from None
-            if reply.call == call:
-                del self._owed[call]
+            reply = self._match(call, self._next_frame(deadline, timeout, starting))
+            if reply is not None:
                 return reply
-            placed = self._owed.pop(reply.call, None)
-            if placed is None:
-                raise self._desynchronised(
-                    f"a reply to call {reply.call} came while call {call} waited")
-            try:
-                self._settle(None, reply, placed)
-            except Exception:
-                pass  # nobody wants that value; its blocks are released all the same
+
+    def _match(self, call: int, frame: bytes):
+        """The reply in ``frame`` if it answers ``call``, else ``None`` once the reply
+        (of a call whose caller left) is settled; a reply nobody owes is corruption."""
+        try:
+            reply = parse_reply(frame)
+        except TransportError as exc:
+            raise self._desynchronised(exc) from None
+        if reply.call == call:
+            del self._owed[call]
+            return reply
+        placed = self._owed.pop(reply.call, None)
+        if placed is None:
+            raise self._desynchronised(
+                f"a reply to call {reply.call} came while call {call} waited")
+        try:
+            self._settle(None, reply, placed)
+        except Exception:
+            pass  # nobody wants that value; its blocks are released all the same
+        return None
 
     def _next_frame(self, deadline, timeout, starting: bool) -> bytes:
         """The next reply frame, waiting until ``deadline`` (monotonic; ``None``: no limit)."""
@@ -301,8 +346,12 @@ class ProcessWorker(Worker):
                     _waiting -= 1
             if not ready:
                 self._kill_for_timeout(timeout)
+        return self._read_frame(starting)
+
+    def _read_frame(self, starting: bool) -> bytes:
+        """Read one reply frame (buffered, or readable now)."""
         try:
-            frame = reader.read()
+            frame = self._reader.read()
         except (BrokenPipeError, ConnectionResetError):
             frame = None
         except FrameError as exc:

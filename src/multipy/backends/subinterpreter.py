@@ -282,6 +282,58 @@ class SubinterpreterWorker(Worker):
         return (Handle, (handle_of(obj),))
 
     def _exchange(self, driver: _Driver, op, args, drop, timeout, handles):
+        seq = self._send(driver, op, args, drop, handles)
+        try:
+            if timeout is not None:
+                if not block_readable(driver.waiter.poller, timeout):
+                    self._timed_out(driver, seq, timeout)
+            else:
+                driver.waiter.wait()  # spin briefly, then sleep: see transport.frames.Waiter
+            value, error = self._read_reply(driver, op, seq)
+        except BaseException as exc:
+            if not isinstance(exc, (CallTimeoutError, TransportError, InterpreterCrashedError,
+                                    RequestNotSent)):
+                self._abandon(driver, "interrupted")  # a KeyboardInterrupt: the reply never read
+            raise
+        finally:
+            driver.leave()
+        return self._checked_reply(value, error)
+
+    # -- posted requests (Worker.post): the completion thread reads the reply ----
+    def _post(self, op, args, drop, timeout, handles, completions, finish):
+        driver = self._driver
+        if driver is None:
+            raise InterpreterCrashedError(f"subinterpreter {self.index} is not running",
+                                          index=self.index)
+        seq = self._send(driver, op, args, drop, handles)
+        try:
+            completions.watch(driver.rep_r, finish)
+        except BaseException:
+            self._abandon(driver, "interrupted")  # the reply would never be read
+            raise
+        return driver, seq, op
+
+    def _collect(self, posted):
+        driver, seq, op = posted
+        try:
+            value, error = self._read_reply(driver, op, seq)
+        finally:
+            driver.leave()
+        return self._checked_reply(value, error)
+
+    def _expire(self, posted, timeout):
+        # Runs on the completion thread: the interrupt's grace second delays other
+        # completions of this manager once per timed-out call.
+        driver, seq, _ = posted
+        try:
+            self._timed_out(driver, seq, timeout)
+        except BaseException as exc:
+            return exc
+        finally:
+            driver.leave()
+
+    def _send(self, driver: _Driver, op, args, drop, handles) -> int:
+        """Write the request; the driver is entered until the reply is read."""
         try:
             payload, buffers = wire.dumps((int(op), args, drop), self._table(handles))
         except MultipyError:
@@ -307,20 +359,15 @@ class SubinterpreterWorker(Worker):
                 wire.write_all(driver.req_w, [header, payload])
             except OSError:
                 raise RequestNotSent(self._lost(driver, "while idle, before this call was sent")) from None
-            del payload, buffers, views
-            if timeout is not None:
-                if not block_readable(driver.waiter.poller, timeout):
-                    self._timed_out(driver, seq, timeout)
-            else:
-                driver.waiter.wait()  # spin briefly, then sleep: see transport.frames.Waiter
-            value, error = self._read_reply(driver, op, seq)
-        except BaseException as exc:
-            if not isinstance(exc, (CallTimeoutError, TransportError, InterpreterCrashedError,
-                                    RequestNotSent)):
-                self._abandon(driver, "interrupted")  # a KeyboardInterrupt: the reply never read
-            raise
-        finally:
+        except RequestNotSent:
             driver.leave()
+            raise
+        except BaseException:
+            self._abandon(driver, "interrupted")  # a request half written: out of step
+            raise
+        return seq
+
+    def _checked_reply(self, value, error):
         if error is not None and self.closed and error.type_name.endswith(".CallInterrupted"):
             raise ManagerClosedError(
                 f"the manager was closed while interpreter {self.index} (subinterpreter) was "

@@ -113,7 +113,7 @@ class _Channel:
     which the next caller recognises as not its own and skips.
     """
 
-    __slots__ = ("requests", "replies", "thread", "state", "abandoned", "sequence")
+    __slots__ = ("requests", "replies", "thread", "state", "abandoned", "sequence", "wake")
 
     def __init__(self, config: WorkerConfig) -> None:
         self.requests: queue.SimpleQueue = queue.SimpleQueue()
@@ -121,6 +121,7 @@ class _Channel:
         self.state: InterpreterState | None = None
         self.abandoned = False
         self.sequence = 0
+        self.wake = None  # (sequence, wake) of a posted request: woken once its reply is queued
         self.thread = threading.Thread(target=_serve, args=(self, config),
                                        name=f"multipy-interpreter-{config.index}", daemon=True)
 
@@ -152,13 +153,33 @@ class ThreadWorker(Worker):
             raise no_start(self.index, f"{ready.type_name}: {ready.message}\n{ready.traceback}")
 
     def _roundtrip(self, op, args, drop, timeout, handles):
+        channel, sequence = self._send(op, args, drop, handles, None)
+        return self._receive(channel, sequence, op, timeout)
+
+    # -- posted requests (Worker.post): the interpreter thread wakes the completion thread
+    def _post(self, op, args, drop, timeout, handles, completions, finish):
+        channel, sequence = self._send(op, args, drop, handles, completions.expect(finish))
+        return channel, sequence, op
+
+    def _collect(self, posted):
+        channel, sequence, op = posted
+        return self._receive(channel, sequence, op, None)  # the reply is there: no wait
+
+    def _expire(self, posted, timeout):
+        return self._abandon_for_timeout(timeout, posted[0])
+
+    def _send(self, op, args, drop, handles, wake):
         channel = self._channel
         if channel is None:
             raise ManagerClosedError("the interpreter manager is closed")
         if args:
             args = by_reference.to_interpreter(args, handles, channel.state.objects)
         sequence = channel.sequence = channel.sequence + 1
+        channel.wake = None if wake is None else (sequence, wake)
         channel.requests.put((sequence, op, args, drop))
+        return channel, sequence
+
+    def _receive(self, channel, sequence, op, timeout):
         _, value, error = self._wait(channel, sequence, timeout)
         if type(value) is by_reference.Pickled:
             try:
@@ -202,6 +223,7 @@ class ThreadWorker(Worker):
         if kill:
             channel.abandoned = True       # the thread exits after the call it is running
             channel.replies.put(_CLOSED)   # and a caller waiting on it wakes up
+            _wake(channel)
         channel.requests.put(None)
         if not kill:
             channel.thread.join(5)
@@ -284,6 +306,18 @@ def _loop(channel: _Channel, state: InterpreterState) -> None:
             return
         put((sequence, value, error))
         value = None
+        posted = channel.wake
+        if posted is not None and posted[0] == sequence:
+            _wake(channel)
+
+
+def _wake(channel: _Channel) -> None:
+    posted, channel.wake = channel.wake, None
+    if posted is not None:
+        try:
+            posted[1]()
+        except Exception:
+            pass  # the completion thread is closed: its waiters were told so
 
 
 class ThreadBackend(Backend):

@@ -25,6 +25,9 @@ class LoadBalancer:
         self._limit = n
         self._lock = threading.Lock()
         self._start = 0
+        # Called after a release (any thread): the dispatcher of posted requests
+        # sends queued ones to the interpreter that became free.
+        self.on_release = None
 
     def set_limit(self, k: int) -> None:
         """Use only the first ``k`` interpreters (``debug_limit_interpreters``)."""
@@ -55,9 +58,32 @@ class LoadBalancer:
             load[best] += 1
             return best
 
-    def release(self, index: int) -> None:
+    def acquire_idle(self, usable=None, exclude=()) -> int | None:
+        """An interpreter nobody uses now (counted until :meth:`release`), or
+        ``None`` when every usable one is busy: posted requests then wait in the
+        dispatcher's queue instead of behind one interpreter.
+
+        >>> lb = LoadBalancer(1)
+        >>> lb.acquire_idle(), lb.acquire_idle()
+        (0, None)
+        """
+        with self._lock:
+            load, n = self._load, self._limit
+            start = self._start
+            for k in range(n):
+                i = (start + k) % n
+                if load[i] == 0 and i not in exclude and (usable is None or usable(i)):
+                    self._start = (i + 1) % n
+                    load[i] = 1
+                    return i
+            return None
+
+    def release(self, index: int, *, notify: bool = True) -> None:
         with self._lock:
             self._load[index] -= 1
+        hook = self.on_release
+        if notify and hook is not None:
+            hook()
 
     def in_flight(self, index: int) -> int:
         return self._load[index]

@@ -5,10 +5,14 @@
     InterpreterManager ──▶ LoadBalancer (free first, else least loaded)
           │                      │ index
           ├── Package ──▶ ReplicatedObj ──call──▶ Worker[index].request(...)
+          │                  ├── submit / acall / batched ──▶ Dispatcher ──▶ Worker[index].post(...)
+          │                  │                                  (replies: the Completions thread)
           └── acquire_one ──▶ InterpreterSession ──▶ Obj ──▶ Worker[index].request(...)
 
 The manager talks to its interpreters only through the worker protocol of
-:mod:`multipy.backends.base`; it never branches on the backend.
+:mod:`multipy.backends.base`; it never branches on the backend.  Blocking
+calls and posted ones (futures, asyncio, batches: :mod:`.dispatch`) share the
+balancer and each interpreter's lock, so they mix freely.
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ from typing import Any, Callable
 
 from ..backends.base import WorkerConfig
 from ..backends.capabilities import resolve_backend
+from ..backends.completions import Completions
 from ..errors import ManagerClosedError
 from ..transport.messages import Op
 from .balancer import LoadBalancer
+from .dispatch import Dispatcher, Request
 from .environment import Environment, NoopEnvironment
 from .package import Package
 from .replicated import ReplicatedObj
@@ -93,9 +99,13 @@ class InterpreterManager:
                 startup=tuple((Op.IMPORT, (name,)) for name in preload)))
             for i in range(n)]
         self._balancer = LoadBalancer(n)
+        self._completions = Completions()   # its thread starts with the first posted call
+        self._dispatcher = Dispatcher(self._workers, self._balancer, self._completions,
+                                      self._available)
         self._interpreters = [Interpreter(self, i) for i in range(n)]
         self._closed = False
-        self._finalizer = weakref.finalize(self, _close_workers, self._workers, self._backend)
+        self._finalizer = weakref.finalize(self, _close_workers, self._workers, self._backend,
+                                           self._dispatcher, self._completions)
         try:
             for worker in self._workers:
                 worker.launch()
@@ -226,6 +236,15 @@ class InterpreterManager:
         finally:
             self._balancer.release(index)
 
+    def _replicated_request(self, replicated: ReplicatedObj, method: str | None, args: tuple,
+                            kwargs: dict, timeout: float | None) -> Request:
+        """A posted call of ``replicated`` (see :mod:`.dispatch`), made in the caller's
+        thread so that it runs under the caller's autograd mode."""
+        self._check_open()
+        return Request(Op.CALL_REPLICATED, (replicated._id, method, args, kwargs, caller_grad_mode()),
+                       timeout=timeout if timeout is not None else self._call_timeout,
+                       materializes=replicated._id, recipe=replicated._recipe)
+
     def _call_replicated(self, replicated: ReplicatedObj, method: str | None, args: tuple,
                          kwargs: dict, timeout: float | None) -> Any:
         self._check_open()
@@ -248,8 +267,10 @@ def _ownership(obj, owner, here):
                           f"session passed to create_movable (interpreter {here})")
 
 
-def _close_workers(workers, backend, timeout: float = 10.0) -> None:
-    """Close every worker at once: each waits up to ``timeout`` for its call in flight."""
+def _close_workers(workers, backend, dispatcher, completions, timeout: float = 10.0) -> None:
+    """Close every worker at once: each waits up to ``timeout`` for its call in flight.
+    Posted calls not sent yet fail; those in flight finish (or are cut short) first."""
+    dispatcher.close()
     for worker in workers:
         worker.closed = True
     closers = [threading.Thread(target=_close_quietly, args=(w, timeout), daemon=True)
@@ -258,6 +279,7 @@ def _close_workers(workers, backend, timeout: float = 10.0) -> None:
         t.start()
     for t in closers:
         t.join()
+    completions.close()
     backend.close()
 
 

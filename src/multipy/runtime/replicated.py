@@ -10,6 +10,7 @@ first call on each.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import weakref
@@ -19,6 +20,9 @@ from ..transport.messages import Op
 from .session import InterpreterSession
 
 if TYPE_CHECKING:
+    import concurrent.futures
+
+    from .batching import BatchedObj
     from .manager import Interpreter, InterpreterManager
 
 _ids = itertools.count(1)
@@ -45,6 +49,9 @@ class ReplicatedObj:
         out = model(torch.ones(1, 3, 224, 224))
         out = model(x, scale=2.0)            # keyword arguments
         model.hasattr("forward")             # True
+        future = model.submit(x)             # concurrent.futures.Future
+        out = await model.acall(x)           # asyncio
+        out = model.batched()(x)             # batched with concurrent calls
 
     The object is unloaded from every interpreter when the last handle is dropped.
     """
@@ -57,6 +64,58 @@ class ReplicatedObj:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._manager._call_replicated(self, None, args, kwargs, None)
+
+    def submit(self, *args: Any, **kwargs: Any) -> "concurrent.futures.Future":
+        """Call the object without waiting: a :class:`concurrent.futures.Future`
+        of the result.  No thread waits for it: the call is sent as soon as an
+        interpreter is free (queued until then) and the manager's completion
+        thread delivers the reply.
+
+        Cancelling the future before the call was sent means it is never sent;
+        once sent (``future.running()``), it runs to its end and the result is
+        dropped.  Errors are raised by ``result()`` as for a blocking call: the
+        interpreter's exception type with its traceback as ``__cause__``.
+
+        >>> futures = [model.submit(x) for x in inputs]        # doctest: +SKIP
+        >>> outs = [f.result() for f in futures]
+        """
+        return self._manager._dispatcher.submit(
+            self._manager._replicated_request(self, None, args, kwargs, None))
+
+    async def acall(self, *args: Any, **kwargs: Any) -> Any:
+        """``await`` a call from asyncio: one event-loop thread can keep every
+        interpreter busy.
+
+        A task cancelled before its call was sent (``asyncio.wait_for``,
+        ``asyncio.timeout``, ``task.cancel()``) means the call is never sent;
+        one cancelled after it was sent lets it run to its end on the
+        interpreter and drops the result.  Exceptions keep their type and the
+        interpreter-side traceback, as for blocking calls.
+
+        >>> out = await model.acall(torch.ones(1, 16))         # doctest: +SKIP
+        >>> out = await asyncio.wait_for(model.acall(x), 0.5)  # doctest: +SKIP
+        """
+        return await asyncio.wrap_future(self.submit(*args, **kwargs))
+
+    def batched(self, *, max_batch_size: int = 32, max_delay_ms: float = 2.0,
+                method: str | None = None) -> "BatchedObj":
+        """This object with dynamic batching: concurrent calls whose tensors agree
+        on every dimension but the first run as one call, split back by rows.
+
+        Nothing waits a timer while an interpreter is idle; ``max_delay_ms``
+        bounds how long a request waits for its batch while all are busy.
+        ``method`` batches calls of ``obj.method(...)`` instead of ``obj(...)``.
+        Only for objects whose rows are independent (see
+        :mod:`multipy.runtime.batching`).
+
+        >>> fast = model.batched(max_batch_size=32)            # doctest: +SKIP
+        >>> out = await fast.acall(torch.rand(1, 16))          # doctest: +SKIP
+        >>> fast.statistics().mean_batch_size                  # doctest: +SKIP
+        """
+        from .batching import BatchedObj
+
+        return BatchedObj(self, max_batch_size=max_batch_size, max_delay_ms=max_delay_ms,
+                          method=method)
 
     def call_method(self, name: str, /, *args: Any, **kwargs: Any) -> Any:
         """Call ``obj.name(*args, **kwargs)`` on a free interpreter.

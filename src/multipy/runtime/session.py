@@ -9,6 +9,7 @@ session" check); move objects between interpreters with ``create_movable``.
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,8 @@ from ..errors import InterpreterCrashedError, OwnershipError
 from ..transport.messages import GradMode, Handle, Op
 
 if TYPE_CHECKING:
+    import concurrent.futures
+
     from .manager import InterpreterManager
     from .replicated import ReplicatedObj
 
@@ -59,6 +62,26 @@ class Obj:
 
     def __call__(self, *args: Any, **kwargs: Any) -> "Obj":
         return self._session._request_obj(Op.CALL, (self, args, kwargs, caller_grad_mode(), True))
+
+    def submit(self, *args: Any, **kwargs: Any) -> "concurrent.futures.Future[Obj]":
+        """Call without waiting: a :class:`concurrent.futures.Future` of the
+        result ``Obj``.  Sent when the session's interpreter is free; cancelling
+        the future before that means it is never sent, after that the call runs
+        and its result is dropped.
+
+        >>> with manager.acquire_one() as s:                      # doctest: +SKIP
+        ...     f = s.global_("math", "sqrt").submit(4.0)
+        ...     assert f.result().deref() == 2.0
+        """
+        return self._session._submit(Op.CALL, (self, args, kwargs, caller_grad_mode(), True))
+
+    async def acall(self, *args: Any, **kwargs: Any) -> "Obj":
+        """``await`` a call from asyncio; the result is an ``Obj`` as for a call.
+        Cancellation as for :meth:`submit`.
+
+        >>> root = await s.global_("math", "sqrt").acall(4.0)    # doctest: +SKIP
+        """
+        return await asyncio.wrap_future(self.submit(*args, **kwargs))
 
     def call_value(self, *args: Any, **kwargs: Any) -> Any:
         """Call and bring the result straight to the host (one round trip)."""
@@ -134,6 +157,25 @@ class InterpreterSession:
         if self._generation is None:
             self._generation = worker.generation
         return value
+
+    def _submit(self, op: Op, args: tuple) -> "concurrent.futures.Future[Obj]":
+        """Post a request returning an ``Obj`` to this session's interpreter."""
+        from .dispatch import Request
+
+        self._check_live()
+        first = self._generation is None
+        worker = self._worker
+
+        def adopt(handle: Handle) -> Obj:  # on the completion thread
+            if self._generation is None:
+                self._generation = worker.generation
+            self._owned.append(handle.id)
+            return Obj(self, handle.id)
+
+        request = Request(op, args, timeout=self._manager._call_timeout,
+                          handles=(Obj, self._handle_of), index=self._index, resend=first,
+                          convert=adopt)
+        return self._manager._dispatcher.submit(request)
 
     def _request_obj(self, op: Op, args: tuple, materializes: int | None = None,
                      recipe: tuple | None = None) -> Obj:

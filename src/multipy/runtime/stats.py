@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 
 def quantile(ordered: Sequence[float], q: float) -> float:
@@ -51,3 +51,28 @@ class ManagerStatistics:
     @property
     def restarts(self) -> int:
         return sum(i.restarts for i in self.interpreters)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchStatistics:
+    """What a :class:`~multipy.runtime.batching.BatchedObj` did so far.
+
+    ``batch_sizes`` maps a batch's number of requests to how many such batches
+    were sent.  ``sent_on_arrival`` counts requests that found an interpreter
+    free and were sent at once (a lone caller's requests all are: nothing waits
+    a timer); ``queued`` those that waited for an interpreter to free.
+    ``retried_alone`` counts requests run again on their own after their batch
+    raised or returned something that cannot be split by rows.  Waits are
+    seconds from the call to its batch being sent.
+    """
+
+    requests: int
+    batches: int
+    mean_batch_size: float
+    batch_sizes: Mapping[int, int]
+    sent_on_arrival: int
+    queued: int
+    retried_alone: int
+    mean_wait: float
+    p50_wait: float
+    p99_wait: float

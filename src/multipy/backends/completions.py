@@ -1,0 +1,230 @@
+"""Completions: the one thread per manager that finishes posted requests.
+
+A *posted* request (``Worker.post``: futures, ``acall``, batches) is sent by
+whichever thread dispatches it and finished by this thread when its reply is
+ready; no host thread waits for it::
+
+    dispatching thread              completion thread (multipy-completion-N)
+    ------------------              ----------------------------------------
+    Worker.post ─▶ send request
+      watch(reply fd, finish) ───▶  epoll ─▶ reply readable ─▶ finish():
+                                       read reply, release the interpreter,
+                                       set the caller's future
+    (thread backend: the interpreter
+     thread calls wake() ────────▶  call_soon(finish))
+
+How a backend says "the reply is ready" is its own business: a readable file
+descriptor (:meth:`Completions.watch`: the process and subinterpreter
+backends' reply pipes, an eventfd a native channel signals) or a call from
+any thread (:meth:`Completions.call_soon`: the thread backend's interpreter
+thread).  Deadlines of posted calls are timers on the same thread
+(:meth:`Completions.call_at`).
+
+The thread starts on first use and stops in :meth:`Completions.close` (the
+manager's close); watches still open then are told :data:`CLOSED`.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import itertools
+import os
+import select
+import sys
+import threading
+import time
+from typing import Callable
+
+READY = "ready"      # the watched descriptor became readable
+CLOSED = "closed"    # the completion thread stopped before it did
+
+_names = itertools.count()
+
+
+class Completions:
+    """Runs callbacks on one named thread when descriptors become readable,
+    when asked from another thread, or at a deadline.
+
+    >>> done = threading.Event()
+    >>> c = Completions()
+    >>> c.call_soon(done.set)
+    >>> done.wait(5)
+    True
+    >>> c.close()
+    """
+
+    def __init__(self, name: str | None = None) -> None:
+        self.name = name or f"multipy-completion-{next(_names)}"
+        self._lock = threading.Lock()
+        self._calls: collections.deque = collections.deque()
+        self._watches: dict[int, Callable[[str], None]] = {}
+        self._timers: list = []
+        self._sequence = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._epoll = None
+        self._wake_r = self._wake_w = -1
+        self._closed = False
+
+    # -- any thread ------------------------------------------------------------
+    def watch(self, fd: int, callback: Callable[[str], None], /) -> None:
+        """Call ``callback(READY)`` on the completion thread once ``fd`` is
+        readable (one shot), or ``callback(CLOSED)`` if the thread stops first."""
+        with self._lock:
+            self._start_locked()
+            self._watches[fd] = callback
+            try:
+                self._epoll.register(fd, select.EPOLLIN | select.EPOLLONESHOT)
+            except FileExistsError:  # watched before: re-arm the one-shot registration
+                self._epoll.modify(fd, select.EPOLLIN | select.EPOLLONESHOT)
+
+    def expect(self, callback: Callable[[str], None], /) -> Callable[[], None]:
+        """For backends that learn of a reply on a thread of their own: returns
+        ``wake``; the first ``wake()`` (from any thread) runs ``callback(READY)``
+        on the completion thread, or ``callback(CLOSED)`` runs if it stops first."""
+        with self._lock:
+            self._start_locked()
+            key = -next(self._sequence) - 1  # never a descriptor
+            self._watches[key] = callback
+
+        def wake() -> None:
+            with self._lock:
+                fired = self._watches.pop(key, None)
+                if fired is not None:
+                    self._calls.append(lambda: fired(READY))
+            if fired is not None:
+                self._wake()
+
+        return wake
+
+    def call_soon(self, fn: Callable[[], None], /) -> None:
+        """Run ``fn()`` on the completion thread (thread-safe, never blocks)."""
+        with self._lock:
+            self._start_locked()
+            self._calls.append(fn)
+        self._wake()
+
+    def call_at(self, deadline: float, fn: Callable[[], None], /) -> list:
+        """Run ``fn()`` on the completion thread at ``deadline`` (``time.monotonic``).
+        Returns a handle for :meth:`cancel`."""
+        entry = [deadline, next(self._sequence), fn]
+        with self._lock:
+            self._start_locked()
+            heapq.heappush(self._timers, entry)
+            first = self._timers[0] is entry
+        if first:
+            self._wake()
+        return entry
+
+    @staticmethod
+    def cancel(handle: list, /) -> None:
+        """Forget a timer of :meth:`call_at` (harmless once it ran)."""
+        handle[2] = None
+
+    def close(self) -> None:
+        """Stop the thread; watches still open get ``CLOSED``.  Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            thread = self._thread
+        if thread is None:
+            return
+        self._wake()
+        if thread is not threading.current_thread():
+            thread.join()
+
+    # -- the completion thread ---------------------------------------------------
+    def _start_locked(self) -> None:
+        if self._closed:
+            from ..errors import ManagerClosedError
+
+            raise ManagerClosedError("the interpreter manager is closed")
+        if self._thread is not None:
+            return
+        self._epoll = select.epoll()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._epoll.register(self._wake_r, select.EPOLLIN)
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full (the thread will wake anyway) or closed
+
+    def _run(self) -> None:
+        epoll, wake_r = self._epoll, self._wake_r
+        try:
+            while not self._closed:
+                timeout = -1.0
+                if self._timers:
+                    timeout = max(0.0, self._timers[0][0] - time.monotonic())
+                try:
+                    events = epoll.poll(timeout)
+                except InterruptedError:
+                    continue
+                for fd, _ in events:
+                    if fd == wake_r:
+                        try:
+                            while os.read(wake_r, 4096):
+                                pass
+                        except BlockingIOError:
+                            pass
+                        continue
+                    with self._lock:
+                        callback = self._watches.pop(fd, None)
+                    if callback is not None:
+                        _run_callback(callback, READY)
+                self._run_due()
+        finally:
+            self._shutdown()
+
+    def _run_due(self) -> None:
+        timers, now = self._timers, time.monotonic()
+        while True:
+            with self._lock:
+                if timers and (timers[0][0] <= now or timers[0][2] is None):
+                    fn = heapq.heappop(timers)[2]
+                elif self._calls:
+                    fn = self._calls.popleft()
+                else:
+                    return
+            if fn is not None:
+                _run_callback(fn)
+
+    def _shutdown(self) -> None:
+        with self._lock:
+            watches, self._watches = self._watches, {}
+            calls = list(self._calls)
+            self._calls.clear()
+            self._timers.clear()
+        for fn in calls:
+            _run_callback(fn)
+        for callback in watches.values():
+            _run_callback(callback, CLOSED)
+        self._epoll.close()
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _run_callback(fn, *args) -> None:
+    # A callback delivers its own errors to its caller's future; one that escapes
+    # is a bug in multipy, reported without stopping the other callers' completions.
+    try:
+        fn(*args)
+    except BaseException:  # noqa: BLE001
+        sys.unraisablehook(_Unraisable(sys.exc_info()[1], fn))
+
+
+class _Unraisable:
+    def __init__(self, exc, obj) -> None:
+        self.exc_type, self.exc_value, self.exc_traceback = type(exc), exc, exc.__traceback__
+        self.err_msg = "multipy: a completion callback raised"
+        self.object = obj

@@ -1,0 +1,254 @@
+"""Dynamic batching: concurrent calls of one model run as one call.
+
+``model.batched()`` wraps a :class:`~multipy.runtime.replicated.ReplicatedObj`;
+its calls go through the manager's dispatcher (:mod:`multipy.runtime.dispatch`)
+like every posted request, and are batched where they wait::
+
+    caller A: f(x[1×16]) ─┐                     ┌─▶ A gets rows 0:1
+    caller B: f(x[3×16]) ─┼─ queued while every ─┤    B gets rows 1:4
+    caller C: f(x[1×16]) ─┘  interpreter is busy └─▶ C gets rows 4:5
+                 interpreter frees ─▶ f(cat([A, B, C])) ─▶ split by rows
+
+* **No timer while an interpreter is idle.**  A request that finds an idle
+  interpreter is sent at once, alone; requests are only batched while they
+  wait for an interpreter anyway.  ``max_delay_ms`` bounds that wait: a
+  request queued that long (every interpreter still busy) has its batch
+  closed and committed to the least loaded interpreter, to go the moment that
+  one's current call ends.
+* **Grouping by shape.**  Calls join one batch when every tensor argument
+  agrees with theirs on all dimensions but the first (and on dtype and
+  device), every other argument is equal, and they run under the same
+  autograd mode; at most ``max_batch_size`` rows go in one batch.
+* **Row-by-row answers.**  The result (a tensor, or a tuple, list or dict of
+  tensors) is split along dimension 0 back to each caller.  Each caller's
+  tensors are views of the batch's result.
+* **One bad request fails alone.**  A batch that raises, or whose result
+  cannot be split by rows, is run again request by request: every caller gets
+  its own result or the model's own exception.
+
+Batching is opt-in per object: only a model whose rows are independent (the
+usual inference ``forward``) may be wrapped.  Batched matrix products may
+differ from batch-1 ones in the last bits, as in any batching server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import sys
+import threading
+import time
+import types
+from typing import TYPE_CHECKING, Any
+
+from .dispatch import Request
+from .stats import BatchStatistics, quantile
+
+if TYPE_CHECKING:
+    import concurrent.futures
+
+    from .replicated import ReplicatedObj
+
+_TENSOR = object()  # marks a tensor's place in a batching key
+
+
+class BatchedObj:
+    """A :class:`ReplicatedObj` whose concurrent calls are batched.
+
+    >>> fast = model.batched(max_batch_size=32, max_delay_ms=2.0)   # doctest: +SKIP
+    >>> out = fast(torch.rand(1, 16))            # blocking, like model(...)
+    >>> future = fast.submit(torch.rand(1, 16))  # concurrent.futures.Future
+    >>> out = await fast.acall(torch.rand(1, 16))                     # asyncio
+    >>> fast.statistics().mean_batch_size
+    7.5
+    """
+
+    def __init__(self, replicated: "ReplicatedObj", *, max_batch_size: int = 32,
+                 max_delay_ms: float = 2.0, method: str | None = None) -> None:
+        if not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
+        if not max_delay_ms >= 0:
+            raise ValueError(f"max_delay_ms must be 0 or more, got {max_delay_ms!r}")
+        self._replicated = replicated
+        self.max_batch_size = max_batch_size
+        self.max_delay = max_delay_ms / 1000.0
+        self.method = method
+        self._lock = threading.Lock()
+        self._sizes: collections.Counter = collections.Counter()
+        self._waits: list[float] = []
+        self._sent_on_arrival = 0
+        self._queued = 0
+        self._retried = 0
+
+    # -- the call surface -------------------------------------------------------
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the model (batched with concurrent calls) and wait for the result."""
+        return self.submit(*args, **kwargs).result()
+
+    def submit(self, *args: Any, **kwargs: Any) -> "concurrent.futures.Future":
+        """Queue a call; the future holds this caller's rows of the result.
+
+        Cancelling the future before its batch was sent means the call is
+        never sent; after that it runs and its result is dropped.
+        """
+        signature = self._signature(args, kwargs)
+        manager = self._replicated._manager
+        request = manager._replicated_request(self._replicated, self.method, args, kwargs, None)
+        if signature is not None:
+            key, rows = signature
+            request.batch = (self, (request.args[4], key), rows)
+        return manager._dispatcher.submit(request)
+
+    async def acall(self, *args: Any, **kwargs: Any) -> Any:
+        """``await`` a call (batched with concurrent calls).
+
+        A task cancelled (e.g. by ``asyncio.wait_for``) before its batch was
+        sent is never sent; after that the call runs and its result is dropped.
+        """
+        return await asyncio.wrap_future(self.submit(*args, **kwargs))
+
+    def statistics(self) -> BatchStatistics:
+        """Batches formed, their sizes and how long requests waited."""
+        with self._lock:
+            sizes = dict(sorted(self._sizes.items()))
+            waits = sorted(self._waits)
+            sent_on_arrival, queued, retried = self._sent_on_arrival, self._queued, self._retried
+        batches = sum(sizes.values())
+        requests = sum(size * count for size, count in sizes.items())
+        return BatchStatistics(
+            requests=requests, batches=batches,
+            mean_batch_size=requests / batches if batches else 0.0,
+            batch_sizes=types.MappingProxyType(sizes),
+            sent_on_arrival=sent_on_arrival, queued=queued, retried_alone=retried,
+            mean_wait=sum(waits) / len(waits) if waits else 0.0,
+            p50_wait=quantile(waits, 0.5), p99_wait=quantile(waits, 0.99))
+
+    def __repr__(self) -> str:
+        return (f"<BatchedObj of {self._replicated!r} max_batch_size={self.max_batch_size} "
+                f"max_delay_ms={self.max_delay * 1000:g}>")
+
+    # -- what the dispatcher asks (under its pump lock) ------------------------------
+    def gather(self, first: Request, pending: collections.deque) -> list[Request]:
+        """``first`` (already running) and the queued requests that can join its
+        batch, oldest first, taken out of ``pending``."""
+        group = [first]
+        _, key, rows = first.batch
+        room = self.max_batch_size - rows
+        if room > 0 and pending:
+            keep = []
+            for request in pending:
+                batch = request.batch
+                if (batch is not None and batch[0] is self and batch[2] <= room
+                        and _same(batch[1], key)):
+                    if request.future.set_running_or_notify_cancel():
+                        group.append(request)
+                        room -= batch[2]
+                    continue  # taken, or cancelled (dropped: never sent)
+                keep.append(request)
+            if len(keep) != len(pending):
+                pending.clear()
+                pending.extend(keep)
+        self._record(group)
+        return group
+
+    def combine(self, requests: list[Request]) -> tuple:
+        """The one call of a batch: tensor arguments concatenated along dim 0."""
+        torch = sys.modules["torch"]
+        first = requests[0]
+        op, (rid, method, args, kwargs, grad) = first.op, first.args
+        with torch.no_grad():
+            args = tuple(torch.cat([r.args[2][i] for r in requests]) if isinstance(a, torch.Tensor)
+                         else a for i, a in enumerate(args))
+            kwargs = {name: torch.cat([r.args[3][name] for r in requests])
+                      if isinstance(a, torch.Tensor) else a for name, a in kwargs.items()}
+        return op, (rid, method, args, kwargs, grad)
+
+    def split(self, requests: list[Request], value, error) -> list | None:
+        """Each caller's rows of a batch's result; ``None`` when the batch must be
+        run again request by request (it raised, or its result has no rows)."""
+        rows = [r.batch[2] for r in requests]
+        parts = None
+        if error is None:
+            try:
+                parts = _split(value, rows, sum(rows))
+            except _Unsplittable:
+                parts = None
+        if parts is None:
+            with self._lock:
+                self._retried += len(requests)
+        return parts
+
+    # -- internals -------------------------------------------------------------------
+    def _signature(self, args: tuple, kwargs: dict):
+        """``(key, rows)`` when the call can join a batch, else ``None``."""
+        torch = sys.modules.get("torch")
+        if torch is None:
+            return None
+        tensor = torch.Tensor
+        rows = None
+        parts = []
+        for name, value in list(enumerate(args)) + sorted(kwargs.items()):
+            if isinstance(value, tensor):
+                if value.dim() == 0 or value.is_sparse or (rows is not None and value.shape[0] != rows):
+                    return None
+                rows = value.shape[0]
+                parts.append((name, _TENSOR, tuple(value.shape[1:]), value.dtype, value.device))
+            elif _holds_tensor(value, tensor):
+                return None  # tensors nested in containers are not concatenated
+            else:
+                parts.append((name, value))
+        if not rows:
+            return None
+        return tuple(parts), rows
+
+    def _record(self, group: list[Request]) -> None:
+        with self._lock:
+            self._sizes[len(group)] += 1
+            waits = self._waits
+            now = time.perf_counter()
+            for request in group:
+                waits.append(now - request.queued_at)
+                if request.fresh:
+                    self._sent_on_arrival += 1
+                else:
+                    self._queued += 1
+            if len(waits) > 8192:
+                del waits[:4096]
+
+
+def _same(a, b) -> bool:
+    """Keys compare with ``==``; values whose ``==`` raises or is not a bool differ."""
+    try:
+        return bool(a == b) if a is not b else True
+    except Exception:
+        return False
+
+
+def _holds_tensor(value, tensor) -> bool:
+    if isinstance(value, (list, tuple)):
+        return any(_holds_tensor(v, tensor) for v in value)
+    if isinstance(value, dict):
+        return any(_holds_tensor(v, tensor) for v in value.values())
+    return isinstance(value, tensor)
+
+
+class _Unsplittable(Exception):
+    pass
+
+
+def _split(value, rows: list[int], total: int) -> list:
+    torch = sys.modules["torch"]
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0 or value.shape[0] != total:
+            raise _Unsplittable
+        return list(torch.split(value, rows))
+    if isinstance(value, (tuple, list)):
+        columns = [_split(v, rows, total) for v in value]
+        build = type(value)._make if hasattr(type(value), "_make") else type(value)
+        if not columns:
+            return [value for _ in rows]
+        return [build(parts) for parts in zip(*columns)]
+    if isinstance(value, dict):
+        columns = {k: _split(v, rows, total) for k, v in value.items()}
+        return [type(value)((k, columns[k][i]) for k in value) for i in range(len(rows))]
+    raise _Unsplittable

@@ -1,0 +1,350 @@
+"""The dispatcher: futures, ``acall`` and batches on one call path.
+
+::
+
+    submit() (any thread, or the event loop)        completion thread
+    ----------------------------------------        -----------------
+    Request ─▶ incoming ─▶ pump():                  reply ready ─▶ Worker finishes the call,
+                 idle interpreter? (LoadBalancer)       releases the interpreter ─▶ pump()
+                   yes ─▶ take the request, or a        (the next queued request goes out
+                          batch of compatible ones       before this one's caller is told)
+                          ─▶ Worker.post ─▶ interpreter  ─▶ future.set_result / split a batch
+                   no  ─▶ wait in the queue
+
+A posted request is sent by whichever thread runs :meth:`Dispatcher.pump` --
+the submitting thread when an interpreter is idle, else the thread that
+freed one (the completion thread, or a blocking caller returning) -- and no
+thread waits for it: the manager's completion thread reads its reply.  A
+blocking call (``model(x)``) takes the interpreter the same way through the
+:class:`~multipy.runtime.balancer.LoadBalancer`, the one place that picks
+interpreters; when it returns, the balancer's release pumps the queue.
+
+Requests for one interpreter (``Obj.submit`` in a session, and batches a
+deadline committed to a busy interpreter) wait in that interpreter's own
+queue and go out as soon as its lock is free.
+
+Cancelling a future before its request was taken from the queue means it is
+never sent (``set_running_or_notify_cancel``); after that the call runs to its
+end and its result is dropped.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..backends.base import RequestNotSent
+from ..errors import ManagerClosedError
+from ..transport.messages import Op
+
+if TYPE_CHECKING:
+    from ..backends.completions import Completions
+    from .balancer import LoadBalancer
+    from .batching import Batcher
+
+
+class Request:
+    """One call waiting to be posted.
+
+    ``batch`` is ``(batcher, key, rows)`` for a request that may join a batch;
+    ``index`` pins it to one interpreter; ``convert`` turns the reply's value
+    into what the future holds (on the completion thread).
+    """
+
+    __slots__ = ("future", "op", "args", "timeout", "handles", "materializes", "recipe",
+                 "index", "resend", "convert", "batch", "queued_at", "fresh")
+
+    def __init__(self, op: Op, args: tuple, *, timeout: float | None = None, handles=None,
+                 materializes: int | None = None, recipe: tuple | None = None,
+                 index: int | None = None, resend: bool = True,
+                 convert: Callable[[Any], Any] | None = None, batch: tuple | None = None) -> None:
+        self.future: concurrent.futures.Future = concurrent.futures.Future()
+        self.op = op
+        self.args = args
+        self.timeout = timeout
+        self.handles = handles
+        self.materializes = materializes
+        self.recipe = recipe
+        self.index = index
+        self.resend = resend
+        self.convert = convert
+        self.batch = batch
+        self.queued_at = time.perf_counter()
+        self.fresh = True
+
+
+class _Group:
+    """What one post sends: one request, or a batch of compatible ones."""
+
+    __slots__ = ("requests", "balanced", "retried")
+
+    def __init__(self, requests: list[Request], balanced: bool) -> None:
+        self.requests = requests
+        self.balanced = balanced   # holds a count in the load balancer until it ends
+        self.retried = False
+
+
+class Dispatcher:
+    """The queue of posted requests of one manager and the pump that sends them."""
+
+    def __init__(self, workers: list, balancer: "LoadBalancer", completions: "Completions",
+                 usable: Callable[[int], bool]) -> None:
+        self._workers = workers
+        self._balancer = balancer
+        self._completions = completions
+        self._usable = usable
+        self._incoming: collections.deque = collections.deque()   # appended by any thread
+        self._pending: collections.deque = collections.deque()    # the pump's own, by age
+        self._retries: collections.deque = collections.deque()    # go first; any thread
+        self._pinned = [collections.deque() for _ in workers]     # _Group per interpreter
+        self._n_pinned = 0
+        self._pump_lock = threading.Lock()
+        self._again = False
+        self._timer = None         # (deadline, handle) of the batching deadline armed
+        self._closed = False
+        balancer.on_release = self.pump
+        for worker in workers:
+            worker.on_free = self.pump
+
+    def submit(self, request: Request) -> concurrent.futures.Future:
+        """Queue ``request`` and send it now if an interpreter can take it."""
+        if self._closed:
+            raise ManagerClosedError("this InterpreterManager is closed")
+        self._incoming.append(request)
+        self.pump()
+        return request.future
+
+    def pump(self) -> None:
+        """Send what can be sent now.  Cheap when nothing waits; safe from any thread
+        and reentrant: a thread finding the pump busy leaves the work to its holder."""
+        if not (self._incoming or self._pending or self._n_pinned or self._retries):
+            return
+        self._again = True
+        lock = self._pump_lock
+        while self._again:
+            if not lock.acquire(blocking=False):
+                return
+            try:
+                self._again = False
+                if not self._closed:
+                    self._dispatch()
+            finally:
+                lock.release()
+
+    def close(self) -> None:
+        """Fail every request not sent yet with :class:`ManagerClosedError`."""
+        self._closed = True
+        with self._pump_lock:
+            left = list(self._retries) + list(self._incoming) + list(self._pending)
+            self._retries.clear()
+            self._incoming.clear()
+            self._pending.clear()
+            for queue in self._pinned:
+                for group in queue:
+                    left.extend(group.requests)
+                queue.clear()
+            self._n_pinned = 0
+        error = ManagerClosedError("the interpreter manager was closed before this call was sent")
+        for request in left:
+            _fail(request, error)
+
+    # -- under the pump lock ------------------------------------------------------
+    def _dispatch(self) -> None:
+        incoming, pending, retries = self._incoming, self._pending, self._retries
+        while retries:
+            pending.appendleft(retries.pop())
+        while incoming:
+            request = incoming.popleft()
+            if request.index is None:
+                pending.append(request)
+            else:
+                self._pinned[request.index].append(_Group([request], balanced=False))
+                self._n_pinned += 1
+        if self._n_pinned:
+            self._dispatch_pinned()
+        tried: set[int] = set()
+        while pending:
+            index = self._balancer.acquire_idle(self._usable, tried)
+            if index is None:
+                break
+            worker = self._workers[index]
+            if not worker.lock.acquire(blocking=False):
+                # Held outside the balancer (a pinned session, a restart): its release pumps.
+                self._balancer.release(index, notify=False)
+                tried.add(index)
+                continue
+            group = self._take(pending)
+            if group is None:
+                worker.lock.release()
+                self._balancer.release(index, notify=False)
+                break
+            self._post(index, worker, group)
+        for request in pending:
+            request.fresh = False
+        if pending:
+            self._check_deadlines(pending)
+
+    def _dispatch_pinned(self) -> None:
+        for index, queue in enumerate(self._pinned):
+            while queue:
+                worker = self._workers[index]
+                if not worker.lock.acquire(blocking=False):
+                    break  # its release pumps again
+                group = queue.popleft()
+                self._n_pinned -= 1
+                if not group.balanced:  # a session's request: it was never started
+                    request = group.requests[0]
+                    if not request.future.set_running_or_notify_cancel():
+                        worker.lock.release()
+                        continue
+                self._post(index, worker, group)
+                break  # the interpreter is busy now
+
+    def _take(self, pending: collections.deque) -> _Group | None:
+        """The oldest request not cancelled, with the queued requests that can join its batch."""
+        while pending:
+            first = pending.popleft()
+            if first.future.set_running_or_notify_cancel():
+                break
+        else:
+            return None
+        if first.batch is None:
+            return _Group([first], balanced=True)
+        return _Group(first.batch[0].gather(first, pending), balanced=True)
+
+    def _check_deadlines(self, pending: collections.deque) -> None:
+        """While every interpreter is busy, a batchable request waits at most its
+        batcher's ``max_delay``; then its batch is committed to the least loaded
+        interpreter (sent the moment that one's current call ends)."""
+        now = time.perf_counter()
+        due = None
+        for request in list(pending):
+            if request.batch is None or request not in pending:
+                continue
+            batcher = request.batch[0]
+            deadline = request.queued_at + batcher.max_delay
+            if deadline > now:
+                due = deadline if due is None else min(due, deadline)
+                continue
+            pending.remove(request)
+            if not request.future.set_running_or_notify_cancel():
+                continue
+            group = _Group(batcher.gather(request, pending), balanced=True)
+            index = self._balancer.acquire(self._usable)
+            self._pinned[index].append(group)
+            self._n_pinned += 1
+        if self._n_pinned:
+            self._again = True
+        if due is not None and (self._timer is None or self._timer[0] > due):
+            if self._timer is not None:
+                self._completions.cancel(self._timer[1])
+            wait = due - now
+            handle = self._completions.call_at(time.monotonic() + wait, self._on_deadline)
+            self._timer = (due, handle)
+
+    def _on_deadline(self) -> None:
+        self._timer = None
+        self.pump()
+
+    def _post(self, index: int, worker, group: _Group) -> None:
+        """Send ``group`` on ``worker`` (its lock held): one request, or one batched call."""
+        requests = group.requests
+        first = requests[0]
+        if len(requests) == 1:
+            op, args = first.op, first.args
+        else:
+            op, args = first.batch[0].combine(requests)
+        try:
+            worker.post(op, args, completions=self._completions,
+                        done=lambda value, error: self._done(index, group, value, error),
+                        timeout=first.timeout, handles=first.handles,
+                        materializes=first.materializes, recipe=first.recipe)
+        except RequestNotSent as not_sent:
+            # The interpreter was found dead before anything was sent (and is restarting).
+            if group.balanced:
+                self._balancer.release(index, notify=False)
+            if first.resend:
+                self._requeue(group)
+            else:
+                self._finish(group, None, not_sent.error)
+        except BaseException as exc:  # nothing was sent: an argument that cannot cross...
+            if group.balanced:
+                self._balancer.release(index, notify=False)
+            self._finish(group, None, exc)
+
+    def _done(self, index: int, group: _Group, value, error) -> None:
+        """On the completion thread, after the worker freed the interpreter."""
+        requests = group.requests
+        outcome = None
+        if len(requests) > 1:
+            outcome = requests[0].batch[0].split(requests, value, error)
+            if outcome is None:  # the batch failed or its result cannot be split by rows
+                self._requeue(group)  # retried request by request
+        if group.balanced:
+            self._balancer.release(index)  # pumps: the next request goes out first
+        if len(requests) == 1:
+            self._finish(group, value, error)
+        elif outcome is not None:
+            for request, part in zip(requests, outcome):
+                _resolve(request, part, None)
+
+    def _requeue(self, group: _Group) -> None:
+        """Put ``group``'s requests back at the head of the queue (already running)."""
+        self._retries.extend(_retry(request) for request in group.requests)
+        self.pump()
+
+    def _finish(self, group: _Group, value, error) -> None:
+        for request in group.requests:
+            _resolve(request, value, error)
+
+
+def _retry(request: Request) -> Request:
+    """``request`` again, to be sent on its own; its caller's future stays the same."""
+    retry = Request.__new__(Request)
+    for name in Request.__slots__:
+        setattr(retry, name, getattr(request, name))
+    retry.batch = None
+    retry.fresh = False
+    if not isinstance(request.future, _Started):
+        retry.future = _Started(request.future)
+    return retry
+
+
+class _Started:
+    """Wraps a caller's future that is already running: starting it again is a no-op."""
+
+    __slots__ = ("inner",)
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def set_running_or_notify_cancel(self) -> bool:
+        return True
+
+    def set_result(self, value) -> None:
+        self.inner.set_result(value)
+
+    def set_exception(self, error) -> None:
+        self.inner.set_exception(error)
+
+
+def _resolve(request: Request, value, error) -> None:
+    if error is None and request.convert is not None:
+        try:
+            value = request.convert(value)
+        except BaseException as exc:
+            value, error = None, exc
+    future = request.future
+    if error is None:
+        future.set_result(value)
+    else:
+        future.set_exception(error)
+
+
+def _fail(request: Request, error: BaseException) -> None:
+    future = request.future
+    if isinstance(future, _Started) or future.set_running_or_notify_cancel():
+        future.set_exception(error)

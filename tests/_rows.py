@@ -1,0 +1,42 @@
+"""A row-independent model for the futures and batching tests, importable by the
+same name in the host and in every interpreter (the tests directory is on both
+paths), so ``create_movable`` works on every backend."""
+
+from __future__ import annotations
+
+import os
+import time
+
+
+def rows(x, y=None, *, scale=2.0, offset=1.0, gate=None, log=None, tag="", exit_code=None,
+         shape="tensor"):
+    """``x * scale + offset`` row by row; raises ValueError if any element is negative.
+
+    ``log``: append ``"<tag> <pid> <rows>"`` when the call starts.  ``gate``: wait
+    until that file exists before answering.  ``exit_code``: end the interpreter.
+    ``shape``: "tensor", "tuple" or "dict" result (with ``y`` added in).
+    """
+    if log is not None:
+        with open(log, "a") as f:
+            f.write(f"{tag} {os.getpid()} {x.shape[0] if x.dim() else 0}\n")
+    if gate is not None:
+        while not os.path.exists(gate):
+            time.sleep(0.001)
+    if exit_code is not None:
+        os._exit(exit_code)
+    if (x < 0).any():
+        raise ValueError(f"negative input: {x.min().item()}")  # the model's own error
+    out = x * scale + offset
+    if shape == "tuple":
+        return out, (x + y if y is not None else x.sum(-1, keepdim=True))
+    if shape == "dict":
+        return {"out": out, "sum": x.sum(-1, keepdim=True)}
+    return out
+
+
+def logged(log) -> list[list[str]]:
+    """The lines ``rows`` appended to ``log``, split."""
+    if not os.path.exists(log):
+        return []
+    with open(log) as f:
+        return [line.split() for line in f.read().splitlines()]

@@ -1,0 +1,283 @@
+"""Futures and asyncio: ``submit`` and ``acall`` on ReplicatedObj and Obj.
+
+Every test runs on every backend the suite covers, against one manager per
+module.  Calls that must stay in flight wait inside the interpreter for a gate
+file (``_rows.rows(gate=...)``), so nothing here depends on timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+import multipy
+from _rows import logged
+from multipy.backends.base import Worker
+from multipy.errors import RemoteTraceback
+
+INTERPRETERS = 2
+
+
+@pytest.fixture(scope="module")
+def model(manager):
+    """``_rows.rows`` as a ReplicatedObj: ``x * 2 + 1``, gates, logs, crashes."""
+    with manager.acquire_one() as s:
+        return s.create_movable(s.global_("_rows", "rows"))
+
+
+@pytest.fixture
+def gate(tmp_path):
+    """A gate file path (closed until ``open_gate``) and a log path."""
+    return str(tmp_path / "gate"), str(tmp_path / "log")
+
+
+def open_gate(path: str) -> None:
+    with open(path, "w"):
+        pass
+
+
+def wait_until(condition, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+def completion_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("multipy-completion")]
+
+
+def busy_everywhere(model, manager, gate_path, log, tag="hold"):
+    """Futures of one gated call per interpreter, once each is running there."""
+    held = [model.submit(torch.zeros(1), gate=gate_path, log=log, tag=f"{tag}{i}")
+            for i in range(len(manager))]
+    wait_until(lambda: len(logged(log)) == len(held), "the gated calls to start")
+    assert all(f.running() for f in held)
+    return held
+
+
+# -- futures ---------------------------------------------------------------------------
+
+
+def test_submit_returns_futures_with_each_callers_answer(model):
+    xs = [torch.full((i + 1, 3), float(i)) for i in range(40)]
+    futures = [model.submit(x) for x in xs]
+    assert all(isinstance(f, concurrent.futures.Future) for f in futures)
+    for x, f in zip(xs, futures):
+        assert torch.equal(f.result(timeout=60), x * 2 + 1)
+
+
+def test_submit_from_many_threads_mixed_with_blocking_calls(model):
+    def one(i):
+        x = torch.full((2,), float(i))
+        if i % 2:
+            return torch.equal(model(x), x * 2 + 1)
+        return torch.equal(model.submit(x).result(timeout=60), x * 2 + 1)
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        assert all(pool.map(one, range(200)))
+
+
+def test_submit_error_keeps_its_type_and_the_remote_traceback(model):
+    future = model.submit(torch.tensor([-1.0]))
+    with pytest.raises(ValueError, match="negative input") as info:
+        future.result(timeout=60)
+    assert isinstance(info.value.__cause__, RemoteTraceback)
+    assert 'raise ValueError(f"negative input' in str(info.value.__cause__)
+
+
+def test_obj_submit_and_acall_return_objs_of_the_session(manager):
+    with manager.acquire_one() as s:
+        sqrt = s.global_("math", "sqrt")
+        future = sqrt.submit(16.0)
+        obj = future.result(timeout=60)
+        assert isinstance(obj, multipy.Obj) and s.is_owner(obj)
+        assert obj.deref() == 4.0
+
+        async def main():
+            return await asyncio.gather(*(sqrt.acall(float(i * i)) for i in range(10)))
+
+        assert [o.deref() for o in asyncio.run(main())] == [float(i) for i in range(10)]
+
+
+def test_an_argument_that_cannot_cross_fails_only_its_future(model, assert_usable, manager):
+    future = model.submit(torch.zeros(1), tag=threading.Lock())
+    with pytest.raises(multipy.TransportError):
+        future.result(timeout=60)
+    assert torch.equal(model.submit(torch.zeros(1)).result(timeout=60), torch.ones(1))
+    assert_usable(manager)
+
+
+def test_cancelling_a_queued_future_means_it_is_never_sent(model, manager, gate):
+    gate_path, log = gate
+    held = busy_everywhere(model, manager, gate_path, log)
+    queued = model.submit(torch.zeros(1), log=log, tag="cancelled")
+    assert not queued.running()
+    assert queued.cancel()
+    kept = model.submit(torch.zeros(1), log=log, tag="kept")
+    open_gate(gate_path)
+    assert torch.equal(kept.result(timeout=60), torch.ones(1))
+    for f in held:
+        f.result(timeout=60)
+    assert "cancelled" not in [line[0] for line in logged(log)]
+
+
+def test_a_future_already_sent_cannot_be_cancelled_and_later_calls_get_their_own_answer(
+        model, gate):
+    gate_path, log = gate
+    running = model.submit(torch.full((1,), 5.0), gate=gate_path, log=log, tag="running")
+    wait_until(lambda: logged(log), "the call to start")
+    assert running.running() and not running.cancel()
+    open_gate(gate_path)
+    assert torch.equal(running.result(timeout=60), torch.full((1,), 11.0))
+    for i in range(10):
+        assert torch.equal(model(torch.full((1,), float(i))), torch.full((1,), 2.0 * i + 1))
+
+
+# -- asyncio ----------------------------------------------------------------------------
+
+
+def test_one_event_loop_runs_many_concurrent_acalls_with_one_completion_thread(model, manager):
+    before = len(threading.enumerate())
+
+    async def main():
+        xs = [torch.full((1, 4), float(i)) for i in range(64)]
+        outs = await asyncio.gather(*(model.acall(x) for x in xs))
+        return xs, outs, len(threading.enumerate())
+
+    xs, outs, during = asyncio.run(main())
+    assert all(torch.equal(o, x * 2 + 1) for x, o in zip(xs, outs))
+    assert during <= before + 1  # no thread per call; at most the completion thread
+    assert len([n for n in completion_threads()]) >= 1
+
+
+def test_acall_error_keeps_its_type_and_the_remote_traceback(model):
+    async def main():
+        return await model.acall(torch.tensor([1.0, -2.0]))
+
+    with pytest.raises(ValueError, match="negative input") as info:
+        asyncio.run(main())
+    assert 'raise ValueError(f"negative input' in str(info.value.__cause__)
+
+
+def test_wait_for_timeout_cancels_the_wait_and_leaves_the_pool_usable(
+        model, manager, gate, assert_usable):
+    gate_path, log = gate
+
+    async def main():
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(model.acall(torch.zeros(1), gate=gate_path, log=log, tag="slow"), 0.2)
+        open_gate(gate_path)
+        xs = [torch.full((2,), float(i)) for i in range(20)]
+        outs = await asyncio.gather(*(model.acall(x) for x in xs))
+        return all(torch.equal(o, x * 2 + 1) for x, o in zip(xs, outs))
+
+    assert asyncio.run(main())
+    assert_usable(manager)
+
+
+def test_asyncio_timeout_before_dispatch_means_the_call_is_never_sent(model, manager, gate):
+    gate_path, log = gate
+    held = busy_everywhere(model, manager, gate_path, log)
+
+    async def main():
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.05):
+                await model.acall(torch.zeros(1), log=log, tag="never")
+        open_gate(gate_path)
+        return await model.acall(torch.ones(1), log=log, tag="after")
+
+    assert torch.equal(asyncio.run(main()), torch.full((1,), 3.0))
+    for f in held:
+        f.result(timeout=60)
+    assert [line[0] for line in logged(log)].count("never") == 0
+
+
+def test_closing_the_manager_fails_queued_futures_and_stops_the_completion_thread(backend, tmp_path):
+    gate_path = str(tmp_path / "gate")
+    before = completion_threads()
+    manager = multipy.InterpreterManager(1, backend=backend)
+    try:
+        with manager.acquire_one() as s:
+            model = s.create_movable(s.global_("_rows", "rows"))
+        running = model.submit(torch.zeros(1), gate=gate_path)
+        wait_until(running.running, "the call to start")
+        queued = model.submit(torch.zeros(1))
+        assert len(completion_threads()) == len(before) + 1
+        open_gate(gate_path)
+    finally:
+        manager.close()
+    assert torch.equal(running.result(timeout=60), torch.ones(1))  # finished before close
+    with pytest.raises(multipy.ManagerClosedError):
+        queued.result(timeout=60)
+    assert completion_threads() == before
+    with pytest.raises(multipy.ManagerClosedError):
+        model.submit(torch.zeros(1))
+
+
+def test_a_backend_without_its_own_post_uses_the_generic_helper(backend, monkeypatch):
+    if backend != "thread":
+        pytest.skip("checked once, on the thread backend: the helper is backend-independent")
+    monkeypatch.setattr(type_of_worker(backend), "_post", Worker._post)
+    monkeypatch.setattr(type_of_worker(backend), "_collect", Worker._collect)
+    with multipy.InterpreterManager(1, backend=backend) as manager:
+        with manager.acquire_one() as s:
+            model = s.create_movable(s.global_("_rows", "rows"))
+        futures = [model.submit(torch.full((1,), float(i))) for i in range(10)]
+        assert [f.result(timeout=60).item() for f in futures] == [2.0 * i + 1 for i in range(10)]
+        assert any(t.name == "multipy-post-0" for t in threading.enumerate())
+
+
+def type_of_worker(backend: str):
+    from multipy.backends.thread import ThreadWorker
+
+    return ThreadWorker
+
+
+# -- crashes ------------------------------------------------------------------------------
+
+
+def test_an_interpreter_killed_under_concurrent_acalls_fails_only_its_calls(
+        model, manager, gate, backend, assert_usable):
+    if backend != "process":
+        pytest.skip(f"the {backend} backend has no crash isolation: killing an interpreter "
+                    "ends the host")
+    gate_path, log = gate
+
+    async def main():
+        victim = asyncio.ensure_future(model.acall(torch.zeros(1), gate=gate_path, log=log, tag="victim"))
+        other = asyncio.ensure_future(model.acall(torch.ones(1), gate=gate_path, log=log, tag="other"))
+        while len(logged(log)) < 2:
+            await asyncio.sleep(0.005)
+        queued = [asyncio.ensure_future(model.acall(torch.full((1,), float(i)))) for i in range(8)]
+        pid = int(next(line[1] for line in logged(log) if line[0] == "victim"))
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(multipy.InterpreterCrashedError):
+            await victim
+        open_gate(gate_path)
+        assert torch.equal(await other, torch.full((1,), 3.0))
+        outs = await asyncio.gather(*queued)
+        return all(torch.equal(o, torch.full((1,), 2.0 * i + 1)) for i, o in enumerate(outs))
+
+    assert asyncio.run(main())
+    assert_usable(manager)
+
+
+def test_a_posted_call_past_call_timeout_raises_and_the_interpreter_serves_again(backend, tmp_path):
+    gate_path = str(tmp_path / "gate")
+    with multipy.InterpreterManager(1, backend=backend, call_timeout=0.5) as manager:
+        with manager.acquire_one() as s:
+            model = s.create_movable(s.global_("_rows", "rows"))
+        stuck = model.submit(torch.zeros(1), gate=gate_path)
+        with pytest.raises(multipy.CallTimeoutError):
+            stuck.result(timeout=60)
+        open_gate(gate_path)  # an abandoned thread-backend interpreter can finish and exit
+        assert torch.equal(model.submit(torch.ones(1)).result(timeout=60), torch.full((1,), 3.0))
