@@ -371,3 +371,27 @@ def test_closing_during_a_call_interrupts_it_with_manager_closed():
     thread.join(10)
     assert not thread.is_alive()
     assert len(outcome) == 1 and isinstance(outcome[0], ManagerClosedError), outcome
+
+
+# -- futures and asyncio ------------------------------------------------------------------
+
+
+def test_submit_and_acall_deliver_each_answer_through_the_completion_thread(manager):
+    import asyncio
+
+    with session_on(manager, 0) as s:
+        bumped = s.global_("helpers", "echo").submit(7).result(timeout=60)
+        assert bumped.deref() == 7
+        echo = s.create_movable(s.global_("helpers", "echo"))
+        boom = s.create_movable(s.global_("helpers", "boom"))
+    futures = [echo.submit(i) for i in range(30)]
+    assert [f.result(timeout=60) for f in futures] == list(range(30))
+
+    async def main():
+        values = await asyncio.gather(*(echo.acall(i) for i in range(30)))
+        with pytest.raises(ValueError, match="from the subinterpreter"):
+            await boom.acall("from the subinterpreter")
+        return values
+
+    assert asyncio.run(main()) == list(range(30))
+    assert any(t.name.startswith("multipy-completion") for t in threading.enumerate())
