@@ -146,6 +146,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="per-call dispatch overhead over a direct call (identity model)")
     bench.add_argument("--overhead-calls", type=_positive_int, default=2000, metavar="N",
                        help="sequential calls per input shape (default: %(default)s)")
+    bench.add_argument("--dispatch", action="store_true",
+                       help="calls/s and host CPU per call, N host threads -> 1 no-op "
+                       "interpreter (N from --threads, default 1,4,16), beside a bare "
+                       "os.pipe ping-pong between two Python processes")
     bench.add_argument("--memory", action="store_true",
                        help="PSS of 4 interpreters of a 200 MB model vs a tiny one")
     bench.add_argument("--memory-mb", type=_positive_float, default=200.0, metavar="MB",
@@ -212,6 +216,9 @@ def _cmd_info(args) -> int:
     else:
         print(f"torch {torch.__version__}")
     print(f"cores {os.cpu_count()}")
+    from .transport.channel import NATIVE_WHY
+
+    print(f"call channel: {NATIVE_WHY}")
     print("capabilities:")
     for key, value in caps.as_dict().items():
         print(f"  {key}: {value}")
@@ -294,9 +301,9 @@ def _cmd_bench(args) -> int:
     from .bench.runner import progress_bar
     from .bench.targets import example_archive, resolve_target
 
-    if not (args.packages or args.overhead or args.memory or args.startup):
+    if not (args.packages or args.overhead or args.memory or args.startup or args.dispatch):
         raise UsageError("name at least one package or example (e.g. `multipy bench smallops`),"
-                         " or pass --overhead, --memory or --startup")
+                         " or pass --overhead, --dispatch, --memory or --startup")
     for option, path in (("--csv", args.csv), ("--plot", args.plot)):
         if path is not None:
             _check_dir_writable(Path(path).resolve().parent, option, must_exist=True)
@@ -341,6 +348,14 @@ def _cmd_bench(args) -> int:
         out.print(overhead_table(rows))
         for line in overhead_lines(rows):
             out.print(line, highlight=False)
+    if args.dispatch:
+        from .bench.dispatch import dispatch_lines, measure_dispatch
+
+        counts = tuple(args.threads or (1, 4, 16))
+        with _status(err, f"dispatching no-op calls from {', '.join(map(str, counts))} host threads"):
+            report = measure_dispatch(threads=counts, seconds=args.seconds, backend=args.backend)
+        for line in dispatch_lines(report):
+            out.print(line, highlight=False, soft_wrap=True)
     if args.memory:
         from .bench.memory import measure_memory, memory_lines
 

@@ -1,0 +1,620 @@
+/* multipy._native: the mechanism of the shared-memory call channel.
+ *
+ * Mechanism only: a multi-producer request ring, reply slots, and waits that
+ * spin (with a CPU pause) and then sleep in FUTEX_WAIT on a word of shared
+ * memory.  What a message means, when to spin, how long to wait and what to do
+ * when the peer died is decided in Python (multipy/transport/channel.py, which
+ * also holds the layout diagram and a pure-Python twin of this file).
+ *
+ * The GIL is released exactly around the blocking part of a wait, as in
+ * CPython's Modules/_queuemodule.c; posting and taking copy bytes while
+ * holding it.  Plain CPython C API, no torch.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <poll.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+/* Keep in step with channel.py. */
+#define MAGIC 0x4d504348u /* "MPCH" */
+#define VERSION 1u
+#define HEADER_BYTES 512
+#define RECORD_HEAD 16
+#define SLOT_HEAD 64
+#define SLICE_NS 2000000LL /* a sleeping waiter looks at the peer's liveness this often */
+
+enum { READY = 0, TIMEOUT = 1, DEAD = 2, CLOSED = 3 };
+enum { SLOT_FREE = 0, SLOT_WAITING = 1, SLOT_REPLIED = 2 };
+enum { REC_EMPTY = 0, REC_DATA = 1, REC_PAD = 2 };
+
+typedef struct {
+    uint32_t magic, version, ring_bytes, slots, slot_bytes, _pad0[11];
+    uint32_t closed, _pad1[15];            /* 64: set once by close() */
+    uint64_t tail, _pad2[7];               /* 128: producers reserve here */
+    uint64_t head, _pad3[7];               /* 192: the consumer's position */
+    uint32_t req_seq, req_sleeping, _pad4[14]; /* 256: bumped on every post */
+    uint32_t slot_hint, _pad5[15];         /* 320 */
+} header_t;
+
+typedef struct {
+    uint32_t state, len, tag, _pad;
+} record_t;
+
+typedef struct {
+    uint32_t state, sleeping, len, tag, _pad[12];
+} slot_t;
+
+static int spinners;       /* host threads of this process spinning now */
+
+typedef struct {
+    PyObject_HEAD
+    Py_buffer view;
+    int attached;
+    int in_use;            /* waits in progress (they run without the GIL) */
+    int detach_pending;
+    header_t *h;
+    char *ring;
+    char *slots;
+} ChannelObject;
+
+/* -- primitives ----------------------------------------------------------- */
+
+static inline void cpu_pause(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static inline int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* 1 when a signal interrupted the sleep. */
+static int futex_wait(uint32_t *word, uint32_t expected, int64_t ns) {
+    struct timespec ts = {(time_t)(ns / 1000000000LL), (long)(ns % 1000000000LL)};
+    /* Not FUTEX_PRIVATE: the word is in memory shared with another process. */
+    return syscall(SYS_futex, word, FUTEX_WAIT, expected, &ts, NULL, 0) == -1 && errno == EINTR;
+}
+
+static void futex_wake(uint32_t *word) {
+    syscall(SYS_futex, word, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+}
+
+static int fd_ready(int fd) {
+    if (fd < 0)
+        return 0;
+    struct pollfd p = {fd, POLLIN, 0};
+    return poll(&p, 1, 0) > 0;
+}
+
+#define LOAD(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
+#define STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+#define SC_STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_SEQ_CST)
+#define SC_LOAD(p) __atomic_load_n((p), __ATOMIC_SEQ_CST)
+
+static inline uint32_t round16(uint32_t n) { return (n + 15u) & ~15u; }
+
+static inline slot_t *slot_at(ChannelObject *c, uint32_t i) {
+    return (slot_t *)(c->slots + (size_t)i * (SLOT_HEAD + c->h->slot_bytes));
+}
+
+/* The record at the consumer's position, skipping wrap padding; NULL if none is committed. */
+static record_t *ring_front(ChannelObject *c) {
+    header_t *h = c->h;
+    for (;;) {
+        uint64_t head = h->head;
+        uint32_t pos = (uint32_t)(head & (h->ring_bytes - 1));
+        record_t *r = (record_t *)(c->ring + pos);
+        uint32_t st = LOAD(&r->state);
+        if (st == REC_DATA)
+            return r;
+        if (st != REC_PAD)
+            return NULL;
+        memset(r, 0, RECORD_HEAD);
+        STORE(&h->head, head + (h->ring_bytes - pos));
+    }
+}
+
+/* -- waiting -------------------------------------------------------------- */
+
+typedef int (*ready_fn)(ChannelObject *, void *);
+
+static int request_ready(ChannelObject *c, void *arg) {
+    (void)arg;
+    return ring_front(c) != NULL;
+}
+
+static int reply_ready(ChannelObject *c, void *arg) {
+    return LOAD(&((slot_t *)arg)->state) == SLOT_REPLIED;
+}
+
+/* Spin up to spin_ns, then sleep on `word` (while it holds the value seen before
+ * the check) in slices, looking at the peer's fd and the closed flag between
+ * them.  Called without the GIL.  Returns READY/TIMEOUT/DEAD/CLOSED, or -1 when
+ * a signal interrupted the sleep (the caller runs Python's handlers). */
+static int wait_for(ChannelObject *c, ready_fn ready, void *arg, uint32_t *word,
+                    uint32_t *sleeping, int64_t timeout_ns, int64_t spin_ns, int may_spin,
+                    int fd) {
+    header_t *h = c->h;
+    int64_t start = now_ns();
+    if (spin_ns > 0 && may_spin) {
+        int64_t until = start + spin_ns, look = start + SLICE_NS;
+        for (unsigned i = 1;; i++) {
+            if (ready(c, arg))
+                return READY;
+            if (LOAD(&h->closed))
+                return CLOSED;
+            cpu_pause();
+            if ((i & 63) == 0) {
+                int64_t t = now_ns();
+                if (t > until)
+                    break;
+                if (t > look) { /* a long spin still notices a dead peer */
+                    look = t + SLICE_NS;
+                    if (fd_ready(fd))
+                        return ready(c, arg) ? READY : DEAD;
+                }
+            }
+        }
+    }
+    for (;;) {
+        uint32_t seen = SC_LOAD(word);
+        SC_STORE(sleeping, 1u);
+        if (ready(c, arg)) {
+            SC_STORE(sleeping, 0u);
+            return READY;
+        }
+        if (LOAD(&h->closed)) {
+            SC_STORE(sleeping, 0u);
+            return CLOSED;
+        }
+        int64_t slice = SLICE_NS;
+        if (timeout_ns >= 0) {
+            int64_t left = start + timeout_ns - now_ns();
+            if (left <= 0) {
+                SC_STORE(sleeping, 0u);
+                return TIMEOUT;
+            }
+            if (left < slice)
+                slice = left;
+        }
+        int interrupted = futex_wait(word, seen, slice);
+        SC_STORE(sleeping, 0u);
+        if (ready(c, arg))
+            return READY;
+        if (fd_ready(fd))
+            return ready(c, arg) ? READY : DEAD; /* re-check: a reply may precede EOF */
+        if (interrupted)
+            return -1;
+    }
+}
+
+/* Release the GIL once around wait_for; run signal handlers if one interrupted it. */
+static PyObject *blocking_wait(ChannelObject *c, ready_fn ready, void *arg, uint32_t *word,
+                               uint32_t *sleeping, double timeout, double spin,
+                               int max_spinners, int fd) {
+    if (ready(c, arg))
+        return PyLong_FromLong(READY);
+    int64_t timeout_ns = timeout < 0 ? -1 : (int64_t)(timeout * 1e9);
+    int64_t spin_ns = spin > 0 ? (int64_t)(spin * 1e9) : 0;
+    int64_t deadline = timeout_ns < 0 ? -1 : now_ns() + timeout_ns;
+    int rc;
+    c->in_use++;
+    for (;;) {
+        int may_spin = 1;
+        if (spin_ns > 0 && max_spinners >= 0) {
+            may_spin = __atomic_add_fetch(&spinners, 1, __ATOMIC_ACQ_REL) <= max_spinners;
+            if (!may_spin)
+                __atomic_sub_fetch(&spinners, 1, __ATOMIC_ACQ_REL);
+        }
+        Py_BEGIN_ALLOW_THREADS
+        rc = wait_for(c, ready, arg, word, sleeping, timeout_ns, spin_ns, may_spin, fd);
+        Py_END_ALLOW_THREADS
+        if (spin_ns > 0 && max_spinners >= 0 && may_spin)
+            __atomic_sub_fetch(&spinners, 1, __ATOMIC_ACQ_REL);
+        if (rc >= 0)
+            break;
+        if (PyErr_CheckSignals() < 0)
+            break;
+        spin_ns = 0;
+        if (deadline >= 0) {
+            timeout_ns = deadline - now_ns();
+            if (timeout_ns < 0)
+                timeout_ns = 0;
+        }
+    }
+    c->in_use--;
+    if (c->detach_pending && c->in_use == 0 && c->attached) {
+        c->attached = 0;
+        PyBuffer_Release(&c->view);
+    }
+    if (rc < 0)
+        return NULL;
+    return PyLong_FromLong(rc);
+}
+
+/* -- the Channel type ----------------------------------------------------- */
+
+static int check_attached(ChannelObject *c) {
+    if (!c->attached || c->detach_pending) {
+        PyErr_SetString(PyExc_ValueError, "the channel is detached");
+        return -1;
+    }
+    return 0;
+}
+
+static int check_slot(ChannelObject *c, unsigned int slot) {
+    if (slot >= c->h->slots) {
+        PyErr_Format(PyExc_IndexError, "slot %u out of range (%u slots)", slot, c->h->slots);
+        return -1;
+    }
+    return 0;
+}
+
+static int Channel_init(ChannelObject *self, PyObject *args, PyObject *kw) {
+    static char *names[] = {"buffer", NULL};
+    PyObject *buffer;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O", names, &buffer))
+        return -1;
+    if (self->attached) {
+        PyErr_SetString(PyExc_TypeError, "Channel is already initialised");
+        return -1;
+    }
+    if (PyObject_GetBuffer(buffer, &self->view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
+        return -1;
+    header_t *h = (header_t *)self->view.buf;
+    size_t need = HEADER_BYTES;
+    int ok = self->view.len >= HEADER_BYTES && ((uintptr_t)h & 63) == 0 && h->magic == MAGIC &&
+             h->version == VERSION && h->ring_bytes >= 64 &&
+             (h->ring_bytes & (h->ring_bytes - 1)) == 0 && h->slots > 0 && h->slot_bytes % 64 == 0;
+    if (ok) {
+        need += (size_t)h->ring_bytes + (size_t)h->slots * (SLOT_HEAD + h->slot_bytes);
+        ok = (size_t)self->view.len >= need;
+    }
+    if (!ok) {
+        PyBuffer_Release(&self->view);
+        PyErr_SetString(PyExc_ValueError,
+                        "not a channel: write its header with channel.prepare() first");
+        return -1;
+    }
+    self->h = h;
+    self->ring = (char *)h + HEADER_BYTES;
+    self->slots = self->ring + h->ring_bytes;
+    self->attached = 1;
+    return 0;
+}
+
+static void Channel_dealloc(ChannelObject *self) {
+    /* A wait in progress holds a reference to the channel, so none runs here. */
+    if (self->attached)
+        PyBuffer_Release(&self->view);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+PyDoc_STRVAR(post_doc,
+"post(data, tag, /) -> bool\n\n"
+"Copy ``data`` into the request ring with an opaque 32-bit ``tag``, holding the\n"
+"GIL (no release), and wake the consumer if it sleeps.  False when the ring has\n"
+"no room for it now.");
+
+static PyObject *Channel_post(ChannelObject *self, PyObject *args) {
+    Py_buffer data;
+    unsigned int tag;
+    if (!PyArg_ParseTuple(args, "y*I:post", &data, &tag))
+        return NULL;
+    if (check_attached(self) < 0) {
+        PyBuffer_Release(&data);
+        return NULL;
+    }
+    header_t *h = self->h;
+    uint64_t cap = h->ring_bytes;
+    if ((uint64_t)data.len + RECORD_HEAD > cap / 2) {
+        PyBuffer_Release(&data);
+        PyErr_Format(PyExc_ValueError, "a message of %zd bytes does not fit this ring "
+                     "(at most %llu): spill it", data.len,
+                     (unsigned long long)(cap / 2 - RECORD_HEAD));
+        return NULL;
+    }
+    uint32_t rec = RECORD_HEAD + round16((uint32_t)data.len);
+    uint64_t t, pad;
+    for (;;) {
+        t = __atomic_load_n(&h->tail, __ATOMIC_ACQUIRE);
+        uint64_t head = LOAD(&h->head);
+        uint64_t pos = t & (cap - 1);
+        pad = pos + rec > cap ? cap - pos : 0;
+        if (t + pad + rec - head > cap) {
+            PyBuffer_Release(&data);
+            Py_RETURN_FALSE;
+        }
+        if (__atomic_compare_exchange_n(&h->tail, &t, t + pad + rec, 0, __ATOMIC_ACQ_REL,
+                                        __ATOMIC_ACQUIRE))
+            break;
+    }
+    if (pad) {
+        record_t *p = (record_t *)(self->ring + (t & (cap - 1)));
+        p->len = 0;
+        STORE(&p->state, (uint32_t)REC_PAD);
+        t += pad;
+    }
+    record_t *r = (record_t *)(self->ring + (t & (cap - 1)));
+    r->len = (uint32_t)data.len;
+    r->tag = tag;
+    memcpy((char *)r + RECORD_HEAD, data.buf, data.len);
+    PyBuffer_Release(&data);
+    STORE(&r->state, (uint32_t)REC_DATA);
+    __atomic_add_fetch(&h->req_seq, 1u, __ATOMIC_SEQ_CST);
+    if (SC_LOAD(&h->req_sleeping))
+        futex_wake(&h->req_seq);
+    Py_RETURN_TRUE;
+}
+
+PyDoc_STRVAR(take_doc,
+"take() -> (tag, bytes) | None\n\n"
+"The oldest request, or None when the ring is empty.  One consumer only.");
+
+static PyObject *Channel_take(ChannelObject *self, PyObject *unused) {
+    if (check_attached(self) < 0)
+        return NULL;
+    record_t *r = ring_front(self);
+    if (r == NULL)
+        Py_RETURN_NONE;
+    uint32_t len = r->len, tag = r->tag;
+    PyObject *data = PyBytes_FromStringAndSize((char *)r + RECORD_HEAD, len);
+    if (data == NULL)
+        return NULL;
+    /* Zero the whole record: a later record header may land anywhere in it. */
+    memset(r, 0, RECORD_HEAD + round16(len));
+    STORE(&self->h->head, self->h->head + RECORD_HEAD + round16(len));
+    PyObject *out = Py_BuildValue("(IN)", tag, data);
+    return out;
+}
+
+PyDoc_STRVAR(wait_request_doc,
+"wait_request(timeout, spin, fd, /) -> int\n\n"
+"Wait until a request can be taken: spin up to ``spin`` seconds, then sleep in\n"
+"FUTEX_WAIT.  ``timeout`` < 0 waits for ever; ``fd`` >= 0 is polled between\n"
+"sleeps and its readiness (with the ring still empty) means the peer is gone.\n"
+"Returns READY, TIMEOUT, DEAD or CLOSED.  The GIL is released once.");
+
+static PyObject *Channel_wait_request(ChannelObject *self, PyObject *args) {
+    double timeout, spin;
+    int fd;
+    if (!PyArg_ParseTuple(args, "ddi:wait_request", &timeout, &spin, &fd))
+        return NULL;
+    if (check_attached(self) < 0)
+        return NULL;
+    header_t *h = self->h;
+    return blocking_wait(self, request_ready, NULL, &h->req_seq, &h->req_sleeping, timeout, spin,
+                         -1, fd);
+}
+
+PyDoc_STRVAR(claim_doc,
+"claim() -> int | None\n\n"
+"Take a free reply slot (its index goes with the request), or None if all are taken.");
+
+static PyObject *Channel_claim(ChannelObject *self, PyObject *unused) {
+    if (check_attached(self) < 0)
+        return NULL;
+    uint32_t n = self->h->slots;
+    uint32_t start = LOAD(&self->h->slot_hint);
+    for (uint32_t k = 0; k < n; k++) {
+        uint32_t i = (start + k) % n;
+        uint32_t expected = SLOT_FREE;
+        slot_t *s = slot_at(self, i);
+        if (__atomic_compare_exchange_n(&s->state, &expected, (uint32_t)SLOT_WAITING, 0,
+                                        __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+            STORE(&self->h->slot_hint, (i + 1) % n);
+            return PyLong_FromUnsignedLong(i);
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(release_doc, "release(slot, /)\n\nGive a claimed slot back.");
+
+static PyObject *Channel_release(ChannelObject *self, PyObject *arg) {
+    unsigned int slot = (unsigned int)PyLong_AsUnsignedLong(arg);
+    if (PyErr_Occurred() || check_attached(self) < 0 || check_slot(self, slot) < 0)
+        return NULL;
+    STORE(&slot_at(self, slot)->state, (uint32_t)SLOT_FREE);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(reply_doc,
+"reply(slot, data, tag, /) -> bool\n\n"
+"Put ``data`` (with an opaque ``tag``) in ``slot`` and wake its waiter if it\n"
+"sleeps.  False (nothing written) when it is larger than ``slot_bytes``.");
+
+static PyObject *Channel_reply(ChannelObject *self, PyObject *args) {
+    unsigned int slot, tag;
+    Py_buffer data;
+    if (!PyArg_ParseTuple(args, "Iy*I:reply", &slot, &data, &tag))
+        return NULL;
+    if (check_attached(self) < 0 || check_slot(self, slot) < 0) {
+        PyBuffer_Release(&data);
+        return NULL;
+    }
+    if ((size_t)data.len > self->h->slot_bytes) {
+        PyBuffer_Release(&data);
+        Py_RETURN_FALSE;
+    }
+    slot_t *s = slot_at(self, slot);
+    memcpy((char *)s + SLOT_HEAD, data.buf, data.len);
+    s->len = (uint32_t)data.len;
+    s->tag = tag;
+    PyBuffer_Release(&data);
+    SC_STORE(&s->state, (uint32_t)SLOT_REPLIED);
+    if (SC_LOAD(&s->sleeping))
+        futex_wake(&s->state);
+    Py_RETURN_TRUE;
+}
+
+PyDoc_STRVAR(wait_reply_doc,
+"wait_reply(slot, timeout, spin, max_spinners, fd, /) -> int\n\n"
+"Wait for ``slot``'s reply: spin up to ``spin`` seconds when fewer than\n"
+"``max_spinners`` threads of this process spin already (< 0: no cap), then\n"
+"sleep in FUTEX_WAIT, polling ``fd`` (the peer's liveness) between sleeps.\n"
+"Returns READY, TIMEOUT, DEAD or CLOSED.  The GIL is released once.");
+
+static PyObject *Channel_wait_reply(ChannelObject *self, PyObject *args) {
+    unsigned int slot;
+    double timeout, spin;
+    int max_spinners, fd;
+    if (!PyArg_ParseTuple(args, "Iddii:wait_reply", &slot, &timeout, &spin, &max_spinners, &fd))
+        return NULL;
+    if (check_attached(self) < 0 || check_slot(self, slot) < 0)
+        return NULL;
+    slot_t *s = slot_at(self, slot);
+    return blocking_wait(self, reply_ready, s, &s->state, &s->sleeping, timeout, spin,
+                         max_spinners, fd);
+}
+
+PyDoc_STRVAR(take_reply_doc,
+"take_reply(slot, /) -> (tag, bytes) | None\n\n"
+"The reply in ``slot`` (the slot stays claimed, ready for the next request), or None.");
+
+static PyObject *Channel_take_reply(ChannelObject *self, PyObject *arg) {
+    unsigned int slot = (unsigned int)PyLong_AsUnsignedLong(arg);
+    if (PyErr_Occurred() || check_attached(self) < 0 || check_slot(self, slot) < 0)
+        return NULL;
+    slot_t *s = slot_at(self, slot);
+    if (LOAD(&s->state) != SLOT_REPLIED)
+        Py_RETURN_NONE;
+    uint32_t len = s->len;
+    if (len > self->h->slot_bytes)
+        len = self->h->slot_bytes; /* a corrupt length never reads past the slot */
+    PyObject *out = Py_BuildValue("(Iy#)", s->tag, (char *)s + SLOT_HEAD, (Py_ssize_t)len);
+    STORE(&s->state, (uint32_t)SLOT_WAITING);
+    return out;
+}
+
+PyDoc_STRVAR(close_doc,
+"close()\n\nMark the channel closed in shared memory and wake every waiter on both sides.");
+
+static PyObject *Channel_close(ChannelObject *self, PyObject *unused) {
+    if (!self->attached)
+        Py_RETURN_NONE;
+    header_t *h = self->h;
+    SC_STORE(&h->closed, 1u);
+    __atomic_add_fetch(&h->req_seq, 1u, __ATOMIC_SEQ_CST);
+    futex_wake(&h->req_seq);
+    for (uint32_t i = 0; i < h->slots; i++)
+        futex_wake(&slot_at(self, i)->state);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(detach_doc,
+"detach()\n\nLet go of the buffer (now, or when the last wait in progress returns).");
+
+static PyObject *Channel_detach(ChannelObject *self, PyObject *unused) {
+    if (!self->attached)
+        Py_RETURN_NONE;
+    if (self->in_use) {
+        self->detach_pending = 1;
+    } else {
+        self->attached = 0;
+        PyBuffer_Release(&self->view);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Channel_get_closed(ChannelObject *self, void *unused) {
+    if (check_attached(self) < 0)
+        return NULL;
+    return PyBool_FromLong(LOAD(&self->h->closed) != 0);
+}
+
+static PyObject *Channel_get_geometry(ChannelObject *self, void *unused) {
+    if (check_attached(self) < 0)
+        return NULL;
+    return Py_BuildValue("(III)", self->h->ring_bytes, self->h->slots, self->h->slot_bytes);
+}
+
+static PyMethodDef Channel_methods[] = {
+    {"post", (PyCFunction)Channel_post, METH_VARARGS, post_doc},
+    {"take", (PyCFunction)Channel_take, METH_NOARGS, take_doc},
+    {"wait_request", (PyCFunction)Channel_wait_request, METH_VARARGS, wait_request_doc},
+    {"claim", (PyCFunction)Channel_claim, METH_NOARGS, claim_doc},
+    {"release", (PyCFunction)Channel_release, METH_O, release_doc},
+    {"reply", (PyCFunction)Channel_reply, METH_VARARGS, reply_doc},
+    {"wait_reply", (PyCFunction)Channel_wait_reply, METH_VARARGS, wait_reply_doc},
+    {"take_reply", (PyCFunction)Channel_take_reply, METH_O, take_reply_doc},
+    {"close", (PyCFunction)Channel_close, METH_NOARGS, close_doc},
+    {"detach", (PyCFunction)Channel_detach, METH_NOARGS, detach_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Channel_getset[] = {
+    {"closed", (getter)Channel_get_closed, NULL, "True once either side called close().", NULL},
+    {"geometry", (getter)Channel_get_geometry, NULL, "(ring_bytes, slots, slot_bytes)", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+PyDoc_STRVAR(Channel_doc,
+"Channel(buffer)\n\n"
+"The call channel laid out in ``buffer`` (writable, shared, formatted by\n"
+"multipy.transport.channel.prepare).  Example::\n\n"
+"    >>> ch = Channel(memory)            # doctest: +SKIP\n"
+"    >>> slot = ch.claim(); ch.post(b'ping', slot)\n");
+
+static PyTypeObject ChannelType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "multipy._native.Channel",
+    .tp_basicsize = sizeof(ChannelObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = Channel_doc,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Channel_init,
+    .tp_dealloc = (destructor)Channel_dealloc,
+    .tp_methods = Channel_methods,
+    .tp_getset = Channel_getset,
+};
+
+static PyObject *native_spinners(PyObject *m, PyObject *unused) {
+    return PyLong_FromLong(__atomic_load_n(&spinners, __ATOMIC_ACQUIRE));
+}
+
+static PyMethodDef module_methods[] = {
+    {"spinners", native_spinners, METH_NOARGS, "Host threads of this process spinning now."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef native_module = {
+    PyModuleDef_HEAD_INIT, "multipy._native",
+    "Mechanism of multipy's shared-memory call channel (see multipy.transport.channel).", -1,
+    module_methods,
+};
+
+PyMODINIT_FUNC PyInit__native(void) {
+    if (PyType_Ready(&ChannelType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&native_module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&ChannelType);
+    if (PyModule_AddObject(m, "Channel", (PyObject *)&ChannelType) < 0 ||
+        PyModule_AddIntConstant(m, "READY", READY) < 0 ||
+        PyModule_AddIntConstant(m, "TIMEOUT", TIMEOUT) < 0 ||
+        PyModule_AddIntConstant(m, "DEAD", DEAD) < 0 ||
+        PyModule_AddIntConstant(m, "CLOSED", CLOSED) < 0 ||
+        PyModule_AddIntConstant(m, "HEADER_BYTES", HEADER_BYTES) < 0 ||
+        PyModule_AddIntConstant(m, "RECORD_HEAD", RECORD_HEAD) < 0 ||
+        PyModule_AddIntConstant(m, "SLOT_HEAD", SLOT_HEAD) < 0 ||
+        PyModule_AddIntConstant(m, "VERSION", VERSION) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,418 @@
+"""The shared-memory call channel: one per interpreter and generation.
+
+::
+
+    host threads (any number)                       interpreter (one consumer)
+    -------------------------                       --------------------------
+    slot = claim()
+    post(request, slot) ──▶ request ring ──────────▶ wait_request() ─▶ take()
+      (copies, GIL held; FUTEX_WAKE only              (spin with pause, then
+       when the consumer sleeps)                       FUTEX_WAIT on req_seq)
+                                                          serve the call
+    wait_reply(slot) ◀──── reply slot[slot] ◀───────── reply(slot, data)
+      (releases the GIL once: spin with pause,          (FUTEX_WAKE only when
+       then FUTEX_WAIT on the slot's word,               the caller sleeps)
+       polling the interpreter's liveness fd)
+    take_reply(slot); release(slot)
+
+Memory (one memfd, like the arenas)::
+
+    0    header: magic, version, ring_bytes, slots, slot_bytes | closed | tail | head
+              | req_seq, req_sleeping | slot_hint      (each word on its own cache line)
+    512  request ring (ring_bytes, a power of two): records of
+              [state u32 | len u32 | tag u32 | pad u32 | payload, padded to 16]
+    ...  reply slots (slots x (64 + slot_bytes)):
+              [state u32 | sleeping u32 | len u32 | tag u32 | pad | payload]
+
+Producers reserve ring space with a compare-and-swap on ``tail``, copy, then
+publish the record's state; the consumer zeroes each record it takes (a later
+record may start anywhere inside it) and advances ``head``.  A waiter announces
+that it sleeps in its ``sleeping`` word before its last look, and a waker reads
+that word after publishing, so a wake-up is never lost and never paid for when
+nobody sleeps.  Messages larger than the ring or a slot are the caller's to
+spill (the process backend sends them over its pipe).
+
+This module decides *which* implementation runs: the C extension
+``multipy._native`` (mechanism only: ring, futex, spin) unless it is missing or
+``MULTIPY_NATIVE=0``, else :class:`PyChannel`, a pure-Python twin with the same
+layout and behaviour that sleeps in slices instead of spinning.
+
+Example:
+    >>> import mmap
+    >>> memory = mmap.mmap(-1, size(1 << 12, 2, 256))
+    >>> prepare(memory, ring_bytes=1 << 12, slots=2, slot_bytes=256)
+    >>> ch = Channel(memory)
+    >>> slot = ch.claim(); ch.post(b"ping", slot)
+    True
+    >>> ch.take()
+    (0, b'ping')
+    >>> ch.reply(slot, b"pong", 7); ch.take_reply(slot)
+    True
+    (7, b'pong')
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import select
+import struct
+import threading
+import time
+
+HEADER_BYTES = 512
+RECORD_HEAD = 16
+SLOT_HEAD = 64
+MAGIC = 0x4D504348
+VERSION = 1
+_SLICE = 0.002  # seconds a sleeping waiter goes between looks at the peer's liveness
+
+# Offsets of the header words (see the layout above and _native.c's header_t).
+_CLOSED, _TAIL, _HEAD, _REQ_SEQ, _REQ_SLEEPING, _SLOT_HINT = 64, 128, 192, 256, 260, 320
+_GEOMETRY = struct.Struct("<5I")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_RECORD = struct.Struct("<3I")    # state, len, tag
+_SLOT = struct.Struct("<4I")      # state, sleeping, len, tag
+_REC_EMPTY, _REC_DATA, _REC_PAD = 0, 1, 2
+_SLOT_FREE, _SLOT_WAITING, _SLOT_REPLIED = 0, 1, 2
+
+
+class Wait(enum.IntEnum):
+    """How a wait on the channel ended."""
+
+    READY = 0    # a request (or the reply) is there to take
+    TIMEOUT = 1  # the timeout passed first
+    DEAD = 2     # the liveness fd became readable: the peer is gone
+    CLOSED = 3   # close() was called on the channel (either side)
+
+
+def size(ring_bytes: int, slots: int, slot_bytes: int) -> int:
+    """Bytes of shared memory a channel of this geometry needs."""
+    return HEADER_BYTES + ring_bytes + slots * (SLOT_HEAD + slot_bytes)
+
+
+def prepare(memory, *, ring_bytes: int, slots: int, slot_bytes: int) -> None:
+    """Write a channel header into fresh, zeroed ``memory`` (an ``mmap``).
+
+    ``ring_bytes`` must be a power of two; ``slot_bytes`` a multiple of 64.
+    """
+    if ring_bytes < 64 or ring_bytes & (ring_bytes - 1):
+        raise ValueError(f"ring_bytes must be a power of two >= 64, not {ring_bytes}")
+    if slots < 1 or slot_bytes % 64:
+        raise ValueError("slots must be >= 1 and slot_bytes a multiple of 64")
+    if len(memory) < size(ring_bytes, slots, slot_bytes):
+        raise ValueError("memory is smaller than the channel")
+    _GEOMETRY.pack_into(memory, 0, MAGIC, VERSION, ring_bytes, slots, slot_bytes)
+
+
+def _r16(n: int) -> int:
+    return (n + 15) & ~15
+
+
+class _Futex:
+    """FUTEX_WAIT/FUTEX_WAKE through ctypes (which releases the GIL around the
+    call); where that is unavailable, a short sleep stands in for the wait."""
+
+    def __init__(self) -> None:
+        self.syscall = None
+        try:
+            import ctypes
+            import platform
+
+            nr = {"x86_64": 202, "aarch64": 98}.get(platform.machine())
+            if nr is not None:
+                libc = ctypes.CDLL(None, use_errno=True)
+                self.syscall = libc.syscall
+                self.nr = nr
+                self.ctypes = ctypes
+        except (OSError, AttributeError):
+            self.syscall = None
+
+    def wait(self, address: int, expected: int, seconds: float) -> None:
+        if self.syscall is None:
+            time.sleep(min(seconds, 0.0005))
+            return
+        c = self.ctypes
+        ts = (c.c_long * 2)(int(seconds), int((seconds % 1) * 1e9))
+        self.syscall(c.c_long(self.nr), c.c_void_p(address), c.c_int(0), c.c_uint(expected),
+                     ts, None, 0)
+
+    def wake(self, address: int) -> None:
+        if self.syscall is not None:
+            c = self.ctypes
+            self.syscall(c.c_long(self.nr), c.c_void_p(address), c.c_int(1),
+                         c.c_int(2 ** 31 - 1), None, None, 0)
+
+
+_futex: _Futex | None = None
+
+
+class PyChannel:
+    """The pure-Python twin of ``multipy._native.Channel``: same layout, same API.
+
+    Producers in one process serialise on a lock (the C version uses a
+    compare-and-swap); waits sleep in FUTEX_WAIT slices through ctypes and never
+    spin, since spinning in Python would hold the GIL.  Stores rely on the total
+    store order of x86-64; on other machines use the extension.
+
+    Example:
+        >>> import mmap
+        >>> m = mmap.mmap(-1, size(4096, 1, 64)); prepare(m, ring_bytes=4096, slots=1, slot_bytes=64)
+        >>> PyChannel(m).geometry
+        (4096, 1, 64)
+    """
+
+    def __init__(self, buffer, /) -> None:
+        global _futex
+        view = memoryview(buffer)
+        if view.readonly or len(view) < HEADER_BYTES:
+            raise ValueError("not a channel: write its header with channel.prepare() first")
+        magic, version, ring, slots, slot_bytes = _GEOMETRY.unpack_from(view, 0)
+        if (magic != MAGIC or version != VERSION or ring < 64 or ring & (ring - 1) or slots < 1
+                or slot_bytes % 64 or len(view) < size(ring, slots, slot_bytes)):
+            raise ValueError("not a channel: write its header with channel.prepare() first")
+        self._m = view
+        self._ring_bytes, self._slots, self._slot_bytes = ring, slots, slot_bytes
+        self._post_lock = threading.Lock()
+        if _futex is None:
+            _futex = _Futex()
+        self._futex = _futex
+        self._address = 0
+        if _futex.syscall is not None:
+            import ctypes
+
+            self._anchor = ctypes.c_char.from_buffer(buffer)  # keeps the mapping alive
+            self._address = ctypes.addressof(self._anchor)
+        self._attached = True
+
+    # -- helpers ---------------------------------------------------------------
+    def _u32(self, off: int) -> int:
+        return _U32.unpack_from(self._m, off)[0]
+
+    def _set32(self, off: int, value: int) -> None:
+        _U32.pack_into(self._m, off, value)
+
+    def _slot_off(self, slot: int) -> int:
+        if not 0 <= slot < self._slots:
+            raise IndexError(f"slot {slot} out of range ({self._slots} slots)")
+        return HEADER_BYTES + self._ring_bytes + slot * (SLOT_HEAD + self._slot_bytes)
+
+    def _check(self) -> None:
+        if not self._attached:
+            raise ValueError("the channel is detached")
+
+    def _front(self) -> int | None:
+        """Offset of the oldest committed record, skipping padding; None if none."""
+        m = self._m
+        while True:
+            head = _U64.unpack_from(m, _HEAD)[0]
+            pos = head & (self._ring_bytes - 1)
+            off = HEADER_BYTES + pos
+            state = self._u32(off)
+            if state == _REC_DATA:
+                return off
+            if state != _REC_PAD:
+                return None
+            m[off:off + RECORD_HEAD] = bytes(RECORD_HEAD)
+            _U64.pack_into(m, _HEAD, head + self._ring_bytes - pos)
+
+    # -- the API -----------------------------------------------------------------
+    @property
+    def geometry(self) -> tuple[int, int, int]:
+        """``(ring_bytes, slots, slot_bytes)``."""
+        self._check()
+        return (self._ring_bytes, self._slots, self._slot_bytes)
+
+    @property
+    def closed(self) -> bool:
+        """True once either side called :meth:`close`."""
+        self._check()
+        return self._u32(_CLOSED) != 0
+
+    def post(self, data, tag: int, /) -> bool:
+        """Copy ``data`` into the request ring; False when it has no room now."""
+        self._check()
+        data = memoryview(data).cast("B")
+        cap = self._ring_bytes
+        n = len(data)
+        if n + RECORD_HEAD > cap // 2:
+            raise ValueError(f"a message of {n} bytes does not fit this ring "
+                             f"(at most {cap // 2 - RECORD_HEAD}): spill it")
+        rec = RECORD_HEAD + _r16(n)
+        m = self._m
+        with self._post_lock:
+            tail = _U64.unpack_from(m, _TAIL)[0]
+            head = _U64.unpack_from(m, _HEAD)[0]
+            pos = tail & (cap - 1)
+            pad = cap - pos if pos + rec > cap else 0
+            if tail + pad + rec - head > cap:
+                return False
+            _U64.pack_into(m, _TAIL, tail + pad + rec)
+            if pad:
+                self._set32(HEADER_BYTES + pos, _REC_PAD)
+                tail += pad
+            off = HEADER_BYTES + (tail & (cap - 1))
+            m[off + RECORD_HEAD:off + RECORD_HEAD + n] = data
+            _U32.pack_into(m, off + 4, n)
+            _U32.pack_into(m, off + 8, tag)
+            self._set32(off, _REC_DATA)
+            self._set32(_REQ_SEQ, (self._u32(_REQ_SEQ) + 1) & 0xFFFFFFFF)
+        if self._u32(_REQ_SLEEPING):
+            self._wake(_REQ_SEQ)
+        return True
+
+    def take(self):
+        """The oldest request as ``(tag, bytes)``, or None when the ring is empty."""
+        self._check()
+        off = self._front()
+        if off is None:
+            return None
+        m = self._m
+        _, n, tag = _RECORD.unpack_from(m, off)
+        data = bytes(m[off + RECORD_HEAD:off + RECORD_HEAD + n])
+        rec = RECORD_HEAD + _r16(n)
+        m[off:off + rec] = bytes(rec)
+        _U64.pack_into(m, _HEAD, _U64.unpack_from(m, _HEAD)[0] + rec)
+        return tag, data
+
+    def claim(self) -> int | None:
+        """Take a free reply slot, or None when all are taken."""
+        self._check()
+        with self._post_lock:
+            start = self._u32(_SLOT_HINT)
+            for k in range(self._slots):
+                i = (start + k) % self._slots
+                off = self._slot_off(i)
+                if self._u32(off) == _SLOT_FREE:
+                    self._set32(off, _SLOT_WAITING)
+                    self._set32(_SLOT_HINT, (i + 1) % self._slots)
+                    return i
+        return None
+
+    def release(self, slot: int, /) -> None:
+        """Give a claimed slot back."""
+        self._check()
+        self._set32(self._slot_off(slot), _SLOT_FREE)
+
+    def reply(self, slot: int, data, tag: int, /) -> bool:
+        """Put ``data`` in ``slot`` and wake its waiter; False when it does not fit."""
+        self._check()
+        off = self._slot_off(slot)
+        data = memoryview(data).cast("B")
+        if len(data) > self._slot_bytes:
+            return False
+        m = self._m
+        m[off + SLOT_HEAD:off + SLOT_HEAD + len(data)] = data
+        _U32.pack_into(m, off + 8, len(data))
+        _U32.pack_into(m, off + 12, tag)
+        self._set32(off, _SLOT_REPLIED)
+        if self._u32(off + 4):
+            self._wake(off)
+        return True
+
+    def take_reply(self, slot: int, /):
+        """``(tag, bytes)`` from ``slot`` (which stays claimed), or None."""
+        self._check()
+        off = self._slot_off(slot)
+        m = self._m
+        state, _, n, tag = _SLOT.unpack_from(m, off)
+        if state != _SLOT_REPLIED:
+            return None
+        n = min(n, self._slot_bytes)
+        out = (tag, bytes(m[off + SLOT_HEAD:off + SLOT_HEAD + n]))
+        self._set32(off, _SLOT_WAITING)
+        return out
+
+    def wait_request(self, timeout: float, spin: float, fd: int, /) -> int:
+        """Wait until :meth:`take` has a request (see the extension's docstring)."""
+        self._check()
+        return self._wait(lambda: self._front() is not None, _REQ_SEQ, _REQ_SLEEPING, timeout, fd)
+
+    def wait_reply(self, slot: int, timeout: float, spin: float, max_spinners: int,
+                   fd: int, /) -> int:
+        """Wait for ``slot``'s reply (see the extension's docstring)."""
+        self._check()
+        off = self._slot_off(slot)
+        return self._wait(lambda: self._u32(off) == _SLOT_REPLIED, off, off + 4, timeout, fd)
+
+    def close(self) -> None:
+        """Mark the channel closed and wake every waiter on both sides."""
+        if not self._attached:
+            return
+        self._set32(_CLOSED, 1)
+        self._set32(_REQ_SEQ, (self._u32(_REQ_SEQ) + 1) & 0xFFFFFFFF)
+        self._wake(_REQ_SEQ)
+        for i in range(self._slots):
+            self._wake(self._slot_off(i))
+
+    def detach(self) -> None:
+        """Let go of the buffer."""
+        if self._attached:
+            self._attached = False
+            self._anchor = None
+            self._m.release()
+
+    # -- waiting ------------------------------------------------------------------
+    def _wake(self, off: int) -> None:
+        if self._address:
+            self._futex.wake(self._address + off)
+
+    def _wait(self, ready, word: int, sleeping: int, timeout: float, fd: int) -> int:
+        if ready():
+            return Wait.READY
+        deadline = None if timeout < 0 else time.monotonic() + timeout
+        poller = None
+        if fd >= 0:
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+        while True:
+            seen = self._u32(word)
+            self._set32(sleeping, 1)
+            try:
+                if ready():
+                    return Wait.READY
+                if self._u32(_CLOSED):
+                    return Wait.CLOSED
+                left = _SLICE
+                if deadline is not None:
+                    left = min(left, deadline - time.monotonic())
+                    if left <= 0:
+                        return Wait.TIMEOUT
+                if self._address:
+                    self._futex.wait(self._address + word, seen, left)
+                else:
+                    time.sleep(min(left, 0.0005))
+            finally:
+                self._set32(sleeping, 0)
+            if ready():
+                return Wait.READY
+            if poller is not None and poller.poll(0):
+                return Wait.READY if ready() else Wait.DEAD
+
+
+def native_status() -> tuple[object | None, str]:
+    """``(multipy._native or None, why)``: which channel implementation runs here.
+
+    Example:
+        >>> module, why = native_status()
+        >>> why                                           # doctest: +SKIP
+        'native: the C extension multipy._native is loaded'
+    """
+    if os.environ.get("MULTIPY_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None, "pure Python: MULTIPY_NATIVE=0 turns the C extension off"
+    try:
+        from .. import _native
+    except ImportError as exc:
+        return None, (f"pure Python: the C extension multipy._native is not built here ({exc}); "
+                      "reinstall with a C compiler available to build it")
+    return _native, "native: the C extension multipy._native is loaded"
+
+
+_native_module, NATIVE_WHY = native_status()
+
+#: True when calls go through the C extension.
+NATIVE = _native_module is not None
+
+#: The channel class in use: the extension's where it is active, else the twin.
+Channel = _native_module.Channel if NATIVE else PyChannel

@@ -1,0 +1,328 @@
+"""The shared-memory call channel (transport.channel), on its own.
+
+Every test runs against the C extension and its pure-Python twin; a second
+process (a small echo server over the same memfd) exercises the futex waits
+across processes and the peer's death while a caller spins or sleeps.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from multipy.transport import channel as chan
+from multipy.transport.channel import PyChannel, Wait
+
+try:
+    from multipy import _native
+except ImportError:
+    _native = None
+
+IMPLS = ["native", "python"]
+RING, SLOTS, SLOT_BYTES = 1 << 12, 4, 256
+
+
+def _impl_class(name: str):
+    if name == "python":
+        return PyChannel
+    if _native is None:
+        pytest.skip("multipy._native is not built here (no C compiler at install time)")
+    return _native.Channel
+
+
+@pytest.fixture(params=IMPLS)
+def impl(request):
+    return _impl_class(request.param)
+
+
+def _memory(ring=RING, slots=SLOTS, slot_bytes=SLOT_BYTES, *, fd=None):
+    n = chan.size(ring, slots, slot_bytes)
+    if fd is None:
+        memory = mmap.mmap(-1, n)
+    else:
+        os.ftruncate(fd, n)
+        memory = mmap.mmap(fd, n)
+    chan.prepare(memory, ring_bytes=ring, slots=slots, slot_bytes=slot_bytes)
+    return memory
+
+
+def test_a_request_and_its_reply_cross_with_their_tags(impl):
+    ch = impl(_memory())
+    assert ch.geometry == (RING, SLOTS, SLOT_BYTES)
+    slot = ch.claim()
+    assert ch.take() is None
+    assert ch.post(b"ping", slot) is True
+    assert ch.wait_request(0.0, 0.0, -1) == Wait.READY
+    assert ch.take() == (slot, b"ping")
+    assert ch.take() is None
+    assert ch.take_reply(slot) is None
+    assert ch.reply(slot, b"pong", 7) is True
+    assert ch.wait_reply(slot, 0.0, 0.0, -1, -1) == Wait.READY
+    assert ch.take_reply(slot) == (7, b"pong")
+    assert ch.take_reply(slot) is None  # taken once; the slot stays claimed
+    ch.release(slot)
+
+
+def test_slots_are_claimed_once_until_released(impl):
+    ch = impl(_memory())
+    slots = [ch.claim() for _ in range(SLOTS)]
+    assert sorted(slots) == list(range(SLOTS))
+    assert ch.claim() is None
+    ch.release(slots[1])
+    assert ch.claim() == slots[1]
+    with pytest.raises(IndexError):
+        ch.release(SLOTS)
+
+
+def test_a_full_ring_refuses_and_recovers_after_takes(impl):
+    ch = impl(_memory())
+    sent = 0
+    while ch.post(b"x" * 100, sent):
+        sent += 1
+    assert sent == RING // (16 + 112)
+    assert ch.take() == (0, b"x" * 100)
+    assert ch.post(b"y" * 100, 99) is True  # wraps round to the start
+
+
+def test_messages_too_large_for_the_ring_or_a_slot_are_refused(impl):
+    ch = impl(_memory())
+    with pytest.raises(ValueError, match="spill it"):
+        ch.post(b"x" * RING, 0)
+    assert ch.reply(0, b"x" * (SLOT_BYTES + 1), 0) is False
+    assert ch.take_reply(0) is None
+
+
+def test_a_wait_times_out_when_nothing_comes(impl):
+    ch = impl(_memory())
+    slot = ch.claim()
+    assert ch.wait_reply(slot, 0.01, 0.001, 1, -1) == Wait.TIMEOUT
+    assert ch.wait_request(0.01, 0.001, -1) == Wait.TIMEOUT
+
+
+def test_close_wakes_a_sleeping_waiter(impl):
+    ch = impl(_memory())
+    slot = ch.claim()
+    result = []
+    waiter = threading.Thread(target=lambda: result.append(ch.wait_reply(slot, -1.0, 0.0, 0, -1)))
+    waiter.start()
+    ch.close()
+    waiter.join()
+    assert result == [Wait.CLOSED]
+    assert ch.closed
+
+
+def test_a_readable_liveness_fd_means_the_peer_is_gone(impl):
+    ch = impl(_memory())
+    slot = ch.claim()
+    r, w = os.pipe()
+    os.close(w)  # end-of-file: what a dead interpreter's pipe looks like
+    try:
+        assert ch.wait_reply(slot, -1.0, 0.0, 0, r) == Wait.DEAD
+        assert ch.wait_request(-1.0, 0.0, r) == Wait.DEAD
+        ch.reply(slot, b"late", 0)  # a reply that is there wins over the fd
+        assert ch.wait_reply(slot, -1.0, 0.0, 0, r) == Wait.READY
+    finally:
+        os.close(r)
+
+
+def test_a_detached_channel_refuses_every_call(impl):
+    ch = impl(_memory())
+    ch.detach()
+    ch.detach()
+    with pytest.raises(ValueError, match="detached"):
+        ch.post(b"x", 0)
+    with pytest.raises(ValueError, match="detached"):
+        ch.claim()
+
+
+def test_memory_without_a_header_is_refused(impl):
+    with pytest.raises(ValueError, match="not a channel"):
+        impl(mmap.mmap(-1, 4096))
+
+
+def _sleeping(memory, slot: int, ring: int = RING, slot_bytes: int = SLOT_BYTES) -> int:
+    """The ``sleeping`` word of a reply slot: 1 while its caller sleeps in FUTEX_WAIT."""
+    off = chan.HEADER_BYTES + ring + slot * (chan.SLOT_HEAD + slot_bytes) + 4
+    return int.from_bytes(memory[off:off + 4], "little")
+
+
+def test_a_signal_handler_can_interrupt_a_sleeping_wait(impl):
+    memory = _memory()
+    ch = impl(memory)
+    slot = ch.claim()
+    main = threading.get_ident()
+
+    class Interrupted(Exception):
+        pass
+
+    def handler(signum, frame):
+        raise Interrupted
+
+    def interrupt_when_asleep():
+        while _sleeping(memory, slot) == 0:
+            pass
+        signal.pthread_kill(main, signal.SIGUSR1)
+
+    old = signal.signal(signal.SIGUSR1, handler)
+    interrupter = threading.Thread(target=interrupt_when_asleep)
+    try:
+        with pytest.raises(Interrupted):
+            interrupter.start()
+            ch.wait_reply(slot, 30.0, 0.0, 0, -1)
+    finally:
+        interrupter.join()
+        signal.signal(signal.SIGUSR1, old)
+
+
+@pytest.mark.skipif(_native is None, reason="multipy._native is not built here")
+def test_the_twin_reads_what_the_extension_wrote_and_back():
+    memory = _memory()
+    native, twin = _native.Channel(memory), PyChannel(memory)
+    for i in range(100):  # enough to wrap the ring several times
+        writer, reader = (native, twin) if i % 2 else (twin, native)
+        assert writer.post(bytes([i]) * (i * 7 % 300), i)
+        assert reader.take() == (i, bytes([i]) * (i * 7 % 300))
+    slot = twin.claim()
+    native.reply(slot, b"r", 3)
+    assert twin.take_reply(slot) == (3, b"r")
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sizes=st.lists(st.lists(st.integers(0, 700), max_size=30), min_size=1, max_size=8),
+       which=st.sampled_from(IMPLS))
+def test_many_threads_posting_random_sizes_deliver_each_message_once_in_order(sizes, which):
+    cls = _impl_class(which)
+    ch = cls(_memory(ring=1 << 11))
+    got: dict[int, list[bytes]] = {p: [] for p in range(len(sizes))}
+    total = sum(map(len, sizes))
+    done = threading.Event()
+
+    def consume():
+        n = 0
+        while n < total:
+            if ch.wait_request(5.0, 0.0001, -1) != Wait.READY:
+                break
+            item = ch.take()
+            while item is not None:
+                got[item[0]].append(item[1])
+                n += 1
+                item = ch.take()
+        done.set()
+
+    def message_of(k: int, n: int) -> bytes:
+        # Little words 0, 1, 2 ...: stale payload must never pass for a record header.
+        return (k.to_bytes(4, "little") * (n // 4 + 1))[:n]
+
+    def produce(p: int, lengths: list[int]):
+        for k, n in enumerate(lengths):
+            message = message_of(k, n)
+            while not ch.post(message, p):
+                if done.wait(0.0005):  # the ring is full: let the consumer catch up
+                    return  # the consumer gave up
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    producers = [threading.Thread(target=produce, args=(p, ls)) for p, ls in enumerate(sizes)]
+    for t in producers:
+        t.start()
+    for t in producers:
+        t.join()
+    consumer.join()
+    for p, lengths in enumerate(sizes):
+        assert got[p] == [message_of(k, n) for k, n in enumerate(lengths)]
+
+
+# -- across processes -------------------------------------------------------------
+
+_SERVER = textwrap.dedent("""
+    import mmap, os, signal, struct, sys
+    sys.path[:0] = [{src!r}]
+    from multipy.transport import channel as chan
+    cls = chan.PyChannel if {impl!r} == "python" else __import__("multipy._native", fromlist=["x"]).Channel
+    fd = int(sys.argv[1])
+    memory = mmap.mmap(fd, os.fstat(fd).st_size)
+    ch = cls(memory)
+    while ch.wait_request(-1.0, 0.0002, -1) == chan.Wait.READY:
+        slot, data = ch.take()
+        if data == b"die":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if data == b"die-when-asleep":   # once the caller sleeps in its futex
+            sleeping = chan.HEADER_BYTES + {ring} + slot * (chan.SLOT_HEAD + {slot_bytes}) + 4
+            while struct.unpack_from("<I", memory, sleeping)[0] == 0:
+                pass
+            os.kill(os.getpid(), signal.SIGKILL)
+        ch.reply(slot, data[::-1], len(data))
+""")
+
+
+class _Server:
+    """An echo server in another process; its stdout pipe says whether it lives."""
+
+    def __init__(self, impl_name: str) -> None:
+        _impl_class(impl_name)
+        self.fd = os.memfd_create("multipy-test-channel")
+        self.memory = _memory(fd=self.fd)
+        src = os.path.dirname(os.path.dirname(chan.__file__))
+        code = _SERVER.format(src=os.path.dirname(src), impl=impl_name, ring=RING, slot_bytes=SLOT_BYTES)
+        self.proc = subprocess.Popen([sys.executable, "-c", code, str(self.fd)], pass_fds=(self.fd,),
+                                     stdout=subprocess.PIPE)
+        self.alive_fd = self.proc.stdout.fileno()
+        self.channel = _impl_class(impl_name)(self.memory)
+
+    def close(self) -> None:
+        self.channel.close()
+        self.proc.kill()
+        self.proc.wait()
+        self.proc.stdout.close()
+        self.channel.detach()
+        os.close(self.fd)
+
+
+@pytest.mark.parametrize("impl_name", IMPLS)
+def test_an_echo_server_in_another_process_answers_many_calls(impl_name):
+    server = _Server(impl_name)
+    try:
+        ch = server.channel
+        slot = ch.claim()
+        for i in range(300):
+            message = os.urandom(i % 200)
+            assert ch.post(message, slot)
+            assert ch.wait_reply(slot, 30.0, 0.0001 if i % 2 else 0.0, 1, server.alive_fd) == Wait.READY
+            assert ch.take_reply(slot) == (len(message), message[::-1])
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("impl_name", IMPLS)
+@pytest.mark.parametrize("how", ["die", "die-when-asleep"])
+def test_a_caller_learns_at_once_that_the_server_died_then_a_new_channel_serves(impl_name, how):
+    # "die": the caller still spins (its spin outlasts the test); "die-when-asleep":
+    # the server waits until the caller sleeps in FUTEX_WAIT, then kills itself.
+    spin = 3600.0 if how == "die" else 0.0
+    server = _Server(impl_name)
+    try:
+        ch = server.channel
+        slot = ch.claim()
+        assert ch.post(how.encode(), slot)
+        assert ch.wait_reply(slot, -1.0, spin, 1, server.alive_fd) == Wait.DEAD
+        assert ch.take_reply(slot) is None
+    finally:
+        server.close()
+    replacement = _Server(impl_name)  # a new generation: fresh memory, fresh process
+    try:
+        ch = replacement.channel
+        slot = ch.claim()
+        assert ch.post(b"abc", slot)
+        assert ch.wait_reply(slot, 30.0, 0.0, 1, replacement.alive_fd) == Wait.READY
+        assert ch.take_reply(slot) == (3, b"cba")
+    finally:
+        replacement.close()
