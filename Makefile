@@ -22,8 +22,15 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(VENV)/bin/multipy demo
 
+# The suite runs once on the C call channel (multipy._native, built by `pip install -e .`
+# where a compiler exists) and once more with MULTIPY_NATIVE=0 on the pure-Python path.
+# Running everything twice would pass ~10 minutes on 2 cores, so the second run takes the
+# modules that exercise the transport and the process backend: NATIVE_OFF_TESTS.
+NATIVE_OFF_TESTS := tests/test_channel.py tests/test_transport.py tests/test_reliability.py tests/test_manager.py
+
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+	MULTIPY_NATIVE=0 $(PY) -m pytest -q -m "not slow" $(NATIVE_OFF_TESTS)
 	$(VENV)/bin/mkdocs build --strict --quiet --site-dir build/site
 	$(MAKE) --no-print-directory test-subinterpreters
 

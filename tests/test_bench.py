@@ -204,6 +204,20 @@ def test_bench_overhead_prints_p50_and_p99_over_a_direct_call(cache):
     assert all("p50" in line and "p99" in line and "µs" in line for line in lines)
 
 
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_bench_dispatch_reports_calls_and_host_cpu_per_thread_count_beside_the_pipe(cache, native, monkeypatch):
+    monkeypatch.setenv("MULTIPY_NATIVE", native)
+    proc = run_multipy("bench", "--dispatch", "--threads", "1,3", "--seconds", "0.2", cache=cache)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "bare os.pipe ping-pong between two Python processes" in out
+    assert ("MULTIPY_NATIVE=0" in out) == (native == "0")
+    rows = [line for line in out.splitlines() if "no-op interpreter" in line]
+    assert [int(line.split()[0]) for line in rows] == [1, 3]
+    assert all("calls/s" in line and "x the pipe ping-pong" in line and "µs/call" in line
+               for line in rows)
+
+
 def test_bench_memory_reports_the_extra_pss_as_a_ratio_of_the_weights(cache):
     proc = run_multipy("bench", "--memory", "--memory-mb", "40", cache=cache)
     assert proc.returncode == 0, proc.stderr

@@ -6,4 +6,5 @@
 ``codec``     pickling with tensors out of band (never pickled by value).
 ``cuda``      CUDA tensors by CUDA IPC, the lifetime rule, a stream per interpreter.
 ``cuda_link`` CUDA device buffers mapped once per interpreter, ordered by IPC events.
+``channel``   the shared-memory call channel (ring, reply slots, futex waits) and its pure-Python twin.
 """
