@@ -28,6 +28,7 @@ except ImportError:
     _native = None
 
 IMPLS = ["native", "python"]
+READY = (Wait.READY, Wait.SLEPT)
 RING, SLOTS, SLOT_BYTES = 1 << 12, 4, 256
 
 
@@ -60,10 +61,13 @@ def test_a_request_and_its_reply_cross_with_their_tags(impl):
     assert ch.geometry == (RING, SLOTS, SLOT_BYTES)
     slot = ch.claim()
     assert ch.take() is None
+    assert ch.pending == 0
     assert ch.post(b"ping", slot) is True
-    assert ch.wait_request(0.0, 0.0, -1) == Wait.READY
+    assert ch.pending == 16 + 16
+    assert ch.wait_request(0.0, 0.0, -1) == Wait.READY  # already there: no spin, no sleep
     assert ch.take() == (slot, b"ping")
     assert ch.take() is None
+    assert ch.pending == 0
     assert ch.take_reply(slot) is None
     assert ch.reply(slot, b"pong", 7) is True
     assert ch.wait_reply(slot, 0.0, 0.0, -1, -1) == Wait.READY
@@ -134,6 +138,22 @@ def test_a_readable_liveness_fd_means_the_peer_is_gone(impl):
         os.close(r)
 
 
+def test_a_reply_wakes_a_caller_asleep_in_its_futex(impl):
+    ch = impl(_memory())
+    slot = ch.claim()
+
+    def reply_when_asleep():
+        while not ch.asleep(slot):
+            pass
+        ch.reply(slot, b"late", 1)
+
+    replier = threading.Thread(target=reply_when_asleep)
+    replier.start()
+    assert ch.wait_reply(slot, -1.0, 0.0, 0, -1) == Wait.SLEPT
+    replier.join()
+    assert ch.take_reply(slot) == (1, b"late")
+
+
 def test_a_detached_channel_refuses_every_call(impl):
     ch = impl(_memory())
     ch.detach()
@@ -149,15 +169,8 @@ def test_memory_without_a_header_is_refused(impl):
         impl(mmap.mmap(-1, 4096))
 
 
-def _sleeping(memory, slot: int, ring: int = RING, slot_bytes: int = SLOT_BYTES) -> int:
-    """The ``sleeping`` word of a reply slot: 1 while its caller sleeps in FUTEX_WAIT."""
-    off = chan.HEADER_BYTES + ring + slot * (chan.SLOT_HEAD + slot_bytes) + 4
-    return int.from_bytes(memory[off:off + 4], "little")
-
-
 def test_a_signal_handler_can_interrupt_a_sleeping_wait(impl):
-    memory = _memory()
-    ch = impl(memory)
+    ch = impl(_memory())
     slot = ch.claim()
     main = threading.get_ident()
 
@@ -168,7 +181,7 @@ def test_a_signal_handler_can_interrupt_a_sleeping_wait(impl):
         raise Interrupted
 
     def interrupt_when_asleep():
-        while _sleeping(memory, slot) == 0:
+        while not ch.asleep(slot):
             pass
         signal.pthread_kill(main, signal.SIGUSR1)
 
@@ -209,7 +222,7 @@ def test_many_threads_posting_random_sizes_deliver_each_message_once_in_order(si
     def consume():
         n = 0
         while n < total:
-            if ch.wait_request(5.0, 0.0001, -1) != Wait.READY:
+            if ch.wait_request(5.0, 0.0001, -1) not in READY:
                 break
             item = ch.take()
             while item is not None:
@@ -251,7 +264,7 @@ _SERVER = textwrap.dedent("""
     fd = int(sys.argv[1])
     memory = mmap.mmap(fd, os.fstat(fd).st_size)
     ch = cls(memory)
-    while ch.wait_request(-1.0, 0.0002, -1) == chan.Wait.READY:
+    while ch.wait_request(-1.0, 0.0002, -1) in (chan.Wait.READY, chan.Wait.SLEPT):
         slot, data = ch.take()
         if data == b"die":
             os.kill(os.getpid(), signal.SIGKILL)
@@ -296,7 +309,7 @@ def test_an_echo_server_in_another_process_answers_many_calls(impl_name):
         for i in range(300):
             message = os.urandom(i % 200)
             assert ch.post(message, slot)
-            assert ch.wait_reply(slot, 30.0, 0.0001 if i % 2 else 0.0, 1, server.alive_fd) == Wait.READY
+            assert ch.wait_reply(slot, 30.0, 0.0001 if i % 2 else 0.0, 1, server.alive_fd) in READY
             assert ch.take_reply(slot) == (len(message), message[::-1])
     finally:
         server.close()
@@ -322,7 +335,7 @@ def test_a_caller_learns_at_once_that_the_server_died_then_a_new_channel_serves(
         ch = replacement.channel
         slot = ch.claim()
         assert ch.post(b"abc", slot)
-        assert ch.wait_reply(slot, 30.0, 0.0, 1, replacement.alive_fd) == Wait.READY
+        assert ch.wait_reply(slot, 30.0, 0.0, 1, replacement.alive_fd) in READY
         assert ch.take_reply(slot) == (3, b"cba")
     finally:
         replacement.close()

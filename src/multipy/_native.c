@@ -31,7 +31,7 @@
 #define SLOT_HEAD 64
 #define SLICE_NS 2000000LL /* a sleeping waiter looks at the peer's liveness this often */
 
-enum { READY = 0, TIMEOUT = 1, DEAD = 2, CLOSED = 3 };
+enum { READY = 0, TIMEOUT = 1, DEAD = 2, CLOSED = 3, SLEPT = 4 };
 enum { SLOT_FREE = 0, SLOT_WAITING = 1, SLOT_REPLIED = 2 };
 enum { REC_EMPTY = 0, REC_DATA = 1, REC_PAD = 2 };
 
@@ -174,7 +174,7 @@ static int wait_for(ChannelObject *c, ready_fn ready, void *arg, uint32_t *word,
         SC_STORE(sleeping, 1u);
         if (ready(c, arg)) {
             SC_STORE(sleeping, 0u);
-            return READY;
+            return spin_ns > 0 && may_spin ? SLEPT : READY; /* SLEPT: the spin was too short */
         }
         if (LOAD(&h->closed)) {
             SC_STORE(sleeping, 0u);
@@ -193,9 +193,9 @@ static int wait_for(ChannelObject *c, ready_fn ready, void *arg, uint32_t *word,
         int interrupted = futex_wait(word, seen, slice);
         SC_STORE(sleeping, 0u);
         if (ready(c, arg))
-            return READY;
+            return SLEPT;
         if (fd_ready(fd))
-            return ready(c, arg) ? READY : DEAD; /* re-check: a reply may precede EOF */
+            return ready(c, arg) ? SLEPT : DEAD; /* re-check: a reply may precede EOF */
         if (interrupted)
             return -1;
     }
@@ -386,7 +386,8 @@ PyDoc_STRVAR(wait_request_doc,
 "Wait until a request can be taken: spin up to ``spin`` seconds, then sleep in\n"
 "FUTEX_WAIT.  ``timeout`` < 0 waits for ever; ``fd`` >= 0 is polled between\n"
 "sleeps and its readiness (with the ring still empty) means the peer is gone.\n"
-"Returns READY, TIMEOUT, DEAD or CLOSED.  The GIL is released once.");
+"Returns READY (found without sleeping), SLEPT (found after sleeping), TIMEOUT,\n"
+"DEAD or CLOSED.  The GIL is released once.");
 
 static PyObject *Channel_wait_request(ChannelObject *self, PyObject *args) {
     double timeout, spin;
@@ -466,7 +467,8 @@ PyDoc_STRVAR(wait_reply_doc,
 "Wait for ``slot``'s reply: spin up to ``spin`` seconds when fewer than\n"
 "``max_spinners`` threads of this process spin already (< 0: no cap), then\n"
 "sleep in FUTEX_WAIT, polling ``fd`` (the peer's liveness) between sleeps.\n"
-"Returns READY, TIMEOUT, DEAD or CLOSED.  The GIL is released once.");
+"Returns READY, SLEPT, TIMEOUT, DEAD or CLOSED (see wait_request).  The GIL is\n"
+"released once.");
 
 static PyObject *Channel_wait_reply(ChannelObject *self, PyObject *args) {
     unsigned int slot;
@@ -498,6 +500,16 @@ static PyObject *Channel_take_reply(ChannelObject *self, PyObject *arg) {
     PyObject *out = Py_BuildValue("(Iy#)", s->tag, (char *)s + SLOT_HEAD, (Py_ssize_t)len);
     STORE(&s->state, (uint32_t)SLOT_WAITING);
     return out;
+}
+
+PyDoc_STRVAR(asleep_doc,
+"asleep(slot, /) -> bool\n\nWhether ``slot``'s caller sleeps in FUTEX_WAIT now (for tests and diagnostics).");
+
+static PyObject *Channel_asleep(ChannelObject *self, PyObject *arg) {
+    unsigned int slot = (unsigned int)PyLong_AsUnsignedLong(arg);
+    if (PyErr_Occurred() || check_attached(self) < 0 || check_slot(self, slot) < 0)
+        return NULL;
+    return PyBool_FromLong(LOAD(&slot_at(self, slot)->sleeping) != 0);
 }
 
 PyDoc_STRVAR(close_doc,
@@ -536,6 +548,12 @@ static PyObject *Channel_get_closed(ChannelObject *self, void *unused) {
     return PyBool_FromLong(LOAD(&self->h->closed) != 0);
 }
 
+static PyObject *Channel_get_pending(ChannelObject *self, void *unused) {
+    if (check_attached(self) < 0)
+        return NULL;
+    return PyLong_FromUnsignedLongLong(LOAD(&self->h->tail) - LOAD(&self->h->head));
+}
+
 static PyObject *Channel_get_geometry(ChannelObject *self, void *unused) {
     if (check_attached(self) < 0)
         return NULL;
@@ -551,6 +569,7 @@ static PyMethodDef Channel_methods[] = {
     {"reply", (PyCFunction)Channel_reply, METH_VARARGS, reply_doc},
     {"wait_reply", (PyCFunction)Channel_wait_reply, METH_VARARGS, wait_reply_doc},
     {"take_reply", (PyCFunction)Channel_take_reply, METH_O, take_reply_doc},
+    {"asleep", (PyCFunction)Channel_asleep, METH_O, asleep_doc},
     {"close", (PyCFunction)Channel_close, METH_NOARGS, close_doc},
     {"detach", (PyCFunction)Channel_detach, METH_NOARGS, detach_doc},
     {NULL, NULL, 0, NULL},
@@ -559,6 +578,8 @@ static PyMethodDef Channel_methods[] = {
 static PyGetSetDef Channel_getset[] = {
     {"closed", (getter)Channel_get_closed, NULL, "True once either side called close().", NULL},
     {"geometry", (getter)Channel_get_geometry, NULL, "(ring_bytes, slots, slot_bytes)", NULL},
+    {"pending", (getter)Channel_get_pending, NULL,
+     "Ring bytes posted but not yet taken (0: the consumer took every request).", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -609,6 +630,7 @@ PyMODINIT_FUNC PyInit__native(void) {
         PyModule_AddIntConstant(m, "TIMEOUT", TIMEOUT) < 0 ||
         PyModule_AddIntConstant(m, "DEAD", DEAD) < 0 ||
         PyModule_AddIntConstant(m, "CLOSED", CLOSED) < 0 ||
+        PyModule_AddIntConstant(m, "SLEPT", SLEPT) < 0 ||
         PyModule_AddIntConstant(m, "HEADER_BYTES", HEADER_BYTES) < 0 ||
         PyModule_AddIntConstant(m, "RECORD_HEAD", RECORD_HEAD) < 0 ||
         PyModule_AddIntConstant(m, "SLOT_HEAD", SLOT_HEAD) < 0 ||

@@ -10,8 +10,14 @@ Every reply carries the call id of the request it answers, even when the
 request could not be decoded (a frame too short to hold an id is answered as
 call 0, which the host never uses: it then restarts the interpreter).
 
-The process exits when the request pipe reaches end-of-file (the host closed
-it or died) and, through the parent-death signal, when its parent dies.
+With the native call channel (transport.channel) the frames travel through
+shared memory instead of the pipes: ``InterpreterEnd.serve_forever`` takes
+each request from the ring and answers in the caller's reply slot; only
+messages too big for the ring or a slot still cross the pipes.
+
+The process exits when the request pipe reaches end-of-file or the channel is
+closed (the host closed it or died) and, through the parent-death signal, when
+its parent dies.
 """
 
 from __future__ import annotations
@@ -63,7 +69,8 @@ def main(config, host_pid: int, fds, parent_pid: int | None = None) -> None:
     _die_with_parent()
     if parent_pid is not None and os.getppid() != parent_pid:
         os._exit(0)  # the parent died before the death signal was armed
-    req_r, rep_w, args_fd, results_fd, out_w, err_w = (fd.detach() if hasattr(fd, "detach") else fd for fd in fds)
+    req_r, rep_w, args_fd, results_fd, out_w, err_w, channel_fd = (
+        fd.detach() if hasattr(fd, "detach") else fd for fd in fds)
     os.dup2(out_w, 1)
     os.dup2(err_w, 2)
     os.close(out_w)
@@ -82,15 +89,16 @@ def main(config, host_pid: int, fds, parent_pid: int | None = None) -> None:
         torch.version.interp = config.index
     state = InterpreterState(config.index)
     state.activate_for_process()
-    Loop(state, req_r, rep_w, args_fd, results_fd, spin=config.spin).run()
+    Loop(state, req_r, rep_w, args_fd, results_fd, spin=config.spin, channel_fd=channel_fd).run()
 
 
 class Loop:
     """Serves requests until the host goes away."""
 
     def __init__(self, state: InterpreterState, req_r: int, rep_w: int, args_fd: int,
-                 results_fd: int, *, spin: float = 0.0) -> None:
+                 results_fd: int, *, spin: float = 0.0, channel_fd: int | None = None) -> None:
         self.state = state
+        self.channel_fd = channel_fd
         self.spin = spin
         self.req_r = req_r
         self.rep_w = rep_w
@@ -147,6 +155,14 @@ class Loop:
         return tuple(kept)
 
     def run(self) -> None:
+        if self.channel_fd is not None:
+            from ..transport.channel import InterpreterEnd, attach
+
+            end = InterpreterEnd(attach(self.channel_fd), self.req_r, self.rep_w, self.spin)
+            end.serve_forever(self.serve)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            return
         waiter = Waiter(self.req_r, self.spin)
         while True:
             waiter.wait()

@@ -36,6 +36,7 @@ import time
 from multiprocessing import reduction, spawn
 
 from ..errors import CallTimeoutError, ManagerClosedError, TransportError
+from ..transport import channel as _channel
 from ..transport.codec import Decoder, Encoder
 from ..transport.cuda_link import HostLinks
 from ..transport.frames import FrameError, FrameReader, Waiter, write_frame
@@ -178,7 +179,13 @@ class ProcessWorker(Worker):
                                 on_return=self._held.add)
         # CUDA link buffers for this generation (made when the first CUDA tensor crosses).
         self._links = self._encoder.links = self._decoder.links = HostLinks()
+        # The call channel of this generation (a fresh one each restart: a reply half
+        # written by a dead interpreter can never reach its replacement).
+        channel_fd = channel = None
+        if _channel.NATIVE:
+            channel_fd, channel = _channel.create(f"multipy-channel-{self.index}")
         fds = tuple(_Fd(fd) for fd in (req_r, rep_w, self._args.segment.fd, self._results.fd, out_w, err_w))
+        fds += (None if channel_fd is None else _Fd(channel_fd),)
         process = self._ctx.Process(
             target=_worker_entry, args=(self.config, os.getpid(), fds),
             name=f"multipy-interpreter-{self.index}", daemon=True)
@@ -187,12 +194,14 @@ class ProcessWorker(Worker):
             process.start()
         finally:
             _starting.worker = False
-            for fd in (req_r, rep_w, out_w, err_w):
+            for fd in (req_r, rep_w, out_w, err_w) + (() if channel_fd is None else (channel_fd,)):
                 os.close(fd)
         self._process = process
         self.pid = process.pid
         self._waiter = Waiter(self._rep_r, self.config.spin)
         self._reader = FrameReader(self._rep_r)
+        self._end = None if channel is None else _channel.HostEnd(
+            channel, self._req_w, self._reader.read, process.sentinel, self.config.spin)
         self._next_call = 0
         self._owed: dict[int, list[int]] = {}  # call id -> argument blocks, reply not read yet
         self._out = _Pump(out_r, "stdout", f"multipy-stdout-{self.index}")
@@ -275,7 +284,11 @@ class ProcessWorker(Worker):
         placed = encoder.placed
         call = self._next_call = self._next_call + 1
         try:
-            write_frame(self._req_w, stamp(call, data))
+            if self._end is None:
+                write_frame(self._req_w, stamp(call, data))
+            elif not self._end.send(stamp(call, data)):
+                self._out_of_step("too many abandoned calls were still in its channel")
+                raise BrokenPipeError
         except (BrokenPipeError, ConnectionResetError):
             # Nobody reads the request pipe: the interpreter died while idle and never saw it.
             with self._args_lock:
@@ -328,6 +341,8 @@ class ProcessWorker(Worker):
 
     def _next_frame(self, deadline, timeout, starting: bool) -> bytes:
         """The next reply frame, waiting until ``deadline`` (monotonic; ``None``: no limit)."""
+        if self._end is not None:
+            return self._next_channel_frame(deadline, timeout, starting)
         reader = self._reader
         if not reader.buffered:
             # Spin for the reply only while no other host thread is waiting on an
@@ -360,6 +375,28 @@ class ProcessWorker(Worker):
             self._out_of_step("a reply was interrupted while it was being read")
             raise
         if frame is None:
+            raise self._crashed("while starting" if starting else "while running a call")
+        return frame
+
+    def _next_channel_frame(self, deadline, timeout, starting: bool) -> bytes:
+        """:meth:`_next_frame` through the call channel (transport.channel)."""
+        end = self._end
+        try:
+            frame = end.next_frame(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        except FrameError as exc:  # a spilled reply with a corrupt header
+            raise self._desynchronised(exc) from None
+        except (OSError, ValueError):
+            frame = None  # the channel was closed under this wait (the manager is closing)
+        if frame is _channel.Wait.TIMEOUT:
+            self._kill_for_timeout(timeout)
+        if frame is None:
+            try:
+                unsent = end.unsent
+            except ValueError:  # detached: this generation is over already
+                unsent = False
+            if unsent and not starting:
+                # The interpreter died while idle and never took this call.
+                raise RequestNotSent(self._crashed("while idle, before this call was sent"))
             raise self._crashed("while starting" if starting else "while running a call")
         return frame
 
@@ -456,6 +493,8 @@ class ProcessWorker(Worker):
         process, self._process = self._process, None
         if process is None:
             return
+        if self._end is not None:
+            self._end.close()  # wakes the interpreter, which exits; and any waiting caller
         try:
             os.close(self._req_w)  # end-of-file: a healthy worker exits by itself
         except OSError:

@@ -53,6 +53,7 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import enum
 import os
 import select
@@ -85,6 +86,7 @@ class Wait(enum.IntEnum):
     TIMEOUT = 1  # the timeout passed first
     DEAD = 2     # the liveness fd became readable: the peer is gone
     CLOSED = 3   # close() was called on the channel (either side)
+    SLEPT = 4    # ready, but only after sleeping: the spin (if any) was too short
 
 
 def size(ring_bytes: int, slots: int, slot_bytes: int) -> int:
@@ -225,6 +227,12 @@ class PyChannel:
         return (self._ring_bytes, self._slots, self._slot_bytes)
 
     @property
+    def pending(self) -> int:
+        """Ring bytes posted but not yet taken (0: the consumer took every request)."""
+        self._check()
+        return _U64.unpack_from(self._m, _TAIL)[0] - _U64.unpack_from(self._m, _HEAD)[0]
+
+    @property
     def closed(self) -> bool:
         """True once either side called :meth:`close`."""
         self._check()
@@ -336,6 +344,11 @@ class PyChannel:
         off = self._slot_off(slot)
         return self._wait(lambda: self._u32(off) == _SLOT_REPLIED, off, off + 4, timeout, fd)
 
+    def asleep(self, slot: int, /) -> bool:
+        """Whether ``slot``'s caller sleeps in FUTEX_WAIT now (for tests and diagnostics)."""
+        self._check()
+        return self._u32(self._slot_off(slot) + 4) != 0
+
     def close(self) -> None:
         """Mark the channel closed and wake every waiter on both sides."""
         if not self._attached:
@@ -386,9 +399,160 @@ class PyChannel:
             finally:
                 self._set32(sleeping, 0)
             if ready():
-                return Wait.READY
+                return Wait.SLEPT
             if poller is not None and poller.poll(0):
-                return Wait.READY if ready() else Wait.DEAD
+                return Wait.SLEPT if ready() else Wait.DEAD
+
+
+# -- the process backend's use of a channel (policy) -----------------------------------
+
+#: Tag bit of a request or reply whose bytes follow over the pipe (too big for the
+#: ring or a slot).  The low 16 bits of a request's tag name its reply slot.
+SPILLED = 1 << 16
+#: Geometry of a process interpreter's channel: a request or reply of up to 64 KiB
+#: (the common call is well under 1 KiB) stays in shared memory.
+RING_BYTES, SLOTS, SLOT_BYTES = 1 << 18, 8, (1 << 16) - SLOT_HEAD
+
+
+def create(name: str) -> tuple[int, object]:
+    """A new channel in its own memfd: ``(fd, channel)``; the fd goes to the interpreter."""
+    import mmap
+
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    n = size(RING_BYTES, SLOTS, SLOT_BYTES)
+    os.ftruncate(fd, n)
+    memory = mmap.mmap(fd, n)
+    prepare(memory, ring_bytes=RING_BYTES, slots=SLOTS, slot_bytes=SLOT_BYTES)
+    return fd, Channel(memory)
+
+
+def attach(fd: int):
+    """The channel in memfd ``fd`` (the interpreter's side)."""
+    import mmap
+
+    return Channel(mmap.mmap(fd, os.fstat(fd).st_size))
+
+
+def _max_spinners() -> int:
+    """How many host threads may spin at once: about the cores the interpreters leave idle.
+    With fewer cores than that, spinning callers would steal the interpreters' time."""
+    return max(1, (os.cpu_count() or 1) // 2)
+
+
+class HostEnd:
+    """The host's side of one interpreter's channel.
+
+    :meth:`send` posts a request (spilling it to the request pipe when it is too
+    big for the ring); :meth:`next_frame` returns replies in request order, the
+    order the interpreter serves them in, so the caller's call-id matching stays
+    the one place where replies meet callers.  Spinning adapts like
+    :class:`~multipy.transport.frames.Waiter`: after a spin that ran out, the
+    next 1, 2, 4 ... 64 waits sleep at once.
+    """
+
+    def __init__(self, channel, req_w: int, read_spilled, alive_fd: int, spin: float) -> None:
+        self.channel = channel
+        self.req_w = req_w
+        self.read_spilled = read_spilled  # () -> the next frame of the reply pipe, or None
+        self.alive_fd = alive_fd
+        self.spin = spin
+        self.max_spinners = _max_spinners()
+        self.limit = RING_BYTES // 2 - RECORD_HEAD
+        self.order: collections.deque[int] = collections.deque()  # slots, oldest request first
+        self._skip = 0
+        self._backoff = 1
+
+    def send(self, payload: bytes) -> bool:
+        """Post one request; False when no reply slot is free (too many calls were
+        abandoned while their interpreter still worked on them)."""
+        from .frames import write_frame
+
+        ch = self.channel
+        slot = ch.claim()
+        if slot is None:
+            return False
+        if len(payload) <= self.limit:
+            if not ch.post(payload, slot):
+                ch.release(slot)
+                return False
+            self.order.append(slot)
+        else:
+            ch.post(b"", slot | SPILLED)
+            self.order.append(slot)
+            write_frame(self.req_w, payload)
+        return True
+
+    @property
+    def unsent(self) -> bool:
+        """Whether the interpreter never took the last request (it died idle)."""
+        return self.channel.pending > 0
+
+    def next_frame(self, timeout: float | None):
+        """The oldest outstanding reply (bytes), ``None`` if the interpreter died, or
+        :attr:`Wait.TIMEOUT`.  The slot stays outstanding until its reply is taken, so a
+        wait cut short by a signal handler leaves everything in order."""
+        ch = self.channel
+        slot = self.order[0]
+        spin = self.spin
+        if self._skip:
+            self._skip -= 1
+            spin = 0.0
+        rc = ch.wait_reply(slot, -1.0 if timeout is None else timeout, spin, self.max_spinners,
+                           self.alive_fd)
+        if rc == Wait.SLEPT and spin:
+            self._backoff = min(self._backoff * 2, 64)
+            self._skip = self._backoff
+        elif rc == Wait.READY:
+            self._backoff = 1
+        elif rc == Wait.TIMEOUT:
+            return Wait.TIMEOUT
+        elif rc != Wait.SLEPT:
+            return None  # DEAD or CLOSED
+        tag, data = ch.take_reply(slot)
+        self.order.popleft()
+        ch.release(slot)
+        return self.read_spilled() if tag & SPILLED else data
+
+    def close(self) -> None:
+        """Wake the interpreter (it exits) and let go of the memory once no wait uses it."""
+        self.channel.close()
+        self.channel.detach()
+
+
+class InterpreterEnd:
+    """The interpreter's side: take requests in order, answer each in its slot."""
+
+    def __init__(self, channel, req_r: int, rep_w: int, spin: float) -> None:
+        self.channel = channel
+        self.req_r = req_r
+        self.rep_w = rep_w
+        self.spin = spin
+
+    def serve_forever(self, serve) -> None:
+        """Answer every request with ``serve(payload) -> reply payload`` until the host
+        closes the channel or its request pipe, or dies."""
+        from . import frames
+
+        ch, spin, req_r, rep_w = self.channel, self.spin, self.req_r, self.rep_w
+        take, reply = ch.take, ch.reply
+        while True:
+            item = take()
+            if item is None:
+                # A readable request pipe with an empty ring is its end-of-file: every
+                # spilled frame is announced in the ring before it is written.
+                if ch.wait_request(-1.0, spin, req_r) not in (Wait.READY, Wait.SLEPT):
+                    return
+                continue
+            tag, data = item
+            if tag & SPILLED:
+                data = frames.read_frame(req_r)
+                if data is None:
+                    return
+            slot = tag & 0xFFFF
+            out = serve(data)
+            if not reply(slot, out, 0):
+                reply(slot, b"", SPILLED)  # announced first: the host then reads the pipe
+                frames.write_frame(rep_w, out)
 
 
 def native_status() -> tuple[object | None, str]:

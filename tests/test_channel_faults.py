@@ -1,0 +1,118 @@
+"""The process backend on the native call channel: an interpreter killed at each
+point of a call's wait, and what its replacement does next.
+
+Each case SIGKILLs the interpreter while the caller is in a known state (spinning,
+asleep in its futex, or reading a reply whose bytes were announced in the slot
+but never written to the pipe), checks that the caller fails at once with
+:class:`~multipy.InterpreterCrashedError`, and that the restarted interpreter
+(with a new channel) serves the next calls correctly.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import pytest
+import torch
+
+import multipy
+from multipy.transport import channel as chan
+
+pytestmark = pytest.mark.skipif(
+    not chan.NATIVE, reason=f"the process backend uses the call channel only natively ({chan.NATIVE_WHY})")
+
+
+@pytest.fixture(scope="module")
+def manager():
+    with multipy.InterpreterManager(1, backend="process", call_timeout=120) as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def run(manager):
+    """A ReplicatedObj of ``_faults.run``: it survives every restart."""
+    with manager.acquire_one() as s:
+        return s.create_movable(s.global_("_faults", "run"))
+
+
+def _end(manager):
+    worker = manager._workers[0]
+    worker.ready()
+    return worker._end
+
+
+def _call_in_thread(run, *args):
+    result = {}
+
+    def call():
+        try:
+            result["value"] = run(*args)
+        except BaseException as exc:  # noqa: BLE001 - reported to the test
+            result["value"] = exc
+
+    t = threading.Thread(target=call)
+    t.start()
+    return t, result
+
+
+def _assert_killed_then_serves(manager, run, t, result, pid):
+    # The interpreter took the call (else it would be resent to the replacement).
+    os.kill(pid, signal.SIGKILL)
+    t.join(60)
+    assert not t.is_alive(), "the caller hung on a dead interpreter"
+    err = result["value"]
+    assert isinstance(err, multipy.InterpreterCrashedError), err
+    assert "SIGKILL(-9)" in str(err)
+    x = torch.arange(8.0)
+    for _ in range(3):
+        assert torch.equal(run("echo", x), x)
+    assert run("echo", b"y" * 200_000) == b"y" * 200_000  # a spilled request and reply
+    assert manager.statistics().interpreters[0].pid != pid
+
+
+def test_a_large_request_and_reply_cross_through_the_pipe_beside_the_channel(run):
+    big = bytes(range(256)) * 1000
+    assert len(big) > chan.SLOT_BYTES
+    assert run("echo", big) == big
+    assert run("echo", 5) == 5
+
+
+def test_sigkill_while_the_caller_spins(manager, run):
+    from multipy import _native
+
+    end = _end(manager)
+    end.spin, end._skip = 3600.0, 0  # this call's wait stays in its spin until the end
+    pid = manager.statistics().interpreters[0].pid
+    t, result = _call_in_thread(run, "sleep", 3600.0)
+    while _native.spinners() == 0 or end.channel.pending:  # spinning, the call taken
+        assert t.is_alive(), result
+    _assert_killed_then_serves(manager, run, t, result, pid)
+
+
+def test_sigkill_while_the_caller_sleeps_in_its_futex(manager, run):
+    end = _end(manager)
+    end.spin = 0.0  # sleep at once
+    pid = manager.statistics().interpreters[0].pid
+    t, result = _call_in_thread(run, "sleep", 3600.0)
+    while not (end.order and end.channel.asleep(end.order[0]) and not end.channel.pending):
+        assert t.is_alive(), result
+    _assert_killed_then_serves(manager, run, t, result, pid)
+
+
+def test_sigkill_between_the_reply_announced_in_the_slot_and_its_bytes_on_the_pipe(manager, run):
+    with manager.acquire_one() as s:
+        pid = s.global_("os", "getpid")().deref()
+        # The next reply too big for its slot is announced there, then the
+        # interpreter dies before writing its bytes to the pipe.
+        s.exec_("import os, signal\n"
+                "import multipy.transport.frames as frames\n"
+                "frames.write_frame = lambda fd, data: os.kill(os.getpid(), signal.SIGKILL)\n"
+                "result = None\n")
+    with pytest.raises(multipy.InterpreterCrashedError, match=r"SIGKILL\(-9\)"):
+        run("echo", b"z" * 200_000)
+    x = torch.ones(4)
+    assert torch.equal(run("echo", x), x)
+    assert run("echo", b"z" * 200_000) == b"z" * 200_000
+    assert manager.statistics().interpreters[0].pid != pid
