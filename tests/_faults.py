@@ -68,6 +68,12 @@ def run(stage: str, *args):
     if stage == "sleep":
         time.sleep(args[0])
         return args[0]
+    if stage == "started_then_sleep":  # (marker path, seconds): see _wait.wait_started
+        from _wait import mark_started
+
+        mark_started(args[0])
+        time.sleep(args[1])
+        return args[1]
     if stage == "pid":
         return os.getpid()
     raise AssertionError(stage)

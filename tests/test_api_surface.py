@@ -7,8 +7,6 @@ pybind cases are torch::deploy's Python-binding tests (print, tensor passing,
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 
@@ -53,11 +51,12 @@ def test_all_is_the_expected_public_surface():
 
 
 @pytest.mark.parametrize("name", EXPECTED_ALL)
-def test_every_public_name_is_importable(name):
-    assert getattr(importlib.import_module("multipy"), name) is getattr(multipy, name)
+def test_every_public_name_is_importable_and_documented(name):
     namespace: dict = {}
     exec(f"from multipy import {name}", namespace)
-    assert namespace[name] is getattr(multipy, name)
+    obj = namespace[name]
+    assert obj.__module__.startswith("multipy."), f"multipy.{name} comes from {obj.__module__}"
+    assert (obj.__doc__ or "").strip(), f"multipy.{name} has no docstring"
 
 
 @pytest.mark.parametrize("name", ERRORS)

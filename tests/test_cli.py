@@ -185,11 +185,17 @@ def test_soak_command_reports_and_exits_zero_when_nothing_is_wrong(capsys):
     assert "correct results" in out and "/dev/shm leaks: 0" in out
 
 
-def test_startup_figure_compares_against_import_torch(tmp_path):
+def test_startup_figure_times_import_torch_and_a_manager_serving_the_archive(tmp_path):
     from multipy.bench.startup import measure_startup
     from multipy.examples import generate
 
     archive = generate(tmp_path, ["smallops"])["smallops"]
     result = measure_startup(str(archive), interpreters=2, repeat=1)
+    assert result.interpreters == 2
     assert result.import_torch > 0 and result.manager_ready > 0
-    assert result.ratio == result.manager_ready / result.import_torch
+    # The manager's figure runs the model on every interpreter: an archive that
+    # cannot serve fails the measurement instead of timing an idle manager.
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a package")
+    with pytest.raises(subprocess.CalledProcessError):
+        measure_startup(str(broken), interpreters=1, repeat=1)

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import pytest
 import torch
 
 import multipy
+from _wait import gone, wait_for
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="no CUDA device on this machine")
@@ -74,13 +74,17 @@ def test_uses_cuda_sees_the_gpu_inside_an_interpreter(manager, examples, example
         assert s.global_("torch.cuda", "is_available")().deref() is True
 
 
-def test_cuda_tensors_cross_by_ipc_not_through_host_memory(manager):
+def test_cuda_tensors_cross_by_ipc_not_through_host_memory(manager, monkeypatch):
+    from multipy.transport.shm import Arena
+
+    placed = []
+    alloc = Arena.alloc
+    monkeypatch.setattr(Arena, "alloc", lambda arena, n: placed.append(n) or alloc(arena, n))
     x = torch.arange(12.0, device="cuda").reshape(3, 4)
     with manager.acquire_one() as s:
         double = s.global_("gpu_helpers", "double")
-        worker = manager._workers[s.interpreter_index]
         out = double.call_value(x)
-        assert worker._encoder.placed == []  # nothing went into the shared-memory arena
+        assert placed == []  # nothing went into the host's shared-memory arena
         device, index, total = s.global_("gpu_helpers", "describe").call_value(x)
     assert (device, index, total) == ("cuda", 0, float(x.sum()))
     assert out.device.type == "cuda"
@@ -94,7 +98,7 @@ def test_cuda_results_stay_valid_after_their_interpreter_dies(manager):
         out = s.global_("gpu_helpers", "double").call_value(x)
         pid = s.global_("os", "getpid")().deref()
     os.kill(pid, signal.SIGKILL)
-    time.sleep(0.5)
+    wait_for(lambda: gone(pid), f"pid {pid} to exit")
     torch.cuda.synchronize()
     assert float(out.sum()) == 2000.0  # the host owns a copy, not a mapping of dead memory
 
@@ -132,18 +136,17 @@ def test_after_the_first_call_cuda_tensors_cross_through_the_link(manager, monke
 
     x = torch.arange(1000.0, device="cuda")
     interp = manager.all_instances()[0]
-    worker = manager._workers[interp.index]
     with interp.acquire_session() as s:
         double = s.global_("gpu_helpers", "double")
         torch.testing.assert_close(double.call_value(x), x * 2)  # makes the link if none yet
-        sent, fell_back = [], []
-        monkeypatch.setattr(cuda, "reduce_cuda", lambda t: sent.append(t) or pytest.fail("IPC'd"))
-        links = worker._links
-        monkeypatch.setattr(links, "fell_back", fell_back.append)
+        # Per-tensor IPC: reduce_cuda for arguments, rebuild_cuda for results.
+        ipc = []
+        rebuild = cuda.rebuild_cuda
+        monkeypatch.setattr(cuda, "reduce_cuda", lambda t: ipc.append("argument") or pytest.fail("IPC'd"))
+        monkeypatch.setattr(cuda, "rebuild_cuda", lambda *a: ipc.append("result") or rebuild(*a))
         for i in range(20):
             torch.testing.assert_close(double.call_value(x + i), (x + i) * 2)
-    assert sent == [] and fell_back == []
-    assert 0 in links._links
+    assert ipc == []
 
 
 def test_tensors_of_every_size_cross_both_ways_as_the_link_grows(manager):

@@ -104,14 +104,21 @@ def test_registered_modules_are_not_importable_in_the_host(registered):
 
 def test_each_interpreter_has_its_own_copy_of_a_registered_module(registered):
     manager = registered
-    ids = []
-    for interp in manager.all_instances():
-        with interp.acquire_session() as s:
+    first, second = manager.all_instances()
+    try:
+        with first.acquire_session() as s:
             module = s.global_("importlib", "import_module")("isolation_state")
-            # Mutate this interpreter's copy: the other copy must not see it.
-            s.global_("builtins", "setattr")(module, "COPY_OF", interp.index)
-            ids.append(s.global_("isolation_state", "COPY_OF").deref())
-    assert ids == [0, 1]
+            s.global_("builtins", "setattr")(module, "COPY_OF", first.index)
+        with second.acquire_session() as s:  # the first interpreter's change is not seen here
+            module = s.global_("importlib", "import_module")("isolation_state")
+            assert s.global_("builtins", "hasattr")(module, "COPY_OF").deref() is False
+            s.global_("builtins", "setattr")(module, "COPY_OF", second.index)
+        with first.acquire_session() as s:  # nor this one's there
+            assert s.global_("isolation_state", "COPY_OF").deref() == first.index
+    finally:
+        for interp in (first, second):
+            with interp.acquire_session() as s:
+                s.exec_("import isolation_state\nisolation_state.__dict__.pop('COPY_OF', None)\nresult = None")
 
 
 def test_registering_a_module_again_replaces_it_everywhere(registered):

@@ -220,11 +220,7 @@ def test_acquire_one_puts_concurrent_sessions_on_different_interpreters(manager)
                 assert _sum_in(c) == 6
 
 
-def test_interpreter_id_is_none_in_the_host_and_the_index_inside():
-    assert multipy.interpreter_id() is None
-
-
-def test_interpreter_id_inside_each_interpreter_is_its_index(manager):
+def test_interpreter_id_is_the_index_inside_each_interpreter_and_none_in_the_host(manager):
     for interp in manager.all_instances():
         with interp.acquire_session() as s:
             assert s.interpreter_index == interp.index

@@ -8,19 +8,21 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 
+from _wait import gone, wait_for
 from multipy.soak import run_soak
 
 
 def test_soak_under_kills_loses_nothing_and_leaks_nothing():
-    report = run_soak(threads=16, seconds=12, interpreters=2, kill_every=1.0,
+    report = run_soak(threads=16, seconds=8, interpreters=2, kill_every=1.0,
                       big_numel=1 << 18)
     assert not report.problems, report.problems
-    assert report.kills >= 8
-    assert report.good > 1000 and report.expected_errors > 100
+    # Calls of every outcome happened while interpreters were killed and restarted.
+    assert report.kills >= 2 and report.restarts >= 1
+    assert report.good > 0 and report.expected_errors > 0
+    assert report.calls == report.good + report.expected_errors + report.crashed_calls
     assert report.crashed_calls <= report.kills
     assert report.fds_after <= report.fds_before
     assert report.threads_after <= report.threads_before
@@ -44,26 +46,15 @@ HOST = textwrap.dedent("""
 """)
 
 
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def test_workers_exit_when_the_host_is_sigkilled_and_leave_nothing_behind():
     shm_before = set(os.listdir("/dev/shm"))
     host = subprocess.Popen([sys.executable, "-c", HOST], stdout=subprocess.PIPE, text=True)
     try:
         pids = [int(p) for p in host.stdout.readline().split()]
-        assert len(pids) == 2 and all(alive(p) for p in pids)
+        assert len(pids) == 2 and not any(gone(p) for p in pids)
         host.send_signal(signal.SIGKILL)
         host.wait(10)
-        deadline = time.monotonic() + 15
-        while any(alive(p) for p in pids) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not any(alive(p) for p in pids), "workers outlived their host"
+        wait_for(lambda: all(gone(p) for p in pids), "the workers to exit with their host")
     finally:
         if host.poll() is None:
             host.kill()

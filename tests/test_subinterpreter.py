@@ -22,6 +22,7 @@ if sys.version_info < (3, 13):
                 allow_module_level=True)
 
 import multipy
+from _wait import wait_started
 from multipy import (BackendUnavailableError, CallTimeoutError, InterpreterError,
                      InterpreterManager, ManagerClosedError, OwnershipError, TransportError)
 from multipy.backends.base import BackendKind
@@ -59,6 +60,10 @@ def loaded_native():
 def spin():
     while True:
         pass
+
+def mark_then_spin(path):
+    open(path, "w").close()  # the test waits for this file: the call is running
+    spin()
 
 class Tokenizer:
     """A pure-Python object to replicate: its state travels in the movable."""
@@ -349,24 +354,23 @@ def test_close_is_idempotent_and_later_calls_raise_manager_closed():
             assert s.global_("builtins", "abs")(-1).deref() == 1
 
 
-def test_closing_during_a_call_interrupts_it_with_manager_closed():
+def test_closing_during_a_call_interrupts_it_with_manager_closed(tmp_path):
     m = InterpreterManager(1, backend="subinterpreter")
     m.register_module_source("helpers", HELPERS)
+    marker = tmp_path / "started"
     outcome = []
 
     def run() -> None:
         with m.acquire_one() as s:
-            spin = s.global_("helpers", "spin")
+            spin = s.global_("helpers", "mark_then_spin")
             try:
-                spin()
+                spin(str(marker))
             except BaseException as exc:  # the outcome is asserted below
                 outcome.append(exc)
 
     thread = threading.Thread(target=run)
     thread.start()
-    while m.statistics().interpreters[0].calls < 1:  # global_ done
-        thread.join(0.01)
-    thread.join(0.3)  # spin() is running
+    wait_started(marker)
     m.close(timeout=0.2)
     thread.join(10)
     assert not thread.is_alive()

@@ -286,10 +286,11 @@ def test_a_result_that_views_an_argument_comes_back_without_a_copy(manager):
     x = torch.arange(256 * 1024, dtype=torch.float32)
     with manager.all_instances()[0].acquire_session() as s:
         echo = s.global_("builtins", "eval")("lambda t: t[10:]")
-        worker = manager._workers[0]
         out = echo.call_value(x)
-        location = multipy.shared_location(out)
-        assert location is not None and location[1] == worker._args.segment.inode
+        copied = s.global_("torch", "clone").call_value(x)  # a new tensor: the results arena
+        location, results = multipy.shared_location(out), multipy.shared_location(copied)
+        assert location is not None and results is not None
+        assert location[1] != results[1]  # not in the results arena: the argument's own block
         kept = [echo.call_value(x * i) for i in range(1, 6)]  # the held blocks are not reused
         assert torch.equal(out, x[10:])
         for i, t in enumerate(kept, start=1):
@@ -301,8 +302,7 @@ def test_a_result_handed_back_and_kept_by_the_interpreter_stays_intact(manager):
         pytest.skip("only the process backend hands result blocks back by reference")
     with manager.all_instances()[0].acquire_session() as s:
         make = s.global_("torch", "full")
-        keep = s.exec_("import builtins\nbuiltins._multipy_kept = []\nresult = None")
-        assert keep is None
+        s.exec_("import builtins\nbuiltins._multipy_kept = []\nresult = None")
         stash = s.global_("builtins", "eval")("lambda t: (__import__('builtins')._multipy_kept.append(t), t.sum())[1]")
         first = make.call_value((1000,), 7.0)          # lives in the interpreter's results arena
         assert float(stash.call_value(first)) == 7000.0  # handed back by reference, kept there

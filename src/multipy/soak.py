@@ -94,7 +94,6 @@ def run_soak(*, threads: int = 16, seconds: float = 10.0, interpreters: int = 2,
     counts = {"good": 0, "expected": 0, "crashed": 0}
     lock = threading.Lock()
     kills = 0
-    started = time.monotonic()
 
     with InterpreterManager(interpreters, num_threads=1) as manager:
         manager.register_module_source("multipy_soak", _MODULE)
@@ -132,6 +131,8 @@ def run_soak(*, threads: int = 16, seconds: float = 10.0, interpreters: int = 2,
                         problems.append(outcome)
 
         workers = [threading.Thread(target=drive, args=(i,), daemon=True) for i in range(threads)]
+        # The window starts once the interpreters serve: a slow start must not eat it.
+        started = time.monotonic()
         for t in workers:
             t.start()
         rng = random.Random(seed)
