@@ -55,6 +55,22 @@ class OnDump:
         return (OnDump, (self.where, self.action))
 
 
+#: The faults that raise (no crash), one per stage of a call: ``(stage, run's
+#: arguments, expected exception type, words its message holds)``.  Every backend
+#: must fail only that call and keep serving.
+RAISES = [
+    ("pickling arguments (host)", lambda: ("echo", OnDump("host", "raise")),
+     multipy.TransportError, "injected fault"),
+    ("unpickling arguments", lambda: ("echo", OnLoad("interpreter", "raise")),
+     RuntimeError, "injected fault"),
+    ("in the model", lambda: ("model", "raise"), RuntimeError, "injected fault"),
+    ("pickling the result", lambda: ("result_dump", "interpreter", "raise"),
+     multipy.TransportError, "injected fault"),
+    ("unpickling the result (host)", lambda: ("result_load", "host", "raise"),
+     multipy.TransportError, "could not be rebuilt in the host"),
+]
+
+
 def run(stage: str, *args):
     """The entry point a test calls inside an interpreter."""
     if stage == "echo":

@@ -134,9 +134,10 @@ def test_registering_a_module_again_replaces_it_everywhere(registered):
 
 
 def test_a_module_source_with_a_syntax_error_is_refused_in_the_host(registered, assert_usable):
-    with pytest.raises(SyntaxError):
+    with pytest.raises(SyntaxError) as info:
         registered.register_module_source("broken_module", "def f(:\n    pass\n")
+    assert info.value.filename == "<registered module broken_module>" and info.value.lineno == 1
     assert_usable(registered)
     with registered.acquire_one() as s:
-        with pytest.raises(ModuleNotFoundError):
+        with pytest.raises(ModuleNotFoundError, match="broken_module"):
             s.global_("broken_module", "f")

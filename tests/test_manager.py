@@ -9,11 +9,15 @@ own small managers; everything else shares the module's ``manager``.
 from __future__ import annotations
 
 import dataclasses
+import gc
+import threading
+import weakref
 
 import pytest
 import torch
 
 import multipy
+from _wait import gone, wait_for
 from multipy import InterpreterManager
 from multipy.backends.base import BackendKind
 from multipy.backends.capabilities import detect, why_unavailable
@@ -76,22 +80,42 @@ def test_every_call_after_close_raises_manager_closed_error(backend, examples):
     obj = session.global_("builtins", "len")
     manager.close()
 
-    with pytest.raises(multipy.ManagerClosedError):
+    closed = "closed"
+    with pytest.raises(multipy.ManagerClosedError, match=closed):
         manager.acquire_one()
-    with pytest.raises(multipy.ManagerClosedError):
+    with pytest.raises(multipy.ManagerClosedError, match=closed):
         interp.acquire_session()
-    with pytest.raises(multipy.ManagerClosedError):
+    with pytest.raises(multipy.ManagerClosedError, match=closed):
         manager.load_package(examples["simple"])
-    with pytest.raises(multipy.ManagerClosedError):
+    with pytest.raises(multipy.ManagerClosedError, match=closed):
         manager.register_module_source("late", "X = 1")
-    with pytest.raises(multipy.ManagerClosedError):
+    with pytest.raises(multipy.ManagerClosedError, match=closed):
         model(torch.rand(10, 20))
-    with pytest.raises(multipy.ManagerClosedError):
+    with pytest.raises(multipy.ManagerClosedError, match=closed):
         model.hasattr("forward")
-    with pytest.raises(multipy.ManagerClosedError):
+    with pytest.raises(multipy.ManagerClosedError, match=closed):
         obj([1, 2])
     session.close()
     assert issubclass(multipy.ManagerClosedError, RuntimeError)
+
+
+def test_a_manager_dropped_without_close_stops_its_interpreters(backend):
+    before = set(threading.enumerate())
+    manager = InterpreterManager(2, backend=backend)
+    with manager.acquire_one() as s:
+        assert _sum_in(s) == 6
+    pids = [interp.pid for interp in manager.all_instances() if interp.pid is not None]
+    dropped = weakref.ref(manager)
+    del manager, s
+    gc.collect()
+    assert dropped() is None, "something still holds the manager"
+
+    def stopped() -> bool:
+        left = [t for t in threading.enumerate()
+                if t not in before and t.name.startswith("multipy-")]
+        return not left and all(gone(pid) for pid in pids)
+
+    wait_for(stopped, "the dropped manager's interpreters to stop")
 
 
 @pytest.mark.parametrize("n", [0, -1])
@@ -183,7 +207,7 @@ def test_statistics_is_a_frozen_per_interpreter_snapshot(manager):
     interp1 = manager.all_instances()[1]
     with interp1.acquire_session() as s:
         assert _sum_in(s) == 6  # three requests: global_, call, deref
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="not a number"):
             s.global_("builtins", "int")("not a number")  # two requests, one fails
     later = manager.statistics()
     assert later.interpreters[1].calls - stats.interpreters[1].calls == 5

@@ -226,7 +226,7 @@ def test_keyword_arguments_reach_forward(load, examples):
     x = torch.rand(10, 20)
     expected = jit_reference(examples, "simple")(x)
     torch.testing.assert_close(model(input=x), expected, **TOLERANCES)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="not_an_argument"):
         model(not_an_argument=x)
 
 

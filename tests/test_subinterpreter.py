@@ -22,6 +22,7 @@ if sys.version_info < (3, 13):
                 allow_module_level=True)
 
 import multipy
+from _faults import RAISES
 from _wait import wait_started
 from multipy import (BackendUnavailableError, CallTimeoutError, InterpreterError,
                      InterpreterManager, ManagerClosedError, OwnershipError, TransportError)
@@ -206,7 +207,7 @@ def test_an_obj_from_another_session_raises_ownership_error(manager):
         foreign = s0.global_("helpers", "echo")
         with pytest.raises(OwnershipError, match="different session"):
             s1.global_("helpers", "echo")(foreign)
-        with pytest.raises(OwnershipError):
+        with pytest.raises(OwnershipError, match="interpreter 0"):
             s1.create_movable(foreign)
     with pytest.raises(OwnershipError, match="closed"):
         foreign.deref()
@@ -339,6 +340,28 @@ def test_a_call_past_its_timeout_is_interrupted_and_the_interpreter_kept():
         assert m.statistics().interpreters[0].restarts == 0
 
 
+# The raise rows of the fault table (the crash rows are process-only).  Unpickling
+# the arguments fails as a TransportError here: the subinterpreter backend rebuilds
+# arguments before the call starts and reports that stage as the transport's.
+SUBINTERPRETER_RAISES = [
+    (stage, make_args, TransportError if stage == "unpickling arguments" else expected, words)
+    for stage, make_args, expected, words in RAISES]
+
+
+@pytest.mark.parametrize("stage, make_args, expected, words", SUBINTERPRETER_RAISES,
+                         ids=[r[0] for r in SUBINTERPRETER_RAISES])
+def test_a_fault_that_raises_at_each_stage_fails_only_that_call(manager, stage, make_args,
+                                                                 expected, words):
+    with session_on(manager, 0) as s:
+        run = s.create_movable(s.global_("_faults", "run"))
+    before = manager.statistics().restarts
+    with pytest.raises(expected, match=words):
+        run(*make_args())
+    for _ in range(2 * len(manager)):
+        assert run("echo", [1, "two"]) == [1, "two"]
+    assert manager.statistics().restarts == before
+
+
 def test_close_is_idempotent_and_later_calls_raise_manager_closed():
     m = InterpreterManager(2, backend="subinterpreter")
     with m.acquire_one() as s:
@@ -347,7 +370,7 @@ def test_close_is_idempotent_and_later_calls_raise_manager_closed():
     m.close()
     m.close()
     assert m.closed
-    with pytest.raises(ManagerClosedError):
+    with pytest.raises(ManagerClosedError, match="closed"):
         m.acquire_one()
     with InterpreterManager(1, backend="subinterpreter") as again:  # a fresh one still starts
         with again.acquire_one() as s:
