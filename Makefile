@@ -28,6 +28,7 @@ demo: $(STAMP)
 # modules that exercise the transport and the process backend: NATIVE_OFF_TESTS.
 NATIVE_OFF_TESTS := tests/test_channel.py tests/test_transport.py tests/test_reliability.py tests/test_manager.py
 
+# The first run: the tests and the docstring examples (testpaths and --doctest-modules in pyproject.toml).
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 	MULTIPY_NATIVE=0 $(PY) -m pytest -q -m "not slow" $(NATIVE_OFF_TESTS)

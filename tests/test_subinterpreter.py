@@ -23,7 +23,7 @@ if sys.version_info < (3, 13):
 
 import multipy
 from _faults import RAISES
-from _wait import wait_started
+from _wait import wait_for, wait_started
 from multipy import (BackendUnavailableError, CallTimeoutError, InterpreterError,
                      InterpreterManager, ManagerClosedError, OwnershipError, TransportError)
 from multipy.backends.base import BackendKind
@@ -375,6 +375,23 @@ def test_close_is_idempotent_and_later_calls_raise_manager_closed():
     with InterpreterManager(1, backend="subinterpreter") as again:  # a fresh one still starts
         with again.acquire_one() as s:
             assert s.global_("builtins", "abs")(-1).deref() == 1
+
+
+def test_a_manager_dropped_without_close_stops_its_interpreters():
+    import gc
+    import weakref
+
+    before = set(threading.enumerate())
+    m = InterpreterManager(2, backend="subinterpreter")
+    with m.acquire_one() as s:
+        assert s.global_("builtins", "abs")(-3).deref() == 3
+    dropped = weakref.ref(m)
+    del m, s
+    gc.collect()
+    assert dropped() is None, "something still holds the manager"
+    wait_for(lambda: not [t for t in threading.enumerate()
+                          if t not in before and t.name.startswith("multipy-")],
+             "the dropped manager's threads to stop")
 
 
 def test_closing_during_a_call_interrupts_it_with_manager_closed(tmp_path):

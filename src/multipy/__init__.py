@@ -5,7 +5,7 @@ load it into an :class:`InterpreterManager`, and call it from many host
 threads; each call runs on a free interpreter with its own GIL.
 
 >>> from multipy import InterpreterManager                  # doctest: +SKIP
->>> with InterpreterManager(4) as manager:
+>>> with InterpreterManager(4) as manager:  # doctest: +SKIP
 ...     model = manager.load_package("resnet.pt").load_pickle("model", "model.pkl")
 ...     out = model(torch.randn(1, 3, 224, 224))
 """

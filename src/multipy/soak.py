@@ -78,7 +78,7 @@ def run_soak(*, threads: int = 16, seconds: float = 10.0, interpreters: int = 2,
     """Run the soak and return a :class:`SoakReport`.
 
     >>> report = run_soak(seconds=5)                     # doctest: +SKIP
-    >>> assert not report.problems, report.problems
+    >>> assert not report.problems, report.problems  # doctest: +SKIP
     """
     import torch
 

@@ -280,6 +280,7 @@ class ProcessWorker(Worker):
                 self._release_placed(encoder.placed, ())
             raise
         finally:
+            encoder.handles = None  # the session's: kept, they would keep its manager alive
             links.sent()
         placed = encoder.placed
         call = self._next_call = self._next_call + 1

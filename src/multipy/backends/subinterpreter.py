@@ -458,7 +458,7 @@ def create_backend() -> Backend:
     """The backend object ``resolve_backend("subinterpreter")`` hands the manager.
 
     >>> from multipy import InterpreterManager                # doctest: +SKIP
-    >>> with InterpreterManager(2, backend="subinterpreter") as manager:
+    >>> with InterpreterManager(2, backend="subinterpreter") as manager:  # doctest: +SKIP
     ...     manager.register_module_source("m", "def f(x): return x + 1")
     ...     with manager.acquire_one() as s:
     ...         assert s.global_("m", "f")(1).deref() == 2

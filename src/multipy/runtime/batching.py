@@ -56,10 +56,10 @@ class BatchedObj:
     """A :class:`ReplicatedObj` whose concurrent calls are batched.
 
     >>> fast = model.batched(max_batch_size=32, max_delay_ms=2.0)   # doctest: +SKIP
-    >>> out = fast(torch.rand(1, 16))            # blocking, like model(...)
-    >>> future = fast.submit(torch.rand(1, 16))  # concurrent.futures.Future
-    >>> out = await fast.acall(torch.rand(1, 16))                     # asyncio
-    >>> fast.statistics().mean_batch_size
+    >>> out = fast(torch.rand(1, 16))            # blocking, like model(...)  # doctest: +SKIP
+    >>> future = fast.submit(torch.rand(1, 16))  # concurrent.futures.Future  # doctest: +SKIP
+    >>> out = await fast.acall(torch.rand(1, 16))                     # asyncio  # doctest: +SKIP
+    >>> fast.statistics().mean_batch_size  # doctest: +SKIP
     7.5
     """
 

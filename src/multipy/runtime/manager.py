@@ -100,8 +100,11 @@ class InterpreterManager:
             for i in range(n)]
         self._balancer = LoadBalancer(n)
         self._completions = Completions()   # its thread starts with the first posted call
-        self._dispatcher = Dispatcher(self._workers, self._balancer, self._completions,
-                                      self._available)
+        # What the finalizer holds must not refer back to the manager (no bound
+        # methods), or a manager dropped without close() is never collected.
+        workers = self._workers
+        self._dispatcher = Dispatcher(workers, self._balancer, self._completions,
+                                      lambda index: workers[index].available)
         self._interpreters = [Interpreter(self, i) for i in range(n)]
         self._closed = False
         self._finalizer = weakref.finalize(self, _close_workers, self._workers, self._backend,

@@ -50,8 +50,8 @@ class Package:
     """A torch.package archive opened by an :class:`InterpreterManager`.
 
     >>> package = manager.load_package("simple.pt")        # doctest: +SKIP
-    >>> model = package.load_pickle("model", "model.pkl")
-    >>> package.load_text("extra_files", "text")
+    >>> model = package.load_pickle("model", "model.pkl")  # doctest: +SKIP
+    >>> package.load_text("extra_files", "text")  # doctest: +SKIP
     'hello'
     """
 

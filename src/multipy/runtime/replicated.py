@@ -77,7 +77,7 @@ class ReplicatedObj:
         interpreter's exception type with its traceback as ``__cause__``.
 
         >>> futures = [model.submit(x) for x in inputs]        # doctest: +SKIP
-        >>> outs = [f.result() for f in futures]
+        >>> outs = [f.result() for f in futures]  # doctest: +SKIP
         """
         return self._manager._dispatcher.submit(
             self._manager._replicated_request(self, None, args, kwargs, None))
