@@ -66,8 +66,11 @@ def _open_fds() -> int:
 
 
 def _shm() -> set[str]:
+    """Names in /dev/shm, less multiprocessing's semaphores (``sem.mp-*``), which
+    other programs' pools create and remove meanwhile (multipy's segments are
+    memfds: it names nothing there)."""
     try:
-        return set(os.listdir("/dev/shm"))
+        return {name for name in os.listdir("/dev/shm") if not name.startswith("sem.mp-")}
     except OSError:
         return set()
 
