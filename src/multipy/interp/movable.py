@@ -16,8 +16,9 @@ import io
 import os
 import pickle
 import sys
+import types
 
-from ..transport.codec import PersistentUnpickler, _dtype, view_tensor
+from ..transport.codec import PersistentUnpickler, _dtype, settle_sparse, view_tensor
 from ..transport.messages import MovablePayload
 from ..transport.shm import ALIGN, Segment
 
@@ -58,7 +59,9 @@ class _MovablePickler(pickle.Pickler):
                 bool(obj.requires_grad))
 
     def reducer_override(self, obj):
-        module = getattr(obj, "__module__", None) if isinstance(obj, type) or callable(obj) else None
+        # Classes and functions only: an instance (a callable nn.Module too) inherits
+        # its class's __module__ but is pickled by value.
+        module = obj.__module__ if isinstance(obj, (type, types.FunctionType)) else None
         if isinstance(module, str) and module.startswith("<torch_package_"):
             prefix, _, rest = module.partition(".")
             package_id = self.prefixes.get(prefix)
@@ -109,7 +112,12 @@ def load_movable(payload: MovablePayload):
 
     unpickler = PersistentUnpickler(io.BytesIO(payload.data), persistent_load)
     try:
-        return unpickler.load()
+        value = unpickler.load()
+    except BaseException:
+        settle_sparse(check=False)
+        raise
     finally:
         if segment is not None:
             os.close(segment.fd)  # the mapping stays alive with the tensors over it
+    settle_sparse()
+    return value

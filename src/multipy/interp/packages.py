@@ -153,6 +153,34 @@ def open_package(path: str, source_for: Callable[[str], StorageSource] = Storage
     return importer
 
 
+def release_importer(importer) -> None:
+    """Drop what torch keeps, process-wide, of a package's modules, so that
+    ``importer`` (and the archive it holds open) is freed once nothing else
+    uses it.
+
+    Two registries outlive the importer otherwise: ``linecache``'s lazy source
+    entries (made whenever a traceback or warning passes through package code)
+    and ``torch.fx.wrap``'s record of the module globals of every caller.  In an
+    interpreter process this only matters for long lives; in the ``thread``
+    backend the importers live in the host, one per interpreter and package.
+    """
+    import linecache
+
+    prefix = importer._mangler.parent_name() + "."
+    for key in [k for k in list(linecache.cache) if isinstance(k, str) and k.startswith(prefix)]:
+        linecache.cache.pop(key, None)
+    fx = sys.modules.get("torch.fx._symbolic_trace")
+    if fx is not None:
+        wrapped = fx._wrapped_fns_to_patch
+        for key, scope in list(wrapped.items()):
+            if str(scope.get("__name__", "")).startswith(prefix):
+                wrapped.pop(key, None)
+        proxyable = fx._proxyable_classes
+        for cls in list(proxyable):
+            if str(getattr(cls, "__module__", "")).startswith(prefix):
+                proxyable.pop(cls, None)
+
+
 def _top_level_missing(name: str) -> bool:
     if name in sys.modules:
         return False

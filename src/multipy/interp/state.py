@@ -88,7 +88,8 @@ class InterpreterState:
         """Drop every object this interpreter holds (in-process backends)."""
         self.objects.clear()
         self.replicated.clear()
-        self.importers.clear()
+        for package_id in list(self.importers):
+            self._forget_package(package_id)
         self.prefixes.clear()
         self.close_adopted_segments()
         self.finder.close()
@@ -104,8 +105,23 @@ class InterpreterState:
         kind, ident = item
         if kind == "obj":
             self.objects.pop(ident, None)
+        elif kind == "pkg":
+            self._forget_package(ident)
         else:
             self.replicated.pop(ident, None)
+
+    def _forget_package(self, package_id: int) -> None:
+        """The host dropped its last handle on a package: release its importer (the
+        objects loaded from it keep what they use; a later load opens it again)."""
+        from .packages import release_importer
+
+        importer = self.importers.pop(package_id, None)
+        if importer is None:
+            return
+        for prefix, pid in list(self.prefixes.items()):
+            if pid == package_id:
+                del self.prefixes[prefix]
+        release_importer(importer)
 
     def _store(self, obj: Any) -> Handle:
         ident = self._next

@@ -87,7 +87,7 @@ class InterpreterManager:
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"an InterpreterManager needs at least one interpreter, got {n!r}")
         self._closed = True
-        self._packages: dict[int, str] = {}
+        self._packages: weakref.WeakValueDictionary[int, Package] = weakref.WeakValueDictionary()
         self._backend, self.backend_choice = resolve_backend(backend)
         self.backend = self._backend.kind.value
         self.env = env if env is not None else NoopEnvironment()
@@ -169,8 +169,9 @@ class InterpreterManager:
                 os.close(fd)
                 raise OSError("the movable's shared segment vanished before it was adopted")
             payload = MovablePayload(payload.data, (os.getpid(), fd, inode))
-        packages = tuple((package_id, self._packages[package_id]) for package_id in used)
-        return ReplicatedObj(self, ("movable", payload, packages), segment_fd=fd)
+        uses = tuple(self._packages[package_id] for package_id in used)
+        packages = tuple((package._id, package.path) for package in uses)
+        return ReplicatedObj(self, ("movable", payload, packages), segment_fd=fd, uses=uses)
 
     def statistics(self) -> ManagerStatistics:
         """A frozen snapshot of per-interpreter counters and latency percentiles."""

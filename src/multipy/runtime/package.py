@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import weakref
 import zipfile
 from typing import TYPE_CHECKING
 
@@ -61,7 +62,11 @@ class Package:
         self._records = check_archive(self.path)
         self._id = next(_ids)
         self._on_device: dict[str, dict] = {}
-        manager._packages[self._id] = self.path
+        manager._packages[self._id] = self
+        # Each interpreter that opened the archive keeps an importer (and the file)
+        # until every handle that can use it -- this one, the objects loaded from
+        # it, its sessions -- is gone.
+        weakref.finalize(self, _forget, manager._workers, self._id)
 
     def __repr__(self) -> str:
         return f"<Package {self.path!r}>"
@@ -90,7 +95,7 @@ class Package:
         location = None if map_location is None else str(map_location)
         storages = self._device_storages(location) if location and location.startswith("cuda") else None
         replicated = ReplicatedObj(self._manager, ("pickle", self._id, self.path, package,
-                                                   resource, location, storages))
+                                                   resource, location, storages), uses=(self,))
         self._manager._with_worker(
             lambda worker: worker.request(Op.MATERIALIZE, (replicated._id,),
                                           timeout=self._manager._call_timeout,
@@ -141,7 +146,13 @@ class Package:
         session = self._manager.acquire_one()
         try:
             session.self = session._request_obj(Op.PACKAGE_IMPORTER, (self._id, self.path))
+            session._uses = self
         except BaseException:
             session.close()
             raise
         return session
+
+
+def _forget(workers, package_id: int) -> None:
+    for worker in workers:
+        worker.drop(("pkg", package_id))

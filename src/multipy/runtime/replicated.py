@@ -56,8 +56,10 @@ class ReplicatedObj:
     The object is unloaded from every interpreter when the last handle is dropped.
     """
 
-    def __init__(self, manager: "InterpreterManager", recipe: tuple, *, segment_fd: int | None = None) -> None:
+    def __init__(self, manager: "InterpreterManager", recipe: tuple, *, segment_fd: int | None = None,
+                 uses: tuple = ()) -> None:
         self._manager = manager
+        self._uses = uses  # the packages its recipe loads from, kept open while it lives
         self._id = next(_ids)
         self._recipe = recipe
         self._finalizer = weakref.finalize(self, _release, manager._workers, self._id, segment_fd)

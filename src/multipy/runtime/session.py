@@ -120,6 +120,7 @@ class InterpreterSession:
         self._owned: list[int] = []
         self._closed = False
         self.self: Obj | None = None
+        self._uses = None  # a Package whose importer is ``self``, kept open while the session is
 
     @property
     def interpreter_index(self) -> int:
@@ -216,6 +217,7 @@ class InterpreterSession:
             for ident in self._owned:
                 self._worker.drop(("obj", ident))
         self._owned = []
+        self._uses = None
         if self._balanced:
             self._manager._balancer.release(self._index)
 

@@ -275,9 +275,14 @@ class Decoder:
         previous = getattr(_decoding, "decoder", None)
         _decoding.decoder = self
         try:
-            return pickle.loads(data)
+            value = pickle.loads(data)
+        except BaseException:
+            settle_sparse(check=False)
+            raise
         finally:
             _decoding.decoder = previous
+        settle_sparse()
+        return value
 
     def rebuild(self, pid):
         if pid[0] == HANDLE:
@@ -305,6 +310,32 @@ class Decoder:
             elif seg == RETURNED and self.on_return is not None:
                 self.on_return(offset, holder)
         return t
+
+
+def settle_sparse(*, check: bool = True) -> None:
+    """Check, then forget, the sparse tensors the last unpickling rebuilt.
+
+    torch's sparse rebuild queues every sparse tensor it makes in
+    ``torch._utils._sparse_tensors_to_validate`` for ``torch.load`` to check and
+    clear; plain unpickling never clears it, so each sparse tensor that crossed
+    would stay alive (with the shared block it views) for the life of the process.
+    ``check=False`` only forgets them (the unpickling failed).
+    """
+    global _sparse_queue
+    queued = _sparse_queue
+    if queued is None:
+        torch = sys.modules.get("torch")
+        if torch is None:
+            return
+        queued = _sparse_queue = torch._utils._sparse_tensors_to_validate
+    if queued:
+        if check:
+            sys.modules["torch"]._utils._validate_loaded_sparse_tensors()  # clears it
+        else:
+            queued.clear()
+
+
+_sparse_queue: list | None = None  # torch's list, once torch is imported
 
 
 class PersistentUnpickler(pickle.Unpickler):
