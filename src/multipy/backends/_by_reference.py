@@ -34,7 +34,7 @@ import weakref
 from typing import Any
 
 from ..errors import MultipyError, TransportError
-from ..transport.codec import PersistentUnpickler, describe_unpicklable
+from ..transport.codec import PersistentUnpickler, describe_request, describe_unpicklable
 from ..interp.modules import current_thread_modules, registered_global
 from ..interp.movable import _MovablePickler
 from ..interp.packages import StorageSource, open_package
@@ -160,7 +160,7 @@ class _RefPickler(pickle.Pickler):
         return None
 
 
-def _pickle(value, obj_type=None, handle_of=None) -> Pickled:
+def _pickle(value, obj_type=None, handle_of=None, op: Op | None = None) -> Pickled:
     buf = io.BytesIO()
     pickler = _RefPickler(buf, obj_type, handle_of)
     try:
@@ -168,12 +168,13 @@ def _pickle(value, obj_type=None, handle_of=None) -> Pickled:
     except MultipyError:
         raise
     except Exception as exc:
-        raise TransportError(_describe(value, exc, obj_type, handle_of)) from exc
+        raise TransportError(_describe(value, exc, obj_type, handle_of, op)) from exc
     return Pickled(buf.getvalue(), pickler.refs)
 
 
-def _describe(value, exc: BaseException, obj_type, handle_of) -> str:
-    """Name the first part of ``value`` that cannot cross (tensors and Obj can)."""
+def _describe(value, exc: BaseException, obj_type, handle_of, op: Op | None) -> str:
+    """Name the first part of ``value`` that cannot cross (tensors and Obj can):
+    for a request's arguments (``op`` given) as the caller wrote it."""
     def crosses(part) -> bool:
         try:
             _RefPickler(io.BytesIO(), obj_type, handle_of).dump(part)
@@ -181,11 +182,13 @@ def _describe(value, exc: BaseException, obj_type, handle_of) -> str:
         except Exception:
             return False
 
-    return describe_unpicklable(value, exc, "value", probe=crosses)
+    if op is not None:
+        return describe_request((op, value), exc, probe=crosses)
+    return describe_unpicklable(value, exc, "result", probe=crosses)
 
 
-def to_interpreter(args: tuple, handles: tuple | None, objects: dict) -> Any:
-    """The caller's ``args`` as the interpreter receives them (in the caller's thread).
+def to_interpreter(op: Op, args: tuple, handles: tuple | None, objects: dict) -> Any:
+    """The caller's ``args`` of ``op`` as the interpreter receives them (in the caller's thread).
 
     ``handles`` is ``(Obj type, obj -> handle id)``: an ``Obj`` becomes the object
     it names in ``objects`` (the interpreter's table); the id function raises
@@ -201,7 +204,7 @@ def to_interpreter(args: tuple, handles: tuple | None, objects: dict) -> Any:
     try:
         return _copy(args, obj_type, resolve, 0)
     except _NotPlain:
-        return _pickle(args, obj_type, handle_of)
+        return _pickle(args, obj_type, handle_of, op)
 
 
 def to_host(value: Any) -> Any:

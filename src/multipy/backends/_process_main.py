@@ -25,10 +25,12 @@ from __future__ import annotations
 import ctypes
 import os
 import pickle
+import re
 import signal
 import sys
 
 from .._current import set_process_interpreter
+from ..errors import TransportError
 from ..interp.state import InterpreterState, capture_exception
 from ..transport.codec import Decoder, Encoder
 from ..transport.cuda_link import InterpreterLinks
@@ -39,6 +41,26 @@ from ..transport.shm import Arena, BlockViews, Segment
 
 _CUDA_LINK = int(Op.CUDA_LINK)
 _UNPINNED_REFS = 3  # the blocks list's entry, the loop variable, getrefcount's argument
+
+
+def describe_undecodable(exc: BaseException, index: int) -> str:
+    """Why a request's arguments could not be rebuilt in this interpreter, and the fix.
+
+    A class of the host's ``__main__`` (the script it runs) is pickled by its
+    name there, which no interpreter can import: that gets its own message.
+    """
+    text = str(exc)
+    if isinstance(exc, AttributeError) and "on <module '__main__'" in text:
+        found = re.search(r"attribute '([^']+)'", text)
+        name = found.group(1) if found else "it"
+        return (f"an argument of the call is an object of class {name!r}, defined in the "
+                f"host's __main__ (the script being run), which interpreter {index} cannot "
+                "import. Move the class into a module that the host and the interpreters both "
+                "import (a file on sys.path), or intern it in the package "
+                "(PackageExporter.intern) and create the object inside the interpreter.")
+    return (f"the arguments of the call could not be rebuilt in interpreter {index} "
+            f"({type(exc).__name__}: {text}). Pass plain values, tensors or objects of classes "
+            "the interpreters can import.")
 
 
 class _Tracked:
@@ -181,6 +203,20 @@ class Loop:
         self.links.update(args[0])
         ensure_stream()
 
+    def _salvage(self, data: bytes) -> None:
+        """A request whose arguments cannot be rebuilt here still carries the host's
+        releases (dropped objects, freed result blocks): read it again with every
+        unknown class stubbed out, and apply them."""
+        try:
+            request = parse_request(self.decoder.decode(data, lenient=True))
+        except Exception:
+            return  # nothing more can be read from it
+        finally:
+            self.decoder.received = []
+        for offset in request.freed:
+            self._free_result(offset)
+        self.state.release(request.drop)
+
     def serve(self, data: bytes) -> bytes:
         """The reply frame (call id first) for one request frame."""
         try:
@@ -194,7 +230,11 @@ class Loop:
         self.encoder.placed = []  # blocks of *this* reply only: the host owns the older ones
         try:
             try:
-                fields = self.decoder.decode(data)
+                try:
+                    fields = self.decoder.decode(data)
+                except Exception as exc:
+                    self._salvage(data)
+                    raise TransportError(describe_undecodable(exc, state.index)) from exc
                 watched, self.decoder.received = self.decoder.received, []
                 request = parse_request(fields)
                 del fields

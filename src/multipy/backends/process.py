@@ -273,7 +273,7 @@ class ProcessWorker(Worker):
         encoder.handles = handles
         freed = drain(self._freed) if self._freed else ()
         try:  # a plain tuple of Request's fields: see transport.messages
-            data = encoder.encode((int(op), args, drop, freed), "arguments", blame=args)
+            data = encoder.encode((int(op), args, drop, freed), "request")
         except BaseException:
             self._freed.extend(freed)  # nothing was sent: report them with the next request
             with self._args_lock:

@@ -173,7 +173,7 @@ class ThreadWorker(Worker):
         if channel is None:
             raise ManagerClosedError("the interpreter manager is closed")
         if args:
-            args = by_reference.to_interpreter(args, handles, channel.state.objects)
+            args = by_reference.to_interpreter(op, args, handles, channel.state.objects)
         sequence = channel.sequence = channel.sequence + 1
         channel.wake = None if wake is None else (sequence, wake)
         channel.requests.put((sequence, op, args, drop))
@@ -295,6 +295,8 @@ def _loop(channel: _Channel, state: InterpreterState) -> None:
         sequence, op, args, drop = request
         try:
             if type(args) is pickled:
+                state.release(drop)  # even when the arguments cannot be rebuilt
+                drop = ()
                 args = args.load(state.objects)
             result = handle(op, args, drop)
             value = None if result is None else to_host(result)

@@ -17,7 +17,7 @@ import threading
 import traceback
 from typing import Any
 
-from ..errors import ExternModuleError, PackageError
+from ..errors import ExternModuleError, MultipyError, PackageError
 from ..transport.messages import GradMode, Handle, MovablePayload, Op, RemoteException
 from .modules import SourceFinder
 
@@ -101,6 +101,11 @@ class InterpreterState:
             self._drop(item)
         return self._ops[op](*args)
 
+    def release(self, drop: tuple) -> None:
+        """Apply the host's releases of a request that cannot be handled."""
+        for item in drop:
+            self._drop(item)
+
     def _drop(self, item) -> None:
         kind, ident = item
         if kind == "obj":
@@ -174,8 +179,17 @@ class InterpreterState:
 
         importer = self._importer(package_id, path)
         check_resource(importer, package, resource)
-        with preloaded_storages(importer, storages):
-            return importer.load_pickle(package, resource, map_location=map_location)
+        try:
+            with preloaded_storages(importer, storages):
+                return importer.load_pickle(package, resource, map_location=map_location)
+        except Exception as exc:
+            if not _raised_by_the_unpickler(exc):
+                raise  # the package's own code raised (or a module is missing): its error
+            name = f"{package.replace('.', '/')}/{resource}"
+            raise PackageError(
+                f"resource {name!r} of package {path!r} could not be unpickled "
+                f"({type(exc).__name__}: {exc}). It is damaged or not a pickle: read text "
+                "resources with load_text and other bytes with load_binary.") from exc
 
     def _load_pickle(self, package_id: int, path: str, package: str, resource: str) -> Handle:
         return self._store(self._load_from_package(package_id, path, package, resource))
@@ -322,6 +336,25 @@ def _grad_change(mode):
     if mode == _NO_GRAD:
         return torch.no_grad()
     return torch.enable_grad()
+
+
+def _raised_by_the_unpickler(exc: BaseException) -> bool:
+    """True when the bytes of a pickle are bad (the unpickler or torch.package's
+    loader raised), False when code the pickle called raised (a ``__setstate__``
+    or a function of the package: its own exception is the one to see)."""
+    import pickle
+
+    if isinstance(exc, pickle.UnpicklingError):
+        return True
+    if isinstance(exc, (ImportError, MultipyError)):
+        return False  # already names what is missing
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return False
+    filename = tb.tb_frame.f_code.co_filename
+    return filename == pickle.__file__ or "/torch/package/" in filename  # its pure-Python unpickler
 
 
 def capture_exception(exc: BaseException) -> RemoteException:

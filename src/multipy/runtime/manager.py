@@ -78,14 +78,15 @@ class InterpreterManager:
     restarts its interpreter.  ``preload`` names modules every interpreter
     imports before it serves (after every restart too); one that cannot be
     imported fails the start with :class:`~multipy.errors.InterpreterStartError`
-    naming it.
+    naming it (a single name may be given as a str).  ``n`` is capped at
+    :data:`MAX_INTERPRETERS` (256) unless the environment variable
+    ``MULTIPY_MAX_INTERPRETERS`` allows more.
     """
 
     def __init__(self, n: int, /, env: Environment | None = None, *, backend: str = "process",
                  num_threads: int | None = None, call_timeout: float | None = None,
-                 start_timeout: float = 300.0, preload: tuple[str, ...] = ()) -> None:
-        if not isinstance(n, int) or n < 1:
-            raise ValueError(f"an InterpreterManager needs at least one interpreter, got {n!r}")
+                 start_timeout: float = 300.0, preload: tuple[str, ...] | str = ()) -> None:
+        preload = _check_options(n, env, preload)
         self._closed = True
         self._packages: weakref.WeakValueDictionary[int, Package] = weakref.WeakValueDictionary()
         self._backend, self.backend_choice = resolve_backend(backend)
@@ -260,6 +261,43 @@ class InterpreterManager:
                 materializes=replicated._id, recipe=replicated._recipe)
         finally:
             self._balancer.release(index)
+
+
+MAX_INTERPRETERS = 256
+"""The most interpreters one manager starts, unless ``MULTIPY_MAX_INTERPRETERS`` says
+otherwise: a guard against a mistyped count starting processes without limit."""
+
+
+def _check_options(n, env, preload) -> tuple[str, ...]:
+    """Refuse wrong-typed or absurd constructor arguments before anything starts;
+    returns ``preload`` as a tuple of module names."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"InterpreterManager(n): n is the number of interpreters, an int, "
+                        f"got {type(n).__name__} {n!r}")
+    if n < 1:
+        raise ValueError(f"an InterpreterManager needs at least one interpreter, got {n!r}")
+    limit = int(os.environ.get("MULTIPY_MAX_INTERPRETERS", MAX_INTERPRETERS))
+    if n > limit:
+        raise ValueError(
+            f"InterpreterManager({n}) would start {n} interpreters, more than the limit of "
+            f"{limit} (each is a process or thread with its own copy of the model's modules). "
+            f"Set the environment variable MULTIPY_MAX_INTERPRETERS={n} if you mean it.")
+    if env is not None and not isinstance(env, Environment):
+        hint = (f" (for a site-packages directory: env=PathEnvironment({env!r}))"
+                if isinstance(env, (str, os.PathLike)) else "")
+        raise TypeError(f"env must be a multipy Environment{hint}, got {type(env).__name__} {env!r}")
+    if isinstance(preload, str):
+        preload = (preload,)  # one module name, not its letters
+    try:
+        names = tuple(preload)
+    except TypeError:
+        raise TypeError(f"preload names modules to import: a str or a sequence of str, got "
+                        f"{type(preload).__name__} {preload!r}") from None
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"preload names modules to import (e.g. preload=('numpy', 'mymodels')), "
+                            f"got {name!r} in {preload!r}")
+    return names
 
 
 def _ownership(obj, owner, here):

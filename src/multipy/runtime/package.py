@@ -72,6 +72,9 @@ class Package:
         return f"<Package {self.path!r}>"
 
     def _resource(self, package: str, resource: str) -> str:
+        if not isinstance(package, str) or not isinstance(resource, str):
+            raise TypeError(f"a resource is named by two str, its package and its name "
+                            f"(e.g. 'model', 'model.pkl'), got {package!r}, {resource!r}")
         name = f"{package.replace('.', '/')}/{resource}"
         if name not in self._records:
             listing = sorted(r for r in self._records if not r.startswith(".data/") and not r.endswith(".py"))
@@ -134,8 +137,18 @@ class Package:
             return zf.read(f"{root}/{name}")
 
     def load_text(self, package: str, resource: str, /) -> str:
-        """A text resource of the archive (read by the host; nothing is executed)."""
-        return self._read(package, resource).decode("utf-8")
+        """A text resource of the archive (read by the host; nothing is executed).
+
+        Raises :class:`PackageError` naming the resource when it is not UTF-8 text.
+        """
+        data = self._read(package, resource)
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise PackageError(
+                f"resource {self._resource(package, resource)!r} of package {self.path!r} is "
+                f"not UTF-8 text ({exc}); load pickles with load_pickle and read other bytes "
+                "with load_binary") from exc
 
     def load_binary(self, package: str, resource: str, /) -> bytes:
         """A binary resource of the archive (read by the host; nothing is executed)."""

@@ -148,7 +148,7 @@ class ReplicatedObj:
         >>> with model.acquire_session() as s:                 # doctest: +SKIP
         ...     batch = s.self.attr("make_batch")(inputs, {"max_bs": "8"})
         """
-        session = (interpreter.acquire_session() if interpreter is not None
+        session = (self._own(interpreter).acquire_session() if interpreter is not None
                    else self._manager.acquire_one())
         try:
             session.self = session.from_movable(self)
@@ -159,12 +159,24 @@ class ReplicatedObj:
 
     def unload(self, interpreter: "Interpreter | None" = None) -> None:
         """Drop the object from one interpreter, or from all of them."""
-        workers = ([self._manager._workers[interpreter.index]] if interpreter is not None
-                   else self._manager._workers)
+        workers = ([self._manager._workers[self._own(interpreter).index]]
+                   if interpreter is not None else self._manager._workers)
         for worker in workers:
             if self._id in worker.materialized:
                 worker.request(Op.UNLOAD, (self._id,), timeout=self._manager._call_timeout)
                 worker.materialized.discard(self._id)
+
+    def _own(self, interpreter: "Interpreter") -> "Interpreter":
+        """``interpreter``, checked to be one of this object's manager."""
+        from .manager import Interpreter
+
+        if not isinstance(interpreter, Interpreter):
+            raise TypeError(f"expected an Interpreter of manager.all_instances() (or None for "
+                            f"all of them), got {type(interpreter).__name__} {interpreter!r}")
+        if interpreter._manager is not self._manager:
+            raise ValueError(f"{interpreter!r} belongs to another InterpreterManager than "
+                             f"{self!r}; pass one of this manager's all_instances()")
+        return interpreter
 
     def loaded_in(self) -> list[int]:
         """Indices of the interpreters that hold a copy now."""

@@ -186,11 +186,32 @@ class InterpreterSession:
 
     # -- the deploy API ---------------------------------------------------
     def global_(self, module: str, name: str, /) -> Obj:
-        """``from module import name`` inside the interpreter."""
+        """``from module import name`` inside the interpreter.
+
+        >>> s.global_("torch", "ones")(2).deref()               # doctest: +SKIP
+        tensor([1., 1.])
+        """
+        if not isinstance(module, str) or not isinstance(name, str):
+            raise TypeError(f"global_(module, name) takes two str, a module and a name in it "
+                            f"(e.g. global_('torch.nn', 'Linear')), got {module!r}, {name!r}")
         return self._request_obj(Op.GLOBAL, (module, name))
 
     def from_movable(self, replicated: "ReplicatedObj", /) -> Obj:
-        """This interpreter's copy of a replicated object (loaded on first use)."""
+        """This interpreter's copy of a replicated object (loaded on first use).
+
+        >>> model_here = s.from_movable(model)                  # doctest: +SKIP
+        """
+        from .replicated import ReplicatedObj
+
+        if not isinstance(replicated, ReplicatedObj):
+            hint = (" (an Obj is already a handle in its own session: pass it directly there, "
+                    "or make it a ReplicatedObj with create_movable)" if isinstance(replicated, Obj)
+                    else "")
+            raise TypeError(f"from_movable takes a ReplicatedObj (from Package.load_pickle or "
+                            f"create_movable), got {type(replicated).__name__}{hint}")
+        if replicated._manager is not self._manager:
+            raise ValueError(f"{replicated!r} belongs to another InterpreterManager; load it "
+                             "in this one (load_package(...).load_pickle) to use it here")
         return self._request_obj(Op.REPLICATED_HANDLE, (replicated._id,),
                                  materializes=replicated._id, recipe=replicated._recipe)
 

@@ -53,6 +53,17 @@ class Op(enum.IntEnum):
     CUDA_LINK = 18           # (((device, pieces), ...),) -> None; map CUDA link buffers (cuda_link)
 
 
+def call_arguments(op: int, args: tuple) -> tuple[tuple, dict] | None:
+    """The user's ``(positional, keyword)`` arguments inside a request's ``args``
+    (``CALL`` and ``CALL_REPLICATED``), or ``None`` for other operations: what
+    an error names as "argument 2 of the call"."""
+    if op == Op.CALL and len(args) > 2:
+        return args[1], args[2]
+    if op == Op.CALL_REPLICATED and len(args) > 3:
+        return args[2], args[3]
+    return None
+
+
 class GradMode(enum.IntEnum):
     """The caller's autograd mode, re-established around a call."""
 
