@@ -82,7 +82,7 @@ def test_a_result_that_cannot_cross_names_its_type_and_place(manager):
 def test_arguments_that_cannot_cross_name_their_type_and_place(manager, run):
     with pytest.raises(multipy.TransportError) as info:
         run("echo", {"k": (1, threading.Lock())})
-    assert "arguments" in str(info.value) and "lock" in str(info.value)
+    assert "argument 2 of the call at ['k'][1]" in str(info.value) and "lock" in str(info.value)
     assert_serves(manager, run)
 
 

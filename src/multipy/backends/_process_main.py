@@ -43,24 +43,20 @@ _CUDA_LINK = int(Op.CUDA_LINK)
 _UNPINNED_REFS = 3  # the blocks list's entry, the loop variable, getrefcount's argument
 
 
-def describe_undecodable(exc: BaseException, index: int) -> str:
-    """Why a request's arguments could not be rebuilt in this interpreter, and the fix.
+def _from_hosts_main(exc: BaseException) -> bool:
+    return isinstance(exc, AttributeError) and "on <module '__main__'" in str(exc)
 
-    A class of the host's ``__main__`` (the script it runs) is pickled by its
-    name there, which no interpreter can import: that gets its own message.
-    """
-    text = str(exc)
-    if isinstance(exc, AttributeError) and "on <module '__main__'" in text:
-        found = re.search(r"attribute '([^']+)'", text)
-        name = found.group(1) if found else "it"
-        return (f"an argument of the call is an object of class {name!r}, defined in the "
-                f"host's __main__ (the script being run), which interpreter {index} cannot "
-                "import. Move the class into a module that the host and the interpreters both "
-                "import (a file on sys.path), or intern it in the package "
-                "(PackageExporter.intern) and create the object inside the interpreter.")
-    return (f"the arguments of the call could not be rebuilt in interpreter {index} "
-            f"({type(exc).__name__}: {text}). Pass plain values, tensors or objects of classes "
-            "the interpreters can import.")
+
+def describe_hosts_main(exc: BaseException, index: int) -> str:
+    """Why an argument whose class the host's ``__main__`` defines (the script it
+    runs: pickled by that name) cannot be rebuilt here, and the fix."""
+    found = re.search(r"attribute '([^']+)'", str(exc))
+    name = found.group(1) if found else "it"
+    return (f"an argument of the call is an object of class {name!r}, defined in the host's "
+            f"__main__ (the script being run), which interpreter {index} cannot import. Move "
+            "the class into a module that the host and the interpreters both import (a file "
+            "on sys.path), or intern it in the package (PackageExporter.intern) and create the "
+            "object inside the interpreter.")
 
 
 class _Tracked:
@@ -234,7 +230,9 @@ class Loop:
                     fields = self.decoder.decode(data)
                 except Exception as exc:
                     self._salvage(data)
-                    raise TransportError(describe_undecodable(exc, state.index)) from exc
+                    if _from_hosts_main(exc):
+                        raise TransportError(describe_hosts_main(exc, state.index)) from exc
+                    raise  # raised by the arguments' own code: theirs to see
                 watched, self.decoder.received = self.decoder.received, []
                 request = parse_request(fields)
                 del fields

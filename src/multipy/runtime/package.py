@@ -159,7 +159,7 @@ class Package:
         session = self._manager.acquire_one()
         try:
             session.self = session._request_obj(Op.PACKAGE_IMPORTER, (self._id, self.path))
-            session._uses = self
+            session._keep.append(self)
         except BaseException:
             session.close()
             raise

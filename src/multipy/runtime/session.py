@@ -120,7 +120,7 @@ class InterpreterSession:
         self._owned: list[int] = []
         self._closed = False
         self.self: Obj | None = None
-        self._uses = None  # a Package whose importer is ``self``, kept open while the session is
+        self._keep: list = []  # packages and replicated objects its handles come from
 
     @property
     def interpreter_index(self) -> int:
@@ -212,6 +212,7 @@ class InterpreterSession:
         if replicated._manager is not self._manager:
             raise ValueError(f"{replicated!r} belongs to another InterpreterManager; load it "
                              "in this one (load_package(...).load_pickle) to use it here")
+        self._keep.append(replicated)  # its package stays open while the handle is valid
         return self._request_obj(Op.REPLICATED_HANDLE, (replicated._id,),
                                  materializes=replicated._id, recipe=replicated._recipe)
 
@@ -238,7 +239,7 @@ class InterpreterSession:
             for ident in self._owned:
                 self._worker.drop(("obj", ident))
         self._owned = []
-        self._uses = None
+        self._keep = []
         if self._balanced:
             self._manager._balancer.release(self._index)
 
