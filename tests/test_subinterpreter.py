@@ -283,8 +283,13 @@ def test_a_memoryview_result_arrives_as_a_memoryview(manager):
 
 def test_an_argument_that_cannot_be_pickled_is_a_transport_error(manager):
     with manager.acquire_one() as s:
-        with pytest.raises(TransportError, match="cannot cross to interpreter"):
+        with pytest.raises(TransportError, match="cannot cross to interpreter") as info:
             s.global_("helpers", "echo")(threading.Lock())
+        assert str(info.value).startswith("argument 1 of the call is a _thread.lock")
+        with pytest.raises(TransportError) as info:
+            s.global_("helpers", "echo")(memoryview(b"ok"), key=[threading.Lock()])
+        assert str(info.value).startswith("keyword argument 'key' of the call at [0]")
+        assert "Pass plain values" in str(info.value)
         assert s.global_("builtins", "sum")([1, 2]).deref() == 3
 
 

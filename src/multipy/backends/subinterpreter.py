@@ -334,15 +334,25 @@ class SubinterpreterWorker(Worker):
 
     def _send(self, driver: _Driver, op, args, drop, handles) -> int:
         """Write the request; the driver is entered until the reply is read."""
+        table = self._table(handles)
         try:
-            payload, buffers = wire.dumps((int(op), args, drop), self._table(handles))
+            payload, buffers = wire.dumps((int(op), args, drop), table)
         except MultipyError:
             raise
         except Exception as exc:  # nothing was sent
+            from ..transport.codec import describe_request
+
+            def crosses(part) -> bool:
+                try:
+                    wire.dumps(part, table)
+                    return True
+                except Exception:
+                    return False
+
             raise TransportError(
-                f"an argument of {op.name.lower()} cannot cross to interpreter {self.index}: "
-                f"{type(exc).__name__}: {exc}. Pass picklable values (numbers, str, bytes, "
-                "containers, memoryview) or Obj handles of this session.") from exc
+                f"{describe_request((int(op), args), exc, probe=crosses)} (It cannot cross to "
+                f"interpreter {self.index}: numbers, str, bytes, containers and memoryview "
+                "can.)") from exc
         finally:
             self._handle_of = None
         self._seq += 1
