@@ -5,6 +5,7 @@
 ``multipy inspect``    list an archive's modules, pickles, resources, externs (runs nothing)
 ``multipy info``       Python, torch, capabilities and which backends can run here
 ``multipy bench``      deploy_benchmark: strategies x thread counts, CSV, table, plot
+``multipy serve``      the Open Inference Protocol (KServe v2 REST) over N interpreters
 
 Errors a user can cause (a missing file, a bad option value, a backend that
 cannot run here) print one ``multipy: error: ...`` line and exit non-zero,
@@ -75,6 +76,23 @@ def _strategy_list(text: str) -> list[str]:
             f"unknown strategy {', '.join(unknown) or repr(text)}; "
             f"choose from {','.join(_STRATEGY_NAMES)}")
     return list(dict.fromkeys(names))
+
+
+_SERVE_OPTIONS = (  # flag, type, metavar, help; each is a ServeOptions field
+    ("--max-batch-size", _positive_int, "N", "most requests grouped into one call (default: 1)"),
+    ("--max-batch-delay-ms", float, "MS", "longest a batch waits for more requests while "
+     "the interpreters are busy (default: 2)"),
+    ("--max-queue", _positive_int, "N", "requests per model waiting for an interpreter; "
+     "more are refused with 429 (default: 64)"),
+    ("--request-timeout", _positive_float, "S", "deadline of a request, 504 past it; a "
+     "request may ask for less (default: 30)"),
+    ("--max-request-bytes", _positive_int, "B", "largest body accepted, 413 beyond "
+     "(default: 64 MiB)"),
+    ("--workers-per-model", _positive_int, "N", "interpreters one model may use at once "
+     "(default: all)"),
+    ("--drain-timeout", _positive_float, "S", "how long SIGTERM waits for requests in "
+     "flight (default: 30)"),
+)
 
 
 # ----------------------------------------------------------------------- parser
@@ -157,6 +175,27 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--startup", action="store_true",
                        help="time InterpreterManager(4) + a package + every interpreter serving, "
                        "against a fresh `import torch`")
+
+    serve = sub.add_parser(
+        "serve", help="serve models over the Open Inference Protocol (KServe v2 REST)",
+        description="Serve torch.package models over HTTP with the Open Inference Protocol "
+        "(KServe v2 REST, JSON and Triton's binary tensors) on a pool of interpreters.  "
+        "NAME=PATH serves PATH's model/model.pkl as NAME; PATH:package/resource names "
+        "another pickle.  SIGTERM drains requests in flight and exits 0.")
+    serve.add_argument("models", nargs="*", metavar="NAME=PATH")
+    serve.add_argument("--config", metavar="FILE.json",
+                       help='models and options in a file: {"models": {"NAME": "PATH"}, '
+                       '"max_queue": 64, ...} (options on the command line win)')
+    serve.add_argument("--interpreters", type=_positive_int, default=os.cpu_count() or 1,
+                       metavar="N", help="interpreters shared by the models (default: %(default)s)")
+    serve.add_argument("--backend", choices=_BACKENDS, default="process")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to bind (default: %(default)s, this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="0 picks a free one (default: 8000)")
+    for flag, kind, metavar, text in _SERVE_OPTIONS:
+        serve.add_argument(flag, type=kind, metavar=metavar, default=None, help=text)
+    serve.add_argument("--log-level", default="warning",
+                       choices=("critical", "error", "warning", "info", "debug"))
 
     soak = sub.add_parser("soak", help="many host threads, mixed calls, interpreters killed "
                           "as it runs; checks every result and every leak")
@@ -475,7 +514,66 @@ def _check_dir_writable(path, option: str = "--out", *, must_exist: bool = False
         raise UsageError(f"{option}: directory {path} does not exist")
 
 
-_COMMANDS = {"demo": _cmd_demo, "examples": _cmd_examples, "inspect": _cmd_inspect,
+def _cmd_serve(args) -> int:
+    import dataclasses
+    import json
+
+    try:
+        from .serve import ModelRegistry, ModelSpec, ServeOptions
+        from .serve.server import serve
+    except ImportError as exc:
+        raise UsageError(f"{exc}: `multipy serve` needs the serve extra: "
+                         "pip install 'multipy[serve]'") from None
+    models: dict[str, str] = {}
+    settings: dict = {}
+    if args.config:
+        try:
+            with open(args.config) as f:
+                config = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"--config {args.config}: {exc}") from None
+        if not isinstance(config, dict) or not isinstance(config.get("models", {}), dict):
+            raise UsageError(f'--config {args.config}: expected {{"models": {{"NAME": "PATH"}}, ...}}')
+        models.update(config.pop("models", {}))
+        settings.update(config)
+    for item in args.models:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise UsageError(f"expected NAME=PATH, got {item!r}")
+        models[name] = path
+    if not models:
+        raise UsageError("name at least one model: multipy serve NAME=PATH (e.g. simple=simple.pt)")
+    for flag, *_ in _SERVE_OPTIONS:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            settings[flag[2:].replace("-", "_")] = value
+    fields = {f.name for f in dataclasses.fields(ServeOptions)}
+    unknown = sorted(set(settings) - fields)
+    if unknown:
+        raise UsageError(f"unknown option {', '.join(unknown)}; options are {', '.join(sorted(fields))}")
+    specs = {}
+    for name, path in models.items():
+        try:
+            spec = ModelSpec.parse(name, path)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        if not os.path.isfile(spec.path):
+            raise UsageError(f"model {name!r}: no file {spec.path}")
+        specs[name] = spec
+    registry = ModelRegistry.open(specs, ServeOptions(**settings), interpreters=args.interpreters,
+                                  backend=args.backend)
+
+    def listening(port: int) -> None:
+        print(f"multipy serve: http://{args.host}:{port} serving {', '.join(specs)} on "
+              f"{args.interpreters} {registry.manager.backend} interpreters", file=sys.stderr,
+              flush=True)
+
+    serve(registry, host=args.host, port=args.port, log_level=args.log_level,
+          on_listening=listening)
+    return 0
+
+
+_COMMANDS = {"demo": _cmd_demo, "serve": _cmd_serve, "examples": _cmd_examples, "inspect": _cmd_inspect,
              "info": _cmd_info, "bench": _cmd_bench, "soak": _cmd_soak}
 
 

@@ -183,7 +183,8 @@ class InterpreterManager:
             out.append(InterpreterStatistics(
                 index=w.index, pid=w.pid, generation=w.generation, calls=w.calls,
                 in_flight=self._balancer.in_flight(w.index), failures=w.failures,
-                restarts=w.restarts, p50_latency=p50, p95_latency=p95, p99_latency=p99))
+                restarts=w.restarts, p50_latency=p50, p95_latency=p95, p99_latency=p99,
+                available=w.available))
         return ManagerStatistics(self.backend, tuple(out))
 
     # -- lifetime --------------------------------------------------------------

@@ -31,6 +31,8 @@ class InterpreterStatistics:
     p50_latency: float
     p95_latency: float
     p99_latency: float
+    #: False while the interpreter is down (crashed and restarting, or broken).
+    available: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

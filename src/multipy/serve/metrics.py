@@ -1,0 +1,94 @@
+"""Prometheus metrics of a served registry (``GET /metrics``).
+
+Counted per request by the app: ``multipy_requests_total{model,status}``,
+``multipy_request_duration_seconds{model}`` and
+``multipy_batch_size{model}``.  Read from the registry and the manager at
+scrape time (nothing per request): queue depth, requests running, busy and
+live interpreters, restarts, and the bytes of weights every interpreter maps
+from one shared copy.  Each app has its own ``CollectorRegistry``, so several
+apps (tests, a Ray replica) can live in one process.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from .registry import ModelRegistry
+
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                    2.5, 5.0, 10.0, 30.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class Metrics:
+    """The metrics of one app.
+
+    >>> metrics = Metrics(registry)                             # doctest: +SKIP
+    >>> metrics.request("simple", 200, 0.0012)
+    >>> body = metrics.render()
+    """
+
+    def __init__(self, registry: ModelRegistry) -> None:
+        self.prometheus = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("multipy_requests", "Inference requests answered, by model and "
+                                "HTTP status", ["model", "status"], registry=self.prometheus)
+        self.duration = Histogram("multipy_request_duration_seconds", "Time from a request's "
+                                  "arrival to its answer", ["model"], buckets=_LATENCY_BUCKETS,
+                                  registry=self.prometheus)
+        self.batch_size = Histogram("multipy_batch_size", "Requests per call of the model",
+                                    ["model"], buckets=_BATCH_BUCKETS, registry=self.prometheus)
+        self.prometheus.register(_PoolCollector(registry))
+        for model in registry:
+            model.observe_batch = self.batch_size.labels(model.name).observe
+
+    def request(self, model: str, status: int, seconds: float) -> None:
+        """Count one answered request."""
+        self.requests.labels(model, str(status)).inc()
+        self.duration.labels(model).observe(seconds)
+
+    def render(self) -> bytes:
+        """The text exposition format (``CONTENT_TYPE_LATEST``)."""
+        return generate_latest(self.prometheus)
+
+
+class _PoolCollector:
+    """Gauges and counters read from the registry and the manager at scrape time."""
+
+    def __init__(self, registry: ModelRegistry) -> None:
+        self._registry = registry
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        registry = self._registry
+        queue = GaugeMetricFamily("multipy_queue_depth", "Requests waiting for an interpreter",
+                                  labels=["model"])
+        running = GaugeMetricFamily("multipy_requests_running", "Requests running in an "
+                                    "interpreter", labels=["model"])
+        weights = GaugeMetricFamily("multipy_model_weights_bytes", "Bytes of the model's "
+                                    "package, mapped once and shared by every interpreter",
+                                    labels=["model"])
+        for model in registry:
+            queue.add_metric([model.name], model.waiting)
+            running.add_metric([model.name], model.running)
+            weights.add_metric([model.name], registry.weights_bytes[model.name])
+        yield from (queue, running, weights)
+        if registry.manager.closed:
+            return
+        stats = registry.manager.statistics().interpreters
+        yield GaugeMetricFamily("multipy_interpreters", "Interpreters in the pool",
+                                value=len(stats))
+        yield GaugeMetricFamily("multipy_interpreters_up", "Interpreters serving now (not "
+                                "crashed or restarting)", value=sum(i.available for i in stats))
+        yield GaugeMetricFamily("multipy_interpreters_busy", "Interpreters running a call now",
+                                value=sum(i.in_flight > 0 for i in stats))
+        restarts = CounterMetricFamily("multipy_interpreter_restarts", "Interpreters restarted "
+                                       "after a crash or a timeout", labels=["interpreter"])
+        for i in stats:
+            restarts.add_metric([str(i.index)], i.restarts)
+        yield restarts

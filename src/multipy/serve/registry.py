@@ -1,0 +1,280 @@
+"""Which models are served, and how one request reaches an interpreter.
+
+::
+
+    ModelRegistry(manager, {"name": "path[:package/resource]"}, options)
+        └── ServedModel ── infer(args, deadline) ──▶ admission ──▶ _call ──▶ ReplicatedObj
+              │                                        │ bounded queue: full ⇒ Overloaded (429)
+              │                                        │ deadline while queued ⇒ dropped (504)
+              └── counters the metrics read            └ slots: requests in interpreters at once
+
+No HTTP here either: the Starlette app and a Ray Serve deployment both build a
+registry and call :meth:`ServedModel.infer`.  A request waits for a *slot*
+(at most ``interpreters × max_batch_size`` run at once per model); up to
+``max_queue`` more wait in line, and a request beyond that is refused at once
+with ``Retry-After``.  A waiting request whose deadline passes, or whose caller
+gives up (the task is cancelled), leaves the line without running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from ..errors import (CallTimeoutError, InterpreterCrashedError, InterpreterStartError,
+                      ManagerClosedError, TransportError)
+from ..runtime import InterpreterManager, ReplicatedObj
+from .protocol import (DeadlineExceeded, InferenceError, ModelNotFound, Overloaded, Unavailable,
+                       Unprocessable)
+
+__all__ = ["ModelRegistry", "ModelSpec", "ServeOptions", "ServedModel"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeOptions:
+    """How the server treats requests; every field has the CLI option of the same name.
+
+    >>> ServeOptions(max_queue=16, request_timeout=5.0).max_queue
+    16
+    """
+
+    #: Most rows the library groups into one call (1: no batching).
+    max_batch_size: int = 1
+    #: Longest a batch waits for more rows while an interpreter is busy (ms).
+    max_batch_delay_ms: float = 2.0
+    #: Requests per model that may wait for an interpreter; more are refused (429).
+    max_queue: int = 64
+    #: Default deadline of a request (s); a request may ask for less.
+    request_timeout: float = 30.0
+    #: Largest request body accepted (413 beyond).
+    max_request_bytes: int = 64 * 2**20
+    #: What ``Retry-After`` says on 429 and 503 (s).
+    retry_after: float = 1.0
+    #: Interpreters one model may use at once (``None``: all of them).
+    workers_per_model: int | None = None
+    #: How long SIGTERM waits for requests in flight before exiting (s).
+    drain_timeout: float = 30.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Where a served model comes from: a torch.package archive and the pickle in it.
+
+    >>> ModelSpec.parse("resnet", "/models/resnet.pt:weights/net.pkl")
+    ModelSpec(name='resnet', path='/models/resnet.pt', package='weights', resource='net.pkl')
+    """
+
+    name: str
+    path: str
+    package: str = "model"
+    resource: str = "model.pkl"
+
+    @classmethod
+    def parse(cls, name: str, text: str) -> "ModelSpec":
+        """``path`` or ``path:package/resource`` (the default is ``model/model.pkl``)."""
+        if not name or "/" in name:
+            raise ValueError(f"a model name must be non-empty and have no '/', got {name!r}")
+        path, sep, where = text.rpartition(":")
+        if sep and "/" in where and not os.path.exists(text):
+            package, _, resource = where.rpartition("/")
+            if not package or not resource:
+                raise ValueError(f"model {name!r}: expected PATH:package/resource, got {text!r}")
+            return cls(name, path, package.replace("/", "."), resource)
+        return cls(name, text)
+
+
+class ServedModel:
+    """One served model: its replicated object, what it declares, and its line.
+
+    ``infer`` is the only way requests reach the model.  The counters
+    (``waiting``, ``running``) are what the metrics report.
+    """
+
+    def __init__(self, spec: ModelSpec, obj: ReplicatedObj, options: ServeOptions, *,
+                 slots: int, input_names: tuple[str, ...] = (),
+                 output_names: tuple[str, ...] = ()) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.obj = obj
+        self.options = options
+        self.input_names = input_names
+        self.output_names = output_names
+        self.waiting = 0
+        self.running = 0
+        #: Called with the number of requests in each call of the model (metrics).
+        self.observe_batch = _ignore
+        self._slots = asyncio.Semaphore(slots)
+
+    def metadata(self, *, backend: str) -> dict[str, Any]:
+        """The protocol's model metadata: what is known without running the model."""
+        return {"name": self.name, "versions": ["1"], "platform": f"multipy_{backend}",
+                "inputs": [{"name": n, "datatype": "", "shape": []} for n in self.input_names],
+                "outputs": [{"name": n, "datatype": "", "shape": []} for n in self.output_names]}
+
+    async def infer(self, args: tuple, *, deadline: float | None = None) -> Any:
+        """Run the model on ``args`` and return its result.
+
+        ``deadline`` is a ``time.monotonic()`` instant.  Raises
+        :class:`Overloaded` when the line is full, :class:`DeadlineExceeded`
+        when the deadline passes (the request is dropped if it had not
+        started), :class:`Unavailable` when its interpreter crashed, and
+        :class:`Unprocessable` when the model raised.
+
+        >>> await model.infer((torch.ones(1, 4),), deadline=time.monotonic() + 5)  # doctest: +SKIP
+        """
+        if self._slots.locked() and self.waiting >= self.options.max_queue:
+            raise Overloaded(f"model {self.name!r} has {self.waiting} requests waiting, the most "
+                             "--max-queue allows; retry later",
+                             retry_after=self.options.retry_after)
+        self.waiting += 1
+        try:
+            await asyncio.wait_for(self._slots.acquire(), _remaining(deadline))
+        except TimeoutError:
+            raise DeadlineExceeded(f"the deadline passed while the request waited for an "
+                                   f"interpreter ({self.waiting - 1} others waiting); it was "
+                                   "not run") from None
+        finally:
+            self.waiting -= 1
+        self.running += 1
+        call = asyncio.ensure_future(self._call(args))
+        call.add_done_callback(self._finished)
+        try:
+            return await asyncio.wait_for(asyncio.shield(call), _remaining(deadline))
+        except TimeoutError:
+            raise DeadlineExceeded("the deadline passed while the model ran; its result will "
+                                   "be discarded") from None
+        except InferenceError:
+            raise
+        except (InterpreterCrashedError, InterpreterStartError) as exc:
+            raise Unavailable(f"{exc}; retry", retry_after=self.options.retry_after) from None
+        except ManagerClosedError:
+            raise Unavailable("the server is shutting down", retry_after=self.options.retry_after
+                              ) from None
+        except CallTimeoutError as exc:
+            raise DeadlineExceeded(str(exc)) from None
+        except TransportError as exc:
+            raise InferenceError(f"the model's result cannot be sent back: {exc}") from None
+        except Exception as exc:
+            raise Unprocessable(f"the model raised {type(exc).__name__}: {exc}") from None
+
+    def _finished(self, call: asyncio.Future) -> None:
+        self.running -= 1
+        self._slots.release()
+        if not call.cancelled():
+            call.exception()  # a result nobody awaits (deadline passed) is not an error
+
+    async def _call(self, args: tuple) -> Any:
+        # The one place that calls the library: a blocking call in a worker thread.
+        self.observe_batch(1)
+        return await asyncio.to_thread(self.obj, *args)
+
+
+def _ignore(_: int) -> None:
+    pass
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+class ModelRegistry:
+    """The served models, loaded from one :class:`~multipy.InterpreterManager`.
+
+    ``models`` maps a name to ``"path[:package/resource]"`` (or a
+    :class:`ModelSpec`).  The caller owns the manager unless ``owns_manager``:
+    then :meth:`close` closes it too.
+
+    >>> with InterpreterManager(2) as manager:                    # doctest: +SKIP
+    ...     registry = ModelRegistry(manager, {"simple": "simple.pt"})
+    ...     app = build_app(registry)
+    """
+
+    def __init__(self, manager: InterpreterManager, models: Mapping[str, str | ModelSpec],
+                 options: ServeOptions | None = None, *, owns_manager: bool = False) -> None:
+        if not models:
+            raise ValueError("serve at least one model")
+        self.manager = manager
+        self.options = options or ServeOptions()
+        self.owns_manager = owns_manager
+        self.draining = False
+        self._models: dict[str, ServedModel] = {}
+        slots = (min(len(manager), self.options.workers_per_model or len(manager))
+                 * self.options.max_batch_size)
+        for name, spec in models.items():
+            if not isinstance(spec, ModelSpec):
+                spec = ModelSpec.parse(name, spec)
+            package = manager.load_package(spec.path)
+            obj = package.load_pickle(spec.package, spec.resource)
+            for interpreter in manager.all_instances():  # load it everywhere before ready
+                with obj.acquire_session(interpreter):
+                    pass
+            inputs, outputs = _declared(obj)
+            self._models[name] = ServedModel(spec, obj, self.options, slots=slots,
+                                             input_names=inputs, output_names=outputs)
+        self.weights_bytes = {name: os.path.getsize(m.spec.path)
+                              for name, m in self._models.items()}
+
+    @classmethod
+    def open(cls, models: Mapping[str, str | ModelSpec], options: ServeOptions | None = None, *,
+             interpreters: int = 2, backend: str = "process") -> "ModelRegistry":
+        """A registry with its own manager of ``interpreters`` (closed with it).
+
+        >>> registry = ModelRegistry.open({"simple": "simple.pt"}, interpreters=2)  # doctest: +SKIP
+        """
+        manager = InterpreterManager(interpreters, backend=backend)
+        try:
+            return cls(manager, models, options, owns_manager=True)
+        except BaseException:
+            manager.close()
+            raise
+
+    def get(self, name: str) -> ServedModel:
+        """The model called ``name``; raises :class:`ModelNotFound` (404)."""
+        try:
+            return self._models[name]
+        except KeyError:
+            raise ModelNotFound(f"no model {name!r} is served here; the models are "
+                                f"{', '.join(map(repr, self._models))}") from None
+
+    def __iter__(self):
+        return iter(self._models.values())
+
+    def names(self) -> list[str]:
+        return list(self._models)
+
+    def interpreters_up(self) -> int:
+        """Interpreters serving now (not crashed, restarting or broken)."""
+        return sum(1 for i in self.manager.statistics().interpreters if i.available)
+
+    def ready(self) -> bool:
+        """True when requests can be served now: not draining, and at least one
+        interpreter up."""
+        return not self.draining and not self.manager.closed and self.interpreters_up() > 0
+
+    def close(self) -> None:
+        """Stop serving; closes the manager only when the registry owns it.  Idempotent."""
+        self.draining = True
+        if self.owns_manager:
+            self.manager.close()
+
+    def __enter__(self) -> "ModelRegistry":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _declared(obj: ReplicatedObj) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The ``input_names`` / ``output_names`` a model declares (as attributes), if any."""
+    names = []
+    for attr in ("input_names", "output_names"):
+        value = ()
+        if obj.hasattr(attr):
+            with obj.acquire_session() as s:
+                value = s.self.attr(attr).deref()
+        names.append(tuple(str(v) for v in value) if isinstance(value, (list, tuple)) else ())
+    return names[0], names[1]

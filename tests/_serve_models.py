@@ -1,0 +1,54 @@
+"""Models the serve tests package into an archive (interned, so the archive is
+self-contained).  Each answers something a test can check per request."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+class Affine(torch.nn.Module):
+    """``2 * x + 1``: a client can check its own answer."""
+
+    def forward(self, x):
+        return 2 * x + 1
+
+
+class Sleepy(torch.nn.Module):
+    """Sleeps ``seconds`` (its first input), then returns ``x``."""
+
+    def forward(self, seconds, x):
+        time.sleep(float(seconds.reshape(-1)[0]))
+        return x
+
+
+class Named(torch.nn.Module):
+    """Two outputs under names it declares."""
+
+    output_names = ["total", "largest"]
+
+    def forward(self, x):
+        return x.sum(), x.max()
+
+
+class Weights(torch.nn.Module):
+    """Adds an ``(n, m)`` weight: a wrong shape makes the model raise."""
+
+    def __init__(self, n: int = 2, m: int = 3) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(n, m))
+
+    def forward(self, x):
+        return self.weight + x
+
+
+def write(path) -> None:
+    """Write every model above into one archive: ``model/<name>.pkl``."""
+    from torch.package import PackageExporter
+
+    with PackageExporter(str(path)) as exporter:
+        exporter.intern("_serve_models")
+        for name, model in (("affine", Affine()), ("sleepy", Sleepy()), ("named", Named()),
+                            ("weights", Weights())):
+            exporter.save_pickle("model", f"{name}.pkl", model)

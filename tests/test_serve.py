@@ -1,0 +1,248 @@
+"""The v2 app in process, through Starlette's TestClient (httpx): routes, JSON and
+binary inference, every bad input, deadlines, backpressure, metrics, and
+schemathesis against the server's own OpenAPI document.
+
+One manager per module (conftest's ``manager``); each test builds the registry
+it needs on it (the registry does not own the manager).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import threading
+
+import pytest
+import torch
+
+pytest.importorskip("starlette", reason="needs the serve extra: pip install 'multipy[serve]'")
+
+import _serve_models  # noqa: E402
+import schemathesis  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from starlette.testclient import TestClient  # noqa: E402
+
+from multipy.serve import ModelRegistry, ServeOptions, build_app  # noqa: E402
+from multipy.serve.protocol import (RequestedOutput, decode_response,  # noqa: E402
+                                    encode_request)
+
+INTERPRETERS = 2
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    path = tmp_path_factory.mktemp("serve") / "models.pt"
+    _serve_models.write(path)
+    return path
+
+
+def _models(archive) -> dict[str, str]:
+    return {name: f"{archive}:model/{name}.pkl" for name in ("affine", "sleepy", "named",
+                                                             "weights")}
+
+
+@pytest.fixture(scope="module")
+def client(manager, archive):
+    registry = ModelRegistry(manager, _models(archive), ServeOptions(max_request_bytes=1 << 16))
+    with TestClient(build_app(registry)) as client:
+        yield client
+    assert not manager.closed  # the caller owns the manager: the app left it open
+
+
+def _infer(client, model: str, *inputs, binary=False, **options):
+    body, header = encode_request([(f"INPUT__{i}", x) for i, x in enumerate(inputs)],
+                                  binary=binary, binary_output=binary, **options)
+    headers = {} if header is None else {"Inference-Header-Content-Length": str(header)}
+    return client.post(f"/v2/models/{model}/infer", content=body, headers=headers)
+
+
+def _outputs(response) -> dict:
+    assert response.status_code == 200, response.text
+    header = response.headers.get("inference-header-content-length")
+    return decode_response(response.content, None if header is None else int(header))
+
+
+# ---------------------------------------------------------------------------- routes
+def test_health_and_metadata_routes_answer_the_protocol(client):
+    assert client.get("/v2/health/live").status_code == 200
+    assert client.get("/v2/health/ready").status_code == 200
+    assert client.get("/v2/models/affine/ready").status_code == 200
+    assert client.get("/v2").json()["extensions"] == ["binary_tensor_data"]
+    meta = client.get("/v2/models/named").json()
+    assert meta["name"] == "named" and meta["platform"] == "multipy_process"
+    assert [o["name"] for o in meta["outputs"]] == ["total", "largest"]
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_inference_answers_with_the_models_result(client, binary):
+    x = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    response = _infer(client, "affine", x, binary=binary)
+    assert response.headers["content-type"] == ("application/octet-stream" if binary
+                                                else "application/json")
+    assert torch.equal(_outputs(response)["OUTPUT__0"], 2 * x + 1)
+
+
+def test_a_models_declared_output_names_name_its_outputs(client):
+    out = _outputs(_infer(client, "named", torch.tensor([1, 5, 2])))
+    assert out == {"total": torch.tensor(8), "largest": torch.tensor(5)}
+
+
+def test_the_versioned_infer_route_is_the_same_model(client):
+    body, _ = encode_request([("x", torch.ones(1))])
+    response = client.post("/v2/models/affine/versions/1/infer", content=body)
+    assert _outputs(response)["OUTPUT__0"].tolist() == [3.0]
+
+
+def test_a_request_may_ask_for_one_output_as_binary(client):
+    response = _infer(client, "named", torch.tensor([1.0, 4.0]),
+                      outputs=[RequestedOutput("largest", True)])
+    assert response.headers["content-type"] == "application/octet-stream"
+    assert _outputs(response) == {"largest": torch.tensor(4.0)}
+
+
+# ------------------------------------------------------------------------- bad input
+def _post(client, model: str, body: bytes, **headers):
+    return client.post(f"/v2/models/{model}/infer", content=body, headers=headers)
+
+
+def _spec(**fields) -> bytes:
+    spec = {"name": "x", "shape": [2], "datatype": "FP32", "data": [1.0, 2.0]}
+    spec.update(fields)
+    return json.dumps({"inputs": [spec]}).encode()
+
+
+@pytest.mark.parametrize("model, body, headers, status, message", [
+    ("affine", b"{not json", {}, 400, "not valid JSON"),
+    ("affine", _spec(datatype="FP128"), {}, 400, "unknown datatype 'FP128'"),
+    ("affine", _spec(shape=[3]), {}, 400, "data has 2 elements but shape [3] needs 3"),
+    ("affine", _spec(), {"Inference-Header-Content-Length": "many"}, 400, "whole number"),
+    ("weights", _spec(shape=[5], data=[1.0] * 5), {}, 422, "the model raised RuntimeError"),
+    ("sleepy", _spec(), {}, 422, "missing 1 required positional argument"),
+    ("nope", _spec(), {}, 404, "no model 'nope' is served here"),
+    ("affine", b"[" + b"0," * 40_000 + b"0]", {}, 413, "at most 65536"),
+])
+def test_bad_input_gets_its_status_and_a_json_error(client, model, body, headers, status,
+                                                    message):
+    response = _post(client, model, body, **headers)
+    assert response.status_code == status
+    assert response.headers["content-type"] == "application/json"
+    assert message in response.json()["error"]
+    assert "Traceback" not in response.text
+    assert torch.equal(_outputs(_infer(client, "affine", torch.ones(1)))["OUTPUT__0"],
+                       torch.tensor([3.0]))  # nothing lost for the next request
+
+
+def test_a_body_streamed_past_the_limit_is_refused_without_a_content_length(client):
+    response = client.post("/v2/models/affine/infer", content=iter([b"x" * 50_000] * 2))
+    assert response.status_code == 413
+    assert "over 65536 bytes" in response.json()["error"]
+
+
+def test_unknown_routes_and_methods_answer_json_errors(client):
+    assert client.get("/v3/nothing").json() == {
+        "error": "no route '/v3/nothing'; see /v2/openapi.json"}
+    response = client.get("/v2/models/affine/infer")
+    assert response.status_code == 405 and "GET is not allowed" in response.json()["error"]
+
+
+# ------------------------------------------------------------ deadlines, backpressure
+@pytest.fixture(scope="module")
+def narrow(manager, archive):
+    """One interpreter per model and a queue of one: easy to fill."""
+    registry = ModelRegistry(manager, _models(archive),
+                             ServeOptions(workers_per_model=1, max_queue=1, retry_after=3))
+    with TestClient(build_app(registry)) as client:
+        yield client
+
+
+def _sleep(client, seconds: float, **options):
+    return _infer(client, "sleepy", torch.tensor([seconds]), torch.tensor([seconds]), **options)
+
+
+def _when(condition, what: str, *, limit: float = 30.0) -> None:
+    """Wait (bounded) for ``condition()``."""
+    done = threading.Event()
+    for _ in range(int(limit / 0.01)):
+        if condition():
+            return
+        done.wait(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _model(client, name):
+    return client.app.state.registry.get(name)
+
+
+def test_a_request_past_its_deadline_answers_504(client):
+    response = _sleep(client, 2.0, timeout=0.2)
+    assert response.status_code == 504
+    assert "deadline passed while the model ran" in response.json()["error"]
+
+
+def test_a_queued_request_past_its_deadline_is_dropped_without_running(narrow, manager):
+    sleepy = _model(narrow, "sleepy")
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        first = pool.submit(_sleep, narrow, 1.5)
+        _when(lambda: sleepy.running == 1, "the first request to run")
+        calls = manager.statistics().calls
+        second = _sleep(narrow, 0.0, timeout=0.2)
+        assert second.status_code == 504
+        assert "it was not run" in second.json()["error"]
+        assert first.result().status_code == 200
+    assert manager.statistics().calls == calls + 1  # only the first ran
+
+
+def test_a_full_queue_answers_429_with_retry_after(narrow):
+    sleepy = _model(narrow, "sleepy")
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        running = pool.submit(_sleep, narrow, 1.5)
+        _when(lambda: sleepy.running == 1, "a request to run")
+        queued = pool.submit(_sleep, narrow, 0.0)
+        _when(lambda: sleepy.waiting == 1, "a request to wait")
+        refused = _sleep(narrow, 0.0)
+        assert refused.status_code == 429
+        assert refused.headers["retry-after"] == "3"
+        assert "--max-queue" in refused.json()["error"]
+        assert running.result().status_code == 200 and queued.result().status_code == 200
+
+
+# ------------------------------------------------------------------------------ metrics
+def test_metrics_are_named_the_prometheus_way_and_count_requests(client):
+    _infer(client, "affine", torch.ones(1))
+    _post(client, "affine", b"{")
+    families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+    requests = {(s.labels["model"], s.labels["status"]): s.value
+                for s in families["multipy_requests"].samples if s.name.endswith("_total")}
+    assert requests[("affine", "200")] >= 1 and requests[("affine", "400")] >= 1
+    assert families["multipy_request_duration_seconds"].type == "histogram"
+    assert families["multipy_batch_size"].type == "histogram"
+    for name in ("multipy_queue_depth", "multipy_requests_running", "multipy_interpreters_up",
+                 "multipy_interpreters_busy", "multipy_model_weights_bytes"):
+        assert families[name].type == "gauge", name
+    assert families["multipy_interpreter_restarts"].type == "counter"
+    assert {s.value for s in families["multipy_interpreters_up"].samples} == {INTERPRETERS}
+
+
+# ------------------------------------------------------------------------ schemathesis
+def _operations():
+    from multipy.serve.openapi import DOCUMENT
+
+    return [(path, method) for path, item in DOCUMENT["paths"].items() for method in item]
+
+
+@pytest.mark.parametrize("path, method", _operations())
+def test_every_operation_keeps_the_openapi_document(client, path, method):
+    """schemathesis generates valid and invalid requests from the document the
+    server publishes; each answer must match it and none may be a 5xx."""
+    schema = schemathesis.openapi.from_asgi("/v2/openapi.json", client.app)
+    operation = schema[path][method.upper()]
+    # Readiness answers 503 by design when not ready; that is not a server error.
+    excluded = [schemathesis.checks.not_a_server_error] if path.endswith("ready") else []
+
+    @given(case=operation.as_strategy())
+    @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+    def check(case):
+        case.call_and_validate(excluded_checks=excluded)
+
+    check()
