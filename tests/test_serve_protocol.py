@@ -7,11 +7,17 @@ every malformed body answered with BadRequest naming the problem.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+import multipy
 
 from multipy.serve.protocol import (BadRequest, DataType, InferenceError, RequestedOutput,
                                     decode_request, decode_response, encode_request,
@@ -153,3 +159,13 @@ def test_a_result_the_protocol_cannot_carry_is_a_server_error_naming_it():
     assert info.value.status == 500
     with pytest.raises(InferenceError, match="dtype torch.complex64, which the protocol lacks"):
         encode_response("m", torch.ones(1, dtype=torch.complex64))
+
+
+def test_importing_multipy_or_the_codec_imports_no_web_framework():
+    code = ("import sys, multipy, multipy.serve, multipy.serve.protocol; "
+            "print(sorted(m for m in ('starlette', 'uvicorn', 'prometheus_client') "
+            "if m in sys.modules))")
+    src = str(Path(multipy.__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env={**os.environ, "PYTHONPATH": src})
+    assert out.stdout.strip() == "[]"
