@@ -64,13 +64,13 @@ def _outputs(response) -> dict:
 
 
 # ---------------------------------------------------------------------------- routes
-def test_health_and_metadata_routes_answer_the_protocol(client):
+def test_health_and_metadata_routes_answer_the_protocol(client, manager):
     assert client.get("/v2/health/live").status_code == 200
     assert client.get("/v2/health/ready").status_code == 200
     assert client.get("/v2/models/affine/ready").status_code == 200
     assert client.get("/v2").json()["extensions"] == ["binary_tensor_data"]
     meta = client.get("/v2/models/named").json()
-    assert meta["name"] == "named" and meta["platform"] == "multipy_process"
+    assert meta["name"] == "named" and meta["platform"] == f"multipy_{manager.backend}"
     assert [o["name"] for o in meta["outputs"]] == ["total", "largest"]
 
 

@@ -172,6 +172,14 @@ def _parser() -> argparse.ArgumentParser:
                        help="PSS of 4 interpreters of a 200 MB model vs a tiny one")
     bench.add_argument("--memory-mb", type=_positive_float, default=200.0, metavar="MB",
                        help=argparse.SUPPRESS)
+    bench.add_argument("--connections", type=_int_list, default=[1, 16, 64], metavar="1,16,64",
+                       help="`bench serve`: concurrent connections of the load generator "
+                       "(default: 1,16,64)")
+    bench.add_argument("--peers", default="litserve,mosec", metavar="LIST",
+                       help="`bench serve`: peers served beside multipy, from a throwaway venv "
+                       "(default: %(default)s; 'none' for none)")
+    bench.add_argument("--peer-venv", metavar="DIR",
+                       help="`bench serve`: where that venv goes (default: the cache)")
     bench.add_argument("--startup", action="store_true",
                        help="time InterpreterManager(4) + a package + every interpreter serving, "
                        "against a fresh `import torch`")
@@ -340,6 +348,8 @@ def _cmd_bench(args) -> int:
     from .bench.runner import progress_bar
     from .bench.targets import example_archive, resolve_target
 
+    if args.packages[:1] == ["serve"]:
+        return _bench_serve(args)
     if not (args.packages or args.overhead or args.memory or args.startup or args.dispatch):
         raise UsageError("name at least one package or example (e.g. `multipy bench smallops`),"
                          " or pass --overhead, --dispatch, --memory or --startup")
@@ -413,6 +423,30 @@ def _cmd_bench(args) -> int:
                   f"every interpreter serving {r.manager_ready:.2f} s = {r.ratio:.2f} x "
                   f"(target <= 1.5: {'met' if r.ratio <= 1.5 else 'not met'})", highlight=False,
                   soft_wrap=True)
+    return 0
+
+
+def _bench_serve(args) -> int:
+    from rich.console import Console
+
+    from .bench.serve import PEERS, measure_serve, serve_lines, serve_table
+
+    peers = [p.strip() for p in args.peers.split(",") if p.strip() and p.strip() != "none"]
+    unknown = [p for p in peers if p not in PEERS]
+    if unknown:
+        raise UsageError(f"unknown peer {', '.join(unknown)}; choose from {', '.join(PEERS)} or none")
+    models = args.packages[1:] or ["identity", "smallops"]
+    out, err = Console(), Console(stderr=True)
+    interpreters = args.max_interpreters
+    with _status(err, "bench serve") as status:
+        rows, notes = measure_serve(models=models, connections=args.connections,
+                                    seconds=args.seconds, interpreters=interpreters, peers=peers,
+                                    peer_venv=args.peer_venv, out=args.out,
+                                    on_status=lambda text: status.update(f"bench serve: {text}"))
+    out.print(serve_table(rows, title=f"multipy bench serve: wrk, {args.seconds:g} s per row, "
+                          f"{interpreters} interpreters/workers, {os.cpu_count()} cores"))
+    for line in [*notes, *serve_lines(rows)]:
+        out.print(line, highlight=False, soft_wrap=True)
     return 0
 
 

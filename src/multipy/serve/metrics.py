@@ -1,18 +1,17 @@
 """Prometheus metrics of a served registry (``GET /metrics``).
 
-Counted per request by the app: ``multipy_requests_total{model,status}``,
-``multipy_request_duration_seconds{model}`` and
-``multipy_batch_size{model}``.  Read from the registry and the manager at
-scrape time (nothing per request): queue depth, requests running, busy and
-live interpreters, restarts, and the bytes of weights every interpreter maps
-from one shared copy.  Each app has its own ``CollectorRegistry``, so several
+Counted per request by the app: ``multipy_requests_total{model,status}`` and
+``multipy_request_duration_seconds{model}``.  Read from the registry and the
+manager at scrape time (nothing per request): the batch-size histogram, queue
+depth, requests running, busy and live interpreters, restarts, and the bytes of
+weights every interpreter maps from one shared copy.  Each app has its own ``CollectorRegistry``, so several
 apps (tests, a Ray replica) can live in one process.
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from .registry import ModelRegistry
@@ -39,11 +38,7 @@ class Metrics:
         self.duration = Histogram("multipy_request_duration_seconds", "Time from a request's "
                                   "arrival to its answer", ["model"], buckets=_LATENCY_BUCKETS,
                                   registry=self.prometheus)
-        self.batch_size = Histogram("multipy_batch_size", "Requests per call of the model",
-                                    ["model"], buckets=_BATCH_BUCKETS, registry=self.prometheus)
         self.prometheus.register(_PoolCollector(registry))
-        for model in registry:
-            model.observe_batch = self.batch_size.labels(model.name).observe
 
     def request(self, model: str, status: int, seconds: float) -> None:
         """Count one answered request."""
@@ -70,14 +65,22 @@ class _PoolCollector:
                                   labels=["model"])
         running = GaugeMetricFamily("multipy_requests_running", "Requests running in an "
                                     "interpreter", labels=["model"])
-        weights = GaugeMetricFamily("multipy_model_weights_bytes", "Bytes of the model's "
+        weights = GaugeMetricFamily("multipy_model_weights_bytes", "Tensor bytes of the model's "
                                     "package, mapped once and shared by every interpreter",
                                     labels=["model"])
         for model in registry:
             queue.add_metric([model.name], model.waiting)
             running.add_metric([model.name], model.running)
             weights.add_metric([model.name], registry.weights_bytes[model.name])
-        yield from (queue, running, weights)
+        batches = HistogramMetricFamily("multipy_batch_size", "Requests per call of the model",
+                                        labels=["model"])
+        for model in registry:
+            sizes = model.batch_sizes()
+            buckets = [(str(float(le)), sum(n for size, n in sizes.items() if size <= le))
+                       for le in _BATCH_BUCKETS]
+            buckets.append(("+Inf", sum(sizes.values())))
+            batches.add_metric([model.name], buckets, sum(s * n for s, n in sizes.items()))
+        yield from (queue, running, weights, batches)
         if registry.manager.closed:
             return
         stats = registry.manager.statistics().interpreters

@@ -27,6 +27,7 @@ from typing import Any
 
 from ..errors import (CallTimeoutError, InterpreterCrashedError, InterpreterStartError,
                       ManagerClosedError, TransportError)
+from ..package import inspect_package
 from ..runtime import InterpreterManager, ReplicatedObj
 from .protocol import (DeadlineExceeded, InferenceError, ModelNotFound, Overloaded, Unavailable,
                        Unprocessable)
@@ -105,8 +106,7 @@ class ServedModel:
         self.output_names = output_names
         self.waiting = 0
         self.running = 0
-        #: Called with the number of requests in each call of the model (metrics).
-        self.observe_batch = _ignore
+        self._calls = 0
         self._slots = asyncio.Semaphore(slots)
 
     def metadata(self, *, backend: str) -> dict[str, Any]:
@@ -169,12 +169,12 @@ class ServedModel:
 
     async def _call(self, args: tuple) -> Any:
         # The one place that calls the library: a blocking call in a worker thread.
-        self.observe_batch(1)
+        self._calls += 1
         return await asyncio.to_thread(self.obj, *args)
 
-
-def _ignore(_: int) -> None:
-    pass
+    def batch_sizes(self) -> dict[int, int]:
+        """How many calls of the model carried each number of requests."""
+        return {1: self._calls} if self._calls else {}
 
 
 def _remaining(deadline: float | None) -> float | None:
@@ -215,7 +215,8 @@ class ModelRegistry:
             inputs, outputs = _declared(obj)
             self._models[name] = ServedModel(spec, obj, self.options, slots=slots,
                                              input_names=inputs, output_names=outputs)
-        self.weights_bytes = {name: os.path.getsize(m.spec.path)
+        #: Tensor bytes of each model's package: mapped once, shared by every interpreter.
+        self.weights_bytes = {name: inspect_package(m.spec.path).storage_bytes
                               for name, m in self._models.items()}
 
     @classmethod
