@@ -106,7 +106,10 @@ class ServedModel:
         self.output_names = output_names
         self.waiting = 0
         self.running = 0
-        self._calls = 0
+        # The library batches (no timer while an interpreter is idle, grouping by
+        # shape); with max_batch_size 1 every call runs alone, through the same path.
+        self._caller = obj.batched(max_batch_size=options.max_batch_size,
+                                   max_delay_ms=options.max_batch_delay_ms)
         self._slots = asyncio.Semaphore(slots)
 
     def metadata(self, *, backend: str) -> dict[str, Any]:
@@ -168,13 +171,11 @@ class ServedModel:
             call.exception()  # a result nobody awaits (deadline passed) is not an error
 
     async def _call(self, args: tuple) -> Any:
-        # The one place that calls the library: a blocking call in a worker thread.
-        self._calls += 1
-        return await asyncio.to_thread(self.obj, *args)
+        return await self._caller.acall(*args)
 
     def batch_sizes(self) -> dict[int, int]:
         """How many calls of the model carried each number of requests."""
-        return {1: self._calls} if self._calls else {}
+        return dict(self._caller.statistics().batch_sizes)
 
 
 def _remaining(deadline: float | None) -> float | None:
