@@ -298,6 +298,29 @@ def _servers(names: Sequence[str], interpreters: int, peer_venv: Path | None,
 
 
 # ------------------------------------------------------------------------ measure
+WIDE = "wide"        # a model of ~256 MB of weights, for the memory rows
+_WIDE_MB = 256
+
+
+def _archive(name: str, out: str | None, status: Callable[[str], None]) -> Path:
+    """An example archive, or for ``wide`` a 4 x Linear model of 256 MB (written once)."""
+    if name != WIDE:
+        return example_archive(name, out)
+    import concurrent.futures
+
+    from . import _child
+
+    path = (Path(out) if out else cache_dir()) / f"wide-{_WIDE_MB}MB.pt"
+    if not path.exists():
+        status(f"writing a {_WIDE_MB} MB model")
+        width = int((_WIDE_MB * _MB / 4 / 4) ** 0.5)
+        partial = path.with_suffix(".partial")
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=_child.mp_context()) as pool:
+            pool.submit(_child.write_wide_package, str(partial), width, 4).result()
+        partial.rename(path)
+    return path
+
+
 def measure_serve(*, models: Sequence[str] = ("identity", "smallops"),
                   connections: Sequence[int] = (1, 16, 64), seconds: float = 5.0,
                   interpreters: int = 2, peers: Sequence[str] = PEERS,
@@ -316,7 +339,7 @@ def measure_serve(*, models: Sequence[str] = ("identity", "smallops"),
     status = on_status or (lambda text: None)
     notes: list[str] = []
     rows: list[ServeRow] = []
-    archives = {m: example_archive(m, out) for m in models}
+    archives = {m: _archive(m, out, status) for m in models}
     bodies = {}
     for m, archive in archives.items():
         example = torch.package.PackageImporter(str(archive)).load_pickle("model", "example.pkl")
@@ -341,6 +364,11 @@ def measure_serve(*, models: Sequence[str] = ("identity", "smallops"),
                         rows.append(ServeRow(name, m, c, rate, p50, p99, errors, pss))
                 finally:
                     server.stop()
+    if WIDE in archives:
+        from ..package import inspect_package
+
+        weights_mb = inspect_package(archives[WIDE]).storage_bytes / _MB
+        notes.extend(_copies_lines(rows, weights_mb))
     return rows, notes
 
 
@@ -356,6 +384,18 @@ def serve_table(rows: Sequence[ServeRow], *, title: str):
         table.add_row(r.server, r.model, str(r.connections), f"{r.requests_per_s:,.0f}",
                       f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}", str(r.errors), f"{r.pss_mb:.0f}")
     return table
+
+
+def _copies_lines(rows: Sequence[ServeRow], weights_mb: float) -> Iterator[str]:
+    """How many copies of the wide model's weights each server holds:
+    (its PSS with the wide model - its PSS with identity) / weights."""
+    for server in dict.fromkeys(r.server for r in rows):
+        wide = next((r for r in rows if r.server == server and r.model == WIDE), None)
+        tiny = next((r for r in rows if r.server == server and r.model == "identity"), None)
+        if wide and tiny and server != "starlette echo":
+            yield (f"{server}: PSS {wide.pss_mb:.0f} MB with the {weights_mb:.0f} MB model, "
+                       f"{tiny.pss_mb:.0f} MB with identity: "
+                       f"{(wide.pss_mb - tiny.pss_mb) / weights_mb:.2f} copies of the weights")
 
 
 def serve_lines(rows: Sequence[ServeRow]) -> Iterator[str]:
