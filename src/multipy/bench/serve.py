@@ -177,7 +177,9 @@ _PEER_COMMON = """
 import json, os, sys
 import torch
 
-ARCHIVE, PORT, WORKERS = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+# From the environment: mosec's workers re-run this file with their own argv.
+ARCHIVE = os.environ["BENCH_ARCHIVE"]
+PORT, WORKERS = int(os.environ["BENCH_PORT"]), int(os.environ["BENCH_WORKERS"])
 
 def load():
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // WORKERS))
@@ -290,8 +292,9 @@ def _servers(names: Sequence[str], interpreters: int, peer_venv: Path | None,
 
         def start(archive: Path, body: bytes, script=script, path=path) -> _Running:
             port = _free_port()
-            return _Running([str(python), str(script), str(archive), str(port),
-                             str(interpreters)], port, path, body)
+            return _Running([str(python), str(script)], port, path, body,
+                            env=dict(os.environ, BENCH_ARCHIVE=str(archive), BENCH_PORT=str(port),
+                                     BENCH_WORKERS=str(interpreters)))
 
         out.append((name, start))
     return out
