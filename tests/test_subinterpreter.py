@@ -444,3 +444,20 @@ def test_submit_and_acall_deliver_each_answer_through_the_completion_thread(mana
 
     assert asyncio.run(main()) == list(range(30))
     assert any(t.name.startswith("multipy-completion") for t in threading.enumerate())
+
+
+def test_the_native_extension_loads_in_an_own_gil_subinterpreter():
+    try:
+        from multipy import _native
+    except ImportError as exc:
+        pytest.skip(f"multipy._native is not built for this Python ({exc})")
+    import _interpreters
+
+    iid = _interpreters.create()  # isolated: its own GIL
+    try:
+        out = _interpreters.run_string(
+            iid, f"import sys; sys.path[:0] = {sys.path!r}; import multipy._native as n; n.Channel")
+        assert out is None  # no exception crossed back
+    finally:
+        _interpreters.destroy(iid)
+    assert _native.Channel.__module__ == "multipy._native"

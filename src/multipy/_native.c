@@ -300,7 +300,9 @@ static void Channel_dealloc(ChannelObject *self) {
     /* A wait in progress holds a reference to the channel, so none runs here. */
     if (self->attached)
         PyBuffer_Release(&self->view);
-    Py_TYPE(self)->tp_free((PyObject *)self);
+    PyTypeObject *tp = Py_TYPE(self);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp); /* a heap type: each instance holds a reference to it */
 }
 
 PyDoc_STRVAR(post_doc,
@@ -590,17 +592,21 @@ PyDoc_STRVAR(Channel_doc,
 "    >>> ch = Channel(memory)            # doctest: +SKIP\n"
 "    >>> slot = ch.claim(); ch.post(b'ping', slot)\n");
 
-static PyTypeObject ChannelType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "multipy._native.Channel",
-    .tp_basicsize = sizeof(ChannelObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = Channel_doc,
-    .tp_new = PyType_GenericNew,
-    .tp_init = (initproc)Channel_init,
-    .tp_dealloc = (destructor)Channel_dealloc,
-    .tp_methods = Channel_methods,
-    .tp_getset = Channel_getset,
+static PyType_Slot Channel_slots[] = {
+    {Py_tp_doc, (void *)Channel_doc},
+    {Py_tp_new, PyType_GenericNew},
+    {Py_tp_init, (void *)Channel_init},
+    {Py_tp_dealloc, (void *)Channel_dealloc},
+    {Py_tp_methods, Channel_methods},
+    {Py_tp_getset, Channel_getset},
+    {0, NULL},
+};
+
+static PyType_Spec Channel_spec = {
+    .name = "multipy._native.Channel",
+    .basicsize = sizeof(ChannelObject),
+    .flags = Py_TPFLAGS_DEFAULT,
+    .slots = Channel_slots,
 };
 
 static PyObject *native_spinners(PyObject *m, PyObject *unused) {
@@ -612,21 +618,17 @@ static PyMethodDef module_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef native_module = {
-    PyModuleDef_HEAD_INIT, "multipy._native",
-    "Mechanism of multipy's shared-memory call channel (see multipy.transport.channel).", -1,
-    module_methods,
-};
-
-PyMODINIT_FUNC PyInit__native(void) {
-    if (PyType_Ready(&ChannelType) < 0)
-        return NULL;
-    PyObject *m = PyModule_Create(&native_module);
-    if (m == NULL)
-        return NULL;
-    Py_INCREF(&ChannelType);
-    if (PyModule_AddObject(m, "Channel", (PyObject *)&ChannelType) < 0 ||
-        PyModule_AddIntConstant(m, "READY", READY) < 0 ||
+/* Multi-phase initialisation with a heap type: the module loads in isolated
+ * subinterpreters (each with its own GIL) as well as in the main one. */
+static int native_exec(PyObject *m) {
+    PyObject *type = PyType_FromModuleAndSpec(m, &Channel_spec, NULL);
+    if (type == NULL)
+        return -1;
+    if (PyModule_AddObject(m, "Channel", type) < 0) {
+        Py_DECREF(type);
+        return -1;
+    }
+    if (PyModule_AddIntConstant(m, "READY", READY) < 0 ||
         PyModule_AddIntConstant(m, "TIMEOUT", TIMEOUT) < 0 ||
         PyModule_AddIntConstant(m, "DEAD", DEAD) < 0 ||
         PyModule_AddIntConstant(m, "CLOSED", CLOSED) < 0 ||
@@ -634,9 +636,25 @@ PyMODINIT_FUNC PyInit__native(void) {
         PyModule_AddIntConstant(m, "HEADER_BYTES", HEADER_BYTES) < 0 ||
         PyModule_AddIntConstant(m, "RECORD_HEAD", RECORD_HEAD) < 0 ||
         PyModule_AddIntConstant(m, "SLOT_HEAD", SLOT_HEAD) < 0 ||
-        PyModule_AddIntConstant(m, "VERSION", VERSION) < 0) {
-        Py_DECREF(m);
-        return NULL;
-    }
-    return m;
+        PyModule_AddIntConstant(m, "VERSION", VERSION) < 0)
+        return -1;
+    return 0;
+}
+
+static PyModuleDef_Slot native_slots[] = {
+    {Py_mod_exec, native_exec},
+#ifdef Py_mod_multiple_interpreters
+    {Py_mod_multiple_interpreters, Py_MOD_PER_INTERPRETER_GIL_SUPPORTED},
+#endif
+    {0, NULL},
+};
+
+static struct PyModuleDef native_module = {
+    PyModuleDef_HEAD_INIT, "multipy._native",
+    "Mechanism of multipy's shared-memory call channel (see multipy.transport.channel).", 0,
+    module_methods, native_slots,
+};
+
+PyMODINIT_FUNC PyInit__native(void) {
+    return PyModuleDef_Init(&native_module);
 }
