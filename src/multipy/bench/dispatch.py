@@ -44,6 +44,7 @@ class Dispatch:
     calls: int
     seconds: float
     host_cpu_s: float
+    interpreter_cpu_s: float | None = None  # None where /proc is not readable
 
     @property
     def calls_per_s(self) -> float:
@@ -52,6 +53,22 @@ class Dispatch:
     @property
     def host_cpu_us_per_call(self) -> float:
         return self.host_cpu_s / max(self.calls, 1) * 1e6
+
+    @property
+    def interpreter_cpu_us_per_call(self) -> float | None:
+        if self.interpreter_cpu_s is None:
+            return None
+        return self.interpreter_cpu_s / max(self.calls, 1) * 1e6
+
+
+def _cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU time of process ``pid`` so far (Linux /proc), else None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, TypeError):
+        return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +108,7 @@ def _pipe_ping_pong(seconds: float) -> float:
         child.stdout.close()
 
 
-def _drive(noop, threads: int, seconds: float) -> Dispatch:
+def _drive(noop, threads: int, seconds: float, pid: int | None) -> Dispatch:
     counts = [0] * threads
     go = threading.Event()
     stop = threading.Event()
@@ -108,14 +125,15 @@ def _drive(noop, threads: int, seconds: float) -> Dispatch:
                for i in range(threads)]
     for t in workers:
         t.start()
-    cpu0, t0 = time.process_time(), time.perf_counter()
+    cpu0, t0, icpu0 = time.process_time(), time.perf_counter(), _cpu_seconds(pid)
     go.set()
     stop.wait(seconds)
     stop.set()
     for t in workers:
         t.join()
-    elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    return Dispatch(threads, sum(counts), elapsed, cpu)
+    elapsed, cpu, icpu = time.perf_counter() - t0, time.process_time() - cpu0, _cpu_seconds(pid)
+    interp = None if icpu is None or icpu0 is None else icpu - icpu0
+    return Dispatch(threads, sum(counts), elapsed, cpu, interp)
 
 
 def measure_dispatch(*, threads=(1, 4, 16), seconds: float = 2.0,
@@ -130,8 +148,9 @@ def measure_dispatch(*, threads=(1, 4, 16), seconds: float = 2.0,
             noop = s.create_movable(s.global_(_NOOP_MODULE, "Noop")())
         for _ in range(500):  # warm up
             noop()
+        pid = manager.all_instances()[0].pid
         for n in threads:
-            rows.append(_drive(noop, n, seconds))
+            rows.append(_drive(noop, n, seconds, pid))
     pipe = _pipe_ping_pong(seconds)
     return DispatchReport(rows, pipe, NATIVE_WHY, backend)
 
@@ -143,5 +162,7 @@ def dispatch_lines(report: DispatchReport) -> list[str]:
     for r in report.rows:
         out.append(f"{r.threads:>3} host thread(s) -> 1 no-op interpreter: {r.calls_per_s:,.0f} calls/s "
                    f"({r.calls_per_s / report.pipe_round_trips_per_s:.2f}x the pipe ping-pong), "
-                   f"host CPU {r.host_cpu_us_per_call:.1f} µs/call")
+                   f"host CPU {r.host_cpu_us_per_call:.1f} µs/call"
+                   + ("" if r.interpreter_cpu_us_per_call is None
+                      else f", interpreter CPU {r.interpreter_cpu_us_per_call:.1f} µs/call"))
     return out
