@@ -17,6 +17,7 @@
 #include <limits.h>
 #include <linux/futex.h>
 #include <poll.h>
+#include <sched.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/syscall.h>
@@ -158,6 +159,9 @@ static int wait_for(ChannelObject *c, ready_fn ready, void *arg, uint32_t *word,
                 return CLOSED;
             cpu_pause();
             if ((i & 63) == 0) {
+                /* Let a peer that shares this core run: a pure user-space spin would
+                 * otherwise hold the core for a whole time slice when cores are scarce. */
+                sched_yield();
                 int64_t t = now_ns();
                 if (t > until)
                     break;
