@@ -93,6 +93,18 @@ def test_info_reports_versions_capabilities_and_the_process_backend(cache):
         assert f"  {backend}: " in out
 
 
+def test_info_says_which_call_channel_runs_and_why(cache, monkeypatch):
+    from multipy.transport.channel import NATIVE
+
+    proc = run_multipy("info", cache=cache)
+    channel = [line for line in proc.stdout.splitlines() if line.startswith("call channel: ")]
+    assert len(channel) == 1
+    assert channel[0].startswith("call channel: native" if NATIVE else "call channel: pure Python")
+    monkeypatch.setenv("MULTIPY_NATIVE", "0")
+    proc = run_multipy("info", cache=cache)
+    assert "call channel: pure Python: MULTIPY_NATIVE=0 turns the C extension off" in proc.stdout
+
+
 # ------------------------------------------------------------------ examples
 def test_examples_writes_the_archives_asked_for(tmp_path, capsys):
     assert main(["examples", "--out", str(tmp_path), "--only", "simple", "identity"]) == 0
