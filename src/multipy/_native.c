@@ -508,6 +508,16 @@ static PyObject *Channel_take_reply(ChannelObject *self, PyObject *arg) {
     return out;
 }
 
+PyDoc_STRVAR(ready_doc,
+"ready(slot, /) -> bool\n\nWhether ``slot`` holds a reply to take (never waits).");
+
+static PyObject *Channel_ready(ChannelObject *self, PyObject *arg) {
+    unsigned int slot = (unsigned int)PyLong_AsUnsignedLong(arg);
+    if (PyErr_Occurred() || check_attached(self) < 0 || check_slot(self, slot) < 0)
+        return NULL;
+    return PyBool_FromLong(LOAD(&slot_at(self, slot)->state) == SLOT_REPLIED);
+}
+
 PyDoc_STRVAR(asleep_doc,
 "asleep(slot, /) -> bool\n\nWhether ``slot``'s caller sleeps in FUTEX_WAIT now (for tests and diagnostics).");
 
@@ -575,6 +585,7 @@ static PyMethodDef Channel_methods[] = {
     {"reply", (PyCFunction)Channel_reply, METH_VARARGS, reply_doc},
     {"wait_reply", (PyCFunction)Channel_wait_reply, METH_VARARGS, wait_reply_doc},
     {"take_reply", (PyCFunction)Channel_take_reply, METH_O, take_reply_doc},
+    {"ready", (PyCFunction)Channel_ready, METH_O, ready_doc},
     {"asleep", (PyCFunction)Channel_asleep, METH_O, asleep_doc},
     {"close", (PyCFunction)Channel_close, METH_NOARGS, close_doc},
     {"detach", (PyCFunction)Channel_detach, METH_NOARGS, detach_doc},

@@ -87,7 +87,7 @@ def main(config, host_pid: int, fds, parent_pid: int | None = None) -> None:
     _die_with_parent()
     if parent_pid is not None and os.getppid() != parent_pid:
         os._exit(0)  # the parent died before the death signal was armed
-    req_r, rep_w, args_fd, results_fd, out_w, err_w, channel_fd = (
+    req_r, rep_w, args_fd, results_fd, out_w, err_w, channel_fd, bell_w = (
         fd.detach() if hasattr(fd, "detach") else fd for fd in fds)
     os.dup2(out_w, 1)
     os.dup2(err_w, 2)
@@ -107,16 +107,19 @@ def main(config, host_pid: int, fds, parent_pid: int | None = None) -> None:
         torch.version.interp = config.index
     state = InterpreterState(config.index)
     state.activate_for_process()
-    Loop(state, req_r, rep_w, args_fd, results_fd, spin=config.spin, channel_fd=channel_fd).run()
+    Loop(state, req_r, rep_w, args_fd, results_fd, spin=config.spin, channel_fd=channel_fd,
+         bell_w=bell_w).run()
 
 
 class Loop:
     """Serves requests until the host goes away."""
 
     def __init__(self, state: InterpreterState, req_r: int, rep_w: int, args_fd: int,
-                 results_fd: int, *, spin: float = 0.0, channel_fd: int | None = None) -> None:
+                 results_fd: int, *, spin: float = 0.0, channel_fd: int | None = None,
+                 bell_w: int | None = None) -> None:
         self.state = state
         self.channel_fd = channel_fd
+        self.bell_w = -1 if bell_w is None else bell_w
         self.spin = spin
         self.req_r = req_r
         self.rep_w = rep_w
@@ -176,7 +179,8 @@ class Loop:
         if self.channel_fd is not None:
             from ..transport.channel import InterpreterEnd, attach
 
-            end = InterpreterEnd(attach(self.channel_fd), self.req_r, self.rep_w, self.spin)
+            end = InterpreterEnd(attach(self.channel_fd), self.req_r, self.rep_w, self.spin,
+                                 self.bell_w)
             end.serve_forever(self.serve)
             sys.stdout.flush()
             sys.stderr.flush()

@@ -311,7 +311,11 @@ class Worker:
             full = args + ((None if materializes in self.materialized else recipe),)
         drop = drain(self.drops) if self.drops else ()
         try:
-            call.posted = self._post(op, full, drop, timeout, handles, completions, call.finish)
+            posted = self._post(op, full, drop, timeout, handles, completions, call.finish)
+            with call.lock:  # a completion may already have fired: see _PostedCall.finish
+                call.posted, early = posted, call.early
+            if early is not None:
+                completions.call_soon(lambda: call.finish(early))
         except BaseException:
             call.finished = True  # a completion it registered before failing must not run
             self.drops.extend(drop)  # nothing or something was sent: dropping twice is harmless
@@ -462,7 +466,7 @@ class _PostedCall:
     """A posted request until its reply is read (at most one per interpreter)."""
 
     __slots__ = ("worker", "done", "materializes", "timeout", "posted", "timer", "finished",
-                 "started")
+                 "started", "lock", "early")
 
     def __init__(self, worker: Worker, done, materializes, timeout) -> None:
         self.worker = worker
@@ -473,6 +477,10 @@ class _PostedCall:
         self.timer = None
         self.finished = False
         self.started = time.perf_counter()
+        # A fast reply can fire before post() has stored what _post returned: the
+        # event is kept in `early` and post() replays it.
+        self.lock = threading.Lock()
+        self.early = None
 
     def finish(self, event: str) -> None:
         """On the completion thread: read the reply, free the interpreter, tell the caller."""
@@ -480,6 +488,10 @@ class _PostedCall:
 
         if self.finished:
             return
+        with self.lock:
+            if self.posted is None:
+                self.early = event
+                return
         worker = self.worker
         if event == CLOSED:
             self._end(None, ManagerClosedError(

@@ -182,10 +182,13 @@ class ProcessWorker(Worker):
         # The call channel of this generation (a fresh one each restart: a reply half
         # written by a dead interpreter can never reach its replacement).
         channel_fd = channel = None
+        bell = (-1, -1)
         if _channel.NATIVE:
             channel_fd, channel = _channel.create(f"multipy-channel-{self.index}")
+            bell = os.pipe()  # rung after each reply, for the completion thread's epoll
+            os.set_blocking(bell[0], False)
         fds = tuple(_Fd(fd) for fd in (req_r, rep_w, self._args.segment.fd, self._results.fd, out_w, err_w))
-        fds += (None if channel_fd is None else _Fd(channel_fd),)
+        fds += (None, None) if channel_fd is None else (_Fd(channel_fd), _Fd(bell[1]))
         process = self._ctx.Process(
             target=_worker_entry, args=(self.config, os.getpid(), fds),
             name=f"multipy-interpreter-{self.index}", daemon=True)
@@ -194,14 +197,14 @@ class ProcessWorker(Worker):
             process.start()
         finally:
             _starting.worker = False
-            for fd in (req_r, rep_w, out_w, err_w) + (() if channel_fd is None else (channel_fd,)):
+            for fd in (req_r, rep_w, out_w, err_w) + (() if channel_fd is None else (channel_fd, bell[1])):
                 os.close(fd)
         self._process = process
         self.pid = process.pid
         self._waiter = Waiter(self._rep_r, self.config.spin)
         self._reader = FrameReader(self._rep_r)
         self._end = None if channel is None else _channel.HostEnd(
-            channel, self._req_w, self._reader.read, process.sentinel, self.config.spin)
+            channel, self._req_w, self._reader.read, process.sentinel, self.config.spin, bell[0])
         self._next_call = 0
         self._owed: dict[int, list[int]] = {}  # call id -> argument blocks, reply not read yet
         self._out = _Pump(out_r, "stdout", f"multipy-stdout-{self.index}")
@@ -242,6 +245,16 @@ class ProcessWorker(Worker):
     def _arm(self, posted) -> None:
         """Have the completion thread run ``finish`` once a reply frame can be read."""
         completions, finish = posted[3], posted[4]
+        end = self._end
+        if end is not None:
+            # Emptied before looking at the slot: a reply published after the look
+            # rings the bell again, so the watch below cannot miss it.
+            end.drain_bell()
+            if end.bell_closed or end.channel.ready(end.order[0]):
+                completions.call_soon(lambda: finish(READY))
+            else:
+                completions.watch(end.bell_r, finish)
+            return
         if self._reader.buffered:
             completions.call_soon(lambda: finish(READY))
         else:
@@ -249,6 +262,21 @@ class ProcessWorker(Worker):
 
     def _collect(self, posted):
         op, call, placed, _, _ = posted
+        end = self._end
+        while end is not None:
+            try:
+                frame = end.poll_frame()
+            except (OSError, ValueError):  # closed under us: the manager is closing
+                raise self._crashed("while running a call") from None
+            if frame is None:
+                end.drain_bell()
+                if end.bell_closed or self._process is None:
+                    raise self._crashed("while running a call")
+                self._arm(posted)
+                return PENDING
+            reply = self._match(call, frame)
+            if reply is not None:
+                return self._settle(op, reply, placed)
         while True:
             if not self._reader.buffered and not self._waiter.poller.poll(0):
                 # What arrived was the reply of an earlier call whose caller left.
@@ -508,6 +536,12 @@ class ProcessWorker(Worker):
             os.close(self._rep_r)
         except OSError:
             pass
+        if self._end is not None:
+            bell, self._end.bell_r = self._end.bell_r, -1  # never read a reused number
+            try:
+                os.close(bell)
+            except OSError:
+                pass
         for pump in (self._out, self._err):
             pump.join(1)
         self._args.segment.close()

@@ -344,6 +344,11 @@ class PyChannel:
         off = self._slot_off(slot)
         return self._wait(lambda: self._u32(off) == _SLOT_REPLIED, off, off + 4, timeout, fd)
 
+    def ready(self, slot: int, /) -> bool:
+        """Whether ``slot`` holds a reply to take (never waits)."""
+        self._check()
+        return self._u32(self._slot_off(slot)) == _SLOT_REPLIED
+
     def asleep(self, slot: int, /) -> bool:
         """Whether ``slot``'s caller sleeps in FUTEX_WAIT now (for tests and diagnostics)."""
         self._check()
@@ -450,8 +455,11 @@ class HostEnd:
     next 1, 2, 4 ... 64 waits sleep at once.
     """
 
-    def __init__(self, channel, req_w: int, read_spilled, alive_fd: int, spin: float) -> None:
+    def __init__(self, channel, req_w: int, read_spilled, alive_fd: int, spin: float,
+                 bell_r: int = -1) -> None:
         self.channel = channel
+        self.bell_r = bell_r  # the interpreter writes a byte here after each reply
+        self.bell_closed = False
         self.req_w = req_w
         self.read_spilled = read_spilled  # () -> the next frame of the reply pipe, or None
         self.alive_fd = alive_fd
@@ -513,6 +521,33 @@ class HostEnd:
         ch.release(slot)
         return self.read_spilled() if tag & SPILLED else data
 
+    # -- for a completion thread (posted requests) ---------------------------------
+    def drain_bell(self) -> None:
+        """Empty the bell pipe; :attr:`bell_closed` once it reached end-of-file
+        (the interpreter died: it held the only write end)."""
+        while True:
+            try:
+                if not os.read(self.bell_r, 4096):
+                    self.bell_closed = True
+                    return
+            except BlockingIOError:
+                return
+            except OSError:  # closed by the host: this generation is over
+                self.bell_closed = True
+                return
+
+    def poll_frame(self):
+        """The oldest outstanding reply if it is there (bytes), else ``None``: never
+        waits, except for the bytes of a spilled reply already announced."""
+        ch = self.channel
+        slot = self.order[0]
+        if not ch.ready(slot):
+            return None
+        tag, data = ch.take_reply(slot)
+        self.order.popleft()
+        ch.release(slot)
+        return self.read_spilled() if tag & SPILLED else data
+
     def close(self) -> None:
         """Wake the interpreter (it exits) and let go of the memory once no wait uses it."""
         self.channel.close()
@@ -522,19 +557,22 @@ class HostEnd:
 class InterpreterEnd:
     """The interpreter's side: take requests in order, answer each in its slot."""
 
-    def __init__(self, channel, req_r: int, rep_w: int, spin: float) -> None:
+    def __init__(self, channel, req_r: int, rep_w: int, spin: float, bell_w: int = -1) -> None:
         self.channel = channel
         self.req_r = req_r
         self.rep_w = rep_w
         self.spin = spin
+        self.bell_w = bell_w  # written after each reply: a completion thread's epoll wakes
 
     def serve_forever(self, serve) -> None:
         """Answer every request with ``serve(payload) -> reply payload`` until the host
         closes the channel or its request pipe, or dies."""
         from . import frames
 
-        ch, spin, req_r, rep_w = self.channel, self.spin, self.req_r, self.rep_w
-        take, reply = ch.take, ch.reply
+        ch, spin, req_r, rep_w, bell_w = self.channel, self.spin, self.req_r, self.rep_w, self.bell_w
+        take, reply, write = ch.take, ch.reply, os.write
+        if bell_w >= 0:
+            os.set_blocking(bell_w, False)
         while True:
             item = take()
             if item is None:
@@ -553,6 +591,11 @@ class InterpreterEnd:
             if not reply(slot, out, 0):
                 reply(slot, b"", SPILLED)  # announced first: the host then reads the pipe
                 frames.write_frame(rep_w, out)
+            if bell_w >= 0:
+                try:
+                    write(bell_w, b"!")
+                except BlockingIOError:
+                    pass  # full: readable already, nobody drained it (no posted call)
 
 
 def native_status() -> tuple[object | None, str]:
