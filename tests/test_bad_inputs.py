@@ -300,6 +300,25 @@ def test_an_argument_that_cannot_cross_is_named_as_the_caller_wrote_it(manager, 
     assert_usable(manager)
 
 
+COUNT_OBJECTS = "from multipy.interp.state import current_state\nresult = len(current_state().objects)"
+
+
+def test_an_argument_whose_rebuilding_raises_still_carries_the_releases(manager, assert_usable):
+    from _faults import OnLoad
+
+    interp = manager.all_instances()[0]
+    with interp.acquire_session() as s:
+        held = s.exec_(COUNT_OBJECTS)
+        f = s.global_("builtins", "repr")
+        with interp.acquire_session() as other_session:
+            for _ in range(3):
+                other_session.global_("builtins", "len")  # released by the next request
+        with pytest.raises(RuntimeError, match="injected fault"):
+            f.call_value(OnLoad("interpreter", "raise"))  # its own error, type kept
+        assert s.exec_(COUNT_OBJECTS) == held + 1
+    assert_usable(manager)
+
+
 class HostOnlyPoint:
     """A class the tests make look defined in the host's ``__main__``."""
 
@@ -312,10 +331,17 @@ def test_an_object_of_a_class_of_the_hosts_main_is_explained(manager, monkeypatc
         pytest.skip("thread interpreters share the host's __main__, so its classes cross")
     monkeypatch.setattr(HostOnlyPoint, "__module__", "__main__")
     monkeypatch.setattr(sys.modules["__main__"], "HostOnlyPoint", HostOnlyPoint, raising=False)
-    with manager.acquire_one() as s:
+    interp = manager.all_instances()[0]
+    with interp.acquire_session() as s:
+        held = s.exec_(COUNT_OBJECTS)
         f = s.global_("builtins", "repr")
+        with interp.acquire_session() as other_session:
+            for _ in range(3):
+                other_session.global_("builtins", "len")  # released by the next request
         with pytest.raises(multipy.TransportError) as info:
             f.call_value(HostOnlyPoint(1))
+        # The request that could not be rebuilt still released the other session's objects.
+        assert s.exec_(COUNT_OBJECTS) == held + 1
         assert f.call_value(2) == "2"
     message = str(info.value)
     assert "'HostOnlyPoint'" in message and "host's __main__" in message

@@ -353,11 +353,24 @@ class _Stub:
 
 
 class _Lenient(pickle.Unpickler):
+    """Reads a message whatever its objects do: a class that cannot be found
+    and a function that raises when called to rebuild an object give stubs."""
+
     def find_class(self, module, name):
         try:
-            return super().find_class(module, name)
+            found = super().find_class(module, name)
         except Exception:
             return _Stub
+        if isinstance(found, type) or not callable(found):
+            return found
+
+        def tolerant(*args, **kwargs):
+            try:
+                return found(*args, **kwargs)
+            except Exception:
+                return _Stub()
+
+        return tolerant
 
 
 class PersistentUnpickler(pickle.Unpickler):
