@@ -8,6 +8,7 @@
 ``memory``      PSS of N interpreters of a 200 MB model (``--memory``)
 ``targets``     an archive path or an example name -> a :class:`Target`
 ``errors``      :class:`TargetError`, :class:`BenchError`
+``subinterpreter``  the subinterpreter backend's own benchmark (``python3.13 -m``)
 
 Names are loaded on first use, so importing this package (or its torch-free
 ``errors``/``targets``/``harness`` modules) does not import torch.

@@ -3,11 +3,11 @@ subinterpreters against N independent processes on CPU-bound pure Python.
 
 ::
 
-    python3.13 -m multipy.backends._subinterp_bench [--calls 200] [--max-n 2] [--rounds 3]
+    python3.13 -m multipy.bench.subinterpreter [--calls 200] [--max-n 2] [--rounds 3]
 
 The *limit* is N ``spawn`` processes each calling the same function directly
 (no multipy, no transport): what N cores can do.  The ratio is subinterpreter
-throughput over that limit, measured in the same run; the target is >= 0.9.
+throughput over that limit, measured in the same run.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 
-from ..bench.harness import percentile_ms
+from .harness import percentile_ms
 
 #: A tokenizer-like loop over a string: pure Python, CPU-bound, a few ms a call.
 WORK = '''
