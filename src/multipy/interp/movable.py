@@ -18,7 +18,8 @@ import pickle
 import sys
 import types
 
-from ..transport.codec import PersistentUnpickler, _dtype, settle_sparse, view_tensor
+from ..transport import tensors
+from ..transport.codec import PersistentUnpickler, settle_sparse, view_tensor
 from ..transport.messages import MovablePayload
 from ..transport.shm import ALIGN, Segment
 
@@ -103,7 +104,7 @@ def load_movable(payload: MovablePayload):
         if nbytes == 0:
             import torch
 
-            t = torch.empty(shape, dtype=_dtype(dtype))
+            t = torch.empty(shape, dtype=tensors.dtype(dtype))
         else:
             t = view_tensor(segment.view(offset, nbytes), dtype, shape, stride, storage_offset)
         if grad:

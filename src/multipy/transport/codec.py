@@ -22,13 +22,15 @@ import ctypes
 import io
 import pickle
 import sys
-import threading
 import weakref
 from typing import Any, Callable
 
 from ..errors import MultipyError, TransportError
+from . import cuda
 from .cuda_link import CUDA_BLOCK
 from .shm import Arena, Segment
+from .tensors import decoding, dtype as _dtype, dtype_name as _dtype_name, \
+    numpy_dtype as _numpy_dtype, strided as _strided
 
 # Descriptor segment names.  Anything else is a ``(pid, fd, inode)`` ident.
 OUTBOUND = "o"   # the sender's arena (host: args arena; interpreter: results arena)
@@ -36,56 +38,6 @@ RETURNED = "r"   # the receiver's own arena, handed back without a copy
 EMPTY = "e"      # numel == 0: no bytes at all
 HANDLE = "h"     # ("h", id): an object in the receiver's object table
 # CUDA_BLOCK ("c"): a CUDA tensor in the link buffer of its device (cuda_link)
-
-_DTYPES: dict[str, Any] = {}
-
-
-_NAMES: dict[Any, str] = {}
-
-
-def _dtype(name: str):
-    if not _DTYPES:
-        _load_dtypes()
-    return _DTYPES[name]
-
-
-def _dtype_name(dtype) -> str:
-    name = _NAMES.get(dtype)
-    if name is None:
-        _load_dtypes()
-        name = _NAMES[dtype]
-    return name
-
-
-def _load_dtypes() -> None:
-    import torch
-
-    for value in vars(torch).values():
-        if isinstance(value, torch.dtype):
-            _DTYPES[str(value)] = value
-            _NAMES[value] = str(value)
-
-
-def _strided():
-    return sys.modules["torch"].strided
-
-
-_NUMPY: dict[str, Any] = {}
-
-
-def _numpy_dtype(name: str):
-    if not _NUMPY:
-        import numpy as np
-
-        for torch_name, np_name in (("bool", "bool_"), ("uint8", "uint8"), ("int8", "int8"),
-                                    ("int16", "int16"), ("int32", "int32"), ("int64", "int64"),
-                                    ("float16", "float16"), ("float32", "float32"),
-                                    ("float64", "float64"), ("complex64", "complex64"),
-                                    ("complex128", "complex128")):
-            _NUMPY["torch." + torch_name] = np.dtype(np_name)
-        _NUMPY[""] = None
-    return _NUMPY.get(name)
-
 
 def view_tensor(array, dtype_name: str, shape, stride, storage_offset):
     """A tensor over ``array``'s bytes (numpy uint8), sharing its memory."""
@@ -181,9 +133,7 @@ class Encoder:
                 desc = self.links.place(t)
                 if desc is not None:
                     return (_rebuild, (desc,))
-            from .cuda import reduce_cuda
-
-            return reduce_cuda(t)
+            return cuda.reduce_cuda(t)
         desc = self.describe(t)
         if desc is None:
             return t.__reduce_ex__(5)
@@ -276,15 +226,15 @@ class Decoder:
         cannot be found (to read the rest of a message whose arguments cannot be
         rebuilt)."""
         self.received = []
-        previous = getattr(_decoding, "decoder", None)
-        _decoding.decoder = self
+        previous = getattr(decoding, "decoder", None)
+        decoding.decoder = self
         try:
             value = _Lenient(io.BytesIO(data)).load() if lenient else pickle.loads(data)
         except BaseException:
             settle_sparse(check=False)
             raise
         finally:
-            _decoding.decoder = previous
+            decoding.decoder = previous
         settle_sparse()
         return value
 
@@ -388,12 +338,9 @@ class PersistentUnpickler(pickle.Unpickler):
         return self._load(pid)
 
 
-_decoding = threading.local()
-
-
 def _rebuild(pid):
     """Unpickling hook for tensors and handles: asks the decoder of this thread."""
-    decoder = getattr(_decoding, "decoder", None)
+    decoder = getattr(decoding, "decoder", None)
     if decoder is None:
         raise TransportError("a multipy tensor descriptor can only be unpickled by a Decoder")
     return decoder.rebuild(pid)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import threading
 
+from .tensors import decoding
+
 _local = threading.local()  # this thread's interpreter stream
 
 
@@ -33,10 +35,8 @@ def reduce_cuda(t):
 def rebuild_cuda(rebuild, args):
     """Open an IPC'd CUDA tensor; a copy of it when the decoding side must own
     what it receives (``Decoder(own_cuda=True)``: the host's results)."""
-    from .codec import _decoding
-
     t = rebuild(*args)
-    decoder = getattr(_decoding, "decoder", None)
+    decoder = getattr(decoding, "decoder", None)
     if decoder is not None and decoder.own_cuda:
         if decoder.links is not None:
             decoder.links.fell_back(t)  # the host makes room in the link for next time

@@ -43,6 +43,9 @@ from __future__ import annotations
 import os
 from typing import Any, Callable
 
+from . import tensors
+from .tensors import dtype_name, strided
+
 LINK_ALIGN = 256            # every block starts on a 256-byte boundary (CUDA's own alignment)
 LINK_MIN_BYTES = 1 << 20    # a new buffer's size
 LINK_MAX_TENSOR = 1 << 26   # larger tensors cross by per-tensor IPC (mapping cost is small beside them)
@@ -139,10 +142,8 @@ def _place(buffer, message: _Message, t, index, before: Callable[[], None]) -> t
     """Copy ``t`` into ``buffer`` after what this message placed; its descriptor,
     or ``None`` when it does not fit (counted in ``message.short``).  Like every
     tensor that crosses, it arrives detached."""
-    from .codec import _dtype_name, _strided
-
     nbytes = t.nbytes
-    if nbytes > LINK_MAX_TENSOR or t.layout is not _strided() or t.is_quantized:
+    if nbytes > LINK_MAX_TENSOR or t.layout is not strided() or t.is_quantized:
         return None  # sparse and quantized tensors keep torch's own reduction
     offset = message.used
     end = offset + _aligned(nbytes)
@@ -155,20 +156,18 @@ def _place(buffer, message: _Message, t, index, before: Callable[[], None]) -> t
     message.used = end
     if nbytes:
         buffer[offset:offset + nbytes].view(t.dtype).view(t.shape).copy_(t.detach())
-    return (CUDA_BLOCK, index, offset, nbytes, _dtype_name(t.dtype), tuple(t.shape))
+    return (CUDA_BLOCK, index, offset, nbytes, dtype_name(t.dtype), tuple(t.shape))
 
 
 def _take(ops, buffer, message: _Message, desc: tuple, before: Callable[[], None]):
     """A tensor of this side's own memory with the bytes of block ``desc``."""
-    from .codec import _dtype
-
     _, _, offset, nbytes, dtype, shape = desc
     if not message.touched:
         before()
         message.touched = True
     if nbytes:
-        return buffer[offset:offset + nbytes].view(_dtype(dtype)).view(shape).clone()
-    return ops.empty(shape, _dtype(dtype))
+        return buffer[offset:offset + nbytes].view(tensors.dtype(dtype)).view(shape).clone()
+    return ops.empty(shape, tensors.dtype(dtype))
 
 
 class HostLink:
