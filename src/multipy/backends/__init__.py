@@ -8,5 +8,5 @@
                     (parallel only on free-threaded CPython); ``_by_reference`` moves
                     its values
 ``subinterpreter``  a CPython 3.13+ own-GIL subinterpreter per interpreter (no torch);
-                    ``_subinterp_main`` / ``_subinterp_wire`` run inside and frame it
+                    ``_subinterp_main`` runs inside (its wire: ``transport.subinterp_wire``)
 """

@@ -36,7 +36,7 @@ from typing import Any
 from ..errors import MultipyError, TransportError
 from ..transport.codec import PersistentUnpickler, describe_request, describe_unpicklable
 from ..interp.modules import current_thread_modules, registered_global
-from ..interp.movable import _MovablePickler
+from ..interp.movable import MovablePickler
 from ..interp.packages import StorageSource, open_package
 from ..transport.messages import GradMode, Handle, MovablePayload, Op, RemoteException
 
@@ -220,7 +220,7 @@ def to_host(value: Any) -> Any:
 # -- movables ---------------------------------------------------------------------
 
 
-class _ByReferencePickler(_MovablePickler):
+class _ByReferencePickler(MovablePickler):
     """The movable pickler (classes of packages named by package), tensors kept,
     and what registered modules define named by module: the interpreter that
     loads the movable resolves it in its own copy of the module."""

@@ -34,7 +34,7 @@ from .._current import set_process_interpreter
 from ..errors import BackendUnavailableError, TransportError
 from ..interp.state import InterpreterState, capture_exception
 from ..transport.frames import Waiter
-from . import _subinterp_wire as wire
+from ..transport import subinterp_wire as wire
 
 #: Top-level modules whose C extensions cannot load in an isolated subinterpreter.
 REFUSED = ("torch", "numpy")

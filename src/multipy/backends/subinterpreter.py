@@ -42,7 +42,7 @@ What runs here and what does not:
   interpreter and its objects are kept.  Code stuck in native code that does
   not return within a grace second is abandoned: a new subinterpreter serves
   later calls and the old one is destroyed when its code returns.
-* **Copies.**  See :mod:`multipy.backends._subinterp_wire`: large ``memoryview``
+* **Copies.**  See :mod:`multipy.transport.subinterp_wire`: large ``memoryview``
   arguments cross with no copy, ``bytes``/``bytearray`` arguments with one,
   large results with two; small values are pickled through the pipe.
 * stdout/stderr of the subinterpreter go straight to the process's file
@@ -65,7 +65,7 @@ from ..errors import (CallTimeoutError, InterpreterCrashedError, ManagerClosedEr
                       OwnershipError, TransportError)
 from ..transport.frames import Waiter, block_readable
 from ..transport.messages import Handle, Op
-from . import _subinterp_wire as wire
+from ..transport import subinterp_wire as wire
 from .base import Backend, BackendKind, RequestNotSent, Worker, WorkerConfig, no_start
 
 INTERRUPT_GRACE = 1.0     # seconds an interrupted call gets to unwind

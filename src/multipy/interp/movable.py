@@ -36,7 +36,12 @@ def _package_global(package_id: int, module: str, qualname: str):
     return obj
 
 
-class _MovablePickler(pickle.Pickler):
+class MovablePickler(pickle.Pickler):
+    """Pickles an object with its CPU tensors out of band (``tensors``: offsets in
+    the segment to come, ``size`` bytes in all) and names the classes of the
+    packages it uses (``used``) so that another interpreter imports them first.
+    The thread backend subclasses it to keep the tensors themselves."""
+
     def __init__(self, file, prefixes: dict[str, int]) -> None:
         super().__init__(file, protocol=5)
         self.prefixes = prefixes
@@ -77,7 +82,7 @@ def make_movable(obj, prefixes: dict[str, int]) -> tuple[MovablePayload, Segment
     (the caller keeps it open until the host has adopted it) and the ids of
     the packages whose classes it refers to."""
     buf = io.BytesIO()
-    pickler = _MovablePickler(buf, prefixes)
+    pickler = MovablePickler(buf, prefixes)
     pickler.dump(obj)
     segment = None
     if pickler.tensors:

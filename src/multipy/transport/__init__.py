@@ -7,5 +7,6 @@
 ``tensors``   dtypes by name and the decoder at work: what codec, cuda and cuda_link share.
 ``cuda``      CUDA tensors by CUDA IPC, the lifetime rule, a stream per interpreter.
 ``cuda_link`` CUDA device buffers mapped once per interpreter, ordered by IPC events.
+``subinterp_wire`` the subinterpreter backend's frames (pure Python: runs inside subinterpreters).
 ``channel``   the shared-memory call channel (ring, reply slots, futex waits) and its pure-Python twin.
 """

@@ -31,12 +31,13 @@ def write_frame(fd: int, payload: bytes | memoryview, /) -> None:
     if data is not None:
         view = memoryview(data)
     else:
-        _write_all(fd, memoryview(_HEADER.pack(len(payload))))
+        write_all(fd, memoryview(_HEADER.pack(len(payload))))
         view = memoryview(payload)
-    _write_all(fd, view)
+    write_all(fd, view)
 
 
-def _write_all(fd: int, view: memoryview) -> None:
+def write_all(fd: int, view: memoryview) -> None:
+    """Write all of ``view`` to ``fd`` (a blocking descriptor), however many writes it takes."""
     while view:
         n = os.write(fd, view)
         view = view[n:]

@@ -36,7 +36,7 @@ import os
 import pickle
 import struct
 
-from ..transport.frames import _write_all
+from .frames import write_all
 
 OOB_THRESHOLD = 64 * 1024
 ALIGN = 64
@@ -169,4 +169,4 @@ def write_all(fd: int, parts: list) -> None:
     written = os.writev(fd, parts)
     if written == total:
         return
-    _write_all(fd, memoryview(b"".join(parts))[written:])
+    write_all(fd, memoryview(b"".join(parts))[written:])
