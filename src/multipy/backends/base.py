@@ -379,6 +379,16 @@ class Worker:
         if not self.closed:
             self.revive_in_background()
 
+    def adopt_movable(self, payload):
+        """Make a movable just pickled out of this interpreter independent of it.
+
+        Returns ``(payload, fd)``: the payload to load it from anywhere, and a
+        descriptor the host keeps open as long as the movable lives (``None``
+        when nothing needs one).  Backends whose movables keep their tensors in
+        memory the interpreter owns override this; the default has nothing to do.
+        """
+        return payload, None
+
     def drop(self, item) -> None:
         """Queue the release of an object in this interpreter (any thread)."""
         self.drops.append(item)

@@ -40,8 +40,8 @@ from ..transport import channel as _channel
 from ..transport.codec import Decoder, Encoder
 from ..transport.cuda_link import HostLinks
 from ..transport.frames import FrameError, FrameReader, Waiter, write_frame
-from ..transport.messages import Op, parse_reply, stamp
-from ..transport.shm import Arena, BlockViews, Segment
+from ..transport.messages import MovablePayload, Op, parse_reply, stamp
+from ..transport.shm import Arena, BlockViews, Segment, open_descriptor
 from .base import (PENDING, Backend, BackendKind, RequestNotSent, Worker, WorkerConfig, describe_exit, drain,
                    no_start)
 from .completions import READY
@@ -517,6 +517,15 @@ class ProcessWorker(Worker):
         error = describe_exit(self.index, pid, exitcode, while_)
         self.mark_dead(str(error))
         return error
+
+    def adopt_movable(self, payload):
+        """The movable's tensors are in a segment this interpreter holds: the host
+        opens it too (through /proc), so the movable outlives the interpreter."""
+        if payload.segment is None:
+            return payload, None
+        pid, fd, inode = payload.segment
+        own = open_descriptor(pid, fd, inode)
+        return MovablePayload(payload.data, (os.getpid(), own, inode)), own
 
     def _terminate(self, *, kill: bool) -> None:
         process, self._process = self._process, None

@@ -159,17 +159,7 @@ class InterpreterManager:
             owner = obj._session.interpreter_index if isinstance(obj, Obj) else None
             raise _ownership(obj, owner, session.interpreter_index)
         payload, used = session._request(Op.MAKE_MOVABLE, (obj,))
-        fd = None
-        segment = payload.segment
-        if segment is not None:
-            from ..transport.messages import MovablePayload
-
-            pid, their_fd, inode = segment
-            fd = os.open(f"/proc/{pid}/fd/{their_fd}", os.O_RDWR | os.O_CLOEXEC)
-            if os.fstat(fd).st_ino != inode:
-                os.close(fd)
-                raise OSError("the movable's shared segment vanished before it was adopted")
-            payload = MovablePayload(payload.data, (os.getpid(), fd, inode))
+        payload, fd = self._workers[session.interpreter_index].adopt_movable(payload)
         uses = tuple(self._packages[package_id] for package_id in used)
         packages = tuple((package._id, package.path) for package in uses)
         return ReplicatedObj(self, ("movable", payload, packages), segment_fd=fd, uses=uses)

@@ -62,11 +62,7 @@ class Segment:
     @classmethod
     def open(cls, pid: int, fd: int, inode: int, *, private: bool = False) -> "Segment":
         """Open a segment held by another process (``pid``) as descriptor ``fd``."""
-        path = f"/proc/{pid}/fd/{fd}"
-        own = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        if os.fstat(own).st_ino != inode:
-            os.close(own)
-            raise OSError(f"{path} is no longer the shared segment (inode changed)")
+        own = open_descriptor(pid, fd, inode)
         return cls(own, os.fstat(own).st_size, owner=False, private=private)
 
     def _map(self, size: int) -> None:
@@ -109,6 +105,24 @@ class Segment:
             os.close(self.fd)
         except OSError:
             pass
+
+
+def open_descriptor(pid: int, fd: int, inode: int) -> int:
+    """A descriptor of this process for the segment that process ``pid`` holds as
+    ``fd``; ``OSError`` when it is gone or the number now names another file.
+
+    >>> segment = Segment.create(4096)
+    >>> own = open_descriptor(*segment.ident())
+    >>> os.fstat(own).st_ino == segment.inode
+    True
+    >>> os.close(own); segment.close()
+    """
+    path = f"/proc/{pid}/fd/{fd}"
+    own = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    if os.fstat(own).st_ino != inode:
+        os.close(own)
+        raise OSError(f"{path} is no longer the shared segment (inode changed)")
+    return own
 
 
 SMALL = 1 << 16
