@@ -1,7 +1,7 @@
 """Errors cross cleanly and leave the manager usable.
 
-torch::deploy's ThrowsSafely and ErrorsReplicatingObj, and DESIGN.md's failure
-model for Python-level errors: the original exception type with the
+torch::deploy's ThrowsSafely and ErrorsReplicatingObj, and the failure model
+for Python-level errors: the original exception type with the
 interpreter-side traceback as ``__cause__``; ``InterpreterError`` when the type
 cannot be rebuilt; clear errors for bad packages, missing pickles, missing
 extern modules, values that cannot cross and ``Obj`` handles used in the wrong

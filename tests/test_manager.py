@@ -1,7 +1,7 @@
 """InterpreterManager: construction, lifetime, load balancing and statistics.
 
 torch::deploy's InitManagerBasic, InitTwice and MissingInterpreter, plus the
-host-side guarantees of DESIGN.md (close is idempotent, ``with`` closes,
+host-side guarantees (close is idempotent, ``with`` closes,
 ``statistics()`` is a frozen snapshot).  Lifetime tests necessarily start their
 own small managers; everything else shares the module's ``manager``.
 """

@@ -3,8 +3,8 @@
 torch::deploy's SimpleModel, LoadTextAndBinary, ResNet, FxModule,
 MultiSerialSimpleModel, ThreadedSimpleModel, AcquireMultipleSessions…,
 UsesDistributed, Autograd, ImportlibMetadata, TestNumpy, TestPyYAML, the
-pybind print case and GPU UsesCuda; plus DESIGN.md's "a call runs under the
-caller's autograd mode".
+pybind print case and GPU UsesCuda; plus "a call runs under the caller's
+autograd mode".
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Values cross between the host and an interpreter exactly, tensors through shared memory.
 
-DESIGN.md's "What crosses the boundary": every dtype, nested structures,
+What crosses the boundary: every dtype, nested structures,
 non-contiguous views, 0-dim and empty tensors, tensors that require grad
 (detached on the way), results that stay valid, large tensors, and no pickling
 of tensor bytes.  Each value goes through an identity function twice: as a

@@ -82,11 +82,9 @@ def _die_with_parent() -> None:
         pass
 
 
-def main(config, host_pid: int, fds, parent_pid: int | None = None) -> None:
+def main(config, fds) -> None:
     """Entry point of a worker process; ``fds`` are inherited descriptors."""
     _die_with_parent()
-    if parent_pid is not None and os.getppid() != parent_pid:
-        os._exit(0)  # the parent died before the death signal was armed
     req_r, rep_w, args_fd, results_fd, out_w, err_w, channel_fd, bell_w = (
         fd.detach() if hasattr(fd, "detach") else fd for fd in fds)
     os.dup2(out_w, 1)
@@ -123,8 +121,8 @@ class Loop:
         self.spin = spin
         self.req_r = req_r
         self.rep_w = rep_w
-        args = Segment(args_fd, os.fstat(args_fd).st_size, owner=False)
-        self.results = Arena(Segment(results_fd, os.fstat(results_fd).st_size, owner=True))
+        args = Segment(args_fd, os.fstat(args_fd).st_size)
+        self.results = Arena(Segment(results_fd, os.fstat(results_fd).st_size))
         self.decoder = Decoder(args, own=self.results.segment, open_shared=self._open_shared,
                                resolve_handle=state.objects.__getitem__,
                                on_return=lambda offset, holder: self._returned.append((offset, holder)))

@@ -190,7 +190,7 @@ class ProcessWorker(Worker):
         fds = tuple(_Fd(fd) for fd in (req_r, rep_w, self._args.segment.fd, self._results.fd, out_w, err_w))
         fds += (None, None) if channel_fd is None else (_Fd(channel_fd), _Fd(bell[1]))
         process = self._ctx.Process(
-            target=_worker_entry, args=(self.config, os.getpid(), fds),
+            target=_worker_entry, args=(self.config, fds),
             name=f"multipy-interpreter-{self.index}", daemon=True)
         _starting.worker = True
         try:
@@ -559,10 +559,10 @@ class ProcessWorker(Worker):
         process.close()
 
 
-def _worker_entry(config, host_pid, fds):
+def _worker_entry(config, fds):
     from ._process_main import main
 
-    main(config, host_pid, tuple(f.detach() if hasattr(f, "detach") else f for f in fds))
+    main(config, tuple(f.detach() if hasattr(f, "detach") else f for f in fds))
 
 
 class ProcessBackend(Backend):

@@ -19,9 +19,9 @@
 Each subinterpreter runs on its own OS thread (the *driver*), which enters it
 once with ``_interpreters.exec`` and stays there: the serving loop blocks in
 ``os.read`` with the subinterpreter's GIL released, and the caller blocks in
-``os.read`` with the main GIL released, so a call costs two pipe wake-ups and
-no polling (the cross-interpreter queue's blocking ``get`` sleeps 10 ms per
-try).  While N driver threads run code in N subinterpreters, none of them
+``os.read`` with the main GIL released, so a call costs two pipe wake-ups
+(each side spins briefly on its pipe, then sleeps in ``poll``: see
+:class:`~multipy.transport.frames.Waiter`).  While N driver threads run code in N subinterpreters, none of them
 holds the main GIL: pure-Python work runs in parallel inside one process.
 The driver thread only comes back to the host (``exec`` returns) to pick up
 cross-interpreter buffer views of large arguments or a bigger result arena.

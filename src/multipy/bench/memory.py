@@ -6,8 +6,8 @@ the host never holds the weights itself), one with the tiny ``smallops``
 example.  Each model is called once on every interpreter so every
 interpreter has loaded it; then the PSS (proportional set size: shared pages
 split between the processes that map them) of the host and of every
-interpreter is summed.  The difference over the weight bytes is the figure
-DESIGN.md bounds (≤ 1.3).
+interpreter is summed.  The figure is that sum's growth over the weight bytes: 1.0 means one
+copy of the weights for all N interpreters.
 
 Example:
     >>> report = measure_memory(interpreters=4)                 # doctest: +SKIP

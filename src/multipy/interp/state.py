@@ -48,7 +48,6 @@ class InterpreterState:
         self.objects: dict[int, Any] = {}
         self._next = 1
         self.replicated: dict[int, Any] = {}
-        self.package_paths: dict[int, str] = {}
         self.importers: dict[int, Any] = {}
         self.prefixes: dict[str, int] = {}
         self.finder = finder if finder is not None else SourceFinder().install()

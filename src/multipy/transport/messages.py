@@ -34,7 +34,6 @@ class Op(enum.IntEnum):
 
     PING = 0
     REGISTER_MODULE = 1      # (name, source)
-    OPEN_PACKAGE = 2         # (package_id, path) -> None
     PACKAGE_IMPORTER = 3     # (package_id,) -> handle of the PackageImporter
     LOAD_PICKLE = 4          # (package_id, package, resource) -> handle
     GLOBAL = 5               # (module, name) -> handle
@@ -137,7 +136,8 @@ class MovablePayload:
     """An object pickled out of one interpreter with its tensors in shared memory.
 
     ``data`` is the pickle; ``segment`` names the shared segment holding its
-    tensor bytes (``None`` when it has none) as ``(pid, fd, inode, size)``.
+    tensor bytes (``None`` when it has none) as ``(pid, fd, inode)``: the process
+    that holds the segment as descriptor ``fd`` (see :func:`~multipy.transport.shm.open_descriptor`).
     """
 
     data: bytes

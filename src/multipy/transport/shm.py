@@ -38,16 +38,15 @@ def _round(n: int) -> int:
 class Segment:
     """One memfd mapped into this process.
 
-    ``owner`` is True in the process that created it.  ``view(offset, n)``
+    ``view(offset, n)``
     returns a numpy ``uint8`` array over the bytes (numpy is used because its
     arrays carry weak references, which is how block lifetimes are tracked).
     """
 
-    def __init__(self, fd: int, size: int, *, owner: bool, private: bool = False) -> None:
+    def __init__(self, fd: int, size: int, *, private: bool = False) -> None:
         import numpy as np  # deferred: the subinterpreter backend never maps segments
 
         self.fd = fd
-        self.owner = owner
         self.inode = os.fstat(fd).st_ino
         self.private = private
         self._np = np
@@ -57,13 +56,13 @@ class Segment:
     def create(cls, size: int, *, name: str = "multipy") -> "Segment":
         fd = os.memfd_create(name, os.MFD_CLOEXEC)
         os.ftruncate(fd, max(size, ALIGN))
-        return cls(fd, max(size, ALIGN), owner=True)
+        return cls(fd, max(size, ALIGN))
 
     @classmethod
     def open(cls, pid: int, fd: int, inode: int, *, private: bool = False) -> "Segment":
         """Open a segment held by another process (``pid``) as descriptor ``fd``."""
         own = open_descriptor(pid, fd, inode)
-        return cls(own, os.fstat(own).st_size, owner=False, private=private)
+        return cls(own, os.fstat(own).st_size, private=private)
 
     def _map(self, size: int) -> None:
         access = mmap.ACCESS_COPY if self.private else mmap.ACCESS_WRITE
