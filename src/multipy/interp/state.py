@@ -18,7 +18,7 @@ import traceback
 from typing import Any
 
 from ..errors import ExternModuleError, MultipyError, PackageError
-from ..transport.messages import GradMode, Handle, MovablePayload, Op, RemoteException
+from ..transport.messages import Drop, GradMode, Handle, MovablePayload, Op, Recipe, RemoteException
 from .modules import SourceFinder
 
 _local = threading.local()
@@ -107,9 +107,9 @@ class InterpreterState:
 
     def _drop(self, item) -> None:
         kind, ident = item
-        if kind == "obj":
+        if kind == Drop.OBJECT:
             self.objects.pop(ident, None)
-        elif kind == "pkg":
+        elif kind == Drop.PACKAGE:
             self._forget_package(ident)
         else:
             self.replicated.pop(ident, None)
@@ -251,11 +251,11 @@ class InterpreterState:
         if rid in self.replicated:
             return
         kind = recipe[0]
-        if kind == "pickle":
+        if kind == Recipe.PICKLE:
             _, package_id, path, package, resource, map_location, storages = recipe
             obj = self._load_from_package(package_id, path, package, resource,
                                           map_location, storages)
-        elif kind == "movable":
+        elif kind == Recipe.MOVABLE:
             for package_id, path in recipe[2]:
                 self._importer(package_id, path)
             _, load = self._movable_functions()

@@ -26,7 +26,7 @@ from ..backends.base import WorkerConfig
 from ..backends.capabilities import resolve_backend
 from ..backends.completions import Completions
 from ..errors import ManagerClosedError
-from ..transport.messages import Op
+from ..transport.messages import Op, Recipe
 from .balancer import LoadBalancer
 from .dispatch import Dispatcher, Request
 from .environment import Environment, NoopEnvironment
@@ -162,7 +162,7 @@ class InterpreterManager:
         payload, fd = self._workers[session.interpreter_index].adopt_movable(payload)
         uses = tuple(self._packages[package_id] for package_id in used)
         packages = tuple((package._id, package.path) for package in uses)
-        return ReplicatedObj(self, ("movable", payload, packages), segment_fd=fd, uses=uses)
+        return ReplicatedObj(self, (int(Recipe.MOVABLE), payload, packages), segment_fd=fd, uses=uses)
 
     def statistics(self) -> ManagerStatistics:
         """A frozen snapshot of per-interpreter counters and latency percentiles."""

@@ -15,7 +15,7 @@ import zipfile
 from typing import TYPE_CHECKING
 
 from ..errors import PackageError
-from ..transport.messages import Op
+from ..transport.messages import Drop, Op, Recipe
 from .replicated import ReplicatedObj
 from .session import InterpreterSession
 
@@ -97,7 +97,7 @@ class Package:
         self._resource(package, resource)
         location = None if map_location is None else str(map_location)
         storages = self._device_storages(location) if location and location.startswith("cuda") else None
-        replicated = ReplicatedObj(self._manager, ("pickle", self._id, self.path, package,
+        replicated = ReplicatedObj(self._manager, (int(Recipe.PICKLE), self._id, self.path, package,
                                                    resource, location, storages), uses=(self,))
         self._manager._with_worker(
             lambda worker: worker.request(Op.MATERIALIZE, (replicated._id,),
@@ -168,4 +168,4 @@ class Package:
 
 def _forget(workers, package_id: int) -> None:
     for worker in workers:
-        worker.drop(("pkg", package_id))
+        worker.drop((int(Drop.PACKAGE), package_id))

@@ -16,7 +16,7 @@ import os
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from ..transport.messages import Op
+from ..transport.messages import Drop, Op, Recipe
 from .session import InterpreterSession
 
 if TYPE_CHECKING:
@@ -26,13 +26,14 @@ if TYPE_CHECKING:
     from .manager import Interpreter, InterpreterManager
 
 _ids = itertools.count(1)
+_REPLICATED = int(Drop.REPLICATED)
 
 
 def _release(workers, rid: int, fd: int | None) -> None:
     for worker in workers:
         if rid in worker.materialized:
             worker.materialized.discard(rid)
-            worker.drop(("rep", rid))
+            worker.drop((_REPLICATED, rid))
     if fd is not None:
         try:
             os.close(fd)
@@ -183,4 +184,4 @@ class ReplicatedObj:
         return [w.index for w in self._manager._workers if self._id in w.materialized]
 
     def __repr__(self) -> str:
-        return f"<ReplicatedObj {self._id} {self._recipe[0]} loaded in {self.loaded_in()}>"
+        return f"<ReplicatedObj {self._id} {Recipe(self._recipe[0]).name.lower()} loaded in {self.loaded_in()}>"

@@ -14,7 +14,9 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InterpreterCrashedError, OwnershipError
-from ..transport.messages import GradMode, Handle, Op
+from ..transport.messages import Drop, GradMode, Handle, Op
+
+_OBJECT = int(Drop.OBJECT)
 
 if TYPE_CHECKING:
     import concurrent.futures
@@ -237,7 +239,7 @@ class InterpreterSession:
         self._closed = True
         if self._worker.generation == self._generation and self._worker.dead_reason is None:
             for ident in self._owned:
-                self._worker.drop(("obj", ident))
+                self._worker.drop((_OBJECT, ident))
         self._owned = []
         self._keep = []
         if self._balanced:

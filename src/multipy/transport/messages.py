@@ -63,6 +63,23 @@ def call_arguments(op: int, args: tuple) -> tuple[tuple, dict] | None:
     return None
 
 
+class Drop(enum.IntEnum):
+    """What a ``(kind, ident)`` item of a request's ``drop`` releases; sent as a
+    plain int, like :class:`Op`."""
+
+    OBJECT = 0       # an Obj's entry in the interpreter's object table
+    REPLICATED = 1   # an interpreter's copy of a ReplicatedObj
+    PACKAGE = 2      # an interpreter's importer of a Package
+
+
+class Recipe(enum.IntEnum):
+    """How an interpreter loads a replicated object: the first field of its
+    recipe tuple, sent as a plain int."""
+
+    PICKLE = 0    # (PICKLE, package_id, path, package, resource, map_location, storages)
+    MOVABLE = 1   # (MOVABLE, MovablePayload, ((package_id, path), ...))
+
+
 class GradMode(enum.IntEnum):
     """The caller's autograd mode, re-established around a call."""
 
