@@ -1,15 +1,27 @@
 """The worker protocol: what a backend implements so the manager never
 branches on which backend it drives.
 
-A :class:`Worker` is one interpreter seen from the host.  The manager calls
-:meth:`Worker.request` (one operation, blocking, thread-safe) and nothing
-else on the hot path; the base class keeps the per-interpreter bookkeeping
-that is the same for every backend (which replicated objects are loaded there,
-which handles were dropped, the interpreter's generation, statistics).  A
-backend subclass supplies four steps, in the shape of
-``concurrent.futures``' worker context: ``_launch`` (start the interpreter),
-``_wait_ready``, ``_roundtrip`` (send one request, return the reply) and
-``_terminate``.
+A :class:`Worker` is one interpreter seen from the host.  The base class
+keeps the per-interpreter bookkeeping that is the same for every backend; a
+backend subclass supplies the steps, in the shape of ``concurrent.futures``'
+worker context: ``_launch`` (start the interpreter), ``_wait_ready``,
+``_roundtrip`` (send one request, return the reply), ``_post`` / ``_collect``
+/ ``_expire`` (the same, without a waiting thread) and ``_terminate``, plus
+:meth:`Worker.adopt_movable` where its movables live in interpreter memory.
+
+What the runtime (manager, sessions, replicated objects, the dispatcher) uses
+of a worker, and nothing else:
+
+* calls: :meth:`~Worker.request` (blocking, thread-safe), :meth:`~Worker.post`
+  (answered through the manager's completions), :meth:`~Worker.drop`,
+  :meth:`~Worker.add_startup`, :meth:`~Worker.adopt_movable`,
+  :meth:`~Worker.launch`, :meth:`~Worker.ready`, :meth:`~Worker.close`;
+* state it reads: ``index``, ``pid``, ``generation`` (a session's handles are
+  valid in one generation only), ``available`` and ``dead_reason``,
+  ``materialized`` (replicated ids loaded there), ``closed``, and the counters
+  behind ``statistics()``: ``calls``, ``failures``, ``restarts``, ``latencies``;
+* ``lock``, taken without blocking by the dispatcher to send a posted call
+  only to an idle interpreter, and ``on_free``, its wake-up when one frees.
 
 ::
 
