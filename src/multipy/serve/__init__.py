@@ -11,9 +11,9 @@ Needs the ``serve`` extra (``pip install 'multipy[serve]'``); importing
 :mod:`multipy` alone imports none of it.
 
 >>> from multipy import InterpreterManager                       # doctest: +SKIP
->>> from multipy.serve import ModelRegistry, build_app
->>> manager = InterpreterManager(2)
->>> app = build_app(ModelRegistry(manager, {"simple": "simple.pt"}))
+>>> from multipy.serve import ModelRegistry, build_app           # doctest: +SKIP
+>>> manager = InterpreterManager(2)                             # doctest: +SKIP
+>>> app = build_app(ModelRegistry(manager, {"simple": "simple.pt"}))  # doctest: +SKIP
 """
 
 from .registry import ModelRegistry, ModelSpec, ServedModel, ServeOptions

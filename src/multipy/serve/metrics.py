@@ -27,8 +27,8 @@ class Metrics:
     """The metrics of one app.
 
     >>> metrics = Metrics(registry)                             # doctest: +SKIP
-    >>> metrics.request("simple", 200, 0.0012)
-    >>> body = metrics.render()
+    >>> metrics.request("simple", 200, 0.0012)                  # doctest: +SKIP
+    >>> body = metrics.render()                                 # doctest: +SKIP
     """
 
     def __init__(self, registry: ModelRegistry) -> None:
