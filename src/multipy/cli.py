@@ -137,7 +137,9 @@ def _parser() -> argparse.ArgumentParser:
         "bench", help="benchmark strategies (deploy_benchmark)",
         description="Measure throughput of each strategy at each thread count, as "
         "torch::deploy's deploy_benchmark did.  PKG is a torch.package archive with "
-        "model/model.pkl and model/example.pkl, or an example name (smallops, resnet, ...).")
+        "model/model.pkl and model/example.pkl, or an example name (smallops, resnet, ...).  "
+        "`multipy bench serve` measures the HTTP server; `multipy bench ray` the Ray Serve "
+        "application (latency over `multipy serve`, memory of two replicas).")
     bench.add_argument("packages", nargs="*", metavar="PKG")
     bench.add_argument("--max-interpreters", type=_positive_int, default=os.cpu_count() or 1,
                        metavar="N", help="most interpreters / processes (default: %(default)s)")
@@ -183,6 +185,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--startup", action="store_true",
                        help="time InterpreterManager(4) + a package + every interpreter serving, "
                        "against a fresh `import torch`")
+    bench.add_argument("--ray-requests", type=_positive_int, default=500, metavar="N",
+                       help="`bench ray`: one client's requests to each server (default: "
+                       "%(default)s)")
 
     serve = sub.add_parser(
         "serve", help="serve models over the Open Inference Protocol (KServe v2 REST)",
@@ -204,6 +209,15 @@ def _parser() -> argparse.ArgumentParser:
         serve.add_argument(flag, type=kind, metavar=metavar, default=None, help=text)
     serve.add_argument("--log-level", default="warning",
                        choices=("critical", "error", "warning", "info", "debug"))
+    serve.add_argument("--ray", action="store_true",
+                       help="serve as a Ray Serve application: replicas of --interpreters "
+                       "interpreters each behind Serve's HTTP proxy, on a Ray instance started "
+                       "on this machine or the cluster at --address (needs the ray extra)")
+    serve.add_argument("--replicas", type=_positive_int, default=None, metavar="N",
+                       help="with --ray: number of replicas (default: 1)")
+    serve.add_argument("--address", metavar="ADDR", default=None,
+                       help="with --ray: join this Ray cluster (auto, HOST:6379, "
+                       "ray://HOST:10001) instead of starting Ray here")
 
     soak = sub.add_parser("soak", help="many host threads, mixed calls, interpreters killed "
                           "as it runs; checks every result and every leak")
@@ -350,6 +364,8 @@ def _cmd_bench(args) -> int:
 
     if args.packages[:1] == ["serve"]:
         return _bench_serve(args)
+    if args.packages[:1] == ["ray"]:
+        return _bench_ray(args)
     if not (args.packages or args.overhead or args.memory or args.startup or args.dispatch):
         raise UsageError("name at least one package or example (e.g. `multipy bench smallops`),"
                          " or pass --overhead, --dispatch, --memory or --startup")
@@ -446,6 +462,24 @@ def _bench_serve(args) -> int:
     out.print(serve_table(rows, title=f"multipy bench serve: wrk, {args.seconds:g} s per row, "
                           f"{interpreters} interpreters/workers, {os.cpu_count()} cores"))
     for line in [*notes, *serve_lines(rows)]:
+        out.print(line, highlight=False, soft_wrap=True)
+    return 0
+
+
+def _bench_ray(args) -> int:
+    from rich.console import Console
+
+    try:
+        from . import ray  # noqa: F401  (says how to install the extra when Ray is missing)
+        from .bench.ray_serve import measure_ray_latency, measure_ray_memory, ray_lines
+    except ImportError as exc:
+        raise UsageError(f"bench ray: {exc}") from None
+    out, err = Console(), Console(stderr=True)
+    with _status(err, "bench ray") as status:
+        latency = measure_ray_latency(requests=args.ray_requests,
+                                      on_status=lambda text: status.update(f"bench ray: {text}"))
+        memory = measure_ray_memory(on_status=lambda text: status.update(f"bench ray: {text}"))
+    for line in ray_lines(latency, memory):
         out.print(line, highlight=False, soft_wrap=True)
     return 0
 
@@ -594,6 +628,10 @@ def _cmd_serve(args) -> int:
         if not os.path.isfile(spec.path):
             raise UsageError(f"model {name!r}: no file {spec.path}")
         specs[name] = spec
+    if args.ray:
+        return _serve_on_ray(args, specs, settings)
+    if args.replicas is not None or args.address is not None:
+        raise UsageError("--replicas and --address go with --ray")
     registry = ModelRegistry.open(specs, ServeOptions(**settings), interpreters=args.interpreters,
                                   backend=args.backend)
 
@@ -604,6 +642,31 @@ def _cmd_serve(args) -> int:
 
     serve(registry, host=args.host, port=args.port, log_level=args.log_level,
           on_listening=listening)
+    return 0
+
+
+def _serve_on_ray(args, specs: dict, settings: dict) -> int:
+    try:
+        import multipy.ray
+    except ImportError as exc:
+        raise UsageError(f"--ray: {exc}") from None
+    replicas = args.replicas or 1
+    port = args.port
+    if port == 0:
+        from .bench.ray_serve import free_port
+
+        port = free_port()
+
+    def ready(url: str) -> None:
+        print(f"multipy serve: {url} serving {', '.join(specs)} on Ray: {replicas} replica(s) x "
+              f"{args.interpreters} {args.backend} interpreters", file=sys.stderr, flush=True)
+
+    try:
+        multipy.ray.run(specs, address=args.address, replicas=replicas,
+                        interpreters=args.interpreters, host=args.host, port=port,
+                        backend=args.backend, on_ready=ready, **settings)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     return 0
 
 
