@@ -128,6 +128,24 @@ def test_the_serve_config_example_is_valid_and_builds(tmp_path):
     assert deployment.ray_actor_options["num_cpus"] == args["interpreters"]
 
 
+def test_serve_cli_ray_flags_without_ray_exit_2(tmp_path, capsys):
+    from multipy.cli import main
+
+    archive = tmp_path / "m.pt"
+    archive.write_bytes(b"")
+    assert main(["serve", f"m={archive}", "--replicas", "2"]) == 2
+    assert "--replicas and --address go with --ray" in capsys.readouterr().err
+
+
+def test_serve_cli_ray_refuses_more_cpus_than_the_machine_has(tmp_path, capsys):
+    from multipy.cli import main
+
+    archive = tmp_path / "m.pt"
+    archive.write_bytes(b"")
+    assert main(["serve", f"m={archive}", "--ray", "--replicas", "1000", "--interpreters", "1"]) == 2
+    assert "1000 replicas x 1 interpreters reserve 1000 CPUs" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- on the cluster
 def test_two_replicas_answer_httpx_with_the_eager_result(served):
     inputs = [torch.randn(1, 16) for _ in range(8)]
@@ -154,7 +172,7 @@ def test_tritonclient_gets_the_eager_result(served, binary):
         given.set_data_from_numpy(x.numpy(), binary_data=binary)
         wanted = tritonhttp.InferRequestedOutput("OUTPUT__0", binary_data=binary)
         result = client.infer("smallops", [given], outputs=[wanted])
-        torch.testing.assert_close(torch.from_numpy(result.as_numpy("OUTPUT__0")),
+        torch.testing.assert_close(torch.tensor(result.as_numpy("OUTPUT__0")),
                                    _eager(served.smallops, x))
     finally:
         client.close()
