@@ -55,7 +55,7 @@ class ReplicaStatistics:
     """One replica's process and its pool (``await handle.statistics.remote()``).
 
     >>> stats = handle.statistics.remote().result()            # doctest: +SKIP
-    >>> [i.pid for i in stats.manager.interpreters]
+    >>> [i.pid for i in stats.manager.interpreters]  # doctest: +SKIP
     [40211]
     """
 
@@ -98,7 +98,7 @@ class MultipyDeployment:
         request; ``timeout`` (s) defaults to the app's ``request_timeout``.
 
         >>> handle = serve.run(multipy.ray.app({"simple": "simple.pt"}))   # doctest: +SKIP
-        >>> handle.infer.remote("simple", torch.ones(1, 10)).result()
+        >>> handle.infer.remote("simple", torch.ones(1, 10)).result()  # doctest: +SKIP
         tensor([[...]])
         """
         served = self._registry.get(model)
@@ -141,12 +141,11 @@ def app(models: Mapping[str, str | os.PathLike | ModelSpec], /, *, interpreters:
     ``max_queue``, ``request_timeout``...).
 
     >>> from ray import serve                                    # doctest: +SKIP
-    >>> import multipy.ray
-    >>> handle = serve.run(multipy.ray.app({"simple": "simple.pt"}, interpreters=2,
+    >>> import multipy.ray  # doctest: +SKIP
+    >>> handle = serve.run(multipy.ray.app({"simple": "simple.pt"}, interpreters=2,  # doctest: +SKIP
     ...                                    num_replicas=2, max_batch_size=8),
     ...                    route_prefix="/")
-    >>> # POST http://127.0.0.1:8000/v2/models/simple/infer, or from Python:
-    >>> handle.infer.remote("simple", torch.ones(1, 10)).result()
+    >>> handle.infer.remote("simple", torch.ones(1, 10)).result()  # doctest: +SKIP
     """
     if not isinstance(interpreters, int) or interpreters < 1:
         raise ValueError(f"interpreters must be a positive int, got {interpreters!r}")
