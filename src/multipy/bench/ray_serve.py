@@ -28,6 +28,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import logging
 import os
 import socket
 import subprocess
@@ -72,6 +73,7 @@ def local_ray(num_cpus: int = 4, *, http_port: int | None = None) -> Iterator[in
     port = http_port or free_port()
     ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
              log_to_driver=False, configure_logging=False)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # no line per deployment step
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         yield port
