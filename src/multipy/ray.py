@@ -47,7 +47,12 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from .runtime import InterpreterManager, ManagerStatistics
 from .serve import ModelRegistry, ModelSpec, ServeOptions
 
-__all__ = ["MultipyDeployment", "ReplicaStatistics", "app", "from_config", "run"]
+#: Environment of every replica (``ray_actor_options["runtime_env"]`` may override it).
+#: The app never blocks its event loop (the interpreters do the work), so Serve may run
+#: it on the replica's own loop instead of handing every request to a second thread.
+REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+
+__all__ = ["REPLICA_ENV", "MultipyDeployment", "ReplicaStatistics", "app", "from_config", "run"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,6 +172,9 @@ def app(models: Mapping[str, str | os.PathLike | ModelSpec], /, *, interpreters:
                                     "every replica opens the same path on its own node")
         specs[name] = dataclasses.replace(spec, path=os.path.abspath(spec.path))
     actor_options = {"num_cpus": interpreters, **(ray_actor_options or {})}
+    runtime_env = dict(actor_options.get("runtime_env") or {})
+    runtime_env["env_vars"] = {**REPLICA_ENV, **(runtime_env.get("env_vars") or {})}
+    actor_options["runtime_env"] = runtime_env
     if num_threads is None:
         num_threads = max(1, int(actor_options["num_cpus"]) // interpreters)
     deployment_options: dict[str, Any] = {"ray_actor_options": actor_options}

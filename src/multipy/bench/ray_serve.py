@@ -5,7 +5,7 @@ example, a 1x16 float tensor) to four servers started in the same run, in
 interleaved rounds so that load elsewhere on the machine hits them alike::
 
     echo on uvicorn            ─┐ Serve's own proxy overhead = echo via Serve - echo on uvicorn
-    echo via Serve             ─┘
+    echo via Serve             ─┘ (its replica set up as multipy.ray's: REPLICA_ENV)
     `multipy serve`            ─┐ added latency of the Ray path = Ray - `multipy serve`
     multipy.ray.app via Serve  ─┘ (one replica, one interpreter, same model, same request)
 
@@ -191,7 +191,10 @@ def _echo_app():
 def _echo_deployment():
     from ray import serve
 
-    @serve.deployment(name="echo")
+    from multipy.ray import REPLICA_ENV
+
+    # the replica setting multipy.ray uses, so that the two differ only by their app
+    @serve.deployment(name="echo", ray_actor_options={"runtime_env": {"env_vars": REPLICA_ENV}})
     @serve.ingress(_echo_app)
     class Echo:
         pass
