@@ -109,6 +109,18 @@ def test_options_reach_the_deployment(tmp_path):
     assert deployment.max_queued_requests == 40
     assert deployment._deployment_config.autoscaling_config.max_replicas == 3
     assert deployment.ray_actor_options["num_cpus"] == 3
+    assert deployment.ray_actor_options["runtime_env"]["env_vars"] == multipy.ray.REPLICA_ENV
+
+
+def test_ray_actor_options_keep_the_replica_environment_unless_overridden(tmp_path):
+    archive = tmp_path / "m.pt"
+    archive.write_bytes(b"")
+    mine = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1", "MY_FLAG": "x"}
+    options = {"num_cpus": 2, "runtime_env": {"env_vars": mine, "pip": ["x"]}}
+    actor = multipy.ray.app({"m": archive}, interpreters=4,
+                            ray_actor_options=options)._bound_deployment.ray_actor_options
+    assert actor["num_cpus"] == 2
+    assert actor["runtime_env"] == {"env_vars": mine, "pip": ["x"]}
 
 
 def test_the_serve_config_example_is_valid_and_builds(tmp_path):
