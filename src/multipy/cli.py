@@ -182,6 +182,16 @@ def _parser() -> argparse.ArgumentParser:
                        "(default: %(default)s; 'none' for none)")
     bench.add_argument("--peer-venv", metavar="DIR",
                        help="`bench serve`: where that venv goes (default: the cache)")
+    bench.add_argument("--async", dest="async_", action="store_true",
+                       help="one event-loop thread of 64 concurrent acall tasks vs 16 blocking "
+                       "host threads (--model on --max-interpreters interpreters)")
+    bench.add_argument("--batching", action="store_true",
+                       help="batched vs unbatched calls from --callers threads of batch-1 "
+                       "requests; every batched answer is checked against the unbatched one")
+    bench.add_argument("--callers", type=_int_list, default=[1, 16, 64], metavar="1,16,64",
+                       help="caller threads for --batching (default: 1,16,64)")
+    bench.add_argument("--model", default="smallops", metavar="PKG",
+                       help="package or example for --async and --batching (default: %(default)s)")
     bench.add_argument("--startup", action="store_true",
                        help="time InterpreterManager(4) + a package + every interpreter serving, "
                        "against a fresh `import torch`")
@@ -366,9 +376,11 @@ def _cmd_bench(args) -> int:
         return _bench_serve(args)
     if args.packages[:1] == ["ray"]:
         return _bench_ray(args)
-    if not (args.packages or args.overhead or args.memory or args.startup or args.dispatch):
+    if not (args.packages or args.overhead or args.memory or args.startup or args.dispatch
+            or args.async_ or args.batching):
         raise UsageError("name at least one package or example (e.g. `multipy bench smallops`),"
-                         " or pass --overhead, --dispatch, --memory or --startup")
+                         " or pass --overhead, --dispatch, --memory, --startup, --async or "
+                         "--batching")
     for option, path in (("--csv", args.csv), ("--plot", args.plot)):
         if path is not None:
             _check_dir_writable(Path(path).resolve().parent, option, must_exist=True)
@@ -404,6 +416,33 @@ def _cmd_bench(args) -> int:
                       ylabel="work items / s" if args.batch == 1
                       else f"work items (calls of batch {args.batch}) / s")
             out.print(f"wrote {args.plot}")
+    concurrency_rows = []
+    if args.async_:
+        from .bench.concurrency import async_lines, measure_async
+
+        with _status(err, f"--async: {args.model}, {args.max_interpreters} interpreters"):
+            rows = measure_async(args.model, interpreters=args.max_interpreters,
+                                 seconds=args.seconds, backend=args.backend)
+        out.print(table(rows, baseline="blocking_threads", title=f"multipy bench --async, "
+                        f"{args.seconds:g} s per row, {os.cpu_count()} cores, {args.backend} backend"))
+        for line in async_lines(rows):
+            out.print(line, highlight=False)
+        concurrency_rows += rows
+    if args.batching:
+        from .bench.concurrency import batching_lines, measure_batching
+
+        with _status(err, f"--batching: {args.model}, {args.max_interpreters} interpreters"):
+            rows, checks = measure_batching(args.model, interpreters=args.max_interpreters,
+                                            callers=args.callers, seconds=args.seconds,
+                                            backend=args.backend)
+        out.print(table(rows, baseline="unbatched", title=f"multipy bench --batching, "
+                        f"{args.seconds:g} s per row, {os.cpu_count()} cores, {args.backend} backend"))
+        for line in batching_lines(rows, checks):
+            out.print(line, highlight=False)
+        concurrency_rows += rows
+    if concurrency_rows and args.csv:
+        write_csv(args.csv, ([*sweep.rows] if targets else []) + concurrency_rows)
+        out.print(f"wrote {args.csv}")
     if args.overhead:
         from .bench.overhead import measure_overhead, overhead_lines, overhead_table
 

@@ -308,7 +308,8 @@ class Worker:
         ``done(value, error)`` runs once on ``completions``' thread (the
         :class:`~multipy.backends.completions.Completions` of the manager).
         ``timeout`` is enforced by a timer on that thread, the backend's way
-        (``_expire``).  When nothing could be sent, the lock is released and
+        (``_expire``).  ``on_free`` is not called when a posted request ends:
+        ``done`` is where its sender learns the interpreter is free.  When nothing could be sent, the lock is released and
         the error raised here instead: :class:`RequestNotSent` when the
         interpreter was found dead (the request may go to another one).
         """
@@ -555,8 +556,7 @@ class _PostedCall:
         worker._count(self.started)
         self.posted = None
         worker.lock.release()
-        worker._now_free()
-        self.done(value, error)
+        self.done(value, error)  # the dispatcher sends the next request from here
 
 class _Fallback:
     """The outcome of a posted round trip run by :class:`_Helper`."""

@@ -277,14 +277,14 @@ class ProcessWorker(Worker):
             reply = self._match(call, frame)
             if reply is not None:
                 return self._settle(op, reply, placed)
-        while True:
-            if not self._reader.buffered and not self._waiter.poller.poll(0):
-                # What arrived was the reply of an earlier call whose caller left.
-                self._arm(posted)
-                return PENDING
+        while True:  # a frame is there: the completion ran because the pipe was readable
             reply = self._match(call, self._read_frame(False))
             if reply is not None:
                 return self._settle(op, reply, placed)
+            if not self._reader.buffered and not self._waiter.poller.poll(0):
+                # That was the reply of an earlier call whose caller left; ours is not here yet.
+                self._arm(posted)
+                return PENDING
 
     def _expire(self, posted, timeout):
         try:

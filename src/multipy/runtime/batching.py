@@ -33,7 +33,6 @@ differ from batch-1 ones in the last bits, as in any batching server.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import sys
 import threading
@@ -91,13 +90,7 @@ class BatchedObj:
         Cancelling the future before its batch was sent means the call is
         never sent; after that it runs and its result is dropped.
         """
-        signature = self._signature(args, kwargs)
-        manager = self._replicated._manager
-        request = manager._replicated_request(self._replicated, self.method, args, kwargs, None)
-        if signature is not None:
-            key, rows = signature
-            request.batch = (self, (request.args[4], key), rows)
-        return manager._dispatcher.submit(request)
+        return self._replicated._manager._dispatcher.submit(self._request(args, kwargs))
 
     async def acall(self, *args: Any, **kwargs: Any) -> Any:
         """``await`` a call (batched with concurrent calls).
@@ -105,7 +98,17 @@ class BatchedObj:
         A task cancelled (e.g. by ``asyncio.wait_for``) before its batch was
         sent is never sent; after that the call runs and its result is dropped.
         """
-        return await asyncio.wrap_future(self.submit(*args, **kwargs))
+        request = self._request(args, kwargs)
+        return await self._replicated._manager._dispatcher.submit_async(request)
+
+    def _request(self, args: tuple, kwargs: dict) -> Request:
+        signature = self._signature(args, kwargs)
+        manager = self._replicated._manager
+        request = manager._replicated_request(self._replicated, self.method, args, kwargs, None)
+        if signature is not None:
+            key, rows = signature
+            request.batch = (self, (request.args[4], key), rows)
+        return request
 
     def statistics(self) -> BatchStatistics:
         """Batches formed, their sizes and how long requests waited."""
@@ -132,8 +135,13 @@ class BatchedObj:
         """``first`` (already running) and the queued requests that can join its
         batch, oldest first, taken out of ``pending``."""
         group = [first]
-        _, key, rows = first.batch
-        room = self.max_batch_size - rows
+        self.top_up(group, pending)
+        return group
+
+    def top_up(self, group: list[Request], pending: collections.deque) -> None:
+        """Move queued requests that can join ``group``'s batch into it."""
+        _, key, _ = group[0].batch
+        room = self.max_batch_size - sum(r.batch[2] for r in group)
         if room > 0 and pending:
             keep = []
             for request in pending:
@@ -148,8 +156,6 @@ class BatchedObj:
             if len(keep) != len(pending):
                 pending.clear()
                 pending.extend(keep)
-        self._record(group)
-        return group
 
     def combine(self, requests: list[Request]) -> tuple:
         """The one call of a batch: tensor arguments concatenated along dim 0."""
@@ -201,7 +207,8 @@ class BatchedObj:
             return None
         return tuple(parts), rows
 
-    def _record(self, group: list[Request]) -> None:
+    def record(self, group: list[Request]) -> None:
+        """Count a batch as it is sent."""
         with self._lock:
             self._sizes[len(group)] += 1
             waits = self._waits

@@ -30,10 +30,12 @@ end and its result is dropped.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import concurrent.futures
 import threading
 import time
+import weakref
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..backends.base import RequestNotSent
@@ -104,6 +106,7 @@ class Dispatcher:
         self._pump_lock = threading.Lock()
         self._again = False
         self._timer = None         # (deadline, handle) of the batching deadline armed
+        self._next_due = float("inf")  # earliest batching deadline in the queue (perf_counter)
         self._closed = False
         balancer.on_release = self.pump
         for worker in workers:
@@ -116,6 +119,19 @@ class Dispatcher:
         self._incoming.append(request)
         self.pump()
         return request.future
+
+    async def submit_async(self, request: Request) -> Any:
+        """Queue ``request`` and await its result on the running event loop.
+
+        The result reaches the loop through its :class:`_Bridge`: one wake-up
+        of the loop for every run of results, not one per result.  A task
+        cancelled while the request is queued cancels it (never sent).
+        """
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        request.future = _LoopFuture(waiter, _bridge(loop))
+        self.submit(request)
+        return await waiter
 
     def pump(self) -> None:
         """Send what can be sent now.  Cheap when nothing waits; safe from any thread
@@ -156,10 +172,12 @@ class Dispatcher:
         incoming, pending, retries = self._incoming, self._pending, self._retries
         while retries:
             pending.appendleft(retries.pop())
+        arrived = []
         while incoming:
             request = incoming.popleft()
             if request.index is None:
                 pending.append(request)
+                arrived.append(request)
             else:
                 self._pinned[request.index].append(_Group([request], balanced=False))
                 self._n_pinned += 1
@@ -182,9 +200,11 @@ class Dispatcher:
                 self._balancer.release(index, notify=False)
                 break
             self._post(index, worker, group)
-        for request in pending:
-            request.fresh = False
-        if pending:
+        batchable = False
+        for request in arrived:
+            request.fresh = False  # still here: it waited for an interpreter
+            batchable = batchable or request.batch is not None
+        if pending and (batchable or time.perf_counter() >= self._next_due):
             self._check_deadlines(pending)
 
     def _dispatch_pinned(self) -> None:
@@ -195,11 +215,13 @@ class Dispatcher:
                     break  # its release pumps again
                 group = queue.popleft()
                 self._n_pinned -= 1
+                first = group.requests[0]
                 if not group.balanced:  # a session's request: it was never started
-                    request = group.requests[0]
-                    if not request.future.set_running_or_notify_cancel():
+                    if not first.future.set_running_or_notify_cancel():
                         worker.lock.release()
                         continue
+                elif first.batch is not None:  # a committed batch: still open to later requests
+                    first.batch[0].top_up(group.requests, self._pending)
                 self._post(index, worker, group)
                 break  # the interpreter is busy now
 
@@ -229,15 +251,22 @@ class Dispatcher:
             if deadline > now:
                 due = deadline if due is None else min(due, deadline)
                 continue
+            # One committed batch per interpreter at most: a second one would only
+            # split the requests arriving meanwhile into smaller batches.
+            free_slot = lambda i: self._usable(i) and not self._pinned[i]  # noqa: E731
+            index = self._balancer.acquire(free_slot)
+            if self._pinned[index]:
+                self._balancer.release(index, notify=False)
+                break
             pending.remove(request)
             if not request.future.set_running_or_notify_cancel():
+                self._balancer.release(index, notify=False)
                 continue
-            group = _Group(batcher.gather(request, pending), balanced=True)
-            index = self._balancer.acquire(self._usable)
-            self._pinned[index].append(group)
+            self._pinned[index].append(_Group(batcher.gather(request, pending), balanced=True))
             self._n_pinned += 1
         if self._n_pinned:
             self._again = True
+        self._next_due = due if due is not None else float("inf")
         if due is not None and (self._timer is None or self._timer[0] > due):
             if self._timer is not None:
                 self._completions.cancel(self._timer[1])
@@ -253,6 +282,8 @@ class Dispatcher:
         """Send ``group`` on ``worker`` (its lock held): one request, or one batched call."""
         requests = group.requests
         first = requests[0]
+        if first.batch is not None:
+            first.batch[0].record(requests)
         if len(requests) == 1:
             op, args = first.op, first.args
         else:
@@ -285,6 +316,8 @@ class Dispatcher:
                 self._requeue(group)  # retried request by request
         if group.balanced:
             self._balancer.release(index)  # pumps: the next request goes out first
+        else:
+            self.pump()
         if len(requests) == 1:
             self._finish(group, value, error)
         elif outcome is not None:
@@ -348,3 +381,67 @@ def _fail(request: Request, error: BaseException) -> None:
     future = request.future
     if isinstance(future, _Started) or future.set_running_or_notify_cancel():
         future.set_exception(error)
+
+
+class _LoopFuture:
+    """What the dispatcher resolves for an ``acall``: an asyncio future on its loop."""
+
+    __slots__ = ("waiter", "bridge")
+
+    def __init__(self, waiter: asyncio.Future, bridge: "_Bridge") -> None:
+        self.waiter = waiter
+        self.bridge = bridge
+
+    def set_running_or_notify_cancel(self) -> bool:
+        return not self.waiter.cancelled()  # a task cancelled while queued: never sent
+
+    def set_result(self, value) -> None:
+        self.bridge.deliver(self.waiter, value, None)
+
+    def set_exception(self, error) -> None:
+        self.bridge.deliver(self.waiter, None, error)
+
+
+class _Bridge:
+    """Hands results from the completion thread to one event loop, waking the loop
+    once per run of results (``call_soon_threadsafe`` writes to the loop's pipe)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._ready: list = []
+
+    def deliver(self, waiter: asyncio.Future, value, error) -> None:
+        with self._lock:
+            self._ready.append((waiter, value, error))
+            if len(self._ready) > 1:
+                return  # the loop was woken already and has not drained yet
+        try:
+            self._loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:
+            pass  # the loop is closed: nobody awaits these results any more
+
+    def _drain(self) -> None:
+        with self._lock:
+            ready, self._ready = self._ready, []
+        for waiter, value, error in ready:
+            if waiter.cancelled():
+                continue  # cancelled after it was sent: the result is dropped
+            if error is None:
+                waiter.set_result(value)
+            else:
+                waiter.set_exception(error)
+
+
+_bridges: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Bridge]" = weakref.WeakKeyDictionary()
+_bridges_lock = threading.Lock()
+
+
+def _bridge(loop: asyncio.AbstractEventLoop) -> _Bridge:
+    bridge = _bridges.get(loop)
+    if bridge is None:
+        with _bridges_lock:
+            bridge = _bridges.get(loop)
+            if bridge is None:
+                bridge = _bridges[loop] = _Bridge(loop)
+    return bridge

@@ -10,7 +10,6 @@ first call on each.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import os
 import weakref
@@ -98,7 +97,9 @@ class ReplicatedObj:
         >>> out = await model.acall(torch.ones(1, 16))         # doctest: +SKIP
         >>> out = await asyncio.wait_for(model.acall(x), 0.5)  # doctest: +SKIP
         """
-        return await asyncio.wrap_future(self.submit(*args, **kwargs))
+        manager = self._manager
+        return await manager._dispatcher.submit_async(
+            manager._replicated_request(self, None, args, kwargs, None))
 
     def batched(self, *, max_batch_size: int = 32, max_delay_ms: float = 2.0,
                 method: str | None = None) -> "BatchedObj":

@@ -1,0 +1,59 @@
+"""``multipy bench --async`` and ``--batching``: what they measure and report.
+
+Windows are a fraction of a second: these tests check the rows, the answer
+check and the CSV, not how fast anything is.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from multipy.bench import CSV_COLUMNS, read_csv
+from multipy.bench.concurrency import batching_lines, measure_batching
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bench-cache")
+
+
+def test_batching_checks_every_batched_answer_against_the_unbatched_one(cache, monkeypatch):
+    monkeypatch.setenv("MULTIPY_CACHE", str(cache))
+    rows, checks = measure_batching("identity", interpreters=1, callers=(1, 8), seconds=0.4,
+                                    rounds=2)
+    assert [(r.strategy, r.n_threads) for r in rows] == [
+        ("unbatched", 1), ("batched", 1), ("unbatched", 8), ("batched", 8)]
+    for check in checks:
+        assert check.answers > 0
+        # identity returns its rows: a batched answer is the very same numbers
+        assert check.identical == check.answers and check.not_close == 0
+    assert checks[0].sent_on_arrival == checks[0].answers  # a lone caller never queues
+    assert checks[0].queued == 0
+    lines = batching_lines(rows, checks)
+    assert lines[0].startswith("batching, 1 caller(s): batched ")
+    assert "0 outside allclose" in lines[1]
+
+
+def test_bench_cli_async_and_batching_print_ratios_and_write_the_csv(tmp_path, cache):
+    csv = tmp_path / "concurrency.csv"
+    env = dict(os.environ, MULTIPY_CACHE=str(cache), COLUMNS="200")
+    proc = subprocess.run(
+        [sys.executable, "-m", "multipy", "bench", "--async", "--batching", "--model", "identity",
+         "--callers", "1,4", "--seconds", "0.3", "--max-interpreters", "1", "--csv", str(csv)],
+        capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "asyncio: one event-loop thread, 64 concurrent acall tasks:" in proc.stdout
+    assert "x 16 blocking host threads" in proc.stdout
+    assert "batching, 4 caller(s): batched" in proc.stdout
+    assert csv.read_text().splitlines()[0] == ", ".join(CSV_COLUMNS)
+    rows = read_csv(csv)
+    assert sorted((r["strategy"], int(r["n_threads"])) for r in rows) == sorted([
+        ("blocking_threads", 16), ("asyncio", 64), ("unbatched", 1), ("batched", 1),
+        ("unbatched", 4), ("batched", 4)])
+    assert all(int(r["work_items_completed"]) > 0 for r in rows)
+    assert "Traceback" not in proc.stderr
