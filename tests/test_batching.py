@@ -202,8 +202,11 @@ def test_a_cancelled_queued_request_leaves_its_batch(model, manager, gate):
 
 def test_a_lone_caller_is_sent_at_once_every_time(model):
     batched = model.batched(max_delay_ms=NEVER)  # a timer would hold each call forever
-    for i in range(20):
+    for i in range(10):
         assert torch.equal(batched(torch.full((1, 4), float(i))), torch.full((1, 4), 2.0 * i + 1))
+    for i in range(10, 20):
+        future = batched.submit(torch.full((1, 4), float(i)))  # through the dispatcher's queue
+        assert torch.equal(future.result(timeout=60), torch.full((1, 4), 2.0 * i + 1))
     stats = batched.statistics()
     assert stats.sent_on_arrival == 20 and stats.queued == 0
     assert stats.batch_sizes == {1: 20}

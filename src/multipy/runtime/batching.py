@@ -82,6 +82,18 @@ class BatchedObj:
     # -- the call surface -------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Call the model (batched with concurrent calls) and wait for the result."""
+        manager = self._replicated._manager
+        index = manager._dispatcher.idle_now()
+        if index is not None:
+            # An interpreter is idle and nobody queues: a batch of one, run by this
+            # thread as a plain blocking call (no hand-off to the completion thread).
+            if self._signature(args, kwargs) is not None:  # one that could have been batched
+                with self._lock:
+                    self._sizes[1] += 1
+                    self._sent_on_arrival += 1
+                    self._waits.append(0.0)
+            return manager._call_replicated(self._replicated, self.method, args, kwargs, None,
+                                            index=index)
         return self.submit(*args, **kwargs).result()
 
     def submit(self, *args: Any, **kwargs: Any) -> "concurrent.futures.Future":

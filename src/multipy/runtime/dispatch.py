@@ -120,6 +120,13 @@ class Dispatcher:
         self.pump()
         return request.future
 
+    def idle_now(self) -> int | None:
+        """An idle interpreter for a blocking call, counted in the balancer, when
+        nothing waits in the queue (so the call takes no one's turn); else ``None``."""
+        if self._incoming or self._pending or self._n_pinned or self._retries:
+            return None
+        return self._balancer.acquire_idle(self._usable)
+
     async def submit_async(self, request: Request) -> Any:
         """Queue ``request`` and await its result on the running event loop.
 

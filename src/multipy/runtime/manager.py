@@ -242,9 +242,12 @@ class InterpreterManager:
                        materializes=replicated._id, recipe=replicated._recipe)
 
     def _call_replicated(self, replicated: ReplicatedObj, method: str | None, args: tuple,
-                         kwargs: dict, timeout: float | None) -> Any:
+                         kwargs: dict, timeout: float | None, index: int | None = None) -> Any:
+        """A blocking call; on interpreter ``index`` when the caller already holds it
+        in the balancer (released here)."""
         self._check_open()
-        index = self._acquire()
+        if index is None:
+            index = self._acquire()
         try:
             return self._workers[index].request(
                 Op.CALL_REPLICATED, (replicated._id, method, args, kwargs, caller_grad_mode()),
