@@ -228,3 +228,4 @@ class _Unraisable:
         self.exc_type, self.exc_value, self.exc_traceback = type(exc), exc, exc.__traceback__
         self.err_msg = "multipy: a completion callback raised"
         self.object = obj
+

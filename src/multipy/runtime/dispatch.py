@@ -414,17 +414,24 @@ class _Bridge:
     once per run of results (``call_soon_threadsafe`` writes to the loop's pipe)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        self.loop = loop
         self._lock = threading.Lock()
         self._ready: list = []
 
     def deliver(self, waiter: asyncio.Future, value, error) -> None:
+        if asyncio._get_running_loop() is self.loop:  # on the loop's thread: no wake-up
+            if not waiter.cancelled():
+                if error is None:
+                    waiter.set_result(value)
+                else:
+                    waiter.set_exception(error)
+            return
         with self._lock:
             self._ready.append((waiter, value, error))
             if len(self._ready) > 1:
                 return  # the loop was woken already and has not drained yet
         try:
-            self._loop.call_soon_threadsafe(self._drain)
+            self.loop.call_soon_threadsafe(self._drain)
         except RuntimeError:
             pass  # the loop is closed: nobody awaits these results any more
 
