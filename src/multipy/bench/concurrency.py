@@ -30,7 +30,7 @@ to second gives both the same conditions.
 
 Example:
     >>> rows = measure_async("smallops", seconds=1.0)             # doctest: +SKIP
-    >>> [(r.strategy, r.n_threads) for r in rows]
+    >>> [(r.strategy, r.n_threads) for r in rows]                # doctest: +SKIP
     [('blocking_threads', 16), ('asyncio', 64)]
 """
 
