@@ -177,7 +177,7 @@ def _model(client, name):
 def test_a_request_past_its_deadline_answers_504(client):
     response = _sleep(client, 2.0, timeout=0.2)
     assert response.status_code == 504
-    assert "deadline passed while the model ran" in response.json()["error"]
+    assert "deadline passed before the model's answer" in response.json()["error"]
 
 
 def test_a_queued_request_past_its_deadline_is_dropped_without_running(narrow, manager):

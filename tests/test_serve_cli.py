@@ -34,6 +34,13 @@ def test_a_config_file_with_an_unknown_option_names_it(tmp_path, capsys):
     assert "unknown option max_queu" in capsys.readouterr().err
 
 
+def test_a_config_file_with_a_bad_value_names_it(tmp_path, capsys):
+    config = tmp_path / "serve.json"
+    config.write_text(json.dumps({"models": {"m": str(config)}, "max_queue": 0}))
+    assert main(["serve", "--config", str(config)]) == 2
+    assert "max_queue must be a whole number of at least 1, got 0" in capsys.readouterr().err
+
+
 def test_a_path_may_name_the_pickle_inside_the_archive():
     assert ModelSpec.parse("m", "/a/b.pt") == ModelSpec("m", "/a/b.pt", "model", "model.pkl")
     assert ModelSpec.parse("m", "/a/b.pt:weights/net.pkl") == ModelSpec(

@@ -65,6 +65,19 @@ def test_bytes_survive_binary_and_json_survives_text(items, binary):
     assert decoded == items
 
 
+def test_binary_tensors_view_a_writable_body_and_are_aligned():
+    inputs = [("a", torch.tensor([1, 2, 3], dtype=torch.uint8)), ("x", torch.arange(1.0, 7.0)),
+              ("y", torch.arange(1.0, 5.0, dtype=torch.float64))]
+    body, header = encode_request(inputs, binary=True)
+    body = bytearray(body)
+    args = decode_request(body, header).args
+    for (_, want), got in zip(inputs, args):
+        assert torch.equal(got, want) and got.data_ptr() % got.element_size() == 0
+    body[header:] = bytes(len(body) - header)  # the tensors that are views see this
+    viewed = [name for (name, want), got in zip(inputs, args) if not torch.equal(got, want)]
+    assert "a" in viewed  # bytes are always aligned: a view, not a copy
+
+
 def test_inputs_become_positional_arguments_in_request_order():
     body, _ = encode_request([("b", torch.ones(1)), ("a", torch.zeros(2))])
     args = decode_request(body).args

@@ -667,11 +667,15 @@ def _cmd_serve(args) -> int:
         if not os.path.isfile(spec.path):
             raise UsageError(f"model {name!r}: no file {spec.path}")
         specs[name] = spec
+    try:
+        options = ServeOptions(**settings)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
     if args.ray:
         return _serve_on_ray(args, specs, settings)
     if args.replicas is not None or args.address is not None:
         raise UsageError("--replicas and --address go with --ray")
-    registry = ModelRegistry.open(specs, ServeOptions(**settings), interpreters=args.interpreters,
+    registry = ModelRegistry.open(specs, options, interpreters=args.interpreters,
                                   backend=args.backend)
 
     def listening(port: int) -> None:

@@ -7,7 +7,8 @@
       ├─ body ≤ max_request_bytes, else 413           (read here, streamed, counted)
       ├─ protocol.decode_request(body) ─ 400           (no HTTP in the codec)
       ├─ ServedModel.infer(args, deadline) ─ 429/503/504/422
-      │     raced against the client's disconnect: a request whose client left is dropped
+      │     when it must wait in line, raced against the client's disconnect: a
+      │     request whose client left is dropped before it runs
       └─ protocol.encode_response(result) ─ JSON, or JSON + binary tensors
 
     GET /v2, /v2/health/live, /v2/health/ready, /v2/models/{name}[/ready],
@@ -113,8 +114,10 @@ def build_app(registry: ModelRegistry) -> Starlette:
         timeout = options.request_timeout
         if decoded.timeout is not None:
             timeout = min(timeout, decoded.timeout)
-        work = asyncio.ensure_future(model.infer(decoded.args,
-                                                 deadline=time.monotonic() + timeout))
+        infer = model.infer(decoded.args, deadline=time.monotonic() + timeout)
+        if not model.busy():  # runs at once: nothing to drop if the client leaves
+            return _response(name, await infer, decoded, model.output_names)
+        work = asyncio.ensure_future(infer)
         gone = asyncio.ensure_future(_disconnected(request))
         try:
             await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
@@ -125,12 +128,7 @@ def build_app(registry: ModelRegistry) -> Starlette:
             with contextlib.suppress(BaseException):
                 await work
             return Response(status_code=_CLIENT_GONE)
-        encoded = encode_response(name, work.result(), request=decoded, model_version="1",
-                                  declared=model.output_names)
-        if encoded.header_length is None:
-            return Response(encoded.body, media_type="application/json")
-        return Response(encoded.body, media_type="application/octet-stream",
-                        headers={HEADER_LENGTH: str(encoded.header_length)})
+        return _response(name, work.result(), decoded, model.output_names)
 
     async def openapi(request: Request) -> Response:
         return JSONResponse(DOCUMENT)
@@ -171,6 +169,15 @@ def _draining(retry_after: float) -> InferenceError:
     return Unavailable("the server is shutting down", retry_after=retry_after)
 
 
+def _response(name: str, result, request, declared) -> Response:
+    encoded = encode_response(name, result, request=request, model_version="1",
+                              declared=declared)
+    if encoded.header_length is None:
+        return Response(encoded.body, media_type="application/json")
+    return Response(encoded.body, media_type="application/octet-stream",
+                    headers={HEADER_LENGTH: str(encoded.header_length)})
+
+
 def _header_length(request: Request) -> int | None:
     text = request.headers.get(HEADER_LENGTH)
     if text is None:
@@ -181,7 +188,7 @@ def _header_length(request: Request) -> int | None:
         raise BadRequest(f"{HEADER_LENGTH} must be a whole number, got {text!r}") from None
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int) -> bytearray:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the body has {declared} bytes; this server accepts at most "
@@ -193,7 +200,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
             raise PayloadTooLarge(f"the body is over {limit} bytes, the most this server "
                                   "accepts (--max-request-bytes)")
         chunks.append(chunk)
-    return b"".join(chunks)
+    return bytearray().join(chunks)  # writable: binary tensors view it in place
 
 
 async def _disconnected(request: Request) -> None:

@@ -230,8 +230,10 @@ def _parameters(obj: Mapping, where: str) -> Mapping:
     return params if params is not None else {}
 
 
-def decode_request(body: bytes, header_length: int | None = None) -> InferRequest:
+def decode_request(body: bytes | bytearray, header_length: int | None = None) -> InferRequest:
     """Decode an inference request body (JSON, or binary with ``header_length``).
+
+    Binary tensors of a ``bytearray`` body are views of it (no copy).
 
     Raises :class:`BadRequest` naming the first problem found.
 
@@ -323,8 +325,13 @@ def _tensor_from_binary(chunk: memoryview, datatype: DataType, shape: list[int],
                          f"bytes, got {len(chunk)}")
     if count == 0:
         return torch.empty(shape, dtype=dtype)
-    # One copy out of the request body; the call then places it in shared memory.
-    return torch.frombuffer(bytearray(chunk), dtype=dtype).reshape(shape)
+    # A writable body (a bytearray) is viewed in place; the call then copies the
+    # tensor once into shared memory.  A read-only one is copied here first.
+    # A misaligned view is copied too: kernels may assume aligned elements.
+    tensor = torch.frombuffer(chunk if not chunk.readonly else bytearray(chunk), dtype=dtype)
+    if tensor.data_ptr() % itemsize:
+        tensor = tensor.clone()
+    return tensor.reshape(shape)
 
 
 def _tensor_from_json(data: Any, datatype: DataType, shape: list[int], where: str):

@@ -3,7 +3,7 @@
 ::
 
     ModelRegistry(manager, {"name": "path[:package/resource]"}, options)
-        └── ServedModel ── infer(args, deadline) ──▶ admission ──▶ _call ──▶ ReplicatedObj
+        └── ServedModel ── infer(args, deadline) ──▶ admission ──▶ batched(...).acall
               │                                        │ bounded queue: full ⇒ Overloaded (429)
               │                                        │ deadline while queued ⇒ dropped (504)
               └── counters the metrics read            └ slots: requests in interpreters at once
@@ -59,6 +59,19 @@ class ServeOptions:
     workers_per_model: int | None = None
     #: How long SIGTERM waits for requests in flight before exiting (s).
     drain_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_queue", "max_request_bytes"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise ValueError(f"{name} must be a whole number of at least 1, "
+                                 f"got {getattr(self, name)!r}")
+        for name in ("request_timeout", "retry_after", "drain_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be more than 0 seconds, got {getattr(self, name)!r}")
+        if not self.max_batch_delay_ms >= 0:
+            raise ValueError(f"max_batch_delay_ms must be 0 or more, got {self.max_batch_delay_ms!r}")
+        if self.workers_per_model is not None and not self.workers_per_model >= 1:
+            raise ValueError(f"workers_per_model must be at least 1, got {self.workers_per_model!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,23 +146,26 @@ class ServedModel:
             raise Overloaded(f"model {self.name!r} has {self.waiting} requests waiting, the most "
                              "--max-queue allows; retry later",
                              retry_after=self.options.retry_after)
-        self.waiting += 1
-        try:
-            await asyncio.wait_for(self._slots.acquire(), _remaining(deadline))
-        except TimeoutError:
-            raise DeadlineExceeded(f"the deadline passed while the request waited for an "
-                                   f"interpreter ({self.waiting - 1} others waiting); it was "
-                                   "not run") from None
-        finally:
-            self.waiting -= 1
+        if self._slots.locked():  # wait in line, at most until the deadline
+            self.waiting += 1
+            try:
+                await _within(self._slots.acquire(), deadline)
+            except TimeoutError:
+                raise DeadlineExceeded(f"the deadline passed while the request waited for an "
+                                       f"interpreter ({self.waiting - 1} others waiting); it "
+                                       "was not run") from None
+            finally:
+                self.waiting -= 1
+        else:
+            await self._slots.acquire()  # free: returns at once
         self.running += 1
-        call = asyncio.ensure_future(self._call(args))
-        call.add_done_callback(self._finished)
         try:
-            return await asyncio.wait_for(asyncio.shield(call), _remaining(deadline))
+            # Past the deadline the call is cancelled: dropped if the library has not
+            # sent it yet, else it finishes in its interpreter and its result is dropped.
+            return await _within(self._caller.acall(*args), deadline)
         except TimeoutError:
-            raise DeadlineExceeded("the deadline passed while the model ran; its result will "
-                                   "be discarded") from None
+            raise DeadlineExceeded("the deadline passed before the model's answer; the request "
+                                   "was dropped") from None
         except InferenceError:
             raise
         except (InterpreterCrashedError, InterpreterStartError) as exc:
@@ -163,15 +179,13 @@ class ServedModel:
             raise InferenceError(f"the model's result cannot be sent back: {exc}") from None
         except Exception as exc:
             raise Unprocessable(f"the model raised {type(exc).__name__}: {exc}") from None
+        finally:
+            self.running -= 1
+            self._slots.release()
 
-    def _finished(self, call: asyncio.Future) -> None:
-        self.running -= 1
-        self._slots.release()
-        if not call.cancelled():
-            call.exception()  # a result nobody awaits (deadline passed) is not an error
-
-    async def _call(self, args: tuple) -> Any:
-        return await self._caller.acall(*args)
+    def busy(self) -> bool:
+        """True when a new request would wait in line."""
+        return self._slots.locked()
 
     def batch_sizes(self) -> dict[int, int]:
         """How many calls of the model carried each number of requests."""
@@ -180,6 +194,17 @@ class ServedModel:
 
 def _remaining(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+async def _within(awaitable, deadline: float | None):
+    """``await awaitable``, raising ``TimeoutError`` at ``deadline`` (monotonic).
+    ``asyncio.timeout`` (3.11+) adds no task per request; ``wait_for`` does."""
+    if deadline is None:
+        return await awaitable
+    if not hasattr(asyncio, "timeout_at"):  # Python 3.10
+        return await asyncio.wait_for(awaitable, _remaining(deadline))
+    async with asyncio.timeout_at(asyncio.get_running_loop().time() + _remaining(deadline)):
+        return await awaitable
 
 
 class ModelRegistry:
