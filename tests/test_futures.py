@@ -281,3 +281,16 @@ def test_a_posted_call_past_call_timeout_raises_and_the_interpreter_serves_again
             stuck.result(timeout=60)
         open_gate(gate_path)  # an abandoned thread-backend interpreter can finish and exit
         assert torch.equal(model.submit(torch.ones(1)).result(timeout=60), torch.full((1,), 3.0))
+
+
+def test_acall_does_not_keep_a_finished_event_loop_alive(model):
+    import gc
+    import weakref
+
+    async def main():
+        await model.acall(torch.ones(1))
+        return weakref.ref(asyncio.get_running_loop())
+
+    loops = [asyncio.run(main()) for _ in range(3)]
+    gc.collect()
+    assert all(loop() is None for loop in loops)

@@ -179,6 +179,7 @@ class Completions:
                         callback = self._watches.pop(fd, None)
                     if callback is not None:
                         _run_callback(callback, READY)
+                        callback = None  # hold nothing of a finished call (its caller's loop...)
                 self._run_due()
         finally:
             self._shutdown()

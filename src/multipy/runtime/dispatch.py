@@ -414,12 +414,15 @@ class _Bridge:
     once per run of results (``call_soon_threadsafe`` writes to the loop's pipe)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+        self._loop = weakref.ref(loop)  # weak: the bridge is the loop's value in _bridges
         self._lock = threading.Lock()
         self._ready: list = []
 
     def deliver(self, waiter: asyncio.Future, value, error) -> None:
-        if asyncio._get_running_loop() is self.loop:  # on the loop's thread: no wake-up
+        loop = self._loop()
+        if loop is None:
+            return  # the loop is gone, and every task that awaited on it
+        if asyncio._get_running_loop() is loop:  # on the loop's thread: no wake-up
             if not waiter.cancelled():
                 if error is None:
                     waiter.set_result(value)
@@ -431,7 +434,7 @@ class _Bridge:
             if len(self._ready) > 1:
                 return  # the loop was woken already and has not drained yet
         try:
-            self.loop.call_soon_threadsafe(self._drain)
+            loop.call_soon_threadsafe(self._drain)
         except RuntimeError:
             pass  # the loop is closed: nobody awaits these results any more
 
