@@ -80,6 +80,9 @@ class WorkerConfig:
     num_threads: int
     start_timeout: float = 300.0
     startup: tuple = ()          # (op, args) replayed on every (re)start
+    # Modules imported once where interpreters start from, so that all of them share
+    # those pages (the process backend's fork server); still imported by `startup`.
+    shared_imports: tuple[str, ...] = ()
     # Seconds each side polls before sleeping on a reply or request.  It must outlast a
     # wake-up of the other side plus its work (~100 µs on a VM), or two sleeping
     # sides keep making each other's spins fail.
@@ -112,6 +115,11 @@ class Worker:
         # Called (from any thread) after the lock is released at the end of a
         # request or a restart: the dispatcher of posted requests sends the next.
         self.on_free: Callable[[], None] | None = None
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """Plain-language remarks for ``statistics().notes`` (e.g. what is not shared)."""
+        return ()
 
     # -- to implement ---------------------------------------------------
     def _launch(self) -> None:

@@ -16,9 +16,11 @@ CUDA tensors take the same path through device buffers instead (a CUDA link per
 interpreter and GPU, mapped once: transport.cuda_link); the host announces a new
 or grown link with an ``Op.CUDA_LINK`` request before the call that needs it.
 
-Workers are forked by a fork server that imported torch once but never ran an
-op (so no thread pool exists to be broken by ``fork``): starting N
-interpreters costs about one ``import torch``, not N.  Each worker's stdout
+Workers are forked by a fork server that imported torch (and the manager's
+``preload=`` modules) once but never ran an op (so no thread pool exists to be
+broken by ``fork``): starting N interpreters costs about one ``import torch``,
+not N, and what the server imported is shared by all of them (see
+:mod:`._forkserver`).  Each worker's stdout
 and stderr are pumped into the host's ``sys.stdout``/``sys.stderr``.  A
 worker that dies closes its reply pipe: the waiting caller sees end-of-file at
 once and gets :class:`~multipy.errors.InterpreterCrashedError`.
@@ -42,6 +44,7 @@ from ..transport.cuda_link import HostLinks
 from ..transport.frames import FrameError, FrameReader, Waiter, write_frame
 from ..transport.messages import MovablePayload, Op, parse_reply, stamp
 from ..transport.shm import Arena, BlockViews, Segment, open_descriptor
+from . import _forkserver
 from .base import (PENDING, Backend, BackendKind, RequestNotSent, Worker, WorkerConfig, describe_exit, drain,
                    no_start)
 from .completions import READY
@@ -83,7 +86,7 @@ def _preparation_without_main(name, _original=spawn.get_preparation_data):
     if getattr(_starting, "worker", False):
         data.pop("init_main_from_path", None)
         data.pop("init_main_from_name", None)
-    return data
+    return _forkserver.preparation(data)
 
 
 def worker_context(extra_preload: tuple[str, ...] = ()):
@@ -143,6 +146,19 @@ class _Pump(threading.Thread):
                     pass
 
 
+class _ForkUnsafe(Exception):
+    """The interpreter exited at once: its fork server's shared imports made it
+    unsafe to fork from (see :mod:`._forkserver`)."""
+
+
+_UNSAFE_EXITS = {
+    _forkserver.UNSAFE_THREADS: "importing them started threads in the fork server (forking a "
+                                "process with threads can deadlock the child)",
+    _forkserver.UNSAFE_CUDA: "importing them initialised CUDA in the fork server (CUDA does "
+                             "not survive a fork)",
+}
+
+
 class ProcessWorker(Worker):
     """One interpreter in its own process."""
 
@@ -151,6 +167,7 @@ class ProcessWorker(Worker):
     def __init__(self, config: WorkerConfig, ctx) -> None:
         super().__init__(config)
         self._ctx = ctx
+        self._server_key = None
         self._process = None
         self._freed: collections.deque = collections.deque()
         self._pins: set[int] = set()
@@ -189,14 +206,9 @@ class ProcessWorker(Worker):
             os.set_blocking(bell[0], False)
         fds = tuple(_Fd(fd) for fd in (req_r, rep_w, self._args.segment.fd, self._results.fd, out_w, err_w))
         fds += (None, None) if channel_fd is None else (_Fd(channel_fd), _Fd(bell[1]))
-        process = self._ctx.Process(
-            target=_worker_entry, args=(self.config, fds),
-            name=f"multipy-interpreter-{self.index}", daemon=True)
-        _starting.worker = True
         try:
-            process.start()
+            process = self._start_process(fds)
         finally:
-            _starting.worker = False
             for fd in (req_r, rep_w, out_w, err_w) + (() if channel_fd is None else (channel_fd, bell[1])):
                 os.close(fd)
         self._process = process
@@ -212,9 +224,53 @@ class ProcessWorker(Worker):
         self._out.start()
         self._err.start()
 
+    def _start_process(self, fds):
+        """Fork the interpreter from the fork server of its shared imports (or
+        spawn it where there is no fork server)."""
+        config = self.config
+        if not _forkserver.available():
+            process = self._ctx.Process(
+                target=_worker_entry, args=(config, fds, False),
+                name=f"multipy-interpreter-{self.index}", daemon=True)
+            _starting.worker = True
+            try:
+                process.start()
+            finally:
+                _starting.worker = False
+            return process
+        while True:
+            key = self._server_key = _forkserver.server_key(config.shared_imports, config.sys_path)
+            process = _forkserver.WorkerProcess(
+                target=_worker_entry, args=(config, fds, bool(key[0])),
+                name=f"multipy-interpreter-{self.index}", daemon=True)
+            try:
+                with _forkserver.starting(key):
+                    process.start()
+                return process
+            except (OSError, EOFError) as exc:
+                if not key[0]:
+                    raise
+                # The server died importing them (an import that raised something
+                # other than ImportError): import them per interpreter instead.
+                _forkserver.mark_unsafe(config.shared_imports, config.sys_path,
+                                        f"the fork server could not import them ({exc!r})")
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        why = _forkserver.why_not_shared(self.config.shared_imports, self.config.sys_path)
+        if why is None:
+            return ()
+        return (f"{', '.join(self.config.shared_imports)}: imported in every interpreter, not "
+                f"shared from the fork server: {why}",)
+
     def _wait_ready(self) -> None:
         try:
-            self._exchange(Op.PING, (), (), self.config.start_timeout, starting=True)
+            try:
+                self._exchange(Op.PING, (), (), self.config.start_timeout, starting=True)
+            except _ForkUnsafe as exc:
+                _forkserver.mark_unsafe(self.config.shared_imports, self.config.sys_path, str(exc))
+                self._launch()  # from the plain server; the modules are imported here instead
+                self._exchange(Op.PING, (), (), self.config.start_timeout, starting=True)
         except Exception as exc:
             tail = self._err.tail.decode("utf-8", "replace").strip() if self._err else ""
             why = str(exc) + (f"\nits stderr ended with:\n{tail}" if tail else "")
@@ -511,6 +567,14 @@ class ProcessWorker(Worker):
             process.join(5)
             exitcode = process.exitcode
         self._terminate(kill=True)
+        if self._server_key and self._server_key[0]:
+            # Forked from a server with shared imports: did they make it unsafe?  (Or
+            # did another interpreter find that out and stop the server under it?)
+            config = self.config
+            why = _UNSAFE_EXITS.get(exitcode) or _forkserver.why_not_shared(
+                config.shared_imports, config.sys_path)
+            if why is not None:
+                return _ForkUnsafe(why)
         if self.closed:
             return ManagerClosedError(
                 f"the manager was closed while interpreter {self.index} was running this call")
@@ -559,7 +623,13 @@ class ProcessWorker(Worker):
         process.close()
 
 
-def _worker_entry(config, fds):
+def _worker_entry(config, fds, check_fork):
+    if check_fork:
+        from ._shared_imports import fork_problem
+
+        problem = fork_problem()
+        if problem is not None:
+            os._exit(problem)  # at once: nothing may run in a child of an unsafe fork
     from ._process_main import main
 
     main(config, tuple(f.detach() if hasattr(f, "detach") else f for f in fds))
@@ -575,11 +645,9 @@ class ProcessBackend(Backend):
 
     @staticmethod
     def warm() -> None:
-        """Start the fork server now (it lives as long as the host, like the stdlib's)."""
-        if worker_context().get_start_method() == "forkserver":
-            from multiprocessing import forkserver
-
-            forkserver.ensure_running()
+        """Start the plain fork server now (it lives as long as the host, like the stdlib's)."""
+        if _forkserver.available():
+            _forkserver.ensure_running(_forkserver.PLAIN)
 
     def create_worker(self, config: WorkerConfig) -> Worker:
         return ProcessWorker(config, self._ctx)

@@ -17,6 +17,7 @@ balancer and each interpreter's lock, so they mix freely.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import threading
 import weakref
@@ -80,7 +81,11 @@ class InterpreterManager:
     imported fails the start with :class:`~multipy.errors.InterpreterStartError`
     naming it (a single name may be given as a str).  ``n`` is capped at
     :data:`MAX_INTERPRETERS` (256) unless the environment variable
-    ``MULTIPY_MAX_INTERPRETERS`` allows more.
+    ``MULTIPY_MAX_INTERPRETERS`` allows more.  The process backend imports the
+    ``preload`` modules once in the fork server the interpreters are forked from,
+    so their memory is shared; one that cannot be imported before a fork (it starts
+    threads or initialises CUDA) is imported in each interpreter instead, and
+    ``statistics().notes`` says so.  All interpreters start at the same time.
     """
 
     def __init__(self, n: int, /, env: Environment | None = None, *, backend: str = "process",
@@ -97,7 +102,8 @@ class InterpreterManager:
         self._workers = [
             self._backend.create_worker(WorkerConfig(
                 i, self.env.sys_path(), threads, start_timeout,
-                startup=tuple((Op.IMPORT, (name,)) for name in preload)))
+                startup=tuple((Op.IMPORT, (name,)) for name in preload),
+                shared_imports=tuple(preload)))
             for i in range(n)]
         self._balancer = LoadBalancer(n)
         self._completions = Completions()   # its thread starts with the first posted call
@@ -111,10 +117,7 @@ class InterpreterManager:
         self._finalizer = weakref.finalize(self, _close_workers, self._workers, self._backend,
                                            self._dispatcher, self._completions)
         try:
-            for worker in self._workers:
-                worker.launch()
-            for worker in self._workers:
-                worker.ready()
+            _start_all(self._workers)
         except BaseException:
             self.close()
             raise
@@ -175,7 +178,8 @@ class InterpreterManager:
                 in_flight=self._balancer.in_flight(w.index), failures=w.failures,
                 restarts=w.restarts, p50_latency=p50, p95_latency=p95, p99_latency=p99,
                 available=w.available))
-        return ManagerStatistics(self.backend, tuple(out))
+        notes = tuple(dict.fromkeys(note for w in self._workers for note in w.notes))
+        return ManagerStatistics(self.backend, tuple(out), notes)
 
     # -- lifetime --------------------------------------------------------------
     def close(self, *, timeout: float = 10.0) -> None:
@@ -301,6 +305,22 @@ def _ownership(obj, owner, here):
         return OwnershipError(f"create_movable needs an Obj of the session, got {type(obj).__name__}")
     return OwnershipError(f"{obj!r} lives in a different session (interpreter {owner}) than the "
                           f"session passed to create_movable (interpreter {here})")
+
+
+def _start_all(workers) -> None:
+    """Start every interpreter at the same time, each with its start-up steps
+    (imports, registered modules); raise the first failure once all are done."""
+    def start(worker):
+        worker.launch()
+        worker.ready()
+
+    if len(workers) == 1:
+        start(workers[0])
+        return
+    with concurrent.futures.ThreadPoolExecutor(len(workers), thread_name_prefix="multipy-start") as pool:
+        futures = [pool.submit(start, w) for w in workers]
+    for future in futures:
+        future.result()
 
 
 def _close_workers(workers, backend, dispatcher, completions, timeout: float = 10.0) -> None:

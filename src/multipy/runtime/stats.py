@@ -37,10 +37,15 @@ class InterpreterStatistics:
 
 @dataclasses.dataclass(frozen=True)
 class ManagerStatistics:
-    """The pool's counters; ``interpreters`` holds one entry per interpreter."""
+    """The pool's counters; ``interpreters`` holds one entry per interpreter.
+
+    ``notes`` are plain-language remarks on how the pool runs, for example
+    ``preload`` modules that could not be shared from the fork server.
+    """
 
     backend: str
     interpreters: tuple[InterpreterStatistics, ...]
+    notes: tuple[str, ...] = ()
 
     @property
     def calls(self) -> int:
