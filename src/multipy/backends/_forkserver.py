@@ -113,11 +113,12 @@ class starting:
         self.key = key
 
     def __enter__(self):
+        self._outer = getattr(_starting, "key", None)
         _starting.key = self.key
         return self
 
     def __exit__(self, *exc) -> None:
-        _starting.key = None
+        _starting.key = self._outer
 
 
 def preparation(data: dict) -> dict:
