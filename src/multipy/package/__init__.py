@@ -16,8 +16,10 @@ from .inspect import PackageContents, format_contents, inspect_package
 
 if TYPE_CHECKING:
     from .export import save_package
+    from .plan import PackagePlan, format_plan, plan_package
 
-__all__ = ["PackageContents", "format_contents", "inspect_package", "save_package"]
+__all__ = ["PackageContents", "PackagePlan", "format_contents", "format_plan", "inspect_package",
+           "plan_package", "save_package"]
 
 
 def __getattr__(name: str) -> Any:
@@ -25,4 +27,8 @@ def __getattr__(name: str) -> Any:
         from .export import save_package
 
         return save_package
+    if name in ("PackagePlan", "format_plan", "plan_package"):
+        from . import plan
+
+        return getattr(plan, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

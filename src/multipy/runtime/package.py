@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import weakref
 import zipfile
 from typing import TYPE_CHECKING
@@ -99,10 +100,17 @@ class Package:
         storages = self._device_storages(location) if location and location.startswith("cuda") else None
         replicated = ReplicatedObj(self._manager, (int(Recipe.PICKLE), self._id, self.path, package,
                                                    resource, location, storages), uses=(self,))
-        self._manager._with_worker(
-            lambda worker: worker.request(Op.MATERIALIZE, (replicated._id,),
-                                          timeout=self._manager._call_timeout,
-                                          materializes=replicated._id, recipe=replicated._recipe))
+        try:
+            self._manager._with_worker(
+                lambda worker: worker.request(Op.MATERIALIZE, (replicated._id,),
+                                              timeout=self._manager._call_timeout,
+                                              materializes=replicated._id,
+                                              recipe=replicated._recipe))
+        except Exception as exc:
+            advice = _not_runnable_from_archive(exc, self.path)
+            if advice is None:
+                raise
+            raise advice from exc
         return replicated
 
     def _device_storages(self, device: str) -> dict:
@@ -169,3 +177,29 @@ class Package:
 def _forget(workers, package_id: int) -> None:
     for worker in workers:
         worker.drop((int(Drop.PACKAGE), package_id))
+
+
+
+# An interned module's files live inside the archive, under a mangled name such as
+# "<torch_package_0>.transformers/models": a library that lists or opens its own
+# files on disk fails there with a path like that in its error.
+_MANGLED = re.compile(r"<torch_package_\d+>\.([A-Za-z_]\w*)")
+
+
+def _not_runnable_from_archive(exc: BaseException, path: str) -> PackageError | None:
+    """A PackageError saying to extern the library, when ``exc`` comes from an interned
+    library looking for its own files; else ``None``.
+
+    >>> str(_not_runnable_from_archive(FileNotFoundError("'<torch_package_0>.lib/data'"), "m.pt"))[:52]
+    'lib, interned in m.pt, cannot run from the archive: '
+    """
+    match = _MANGLED.search(str(exc))
+    if match is None:
+        return None
+    name = match.group(1)
+    return PackageError(
+        f"{name}, interned in {path}, cannot run from the archive: it looks for its own files "
+        f"on disk ({type(exc).__name__}: {exc}). Extern it instead: "
+        f"save_package(..., extern=\"{name}.**\") (or exporter.extern(\"{name}.**\"), or "
+        f"multipy package ... --extern '{name}.**'), and install {name} where the interpreters "
+        "import from.")
