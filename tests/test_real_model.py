@@ -32,7 +32,8 @@ def reference():
 
 @pytest.fixture(scope="module")
 def embedder(backend, archive):
-    with InterpreterManager(2, backend=backend, preload=minilm.PRELOAD) as manager:
+    # The archive's externs (transformers' modules) imported once, before the fork.
+    with InterpreterManager(2, backend=backend, preload=inspect_package(archive).externs) as manager:
         model = manager.load_package(archive).load_pickle("model", "model.pkl").load_everywhere()
         yield manager, model
 

