@@ -67,6 +67,13 @@ def _int_list(text: str) -> list[int]:
     return list(dict.fromkeys(_positive_int(part) for part in parts))
 
 
+def _module_list(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not names or not all(n.replace(".", "").replace("_", "").isalnum() for n in names):
+        raise argparse.ArgumentTypeError(f"expected module names separated by commas, got {text!r}")
+    return names
+
+
 def _strategy_list(text: str) -> list[str]:
     names = [part.strip() for part in text.split(",") if part.strip()]
     unknown = [n for n in names if n not in _STRATEGY_NAMES]
@@ -219,6 +226,13 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--ray-requests", type=_positive_int, default=500, metavar="N",
                        help="`bench ray`: one client's requests to each server (default: "
                        "%(default)s)")
+    bench.add_argument("--preload", type=_module_list, default=(), metavar="MOD[,MOD]",
+                       help="with --startup: also time --max-interpreters interpreters with "
+                       "these preload= modules against one; with --pss: the modules to share "
+                       "(default: the archive's externs)")
+    bench.add_argument("--pss", metavar="PKG",
+                       help="PSS of N interpreters holding PKG's model against N eager "
+                       "processes, N from --threads (default: 1 and --max-interpreters)")
 
     serve = sub.add_parser(
         "serve", help="serve models over the Open Inference Protocol (KServe v2 REST)",
@@ -394,10 +408,10 @@ def _cmd_bench(args) -> int:
     if args.packages[:1] == ["ray"]:
         return _bench_ray(args)
     if not (args.packages or args.overhead or args.memory or args.startup or args.dispatch
-            or args.async_ or args.batching):
+            or args.async_ or args.batching or args.pss):
         raise UsageError("name at least one package or example (e.g. `multipy bench smallops`),"
-                         " or pass --overhead, --dispatch, --memory, --startup, --async or "
-                         "--batching")
+                         " or pass --overhead, --dispatch, --memory, --startup, --async, "
+                         "--batching or --pss")
     for option, path in (("--csv", args.csv), ("--plot", args.plot)):
         if path is not None:
             _check_dir_writable(Path(path).resolve().parent, option, must_exist=True)
@@ -495,6 +509,33 @@ def _cmd_bench(args) -> int:
                   f"every interpreter serving {r.manager_ready:.2f} s = {r.ratio:.2f} x",
                   highlight=False,
                   soft_wrap=True)
+        if args.preload:
+            from .bench.startup import measure_ready
+
+            n = args.max_interpreters
+            counts = (1, n) if n > 1 else (1,)
+            with _status(err, f"timing InterpreterManager(n, preload={args.preload!r}), n = "
+                         f"{', '.join(map(str, counts))} (fresh processes, best of 3)"):
+                ready = measure_ready(counts, preload=args.preload)
+            out.print(f"ready with preload={args.preload!r}: "
+                      + "; ".join(f"{k} interpreter(s) {s:.2f} s" for k, s in ready.items())
+                      + (f"; {n} / 1 = {ready[n] / ready[1]:.2f} x" if n > 1 else ""),
+                      highlight=False, soft_wrap=True)
+    if args.pss:
+        from .bench.pss import compare_memory, memory_table_lines
+        from .package import inspect_package
+
+        archive = resolve_target(args.pss, out=args.out).archive
+        preload = args.preload or inspect_package(archive).externs
+        n = args.max_interpreters
+        counts = tuple(args.threads) if args.threads else ((1, n) if n > 1 else (1,))
+        with _status(err, "memory") as status:
+            rows = compare_memory(archive, counts, preload=preload, backend=args.backend,
+                                  on_status=lambda text: status.update(f"memory (PSS): {text}"))
+        out.print(f"PSS holding {archive.name}, all processes of each side "
+                  f"(preload: {len(preload)} module(s)):", highlight=False)
+        for line in memory_table_lines(rows):
+            out.print(line, highlight=False)
     return 0
 
 

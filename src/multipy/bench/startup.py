@@ -9,6 +9,10 @@ Measured in one run on one machine:
 
 The fork server imports torch once and forks every interpreter from it, so N
 interpreters cost about one ``import torch``, not N.  Best of ``repeat`` runs.
+
+:func:`measure_ready` times ``InterpreterManager(n, preload=...)`` alone for
+several n, to compare N interpreters with one: interpreters start at the same
+time and share the ``preload`` imports of their fork server.
 """
 
 from __future__ import annotations
@@ -27,6 +31,14 @@ with multipy.InterpreterManager({n}) as m:
     for interp in m.all_instances():
         with model.acquire_session(interp) as s:
             s.self(x)
+    print(time.perf_counter() - started)
+"""
+
+
+_READY = """
+import sys, time, torch, multipy
+started = time.perf_counter()
+with multipy.InterpreterManager({n}, preload={preload!r}):
     print(time.perf_counter() - started)
 """
 
@@ -66,3 +78,21 @@ def measure_startup(archive: str, *, interpreters: int = 4, repeat: int = 3) -> 
         torch_s = min(torch_s, _import_torch())
         ready_s = min(ready_s, _manager_ready(archive, interpreters))
     return StartupResult(interpreters, torch_s, ready_s)
+
+
+def measure_ready(counts: tuple[int, ...] = (1, 2), *, preload: tuple[str, ...] = (),
+                  repeat: int = 3) -> dict[int, float]:
+    """Seconds until ``InterpreterManager(n, preload=preload)`` returns (every
+    interpreter started and its preload imported), for each n in ``counts``, in a
+    fresh host that imported torch and multipy; best of ``repeat``, interleaved.
+
+    >>> measure_ready((1, 2), preload=("transformers",))        # doctest: +SKIP
+    {1: 3.1, 2: 3.3}
+    """
+    best = {n: float("inf") for n in counts}
+    for _ in range(repeat):
+        for n in counts:
+            out = subprocess.run([sys.executable, "-c", _READY.format(n=n, preload=tuple(preload))],
+                                 check=True, capture_output=True, text=True)
+            best[n] = min(best[n], float(out.stdout.strip().splitlines()[-1]))
+    return best
