@@ -9,12 +9,13 @@ L2-normalised embeddings out.  The archive interns the wrapper
 environment, as the host does, while the weights come from the archive.
 
 Example:
-    >>> path = write_package("/tmp/minilm.pt")                    # doctest: +SKIP
-    >>> shared = inspect_package(path).externs   # transformers' modules the model needs
-    >>> with InterpreterManager(2, preload=shared) as m:          # doctest: +SKIP
+    >>> EXTERN
+    ('transformers.**',)
+    >>> path = write_package("/tmp/minilm.pt")                     # doctest: +SKIP
+    >>> shared = inspect_package(path).externs     # doctest: +SKIP
+    >>> with InterpreterManager(2, preload=shared) as m:           # doctest: +SKIP
     ...     model = m.load_package(path).load_pickle("model", "model.pkl")
-    ...     ids, mask = example_inputs()
-    ...     model(ids, mask).shape
+    ...     model(*example_inputs()).shape
     torch.Size([1, 384])
 """
 
