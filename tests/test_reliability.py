@@ -190,8 +190,13 @@ def test_manager_wide_call_timeout():
         assert m.statistics().restarts == 1
 
 
+# Imported by each interpreter on every (re)start: the fork server, where preload modules
+# are otherwise imported once for all, is refused it (an ImportError there is skipped).
 DIES_WHEN_FLAGGED = """
 import os, sys
+import multipy
+if multipy.interpreter_id() is None:
+    raise ImportError("not in the fork server")
 here = os.path.dirname(__file__)
 with open(os.path.join(here, "attempts"), "a") as log:
     log.write("start\\n")
@@ -201,7 +206,7 @@ if os.path.exists(os.path.join(here, "flag")):
 
 
 def test_an_interpreter_dying_at_every_start_is_given_up_with_the_reason(tmp_path, monkeypatch):
-    # A preloaded module is imported on every (re)start; once flagged it kills the interpreter.
+    # A preloaded module imported on every (re)start; once flagged it kills the interpreter.
     (tmp_path / "dies_when_flagged.py").write_text(DIES_WHEN_FLAGGED)
     monkeypatch.syspath_prepend(str(tmp_path))
     attempts = tmp_path / "attempts"
