@@ -119,3 +119,15 @@ def test_load_everywhere_loads_the_object_in_every_interpreter(preloaded, exampl
 def test_statistics_have_no_notes_without_preload(manager):
     assert manager.statistics().notes == ()
     assert isinstance(multipy.ManagerStatistics.__dataclass_fields__["notes"].default, tuple)
+
+
+def test_the_fork_server_of_a_preload_list_stops_with_its_last_interpreter(backend, modules):
+    if backend != "process":
+        pytest.skip("only the process backend forks interpreters from a server")
+    with InterpreterManager(1, PathEnvironment(str(modules)), backend=backend,
+                            preload=("startup_probe",)) as manager:
+        with manager.acquire_one() as s:
+            server = s.global_("os", "getppid")().deref()
+        assert os.path.exists(f"/proc/{server}")
+    # close() waited for the server to exit (it is reaped, so its pid is gone).
+    assert not os.path.exists(f"/proc/{server}")

@@ -14,9 +14,10 @@ about one ``import torch``, and the pages of everything the server imported are
 shared by all of them (copy-on-write) instead of being built N times.
 
 There is one server per set of *shared imports* (a manager's ``preload=``
-modules) and ``sys.path``, started on first use and kept for the host's
-lifetime, like the standard library's single fork server (which multipy leaves
-alone for the host's own use).  A module in the set that cannot be imported
+modules) and ``sys.path``, started on first use and stopped when the last
+interpreter forked from it is closed; the plain one (no shared imports) is
+kept for the host's lifetime, like the standard library's single fork server
+(which multipy leaves alone for the host's own use).  A module in the set that cannot be imported
 there (``ImportError``) is left out by the server and imported per interpreter.
 
 A module that starts threads or initialises CUDA when imported must not be
@@ -32,6 +33,7 @@ modules per interpreter, and says so in ``statistics().notes``.
 
 from __future__ import annotations
 
+import collections
 import io
 import json
 import os
@@ -51,6 +53,7 @@ _lock = threading.Lock()
 _spawn_lock = threading.Lock()
 _servers: dict[tuple, forkserver.ForkServer] = {}
 _unsafe: dict[tuple, str] = {}   # server key -> why its shared imports are not shared
+_users: collections.Counter = collections.Counter()  # server key -> interpreters using it
 _starting = threading.local()    # the server the current thread starts a worker from
 
 
@@ -79,6 +82,25 @@ def mark_unsafe(shared: tuple[str, ...], sys_path: tuple[str, ...], why: str) ->
         server._stop()  # its interpreters have exited; nothing else forks from it
 
 
+def hold(key: tuple) -> None:
+    """An interpreter is forked from the server of ``key`` (see :func:`release`)."""
+    with _lock:
+        _users[key] += 1
+
+
+def release(key: tuple) -> None:
+    """That interpreter is closed: stop the server when nothing uses it any more
+    (the plain server stays, as the standard library's does)."""
+    with _lock:
+        _users[key] -= 1
+        if _users[key] > 0 or key == PLAIN:
+            return
+        del _users[key]
+        server = _servers.pop(key, None)
+    if server is not None:
+        server._stop()
+
+
 def _server(key: tuple) -> forkserver.ForkServer:
     with _lock:
         server = _servers.get(key)
@@ -91,7 +113,7 @@ def _server(key: tuple) -> forkserver.ForkServer:
 
 
 def ensure_running(key: tuple) -> forkserver.ForkServer:
-    """Start the server for ``key`` unless it runs (it lives as long as the host)."""
+    """Start the server for ``key`` unless it runs (see :func:`release` for how long)."""
     server = _server(key)
     with starting(key), _spawn_lock:
         # The server imports its shared modules from the environment's path:

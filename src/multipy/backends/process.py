@@ -167,7 +167,7 @@ class ProcessWorker(Worker):
     def __init__(self, config: WorkerConfig, ctx) -> None:
         super().__init__(config)
         self._ctx = ctx
-        self._server_key = None
+        self._server_key = None  # the fork server this interpreter comes from (held)
         self._process = None
         self._freed: collections.deque = collections.deque()
         self._pins: set[int] = set()
@@ -239,7 +239,12 @@ class ProcessWorker(Worker):
                 _starting.worker = False
             return process
         while True:
-            key = self._server_key = _forkserver.server_key(config.shared_imports, config.sys_path)
+            key = _forkserver.server_key(config.shared_imports, config.sys_path)
+            if key != self._server_key:
+                _forkserver.hold(key)
+                if self._server_key is not None:
+                    _forkserver.release(self._server_key)
+                self._server_key = key
             process = _forkserver.WorkerProcess(
                 target=_worker_entry, args=(config, fds, bool(key[0])),
                 name=f"multipy-interpreter-{self.index}", daemon=True)
@@ -254,6 +259,14 @@ class ProcessWorker(Worker):
                 # other than ImportError): import them per interpreter instead.
                 _forkserver.mark_unsafe(config.shared_imports, config.sys_path,
                                         f"the fork server could not import them ({exc!r})")
+
+    def close(self, *, timeout: float = 10.0) -> None:
+        try:
+            super().close(timeout=timeout)
+        finally:
+            key, self._server_key = self._server_key, None
+            if key is not None:
+                _forkserver.release(key)
 
     @property
     def notes(self) -> tuple[str, ...]:
