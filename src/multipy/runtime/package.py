@@ -179,7 +179,6 @@ def _forget(workers, package_id: int) -> None:
         worker.drop((int(Drop.PACKAGE), package_id))
 
 
-
 # An interned module's files live inside the archive, under a mangled name such as
 # "<torch_package_0>.transformers/models": a library that lists or opens its own
 # files on disk fails there with a path like that in its error.
