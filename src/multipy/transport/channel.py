@@ -473,8 +473,6 @@ class HostEnd:
     def send(self, payload: bytes) -> bool:
         """Post one request; False when no reply slot is free (too many calls were
         abandoned while their interpreter still worked on them)."""
-        from .frames import write_frame
-
         ch = self.channel
         slot = ch.claim()
         if slot is None:
@@ -487,6 +485,8 @@ class HostEnd:
         else:
             ch.post(b"", slot | SPILLED)
             self.order.append(slot)
+            from .frames import write_frame  # here: a big request is rare
+
             write_frame(self.req_w, payload)
         return True
 

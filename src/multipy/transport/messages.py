@@ -22,11 +22,17 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import pickle
 import struct
 from typing import NamedTuple
 
+from ..errors import TransportError
+
 #: The call id at the start of every request and reply payload.
 CALL_ID = struct.Struct("<Q")
+_ID_BYTES = CALL_ID.size
+_unpack_id = CALL_ID.unpack_from
+_loads = pickle.loads
 
 
 class Op(enum.IntEnum):
@@ -185,26 +191,35 @@ def parse_reply(frame: bytes, /) -> Reply:
 
     Anything else (corrupt bytes, a desynchronised stream) raises
     :class:`~multipy.errors.TransportError`; nothing in the frame can make this
-    hang or raise another type.
+    hang or raise another type.  Runs once per call: no helper calls, no
+    generator unless the reply lists blocks.
+
+    >>> parse_reply(stamp(3, pickle.dumps((None, None, (), (), False)))).call
+    3
     """
-    import pickle
-
-    from ..errors import TransportError
-
     try:
-        call, body = split_call(frame)
-        fields = pickle.loads(body)
-        reply = Reply(call, *fields) if type(fields) is tuple and len(fields) == 5 else None
-        ok = (reply is not None and type(reply.output) is bool
-              and (reply.value is None or type(reply.value) is bytes)
-              and (reply.error is None or type(reply.error) is RemoteException)
-              and type(reply.pinned) is tuple and type(reply.unpinned) is tuple
-              and all(type(o) is int for o in reply.pinned + reply.unpinned))
+        if len(frame) < _ID_BYTES:
+            raise ValueError(f"a frame of {len(frame)} bytes is too short to carry a call id")
+        fields = _loads(memoryview(frame)[_ID_BYTES:])
+        if type(fields) is not tuple or len(fields) != 5:
+            raise TransportError(f"malformed reply frame ({len(frame)} bytes): not a Reply")
+        value, error, pinned, unpinned, output = fields
+        ok = (type(output) is bool and (value is None or type(value) is bytes)
+              and (error is None or type(error) is RemoteException)
+              and type(pinned) is tuple and type(unpinned) is tuple
+              and (not (pinned or unpinned)
+                   or all(type(o) is int for o in pinned + unpinned)))
+        reply = _new_reply(Reply, (_unpack_id(frame)[0],) + fields)
+    except TransportError:
+        raise
     except Exception as exc:
         raise TransportError(f"malformed reply frame ({len(frame)} bytes): {exc!r}") from None
     if not ok:
         raise TransportError(f"malformed reply frame ({len(frame)} bytes): not a Reply")
     return reply
+
+
+_new_reply = tuple.__new__  # Reply(...) without its generated __new__ (a Python call)
 
 
 def parse_request(fields) -> Request:
