@@ -283,7 +283,11 @@ class Worker:
                 self.failures += 1
                 raise
             finally:
-                self._count(started)
+                self.calls += 1  # _count, inlined (once per call)
+                lat = self.latencies
+                lat.append(time.perf_counter() - started)
+                if len(lat) > 4096:
+                    del lat[:2048]
         if self.on_free is not None:
             self._now_free()
 

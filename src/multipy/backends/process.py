@@ -42,13 +42,14 @@ from ..transport import channel as _channel
 from ..transport.codec import Decoder, Encoder
 from ..transport.cuda_link import HostLinks
 from ..transport.frames import FrameError, FrameReader, Waiter, write_frame
-from ..transport.messages import MovablePayload, Op, parse_reply, stamp
+from ..transport.messages import CALL_ID, MovablePayload, Op, parse_reply
 from ..transport.shm import Arena, BlockViews, Segment, open_descriptor
 from . import _forkserver
 from .base import (PENDING, Backend, BackendKind, RequestNotSent, Worker, WorkerConfig, describe_exit, drain,
                    no_start)
 from .completions import READY
 
+_pack_id = CALL_ID.pack
 ARENA_BYTES = 1 << 22  # grows on demand; pages are only touched when used
 _LINK_TIMEOUT = 30.0   # seconds an interpreter may take to map a CUDA link
 _PRELOAD = ["multipy.backends._process_main", "numpy", "torch"]
@@ -381,10 +382,11 @@ class ProcessWorker(Worker):
             links.sent()
         placed = encoder.placed
         call = self._next_call = self._next_call + 1
+        payload = _pack_id(call) + data  # messages.stamp, without the call
         try:
             if self._end is None:
-                write_frame(self._req_w, stamp(call, data))
-            elif not self._end.send(stamp(call, data)):
+                write_frame(self._req_w, payload)
+            elif not self._end.send(payload):
                 self._out_of_step("too many abandoned calls were still in its channel")
                 raise BrokenPipeError
         except (BrokenPipeError, ConnectionResetError):
@@ -412,8 +414,9 @@ class ProcessWorker(Worker):
         read (its bytes half consumed) restarts the interpreter.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        next_frame = self._next_channel_frame if self._end is not None else self._next_frame
         while True:
-            reply = self._match(call, self._next_frame(deadline, timeout, starting))
+            reply = self._match(call, next_frame(deadline, timeout, starting))
             if reply is not None:
                 return reply
 
@@ -523,7 +526,13 @@ class ProcessWorker(Worker):
                 for offset in reply.unpinned:
                     self._pins.discard(offset)
                     self._free_arg(offset)
-                self._release_placed(placed, reply.pinned)
+                # _release_placed, inlined (once per call)
+                pins, held, arena = self._pins, self._held, self._args
+                if reply.pinned:
+                    pins.update(reply.pinned)
+                for offset in placed:
+                    if offset not in held and offset not in pins:
+                        arena.free(offset)
         return value, reply.error
 
     def _out_of_step(self, why: str) -> None:
