@@ -35,11 +35,14 @@ from ..interp.state import InterpreterState, capture_exception
 from ..transport.codec import Decoder, Encoder
 from ..transport.cuda_link import InterpreterLinks
 from ..transport.frames import Waiter, read_frame, write_frame
-from ..transport.messages import Op, parse_request, split_call, stamp
+from ..transport.messages import CALL_ID, Op, parse_request
 from ..transport.shm import Arena, BlockViews, Segment
 
 
 _CUDA_LINK = int(Op.CUDA_LINK)
+_ID_BYTES = CALL_ID.size
+_pack_id, _unpack_id = CALL_ID.pack, CALL_ID.unpack_from
+_dumps = pickle.dumps
 _UNPINNED_REFS = 3  # the blocks list's entry, the loop variable, getrefcount's argument
 
 
@@ -217,12 +220,15 @@ class Loop:
 
     def serve(self, data: bytes) -> bytes:
         """The reply frame (call id first) for one request frame."""
-        try:
-            call, data = split_call(data)
-        except ValueError:
+        # messages.split_call, inlined (this runs once per call)
+        if len(data) >= _ID_BYTES:
+            call = _unpack_id(data)[0]
+            data = memoryview(data)[_ID_BYTES:]
+        else:
             call = 0  # never a real call: the host treats the reply as out of step
         state = self.state
-        state.close_adopted_segments()
+        if state.open_segments:
+            state.close_adopted_segments()
         watched = []
         value = error = None
         self.encoder.placed = []  # blocks of *this* reply only: the host owns the older ones
@@ -236,12 +242,13 @@ class Loop:
                         raise TransportError(describe_hosts_main(exc, state.index)) from exc
                     raise  # raised by the arguments' own code: theirs to see
                 watched, self.decoder.received = self.decoder.received, []
-                request = parse_request(fields)
+                if type(fields) is not tuple or len(fields) != 4 or type(fields[0]) is not int \
+                        or type(fields[1]) is not tuple:
+                    parse_request(fields)  # raises TypeError, saying what came
+                op, args, drop, freed = fields
                 del fields
-                for offset in request.freed:
+                for offset in freed:
                     self._free_result(offset)
-                op, args, drop = request.op, request.args, request.drop
-                del request
                 result = self._map_links(args) if op == _CUDA_LINK else state.handle(op, args, drop)
                 del args
                 value = self.encoder.encode(result, "result") if result is not None else None
@@ -260,13 +267,15 @@ class Loop:
             returned, self._returned = self._returned, []
             self._survivors(returned, self._kept)
             del returned
-        unpinned, self.unpinned = self.unpinned, []
+        if self.unpinned:
+            unpinned, self.unpinned = tuple(self.unpinned), []
+        else:
+            unpinned = ()
         out, err = sys.stdout, sys.stderr
         output = getattr(out, "dirty", False) or getattr(err, "dirty", False)
         if output:
             out.flush()
             err.flush()
             out.dirty = err.dirty = False
-        # A plain tuple of Reply's fields after the call id: see transport.messages.
-        return stamp(call, pickle.dumps((value, error, pinned, tuple(unpinned), output),
-                                        protocol=5))
+        # A plain tuple of Reply's fields after the call id (messages.stamp, inlined).
+        return _pack_id(call) + _dumps((value, error, pinned, unpinned, output), protocol=5)

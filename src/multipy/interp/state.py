@@ -135,13 +135,15 @@ class InterpreterState:
 
     def resolve(self, value: Any) -> Any:
         """Replace :class:`Handle` arguments by the objects they name."""
-        if type(value) is Handle:
+        kind = type(value)
+        if kind is Handle:
             return self.objects[value.id]
-        if type(value) is tuple and any(type(v) is Handle for v in value):
+        # `Handle in map(type, ...)` looks without a Python frame per item.
+        if kind is tuple and Handle in map(type, value):
             return tuple(self.resolve(v) for v in value)
-        if type(value) is dict and any(type(v) is Handle for v in value.values()):
+        if kind is dict and Handle in map(type, value.values()):
             return {k: self.resolve(v) for k, v in value.items()}
-        if type(value) is list and any(type(v) is Handle for v in value):
+        if kind is list and Handle in map(type, value):
             return [self.resolve(v) for v in value]
         return value
 
@@ -208,14 +210,20 @@ class InterpreterState:
     def _invoke(self, fn, args, kwargs, grad_mode):
         """``fn(*args, **kwargs)`` under the caller's autograd mode, on this
         interpreter's CUDA stream once CUDA is in use."""
-        _use_own_stream()
+        cuda = _cuda_in_use()
+        if cuda:
+            _use_own_stream()
         context = _grad_change(grad_mode)
+        args = self.resolve(args)
+        if kwargs:
+            kwargs = self.resolve(kwargs)
         if context is None:
-            result = fn(*self.resolve(args), **self.resolve(kwargs))
+            result = fn(*args, **kwargs)
         else:
             with context:
-                result = fn(*self.resolve(args), **self.resolve(kwargs))
-        _use_own_stream()  # the call may have been the first to touch CUDA
+                result = fn(*args, **kwargs)
+        if cuda or _cuda_in_use():  # the call may have been the first to touch CUDA
+            _use_own_stream()
         return result
 
     def _attr(self, target, name: str) -> Handle:
@@ -308,6 +316,15 @@ class InterpreterState:
 
 
 _GRAD, _NO_GRAD, _INFERENCE = int(GradMode.GRAD), int(GradMode.NO_GRAD), int(GradMode.INFERENCE)
+
+
+def _cuda_in_use() -> bool:
+    """Whether CUDA may be initialised in this interpreter: cheap (no Python call
+    into torch) until it is; ``_use_own_stream`` then checks for real."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return False
+    return getattr(getattr(torch, "cuda", None), "_initialized", True)
 
 
 def _use_own_stream() -> None:
