@@ -290,9 +290,6 @@ class ProcessWorker(Worker):
             why = str(exc) + (f"\nits stderr ended with:\n{tail}" if tail else "")
             raise no_start(self.index, why) from None
 
-    def _roundtrip(self, op, args, drop, timeout, handles):
-        return self._exchange(op, args, drop, timeout, handles)
-
     def _exchange(self, op, args, drop, timeout, handles=None, *, starting: bool = False):
         call, placed = self._send(op, args, drop, timeout, handles)
         try:
@@ -304,6 +301,8 @@ class ProcessWorker(Worker):
                 self._out_of_step("a call using CUDA link buffers was interrupted")
             raise
         return self._settle(op, reply, placed)
+
+    _roundtrip = _exchange  # the Worker step, without a call in between
 
     # -- posted requests (Worker.post): the completion thread reads the reply ----
     def _post(self, op, args, drop, timeout, handles, completions, finish):
