@@ -249,9 +249,14 @@ class InterpreterManager:
                          kwargs: dict, timeout: float | None, index: int | None = None) -> Any:
         """A blocking call; on interpreter ``index`` when the caller already holds it
         in the balancer (released here)."""
-        self._check_open()
+        if self._closed:  # _check_open and _acquire, inlined: once per call
+            raise ManagerClosedError("this InterpreterManager is closed")
         if index is None:
-            index = self._acquire()
+            balancer = self._balancer
+            index = balancer.acquire()
+            if not self._workers[index].available:
+                balancer.release(index)
+                index = balancer.acquire(usable=self._available)
         try:
             return self._workers[index].request(
                 Op.CALL_REPLICATED, (replicated._id, method, args, kwargs, caller_grad_mode()),
