@@ -210,7 +210,10 @@ class InterpreterState:
     def _invoke(self, fn, args, kwargs, grad_mode):
         """``fn(*args, **kwargs)`` under the caller's autograd mode, on this
         interpreter's CUDA stream once CUDA is in use."""
-        cuda = _cuda_in_use()
+        # Whether CUDA may be initialised here: no Python call into torch until it is
+        # (_use_own_stream then checks for real).
+        tc = _TORCH_CUDA[0] or _torch_cuda()
+        cuda = tc is not None and getattr(tc, "_initialized", True)
         if cuda:
             _use_own_stream()
         context = _grad_change(grad_mode)
@@ -222,7 +225,8 @@ class InterpreterState:
         else:
             with context:
                 result = fn(*args, **kwargs)
-        if cuda or _cuda_in_use():  # the call may have been the first to touch CUDA
+        tc = tc or _torch_cuda()  # the call may have imported torch, or first touched CUDA
+        if cuda or (tc is not None and getattr(tc, "_initialized", True)):
             _use_own_stream()
         return result
 
@@ -318,13 +322,14 @@ class InterpreterState:
 _GRAD, _NO_GRAD, _INFERENCE = int(GradMode.GRAD), int(GradMode.NO_GRAD), int(GradMode.INFERENCE)
 
 
-def _cuda_in_use() -> bool:
-    """Whether CUDA may be initialised in this interpreter: cheap (no Python call
-    into torch) until it is; ``_use_own_stream`` then checks for real."""
+_TORCH_CUDA: list = [None]  # torch.cuda once torch is imported here
+
+
+def _torch_cuda():
     torch = sys.modules.get("torch")
-    if torch is None:
-        return False
-    return getattr(getattr(torch, "cuda", None), "_initialized", True)
+    if torch is not None:
+        _TORCH_CUDA[0] = getattr(torch, "cuda", None)
+    return _TORCH_CUDA[0]
 
 
 def _use_own_stream() -> None:
