@@ -294,3 +294,32 @@ def test_acall_does_not_keep_a_finished_event_loop_alive(model):
     loops = [asyncio.run(main()) for _ in range(3)]
     gc.collect()
     assert all(loop() is None for loop in loops)
+
+
+def test_blocking_calls_leave_the_bell_silent_until_a_call_is_posted():
+    """On the native channel the interpreter writes the bell pipe (the completion
+    thread's wake-up) only once a posted call needs it: blocking calls cost it no
+    system call; posted calls, and blocking calls after them, still complete."""
+    from multipy.transport import channel
+
+    if not channel.NATIVE:
+        pytest.skip("the bell pipe belongs to the native call channel")
+    with multipy.InterpreterManager(1, backend="process") as m:
+        with m.acquire_one() as s:
+            rows = s.create_movable(s.global_("_rows", "rows"))
+        end = m._workers[0]._end
+
+        def rung() -> bool:
+            try:
+                return len(os.read(end.bell_r, 4096)) > 0
+            except BlockingIOError:
+                return False
+
+        x = torch.ones(3)
+        for _ in range(20):
+            assert torch.equal(rows(x), x * 2 + 1)
+        assert not rung()
+        assert torch.equal(rows.submit(x).result(timeout=60), x * 2 + 1)
+        assert torch.equal(asyncio.run(rows.acall(x)), x * 2 + 1)
+        assert torch.equal(rows(x), x * 2 + 1)
+        assert rung()

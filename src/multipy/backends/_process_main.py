@@ -180,8 +180,8 @@ class Loop:
         if self.channel_fd is not None:
             from ..transport.channel import InterpreterEnd, attach
 
-            end = InterpreterEnd(attach(self.channel_fd), self.req_r, self.rep_w, self.spin,
-                                 self.bell_w)
+            channel, memory = attach(self.channel_fd)
+            end = InterpreterEnd(channel, self.req_r, self.rep_w, self.spin, self.bell_w, memory)
             end.serve_forever(self.serve)
             sys.stdout.flush()
             sys.stderr.flush()

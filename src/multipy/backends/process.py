@@ -199,10 +199,10 @@ class ProcessWorker(Worker):
         self._links = self._encoder.links = self._decoder.links = HostLinks()
         # The call channel of this generation (a fresh one each restart: a reply half
         # written by a dead interpreter can never reach its replacement).
-        channel_fd = channel = None
+        channel_fd = channel = memory = None
         bell = (-1, -1)
         if _channel.NATIVE:
-            channel_fd, channel = _channel.create(f"multipy-channel-{self.index}")
+            channel_fd, channel, memory = _channel.create(f"multipy-channel-{self.index}")
             bell = os.pipe()  # rung after each reply, for the completion thread's epoll
             os.set_blocking(bell[0], False)
         fds = tuple(_Fd(fd) for fd in (req_r, rep_w, self._args.segment.fd, self._results.fd, out_w, err_w))
@@ -217,7 +217,8 @@ class ProcessWorker(Worker):
         self._waiter = Waiter(self._rep_r, self.config.spin)
         self._reader = FrameReader(self._rep_r)
         self._end = None if channel is None else _channel.HostEnd(
-            channel, self._req_w, self._reader.read, process.sentinel, self.config.spin, bell[0])
+            channel, self._req_w, self._reader.read, process.sentinel, self.config.spin, bell[0],
+            memory)
         self._next_call = 0
         self._owed: dict[int, list[int]] = {}  # call id -> argument blocks, reply not read yet
         self._out = _Pump(out_r, "stdout", f"multipy-stdout-{self.index}")
@@ -306,6 +307,8 @@ class ProcessWorker(Worker):
 
     # -- posted requests (Worker.post): the completion thread reads the reply ----
     def _post(self, op, args, drop, timeout, handles, completions, finish):
+        if self._end is not None:
+            self._end.want_bell()  # before the request is published: its reply rings
         call, placed = self._send(op, args, drop, timeout, handles)
         posted = (op, call, placed, completions, finish)
         self._arm(posted)

@@ -19,6 +19,7 @@ Memory (one memfd, like the arenas)::
 
     0    header: magic, version, ring_bytes, slots, slot_bytes | closed | tail | head
               | req_seq, req_sleeping | slot_hint      (each word on its own cache line)
+              | bell (384: the process backend's, see HostEnd.want_bell)
     512  request ring (ring_bytes, a power of two): records of
               [state u32 | len u32 | tag u32 | pad u32 | payload, padded to 16]
     ...  reply slots (slots x (64 + slot_bytes)):
@@ -70,6 +71,7 @@ _SLICE = 0.002  # seconds a sleeping waiter goes between looks at the peer's liv
 
 # Offsets of the header words (see the layout above and _native.c's header_t).
 _CLOSED, _TAIL, _HEAD, _REQ_SEQ, _REQ_SLEEPING, _SLOT_HINT = 64, 128, 192, 256, 260, 320
+_BELL = 384  # unused by the mechanism: set by the host once a reply needs the bell pipe
 _GEOMETRY = struct.Struct("<5I")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -428,14 +430,15 @@ def create(name: str) -> tuple[int, object]:
     os.ftruncate(fd, n)
     memory = mmap.mmap(fd, n)
     prepare(memory, ring_bytes=RING_BYTES, slots=SLOTS, slot_bytes=SLOT_BYTES)
-    return fd, Channel(memory)
+    return fd, Channel(memory), memory
 
 
 def attach(fd: int):
-    """The channel in memfd ``fd`` (the interpreter's side)."""
+    """``(channel, memory)``: the channel in memfd ``fd`` (the interpreter's side)."""
     import mmap
 
-    return Channel(mmap.mmap(fd, os.fstat(fd).st_size))
+    memory = mmap.mmap(fd, os.fstat(fd).st_size)
+    return Channel(memory), memory
 
 
 def _max_spinners() -> int:
@@ -456,10 +459,12 @@ class HostEnd:
     """
 
     def __init__(self, channel, req_w: int, read_spilled, alive_fd: int, spin: float,
-                 bell_r: int = -1) -> None:
+                 bell_r: int = -1, memory=None) -> None:
         self.channel = channel
-        self.bell_r = bell_r  # the interpreter writes a byte here after each reply
+        self.bell_r = bell_r  # the interpreter writes a byte here after each reply (want_bell)
         self.bell_closed = False
+        self.memory = memory  # the channel's mapping: for the bell word
+        self.bell_wanted = False
         self.req_w = req_w
         self.read_spilled = read_spilled  # () -> the next frame of the reply pipe, or None
         self.alive_fd = alive_fd
@@ -522,6 +527,19 @@ class HostEnd:
         return self.read_spilled() if tag & SPILLED else data
 
     # -- for a completion thread (posted requests) ---------------------------------
+    def want_bell(self) -> None:
+        """From now on the interpreter rings the bell pipe after every reply.  Call
+        it before posting a request whose reply a completion thread waits for.
+
+        Until then it never does: a blocking caller waits on the reply slot, and
+        the write would cost the interpreter a system call per call.  The word is
+        set before the request is published (and stays set), so the interpreter,
+        which reads it after taking that request, rings for its reply and every
+        later one."""
+        if not self.bell_wanted and self.memory is not None:
+            _U32.pack_into(self.memory, _BELL, 1)
+            self.bell_wanted = True
+
     def drain_bell(self) -> None:
         """Empty the bell pipe; :attr:`bell_closed` once it reached end-of-file
         (the interpreter died: it held the only write end)."""
@@ -552,13 +570,16 @@ class HostEnd:
         """Wake the interpreter (it exits) and let go of the memory once no wait uses it."""
         self.channel.close()
         self.channel.detach()
+        self.memory = None
 
 
 class InterpreterEnd:
     """The interpreter's side: take requests in order, answer each in its slot."""
 
-    def __init__(self, channel, req_r: int, rep_w: int, spin: float, bell_w: int = -1) -> None:
+    def __init__(self, channel, req_r: int, rep_w: int, spin: float, bell_w: int = -1,
+                 memory=None) -> None:
         self.channel = channel
+        self.memory = memory  # the channel's mapping: the bell word (HostEnd.want_bell)
         self.req_r = req_r
         self.rep_w = rep_w
         self.spin = spin
@@ -571,6 +592,8 @@ class InterpreterEnd:
 
         ch, spin, req_r, rep_w, bell_w = self.channel, self.spin, self.req_r, self.rep_w, self.bell_w
         take, reply, write = ch.take, ch.reply, os.write
+        memory = self.memory
+        ring = memory is None  # no mapping: ring after every reply
         if bell_w >= 0:
             os.set_blocking(bell_w, False)
         while True:
@@ -591,7 +614,9 @@ class InterpreterEnd:
             if not reply(slot, out, 0):
                 reply(slot, b"", SPILLED)  # announced first: the host then reads the pipe
                 frames.write_frame(rep_w, out)
-            if bell_w >= 0:
+            if not ring:  # the host sets the word once, before a request that needs it
+                ring = _U32.unpack_from(memory, _BELL)[0] != 0
+            if ring and bell_w >= 0:
                 try:
                     write(bell_w, b"!")
                 except BlockingIOError:
