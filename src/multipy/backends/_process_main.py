@@ -223,7 +223,7 @@ class Loop:
         # messages.split_call, inlined (this runs once per call)
         if len(data) >= _ID_BYTES:
             call = _unpack_id(data)[0]
-            data = memoryview(data)[_ID_BYTES:]
+            data = data[_ID_BYTES:]
         else:
             call = 0  # never a real call: the host treats the reply as out of step
         state = self.state
