@@ -46,7 +46,7 @@ test-subinterpreters:
 		[ -x $(VENV313)/bin/python ] || $(PY313)/bin/python3 -m venv $(VENV313); \
 		$(VENV313)/bin/python -m pip install -q pytest pytest-timeout hypothesis && \
 		$(VENV313)/bin/python -m pip install -q --no-deps -e . && \
-		$(VENV313)/bin/python -m pytest -q -p no:cacheprovider --noconftest --timeout=300 tests/test_subinterpreter.py; \
+		$(VENV313)/bin/python -m pytest -q -p no:cacheprovider --noconftest --timeout=300 tests/test_subinterpreter.py tests/test_subinterpreter_interrupts.py; \
 	else echo "skipped: no CPython 3.13 found (pyenv prefix 3.13.0) for the subinterpreter tests"; fi
 
 bench: $(STAMP)

@@ -18,6 +18,8 @@ def inside() -> bool:
 def act(action: str) -> None:
     if action == "raise":
         raise RuntimeError("injected fault")
+    if action == "interrupt":
+        raise KeyboardInterrupt("injected interrupt")
     if action == "exit":
         os._exit(13)
     if action == "abort":
@@ -92,4 +94,17 @@ def run(stage: str, *args):
         return args[1]
     if stage == "pid":
         return os.getpid()
+    if stage == "gate":
+        return gate(*args)
     raise AssertionError(stage)
+
+
+def gate(directory: str, value):
+    """Inside an interpreter: say "started" through the FIFO ``directory/started``,
+    then wait until the host writes to ``directory/release``; returns ``value``.
+    Lets a test act at a known point of a call (while the caller waits)."""
+    with open(os.path.join(directory, "started"), "w") as f:
+        f.write("s")
+    with open(os.path.join(directory, "release")) as f:
+        f.read()
+    return value

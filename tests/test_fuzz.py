@@ -30,7 +30,7 @@ FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCh
 def valid_reply() -> bytes:
     arena = Arena(Segment.create(1 << 16))
     value = Encoder(arena).encode({"out": torch.arange(4.0), "n": 3})
-    return stamp(1, pickle.dumps((value, None, (), (), False), protocol=5))
+    return stamp(1, pickle.dumps((value, None, (), (), False, ()), protocol=5))
 
 
 VALID_REPLY = valid_reply()

@@ -4,7 +4,7 @@
 
     read frame ─▶ call id, Request ─▶ decode args (tensors viewed in the args arena)
         ─▶ InterpreterState.handle ─▶ encode value (tensors copied to the results arena)
-        ─▶ call id, Reply{value, error, pinned, unpinned, output} ─▶ write frame
+        ─▶ call id, Reply{value, error, pinned, unpinned, output, blocks} ─▶ write frame
 
 Every reply carries the call id of the request it answers, even when the
 request could not be decoded (a frame too short to hold an id is answered as
@@ -278,4 +278,5 @@ class Loop:
             err.flush()
             out.dirty = err.dirty = False
         # A plain tuple of Reply's fields after the call id (messages.stamp, inlined).
-        return _pack_id(call) + _dumps((value, error, pinned, unpinned, output), protocol=5)
+        return _pack_id(call) + _dumps((value, error, pinned, unpinned, output,
+                                        tuple(self.encoder.placed)), protocol=5)

@@ -41,7 +41,7 @@ from ..errors import CallTimeoutError, ManagerClosedError, TransportError
 from ..transport import channel as _channel
 from ..transport.codec import Decoder, Encoder
 from ..transport.cuda_link import HostLinks
-from ..transport.frames import FrameError, FrameReader, Waiter, write_frame
+from ..transport.frames import FRAME_HEADER, FrameError, FrameReader, Waiter, write_frame
 from ..transport.messages import CALL_ID, MovablePayload, Op, parse_reply
 from ..transport.shm import Arena, BlockViews, Segment, open_descriptor
 from . import _forkserver
@@ -221,6 +221,7 @@ class ProcessWorker(Worker):
             memory)
         self._next_call = 0
         self._owed: dict[int, list[int]] = {}  # call id -> argument blocks, reply not read yet
+        self._unsure: set[int] = set()  # owed calls whose write was interrupted: sent or not?
         self._out = _Pump(out_r, "stdout", f"multipy-stdout-{self.index}")
         self._err = _Pump(err_r, "stderr", f"multipy-stderr-{self.index}")
         self._out.start()
@@ -384,6 +385,9 @@ class ProcessWorker(Worker):
             links.sent()
         placed = encoder.placed
         call = self._next_call = self._next_call + 1
+        # Owed from before the write: from then on, whatever is raised, the reply to
+        # `call` is recognised and settled by whoever reads it (see _match).
+        self._owed[call] = placed
         payload = _pack_id(call) + data  # messages.stamp, without the call
         try:
             if self._end is None:
@@ -393,15 +397,21 @@ class ProcessWorker(Worker):
                 raise BrokenPipeError
         except (BrokenPipeError, ConnectionResetError):
             # Nobody reads the request pipe: the interpreter died while idle and never saw it.
+            self._owed.pop(call, None)
             with self._args_lock:
                 self._release_placed(placed, ())
             raise RequestNotSent(self._crashed("while idle, before this call was sent")) from None
         except BaseException:
-            # Interrupted while writing (a signal handler raised): part of the request may
-            # be in the pipe, so the interpreter can no longer be trusted to be in step.
-            self._out_of_step("a request was interrupted while it was being sent")
+            # A signal handler raised during the write, or just after it returned.
+            if len(payload) + FRAME_HEADER <= select.PIPE_BUF:
+                # A request this small goes in one atomic write (a pipe write of at most
+                # PIPE_BUF bytes, or one ring post): all of it was sent or none.  The
+                # next reply says which (see _resolve_unsure).
+                self._unsure.add(call)
+            else:
+                # Part of the request may be in the pipe: the stream is out of step.
+                self._out_of_step("a request was interrupted while it was being sent")
             raise
-        self._owed[call] = placed  # until its reply is read, by this caller or a later one
         return call, placed
 
     def _reply_for(self, call: int, timeout, starting: bool):
@@ -413,7 +423,10 @@ class ProcessWorker(Worker):
         dropped) and never returned.  Any other id means the stream is out of
         step: the interpreter is killed and restarted.  An exception raised
         while waiting leaves ``call`` owed; one raised while a frame was being
-        read (its bytes half consumed) restarts the interpreter.
+        read (its bytes half consumed) restarts the interpreter.  (One raised in
+        the few bytecodes between reading the reply to ``call`` and returning it
+        leaves that call's argument blocks allocated until the next restart: a
+        leak, never a wrong answer.)
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         next_frame = self._next_channel_frame if self._end is not None else self._next_frame
@@ -429,6 +442,8 @@ class ProcessWorker(Worker):
             reply = parse_reply(frame)
         except TransportError as exc:
             raise self._desynchronised(exc) from None
+        if self._unsure:
+            self._resolve_unsure(reply.call)
         if reply.call == call:
             del self._owed[call]
             return reply
@@ -436,11 +451,21 @@ class ProcessWorker(Worker):
         if placed is None:
             raise self._desynchronised(
                 f"a reply to call {reply.call} came while call {call} waited")
-        try:
-            self._settle(None, reply, placed)
-        except Exception:
-            pass  # nobody wants that value; its blocks are released all the same
+        self._settle(None, reply, placed)  # nobody waits for it: blocks freed, value unread
         return None
+
+    def _resolve_unsure(self, answered: int) -> None:
+        """Replies come in request order: a call whose write was interrupted and
+        that has no reply before the reply to ``answered`` never reached the
+        interpreter, so its argument blocks are free again."""
+        for unsure in sorted(self._unsure):
+            if unsure > answered:
+                break
+            self._unsure.discard(unsure)
+            if unsure < answered:
+                placed = self._owed.pop(unsure, ())
+                with self._args_lock:
+                    self._release_placed(placed, ())
 
     def _next_frame(self, deadline, timeout, starting: bool) -> bytes:
         """The next reply frame, waiting until ``deadline`` (monotonic; ``None``: no limit)."""
@@ -505,19 +530,20 @@ class ProcessWorker(Worker):
 
     def _settle(self, op, reply, placed: list[int]):
         """Decode ``reply`` and release the argument blocks of its call.  ``op`` is
-        ``None`` for the reply of a call whose caller left: its value is dropped."""
+        ``None`` for the reply of a call whose caller left: its value is not
+        unpickled (no user code runs for it), its result blocks are freed."""
         if reply.output:
             self._out.drain()
             self._err.drain()
         value = None
         try:
-            if reply.value is not None:
+            if op is None:
+                self._freed.extend(reply.blocks)
+            elif reply.value is not None:
                 # Decoded before this call's argument blocks are released: a result can
                 # be a view of one (handed back by reference), which then stays held.
                 value = self._decoder.decode(reply.value)
         except Exception as exc:
-            if op is None:
-                raise
             raise TransportError(
                 f"the result of {Op(op).name.lower()} in interpreter {self.index} could not be "
                 f"rebuilt in the host: {exc}. Types defined inside a package exist only in "

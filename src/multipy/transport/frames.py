@@ -18,6 +18,7 @@ import struct
 import time
 
 _HEADER = struct.Struct("<I")
+FRAME_HEADER = _HEADER.size  # bytes before each frame's payload
 MAX_FRAME = 1 << 31
 
 

@@ -15,7 +15,7 @@ repeats it.  A reply is only ever handed to the caller whose id it carries;
 see ``ProcessWorker._reply_for`` for what the host does with any other::
 
     request frame:  length | call id | pickle(op, args, drop, freed)
-    reply frame:    length | call id | pickle(value, error, pinned, unpinned, output)
+    reply frame:    length | call id | pickle(value, error, pinned, unpinned, output, blocks)
 """
 
 from __future__ import annotations
@@ -143,7 +143,9 @@ class Reply(NamedTuple):
     argument blocks the interpreter still references after the call (the host
     must not reuse them); ``unpinned`` lists blocks it let go of; ``output``
     says the interpreter wrote to stdout/stderr (the host drains it before
-    returning, so prints appear in order).
+    returning, so prints appear in order); ``blocks`` lists the result-arena
+    blocks that ``value`` occupies, so that the host can free them without
+    unpickling a value nobody waits for any more.
     """
 
     call: int
@@ -152,6 +154,7 @@ class Reply(NamedTuple):
     pinned: tuple = ()
     unpinned: tuple = ()
     output: bool = False
+    blocks: tuple = ()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -201,14 +204,14 @@ def parse_reply(frame: bytes, /) -> Reply:
         if len(frame) < _ID_BYTES:
             raise ValueError(f"a frame of {len(frame)} bytes is too short to carry a call id")
         fields = _loads(memoryview(frame)[_ID_BYTES:])
-        if type(fields) is not tuple or len(fields) != 5:
+        if type(fields) is not tuple or len(fields) != 6:
             raise TransportError(f"malformed reply frame ({len(frame)} bytes): not a Reply")
-        value, error, pinned, unpinned, output = fields
+        value, error, pinned, unpinned, output, blocks = fields
         ok = (type(output) is bool and (value is None or type(value) is bytes)
               and (error is None or type(error) is RemoteException)
-              and type(pinned) is tuple and type(unpinned) is tuple
-              and (not (pinned or unpinned)
-                   or all(type(o) is int for o in pinned + unpinned)))
+              and type(pinned) is tuple and type(unpinned) is tuple and type(blocks) is tuple
+              and (not (pinned or unpinned or blocks)
+                   or all(type(o) is int for o in pinned + unpinned + blocks)))
         reply = _new_reply(Reply, (_unpack_id(frame)[0],) + fields)
     except TransportError:
         raise
