@@ -96,6 +96,11 @@ def run(stage: str, *args):
         return os.getpid()
     if stage == "gate":
         return gate(*args)
+    if stage == "started_then_sleep":  # (directory, seconds): say "started", then work
+        with open(os.path.join(args[0], "started"), "w") as f:
+            f.write("s")
+        time.sleep(args[1])
+        return args[1]
     raise AssertionError(stage)
 
 
@@ -108,3 +113,23 @@ def gate(directory: str, value):
     with open(os.path.join(directory, "release")) as f:
         f.read()
     return value
+
+
+def _slow_load(seconds: float) -> "SlowToLoad":
+    if inside():
+        time.sleep(seconds)  # the work of loading a big model, not synchronisation
+    return SlowToLoad(seconds)
+
+
+class SlowToLoad:
+    """Takes ``seconds`` to unpickle inside an interpreter (a model slow to load);
+    calling it returns its argument."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __reduce__(self):
+        return (_slow_load, (self.seconds,))
+
+    def __call__(self, value):
+        return value

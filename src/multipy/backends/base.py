@@ -61,6 +61,7 @@ PENDING = object()
 
 RESTART_BACKOFF = 0.1     # seconds before the 2nd start attempt, doubling after
 MAX_START_FAILURES = 5    # failed starts in a row before an interpreter is given up
+_CALLER_LEAVES = 5.0      # seconds close() waits for a stopped call's caller to return
 
 
 class BackendKind(str, enum.Enum):
@@ -182,17 +183,33 @@ class Worker:
 
     def close(self, *, timeout: float = 10.0) -> None:
         """Stop the interpreter: wait up to ``timeout`` for the call in flight,
-        then kill.  A call cut short raises :class:`ManagerClosedError`."""
+        then kill.  A call cut short raises :class:`ManagerClosedError`.
+
+        What the caller in flight reads from is released only under the lock:
+        the interpreter is first stopped through :meth:`_stop_in_flight`, which
+        makes that caller return, and then terminated once it has."""
         self.closed = True  # new requests fail at once from here on
         got = self.lock.acquire(timeout=timeout)
         helper = self.__dict__.pop("_helper", None)
         if helper is not None:
             helper.stop()
+        stopped = not got
         try:
-            self._terminate(kill=not got)
+            if stopped:
+                self._stop_in_flight()
+                got = self.lock.acquire(timeout=_CALLER_LEAVES)
+            if got:
+                self._terminate(kill=stopped)
+            # else the caller still holds the lock; it terminates the interpreter itself
+            # when it sees it gone (the process backend's _crashed).
         finally:
             if got:
                 self.lock.release()
+
+    def _stop_in_flight(self) -> None:
+        """Make a call in flight end now (its caller raises ManagerClosedError),
+        without closing anything that caller may be reading.  Called without the lock."""
+        self._terminate(kill=True)
 
     @property
     def available(self) -> bool:
@@ -254,7 +271,9 @@ class Worker:
         ``materializes`` names a replicated object the request uses there; its
         ``recipe`` is appended to ``args`` (as ``None`` when the interpreter
         already holds the object), decided under the lock so a restart in
-        between cannot leave the interpreter without it.  When the interpreter
+        between cannot leave the interpreter without it; with a ``timeout``,
+        the object is loaded first by a request of its own, so loading is
+        never counted against the call's timeout.  When the interpreter
         turns out to have died before the request reached it, the request goes
         to its replacement if ``resend`` (False for requests naming objects of
         the dead one).
@@ -267,10 +286,16 @@ class Worker:
                 for attempt in (0, 1):
                     if not self._started:
                         self._ensure_started_locked()
-                    full = args
-                    if materializes is not None:
-                        full = args + ((None if materializes in self.materialized else recipe),)
                     try:
+                        if (timeout is not None and materializes is not None
+                                and materializes not in self.materialized
+                                and op != Op.MATERIALIZE):
+                            # Loading is not bounded by a call's timeout: load first.
+                            self._checked(Op.MATERIALIZE, (materializes, recipe), None)
+                            self.materialized.add(materializes)
+                        full = args
+                        if materializes is not None:
+                            full = args + ((None if materializes in self.materialized else recipe),)
                         value = self._checked(op, full, timeout, handles)
                     except RequestNotSent as not_sent:
                         if attempt or not resend:

@@ -641,6 +641,18 @@ class ProcessWorker(Worker):
         own = open_descriptor(pid, fd, inode)
         return MovablePayload(payload.data, (os.getpid(), own, inode)), own
 
+    def _stop_in_flight(self) -> None:
+        # Only the process is killed: the caller waiting on the reply pipe sees
+        # end-of-file and raises ManagerClosedError (see _crashed).  Closing the pipe
+        # here instead would pull the descriptor from under that caller: it would
+        # read a closed descriptor (EBADF) or, once the number is reused, another one.
+        process = self._process
+        if process is not None:
+            try:
+                process.kill()
+            except (OSError, ValueError):  # already gone, or closed by the caller
+                pass
+
     def _terminate(self, *, kill: bool) -> None:
         process, self._process = self._process, None
         if process is None:

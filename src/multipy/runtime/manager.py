@@ -35,6 +35,7 @@ from .package import Package
 from .replicated import ReplicatedObj
 from .session import InterpreterSession, Obj, caller_grad_mode
 from .stats import InterpreterStatistics, ManagerStatistics, quantile
+from .timeouts import check_timeout, effective
 
 
 class Interpreter:
@@ -75,8 +76,10 @@ class InterpreterManager:
     ``sys.path``).  ``backend`` is ``"process"``, ``"thread"``,
     ``"subinterpreter"`` or ``"auto"``.  ``num_threads`` is torch's intra-op
     thread count per interpreter (default: cores // n, at least 1).
-    ``call_timeout`` (seconds) bounds every call; a call past it kills and
-    restarts its interpreter.  ``preload`` names modules every interpreter
+    ``call_timeout`` (seconds; ``None`` or ``inf``: none) bounds every call; a
+    call past it kills and restarts its interpreter (process backend).  Loading
+    an object (``load_pickle``, the first use in each interpreter),
+    ``ReplicatedObj.hasattr`` and ``unload`` are not bounded by it.  ``preload`` names modules every interpreter
     imports before it serves (after every restart too); one that cannot be
     imported fails the start with :class:`~multipy.errors.InterpreterStartError`
     naming it (a single name may be given as a str).  ``n`` is capped at
@@ -92,12 +95,13 @@ class InterpreterManager:
                  num_threads: int | None = None, call_timeout: float | None = None,
                  start_timeout: float = 300.0, preload: tuple[str, ...] | str = ()) -> None:
         preload = _check_options(n, env, preload)
+        check_timeout(call_timeout, "call_timeout")
         self._closed = True
         self._packages: weakref.WeakValueDictionary[int, Package] = weakref.WeakValueDictionary()
         self._backend, self.backend_choice = resolve_backend(backend)
         self.backend = self._backend.kind.value
         self.env = env if env is not None else NoopEnvironment()
-        self._call_timeout = call_timeout
+        self._call_timeout = check_timeout(call_timeout, "call_timeout")
         threads = num_threads if num_threads is not None else max(1, (os.cpu_count() or 1) // n)
         self._workers = [
             self._backend.create_worker(WorkerConfig(
@@ -242,7 +246,7 @@ class InterpreterManager:
         thread so that it runs under the caller's autograd mode."""
         self._check_open()
         return Request(Op.CALL_REPLICATED, (replicated._id, method, args, kwargs, caller_grad_mode()),
-                       timeout=timeout if timeout is not None else self._call_timeout,
+                       timeout=effective(timeout, self._call_timeout),
                        materializes=replicated._id, recipe=replicated._recipe)
 
     def _call_replicated(self, replicated: ReplicatedObj, method: str | None, args: tuple,
@@ -260,7 +264,7 @@ class InterpreterManager:
         try:
             return self._workers[index].request(
                 Op.CALL_REPLICATED, (replicated._id, method, args, kwargs, caller_grad_mode()),
-                timeout=timeout if timeout is not None else self._call_timeout,
+                timeout=effective(timeout, self._call_timeout),
                 materializes=replicated._id, recipe=replicated._recipe)
         finally:
             self._balancer.release(index)

@@ -102,8 +102,7 @@ class Package:
                                                    resource, location, storages), uses=(self,))
         try:
             self._manager._with_worker(
-                lambda worker: worker.request(Op.MATERIALIZE, (replicated._id,),
-                                              timeout=self._manager._call_timeout,
+                lambda worker: worker.request(Op.MATERIALIZE, (replicated._id,),  # loads: unbounded
                                               materializes=replicated._id,
                                               recipe=replicated._recipe))
         except Exception as exc:

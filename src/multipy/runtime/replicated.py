@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..transport.messages import Drop, Op, Recipe
 from .session import InterpreterSession
+from .timeouts import NO_TIMEOUT, check_timeout
 
 if TYPE_CHECKING:
     import concurrent.futures
@@ -129,12 +130,20 @@ class ReplicatedObj:
         """
         return self._manager._call_replicated(self, name, args, kwargs, None)
 
-    def with_timeout(self, timeout: float, /):
-        """A callable that calls this object with a per-call ``timeout`` (seconds).
+    def with_timeout(self, timeout: float | None, /):
+        """A callable that calls this object with a per-call ``timeout`` (seconds;
+        ``None`` or ``inf``: none, whatever the manager's ``call_timeout``).
+
+        A bad value (``0``, ``-1``, ``nan``, ``"1"``) raises ``ValueError`` or
+        ``TypeError`` here, before anything is sent.  Loading the object in an
+        interpreter that does not hold it yet is not counted against it.
 
         >>> model.with_timeout(0.5)(x)                         # doctest: +SKIP
         """
-        return lambda *args, **kwargs: self._manager._call_replicated(self, None, args, kwargs, timeout)
+        seconds = check_timeout(timeout, "with_timeout's timeout")
+        if seconds is None:
+            seconds = NO_TIMEOUT
+        return lambda *args, **kwargs: self._manager._call_replicated(self, None, args, kwargs, seconds)
 
     def hasattr(self, name: str, /) -> bool:
         """``hasattr`` on the object (asked of one interpreter)."""
@@ -142,8 +151,8 @@ class ReplicatedObj:
             lambda worker: self._run(worker, Op.HASATTR_REPLICATED, (self._id, name)))
 
     def _run(self, worker, op: Op, args: tuple):
-        return worker.request(op, args, timeout=self._manager._call_timeout,
-                              materializes=self._id, recipe=self._recipe)
+        # hasattr may load the object there first: not bounded by call_timeout
+        return worker.request(op, args, materializes=self._id, recipe=self._recipe)
 
     def acquire_session(self, interpreter: "Interpreter | None" = None) -> InterpreterSession:
         """A session on one interpreter whose ``self`` is this object there.
@@ -176,7 +185,7 @@ class ReplicatedObj:
         missing = [w for w in manager._workers if self._id not in w.materialized]
 
         def load(worker):
-            worker.request(Op.MATERIALIZE, (self._id,), timeout=manager._call_timeout,
+            worker.request(Op.MATERIALIZE, (self._id,),  # loads: unbounded
                            materializes=self._id, recipe=self._recipe)
 
         if len(missing) == 1:
@@ -195,7 +204,7 @@ class ReplicatedObj:
                    if interpreter is not None else self._manager._workers)
         for worker in workers:
             if self._id in worker.materialized:
-                worker.request(Op.UNLOAD, (self._id,), timeout=self._manager._call_timeout)
+                worker.request(Op.UNLOAD, (self._id,))
                 worker.materialized.discard(self._id)
 
     def _own(self, interpreter: "Interpreter") -> "Interpreter":

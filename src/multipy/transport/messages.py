@@ -197,7 +197,7 @@ def parse_reply(frame: bytes, /) -> Reply:
     hang or raise another type.  Runs once per call: no helper calls, no
     generator unless the reply lists blocks.
 
-    >>> parse_reply(stamp(3, pickle.dumps((None, None, (), (), False)))).call
+    >>> parse_reply(stamp(3, pickle.dumps((None, None, (), (), False, ())))).call
     3
     """
     try:
