@@ -96,11 +96,6 @@ def run(stage: str, *args):
         return os.getpid()
     if stage == "gate":
         return gate(*args)
-    if stage == "started_then_sleep":  # (directory, seconds): say "started", then work
-        with open(os.path.join(args[0], "started"), "w") as f:
-            f.write("s")
-        time.sleep(args[1])
-        return args[1]
     raise AssertionError(stage)
 
 

@@ -18,6 +18,7 @@ import threading
 import torch
 
 import multipy
+from _wait import wait_started
 
 REPETITIONS = 12
 CALLERS = 8
@@ -45,20 +46,12 @@ def _caller(run, long_call: str | None, calling: threading.Event, outcomes: list
         n += 1
 
 
-def _when_started(directory: str, event: threading.Event) -> None:
-    with open(os.path.join(directory, "started")) as f:
-        f.read()
-    event.set()
-
-
 def test_close_racing_calls_gives_each_caller_its_answer_or_manager_closed(backend):
     for rep in range(REPETITIONS):
         long_call = None
         calling = threading.Event()
         if rep % 3 == 0:  # close while the caller certainly waits for the reply
-            long_call = tempfile.mkdtemp(prefix="multipy-close-")
-            os.mkfifo(os.path.join(long_call, "started"))
-            threading.Thread(target=_when_started, args=(long_call, calling), daemon=True).start()
+            long_call = os.path.join(tempfile.mkdtemp(prefix="multipy-close-"), "started")
         manager = multipy.InterpreterManager(2, backend=backend)
         try:
             with manager.acquire_one() as s:
@@ -70,6 +63,8 @@ def test_close_racing_calls_gives_each_caller_its_answer_or_manager_closed(backe
             for caller in callers:
                 caller.start()
             assert calling.wait(60), "no caller started calling"
+            if long_call:
+                wait_started(long_call)
             manager.close(timeout=0)
             for caller in callers:
                 caller.join(60)
@@ -78,7 +73,7 @@ def test_close_racing_calls_gives_each_caller_its_answer_or_manager_closed(backe
         finally:
             manager.close()
             if long_call:
-                shutil.rmtree(long_call, ignore_errors=True)
+                shutil.rmtree(os.path.dirname(long_call), ignore_errors=True)
         unexpected = [o for o in outcomes if o[0] == "unexpected"]
         assert unexpected == [], f"repetition {rep}: {unexpected}"
         assert all(ok for _, ok in outcomes), f"repetition {rep}: a wrong answer: {outcomes}"

@@ -298,7 +298,7 @@ class Worker:
                             full = args + ((None if materializes in self.materialized else recipe),)
                         value = self._checked(op, full, timeout, handles)
                     except RequestNotSent as not_sent:
-                        if attempt or not resend:
+                        if attempt or not resend or self.closed:  # closed: its error says so
                             raise not_sent.error from None
                         continue
                     if materializes is not None:
