@@ -87,7 +87,12 @@ class BatchedObj:
         if index is not None:
             # An interpreter is idle and nobody queues: a batch of one, run by this
             # thread as a plain blocking call (no hand-off to the completion thread).
-            if self._signature(args, kwargs) is not None:  # one that could have been batched
+            try:
+                batchable = self._signature(args, kwargs) is not None
+            except BaseException:
+                manager._balancer.release(index)  # taken for this call: give it back
+                raise
+            if batchable:  # one that could have been batched
                 with self._lock:
                     self._sizes[1] += 1
                     self._sent_on_arrival += 1

@@ -289,12 +289,22 @@ class Dispatcher:
         """Send ``group`` on ``worker`` (its lock held): one request, or one batched call."""
         requests = group.requests
         first = requests[0]
-        if first.batch is not None:
-            first.batch[0].record(requests)
-        if len(requests) == 1:
-            op, args = first.op, first.args
-        else:
-            op, args = first.batch[0].combine(requests)
+        try:
+            if first.batch is not None:
+                first.batch[0].record(requests)
+            if len(requests) == 1:
+                op, args = first.op, first.args
+            else:
+                op, args = first.batch[0].combine(requests)
+        except BaseException as exc:  # (out of memory concatenating, ...): nothing was sent
+            worker.lock.release()
+            if group.balanced:
+                self._balancer.release(index, notify=False)
+            if len(requests) > 1:
+                self._requeue(group)  # each request alone
+            else:
+                self._finish(group, None, exc)
+            return
         try:
             worker.post(op, args, completions=self._completions,
                         done=lambda value, error: self._done(index, group, value, error),

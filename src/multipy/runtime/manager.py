@@ -252,15 +252,18 @@ class InterpreterManager:
     def _call_replicated(self, replicated: ReplicatedObj, method: str | None, args: tuple,
                          kwargs: dict, timeout: float | None, index: int | None = None) -> Any:
         """A blocking call; on interpreter ``index`` when the caller already holds it
-        in the balancer (released here)."""
-        if self._closed:  # _check_open and _acquire, inlined: once per call
-            raise ManagerClosedError("this InterpreterManager is closed")
+        in the balancer (released here, whatever happens)."""
         if index is None:
+            if self._closed:  # _check_open and _acquire, inlined: once per call
+                raise ManagerClosedError("this InterpreterManager is closed")
             balancer = self._balancer
             index = balancer.acquire()
             if not self._workers[index].available:
                 balancer.release(index)
                 index = balancer.acquire(usable=self._available)
+        elif self._closed:  # closed after the caller took the interpreter: give it back
+            self._balancer.release(index)
+            raise ManagerClosedError("this InterpreterManager is closed")
         try:
             return self._workers[index].request(
                 Op.CALL_REPLICATED, (replicated._id, method, args, kwargs, caller_grad_mode()),
