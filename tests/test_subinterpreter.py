@@ -345,6 +345,62 @@ def test_a_call_past_its_timeout_is_interrupted_and_the_interpreter_kept():
         assert m.statistics().interpreters[0].restarts == 0
 
 
+def test_a_posted_call_in_its_interrupt_grace_holds_up_no_other_completion(monkeypatch):
+    import os
+
+    from multipy.backends import subinterpreter
+
+    # The stuck call stays in its grace period for the whole test: its interpreter
+    # must neither be given up nor stop the completion thread from serving the other.
+    monkeypatch.setattr(subinterpreter, "INTERRUPT_GRACE", 600.0)
+    interrupted = threading.Event()
+    interrupt = subinterpreter._Driver.interrupt
+
+    def noted(driver, seq):
+        interrupt(driver, seq)
+        interrupted.set()
+
+    monkeypatch.setattr(subinterpreter._Driver, "interrupt", noted)
+    r, w = os.pipe()
+    try:
+        with InterpreterManager(2, backend="subinterpreter", call_timeout=2.0) as m, \
+                session_on(m, 0) as stuck_on, session_on(m, 1) as other:
+            stuck = stuck_on.global_("os", "read").submit(r, 1)  # in native code: not interruptible
+            wait_for(interrupted.is_set, "the stuck call to run past its timeout")
+            assert other.global_("builtins", "abs").submit(-4).result(timeout=30).deref() == 4
+            assert not stuck.done()
+            os.write(w, b"x")  # os.read returns and the interrupt lands
+            with pytest.raises(CallTimeoutError, match="was interrupted"):
+                stuck.result(timeout=60)
+            assert stuck_on.global_("builtins", "abs")(-1).deref() == 1  # the same interpreter
+            assert m.statistics().interpreters[0].restarts == 0
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_a_posted_call_that_ignores_its_interrupt_is_abandoned_after_the_grace_period(monkeypatch):
+    import os
+
+    from multipy.backends import subinterpreter
+
+    monkeypatch.setattr(subinterpreter, "INTERRUPT_GRACE", 0.2)
+    r, w = os.pipe()
+    try:
+        with InterpreterManager(1, backend="subinterpreter", call_timeout=0.5) as m:
+            with m.acquire_one() as s:
+                stuck = s.global_("os", "read").submit(r, 1)
+                with pytest.raises(CallTimeoutError, match="did not stop when interrupted"):
+                    stuck.result(timeout=60)
+            os.write(w, b"x")  # the abandoned interpreter's call returns: it can be destroyed
+            with m.acquire_one() as s:  # a new subinterpreter serves
+                assert s.global_("builtins", "abs").submit(-2).result(timeout=60).deref() == 2
+            assert m.statistics().interpreters[0].restarts == 1
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 # The raise rows of the fault table (the crash rows are process-only).  Unpickling
 # the arguments fails as a TransportError here: the subinterpreter backend rebuilds
 # arguments before the call starts and reports that stage as the transport's.

@@ -83,6 +83,21 @@ def test_loading_a_replicated_object_is_not_bounded_by_call_timeout(manager):
     assert generation(manager) == before
 
 
+def test_posted_calls_load_their_object_outside_their_timeout(manager):
+    import asyncio
+
+    before = generation(manager)
+    with manager.acquire_one() as s:
+        slow = s.create_movable(s.global_("_faults", "SlowToLoad")(2 * CALL_TIMEOUT))
+    assert slow.submit(5).result(timeout=60) == 5   # loads it first, by a request of its own
+    slow.unload()
+    assert asyncio.run(slow.acall(6)) == 6
+    slow.unload()
+    assert slow.batched().submit(7).result(timeout=60) == 7
+    assert generation(manager) == before
+    assert manager.statistics().interpreters[0].in_flight == 0
+
+
 def test_load_pickle_is_not_bounded_by_call_timeout(manager, tmp_path):
     path = tmp_path / "slow.pt"
     with torch.package.PackageExporter(str(path)) as exporter:

@@ -56,7 +56,8 @@ class RequestNotSent(Exception):
 
 
 #: What ``Worker._collect`` returns when the ready data was not its reply after all
-#: (a reply left by a caller who gave up); it has re-armed the completion.
+#: (a reply left by a caller who gave up); it has re-armed the completion.  Also what
+#: ``Worker._expire`` returns while it stops a call without waiting.
 PENDING = object()
 
 RESTART_BACKOFF = 0.1     # seconds before the 2nd start attempt, doubling after
@@ -355,10 +356,29 @@ class Worker:
             raise (ManagerClosedError("the interpreter manager is closed") if self.closed
                    else RequestNotSent(InterpreterCrashedError(
                        f"interpreter {self.index} is restarting", index=self.index)))
-        call = _PostedCall(self, done, materializes, timeout)
-        full = args
+        if (timeout is not None and materializes is not None
+                and materializes not in self.materialized and op != Op.MATERIALIZE):
+            # Loading is not bounded by a call's timeout (as in request): the object is
+            # loaded first by a posted request of its own, then the call is sent from
+            # the completion thread, the interpreter still held.
+            load = _PostedCall(self, done, materializes, None)
+            load.then = lambda: self._send_posted(op, args + (None,), completions, done,
+                                                  timeout, handles, materializes, load.started)
+            self._send_posted(Op.MATERIALIZE, (materializes, recipe), completions, done, None,
+                              None, materializes, None, call=load)
+            return
         if materializes is not None:
-            full = args + ((None if materializes in self.materialized else recipe),)
+            args = args + ((None if materializes in self.materialized else recipe),)
+        self._send_posted(op, args, completions, done, timeout, handles, materializes, None)
+
+    def _send_posted(self, op: Op, full: tuple, completions, done, timeout, handles, materializes,
+                     started: float | None, call: "_PostedCall | None" = None) -> None:
+        """The sending half of :meth:`post` (the lock held): on failure the lock is
+        released and the error raised."""
+        if call is None:
+            call = _PostedCall(self, done, materializes, timeout)
+            if started is not None:
+                call.started = started  # the call's latency counts from its load
         drop = drain(self.drops) if self.drops else ()
         try:
             posted = self._post(op, full, drop, timeout, handles, completions, call.finish)
@@ -412,7 +432,12 @@ class Worker:
 
     def _expire(self, posted, timeout: float) -> BaseException:
         """A posted request ran past ``timeout``: stop it the way ``_roundtrip``
-        does on a timeout (kill, abandon or interrupt) and return the error."""
+        does on a timeout (kill, abandon or interrupt) and return the error.
+
+        Runs on the completion thread, so it must never wait: a backend that
+        needs time to stop the call (an interrupt given a grace period) returns
+        :data:`PENDING` and has ``finish`` run once it knows, for :meth:`_collect`
+        to raise the error then."""
         raise NotImplementedError
 
     def _now_free(self) -> None:
@@ -526,7 +551,7 @@ class _PostedCall:
     """A posted request until its reply is read (at most one per interpreter)."""
 
     __slots__ = ("worker", "done", "materializes", "timeout", "posted", "timer", "finished",
-                 "started", "lock", "early")
+                 "started", "lock", "early", "then")
 
     def __init__(self, worker: Worker, done, materializes, timeout) -> None:
         self.worker = worker
@@ -541,6 +566,8 @@ class _PostedCall:
         # event is kept in `early` and post() replays it.
         self.lock = threading.Lock()
         self.early = None
+        # A first load's: sends the call itself once the load succeeded (lock still held).
+        self.then = None
 
     def finish(self, event: str) -> None:
         """On the completion thread: read the reply, free the interpreter, tell the caller."""
@@ -580,6 +607,8 @@ class _PostedCall:
         except BaseException as exc:
             error = exc
         self.timer = None
+        if error is PENDING:
+            return  # the backend is stopping the call: finish() ends it, through _collect
         self._end(None, error)
 
     def _end(self, value, error) -> None:
@@ -588,6 +617,15 @@ class _PostedCall:
             self.timer[2] = None  # Completions.cancel: the deadline no longer applies
             self.timer = None
         worker = self.worker
+        if error is None and self.then is not None:  # loaded: now the call, under its timeout
+            then, self.then, self.posted = self.then, None, None
+            try:
+                then()
+            except RequestNotSent as not_sent:  # not sent; _send_posted released the lock
+                self.done(None, not_sent.error)
+            except BaseException as exc:
+                self.done(None, exc)
+            return
         if error is not None:
             worker.failures += 1
         worker._count(self.started)

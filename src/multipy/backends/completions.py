@@ -78,6 +78,15 @@ class Completions:
             except FileExistsError:  # watched before: re-arm the one-shot registration
                 self._epoll.modify(fd, select.EPOLLIN | select.EPOLLONESHOT)
 
+    def unwatch(self, fd: int, /) -> None:
+        """Forget a :meth:`watch` of ``fd`` (before closing it): its callback will not run."""
+        with self._lock:
+            if self._watches.pop(fd, None) is not None and self._epoll is not None:
+                try:
+                    self._epoll.unregister(fd)
+                except OSError:
+                    pass
+
     def expect(self, callback: Callable[[str], None], /) -> Callable[[], None]:
         """For backends that learn of a reply on a thread of their own: returns
         ``wake``; the first ``wake()`` (from any thread) runs ``callback(READY)``

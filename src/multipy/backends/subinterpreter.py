@@ -66,7 +66,8 @@ from ..errors import (CallTimeoutError, InterpreterCrashedError, ManagerClosedEr
 from ..transport.frames import Waiter, block_readable
 from ..transport.messages import Handle, Op
 from ..transport import subinterp_wire as wire
-from .base import Backend, BackendKind, RequestNotSent, Worker, WorkerConfig, no_start
+from .base import PENDING, Backend, BackendKind, RequestNotSent, Worker, WorkerConfig, no_start
+from .completions import READY, Completions
 
 INTERRUPT_GRACE = 1.0     # seconds an interrupted call gets to unwind
 START_ARENA = 1 << 20     # the result arena grows on demand
@@ -311,26 +312,37 @@ class SubinterpreterWorker(Worker):
         except BaseException:
             self._abandon(driver, "interrupted")  # the reply would never be read
             raise
-        return driver, seq, op
+        return _Posted(driver, seq, op, completions, finish)
 
     def _collect(self, posted):
-        driver, seq, op = posted
+        driver = posted.driver
         try:
-            value, error = self._read_reply(driver, op, seq)
+            if posted.abandoned:
+                raise self._not_stopped(posted.timeout)
+            if posted.timeout is not None:  # interrupted in time: its reply is dropped
+                Completions.cancel(posted.grace)
+                self._drop_reply(driver, posted.seq)
+                raise self._interrupted(posted.timeout)
+            value, error = self._read_reply(driver, posted.op, posted.seq)
         finally:
             driver.leave()
         return self._checked_reply(value, error)
 
     def _expire(self, posted, timeout):
-        # Runs on the completion thread: the interrupt's grace second delays other
-        # completions of this manager once per timed-out call.
-        driver, seq, _ = posted
-        try:
-            self._timed_out(driver, seq, timeout)
-        except BaseException as exc:
-            return exc
-        finally:
-            driver.leave()
+        # On the completion thread, which never waits: the call is interrupted and
+        # given its grace period by a timer; its reply (or the timer) finishes it.
+        posted.timeout = timeout
+        posted.driver.interrupt(posted.seq)
+        posted.grace = posted.completions.call_at(time.monotonic() + INTERRUPT_GRACE,
+                                                  lambda: self._grace_over(posted))
+        return PENDING
+
+    def _grace_over(self, posted) -> None:
+        """An interrupted posted call did not stop within its grace period."""
+        posted.completions.unwatch(posted.driver.rep_r)  # closed by _abandon
+        posted.abandoned = True
+        self._abandon(posted.driver, "timed out")
+        posted.finish(READY)
 
     def _send(self, driver: _Driver, op, args, drop, handles) -> int:
         """Write the request; the driver is entered until the reply is read."""
@@ -421,22 +433,32 @@ class SubinterpreterWorker(Worker):
     def _timed_out(self, driver: _Driver, seq: int, timeout: float):
         driver.interrupt(seq)
         if block_readable(driver.waiter.poller, INTERRUPT_GRACE):
-            try:
-                self._read_reply(driver, Op.PING, seq)  # the interrupted call's reply: discarded
-            except TransportError:
-                pass
-            raise CallTimeoutError(
-                f"call on interpreter {self.index} (subinterpreter) ran past its timeout of "
-                f"{timeout:g} s and was interrupted; the interpreter and its objects are kept. "
-                "Raise call_timeout= (manager) or timeout= (per call) if the work is expected "
-                "to take longer.")
+            self._drop_reply(driver, seq)
+            raise self._interrupted(timeout)
         self._abandon(driver, "timed out")
-        raise CallTimeoutError(
+        raise self._not_stopped(timeout)
+
+    def _drop_reply(self, driver: _Driver, seq: int) -> None:
+        """Read and discard the reply of an interrupted call."""
+        try:
+            self._read_reply(driver, Op.PING, seq)
+        except TransportError:
+            pass
+
+    def _interrupted(self, timeout: float) -> CallTimeoutError:
+        return CallTimeoutError(
             f"call on interpreter {self.index} (subinterpreter) ran past its timeout of "
-            f"{timeout:g} s and did not stop when interrupted (it is probably blocked in native "
-            "code); the subinterpreter was abandoned, its objects are gone, and a new one serves "
-            "later calls. Raise call_timeout= (manager) or timeout= (per call) if the work is "
-            "expected to take longer.")
+            f"{timeout:g} s and was interrupted; the interpreter and its objects are kept. "
+            "Raise call_timeout= (manager) or timeout= (per call) if the work is expected "
+            "to take longer.")
+
+    def _not_stopped(self, timeout: float) -> CallTimeoutError:
+        return CallTimeoutError(
+            f"call on interpreter {self.index} (subinterpreter) ran past its timeout of "
+            f"{timeout:g} s and did not stop when interrupted within {INTERRUPT_GRACE:g} s (it "
+            "is probably blocked in native code); the subinterpreter was abandoned, its objects "
+            "are gone, and a new one serves later calls. Raise call_timeout= (manager) or "
+            "timeout= (per call) if the work is expected to take longer.")
 
     def _abandon(self, driver: _Driver, reason: str) -> None:
         if self._driver is driver:
@@ -453,6 +475,22 @@ class SubinterpreterWorker(Worker):
             f"subinterpreter {self.index} stopped serving {while_}: {why}. It will be "
             "restarted for later calls; objects created in it are gone.", index=self.index)
 
+
+
+class _Posted:
+    """A posted call in flight: what ``_collect`` and ``_expire`` need."""
+
+    __slots__ = ("driver", "seq", "op", "completions", "finish", "timeout", "grace", "abandoned")
+
+    def __init__(self, driver: _Driver, seq: int, op, completions, finish) -> None:
+        self.driver = driver
+        self.seq = seq
+        self.op = op
+        self.completions = completions
+        self.finish = finish
+        self.timeout = None     # set once it ran past its timeout and was interrupted
+        self.grace = None       # the timer that abandons it if it does not stop
+        self.abandoned = False
 
 
 class SubinterpreterBackend(Backend):
