@@ -46,19 +46,33 @@ HOST = textwrap.dedent("""
 """)
 
 
+def held_in_dev_shm(pid: int) -> set[str]:
+    """Files under /dev/shm that process ``pid`` has mapped or open, less
+    multiprocessing's semaphores (``sem.*``, not multipy's)."""
+    with open(f"/proc/{pid}/maps") as maps:
+        paths = {fields[5].strip() for fields in (line.split(None, 5) for line in maps)
+                 if len(fields) == 6}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            paths.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            pass  # closed meanwhile
+    return {p for p in paths if p.startswith("/dev/shm/") and not p.startswith("/dev/shm/sem.")}
+
+
 def test_workers_exit_when_the_host_is_sigkilled_and_leave_nothing_behind():
-    shm_before = set(os.listdir("/dev/shm"))
     host = subprocess.Popen([sys.executable, "-c", HOST], stdout=subprocess.PIPE, text=True)
     try:
         pids = [int(p) for p in host.stdout.readline().split()]
         assert len(pids) == 2 and not any(gone(p) for p in pids)
+        # multipy names nothing in /dev/shm: what the host and its workers share are
+        # memfds, which go with the processes.  Only these processes are looked at, so
+        # other programs' files there change nothing.
+        for pid in [host.pid, *pids]:
+            assert held_in_dev_shm(pid) == set(), pid
         host.send_signal(signal.SIGKILL)
         host.wait(10)
         wait_for(lambda: all(gone(p) for p in pids), "the workers to exit with their host")
     finally:
         if host.poll() is None:
             host.kill()
-    # multipy names nothing in /dev/shm (its segments are memfds).  Semaphores
-    # (sem.mp-*) of other tests' multiprocessing pools come and go meanwhile.
-    new = {name for name in set(os.listdir("/dev/shm")) - shm_before if not name.startswith("sem.mp-")}
-    assert new == set()

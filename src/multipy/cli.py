@@ -597,7 +597,7 @@ def _cmd_soak(args) -> int:
               f"{report.crashed_calls} calls failed by {report.kills} kills "
               f"({report.restarts} restarts); open fds {report.fds_before} -> {report.fds_after}, "
               f"host threads {report.threads_before} -> {report.threads_after}, "
-              f"/dev/shm leaks: {len(report.shm_leaked)}", highlight=False, soft_wrap=True)
+              f"shared memory left held: {len(report.shm_leaked)}", highlight=False, soft_wrap=True)
     for problem in report.problems:
         err.print(f"problem: {problem}", highlight=False)
     return 1 if report.problems else 0

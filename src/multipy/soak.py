@@ -5,7 +5,8 @@ good calls, calls that raise, calls with large tensors and calls returning views
 of their arguments, while a killer
 thread SIGKILLs a random interpreter every ``kill_every`` seconds.  It checks
 every successful result, accounts for every failure, and compares the host's
-open file descriptors, threads and ``/dev/shm`` before and after.  The test
+open file descriptors, threads and shared memory (multipy's memfd segments and
+``/dev/shm`` files it holds open or mapped) before and after.  The test
 suite runs a short form; ``multipy soak`` runs a long one.
 """
 
@@ -53,7 +54,7 @@ class SoakReport:
     fds_after: int
     threads_before: int
     threads_after: int
-    shm_leaked: tuple[str, ...]
+    shm_leaked: tuple[str, ...]   # shared memory the host still holds after close
     problems: tuple[str, ...]
 
     @property
@@ -65,14 +66,58 @@ def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def _shm() -> set[str]:
-    """Names in /dev/shm, less multiprocessing's semaphores (``sem.mp-*``), which
-    other programs' pools create and remove meanwhile (multipy's segments are
-    memfds: it names nothing there)."""
+def _shared_memory() -> set[str]:
+    """The shared memory this process holds: multipy's memfd segments and any
+    ``/dev/shm`` file, open as a descriptor or mapped, each named with its inode.
+
+    Only this process is looked at, so other programs (other test runs, other
+    users) creating and removing files in ``/dev/shm`` meanwhile change nothing;
+    the interpreters' own segments go with their processes."""
+    held = set()
     try:
-        return {name for name in os.listdir("/dev/shm") if not name.startswith("sem.mp-")}
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(None, 5)
+                if len(fields) == 6 and _shared(fields[5]):
+                    held.add(f"{fields[5].strip()} (inode {fields[4]})")
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                path = os.readlink(f"/proc/self/fd/{fd}")
+                if _shared(path):
+                    held.add(f"{path} (inode {os.stat(f'/proc/self/fd/{fd}').st_ino})")
+            except OSError:
+                pass  # closed meanwhile (the listing's own descriptor, another thread's)
     except OSError:
-        return set()
+        pass
+    return held
+
+
+def _shared(path: str) -> bool:
+    return path.startswith(("/memfd:multipy", "/dev/shm/")) and not path.startswith("/dev/shm/sem.")
+
+
+def _kill_one(manager, rng) -> bool:
+    """SIGKILL one interpreter of ``manager`` that is serving now; False when none
+    is.  Signalled through a pidfd opened while the manager still names that
+    process as the interpreter, so a number reused by another process is never hit."""
+    up = [i for i in manager.statistics().interpreters if i.available and i.pid]
+    if not up:
+        return False
+    chosen = rng.choice(up)
+    try:
+        pidfd = os.pidfd_open(chosen.pid)
+    except ProcessLookupError:
+        return False
+    try:
+        now = manager.statistics().interpreters[chosen.index]
+        if (now.pid, now.generation, now.available) != (chosen.pid, chosen.generation, True):
+            return False  # it died meanwhile: the descriptor may name another process
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        return True
+    except ProcessLookupError:
+        return False
+    finally:
+        os.close(pidfd)
 
 
 def run_soak(*, threads: int = 16, seconds: float = 10.0, interpreters: int = 2,
@@ -90,7 +135,7 @@ def run_soak(*, threads: int = 16, seconds: float = 10.0, interpreters: int = 2,
     from .backends.process import ProcessBackend
 
     ProcessBackend.warm()  # its descriptors belong to the host's lifetime, not the run's
-    shm_before = _shm()
+    shm_before = _shared_memory()
     fds_before = _open_fds()
     threads_before = threading.active_count()
     problems: list[str] = []
@@ -146,13 +191,7 @@ def run_soak(*, threads: int = 16, seconds: float = 10.0, interpreters: int = 2,
             if progress is not None:
                 progress(time.monotonic() - started, sum(counts.values()))
             if kill_every > 0 and time.monotonic() >= next_kill:
-                pid = rng.choice(manager.statistics().interpreters).pid
-                if pid:
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                        kills += 1
-                    except ProcessLookupError:
-                        pass
+                kills += _kill_one(manager, rng)
                 next_kill += kill_every
         stop.set()
         for t in workers:
@@ -170,7 +209,7 @@ def run_soak(*, threads: int = 16, seconds: float = 10.0, interpreters: int = 2,
         time.sleep(0.1)
     fds_after = _open_fds()
     threads_after = threading.active_count()
-    leaked = tuple(sorted(_shm() - shm_before))
+    leaked = tuple(sorted(_shared_memory() - shm_before))
     if counts["crashed"] > kills:
         problems.append(f"{counts['crashed']} calls failed as crashed but only {kills} kills were made")
     if fds_after > fds_before:
@@ -178,7 +217,7 @@ def run_soak(*, threads: int = 16, seconds: float = 10.0, interpreters: int = 2,
     if threads_after > threads_before:
         problems.append(f"host threads grew from {threads_before} to {threads_after}")
     if leaked:
-        problems.append(f"left in /dev/shm: {', '.join(leaked)}")
+        problems.append(f"shared memory still held after close: {', '.join(leaked)}")
     return SoakReport(
         seconds=elapsed, threads=threads, interpreters=interpreters,
         calls=sum(counts.values()), good=counts["good"], expected_errors=counts["expected"],
