@@ -40,3 +40,9 @@ def logged(log) -> list[list[str]]:
         return []
     with open(log) as f:
         return [line.split() for line in f.read().splitlines()]
+
+
+def open_gate(path: str) -> None:
+    """In the host: open the gate ``rows(gate=path)`` waits for."""
+    with open(path, "w"):
+        pass

@@ -68,6 +68,13 @@ def manager(request: pytest.FixtureRequest, backend: str):
         yield m
 
 
+@pytest.fixture
+def gate(tmp_path) -> tuple[str, str]:
+    """A gate file path for ``_rows.rows(gate=...)`` (closed until ``_rows.open_gate``)
+    and a log path for ``rows(log=...)``."""
+    return str(tmp_path / "gate"), str(tmp_path / "log")
+
+
 @pytest.fixture(scope="session")
 def assert_usable():
     """``assert_usable(manager)``: every interpreter still serves an ordinary call."""

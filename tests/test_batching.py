@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import time
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from _rows import logged
+from _rows import logged, open_gate
+from _wait import wait_for
 
 INTERPRETERS = 2
 NEVER = 600_000.0  # max_delay_ms for tests that form batches only when an interpreter frees
@@ -36,28 +36,10 @@ def pool():
         yield executor
 
 
-@pytest.fixture
-def gate(tmp_path):
-    return str(tmp_path / "gate"), str(tmp_path / "log")
-
-
-def open_gate(path: str) -> None:
-    with open(path, "w"):
-        pass
-
-
-def wait_until(condition, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
-
-
 def hold_every_interpreter(model, manager, gate_path, log):
     held = [model.submit(torch.zeros(1), gate=gate_path, log=log, tag=f"hold{i}")
             for i in range(len(manager))]
-    wait_until(lambda: len(logged(log)) == len(held), "the gated calls to start")
+    wait_for(lambda: len(logged(log)) == len(held), "the gated calls to start")
     return held
 
 

@@ -12,13 +12,12 @@ import concurrent.futures
 import os
 import signal
 import threading
-import time
 
 import pytest
 import torch
 
 import multipy
-from _rows import logged
+from _rows import logged, open_gate
 from _wait import wait_for
 from multipy.backends.base import Worker
 from multipy.errors import RemoteTraceback
@@ -33,25 +32,6 @@ def model(manager):
         return s.create_movable(s.global_("_rows", "rows"))
 
 
-@pytest.fixture
-def gate(tmp_path):
-    """A gate file path (closed until ``open_gate``) and a log path."""
-    return str(tmp_path / "gate"), str(tmp_path / "log")
-
-
-def open_gate(path: str) -> None:
-    with open(path, "w"):
-        pass
-
-
-def wait_until(condition, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
-
-
 def completion_threads() -> list[str]:
     return [t.name for t in threading.enumerate() if t.name.startswith("multipy-completion")]
 
@@ -60,7 +40,7 @@ def busy_everywhere(model, manager, gate_path, log, tag="hold"):
     """Futures of one gated call per interpreter, once each is running there."""
     held = [model.submit(torch.zeros(1), gate=gate_path, log=log, tag=f"{tag}{i}")
             for i in range(len(manager))]
-    wait_until(lambda: len(logged(log)) == len(held), "the gated calls to start")
+    wait_for(lambda: len(logged(log)) == len(held), "the gated calls to start")
     assert all(f.running() for f in held)
     return held
 
@@ -135,7 +115,7 @@ def test_a_future_already_sent_cannot_be_cancelled_and_later_calls_get_their_own
         model, gate):
     gate_path, log = gate
     running = model.submit(torch.full((1,), 5.0), gate=gate_path, log=log, tag="running")
-    wait_until(lambda: logged(log), "the call to start")
+    wait_for(lambda: logged(log), "the call to start")
     assert running.running() and not running.cancel()
     open_gate(gate_path)
     assert torch.equal(running.result(timeout=60), torch.full((1,), 11.0))
@@ -210,7 +190,7 @@ def test_closing_the_manager_fails_queued_futures_and_stops_the_completion_threa
         with manager.acquire_one() as s:
             model = s.create_movable(s.global_("_rows", "rows"))
         running = model.submit(torch.zeros(1), gate=gate_path)
-        wait_until(running.running, "the call to start")
+        wait_for(running.running, "the call to start")
         queued = model.submit(torch.zeros(1))
         assert len(completion_threads()) == len(before) + 1
         open_gate(gate_path)
