@@ -303,16 +303,23 @@ def test_an_argument_that_cannot_cross_is_named_as_the_caller_wrote_it(manager, 
 COUNT_OBJECTS = "from multipy.interp.state import current_state\nresult = len(current_state().objects)"
 
 
+def with_releases_queued(interp, s):
+    """``(objects held, repr)`` in session ``s``, with three objects of another session
+    on ``interp`` released and their releases queued for the next request."""
+    held = s.exec_(COUNT_OBJECTS)
+    f = s.global_("builtins", "repr")
+    with interp.acquire_session() as other_session:
+        for _ in range(3):
+            other_session.global_("builtins", "len")  # released by the next request
+    return held, f
+
+
 def test_an_argument_whose_rebuilding_raises_still_carries_the_releases(manager, assert_usable):
     from _faults import OnLoad
 
     interp = manager.all_instances()[0]
     with interp.acquire_session() as s:
-        held = s.exec_(COUNT_OBJECTS)
-        f = s.global_("builtins", "repr")
-        with interp.acquire_session() as other_session:
-            for _ in range(3):
-                other_session.global_("builtins", "len")  # released by the next request
+        held, f = with_releases_queued(interp, s)
         with pytest.raises(RuntimeError, match="injected fault"):
             f.call_value(OnLoad("interpreter", "raise"))  # its own error, type kept
         assert s.exec_(COUNT_OBJECTS) == held + 1
@@ -333,11 +340,7 @@ def test_an_object_of_a_class_of_the_hosts_main_is_explained(manager, monkeypatc
     monkeypatch.setattr(sys.modules["__main__"], "HostOnlyPoint", HostOnlyPoint, raising=False)
     interp = manager.all_instances()[0]
     with interp.acquire_session() as s:
-        held = s.exec_(COUNT_OBJECTS)
-        f = s.global_("builtins", "repr")
-        with interp.acquire_session() as other_session:
-            for _ in range(3):
-                other_session.global_("builtins", "len")  # released by the next request
+        held, f = with_releases_queued(interp, s)
         with pytest.raises(multipy.TransportError) as info:
             f.call_value(HostOnlyPoint(1))
         # The request that could not be rebuilt still released the other session's objects.
