@@ -463,19 +463,23 @@ def encode_response(model_name: str, result: Any, *, request: InferRequest | Non
         doc["id"] = request.id
     outputs, chunks = [], []
     for name, value, binary in wanted:
-        datatype, shape, flat, raw = _output_value(name, value, binary)
-        entry: dict[str, Any] = {"name": name, "datatype": datatype.value, "shape": shape}
-        if binary:
-            entry["parameters"] = {"binary_data_size": len(raw)}
-            chunks.append(raw)
-        else:
-            entry["data"] = flat
-        outputs.append(entry)
+        datatype, shape, body = _tensor_body(name, value, binary, chunks)
+        outputs.append({"name": name, "datatype": datatype.value, "shape": shape, **body})
     doc["outputs"] = outputs
     header = json.dumps(doc).encode()
     if not chunks:
         return Encoded(header)
     return Encoded(b"".join([header, *chunks]), len(header))
+
+
+def _tensor_body(name: str, value: Any, binary: bool, chunks: list) -> tuple:
+    """``(datatype, shape, fields)`` of one tensor of a request or response: its
+    ``data``, or (binary) its ``binary_data_size`` with its bytes appended to ``chunks``."""
+    datatype, shape, flat, raw = _output_value(name, value, binary)
+    if binary:
+        chunks.append(raw)
+        return datatype, shape, {"parameters": {"binary_data_size": len(raw)}}
+    return datatype, shape, {"data": flat}
 
 
 def _output_value(name: str, value: Any, binary: bool):
@@ -527,14 +531,8 @@ def encode_request(inputs: Sequence[tuple[str, Any]], *, binary: bool = False,
         doc["id"] = request_id
     specs, chunks = [], []
     for name, value in inputs:
-        datatype, shape, flat, raw = _output_value(name, value, binary)
-        spec: dict[str, Any] = {"name": name, "shape": shape, "datatype": datatype.value}
-        if binary:
-            spec["parameters"] = {"binary_data_size": len(raw)}
-            chunks.append(raw)
-        else:
-            spec["data"] = flat
-        specs.append(spec)
+        datatype, shape, body = _tensor_body(name, value, binary, chunks)
+        specs.append({"name": name, "shape": shape, "datatype": datatype.value, **body})
     doc["inputs"] = specs
     if outputs:
         doc["outputs"] = [{"name": o.name, **({"parameters": {"binary_data": o.binary}}
