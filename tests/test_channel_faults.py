@@ -96,7 +96,9 @@ def test_sigkill_while_the_caller_sleeps_in_its_futex(manager, run):
     end.spin = 0.0  # sleep at once
     pid = manager.statistics().interpreters[0].pid
     t, result = _call_in_thread(run, "sleep", 3600.0)
-    while not (end.order and end.channel.asleep(end.order[0]) and not end.channel.pending):
+    slots = manager._workers[0]._slots  # call id -> reply slot, for the calls in flight
+    while not (slots and all(map(end.channel.asleep, list(slots.values())))
+               and not end.channel.pending):
         assert t.is_alive(), result
     _assert_killed_then_serves(manager, run, t, result, pid)
 

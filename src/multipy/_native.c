@@ -310,10 +310,11 @@ static void Channel_dealloc(ChannelObject *self) {
 }
 
 PyDoc_STRVAR(post_doc,
-"post(data, tag, /) -> bool\n\n"
+"post(data, tag, /) -> int\n\n"
 "Copy ``data`` into the request ring with an opaque 32-bit ``tag``, holding the\n"
-"GIL (no release), and wake the consumer if it sleeps.  False when the ring has\n"
-"no room for it now.");
+"GIL (no release), and wake the consumer if it sleeps.  Returns the ring position\n"
+"just past the record (> 0: the consumer took it once ``taken`` reaches it), or 0\n"
+"when the ring has no room for it now.");
 
 static PyObject *Channel_post(ChannelObject *self, PyObject *args) {
     Py_buffer data;
@@ -342,7 +343,7 @@ static PyObject *Channel_post(ChannelObject *self, PyObject *args) {
         pad = pos + rec > cap ? cap - pos : 0;
         if (t + pad + rec - head > cap) {
             PyBuffer_Release(&data);
-            Py_RETURN_FALSE;
+            return PyLong_FromLong(0);
         }
         if (__atomic_compare_exchange_n(&h->tail, &t, t + pad + rec, 0, __ATOMIC_ACQ_REL,
                                         __ATOMIC_ACQUIRE))
@@ -363,7 +364,7 @@ static PyObject *Channel_post(ChannelObject *self, PyObject *args) {
     __atomic_add_fetch(&h->req_seq, 1u, __ATOMIC_SEQ_CST);
     if (SC_LOAD(&h->req_sleeping))
         futex_wake(&h->req_seq);
-    Py_RETURN_TRUE;
+    return PyLong_FromUnsignedLongLong(t + rec);
 }
 
 PyDoc_STRVAR(take_doc,
@@ -570,6 +571,12 @@ static PyObject *Channel_get_pending(ChannelObject *self, void *unused) {
     return PyLong_FromUnsignedLongLong(LOAD(&self->h->tail) - LOAD(&self->h->head));
 }
 
+static PyObject *Channel_get_taken(ChannelObject *self, void *unused) {
+    if (check_attached(self) < 0)
+        return NULL;
+    return PyLong_FromUnsignedLongLong(LOAD(&self->h->head));
+}
+
 static PyObject *Channel_get_geometry(ChannelObject *self, void *unused) {
     if (check_attached(self) < 0)
         return NULL;
@@ -597,6 +604,9 @@ static PyGetSetDef Channel_getset[] = {
     {"geometry", (getter)Channel_get_geometry, NULL, "(ring_bytes, slots, slot_bytes)", NULL},
     {"pending", (getter)Channel_get_pending, NULL,
      "Ring bytes posted but not yet taken (0: the consumer took every request).", NULL},
+    {"taken", (getter)Channel_get_taken, NULL,
+     "Ring position up to which the consumer took requests (compare with post()'s result).",
+     NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

@@ -34,7 +34,7 @@ from ..errors import TransportError
 from ..interp.state import InterpreterState, capture_exception
 from ..transport.codec import Decoder, Encoder
 from ..transport.cuda_link import InterpreterLinks
-from ..transport.frames import Waiter, read_frame, write_frame
+from ..transport.frames import FrameReader, Waiter, write_frame
 from ..transport.messages import CALL_ID, Op, parse_request
 from ..transport.shm import Arena, BlockViews, Segment
 
@@ -187,9 +187,11 @@ class Loop:
             sys.stderr.flush()
             return
         waiter = Waiter(self.req_r, self.spin)
+        reader = FrameReader(self.req_r)  # several requests may be queued in the pipe
         while True:
-            waiter.wait()
-            data = read_frame(self.req_r)
+            if not reader.buffered:
+                waiter.wait()
+            data = reader.read()
             if data is None:
                 break
             write_frame(self.rep_w, self.serve(data))

@@ -95,6 +95,10 @@ class Worker:
     """One interpreter, seen from the host.  Subclasses implement the transport."""
 
     kind: BackendKind
+    #: True for a backend that keeps several requests in flight per interpreter:
+    #: a blocking call holds ``lock`` only to send (``_send_call``) and waits for
+    #: its reply without it (``_await_call``).
+    pipelined = False
 
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
@@ -112,6 +116,7 @@ class Worker:
         self.failures = 0
         self.restarts = 0
         self.latencies: list[float] = []
+        self._tally = threading.Lock()  # failures counted from threads without the lock
         self._started = False
         self._startup = list(config.startup)
         # Called (from any thread) after the lock is released at the end of a
@@ -140,6 +145,20 @@ class Worker:
 
     def _terminate(self, *, kill: bool) -> None:
         raise NotImplementedError
+
+    def _send_call(self, op: Op, args: tuple, drop: tuple, timeout: float | None, handles):
+        """(Pipelined backends.)  Send one request under ``lock``; return a ticket
+        for :meth:`_await_call`.  Raises :class:`RequestNotSent` as ``_roundtrip`` does."""
+        raise NotImplementedError
+
+    def _await_call(self, ticket) -> tuple:
+        """(Pipelined backends.)  Wait, without ``lock``, for the reply of a sent
+        request: ``(value, RemoteException | None)``; raises as ``_roundtrip`` does."""
+        raise NotImplementedError
+
+    def _drain(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for the requests in flight outside ``lock`` to end."""
+        return True
 
     # -- lifecycle --------------------------------------------------------
     def launch(self) -> None:
@@ -190,15 +209,17 @@ class Worker:
         the interpreter is first stopped through :meth:`_stop_in_flight`, which
         makes that caller return, and then terminated once it has."""
         self.closed = True  # new requests fail at once from here on
+        deadline = time.monotonic() + timeout
         got = self.lock.acquire(timeout=timeout)
         helper = self.__dict__.pop("_helper", None)
         if helper is not None:
             helper.stop()
-        stopped = not got
+        # Calls sent before close() may still be in flight without the lock.
+        stopped = not got or not self._drain(max(0.0, deadline - time.monotonic()))
         try:
             if stopped:
                 self._stop_in_flight()
-                got = self.lock.acquire(timeout=_CALLER_LEAVES)
+                got = got or self.lock.acquire(timeout=_CALLER_LEAVES)
             if got:
                 self._terminate(kill=stopped)
             # else the caller still holds the lock; it terminates the interpreter itself
@@ -278,7 +299,14 @@ class Worker:
         turns out to have died before the request reached it, the request goes
         to its replacement if ``resend`` (False for requests naming objects of
         the dead one).
+
+        On a pipelined backend the lock is held only while the request is sent,
+        so calls from many threads are in flight at once; each caller waits for
+        its own reply.
         """
+        if self.pipelined:
+            return self._request_in_flight(op, args, timeout, handles, materializes, recipe,
+                                           resend)
         with self.lock:
             if self.closed:
                 raise ManagerClosedError("the interpreter manager is closed")
@@ -316,6 +344,67 @@ class Worker:
                     del lat[:2048]
         if self.on_free is not None:
             self._now_free()
+
+    def _request_in_flight(self, op, args, timeout, handles, materializes, recipe, resend):
+        """:meth:`request` on a pipelined backend: the lock only around the send."""
+        started = time.perf_counter()
+        lock = self.lock
+        try:
+            for attempt in (0, 1):
+                with lock:
+                    if self.closed:
+                        raise ManagerClosedError("the interpreter manager is closed")
+                    if not attempt:
+                        self.calls += 1  # counted under the lock: exact with many threads
+                    if not self._started:
+                        self._ensure_started_locked()
+                    materialized = self.materialized  # this generation's
+                    full = args
+                    if materializes is not None:
+                        if materializes not in materialized:
+                            if timeout is not None and op != Op.MATERIALIZE:
+                                # Loading is not bounded by a call's timeout: load first.
+                                self._checked(Op.MATERIALIZE, (materializes, recipe), None)
+                                materialized.add(materializes)
+                                full = args + (None,)
+                            else:
+                                # Every call carries the recipe until one has loaded it
+                                # (a call in flight may be loading it now).
+                                full = args + (recipe,)
+                        else:
+                            full = args + (None,)
+                    drop = drain(self.drops) if self.drops else ()
+                    try:
+                        ticket = self._send_call(op, full, drop, timeout, handles)
+                    except RequestNotSent as not_sent:
+                        if attempt or not resend or self.closed:  # closed: its error says so
+                            raise not_sent.error from None
+                        continue
+                    except TransportError:
+                        self.drops.extend(drop)  # nothing or something was sent: dropping twice is harmless
+                        raise
+                if self.on_free is not None:
+                    self._now_free()
+                try:
+                    value, error = self._await_call(ticket)
+                except RequestNotSent as not_sent:
+                    if attempt or not resend or self.closed:
+                        raise not_sent.error from None
+                    continue
+                if error is not None:
+                    raise rebuild_exception(error)
+                if materializes is not None:
+                    materialized.add(materializes)
+                return value
+        except BaseException:
+            with self._tally:
+                self.failures += 1
+            raise
+        finally:
+            lat = self.latencies
+            lat.append(time.perf_counter() - started)
+            if len(lat) > 4096:
+                del lat[:2048]
 
     def _count(self, started: float) -> None:
         self.calls += 1
@@ -627,7 +716,8 @@ class _PostedCall:
                 self.done(None, exc)
             return
         if error is not None:
-            worker.failures += 1
+            with worker._tally:
+                worker.failures += 1
         worker._count(self.started)
         self.posted = None
         worker.lock.release()

@@ -52,6 +52,7 @@ from .completions import READY
 _pack_id = CALL_ID.pack
 ARENA_BYTES = 1 << 22  # grows on demand; pages are only touched when used
 _LINK_TIMEOUT = 30.0   # seconds an interpreter may take to map a CUDA link
+_CALLERS_LEAVE = 10.0  # seconds a restart waits for the calls in flight to be failed
 _PRELOAD = ["multipy.backends._process_main", "numpy", "torch"]
 
 
@@ -170,8 +171,17 @@ class ProcessWorker(Worker):
         self._ctx = ctx
         self._server_key = None  # the fork server this interpreter comes from (held)
         self._process = None
+        self._end = None
         self._freed: collections.deque = collections.deque()
         self._pins: set[int] = set()
+        # Taken to read replies and settle them (never while waiting for one on the
+        # channel); the worker lock is taken only to send.  Order: lock, then _rx.
+        self._rx = threading.Lock()
+        self._drained = threading.Condition(self._rx)
+        self._callers: set[int] = set()  # calls whose blocking caller waits for the reply
+        self._exit_lock = threading.Lock()
+
+    pipelined = True  # several requests in flight at once (Worker._request_in_flight)
 
     def _launch(self) -> None:
         self._terminate(kill=True)
@@ -220,8 +230,17 @@ class ProcessWorker(Worker):
             channel, self._req_w, self._reader.read, process.sentinel, self.config.spin, bell[0],
             memory)
         self._next_call = 0
+        # In-flight bookkeeping of this generation (see _send and _finish).
         self._owed: dict[int, list[int]] = {}  # call id -> argument blocks, reply not read yet
         self._unsure: set[int] = set()  # owed calls whose write was interrupted: sent or not?
+        self._callers = set()            # owed calls whose blocking caller waits
+        self._posted: dict[int, tuple] = {}  # owed calls a completion thread collects
+        self._stash: dict[int, object] = {}  # replies read for a caller not back yet
+        self._slots: dict[int, int] = {}  # channel: call id -> its reply slot
+        self._ends: dict[int, int] = {}   # channel: call id -> ring position past it
+        self._left: set[int] = set()      # channel: owed calls whose caller left
+        self._exit = None                 # (exitcode,) once the process is known dead
+        self._lost = False                # marked dead (once per generation)
         self._out = _Pump(out_r, "stdout", f"multipy-stdout-{self.index}")
         self._err = _Pump(err_r, "stderr", f"multipy-stderr-{self.index}")
         self._out.start()
@@ -294,79 +313,261 @@ class ProcessWorker(Worker):
 
     def _exchange(self, op, args, drop, timeout, handles=None, *, starting: bool = False):
         call, placed = self._send(op, args, drop, timeout, handles)
+        return self._finish(call, placed, op, timeout, starting)
+
+    _roundtrip = _exchange  # the Worker step, without a call in between
+
+    # -- several calls in flight (Worker._request_in_flight) ---------------------------
+    def _send_call(self, op, args, drop, timeout, handles):
+        """Send one request under the worker lock; the reply is awaited without it
+        (:meth:`_await_call`) on the call channel.  On the pipes, and while CUDA link
+        buffers are in use (the next call would reuse the buffers this one reads),
+        the reply is awaited here, under the lock, and the ticket carries it."""
+        call, placed = self._send(op, args, drop, timeout, handles)
+        if self._end is None or self._links.active:
+            return (None, self._finish(call, placed, op, timeout, False), op, timeout)
+        return (call, placed, op, timeout)
+
+    def _await_call(self, ticket):
+        call, placed, op, timeout = ticket
+        if call is None:
+            return placed
+        return self._finish(call, placed, op, timeout, False)
+
+    def _drain(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for the blocking calls in flight to end."""
+        deadline = time.monotonic() + timeout
+        with self._rx:
+            while self._callers:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._drained.wait(min(left, 0.01))
+        return True
+
+    def _finish(self, call: int, placed, op, timeout, starting: bool):
+        """Wait for the reply to ``call`` and settle it: ``(value, RemoteException | None)``.
+
+        Runs without the worker lock: other calls are sent meanwhile.  A caller who
+        leaves before its reply (a signal handler raised, e.g. Ctrl-C) leaves the
+        call owed: its reply is settled unread by whoever reads it (see _match and
+        _sweep), so it never reaches another caller."""
         try:
-            reply = self._reply_for(call, timeout, starting)
+            if self._end is not None:
+                return self._channel_reply(call, placed, op, timeout, starting)
+            return self._pipe_reply(call, placed, op, timeout, starting)
         except BaseException:
             if self._process is not None and self._links.active:
                 # The next call reuses the CUDA link buffers that this one may still be
                 # reading in the interpreter: only a fresh interpreter is safe.
                 self._out_of_step("a call using CUDA link buffers was interrupted")
+            if call in self._owed and self._end is not None:
+                self._left.add(call)  # settled by a later reader (_sweep)
             raise
-        return self._settle(op, reply, placed)
+        finally:
+            self._callers.discard(call)
+            if not self._callers:
+                self._notify_drained()
 
-    _roundtrip = _exchange  # the Worker step, without a call in between
+    def _notify_drained(self) -> None:
+        if self._rx.acquire(blocking=False):
+            try:
+                self._drained.notify_all()
+            finally:
+                self._rx.release()
+
+    def _channel_reply(self, call, placed, op, timeout, starting):
+        """:meth:`_finish` on the call channel: wait on this call's own reply slot."""
+        end = self._end
+        slot = self._slots[call]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        wait = end.wait
+        while True:
+            try:
+                rc = wait(slot, None if deadline is None else max(0.0, deadline - time.monotonic()))
+            except ValueError:  # detached: this generation is over
+                rc = _channel.Wait.CLOSED
+            with self._rx:
+                try:
+                    reply = self._take_reply(call, slot)
+                except ValueError:  # detached
+                    reply = None
+                if reply is not None:
+                    if self._left:
+                        self._sweep(call)
+                    return self._settle(op, reply, placed)
+                if rc == _channel.Wait.TIMEOUT:
+                    self._kill_for_timeout(timeout)
+                if rc in (_channel.Wait.DEAD, _channel.Wait.CLOSED):
+                    try:
+                        unsent = not end.taken(self._ends[call])
+                    except (KeyError, ValueError):  # detached: this generation is over already
+                        unsent = False
+                    if unsent and not starting:
+                        # The interpreter died before it took this call.
+                        self._owed.pop(call, None)
+                        raise RequestNotSent(self._crashed("before this call reached it"))
+                    raise self._crashed("while starting" if starting else "while running a call")
+
+    def _take_reply(self, call: int, slot: int):
+        """The reply to ``call`` from its slot (``None`` if not there yet).  Under ``_rx``."""
+        got = self._end.take(slot)
+        if got is None:
+            return None
+        del self._slots[call]
+        self._ends.pop(call, None)
+        tag, data = got
+        reply = self._spilled_reply(call) if tag & _channel.SPILLED else self._parse(data)
+        if reply.call != call:
+            raise self._desynchronised(f"the reply in the slot of call {call} answers call {reply.call}")
+        del self._owed[call]
+        return reply
+
+    def _spilled_reply(self, call: int):
+        """The reply to ``call`` announced in its slot and written to the reply pipe.
+        Spilled replies cross the pipe in reply order: those of other calls read on
+        the way are kept for their callers.  Under ``_rx``."""
+        while True:
+            reply = self._stash.pop(call, None)
+            if reply is not None:
+                return reply
+            reply = self._parse(self._read_frame(False))
+            if reply.call == call:
+                return reply
+            self._stash[reply.call] = reply
+
+    def _sweep(self, answered: int) -> None:
+        """Settle the replies of channel calls whose callers left (they never reach
+        anyone) and give their slots back.  Replies come in request order: one that
+        left before ``answered`` and has no reply never reached the interpreter.
+        Under ``_rx``; a failure here stops the interpreter but not the caller."""
+        end = self._end
+        try:
+            for call in sorted(self._left):
+                slot = self._slots.get(call)
+                if slot is not None and end.ready(slot):
+                    tag, data = end.take(slot)
+                    del self._slots[call]
+                    reply = self._spilled_reply(call) if tag & _channel.SPILLED else self._parse(data)
+                elif call < answered:
+                    reply = None
+                    if slot is not None:
+                        del self._slots[call]
+                        end.release(slot)
+                else:
+                    break
+                self._left.discard(call)
+                self._ends.pop(call, None)
+                placed = self._owed.pop(call, ())
+                if reply is not None:
+                    self._settle(None, reply, placed)
+                else:
+                    with self._args_lock:
+                        self._release_placed(placed, ())
+        except Exception:
+            pass  # the interpreter was stopped (desynchronised or dead): its callers learn it
+
+    def _parse(self, frame: bytes):
+        try:
+            return parse_reply(frame)
+        except TransportError as exc:
+            raise self._desynchronised(exc) from None
+
+    def _pipe_reply(self, call, placed, op, timeout, starting):
+        """:meth:`_finish` on the pipes, where one call is in flight at a time (its
+        caller holds the worker lock): replies come in request order; those read
+        on the way belong to callers who left and are settled (see _match)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._rx:
+            reply = self._stash.pop(call, None)
+            if reply is not None:
+                del self._owed[call]
+            while reply is None:
+                reply = self._match(call, self._next_frame(deadline, timeout, starting))
+            return self._settle(op, reply, placed)
 
     # -- posted requests (Worker.post): the completion thread reads the reply ----
     def _post(self, op, args, drop, timeout, handles, completions, finish):
-        if self._end is not None:
-            self._end.want_bell()  # before the request is published: its reply rings
-        call, placed = self._send(op, args, drop, timeout, handles)
-        posted = (op, call, placed, completions, finish)
+        end = self._end
+        if end is not None:
+            end.want_bell()  # before the request is published: its reply rings
+        posted = [op, None, None, completions, finish]
+        call, placed = self._send(op, args, drop, timeout, handles, posted)
+        posted[1], posted[2] = call, placed
         self._arm(posted)
         return posted
 
     def _arm(self, posted) -> None:
-        """Have the completion thread run ``finish`` once a reply frame can be read."""
-        completions, finish = posted[3], posted[4]
+        """Have the completion thread run ``finish`` once the reply can be read."""
+        call, completions, finish = posted[1], posted[3], posted[4]
         end = self._end
         if end is not None:
             # Emptied before looking at the slot: a reply published after the look
             # rings the bell again, so the watch below cannot miss it.
             end.drain_bell()
-            if end.bell_closed or end.channel.ready(end.order[0]):
+            slot = self._slots.get(call)
+            try:
+                ready = slot is None or end.ready(slot)
+            except ValueError:  # detached: over
+                ready = True
+            if end.bell_closed or ready:
                 completions.call_soon(lambda: finish(READY))
             else:
                 completions.watch(end.bell_r, finish)
             return
-        if self._reader.buffered:
+        if call in self._stash or self._reader.buffered:
             completions.call_soon(lambda: finish(READY))
         else:
             completions.watch(self._rep_r, finish)
 
     def _collect(self, posted):
-        op, call, placed, _, _ = posted
+        op, call, placed = posted[0], posted[1], posted[2]
         end = self._end
-        while end is not None:
-            try:
-                frame = end.poll_frame()
-            except (OSError, ValueError):  # closed under us: the manager is closing
-                raise self._crashed("while running a call") from None
-            if frame is None:
-                end.drain_bell()
-                if end.bell_closed or self._process is None:
-                    raise self._crashed("while running a call")
-                self._arm(posted)
-                return PENDING
-            reply = self._match(call, frame)
-            if reply is not None:
+        try:
+            with self._rx:
+                if end is not None:
+                    slot = self._slots.get(call)
+                    try:
+                        reply = None if slot is None else self._take_reply(call, slot)
+                    except ValueError:  # detached: the manager is closing
+                        raise self._crashed("while running a call") from None
+                    if reply is None:
+                        end.drain_bell()
+                        if end.bell_closed or self._process is None:
+                            raise self._crashed("while running a call")
+                        self._arm(posted)
+                        return PENDING
+                    if self._left:
+                        self._sweep(call)
+                else:
+                    reply = self._stash.pop(call, None)
+                    if reply is not None:
+                        del self._owed[call]
+                    while reply is None:
+                        if not self._reader.buffered and not self._waiter.poller.poll(0):
+                            # What woke us was read by another caller; ours is not here yet.
+                            self._arm(posted)
+                            return PENDING
+                        reply = self._match(call, self._read_frame(False))
+                self._posted.pop(call, None)
+                if end is not None and not self._posted:
+                    end.want_bell(False)
                 return self._settle(op, reply, placed)
-        while True:  # a frame is there: the completion ran because the pipe was readable
-            reply = self._match(call, self._read_frame(False))
-            if reply is not None:
-                return self._settle(op, reply, placed)
-            if not self._reader.buffered and not self._waiter.poller.poll(0):
-                # That was the reply of an earlier call whose caller left; ours is not here yet.
-                self._arm(posted)
-                return PENDING
+        except BaseException:
+            self._posted.pop(call, None)
+            raise
 
     def _expire(self, posted, timeout):
+        self._posted.pop(posted[1], None)
         try:
             self._kill_for_timeout(timeout)
         except BaseException as exc:
             return exc
 
-    def _send(self, op, args, drop, timeout, handles) -> tuple[int, list[int]]:
-        """Write the request; returns its call id and the argument blocks it placed."""
+    def _send(self, op, args, drop, timeout, handles, posted=None) -> tuple[int, list[int]]:
+        """Write the request (under the worker lock); returns its call id and the
+        argument blocks it placed.  The call is owed from before the write, so
+        whoever reads its reply recognises it (see _match)."""
         links = self._links
         if links.active and op != Op.CUDA_LINK:
             self._announce_links(links, timeout)
@@ -385,28 +586,43 @@ class ProcessWorker(Worker):
             links.sent()
         placed = encoder.placed
         call = self._next_call = self._next_call + 1
-        # Owed from before the write: from then on, whatever is raised, the reply to
-        # `call` is recognised and settled by whoever reads it (see _match).
         self._owed[call] = placed
+        if posted is None:
+            self._callers.add(call)
+        else:
+            self._posted[call] = posted
         payload = _pack_id(call) + data  # messages.stamp, without the call
+        end = self._end
         try:
-            if self._end is None:
+            if end is None:
                 write_frame(self._req_w, payload)
-            elif not self._end.send(payload):
-                self._out_of_step("too many abandoned calls were still in its channel")
-                raise BrokenPipeError
-        except (BrokenPipeError, ConnectionResetError):
-            # Nobody reads the request pipe: the interpreter died while idle and never saw it.
-            self._owed.pop(call, None)
+            else:
+                slot = end.claim()
+                while slot is None:
+                    slot = self._room()
+                self._slots[call] = slot
+                position = end.post(payload, slot)
+                while not position:
+                    self._room(slot)
+                    position = end.post(payload, slot)
+                self._ends[call] = position
+        except (BrokenPipeError, ConnectionResetError, ValueError):
+            # Nobody reads the request pipe, or the channel is detached: the
+            # interpreter died (or was stopped) and never saw the request.
+            self._forget(call)
             with self._args_lock:
                 self._release_placed(placed, ())
             raise RequestNotSent(self._crashed("while idle, before this call was sent")) from None
         except BaseException:
             # A signal handler raised during the write, or just after it returned.
-            if len(payload) + FRAME_HEADER <= select.PIPE_BUF:
-                # A request this small goes in one atomic write (a pipe write of at most
-                # PIPE_BUF bytes, or one ring post): all of it was sent or none.  The
-                # next reply says which (see _resolve_unsure).
+            self._callers.discard(call)
+            self._posted.pop(call, None)
+            if end is not None and len(payload) <= end.limit:
+                # One ring post: all of it was sent or none (see _sweep).
+                self._left.add(call)
+            elif len(payload) + FRAME_HEADER <= select.PIPE_BUF and end is None:
+                # A request this small goes in one atomic pipe write: all of it was
+                # sent or none.  The next reply says which (see _resolve_unsure).
                 self._unsure.add(call)
             else:
                 # Part of the request may be in the pipe: the stream is out of step.
@@ -414,43 +630,53 @@ class ProcessWorker(Worker):
             raise
         return call, placed
 
-    def _reply_for(self, call: int, timeout, starting: bool):
-        """Wait for the reply to ``call``: the one place where replies meet callers.
+    def _forget(self, call: int) -> None:
+        self._owed.pop(call, None)
+        self._callers.discard(call)
+        self._posted.pop(call, None)
+        self._ends.pop(call, None)
+        slot = self._slots.pop(call, None)
+        if slot is not None:
+            try:
+                self._end.release(slot)
+            except ValueError:
+                pass
 
-        Replies come back in request order.  One carrying an earlier id in
-        ``_owed`` belongs to a call whose caller gave up waiting (a signal
-        handler raised, e.g. Ctrl-C): it is settled (its blocks freed, its value
-        dropped) and never returned.  Any other id means the stream is out of
-        step: the interpreter is killed and restarted.  An exception raised
-        while waiting leaves ``call`` owed; one raised while a frame was being
-        read (its bytes half consumed) restarts the interpreter.  (One raised in
-        the few bytecodes between reading the reply to ``call`` and returning it
-        leaves that call's argument blocks allocated until the next restart: a
-        leak, never a wrong answer.)
-        """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        next_frame = self._next_channel_frame if self._end is not None else self._next_frame
-        while True:
-            reply = self._match(call, next_frame(deadline, timeout, starting))
-            if reply is not None:
-                return reply
+    def _room(self, slot: int | None = None) -> int | None:
+        """Every reply slot is taken (or the ring is full: ``slot`` is then the one
+        already claimed): settle what callers who left still hold, else give the
+        calls in flight a moment.  Returns a free slot, or ``None``.  Under the
+        worker lock, so other senders wait behind it; rare (64 calls in flight)."""
+        end = self._end
+        with self._rx:
+            if self._left:
+                self._sweep(0)
+        if slot is None:
+            got = end.claim()
+            if got is not None:
+                return got
+        if end.channel.closed or select.select([end.alive_fd], [], [], 0)[0]:
+            raise BrokenPipeError  # the interpreter is gone: nothing will free a slot
+        time.sleep(0.0005)  # releases the GIL: the callers in flight take their replies
+        return None
 
     def _match(self, call: int, frame: bytes):
         """The reply in ``frame`` if it answers ``call``, else ``None`` once the reply
-        (of a call whose caller left) is settled; a reply nobody owes is corruption."""
-        try:
-            reply = parse_reply(frame)
-        except TransportError as exc:
-            raise self._desynchronised(exc) from None
+        is kept for its waiting caller, or settled (its caller left).  A reply nobody
+        owes is corruption.  Pipes only; under ``_rx``."""
+        reply = self._parse(frame)
         if self._unsure:
             self._resolve_unsure(reply.call)
-        if reply.call == call:
+        other = reply.call
+        if other == call:
             del self._owed[call]
             return reply
-        placed = self._owed.pop(reply.call, None)
+        if other in self._callers or other in self._posted:
+            self._stash[other] = reply  # its caller takes it when it gets _rx
+            return None
+        placed = self._owed.pop(other, None)
         if placed is None:
-            raise self._desynchronised(
-                f"a reply to call {reply.call} came while call {call} waited")
+            raise self._desynchronised(f"a reply to call {other} came while call {call} waited")
         self._settle(None, reply, placed)  # nobody waits for it: blocks freed, value unread
         return None
 
@@ -469,8 +695,6 @@ class ProcessWorker(Worker):
 
     def _next_frame(self, deadline, timeout, starting: bool) -> bytes:
         """The next reply frame, waiting until ``deadline`` (monotonic; ``None``: no limit)."""
-        if self._end is not None:
-            return self._next_channel_frame(deadline, timeout, starting)
         reader = self._reader
         if not reader.buffered:
             # Spin for the reply only while no other host thread is waiting on an
@@ -503,28 +727,6 @@ class ProcessWorker(Worker):
             self._out_of_step("a reply was interrupted while it was being read")
             raise
         if frame is None:
-            raise self._crashed("while starting" if starting else "while running a call")
-        return frame
-
-    def _next_channel_frame(self, deadline, timeout, starting: bool) -> bytes:
-        """:meth:`_next_frame` through the call channel (transport.channel)."""
-        end = self._end
-        try:
-            frame = end.next_frame(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        except FrameError as exc:  # a spilled reply with a corrupt header
-            raise self._desynchronised(exc) from None
-        except (OSError, ValueError):
-            frame = None  # the channel was closed under this wait (the manager is closing)
-        if frame is _channel.Wait.TIMEOUT:
-            self._kill_for_timeout(timeout)
-        if frame is None:
-            try:
-                unsent = end.unsent
-            except ValueError:  # detached: this generation is over already
-                unsent = False
-            if unsent and not starting:
-                # The interpreter died while idle and never took this call.
-                raise RequestNotSent(self._crashed("while idle, before this call was sent"))
             raise self._crashed("while starting" if starting else "while running a call")
         return frame
 
@@ -565,8 +767,14 @@ class ProcessWorker(Worker):
 
     def _out_of_step(self, why: str) -> None:
         """The request and reply streams may no longer match: restart the interpreter."""
-        self._terminate(kill=True)
-        self.mark_dead(why)
+        self._stop()
+        self._mark_lost(why)
+
+    def _mark_lost(self, why: str) -> None:
+        """Record once per generation that the interpreter is gone (any thread)."""
+        if not self._lost:
+            self._lost = True
+            self.mark_dead(why)
 
     def _announce_links(self, links: HostLinks, timeout) -> None:
         """Have the interpreter map CUDA link buffers made or grown since the last call.
@@ -594,29 +802,28 @@ class ProcessWorker(Worker):
     def _desynchronised(self, why) -> TransportError:
         """The reply stream is corrupt: the interpreter cannot be trusted to be in step."""
         pid = self.pid
-        self._terminate(kill=True)
-        self.mark_dead(f"its reply stream was corrupt ({why})")
+        self._stop()
+        self._mark_lost(f"its reply stream was corrupt ({why})")
         return TransportError(
             f"interpreter {self.index} (pid {pid}) sent a corrupt reply ({why}); it was killed "
             "and will be restarted")
 
     def _kill_for_timeout(self, timeout: float):
         pid = self.pid
-        self._terminate(kill=True)
-        self.mark_dead("timed out")
+        self._stop()
+        self._mark_lost("timed out")
         raise CallTimeoutError(
             f"call on interpreter {self.index} (pid {pid}) ran past its timeout of {timeout:g} s; "
             "the interpreter was killed and will be restarted. Raise call_timeout= (manager) or "
             "timeout= (per call) if the work is expected to take longer.")
 
     def _crashed(self, while_: str):
-        process = self._process
+        """The error for a call the interpreter did not answer because it is gone.
+        Every call in flight gets one (each its own); the first marks the
+        interpreter dead, which restarts it once they have all left."""
         pid = self.pid
-        exitcode = None
-        if process is not None:
-            process.join(5)
-            exitcode = process.exitcode
-        self._terminate(kill=True)
+        exitcode = self._exit_code()
+        self._stop()
         if self._server_key and self._server_key[0]:
             # Forked from a server with shared imports: did they make it unsafe?  (Or
             # did another interpreter find that out and stop the server under it?)
@@ -629,8 +836,23 @@ class ProcessWorker(Worker):
             return ManagerClosedError(
                 f"the manager was closed while interpreter {self.index} was running this call")
         error = describe_exit(self.index, pid, exitcode, while_)
-        self.mark_dead(str(error))
+        self._mark_lost(str(error))
         return error
+
+    def _exit_code(self):
+        """The process's exit code (waiting up to 5 s for it to end), found once."""
+        with self._exit_lock:
+            if self._exit is None:
+                process = self._process
+                code = None
+                if process is not None:
+                    try:
+                        process.join(5)
+                        code = process.exitcode
+                    except ValueError:  # closed already
+                        pass
+                self._exit = (code,)
+            return self._exit[0]
 
     def adopt_movable(self, payload):
         """The movable's tensors are in a segment this interpreter holds: the host
@@ -641,24 +863,42 @@ class ProcessWorker(Worker):
         own = open_descriptor(pid, fd, inode)
         return MovablePayload(payload.data, (os.getpid(), own, inode)), own
 
-    def _stop_in_flight(self) -> None:
-        # Only the process is killed: the caller waiting on the reply pipe sees
-        # end-of-file and raises ManagerClosedError (see _crashed).  Closing the pipe
-        # here instead would pull the descriptor from under that caller: it would
-        # read a closed descriptor (EBADF) or, once the number is reused, another one.
+    def _stop(self) -> None:
+        """Kill the interpreter and close its channel, from any thread, closing no
+        descriptor: every call in flight wakes up (end-of-file, DEAD or CLOSED) and
+        its caller leaves; :meth:`_terminate` closes the descriptors once they have.
+        (Closing one under a caller would make it read a closed descriptor, EBADF,
+        or, once the number is reused, another one.)"""
         process = self._process
         if process is not None:
             try:
                 process.kill()
-            except (OSError, ValueError):  # already gone, or closed by the caller
+            except (OSError, ValueError):  # already gone, or closed
+                pass
+        end = self._end
+        if end is not None:
+            try:
+                end.stop()
+            except ValueError:  # detached: over already
                 pass
 
+    _stop_in_flight = _stop  # close(): callers in flight raise ManagerClosedError
+
     def _terminate(self, *, kill: bool) -> None:
-        process, self._process = self._process, None
+        """End this generation: stop the interpreter (``kill``) or let it exit by
+        itself, wait for every caller in flight to leave, then close everything.
+        Under the worker lock."""
+        process = self._process
         if process is None:
             return
+        if kill:
+            self._stop()
+        if not self._drain(_CALLERS_LEAVE):
+            self._stop()
+            self._drain(_CALLERS_LEAVE)
+        self._process = None
         if self._end is not None:
-            self._end.close()  # wakes the interpreter, which exits; and any waiting caller
+            self._end.close()  # wakes the interpreter, which exits
         try:
             os.close(self._req_w)  # end-of-file: a healthy worker exits by itself
         except OSError:

@@ -43,10 +43,12 @@ Example:
     >>> memory = mmap.mmap(-1, size(1 << 12, 2, 256))
     >>> prepare(memory, ring_bytes=1 << 12, slots=2, slot_bytes=256)
     >>> ch = Channel(memory)
-    >>> slot = ch.claim(); ch.post(b"ping", slot)
-    True
-    >>> ch.take()
-    (0, b'ping')
+    >>> slot = ch.claim(); ch.post(b"ping", slot)      # the ring position past it
+    32
+    >>> ch.taken
+    0
+    >>> ch.take(), ch.taken
+    ((0, b'ping'), 32)
     >>> ch.reply(slot, b"pong", 7); ch.take_reply(slot)
     True
     (7, b'pong')
@@ -240,8 +242,16 @@ class PyChannel:
         self._check()
         return self._u32(_CLOSED) != 0
 
-    def post(self, data, tag: int, /) -> bool:
-        """Copy ``data`` into the request ring; False when it has no room now."""
+    @property
+    def taken(self) -> int:
+        """Ring position up to which the consumer took requests."""
+        self._check()
+        return _U64.unpack_from(self._m, _HEAD)[0]
+
+    def post(self, data, tag: int, /) -> int:
+        """Copy ``data`` into the request ring; returns the ring position just past
+        it (the consumer took it once :attr:`taken` reaches that), or 0 when the
+        ring has no room now."""
         self._check()
         data = memoryview(data).cast("B")
         cap = self._ring_bytes
@@ -257,7 +267,7 @@ class PyChannel:
             pos = tail & (cap - 1)
             pad = cap - pos if pos + rec > cap else 0
             if tail + pad + rec - head > cap:
-                return False
+                return 0
             _U64.pack_into(m, _TAIL, tail + pad + rec)
             if pad:
                 self._set32(HEADER_BYTES + pos, _REC_PAD)
@@ -270,7 +280,7 @@ class PyChannel:
             self._set32(_REQ_SEQ, (self._u32(_REQ_SEQ) + 1) & 0xFFFFFFFF)
         if self._u32(_REQ_SLEEPING):
             self._wake(_REQ_SEQ)
-        return True
+        return tail + rec
 
     def take(self):
         """The oldest request as ``(tag, bytes)``, or None when the ring is empty."""
@@ -418,7 +428,9 @@ class PyChannel:
 SPILLED = 1 << 16
 #: Geometry of a process interpreter's channel: a request or reply of up to 64 KiB
 #: (the common call is well under 1 KiB) stays in shared memory.
-RING_BYTES, SLOTS, SLOT_BYTES = 1 << 18, 8, (1 << 16) - SLOT_HEAD
+#: One slot per request in flight: 64 callers of one interpreter wait each on its own
+#: (slot pages are touched only as far as replies reach).
+RING_BYTES, SLOTS, SLOT_BYTES = 1 << 18, 64, (1 << 16) - SLOT_HEAD
 
 
 def create(name: str) -> tuple[int, object]:
@@ -448,97 +460,96 @@ def _max_spinners() -> int:
 
 
 class HostEnd:
-    """The host's side of one interpreter's channel.
+    """The host's side of one interpreter's channel, shared by every host thread.
 
-    :meth:`send` posts a request (spilling it to the request pipe when it is too
-    big for the ring); :meth:`next_frame` returns replies in request order, the
-    order the interpreter serves them in, so the caller's call-id matching stays
-    the one place where replies meet callers.  Spinning adapts like
-    :class:`~multipy.transport.frames.Waiter`: after a spin that ran out, the
-    next 1, 2, 4 ... 64 waits sleep at once.
+    Each request in flight holds one reply slot, so several calls can be in
+    flight at once: a caller claims a slot (:meth:`claim`), posts its request
+    naming that slot (:meth:`post`, spilling it to the request pipe when it is too
+    big for the ring) and then waits on *its own* slot (:meth:`wait`), without a
+    lock: the interpreter wakes exactly that caller.  Replies are still produced
+    in request order (the interpreter serves one request at a time), which is
+    what lets the process backend match spilled replies and those of callers
+    who left.  Spinning adapts like :class:`~multipy.transport.frames.Waiter`:
+    after a spin that ran out, the next 1, 2, 4 ... 64 waits sleep at once; and
+    at most :attr:`max_spinners` host threads spin at any moment (the rest
+    sleep in FUTEX_WAIT at once), so spinning callers never take the cores the
+    interpreters run on.
     """
 
     def __init__(self, channel, req_w: int, read_spilled, alive_fd: int, spin: float,
                  bell_r: int = -1, memory=None) -> None:
         self.channel = channel
-        self.bell_r = bell_r  # the interpreter writes a byte here after each reply (want_bell)
+        self.bell_r = bell_r  # the interpreter writes a byte here after a reply (want_bell)
         self.bell_closed = False
         self.memory = memory  # the channel's mapping: for the bell word
-        self.bell_wanted = False
         self.req_w = req_w
         self.read_spilled = read_spilled  # () -> the next frame of the reply pipe, or None
         self.alive_fd = alive_fd
         self.spin = spin
         self.max_spinners = _max_spinners()
         self.limit = RING_BYTES // 2 - RECORD_HEAD
-        self.order: collections.deque[int] = collections.deque()  # slots, oldest request first
+        self.claim = channel.claim      # () -> a free reply slot, or None when all are taken
+        self.release = channel.release  # (slot) -> None: give an unused slot back
+        self.ready = channel.ready      # (slot) -> whether its reply is there (never waits)
         self._skip = 0
         self._backoff = 1
 
-    def send(self, payload: bytes) -> bool:
-        """Post one request; False when no reply slot is free (too many calls were
-        abandoned while their interpreter still worked on them)."""
-        ch = self.channel
-        slot = ch.claim()
-        if slot is None:
-            return False
+    def post(self, payload: bytes, slot: int) -> int:
+        """Post one request whose reply goes to ``slot`` (claimed); returns the ring
+        position past it (see :meth:`taken`), or 0 when the ring has no room now.
+        A request too big for the ring is announced there and written to the pipe."""
         if len(payload) <= self.limit:
-            if not ch.post(payload, slot):
-                ch.release(slot)
-                return False
-            self.order.append(slot)
-        else:
-            ch.post(b"", slot | SPILLED)
-            self.order.append(slot)
+            return self.channel.post(payload, slot)
+        end = self.channel.post(b"", slot | SPILLED)
+        if end:
             from .frames import write_frame  # here: a big request is rare
 
             write_frame(self.req_w, payload)
-        return True
+        return end
 
-    @property
-    def unsent(self) -> bool:
-        """Whether the interpreter never took the last request (it died idle)."""
-        return self.channel.pending > 0
+    def taken(self, end: int) -> bool:
+        """Whether the interpreter took the request that :meth:`post` placed before ``end``."""
+        return self.channel.taken >= end
 
-    def next_frame(self, timeout: float | None):
-        """The oldest outstanding reply (bytes), ``None`` if the interpreter died, or
-        :attr:`Wait.TIMEOUT`.  The slot stays outstanding until its reply is taken, so a
-        wait cut short by a signal handler leaves everything in order."""
-        ch = self.channel
-        slot = self.order[0]
+    def wait(self, slot: int, timeout: float | None) -> Wait:
+        """Wait until ``slot``'s reply is there (releasing the GIL once).  Returns
+        READY or SLEPT (there), TIMEOUT, DEAD (the interpreter died) or CLOSED."""
         spin = self.spin
         if self._skip:
             self._skip -= 1
             spin = 0.0
-        rc = ch.wait_reply(slot, -1.0 if timeout is None else timeout, spin, self.max_spinners,
-                           self.alive_fd)
+        rc = self.channel.wait_reply(slot, -1.0 if timeout is None else timeout, spin,
+                                     self.max_spinners, self.alive_fd)
         if rc == Wait.SLEPT and spin:
             self._backoff = min(self._backoff * 2, 64)
             self._skip = self._backoff
         elif rc == Wait.READY:
             self._backoff = 1
-        elif rc == Wait.TIMEOUT:
-            return Wait.TIMEOUT
-        elif rc != Wait.SLEPT:
-            return None  # DEAD or CLOSED
-        tag, data = ch.take_reply(slot)
-        self.order.popleft()
-        ch.release(slot)
-        return self.read_spilled() if tag & SPILLED else data
+        return rc
+
+    def take(self, slot: int):
+        """``(tag, payload)`` of ``slot``'s reply, freeing the slot, or ``None`` when it
+        is not there yet.  A tag with :data:`SPILLED` set means the payload is the next
+        reply frame of the reply pipe (``read_spilled``), in reply order."""
+        got = self.channel.take_reply(slot)
+        if got is not None:
+            self.channel.release(slot)
+        return got
 
     # -- for a completion thread (posted requests) ---------------------------------
-    def want_bell(self) -> None:
-        """From now on the interpreter rings the bell pipe after every reply.  Call
-        it before posting a request whose reply a completion thread waits for.
+    def want_bell(self, wanted: bool = True) -> None:
+        """Whether the interpreter rings the bell pipe after each reply.  Set it
+        before posting a request whose reply a completion thread waits for, and
+        clear it once no such request is in flight.
 
-        Until then it never does: a blocking caller waits on the reply slot, and
-        the write would cost the interpreter a system call per call.  The word is
-        set before the request is published (and stays set), so the interpreter,
-        which reads it after taking that request, rings for its reply and every
-        later one."""
-        if not self.bell_wanted and self.memory is not None:
-            _U32.pack_into(self.memory, _BELL, 1)
-            self.bell_wanted = True
+        While it is clear the interpreter never rings: a blocking caller waits on
+        its reply slot, and the write would cost the interpreter a system call per
+        call.  It is set before the request is published (the post is a full
+        barrier), so the interpreter, which reads it after each reply, rings for
+        that request's reply; a ring after it was cleared is harmless (the bell is
+        emptied before each watch)."""
+        if self.memory is not None:
+            _U32.pack_into(self.memory, _BELL, 1 if wanted else 0)
 
     def drain_bell(self) -> None:
         """Empty the bell pipe; :attr:`bell_closed` once it reached end-of-file
@@ -554,20 +565,12 @@ class HostEnd:
                 self.bell_closed = True
                 return
 
-    def poll_frame(self):
-        """The oldest outstanding reply if it is there (bytes), else ``None``: never
-        waits, except for the bytes of a spilled reply already announced."""
-        ch = self.channel
-        slot = self.order[0]
-        if not ch.ready(slot):
-            return None
-        tag, data = ch.take_reply(slot)
-        self.order.popleft()
-        ch.release(slot)
-        return self.read_spilled() if tag & SPILLED else data
+    def stop(self) -> None:
+        """Mark the channel closed: the interpreter and every waiting caller wake up."""
+        self.channel.close()
 
     def close(self) -> None:
-        """Wake the interpreter (it exits) and let go of the memory once no wait uses it."""
+        """Stop, and let go of the memory once no wait uses it."""
         self.channel.close()
         self.channel.detach()
         self.memory = None
@@ -593,7 +596,7 @@ class InterpreterEnd:
         ch, spin, req_r, rep_w, bell_w = self.channel, self.spin, self.req_r, self.rep_w, self.bell_w
         take, reply, write = ch.take, ch.reply, os.write
         memory = self.memory
-        ring = memory is None  # no mapping: ring after every reply
+        bell = _U32.unpack_from
         if bell_w >= 0:
             os.set_blocking(bell_w, False)
         while True:
@@ -614,13 +617,12 @@ class InterpreterEnd:
             if not reply(slot, out, 0):
                 reply(slot, b"", SPILLED)  # announced first: the host then reads the pipe
                 frames.write_frame(rep_w, out)
-            if not ring:  # the host sets the word once, before a request that needs it
-                ring = _U32.unpack_from(memory, _BELL)[0] != 0
-            if ring and bell_w >= 0:
+            # The host sets the word while a posted call is in flight (HostEnd.want_bell).
+            if bell_w >= 0 and (memory is None or bell(memory, _BELL)[0]):
                 try:
                     write(bell_w, b"!")
                 except BlockingIOError:
-                    pass  # full: readable already, nobody drained it (no posted call)
+                    pass  # full: readable already
 
 
 def native_status() -> tuple[object | None, str]:

@@ -1,0 +1,216 @@
+"""Several calls in flight on one interpreter (the process backend).
+
+A blocking call holds its interpreter's lock only while its request is sent;
+it then waits for its own reply, so other threads' requests queue up in the
+interpreter meanwhile.  These tests check that this happens, that every
+caller still gets its own answer (whatever the payload sizes: in the ring and
+slots, or spilled to the pipes), and that the failure model holds with
+several calls in flight: a SIGKILL fails at once the calls the interpreter
+had taken and re-sends to the replacement those it never took (the call
+channel knows which; on the pipes a request written is a request taken), a
+timeout kills and restarts, and a caller interrupted by a signal leaves a
+reply that reaches nobody.
+
+They run on the C call channel and, in ``make test``, once more with
+``MULTIPY_NATIVE=0`` on the pipes, where a call holds its interpreter until
+its reply (one in flight at a time): there, the same faults must leave every
+caller with its own answer or a clear error too.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+import threading
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import multipy
+from _interrupting import Gate, interrupted_while_waiting, sigusr1_interrupts
+from _wait import wait_for
+from multipy.transport import channel as chan
+
+INTERPRETERS = 1
+
+
+@pytest.fixture(scope="module")
+def manager():
+    with multipy.InterpreterManager(1, backend="process", call_timeout=120) as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def run(manager):
+    """A ReplicatedObj of ``_faults.run`` (it survives every restart)."""
+    with manager.acquire_one() as s:
+        return s.create_movable(s.global_("_faults", "run"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def sigusr1_raises_keyboard_interrupt():
+    with sigusr1_interrupts():
+        yield
+
+
+def _worker(manager):
+    worker = manager._workers[0]
+    worker.ready()
+    return worker
+
+
+def _in_threads(calls):
+    """Run each ``call()`` in its own thread; returns ``(threads, results)``, where
+    ``results[i]`` is the value or the exception of ``calls[i]``."""
+    results: list = [None] * len(calls)
+
+    def body(i, call):
+        try:
+            results[i] = call()
+        except BaseException as exc:  # noqa: BLE001 - reported to the test
+            results[i] = exc
+
+    threads = [threading.Thread(target=body, args=(i, c)) for i, c in enumerate(calls)]
+    for t in threads:
+        t.start()
+    return threads, results
+
+
+def _join(threads):
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads), "a caller hangs"
+
+
+def _held_call(run, value):
+    """A call that runs in the interpreter until released: ``(gate, thread, results)``."""
+    gate = Gate()
+    threads, results = _in_threads([lambda: run("gate", gate.dir, value)])
+    with open(os.path.join(gate.dir, "started")) as f:  # the interpreter runs it now
+        f.read()
+    return gate, threads[0], results
+
+
+def _release(gate):
+    with open(os.path.join(gate.dir, "release"), "w") as f:
+        f.write("r")
+
+
+def assert_own_answers(run, n: int = 10) -> None:
+    for i in range(n):
+        x = torch.full((3,), float(i))
+        assert torch.equal(run("echo", x), x), f"call {i} did not get its own answer"
+
+
+def _queued(worker, n: int) -> None:
+    """Wait until ``n`` calls are in flight (on the channel; the pipes send one at a time)."""
+    if chan.NATIVE:
+        wait_for(lambda: len(worker._owed) == n, f"{n} calls in flight")
+
+
+def test_calls_from_other_threads_are_sent_while_one_runs(manager, run):
+    if not chan.NATIVE:
+        pytest.skip("on the pipes a call holds its interpreter until its reply")
+    worker = _worker(manager)
+    gate, held, held_result = _held_call(run, "held")
+    try:
+        # Each of these is sent while the held call still runs: none waits for the lock.
+        threads, results = _in_threads([lambda i=i: run("echo", i) for i in range(5)])
+        wait_for(lambda: len(worker._owed) == 6, "the 5 calls to be in flight beside the held one")
+    finally:
+        _release(gate)
+        gate.close()
+    _join(threads + [held])
+    assert held_result == ["held"]
+    assert results == list(range(5))
+    assert not worker._owed
+
+
+@settings(max_examples=6, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(sizes=st.lists(st.lists(st.sampled_from([0, 1, 200, 5_000, 70_000, 200_000]),
+                               min_size=1, max_size=4), min_size=2, max_size=8))
+def test_many_threads_with_random_payload_sizes_each_get_their_own_answer(manager, run, sizes):
+    # 70 kB replies do not fit a reply slot and 200 kB requests not the ring: both
+    # cross the pipes beside the channel, in reply order, among the small ones.
+    def caller(index, plan):
+        def call():
+            wrong = []
+            for n, size in enumerate(plan):
+                payload = bytes([index, n % 256]) * (size // 2)
+                if run("echo", payload) != payload:
+                    wrong.append((index, n, size))
+            return wrong
+        return call
+
+    threads, results = _in_threads([caller(i, plan) for i, plan in enumerate(sizes)])
+    _join(threads)
+    assert results == [[] for _ in sizes]
+    assert not _worker(manager)._owed
+
+
+def test_sigkill_with_several_calls_in_flight(manager, run):
+    worker = _worker(manager)
+    pid = worker.pid
+    gate, held, held_result = _held_call(run, "held")
+    try:
+        threads, results = _in_threads([lambda i=i: run("echo", i) for i in range(6)])
+        _queued(worker, 7)  # 6 calls queued behind the running one
+        os.kill(pid, signal.SIGKILL)
+        _join(threads + [held])
+    finally:
+        gate.close()
+    # The call the interpreter ran fails at once.
+    assert isinstance(held_result[0], multipy.InterpreterCrashedError), held_result
+    assert "SIGKILL(-9)" in str(held_result[0])
+    # The interpreter never took the queued ones (the channel knows it; on the pipes
+    # they were never sent): they went to its replacement.
+    assert results == list(range(6))
+    assert_own_answers(run)
+    assert run("echo", b"y" * 200_000) == b"y" * 200_000
+    assert worker.pid != pid
+
+
+def test_a_timeout_with_calls_queued_behind_it_restarts_and_they_are_answered_or_failed(manager, run):
+    worker = _worker(manager)
+    pid = worker.pid
+    marker = os.path.join(tempfile.mkdtemp(prefix="multipy-started-"), "started")
+    slow = run.with_timeout(2.0)
+    threads, results = _in_threads([lambda: slow("started_then_sleep", marker, 3600.0)])
+    wait_for(lambda: os.path.exists(marker), "the slow call to start")
+    others, answers = _in_threads([lambda i=i: run("echo", i) for i in range(3)])
+    _join(threads + others)
+    assert isinstance(results[0], multipy.CallTimeoutError), results
+    assert answers == list(range(3))  # never taken by the killed interpreter: re-sent
+    assert_own_answers(run)
+    assert worker.pid != pid
+
+
+def test_an_interrupted_caller_among_calls_in_flight_shifts_no_answer(manager, run):
+    worker = _worker(manager)
+    generation = worker.generation
+
+    # The main thread's gated call is interrupted while 4 other calls wait behind it.
+    def call(gate_dir):
+        threads, results = _in_threads([lambda i=i: _after_sent(worker, i, run)
+                                        for i in range(4)])
+        call.joined = threads, results
+        return run("gate", gate_dir, torch.zeros(2))
+
+    interrupted_while_waiting(call)
+    threads, results = call.joined
+    _join(threads)
+    for i, result in enumerate(results):
+        assert torch.equal(result, torch.full((2,), float(i))), results
+    assert worker.generation == generation  # the left reply was settled, not killed for
+    assert_own_answers(run)
+    assert not worker._owed
+
+
+def _after_sent(worker, i, run):
+    """``run("echo", ...)`` once another call is in flight (queued behind it)."""
+    wait_for(lambda: worker._owed or not chan.NATIVE, "the gated call to be sent")
+    return run("echo", torch.full((2,), float(i)))
