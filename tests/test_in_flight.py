@@ -214,3 +214,23 @@ def _after_sent(worker, i, run):
     """``run("echo", ...)`` once another call is in flight (queued behind it)."""
     wait_for(lambda: worker._owed or not chan.NATIVE, "the gated call to be sent")
     return run("echo", torch.full((2,), float(i)))
+
+
+def test_blocking_calls_after_a_posted_one_leave_the_bell_silent(manager, run):
+    # The bell pipe wakes the completion thread for posted calls; it must not keep
+    # ringing (and fill up) for the blocking calls made after one.
+    if not chan.NATIVE:
+        pytest.skip("the bell pipe belongs to the native call channel")
+    end = _worker(manager)._end
+
+    def rung() -> bool:
+        try:
+            return len(os.read(end.bell_r, 1 << 16)) > 0
+        except BlockingIOError:
+            return False
+
+    assert run.submit("echo", 1).result(timeout=60) == 1
+    rung()  # empties what the posted call rang
+    for i in range(50):
+        assert run("echo", i) == i
+    assert not rung()

@@ -179,6 +179,7 @@ class ProcessWorker(Worker):
         self._rx = threading.Lock()
         self._drained = threading.Condition(self._rx)
         self._callers: set[int] = set()  # calls whose blocking caller waits for the reply
+        self._draining = 0  # threads in _drain: told when the last caller leaves
         self._exit_lock = threading.Lock()
 
     pipelined = True  # several requests in flight at once (Worker._request_in_flight)
@@ -338,11 +339,15 @@ class ProcessWorker(Worker):
         """Wait up to ``timeout`` for the blocking calls in flight to end."""
         deadline = time.monotonic() + timeout
         with self._rx:
-            while self._callers:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._drained.wait(min(left, 0.01))
+            self._draining += 1
+            try:
+                while self._callers:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    self._drained.wait(min(left, 0.05))
+            finally:
+                self._draining -= 1
         return True
 
     def _finish(self, call: int, placed, op, timeout, starting: bool):
@@ -366,7 +371,7 @@ class ProcessWorker(Worker):
             raise
         finally:
             self._callers.discard(call)
-            if not self._callers:
+            if self._draining and not self._callers:
                 self._notify_drained()
 
     def _notify_drained(self) -> None:
