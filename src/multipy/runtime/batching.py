@@ -99,7 +99,11 @@ class BatchedObj:
                     self._waits.append(0.0)
             return manager._call_replicated(self._replicated, self.method, args, kwargs, None,
                                             index=index)
-        return self.submit(*args, **kwargs).result()
+        # Queued: a waiter cheaper than a Future (one lock, released once), and this
+        # thread, not the completion thread, takes its rows out of the batch's result.
+        waiter = _Waiter()
+        manager._dispatcher.submit(self._request(args, kwargs, waiter))
+        return waiter.result()
 
     def submit(self, *args: Any, **kwargs: Any) -> "concurrent.futures.Future":
         """Queue a call; the future holds this caller's rows of the result.
@@ -118,10 +122,11 @@ class BatchedObj:
         request = self._request(args, kwargs)
         return await self._replicated._manager._dispatcher.submit_async(request)
 
-    def _request(self, args: tuple, kwargs: dict) -> Request:
+    def _request(self, args: tuple, kwargs: dict, future=None) -> Request:
         signature = self._signature(args, kwargs)
         manager = self._replicated._manager
-        request = manager._replicated_request(self._replicated, self.method, args, kwargs, None)
+        request = manager._replicated_request(self._replicated, self.method, args, kwargs, None,
+                                              future=future)
         if signature is not None:
             key, rows = signature
             request.batch = (self, (request.args[4], key), rows)
@@ -186,20 +191,28 @@ class BatchedObj:
                       if isinstance(a, torch.Tensor) else a for name, a in kwargs.items()}
         return op, (rid, method, args, kwargs, grad)
 
-    def split(self, requests: list[Request], value, error) -> list | None:
-        """Each caller's rows of a batch's result; ``None`` when the batch must be
-        run again request by request (it raised, or its result has no rows)."""
-        rows = [r.batch[2] for r in requests]
-        parts = None
-        if error is None:
-            try:
-                parts = _split(value, rows, sum(rows))
-            except _Unsplittable:
-                parts = None
-        if parts is None:
-            with self._lock:
-                self._retried += len(requests)
-        return parts
+    def rows_of(self, requests: list[Request], value, error) -> list[int] | None:
+        """Where each caller's rows start in a batch's result (and where the last
+        ends); ``None`` when the batch must be run again request by request (it
+        raised, or its result has no rows)."""
+        offsets = [0]
+        for request in requests:
+            offsets.append(offsets[-1] + request.batch[2])
+        if error is None and _has_rows(value, offsets[-1]):
+            return offsets
+        with self._lock:
+            self._retried += len(requests)
+        return None
+
+    def deliver(self, requests: list[Request], value, offsets: list[int]) -> None:
+        """Give each caller its rows of ``value`` (views of it).  A blocking
+        caller's waiter takes its rows itself, in its own thread."""
+        for i, request in enumerate(requests):
+            future = request.future
+            if type(future) is _Waiter:
+                future.set_rows(value, offsets[i], offsets[i + 1])
+            else:
+                future.set_result(_rows(value, offsets[i], offsets[i + 1]))
 
     # -- internals -------------------------------------------------------------------
     def _signature(self, args: tuple, kwargs: dict):
@@ -210,13 +223,15 @@ class BatchedObj:
         tensor = torch.Tensor
         rows = None
         parts = []
-        for name, value in list(enumerate(args)) + sorted(kwargs.items()):
+        items = enumerate(args) if not kwargs else [*enumerate(args), *sorted(kwargs.items())]
+        for name, value in items:
             if isinstance(value, tensor):
-                if value.dim() == 0 or value.is_sparse or (rows is not None and value.shape[0] != rows):
+                shape = value.shape
+                if not shape or (rows is not None and shape[0] != rows) or value.is_sparse:
                     return None
-                rows = value.shape[0]
-                parts.append((name, _TENSOR, tuple(value.shape[1:]), value.dtype, value.device))
-            elif _holds_tensor(value, tensor):
+                rows = shape[0]
+                parts.append((name, _TENSOR, tuple(shape)[1:], value.dtype, value.device))
+            elif isinstance(value, (list, tuple, dict)) and _holds_tensor(value, tensor):
                 return None  # tensors nested in containers are not concatenated
             else:
                 parts.append((name, value))
@@ -256,23 +271,66 @@ def _holds_tensor(value, tensor) -> bool:
     return isinstance(value, tensor)
 
 
-class _Unsplittable(Exception):
-    pass
-
-
-def _split(value, rows: list[int], total: int) -> list:
+def _has_rows(value, total: int) -> bool:
+    """Whether every tensor of ``value`` (a tensor, or a tuple, list or dict of
+    them) has ``total`` rows, so that it splits by rows."""
     torch = sys.modules["torch"]
     if isinstance(value, torch.Tensor):
-        if value.dim() == 0 or value.shape[0] != total:
-            raise _Unsplittable
-        return list(torch.split(value, rows))
+        return value.dim() > 0 and value.shape[0] == total
     if isinstance(value, (tuple, list)):
-        columns = [_split(v, rows, total) for v in value]
-        build = type(value)._make if hasattr(type(value), "_make") else type(value)
-        if not columns:
-            return [value for _ in rows]
-        return [build(parts) for parts in zip(*columns)]
+        return all(_has_rows(v, total) for v in value)
     if isinstance(value, dict):
-        columns = {k: _split(v, rows, total) for k, v in value.items()}
-        return [type(value)((k, columns[k][i]) for k in value) for i in range(len(rows))]
-    raise _Unsplittable
+        return all(_has_rows(v, total) for v in value.values())
+    return False
+
+
+def _rows(value, start: int, stop: int):
+    """Rows ``start:stop`` of a result that :func:`_has_rows`."""
+    if isinstance(value, (tuple, list)):
+        parts = [_rows(v, start, stop) for v in value]
+        kind = type(value)
+        return kind._make(parts) if hasattr(kind, "_make") else kind(parts)
+    if isinstance(value, dict):
+        return type(value)((k, _rows(v, start, stop)) for k, v in value.items())
+    return value[start:stop]
+
+
+class _Waiter:
+    """A blocking caller's slot for its result: a lock the caller waits on and
+    the completion thread releases once (a ``concurrent.futures.Future`` takes
+    a condition and a second lock hand-off to do the same)."""
+
+    __slots__ = ("_lock", "_value", "_error", "_rows")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+        self._value = self._error = self._rows = None
+
+    def set_running_or_notify_cancel(self) -> bool:
+        return True  # a blocking call cannot be cancelled
+
+    def set_result(self, value) -> None:
+        self._value = value
+        self._lock.release()
+
+    def set_exception(self, error: BaseException) -> None:
+        self._error = error
+        self._lock.release()
+
+    def set_rows(self, value, start: int, stop: int) -> None:
+        self._value, self._rows = value, (start, stop)
+        self._lock.release()
+
+    def result(self):
+        """Wait for the call to end; its value, or its exception raised."""
+        self._lock.acquire()
+        error = self._error
+        if error is not None:
+            try:
+                raise error
+            finally:
+                error = self = None  # no reference cycle through the traceback
+        if self._rows is not None:
+            return _rows(self._value, *self._rows)
+        return self._value

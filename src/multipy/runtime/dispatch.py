@@ -48,12 +48,18 @@ if TYPE_CHECKING:
     from .batching import Batcher
 
 
+_NEVER = float("inf")
+
+
 class Request:
     """One call waiting to be posted.
 
     ``batch`` is ``(batcher, key, rows)`` for a request that may join a batch;
     ``index`` pins it to one interpreter; ``convert`` turns the reply's value
-    into what the future holds (on the completion thread).
+    into what the future holds (on the completion thread).  ``future`` is a
+    :class:`concurrent.futures.Future` unless the caller brings its own object
+    with the same ``set_running_or_notify_cancel`` / ``set_result`` /
+    ``set_exception`` (a blocking caller's cheaper waiter, an ``acall``'s).
     """
 
     __slots__ = ("future", "op", "args", "timeout", "handles", "materializes", "recipe",
@@ -62,8 +68,9 @@ class Request:
     def __init__(self, op: Op, args: tuple, *, timeout: float | None = None, handles=None,
                  materializes: int | None = None, recipe: tuple | None = None,
                  index: int | None = None, resend: bool = True,
-                 convert: Callable[[Any], Any] | None = None, batch: tuple | None = None) -> None:
-        self.future: concurrent.futures.Future = concurrent.futures.Future()
+                 convert: Callable[[Any], Any] | None = None, batch: tuple | None = None,
+                 future=None) -> None:
+        self.future = concurrent.futures.Future() if future is None else future
         self.op = op
         self.args = args
         self.timeout = timeout
@@ -106,7 +113,8 @@ class Dispatcher:
         self._pump_lock = threading.Lock()
         self._again = False
         self._timer = None         # (deadline, handle) of the batching deadline armed
-        self._next_due = float("inf")  # earliest batching deadline in the queue (perf_counter)
+        self._next_due = _NEVER    # earliest batching deadline in the queue (perf_counter)
+        self._overdue = False      # a request is past its deadline; no interpreter was free to commit to
         self._closed = False
         balancer.on_release = self.pump
         for worker in workers:
@@ -207,12 +215,20 @@ class Dispatcher:
                 self._balancer.release(index, notify=False)
                 break
             self._post(index, worker, group)
-        batchable = False
+        if not pending:
+            self._next_due = _NEVER
+            return
+        due = self._next_due
         for request in arrived:
             request.fresh = False  # still here: it waited for an interpreter
-            batchable = batchable or request.batch is not None
-        if pending and (batchable or time.perf_counter() >= self._next_due):
+            batch = request.batch
+            if batch is not None and request.queued_at + batch[0].max_delay < due:
+                due = request.queued_at + batch[0].max_delay
+        self._next_due = due
+        if time.perf_counter() >= due:
             self._check_deadlines(pending)
+        elif due != _NEVER and (self._timer is None or self._timer[0] > due):
+            self._arm_timer(due)
 
     def _dispatch_pinned(self) -> None:
         for index, queue in enumerate(self._pinned):
@@ -229,6 +245,9 @@ class Dispatcher:
                         continue
                 elif first.batch is not None:  # a committed batch: still open to later requests
                     first.batch[0].top_up(group.requests, self._pending)
+                    if self._overdue:  # room for another committed batch now
+                        self._overdue = False
+                        self._next_due = 0.0
                 self._post(index, worker, group)
                 break  # the interpreter is busy now
 
@@ -247,39 +266,57 @@ class Dispatcher:
     def _check_deadlines(self, pending: collections.deque) -> None:
         """While every interpreter is busy, a batchable request waits at most its
         batcher's ``max_delay``; then its batch is committed to the least loaded
-        interpreter (sent the moment that one's current call ends)."""
+        interpreter (sent the moment that one's current call ends).
+
+        Runs only once the earliest deadline (``_next_due``) has passed: one pass
+        over the queue, which also finds the next earliest deadline.  When every
+        interpreter has a committed batch already, the requests past their
+        deadline wait for the next committed batch to go out (``_overdue``)."""
         now = time.perf_counter()
-        due = None
+        due = _NEVER
+        taken: set[int] = set()  # ids of requests that joined a committed batch
+        # One committed batch per interpreter at most: a second one would only
+        # split the requests arriving meanwhile into smaller batches.
+        free_slot = lambda i: self._usable(i) and not self._pinned[i]  # noqa: E731
+        room = any(not queue for queue in self._pinned)
         for request in list(pending):
-            if request.batch is None or request not in pending:
+            batch = request.batch
+            if batch is None or id(request) in taken:
                 continue
-            batcher = request.batch[0]
-            deadline = request.queued_at + batcher.max_delay
+            deadline = request.queued_at + batch[0].max_delay
             if deadline > now:
-                due = deadline if due is None else min(due, deadline)
+                due = min(due, deadline)
                 continue
-            # One committed batch per interpreter at most: a second one would only
-            # split the requests arriving meanwhile into smaller batches.
-            free_slot = lambda i: self._usable(i) and not self._pinned[i]  # noqa: E731
-            index = self._balancer.acquire(free_slot)
-            if self._pinned[index]:
-                self._balancer.release(index, notify=False)
+            index = self._balancer.acquire(free_slot) if room else None
+            if index is None or self._pinned[index]:  # every interpreter has one already
+                if index is not None:
+                    self._balancer.release(index, notify=False)
+                self._overdue = True
+                due = _NEVER  # checked again once a committed batch went out
                 break
             pending.remove(request)
             if not request.future.set_running_or_notify_cancel():
                 self._balancer.release(index, notify=False)
-                continue
-            self._pinned[index].append(_Group(batcher.gather(request, pending), balanced=True))
+                continue  # cancelled while queued: never sent
+            group = batch[0].gather(request, pending)
+            taken.update(id(r) for r in group)
+            self._pinned[index].append(_Group(group, balanced=True))
             self._n_pinned += 1
+            room = any(not queue for queue in self._pinned)
         if self._n_pinned:
             self._again = True
-        self._next_due = due if due is not None else float("inf")
-        if due is not None and (self._timer is None or self._timer[0] > due):
-            if self._timer is not None:
-                self._completions.cancel(self._timer[1])
-            wait = due - now
-            handle = self._completions.call_at(time.monotonic() + wait, self._on_deadline)
-            self._timer = (due, handle)
+        self._next_due = due
+        if due != _NEVER and (self._timer is None or self._timer[0] > due):
+            self._arm_timer(due)
+
+    def _arm_timer(self, due: float) -> None:
+        """Have the completion thread pump at ``due`` (``perf_counter``), the
+        earliest batching deadline; replaces a later timer."""
+        if self._timer is not None:
+            self._completions.cancel(self._timer[1])
+        wait = max(0.0, due - time.perf_counter())
+        handle = self._completions.call_at(time.monotonic() + wait, self._on_deadline)
+        self._timer = (due, handle)
 
     def _on_deadline(self) -> None:
         self._timer = None
@@ -326,10 +363,10 @@ class Dispatcher:
     def _done(self, index: int, group: _Group, value, error) -> None:
         """On the completion thread, after the worker freed the interpreter."""
         requests = group.requests
-        outcome = None
+        rows = None
         if len(requests) > 1:
-            outcome = requests[0].batch[0].split(requests, value, error)
-            if outcome is None:  # the batch failed or its result cannot be split by rows
+            rows = requests[0].batch[0].rows_of(requests, value, error)
+            if rows is None:  # the batch failed or its result cannot be split by rows
                 self._requeue(group)  # retried request by request
         if group.balanced:
             self._balancer.release(index)  # pumps: the next request goes out first
@@ -337,9 +374,8 @@ class Dispatcher:
             self.pump()
         if len(requests) == 1:
             self._finish(group, value, error)
-        elif outcome is not None:
-            for request, part in zip(requests, outcome):
-                _resolve(request, part, None)
+        elif rows is not None:
+            requests[0].batch[0].deliver(requests, value, rows)
 
     def _requeue(self, group: _Group) -> None:
         """Put ``group``'s requests back at the head of the queue (already running)."""

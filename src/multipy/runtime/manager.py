@@ -241,13 +241,14 @@ class InterpreterManager:
             self._balancer.release(index)
 
     def _replicated_request(self, replicated: ReplicatedObj, method: str | None, args: tuple,
-                            kwargs: dict, timeout: float | None) -> Request:
+                            kwargs: dict, timeout: float | None, future=None) -> Request:
         """A posted call of ``replicated`` (see :mod:`.dispatch`), made in the caller's
-        thread so that it runs under the caller's autograd mode."""
+        thread so that it runs under the caller's autograd mode; ``future`` as for
+        :class:`~.dispatch.Request`."""
         self._check_open()
         return Request(Op.CALL_REPLICATED, (replicated._id, method, args, kwargs, caller_grad_mode()),
                        timeout=effective(timeout, self._call_timeout),
-                       materializes=replicated._id, recipe=replicated._recipe)
+                       materializes=replicated._id, recipe=replicated._recipe, future=future)
 
     def _call_replicated(self, replicated: ReplicatedObj, method: str | None, args: tuple,
                          kwargs: dict, timeout: float | None, index: int | None = None) -> Any:
