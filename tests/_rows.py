@@ -1,6 +1,7 @@
 """A row-independent model for the futures and batching tests, importable by the
 same name in the host and in every interpreter (the tests directory is on both
-paths), so ``create_movable`` works on every backend."""
+paths), so ``create_movable`` works on every backend; and the host-side helpers
+that hold interpreters busy with gated calls of it."""
 
 from __future__ import annotations
 
@@ -42,7 +43,40 @@ def logged(log) -> list[list[str]]:
         return [line.split() for line in f.read().splitlines()]
 
 
+def movable_rows(manager):
+    """``rows`` as a ReplicatedObj of ``manager``: ``x * 2 + 1``, gates, logs, crashes."""
+    with manager.acquire_one() as s:
+        return s.create_movable(s.global_("_rows", "rows"))
+
+
 def open_gate(path: str) -> None:
     """In the host: open the gate ``rows(gate=path)`` waits for."""
     with open(path, "w"):
         pass
+
+
+def hold_every_interpreter(model, manager, gate_path: str, log: str, tag: str = "hold") -> list:
+    """Futures of one gated call per interpreter, once each is running there."""
+    import torch
+
+    from _wait import wait_for
+
+    held = [model.submit(torch.zeros(1), gate=gate_path, log=log, tag=f"{tag}{i}")
+            for i in range(len(manager))]
+    wait_for(lambda: len(logged(log)) == len(held), "the gated calls to start")
+    assert all(f.running() for f in held)
+    return held
+
+
+def mix(x):
+    """``x @ w + b`` with fixed weights (the same in every interpreter): rows are
+    independent, but a batch's matrix product may round differently from one
+    row's.  Integer inputs get integer weights (exact arithmetic)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(x.shape[-1], 8, generator=g, dtype=torch.float64)
+    b = torch.randn(8, generator=g, dtype=torch.float64)
+    if x.is_floating_point():
+        return x @ w.to(x.dtype) + b.to(x.dtype)
+    return x @ (w * 100).to(x.dtype) + (b * 100).to(x.dtype)

@@ -87,3 +87,12 @@ def assert_usable():
             assert torch.equal(out, torch.ones(2, 2))
 
     return check
+
+
+@pytest.fixture(scope="module")
+def rows_model(manager):
+    """``_rows.rows`` as a ReplicatedObj of the module's manager (``x * 2 + 1``;
+    gates, logs and crashes on request: see tests/_rows.py)."""
+    from _rows import movable_rows
+
+    return movable_rows(manager)

@@ -17,7 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from _rows import logged, open_gate
+from _rows import hold_every_interpreter, logged, open_gate
 from _wait import wait_for
 
 INTERPRETERS = 2
@@ -25,22 +25,9 @@ NEVER = 600_000.0  # max_delay_ms for tests that form batches only when an inter
 
 
 @pytest.fixture(scope="module")
-def model(manager):
-    with manager.acquire_one() as s:
-        return s.create_movable(s.global_("_rows", "rows"))
-
-
-@pytest.fixture(scope="module")
 def pool():
     with concurrent.futures.ThreadPoolExecutor(32) as executor:
         yield executor
-
-
-def hold_every_interpreter(model, manager, gate_path, log):
-    held = [model.submit(torch.zeros(1), gate=gate_path, log=log, tag=f"hold{i}")
-            for i in range(len(manager))]
-    wait_for(lambda: len(logged(log)) == len(held), "the gated calls to start")
-    return held
 
 
 def batch_rows_seen(log) -> list[int]:
@@ -54,8 +41,8 @@ def batch_rows_seen(log) -> list[int]:
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(shapes=st.lists(st.tuples(st.integers(1, 3), st.sampled_from([(4,), (2, 3), (5,)])),
                        min_size=32, max_size=32))
-def test_32_threads_each_get_their_own_rows(model, pool, shapes):
-    batched = model.batched(max_batch_size=16)
+def test_32_threads_each_get_their_own_rows(rows_model, pool, shapes):
+    batched = rows_model.batched(max_batch_size=16)
     inputs = [torch.randn(rows, *rest).abs() + i for i, (rows, rest) in enumerate(shapes)]
     outs = list(pool.map(lambda x: batched(x), inputs))
     for x, out in zip(inputs, outs):
@@ -65,10 +52,37 @@ def test_32_threads_each_get_their_own_rows(model, pool, shapes):
     assert max(stats.batch_sizes) <= 16
 
 
-def test_tuple_and_dict_results_are_split_by_rows(model, manager, gate):
+def test_blocking_callers_queued_behind_busy_interpreters_get_their_own_rows(
+        rows_model, manager, gate, pool):
     gate_path, log = gate
-    batched = model.batched(max_delay_ms=NEVER)
-    held = hold_every_interpreter(model, manager, gate_path, log)
+    batched = rows_model.batched(max_delay_ms=NEVER)
+    dispatcher = manager._dispatcher
+    held = hold_every_interpreter(rows_model, manager, gate_path, log)
+    # ten requests of 1 or 2 rows of 3 (one batch), three of 1 row of 4 (another
+    # batch, which fails: one of them is bad, and fails alone)
+    xs = [torch.full((i % 2 + 1, 3), float(i)) for i in range(10)]
+    xs += [torch.full((1, 4), 1.0), torch.full((1, 4), -1.0), torch.full((1, 4), 2.0)]
+    outs = [pool.submit(batched, x) for x in xs]
+    # every caller is blocked in the dispatcher's queue (no interpreter is free)
+    wait_for(lambda: len(dispatcher._incoming) + len(dispatcher._pending) == len(xs),
+             "the blocking callers to queue")
+    open_gate(gate_path)
+    for x, out in zip(xs, outs):
+        if x.min() < 0:
+            with pytest.raises(ValueError, match="negative input"):
+                out.result(timeout=60)
+        else:
+            assert torch.equal(out.result(timeout=60), x * 2 + 1)
+    for f in held:
+        f.result(timeout=60)
+    stats = batched.statistics()
+    assert stats.batch_sizes == {10: 1, 3: 1} and stats.queued == 13 and stats.retried_alone == 3
+
+
+def test_tuple_and_dict_results_are_split_by_rows(rows_model, manager, gate):
+    gate_path, log = gate
+    batched = rows_model.batched(max_delay_ms=NEVER)
+    held = hold_every_interpreter(rows_model, manager, gate_path, log)
     xs = [torch.full((i % 3 + 1, 4), float(i)) for i in range(6)]
     tuples = [batched.submit(x, x, shape="tuple") for x in xs]
     dicts = [batched.submit(x, shape="dict") for x in xs]
@@ -84,8 +98,8 @@ def test_tuple_and_dict_results_are_split_by_rows(model, manager, gate):
     assert batched.statistics().batch_sizes == {6: 2}
 
 
-def test_acall_batches_concurrent_tasks_of_one_event_loop(model):
-    batched = model.batched()
+def test_acall_batches_concurrent_tasks_of_one_event_loop(rows_model):
+    batched = rows_model.batched()
 
     async def main():
         xs = [torch.full((1, 8), float(i)) for i in range(64)]
@@ -96,13 +110,44 @@ def test_acall_batches_concurrent_tasks_of_one_event_loop(model):
     assert batched.statistics().requests == 64
 
 
+@pytest.fixture(scope="module")
+def mix_model(manager):
+    with manager.acquire_one() as s:
+        return s.create_movable(s.global_("_rows", "mix"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int64])
+def test_batched_matrix_products_equal_unbatched_ones_within_float_rounding(
+        rows_model, mix_model, manager, gate, dtype):
+    """A batch's matrix product may round differently from one row's: float answers
+    agree with unbatched ones to float rounding, integer answers exactly."""
+    gate_path, log = gate
+    gen = torch.Generator().manual_seed(1)
+    xs = [(torch.randn(1, 16, generator=gen) * 100).to(dtype) for _ in range(24)]
+    alone = [mix_model(x) for x in xs]
+    batched = mix_model.batched(max_delay_ms=NEVER)
+    held = hold_every_interpreter(rows_model, manager, gate_path, log)
+    futures = [batched.submit(x) for x in xs]
+    open_gate(gate_path)
+    outs = [f.result(timeout=60) for f in futures]
+    for f in held:
+        f.result(timeout=60)
+    assert batched.statistics().batch_sizes == {24: 1}
+    for out, expected in zip(outs, alone):
+        assert out.dtype == expected.dtype and out.shape == expected.shape
+        if dtype.is_floating_point:
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(out, expected)
+
+
 # -- grouping ---------------------------------------------------------------------------
 
 
-def test_requests_group_by_shape_and_by_equal_other_arguments(model, manager, gate):
+def test_requests_group_by_shape_and_by_equal_other_arguments(rows_model, manager, gate):
     gate_path, log = gate
-    batched = model.batched(max_batch_size=32, max_delay_ms=NEVER)
-    held = hold_every_interpreter(model, manager, gate_path, log)
+    batched = rows_model.batched(max_batch_size=32, max_delay_ms=NEVER)
+    held = hold_every_interpreter(rows_model, manager, gate_path, log)
     calls = ([(torch.full((1, 4), float(i)), {}) for i in range(5)]
              + [(torch.full((2, 8), float(i)), {}) for i in range(3)]
              + [(torch.full((1, 4), float(i)), {"scale": 3.0}) for i in range(2)]
@@ -118,10 +163,10 @@ def test_requests_group_by_shape_and_by_equal_other_arguments(model, manager, ga
     assert batched.statistics().batch_sizes == {2: 2, 3: 1, 5: 1}
 
 
-def test_a_batch_holds_at_most_max_batch_size_rows(model, manager, gate):
+def test_a_batch_holds_at_most_max_batch_size_rows(rows_model, manager, gate):
     gate_path, log = gate
-    batched = model.batched(max_batch_size=4, max_delay_ms=NEVER)
-    held = hold_every_interpreter(model, manager, gate_path, log)
+    batched = rows_model.batched(max_batch_size=4, max_delay_ms=NEVER)
+    held = hold_every_interpreter(rows_model, manager, gate_path, log)
     xs = [torch.full((rows, 2), float(i)) for i, rows in enumerate([1, 2, 1, 3, 1, 1])]
     futures = [batched.submit(x, log=log, tag="b") for x in xs]
     open_gate(gate_path)
@@ -133,8 +178,8 @@ def test_a_batch_holds_at_most_max_batch_size_rows(model, manager, gate):
     assert sum(batch_rows_seen(log)) == 9
 
 
-def test_calls_that_cannot_be_concatenated_run_alone(model):
-    batched = model.batched()
+def test_calls_that_cannot_be_concatenated_run_alone(rows_model):
+    batched = rows_model.batched()
     x = torch.ones(3, 2)
     assert torch.equal(batched(x, torch.ones(2, 2)), x * 2 + 1)  # its tensors' rows differ
     assert torch.equal(batched(x, [torch.ones(1)]), x * 2 + 1)  # a tensor inside a list
@@ -145,10 +190,10 @@ def test_calls_that_cannot_be_concatenated_run_alone(model):
 # -- failures -------------------------------------------------------------------------------
 
 
-def test_one_bad_request_fails_alone_with_the_models_own_exception(model, manager, gate):
+def test_one_bad_request_fails_alone_with_the_models_own_exception(rows_model, manager, gate):
     gate_path, log = gate
-    batched = model.batched(max_delay_ms=NEVER)
-    held = hold_every_interpreter(model, manager, gate_path, log)
+    batched = rows_model.batched(max_delay_ms=NEVER)
+    held = hold_every_interpreter(rows_model, manager, gate_path, log)
     xs = [torch.full((1, 3), float(i)) for i in range(6)]
     xs[3] = torch.tensor([[1.0, -1.0, 1.0]])
     futures = [batched.submit(x) for x in xs]
@@ -165,10 +210,10 @@ def test_one_bad_request_fails_alone_with_the_models_own_exception(model, manage
     assert stats.batch_sizes == {6: 1} and stats.retried_alone == 6
 
 
-def test_a_cancelled_queued_request_leaves_its_batch(model, manager, gate):
+def test_a_cancelled_queued_request_leaves_its_batch(rows_model, manager, gate):
     gate_path, log = gate
-    batched = model.batched(max_delay_ms=NEVER)
-    held = hold_every_interpreter(model, manager, gate_path, log)
+    batched = rows_model.batched(max_delay_ms=NEVER)
+    held = hold_every_interpreter(rows_model, manager, gate_path, log)
     futures = [batched.submit(torch.full((1, 2), float(i))) for i in range(4)]
     assert futures[1].cancel()
     open_gate(gate_path)
@@ -182,8 +227,8 @@ def test_a_cancelled_queued_request_leaves_its_batch(model, manager, gate):
 # -- no timer while idle ---------------------------------------------------------------------
 
 
-def test_a_lone_caller_is_sent_at_once_every_time(model):
-    batched = model.batched(max_delay_ms=NEVER)  # a timer would hold each call forever
+def test_a_lone_caller_is_sent_at_once_every_time(rows_model):
+    batched = rows_model.batched(max_delay_ms=NEVER)  # a timer would hold each call forever
     for i in range(10):
         assert torch.equal(batched(torch.full((1, 4), float(i))), torch.full((1, 4), 2.0 * i + 1))
     for i in range(10, 20):
@@ -194,10 +239,10 @@ def test_a_lone_caller_is_sent_at_once_every_time(model):
     assert stats.batch_sizes == {1: 20}
 
 
-def test_a_request_queued_past_max_delay_is_committed_to_a_busy_interpreter(model, manager, gate):
+def test_a_request_queued_past_max_delay_is_committed_to_a_busy_interpreter(rows_model, manager, gate):
     gate_path, log = gate
-    batched = model.batched(max_delay_ms=0.0)
-    held = hold_every_interpreter(model, manager, gate_path, log)
+    batched = rows_model.batched(max_delay_ms=0.0)
+    held = hold_every_interpreter(rows_model, manager, gate_path, log)
     first = batched.submit(torch.ones(1, 2), log=log, tag="b")
     second = batched.submit(torch.ones(1, 2), log=log, tag="b")
     open_gate(gate_path)
@@ -210,8 +255,24 @@ def test_a_request_queued_past_max_delay_is_committed_to_a_busy_interpreter(mode
     assert batched.statistics().queued == 2
 
 
-def test_batched_validates_its_options(model):
+def test_a_request_past_max_delay_when_every_interpreter_has_a_committed_batch_joins_one(
+        rows_model, manager, gate):
+    gate_path, log = gate
+    batched = rows_model.batched(max_delay_ms=0.0)
+    held = hold_every_interpreter(rows_model, manager, gate_path, log)
+    futures = [batched.submit(torch.full((1, 2), float(i)), log=log, tag="b") for i in range(3)]
+    open_gate(gate_path)
+    for i, f in enumerate(futures):
+        assert torch.equal(f.result(timeout=60), torch.full((1, 2), 2.0 * i + 1))
+    for f in held:
+        f.result(timeout=60)
+    # one committed batch per interpreter; the third request joins the first to go out
+    assert batch_rows_seen(log) == [1, 2]
+    assert batched.statistics().queued == 3
+
+
+def test_batched_validates_its_options(rows_model):
     with pytest.raises(ValueError, match="max_batch_size"):
-        model.batched(max_batch_size=0)
+        rows_model.batched(max_batch_size=0)
     with pytest.raises(ValueError, match="max_delay_ms"):
-        model.batched(max_delay_ms=-1)
+        rows_model.batched(max_delay_ms=-1)

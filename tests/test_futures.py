@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import multipy
-from _rows import logged, open_gate
+from _rows import hold_every_interpreter, logged, movable_rows, open_gate
 from _wait import wait_for
 from multipy.backends.base import Worker
 from multipy.errors import RemoteTraceback
@@ -25,50 +25,34 @@ from multipy.errors import RemoteTraceback
 INTERPRETERS = 2
 
 
-@pytest.fixture(scope="module")
-def model(manager):
-    """``_rows.rows`` as a ReplicatedObj: ``x * 2 + 1``, gates, logs, crashes."""
-    with manager.acquire_one() as s:
-        return s.create_movable(s.global_("_rows", "rows"))
-
-
 def completion_threads() -> list[str]:
     return [t.name for t in threading.enumerate() if t.name.startswith("multipy-completion")]
-
-
-def busy_everywhere(model, manager, gate_path, log, tag="hold"):
-    """Futures of one gated call per interpreter, once each is running there."""
-    held = [model.submit(torch.zeros(1), gate=gate_path, log=log, tag=f"{tag}{i}")
-            for i in range(len(manager))]
-    wait_for(lambda: len(logged(log)) == len(held), "the gated calls to start")
-    assert all(f.running() for f in held)
-    return held
 
 
 # -- futures ---------------------------------------------------------------------------
 
 
-def test_submit_returns_futures_with_each_callers_answer(model):
+def test_submit_returns_futures_with_each_callers_answer(rows_model):
     xs = [torch.full((i + 1, 3), float(i)) for i in range(40)]
-    futures = [model.submit(x) for x in xs]
+    futures = [rows_model.submit(x) for x in xs]
     assert all(isinstance(f, concurrent.futures.Future) for f in futures)
     for x, f in zip(xs, futures):
         assert torch.equal(f.result(timeout=60), x * 2 + 1)
 
 
-def test_submit_from_many_threads_mixed_with_blocking_calls(model):
+def test_submit_from_many_threads_mixed_with_blocking_calls(rows_model):
     def one(i):
         x = torch.full((2,), float(i))
         if i % 2:
-            return torch.equal(model(x), x * 2 + 1)
-        return torch.equal(model.submit(x).result(timeout=60), x * 2 + 1)
+            return torch.equal(rows_model(x), x * 2 + 1)
+        return torch.equal(rows_model.submit(x).result(timeout=60), x * 2 + 1)
 
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         assert all(pool.map(one, range(200)))
 
 
-def test_submit_error_keeps_its_type_and_the_remote_traceback(model):
-    future = model.submit(torch.tensor([-1.0]))
+def test_submit_error_keeps_its_type_and_the_remote_traceback(rows_model):
+    future = rows_model.submit(torch.tensor([-1.0]))
     with pytest.raises(ValueError, match="negative input") as info:
         future.result(timeout=60)
     assert isinstance(info.value.__cause__, RemoteTraceback)
@@ -89,21 +73,21 @@ def test_obj_submit_and_acall_return_objs_of_the_session(manager):
         assert [o.deref() for o in asyncio.run(main())] == [float(i) for i in range(10)]
 
 
-def test_an_argument_that_cannot_cross_fails_only_its_future(model, assert_usable, manager):
-    future = model.submit(torch.zeros(1), tag=threading.Lock())
+def test_an_argument_that_cannot_cross_fails_only_its_future(rows_model, assert_usable, manager):
+    future = rows_model.submit(torch.zeros(1), tag=threading.Lock())
     with pytest.raises(multipy.TransportError):
         future.result(timeout=60)
-    assert torch.equal(model.submit(torch.zeros(1)).result(timeout=60), torch.ones(1))
+    assert torch.equal(rows_model.submit(torch.zeros(1)).result(timeout=60), torch.ones(1))
     assert_usable(manager)
 
 
-def test_cancelling_a_queued_future_means_it_is_never_sent(model, manager, gate):
+def test_cancelling_a_queued_future_means_it_is_never_sent(rows_model, manager, gate):
     gate_path, log = gate
-    held = busy_everywhere(model, manager, gate_path, log)
-    queued = model.submit(torch.zeros(1), log=log, tag="cancelled")
+    held = hold_every_interpreter(rows_model, manager, gate_path, log)
+    queued = rows_model.submit(torch.zeros(1), log=log, tag="cancelled")
     assert not queued.running()
     assert queued.cancel()
-    kept = model.submit(torch.zeros(1), log=log, tag="kept")
+    kept = rows_model.submit(torch.zeros(1), log=log, tag="kept")
     open_gate(gate_path)
     assert torch.equal(kept.result(timeout=60), torch.ones(1))
     for f in held:
@@ -112,26 +96,26 @@ def test_cancelling_a_queued_future_means_it_is_never_sent(model, manager, gate)
 
 
 def test_a_future_already_sent_cannot_be_cancelled_and_later_calls_get_their_own_answer(
-        model, gate):
+        rows_model, gate):
     gate_path, log = gate
-    running = model.submit(torch.full((1,), 5.0), gate=gate_path, log=log, tag="running")
+    running = rows_model.submit(torch.full((1,), 5.0), gate=gate_path, log=log, tag="running")
     wait_for(lambda: logged(log), "the call to start")
     assert running.running() and not running.cancel()
     open_gate(gate_path)
     assert torch.equal(running.result(timeout=60), torch.full((1,), 11.0))
     for i in range(10):
-        assert torch.equal(model(torch.full((1,), float(i))), torch.full((1,), 2.0 * i + 1))
+        assert torch.equal(rows_model(torch.full((1,), float(i))), torch.full((1,), 2.0 * i + 1))
 
 
 # -- asyncio ----------------------------------------------------------------------------
 
 
-def test_one_event_loop_runs_many_concurrent_acalls_with_one_completion_thread(model, manager):
+def test_one_event_loop_runs_many_concurrent_acalls_with_one_completion_thread(rows_model, manager):
     before = len(threading.enumerate())
 
     async def main():
         xs = [torch.full((1, 4), float(i)) for i in range(64)]
-        outs = await asyncio.gather(*(model.acall(x) for x in xs))
+        outs = await asyncio.gather(*(rows_model.acall(x) for x in xs))
         return xs, outs, len(threading.enumerate())
 
     xs, outs, during = asyncio.run(main())
@@ -140,9 +124,9 @@ def test_one_event_loop_runs_many_concurrent_acalls_with_one_completion_thread(m
     assert len([n for n in completion_threads()]) >= 1
 
 
-def test_acall_error_keeps_its_type_and_the_remote_traceback(model):
+def test_acall_error_keeps_its_type_and_the_remote_traceback(rows_model):
     async def main():
-        return await model.acall(torch.tensor([1.0, -2.0]))
+        return await rows_model.acall(torch.tensor([1.0, -2.0]))
 
     with pytest.raises(ValueError, match="negative input") as info:
         asyncio.run(main())
@@ -150,31 +134,31 @@ def test_acall_error_keeps_its_type_and_the_remote_traceback(model):
 
 
 def test_wait_for_timeout_cancels_the_wait_and_leaves_the_pool_usable(
-        model, manager, gate, assert_usable):
+        rows_model, manager, gate, assert_usable):
     gate_path, log = gate
 
     async def main():
         with pytest.raises(TimeoutError):
-            await asyncio.wait_for(model.acall(torch.zeros(1), gate=gate_path, log=log, tag="slow"), 0.2)
+            await asyncio.wait_for(rows_model.acall(torch.zeros(1), gate=gate_path, log=log, tag="slow"), 0.2)
         open_gate(gate_path)
         xs = [torch.full((2,), float(i)) for i in range(20)]
-        outs = await asyncio.gather(*(model.acall(x) for x in xs))
+        outs = await asyncio.gather(*(rows_model.acall(x) for x in xs))
         return all(torch.equal(o, x * 2 + 1) for x, o in zip(xs, outs))
 
     assert asyncio.run(main())
     assert_usable(manager)
 
 
-def test_asyncio_timeout_before_dispatch_means_the_call_is_never_sent(model, manager, gate):
+def test_asyncio_timeout_before_dispatch_means_the_call_is_never_sent(rows_model, manager, gate):
     gate_path, log = gate
-    held = busy_everywhere(model, manager, gate_path, log)
+    held = hold_every_interpreter(rows_model, manager, gate_path, log)
 
     async def main():
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.05):
-                await model.acall(torch.zeros(1), log=log, tag="never")
+                await rows_model.acall(torch.zeros(1), log=log, tag="never")
         open_gate(gate_path)
-        return await model.acall(torch.ones(1), log=log, tag="after")
+        return await rows_model.acall(torch.ones(1), log=log, tag="after")
 
     assert torch.equal(asyncio.run(main()), torch.full((1,), 3.0))
     for f in held:
@@ -187,11 +171,10 @@ def test_closing_the_manager_fails_queued_futures_and_stops_the_completion_threa
     before = completion_threads()
     manager = multipy.InterpreterManager(1, backend=backend)
     try:
-        with manager.acquire_one() as s:
-            model = s.create_movable(s.global_("_rows", "rows"))
-        running = model.submit(torch.zeros(1), gate=gate_path)
+        rows_model = movable_rows(manager)
+        running = rows_model.submit(torch.zeros(1), gate=gate_path)
         wait_for(running.running, "the call to start")
-        queued = model.submit(torch.zeros(1))
+        queued = rows_model.submit(torch.zeros(1))
         assert len(completion_threads()) == len(before) + 1
         open_gate(gate_path)
     finally:
@@ -201,7 +184,7 @@ def test_closing_the_manager_fails_queued_futures_and_stops_the_completion_threa
         queued.result(timeout=60)
     assert completion_threads() == before
     with pytest.raises(multipy.ManagerClosedError):
-        model.submit(torch.zeros(1))
+        rows_model.submit(torch.zeros(1))
 
 
 def test_a_backend_without_its_own_post_uses_the_generic_helper(backend, monkeypatch):
@@ -210,9 +193,8 @@ def test_a_backend_without_its_own_post_uses_the_generic_helper(backend, monkeyp
     monkeypatch.setattr(type_of_worker(backend), "_post", Worker._post)
     monkeypatch.setattr(type_of_worker(backend), "_collect", Worker._collect)
     with multipy.InterpreterManager(1, backend=backend) as manager:
-        with manager.acquire_one() as s:
-            model = s.create_movable(s.global_("_rows", "rows"))
-        futures = [model.submit(torch.full((1,), float(i))) for i in range(10)]
+        rows_model = movable_rows(manager)
+        futures = [rows_model.submit(torch.full((1,), float(i))) for i in range(10)]
         assert [f.result(timeout=60).item() for f in futures] == [2.0 * i + 1 for i in range(10)]
         assert any(t.name == "multipy-post-0" for t in threading.enumerate())
 
@@ -227,18 +209,18 @@ def type_of_worker(backend: str):
 
 
 def test_an_interpreter_killed_under_concurrent_acalls_fails_only_its_calls(
-        model, manager, gate, backend, assert_usable):
+        rows_model, manager, gate, backend, assert_usable):
     if backend != "process":
         pytest.skip(f"the {backend} backend has no crash isolation: killing an interpreter "
                     "ends the host")
     gate_path, log = gate
 
     async def main():
-        victim = asyncio.ensure_future(model.acall(torch.zeros(1), gate=gate_path, log=log, tag="victim"))
-        other = asyncio.ensure_future(model.acall(torch.ones(1), gate=gate_path, log=log, tag="other"))
+        victim = asyncio.ensure_future(rows_model.acall(torch.zeros(1), gate=gate_path, log=log, tag="victim"))
+        other = asyncio.ensure_future(rows_model.acall(torch.ones(1), gate=gate_path, log=log, tag="other"))
         while len(logged(log)) < 2:
             await asyncio.sleep(0.005)
-        queued = [asyncio.ensure_future(model.acall(torch.full((1,), float(i)))) for i in range(8)]
+        queued = [asyncio.ensure_future(rows_model.acall(torch.full((1,), float(i)))) for i in range(8)]
         pid = int(next(line[1] for line in logged(log) if line[0] == "victim"))
         os.kill(pid, signal.SIGKILL)
         with pytest.raises(multipy.InterpreterCrashedError):
@@ -255,21 +237,20 @@ def test_an_interpreter_killed_under_concurrent_acalls_fails_only_its_calls(
 def test_a_posted_call_past_call_timeout_raises_and_the_interpreter_serves_again(backend, tmp_path):
     gate_path = str(tmp_path / "gate")
     with multipy.InterpreterManager(1, backend=backend, call_timeout=0.5) as manager:
-        with manager.acquire_one() as s:
-            model = s.create_movable(s.global_("_rows", "rows"))
-        stuck = model.submit(torch.zeros(1), gate=gate_path)
+        rows_model = movable_rows(manager)
+        stuck = rows_model.submit(torch.zeros(1), gate=gate_path)
         with pytest.raises(multipy.CallTimeoutError):
             stuck.result(timeout=60)
         open_gate(gate_path)  # an abandoned thread-backend interpreter can finish and exit
-        assert torch.equal(model.submit(torch.ones(1)).result(timeout=60), torch.full((1,), 3.0))
+        assert torch.equal(rows_model.submit(torch.ones(1)).result(timeout=60), torch.full((1,), 3.0))
 
 
-def test_acall_does_not_keep_a_finished_event_loop_alive(model):
+def test_acall_does_not_keep_a_finished_event_loop_alive(rows_model):
     import gc
     import weakref
 
     async def main():
-        await model.acall(torch.ones(1))
+        await rows_model.acall(torch.ones(1))
         return weakref.ref(asyncio.get_running_loop())
 
     loops = [asyncio.run(main()) for _ in range(3)]
