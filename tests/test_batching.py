@@ -17,7 +17,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from _rows import hold_every_interpreter, logged, open_gate
+import multipy
+
+from _rows import hold_every_interpreter, logged, movable_rows, open_gate
 from _wait import wait_for
 
 INTERPRETERS = 2
@@ -222,6 +224,28 @@ def test_a_cancelled_queued_request_leaves_its_batch(rows_model, manager, gate):
     for f in held:
         f.result(timeout=60)
     assert batched.statistics().batch_sizes == {3: 1}
+
+
+def test_a_batch_cut_short_by_close_fails_its_callers_with_manager_closed(backend, tmp_path):
+    if backend != "process":
+        pytest.skip(f"the {backend} backend cannot stop a call in flight at close")
+    hold, gate_path, log = str(tmp_path / "hold"), str(tmp_path / "gate"), str(tmp_path / "log")
+    manager = multipy.InterpreterManager(2, backend=backend)
+    try:
+        model = movable_rows(manager)
+        held = hold_every_interpreter(model, manager, hold, log)
+        batched = model.batched(max_delay_ms=NEVER)
+        futures = [batched.submit(torch.ones(1, 2), gate=gate_path, log=log, tag="b")
+                   for _ in range(3)]
+        open_gate(hold)  # the three go out as one batch, which waits on its gate
+        wait_for(lambda: batch_rows_seen(log) == [3], "the batch to start")
+    finally:
+        manager.close(timeout=0.2)  # the batch is cut short: its interpreter is killed
+    for f in held:
+        f.result(timeout=60)
+    for f in futures:  # not retried request by request on a closed manager, and no hang
+        with pytest.raises(multipy.ManagerClosedError):
+            f.result(timeout=60)
 
 
 # -- no timer while idle ---------------------------------------------------------------------

@@ -158,29 +158,37 @@ class Dispatcher:
         while self._again:
             if not lock.acquire(blocking=False):
                 return
+            left = ()
             try:
                 self._again = False
                 if not self._closed:
                     self._dispatch()
+                else:  # e.g. a batch that failed in flight, to be retried request by request
+                    left = self._take_unsent()
             finally:
                 lock.release()
+            _fail_closed(left)
 
     def close(self) -> None:
-        """Fail every request not sent yet with :class:`ManagerClosedError`."""
+        """Fail every request not sent yet with :class:`ManagerClosedError` (and
+        every one put back in the queue later, e.g. a failed batch's requests)."""
         self._closed = True
         with self._pump_lock:
-            left = list(self._retries) + list(self._incoming) + list(self._pending)
-            self._retries.clear()
-            self._incoming.clear()
-            self._pending.clear()
-            for queue in self._pinned:
-                for group in queue:
-                    left.extend(group.requests)
-                queue.clear()
-            self._n_pinned = 0
-        error = ManagerClosedError("the interpreter manager was closed before this call was sent")
-        for request in left:
-            _fail(request, error)
+            left = self._take_unsent()
+        _fail_closed(left)
+
+    def _take_unsent(self) -> list[Request]:
+        """Empty every queue (pump lock held); returns what was in them."""
+        left = list(self._retries) + list(self._incoming) + list(self._pending)
+        self._retries.clear()
+        self._incoming.clear()
+        self._pending.clear()
+        for queue in self._pinned:
+            for group in queue:
+                left.extend(group.requests)
+            queue.clear()
+        self._n_pinned = 0
+        return left
 
     # -- under the pump lock ------------------------------------------------------
     def _dispatch(self) -> None:
@@ -428,6 +436,13 @@ def _resolve(request: Request, value, error) -> None:
         future.set_result(value)
     else:
         future.set_exception(error)
+
+
+def _fail_closed(requests) -> None:
+    if requests:
+        error = ManagerClosedError("the interpreter manager was closed before this call was sent")
+        for request in requests:
+            _fail(request, error)
 
 
 def _fail(request: Request, error: BaseException) -> None:
