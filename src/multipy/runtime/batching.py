@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from .replicated import ReplicatedObj
 
 _TENSOR = object()  # marks a tensor's place in a batching key
+_MAX_KEYS = 256     # batching keys kept for identity comparison, per BatchedObj
 
 
 class BatchedObj:
@@ -78,6 +79,7 @@ class BatchedObj:
         self._sent_on_arrival = 0
         self._queued = 0
         self._retried = 0
+        self._keys: dict = {}  # one object per batching key seen: compared by identity
 
     # -- the call surface -------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -129,7 +131,13 @@ class BatchedObj:
                                               future=future)
         if signature is not None:
             key, rows = signature
-            request.batch = (self, (request.args[4], key), rows)
+            key = (request.args[4], key)
+            keys = self._keys
+            try:
+                key = keys.setdefault(key, key) if len(keys) < _MAX_KEYS else keys.get(key, key)
+            except Exception:  # noqa: BLE001
+                pass  # an argument that cannot be hashed (or compared): left to _same
+            request.batch = (self, key, rows)
         return request
 
     def statistics(self) -> BatchStatistics:
@@ -169,7 +177,7 @@ class BatchedObj:
             for request in pending:
                 batch = request.batch
                 if (batch is not None and batch[0] is self and batch[2] <= room
-                        and _same(batch[1], key)):
+                        and (batch[1] is key or _same(batch[1], key))):
                     if request.future.set_running_or_notify_cancel():
                         group.append(request)
                         room -= batch[2]
