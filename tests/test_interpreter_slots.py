@@ -18,9 +18,13 @@ INTERPRETERS = 1
 
 
 class _Shapeless(torch.Tensor):
-    """A tensor whose ``dim()`` raises, as a broken tensor subclass might."""
+    """A tensor whose ``dim()`` and ``shape`` raise, as a broken tensor subclass might."""
 
     def dim(self):
+        raise RuntimeError("this tensor has no dimensions to give")
+
+    @property
+    def shape(self):
         raise RuntimeError("this tensor has no dimensions to give")
 
 
