@@ -304,9 +304,10 @@ class Worker:
         so calls from many threads are in flight at once; each caller waits for
         its own reply.
         """
-        if self.pipelined:
-            return self._request_in_flight(op, args, timeout, handles, materializes, recipe,
-                                           resend)
+        if self.pipelined:  # (a pipelined backend sets request = _request_in_flight)
+            return self._request_in_flight(op, args, timeout=timeout, handles=handles,
+                                           materializes=materializes, recipe=recipe,
+                                           resend=resend)
         with self.lock:
             if self.closed:
                 raise ManagerClosedError("the interpreter manager is closed")
@@ -345,7 +346,9 @@ class Worker:
         if self.on_free is not None:
             self._now_free()
 
-    def _request_in_flight(self, op, args, timeout, handles, materializes, recipe, resend):
+    def _request_in_flight(self, op: Op, args: tuple = (), *, timeout: float | None = None,
+                           handles: tuple | None = None, materializes: int | None = None,
+                           recipe: tuple | None = None, resend: bool = True) -> Any:
         """:meth:`request` on a pipelined backend: the lock only around the send."""
         started = time.perf_counter()
         lock = self.lock

@@ -183,6 +183,7 @@ class ProcessWorker(Worker):
         self._exit_lock = threading.Lock()
 
     pipelined = True  # several requests in flight at once (Worker._request_in_flight)
+    request = Worker._request_in_flight  # one Python frame less per call
 
     def _launch(self) -> None:
         self._terminate(kill=True)
@@ -386,10 +387,13 @@ class ProcessWorker(Worker):
         end = self._end
         slot = self._slots[call]
         deadline = None if timeout is None else time.monotonic() + timeout
-        wait = end.wait
+        wait, slots = end.wait, self._slots
         while True:
             try:
-                rc = wait(slot, None if deadline is None else max(0.0, deadline - time.monotonic()))
+                # Replies come in request order: spin only when no earlier call is owed
+                # a reply (_slots keeps calls in the order they were sent).
+                rc = wait(slot, None if deadline is None else max(0.0, deadline - time.monotonic()),
+                          next(iter(slots), call) == call)
             except ValueError:  # detached: this generation is over
                 rc = _channel.Wait.CLOSED
             with self._rx:
@@ -416,13 +420,21 @@ class ProcessWorker(Worker):
 
     def _take_reply(self, call: int, slot: int):
         """The reply to ``call`` from its slot (``None`` if not there yet).  Under ``_rx``."""
-        got = self._end.take(slot)
+        channel = self._end.channel
+        got = channel.take_reply(slot)  # HostEnd.take, inlined (once per call)
         if got is None:
             return None
+        channel.release(slot)
         del self._slots[call]
         self._ends.pop(call, None)
         tag, data = got
-        reply = self._spilled_reply(call) if tag & _channel.SPILLED else self._parse(data)
+        if tag & _channel.SPILLED:
+            reply = self._spilled_reply(call)
+        else:
+            try:
+                reply = parse_reply(data)  # _parse, inlined
+            except TransportError as exc:
+                raise self._desynchronised(exc) from None
         if reply.call != call:
             raise self._desynchronised(f"the reply in the slot of call {call} answers call {reply.call}")
         del self._owed[call]

@@ -511,11 +511,15 @@ class HostEnd:
         """Whether the interpreter took the request that :meth:`post` placed before ``end``."""
         return self.channel.taken >= end
 
-    def wait(self, slot: int, timeout: float | None) -> Wait:
+    def wait(self, slot: int, timeout: float | None, next_in_line: bool = True) -> Wait:
         """Wait until ``slot``'s reply is there (releasing the GIL once).  Returns
-        READY or SLEPT (there), TIMEOUT, DEAD (the interpreter died) or CLOSED."""
-        spin = self.spin
-        if self._skip:
+        READY or SLEPT (there), TIMEOUT, DEAD (the interpreter died) or CLOSED.
+
+        Only a caller whose request is ``next_in_line`` (every earlier one was
+        answered) spins: the others would spin through whole calls of other
+        callers, taking a core from the interpreter; they sleep at once."""
+        spin = self.spin if next_in_line else 0.0
+        if spin and self._skip:
             self._skip -= 1
             spin = 0.0
         rc = self.channel.wait_reply(slot, -1.0 if timeout is None else timeout, spin,
@@ -640,6 +644,9 @@ def native_status() -> tuple[object | None, str]:
     except ImportError as exc:
         return None, (f"pure Python: the C extension multipy._native is not built here ({exc}); "
                       "reinstall with a C compiler available to build it")
+    if not hasattr(_native.Channel, "taken"):  # built from an older source: rebuild it
+        return None, ("pure Python: the C extension multipy._native was built from an older "
+                      "multipy; rebuild it (python setup.py build_ext --inplace, or reinstall)")
     return _native, "native: the C extension multipy._native is loaded"
 
 
