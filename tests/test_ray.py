@@ -35,6 +35,7 @@ from multipy.examples import generate  # noqa: E402
 from multipy.serve.protocol import ModelNotFound  # noqa: E402
 
 import _serve_models  # noqa: E402  (tests/ is on sys.path: conftest)
+from _wait import wait_for  # noqa: E402
 
 REPLICAS = 2
 WIDE_MB = 128
@@ -66,7 +67,19 @@ def served(tmp_path_factory: pytest.TempPathFactory):
             {"smallops": smallops, "sleepy": f"{models}:model/sleepy.pkl", "wide": wide},
             interpreters=1, num_replicas=REPLICAS, retry_after=2.0)
         handle = deploy(application, name="multipy-test", route_prefix="/", timeout=DEADLINE * 2)
-        yield Served(f"http://127.0.0.1:{port}", handle, smallops, models, wide, wide_bytes)
+        url = f"http://127.0.0.1:{port}"
+        # serve.run returns once the replicas run; the proxy learns the route a moment
+        # later (it answers 404 or 503 until then): no client starts before it routes.
+        wait_for(lambda: _ready(url), "Serve's proxy to answer /v2/health/ready with 200",
+                 DEADLINE)
+        yield Served(url, handle, smallops, models, wide, wide_bytes)
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/v2/health/ready", timeout=5.0).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def _eager(archive: Path, *args):
@@ -110,6 +123,17 @@ def test_options_reach_the_deployment(tmp_path):
     assert deployment._deployment_config.autoscaling_config.max_replicas == 3
     assert deployment.ray_actor_options["num_cpus"] == 3
     assert deployment.ray_actor_options["runtime_env"]["env_vars"] == multipy.ray.REPLICA_ENV
+    assert deployment._deployment_config.logging_config["enable_access_log"] is False
+
+
+def test_logging_config_overrides_the_replica_default(tmp_path):
+    archive = tmp_path / "m.pt"
+    archive.write_bytes(b"")
+    deployment = multipy.ray.app({"m": archive}, logging_config={"enable_access_log": True,
+                                                                "log_level": "WARNING"}
+                                 )._bound_deployment
+    logging = deployment._deployment_config.logging_config
+    assert logging["enable_access_log"] is True and logging["log_level"] == "WARNING"
 
 
 def test_ray_actor_options_keep_the_replica_environment_unless_overridden(tmp_path):

@@ -52,7 +52,12 @@ from .serve import ModelRegistry, ModelSpec, ServeOptions
 #: it on the replica's own loop instead of handing every request to a second thread.
 REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 
-__all__ = ["REPLICA_ENV", "MultipyDeployment", "ReplicaStatistics", "app", "from_config", "run"]
+#: Serve's logging options of every replica (``logging_config`` may override them): no
+#: access log line per request, as ``multipy serve`` (a line costs the replica's event
+#: loop CPU time on every request).
+REPLICA_LOGGING = {"enable_access_log": False}
+
+__all__ = ["REPLICA_ENV", "REPLICA_LOGGING", "MultipyDeployment", "ReplicaStatistics", "app", "from_config", "run"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +133,8 @@ def app(models: Mapping[str, str | os.PathLike | ModelSpec], /, *, interpreters:
         num_replicas: int | str = 1, backend: str = "process", num_threads: int | None = None,
         max_ongoing_requests: int | None = None, max_queued_requests: int | None = None,
         autoscaling_config: Mapping[str, Any] | None = None,
-        ray_actor_options: Mapping[str, Any] | None = None, **options: Any):
+        ray_actor_options: Mapping[str, Any] | None = None,
+        logging_config: Mapping[str, Any] | None = None, **options: Any):
     """A Ray Serve application serving ``models`` with the v2 REST routes.
 
     ``models`` maps a name to ``"path[:package/resource]"``, as ``multipy
@@ -138,10 +144,12 @@ def app(models: Mapping[str, str | os.PathLike | ModelSpec], /, *, interpreters:
     otherwise); torch's thread count in each interpreter is ``num_threads``
     (default: the replica's CPUs divided among its interpreters).
 
-    ``max_ongoing_requests``, ``max_queued_requests`` and
-    ``autoscaling_config`` are Serve's deployment options, passed through;
+    ``max_ongoing_requests``, ``max_queued_requests``, ``autoscaling_config``
+    and ``logging_config`` are Serve's deployment options, passed through;
     with ``autoscaling_config`` (or ``num_replicas="auto"``) Serve chooses the
-    number of replicas.  The other keyword ``options`` are those of
+    number of replicas.  Replicas write no access log line per request, as
+    ``multipy serve`` (``/metrics`` counts requests); ``logging_config=
+    {"enable_access_log": True}`` turns Serve's on.  The other keyword ``options`` are those of
     ``multipy serve`` (:class:`~multipy.serve.ServeOptions`: ``max_batch_size``,
     ``max_queue``, ``request_timeout``...).
 
@@ -163,7 +171,8 @@ def app(models: Mapping[str, str | os.PathLike | ModelSpec], /, *, interpreters:
         unknown = ", ".join(sorted(set(options) - {f.name for f in dataclasses.fields(ServeOptions)}))
         raise TypeError(f"app() got unknown option(s) {unknown}; the server's options are {known}, "
                         "and Serve's are max_ongoing_requests, max_queued_requests, "
-                        "autoscaling_config, ray_actor_options, num_replicas") from None
+                        "autoscaling_config, ray_actor_options, logging_config, num_replicas"
+                        ) from None
     specs = {}
     for name, where in models.items():
         spec = where if isinstance(where, ModelSpec) else ModelSpec.parse(name, os.fspath(where))
@@ -177,7 +186,9 @@ def app(models: Mapping[str, str | os.PathLike | ModelSpec], /, *, interpreters:
     actor_options["runtime_env"] = runtime_env
     if num_threads is None:
         num_threads = max(1, int(actor_options["num_cpus"]) // interpreters)
-    deployment_options: dict[str, Any] = {"ray_actor_options": actor_options}
+    deployment_options: dict[str, Any] = {
+        "ray_actor_options": actor_options,
+        "logging_config": {**REPLICA_LOGGING, **(logging_config or {})}}
     if autoscaling_config is not None:
         deployment_options["autoscaling_config"] = dict(autoscaling_config)
     else:
@@ -256,10 +267,12 @@ def run(models: Mapping[str, str | os.PathLike | ModelSpec], /, *, address: str 
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         try:
-            if address is None:
-                serve.shutdown()
-            else:
-                serve.delete(name)
+            # Deleting the application stops its replicas and their interpreters
+            # gracefully.  A Ray started here then stops Serve's controller and proxy
+            # with it; serve.shutdown() would make Ray print failed task retries (the
+            # controller kills itself while the call waits on it).  On a cluster that
+            # was joined, Serve keeps running for its other applications.
+            serve.delete(name)
         finally:
             ray.shutdown()
 
