@@ -285,11 +285,14 @@ def test_the_ray_report_says_what_was_measured_and_passes_no_verdict():
     from multipy.bench.ray_serve import RayLatencyReport, RayMemoryReport, ray_lines
 
     labels = ["echo on uvicorn", "echo via Serve", "multipy serve", "multipy.ray via Serve"]
-    latency = RayLatencyReport(500, dict(zip(labels, [1.0, 11.0, 4.0, 19.0])),
-                               dict(zip(labels, [2.0, 20.0, 8.0, 30.0])))
+    latency = RayLatencyReport(10, 50, dict(zip(labels, [1.0, 11.0, 4.0, 19.0])),
+                               dict(zip(labels, [2.0, 20.0, 8.0, 30.0])),
+                               dict(zip(labels, [0.2, 5.0, 2.5, 8.0])), worker_niceness=0)
     memory = RayMemoryReport(2, 256_000_000, 795_000_000, 1_051_000_000, 440_000_000, 952_000_000)
     text = "\n".join(ray_lines(latency, memory))
-    assert "p50 15.00 ms (1.50x Serve's proxy overhead)" in text
+    assert "10 rounds of 50 requests to each server in turn; Ray's workers at nice 0" in text
+    assert "multipy.ray via Serve    p50  19.00 ms   p99  30.00 ms   CPU  8.00 ms/request" in text
+    assert "p50 15.00 ms = 1.50x Serve's own proxy overhead" in text
     assert "-> 1.00 copies of the weights" in text and "-> 2.00 copies" in text
     for verdict in ("target", " met", "not met"):
         assert verdict not in text

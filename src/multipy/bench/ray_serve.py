@@ -1,13 +1,21 @@
-"""``multipy bench --ray``: what the Ray Serve path adds, and what two replicas cost in memory.
+"""``multipy bench ray``: what the Ray Serve path adds, and what two replicas cost in memory.
 
 Latency: one keep-alive client sends the same v2 request (the ``smallops``
 example, a 1x16 float tensor) to four servers started in the same run, in
 interleaved rounds so that load elsewhere on the machine hits them alike::
 
     echo on uvicorn            ─┐ Serve's own proxy overhead = echo via Serve - echo on uvicorn
-    echo via Serve             ─┘ (its replica set up as multipy.ray's: REPLICA_ENV)
+    echo via Serve             ─┘ (its replica set up as multipy.ray's: REPLICA_ENV, REPLICA_LOGGING)
     `multipy serve`            ─┐ added latency of the Ray path = Ray - `multipy serve`
     multipy.ray.app via Serve  ─┘ (one replica, one interpreter, same model, same request)
+
+Each server first gets warm-up requests (connections, routes, interpreters);
+a server's p50 is the median of its rounds' medians, so one round disturbed
+by other work moves it little.  Beside each latency, the CPU time per request
+of the server's process and its children (a replica: the Ray worker and its
+interpreters) is a figure that load elsewhere barely changes.  Ray starts its
+workers at nice 15, below the other servers; on a machine busy with other
+work that alone delays a replica, so the bench runs them at nice 0 by default.
 
 Memory: two replicas of one interpreter each hold a model of ~256 MB of
 float32 weights, then the tiny ``smallops`` model; the PSS (proportional set
@@ -19,8 +27,8 @@ replica, as a Ray Serve user would without multipy.
 
 Example:
     >>> report = measure_ray_latency(requests=200)              # doctest: +SKIP
-    >>> report.added_p50_ms <= report.proxy_p50_ms              # doctest: +SKIP
-    True
+    >>> round(report.added_over_proxy, 2)                       # doctest: +SKIP
+    1.02
 """
 
 from __future__ import annotations
@@ -44,10 +52,10 @@ from .targets import example_archive
 
 __all__ = ["RayLatencyReport", "RayMemoryReport", "deploy", "local_ray", "mapping_usage",
            "measure_ray_latency", "measure_ray_memory", "ray_lines", "replica_statistics",
-           "run_on_every_replica", "tree_pss", "write_wide_package"]
+           "run_on_every_replica", "stop_applications", "tree_cpu", "tree_pss",
+           "write_wide_package"]
 
 _MB = 1e6
-_ROUND = 25  # requests per server per round
 
 
 # ------------------------------------------------------------------ helpers
@@ -59,9 +67,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def local_ray(num_cpus: int = 4, *, http_port: int | None = None) -> Iterator[int]:
+def local_ray(num_cpus: int = 4, *, http_port: int | None = None,
+              worker_niceness: int | None = None) -> Iterator[int]:
     """A Ray instance on this machine, only on loopback addresses, with Serve's
     HTTP proxy on ``127.0.0.1:<port>`` (yielded); both are shut down on exit.
+    ``worker_niceness`` replaces Ray's nice value for its workers (15).
 
     >>> with local_ray(4) as port:                              # doctest: +SKIP
     ...     serve.run(multipy.ray.app({"simple": "simple.pt"}), route_prefix="/")
@@ -70,17 +80,34 @@ def local_ray(num_cpus: int = 4, *, http_port: int | None = None) -> Iterator[in
     from ray import serve
 
     port = http_port or free_port()
+    system = {} if worker_niceness is None else {"worker_niceness": worker_niceness}
     ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=False, configure_logging=False)
+             log_to_driver=False, configure_logging=False, _system_config=system)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # no line per deployment step
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         yield port
     finally:
         try:
-            serve.shutdown()
+            stop_applications()
         finally:
-            ray.shutdown()
+            ray.shutdown()  # stops Serve's controller and proxy with the local Ray
+
+
+def stop_applications() -> None:
+    """Delete every Serve application, waiting until their replicas (and the
+    interpreters they own) have stopped.
+
+    Before stopping a Ray started here, this stops what runs on it gracefully
+    without ``serve.shutdown()``: that call waits on the Serve controller
+    until the controller kills itself, which Ray reports on the driver's
+    stderr as failed task retries ("Task ServeController.graceful_shutdown
+    failed ... killed by ray.kill").
+    """
+    from ray import serve
+
+    for name in list(serve.status().applications):
+        serve.delete(name)
 
 
 def deploy(application, *, name: str, route_prefix: str | None, timeout: float = 300.0):
@@ -190,24 +217,40 @@ def _echo_app():
 def _echo_deployment():
     from ray import serve
 
-    from multipy.ray import REPLICA_ENV
+    from multipy.ray import REPLICA_ENV, REPLICA_LOGGING
 
-    # the replica setting multipy.ray uses, so that the two differ only by their app
-    @serve.deployment(name="echo", ray_actor_options={"runtime_env": {"env_vars": REPLICA_ENV}})
+    # the replica settings multipy.ray uses, so that the two differ only by their app
+    @serve.deployment(name="echo", logging_config=REPLICA_LOGGING,
+                      ray_actor_options={"runtime_env": {"env_vars": REPLICA_ENV}})
     @serve.ingress(_echo_app)
     class Echo:
-        pass
+        def pid(self) -> int:
+            return os.getpid()
 
     return Echo.bind()
 
 
 @dataclasses.dataclass(frozen=True)
 class RayLatencyReport:
-    """p50 / p99 (ms) of one client's requests to each server, same run."""
+    """One client's requests to each server, same run, in interleaved rounds.
 
-    requests: int
+    ``p50_ms`` is the median over the rounds of each round's median, ``p99_ms``
+    over all requests; ``cpu_ms`` is the CPU time per request of the server's
+    process and its children (for a replica: the Ray worker and its
+    interpreters), a figure the machine's other load barely moves.
+    """
+
+    rounds: int
+    per_round: int
     p50_ms: dict[str, float]
     p99_ms: dict[str, float]
+    cpu_ms: dict[str, float]
+    #: the nice value of Ray's workers in this run (Ray's own default is 15).
+    worker_niceness: int | None = None
+
+    @property
+    def requests(self) -> int:
+        return self.rounds * self.per_round
 
     @property
     def proxy_p50_ms(self) -> float:
@@ -219,11 +262,15 @@ class RayLatencyReport:
         """What the Ray path adds over `multipy serve` for the same model and request."""
         return self.p50_ms["multipy.ray via Serve"] - self.p50_ms["multipy serve"]
 
+    @property
+    def added_over_proxy(self) -> float:
+        """The Ray path's added latency in units of Serve's own proxy overhead."""
+        return self.added_p50_ms / self.proxy_p50_ms if self.proxy_p50_ms > 0 else float("nan")
 
 
 @contextlib.contextmanager
-def _process(argv: list[str], port: int, *, timeout: float = 180.0) -> Iterator[None]:
-    """Run ``argv`` until it answers on ``port``; terminate it on exit."""
+def _process(argv: list[str], port: int, *, timeout: float = 180.0) -> Iterator[int]:
+    """Run ``argv`` until it answers on ``port``; yield its pid; terminate it on exit."""
     import httpx
 
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -239,7 +286,7 @@ def _process(argv: list[str], port: int, *, timeout: float = 180.0) -> Iterator[
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{' '.join(argv)} did not listen on {port} in {timeout} s")
             time.sleep(0.2)
-        yield
+        yield proc.pid
     finally:
         proc.terminate()
         try:
@@ -249,15 +296,39 @@ def _process(argv: list[str], port: int, *, timeout: float = 180.0) -> Iterator[
             proc.wait()
 
 
-def measure_ray_latency(*, requests: int = 500,
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process ``pid`` and its descendants."""
+    import psutil
+
+    root = psutil.Process(pid)
+    total = 0.0
+    for proc in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = proc.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def measure_ray_latency(*, requests: int = 500, per_round: int = 50, warmup: int = 50,
+                        worker_niceness: int | None = 0,
                         on_status: Callable[[str], None] | None = None) -> RayLatencyReport:
-    """Time the four servers of the module docstring; see there."""
+    """Time the four servers of the module docstring: ``requests`` to each, in
+    rounds of ``per_round`` requests to each server in turn, after ``warmup``
+    requests to each.
+
+    ``worker_niceness`` is the nice value of Ray's worker processes (Serve's
+    proxy and replicas, and the interpreters a replica starts); Ray's default
+    is 15, below the other servers (0), so on a machine busy with other work a
+    Serve replica would wait for the CPU longer than `multipy serve` does for
+    reasons of priority alone.  ``None`` keeps Ray's default.
+    """
     import httpx
     import torch
 
     import multipy.ray
 
     status = on_status or (lambda text: None)
+    rounds = max(1, requests // per_round)
     archive = str(example_archive("smallops"))
     body = v2_body(torch.randn(1, 16))
     direct_port, echo_port = free_port(), free_port()
@@ -267,33 +338,48 @@ def measure_ray_latency(*, requests: int = 500,
                 "--host", "127.0.0.1", "--port", str(echo_port), "--log-level", "warning",
                 "--no-access-log"]
     status("starting Ray, Serve, `multipy serve` and an echo app on uvicorn")
-    with local_ray(4) as ray_port, _process(serve_cmd, direct_port), \
-            _process(echo_cmd, echo_port), httpx.Client(timeout=60.0) as client:
-        deploy(_echo_deployment(), name="echo", route_prefix="/e")
-        deploy(multipy.ray.app({"smallops": archive}, interpreters=1, num_replicas=1),
-               name="multipy", route_prefix="/m")
+    with local_ray(4, worker_niceness=worker_niceness) as ray_port, \
+            _process(serve_cmd, direct_port) as direct_pid, \
+            _process(echo_cmd, echo_port) as echo_pid, httpx.Client(timeout=60.0) as client:
+        echo = deploy(_echo_deployment(), name="echo", route_prefix="/e")
+        handle = deploy(multipy.ray.app({"smallops": archive}, interpreters=1, num_replicas=1),
+                        name="multipy", route_prefix="/m")
         infer = "/v2/models/smallops/infer"
         urls = {"echo on uvicorn": f"http://127.0.0.1:{echo_port}/echo",
                 "echo via Serve": f"http://127.0.0.1:{ray_port}/e/echo",
                 "multipy serve": f"http://127.0.0.1:{direct_port}{infer}",
                 "multipy.ray via Serve": f"http://127.0.0.1:{ray_port}/m{infer}"}
-        samples: dict[str, list[float]] = {label: [] for label in urls}
-        for url in urls.values():  # warm up connections, routes and interpreters
-            for _ in range(20):
+        pids = {"echo on uvicorn": echo_pid,
+                "echo via Serve": echo.pid.remote().result(timeout_s=60),
+                "multipy serve": direct_pid,
+                "multipy.ray via Serve": replica_statistics(handle, 1)[0].pid}
+        status("warming up")
+        for url in urls.values():  # connections, routes, interpreters, caches
+            for _ in range(warmup):
                 client.post(url, json=body).raise_for_status()
-        rounds = max(1, requests // _ROUND)
+        medians: dict[str, list[float]] = {label: [] for label in urls}
+        samples: dict[str, list[float]] = {label: [] for label in urls}
+        cpu = dict.fromkeys(urls, 0.0)
         for r in range(rounds):
             status(f"round {r + 1} of {rounds}")
             for label, url in urls.items():
-                for _ in range(_ROUND):
+                times = []
+                used = tree_cpu(pids[label])
+                for _ in range(per_round):
                     start = time.perf_counter()
                     client.post(url, json=body).raise_for_status()
-                    samples[label].append(time.perf_counter() - start)
+                    times.append(time.perf_counter() - start)
+                cpu[label] += tree_cpu(pids[label]) - used
+                times.sort()
+                medians[label].append(quantile(times, 0.5))
+                samples[label].extend(times)
     p50, p99 = {}, {}
-    for label, times in samples.items():
-        times.sort()
-        p50[label], p99[label] = quantile(times, 0.5) * 1e3, quantile(times, 0.99) * 1e3
-    return RayLatencyReport(rounds * _ROUND, p50, p99)
+    for label in urls:
+        p50[label] = quantile(sorted(medians[label]), 0.5) * 1e3
+        p99[label] = quantile(sorted(samples[label]), 0.99) * 1e3
+    n = rounds * per_round
+    return RayLatencyReport(rounds, per_round, p50, p99,
+                            {label: cpu[label] / n * 1e3 for label in urls}, worker_niceness)
 
 
 # ------------------------------------------------------------------ memory
@@ -394,15 +480,22 @@ def ray_lines(latency: RayLatencyReport | None, memory: RayMemoryReport | None) 
     """The reports as plain lines."""
     lines = []
     if latency is not None:
-        lines.append(f"one client, {latency.requests} requests each (v2 JSON, smallops 1x16):")
+        nice = ("Ray's default" if latency.worker_niceness is None
+                else str(latency.worker_niceness))
+        lines.append(f"one client, v2 JSON (smallops 1x16), {latency.rounds} rounds of "
+                     f"{latency.per_round} requests to each server in turn; Ray's workers at "
+                     f"nice {nice}:")
         for label in latency.p50_ms:
             lines.append(f"  {label:<24} p50 {latency.p50_ms[label]:6.2f} ms   "
-                         f"p99 {latency.p99_ms[label]:6.2f} ms")
-        lines.append(f"Serve's own proxy overhead (echo): p50 {latency.proxy_p50_ms:.2f} ms")
-        ratio = (f" ({latency.added_p50_ms / latency.proxy_p50_ms:.2f}x Serve's proxy overhead)"
-                 if latency.proxy_p50_ms > 0 else "")
-        lines.append(f"added by the Ray path over `multipy serve`: p50 {latency.added_p50_ms:.2f} ms"
-                     + ratio)
+                         f"p99 {latency.p99_ms[label]:6.2f} ms   "
+                         f"CPU {latency.cpu_ms[label]:5.2f} ms/request")
+        lines.append("  (p50: median of the rounds' medians; CPU: the server's process and "
+                     "its children)")
+        lines.append(f"Serve's own proxy overhead (echo via Serve - echo on uvicorn): "
+                     f"p50 {latency.proxy_p50_ms:.2f} ms")
+        lines.append(f"added by the Ray path (multipy.ray via Serve - multipy serve): "
+                     f"p50 {latency.added_p50_ms:.2f} ms = {latency.added_over_proxy:.2f}x "
+                     "Serve's own proxy overhead")
     if memory is not None:
         n, mb = memory.replicas, memory.weight_bytes / _MB
         lines.append(f"{n} replicas x 1 interpreter, {mb:.0f} MB of weights, PSS of replicas + "
@@ -411,5 +504,6 @@ def ray_lines(latency: RayLatencyReport | None, memory: RayMemoryReport | None) 
                      f"{memory.multipy_big / _MB:.0f} MB -> {memory.copies:.2f} copies of the "
                      "weights")
         lines.append(f"  plain Serve: tiny {memory.plain_tiny / _MB:.0f} MB, big "
-                     f"{memory.plain_big / _MB:.0f} MB -> {memory.plain_copies:.2f} copies")
+                     f"{memory.plain_big / _MB:.0f} MB -> {memory.plain_copies:.2f} copies of "
+                     "the weights")
     return lines
