@@ -234,3 +234,20 @@ def test_blocking_calls_after_a_posted_one_leave_the_bell_silent(manager, run):
     for i in range(50):
         assert run("echo", i) == i
     assert not rung()
+
+
+def test_close_with_several_calls_in_flight_fails_each_with_manager_closed():
+    with multipy.InterpreterManager(1, backend="process") as m:
+        with m.acquire_one() as s:
+            run = s.create_movable(s.global_("_faults", "run"))
+        worker = _worker(m)
+        gate, held, held_result = _held_call(run, "held")
+        try:
+            threads, results = _in_threads([lambda i=i: run("echo", i) for i in range(3)])
+            _queued(worker, 4)  # 3 calls queued behind the held one
+            m.close(timeout=0.5)  # the held call never ends by itself
+            _join(threads + [held])
+        finally:
+            gate.close()
+    for result in held_result + results:
+        assert isinstance(result, multipy.ManagerClosedError), held_result + results
