@@ -195,7 +195,8 @@ def test_an_interrupted_caller_among_calls_in_flight_shifts_no_answer(manager, r
 
     # The main thread's gated call is interrupted while 4 other calls wait behind it.
     def call(gate_dir):
-        threads, results = _in_threads([lambda i=i: _after_sent(worker, i, run)
+        before = worker._next_call  # call ids grow: the gated call is the next one
+        threads, results = _in_threads([lambda i=i: _after_sent(worker, before, i, run)
                                         for i in range(4)])
         call.joined = threads, results
         return run("gate", gate_dir, torch.zeros(2))
@@ -210,9 +211,10 @@ def test_an_interrupted_caller_among_calls_in_flight_shifts_no_answer(manager, r
     assert not worker._owed
 
 
-def _after_sent(worker, i, run):
-    """``run("echo", ...)`` once another call is in flight (queued behind it)."""
-    wait_for(lambda: worker._owed or not chan.NATIVE, "the gated call to be sent")
+def _after_sent(worker, before: int, i: int, run):
+    """``run("echo", ...)`` once the call after call id ``before`` was sent (queued
+    behind it, unless that one already ended)."""
+    wait_for(lambda: worker._next_call > before or not chan.NATIVE, "the gated call to be sent")
     return run("echo", torch.full((2,), float(i)))
 
 
