@@ -480,11 +480,11 @@ def ray_lines(latency: RayLatencyReport | None, memory: RayMemoryReport | None) 
     """The reports as plain lines."""
     lines = []
     if latency is not None:
-        nice = ("Ray's default" if latency.worker_niceness is None
-                else str(latency.worker_niceness))
+        nice = ("their default nice value" if latency.worker_niceness is None
+                else f"nice {latency.worker_niceness}")
         lines.append(f"one client, v2 JSON (smallops 1x16), {latency.rounds} rounds of "
                      f"{latency.per_round} requests to each server in turn; Ray's workers at "
-                     f"nice {nice}:")
+                     f"{nice}:")
         for label in latency.p50_ms:
             lines.append(f"  {label:<24} p50 {latency.p50_ms[label]:6.2f} ms   "
                          f"p99 {latency.p99_ms[label]:6.2f} ms   "
