@@ -57,3 +57,22 @@ def test_bench_cli_async_and_batching_print_ratios_and_write_the_csv(tmp_path, c
         ("unbatched", 4), ("batched", 4)])
     assert all(int(r["work_items_completed"]) > 0 for r in rows)
     assert "Traceback" not in proc.stderr
+
+
+def test_interleaved_windows_alternate_which_strategy_runs_first():
+    from multipy.bench.concurrency import _rounds
+    from multipy.bench.harness import Result
+
+    ran = []
+
+    def measure(name, items):
+        def window(seconds):
+            ran.append(name)
+            return Result(1, items, seconds, 1.0, 2.0, 3.0)
+        return window
+
+    merged = _rounds({"a": measure("a", 10), "b": measure("b", 30)}, seconds=4.0, rounds=4)
+    assert ran == ["a", "b", "b", "a", "a", "b", "b", "a"]
+    assert list(merged) == ["a", "b"]
+    assert merged["a"].work_items_completed == 40 and merged["a"].seconds == 4.0
+    assert merged["b"].work_items_per_second == 30.0

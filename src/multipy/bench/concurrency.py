@@ -27,8 +27,9 @@ not bit for bit.
 
 Throughput is calls over the wall windows; latencies are per call.  The two
 strategies of a comparison run in interleaved windows (``rounds`` of each,
-``seconds / rounds`` long), so that a machine whose load changes from second
-to second gives both the same conditions.
+``seconds / rounds`` long, in the order A B, B A, A B, B A, ...), so that a
+machine whose load changes from second to second gives both the same
+conditions, and neither always runs first.
 
 Example:
     >>> rows = measure_async("smallops", seconds=1.0)             # doctest: +SKIP
@@ -92,12 +93,15 @@ def run_tasks(make_call, n: int, seconds: float) -> Result:
 
 
 def _rounds(measures: dict, seconds: float, rounds: int) -> dict[str, Result]:
-    """Run each ``measures[name](seconds / rounds)`` in turn, ``rounds`` times, and
-    merge each one's windows: on a machine whose load changes from second to
-    second, interleaved windows compare strategies under the same load."""
+    """Run each ``measures[name](seconds / rounds)`` in turn, ``rounds`` times
+    (every other round in reverse order), and merge each one's windows: on a
+    machine whose load changes from second to second, interleaved windows
+    compare strategies under the same load, and a load that rises or falls
+    steadily favours neither."""
     parts: dict[str, list[Result]] = {name: [] for name in measures}
-    for _ in range(rounds):
-        for name, measure in measures.items():
+    order = list(measures.items())
+    for round_ in range(rounds):
+        for name, measure in (order if round_ % 2 == 0 else order[::-1]):
             parts[name].append(measure(seconds / rounds))
     return {name: _merged(results) for name, results in parts.items()}
 
@@ -114,7 +118,7 @@ def _merged(results: list[Result]) -> Result:
 
 
 def measure_async(package: str = "smallops", *, interpreters: int = 2, threads: int = 16,
-                  tasks: int = 64, seconds: float = 3.0, rounds: int = 3,
+                  tasks: int = 64, seconds: float = 3.0, rounds: int = 4,
                   backend: str = "process") -> list[Row]:
     """``threads`` blocking host threads vs one event loop of ``tasks`` concurrent
     ``acall`` tasks, on one manager of ``interpreters``; ``rounds`` interleaved
@@ -148,7 +152,7 @@ class BatchingCheck:
 
 def measure_batching(package: str = "smallops", *, interpreters: int = 2,
                      callers: Sequence[int] = (1, 16, 64), seconds: float = 3.0,
-                     max_batch_size: int = 32, max_delay_ms: float = 2.0, rounds: int = 3,
+                     max_batch_size: int = 32, max_delay_ms: float = 2.0, rounds: int = 4,
                      backend: str = "process") -> tuple[list[Row], list[BatchingCheck]]:
     """Unbatched vs batched calls from ``callers`` host threads of batch-1 requests,
     ``rounds`` interleaved windows each."""
