@@ -291,3 +291,14 @@ def test_blocking_calls_leave_the_bell_silent_until_a_call_is_posted():
         assert torch.equal(asyncio.run(rows.acall(x)), x * 2 + 1)
         assert torch.equal(rows(x), x * 2 + 1)
         # (the bell after a posted call: tests/test_in_flight.py)
+
+
+def test_a_result_too_big_for_the_call_channel_reaches_a_posted_caller(manager):
+    # Pickled in band and larger than a reply slot of the call channel: it follows
+    # over the reply pipe, which the completion thread reads as the interpreter writes.
+    with manager.acquire_one() as s:
+        run = s.create_movable(s.global_("_faults", "run"))
+    big = [list(range(i, i + 1000)) for i in range(100)]
+    assert run.submit("echo", big).result(timeout=60) == big
+    assert asyncio.run(run.acall("echo", big)) == big
+    assert run.submit("echo", 3).result(timeout=60) == 3

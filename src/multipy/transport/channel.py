@@ -591,6 +591,8 @@ class InterpreterEnd:
         self.rep_w = rep_w
         self.spin = spin
         self.bell_w = bell_w  # written after each reply: a completion thread's epoll wakes
+        if bell_w >= 0:
+            os.set_blocking(bell_w, False)
 
     def serve_forever(self, serve) -> None:
         """Answer every request with ``serve(payload) -> reply payload`` until the host
@@ -619,14 +621,61 @@ class InterpreterEnd:
             slot = tag & 0xFFFF
             out = serve(data)
             if not reply(slot, out, 0):
-                reply(slot, b"", SPILLED)  # announced first: the host then reads the pipe
-                frames.write_frame(rep_w, out)
+                self._spill(slot, out)
             # The host sets the word while a posted call is in flight (HostEnd.want_bell).
             if bell_w >= 0 and (memory is None or bell(memory, _BELL)[0]):
                 try:
                     write(bell_w, b"!")
                 except BlockingIOError:
                     pass  # full: readable already
+
+
+    # -- the same steps, for a serving loop of its own (the subinterpreter backend's,
+    # which leaves its loop to fetch shared buffers between taking and answering) --
+    def next_request(self):
+        """``(slot, payload)`` of the next request, waiting for it; ``None`` once the
+        host closed the channel or its request pipe, or died."""
+        from .frames import read_frame
+
+        ch = self.channel
+        while True:
+            item = ch.take()
+            if item is not None:
+                break
+            if ch.wait_request(-1.0, self.spin, self.req_r) not in (Wait.READY, Wait.SLEPT):
+                return None
+        tag, data = item
+        if tag & SPILLED:
+            data = read_frame(self.req_r)
+            if data is None:
+                return None
+        return tag & 0xFFFF, data
+
+    def answer(self, slot: int, out) -> None:
+        """Put the reply ``out`` in ``slot`` (over the reply pipe when it does not
+        fit), then ring the bell once the host asked for it (:meth:`HostEnd.want_bell`)."""
+        if self.channel.reply(slot, out, 0):
+            self._ring()
+        else:
+            self._spill(slot, out)
+
+    def _spill(self, slot: int, out) -> None:
+        """Send a reply too big for its slot over the reply pipe: announced in the
+        slot first, and the bell rung before writing, since a write larger than the
+        pipe holds returns only once a completion thread, woken by the bell, reads it."""
+        from .frames import write_frame
+
+        self.channel.reply(slot, b"", SPILLED)
+        self._ring()
+        write_frame(self.rep_w, out)
+
+    def _ring(self) -> None:
+        """Ring the bell while the host has a posted call in flight (HostEnd.want_bell)."""
+        if self.bell_w >= 0 and (self.memory is None or _U32.unpack_from(self.memory, _BELL)[0]):
+            try:
+                os.write(self.bell_w, b"!")
+            except BlockingIOError:
+                pass  # full: readable already
 
 
 def native_status() -> tuple[object | None, str]:
