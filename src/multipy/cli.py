@@ -395,9 +395,25 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _bench_dispatch(args, out, err) -> None:
+    """``--dispatch``: torch-free, so it also runs under a Python without torch
+    (the subinterpreter backend's)."""
+    from .bench.dispatch import dispatch_lines, measure_dispatch
+
+    counts = tuple(args.threads or (1, 4, 16))
+    with _status(err, f"dispatching no-op calls from {', '.join(map(str, counts))} host threads"):
+        report = measure_dispatch(threads=counts, seconds=args.seconds, backend=args.backend)
+    for line in dispatch_lines(report):
+        out.print(line, highlight=False, soft_wrap=True)
+
+
 def _cmd_bench(args) -> int:
     from rich.console import Console
 
+    if args.dispatch and not (args.packages or args.overhead or args.memory or args.startup
+                              or args.async_ or args.batching or args.pss):
+        _bench_dispatch(args, Console(), Console(stderr=True))
+        return 0
     from .bench import Strategy, run_sweep, table, thread_counts, write_csv
     from .bench import plot as save_plot
     from .bench.runner import progress_bar
@@ -484,13 +500,7 @@ def _cmd_bench(args) -> int:
         for line in overhead_lines(rows):
             out.print(line, highlight=False)
     if args.dispatch:
-        from .bench.dispatch import dispatch_lines, measure_dispatch
-
-        counts = tuple(args.threads or (1, 4, 16))
-        with _status(err, f"dispatching no-op calls from {', '.join(map(str, counts))} host threads"):
-            report = measure_dispatch(threads=counts, seconds=args.seconds, backend=args.backend)
-        for line in dispatch_lines(report):
-            out.print(line, highlight=False, soft_wrap=True)
+        _bench_dispatch(args, out, err)
     if args.memory:
         from .bench.memory import measure_memory, memory_lines
 
