@@ -255,6 +255,21 @@ def test_bytes_str_numbers_and_containers_round_trip(manager):
             assert type(echo.call_value(value)) is type(value)
 
 
+def test_values_too_big_for_the_call_channel_cross_both_ways_blocking_and_posted(manager):
+    # Pickled in band, larger than a ring record and a reply slot of the call channel:
+    # they go over the pipes instead (the same as every call without the channel).
+    big = [list(range(i, i + 1000)) for i in range(100)]
+    with session_on(manager, 0) as s:
+        echo = s.global_("helpers", "echo")
+        assert echo.call_value(big) == big
+        assert echo.submit(big).result(timeout=60).deref() == big
+        assert echo.call_value(7) == 7  # the next call still gets its own answer
+        replicated = s.create_movable(echo)
+    # A posted call whose result is that big: read by the completion thread as it is written.
+    assert replicated.submit(big).result(timeout=60) == big
+    assert replicated.submit(8).result(timeout=60) == 8
+
+
 def test_large_bytes_and_bytearray_cross_both_ways(manager):
     big = bytes(range(256)) * 4096             # 1 MiB: out of band
     with manager.acquire_one() as s:

@@ -104,7 +104,7 @@ def start(index: int, fds: tuple) -> None:
 
 
 def loop() -> None:
-    """Serve requests until the host closes the request pipe.
+    """Serve requests until the host closes the request pipe (or the channel).
 
     Raises :class:`WantBuffers` / :class:`WantArena` to get something from
     the host thread; the host re-enters with it and the loop resumes.
@@ -115,6 +115,13 @@ def loop() -> None:
     arena = namespace.pop("_multipy_arena", None)
     if arena is not None:
         server.arena = arena
+    memory = namespace.pop("_multipy_channel", None)
+    if memory is not None and server.end is None:  # the first entry: the call channel
+        from ..transport.channel import InterpreterEnd
+        from .._native import Channel
+
+        server.end = InterpreterEnd(Channel(memory), server.req_r, server.rep_w, SPIN,
+                                    server.bell_w, memory)
     server.resume(namespace.pop("_multipy_in", None))
     server.run()
 
@@ -129,12 +136,16 @@ SPIN = 200e-6  # seconds the loop polls for the next request before sleeping
 
 
 class _Server:
-    def __init__(self, state: InterpreterState, req_r: int, rep_w: int, intr_r: int) -> None:
+    def __init__(self, state: InterpreterState, req_r: int, rep_w: int, intr_r: int,
+                 bell_w: int = -1) -> None:
         self.state = state
         self.index = state.index
         self.req_r = req_r
         self.rep_w = rep_w
         self.intr_r = intr_r
+        self.bell_w = bell_w
+        self.end = None          # the call channel's InterpreterEnd, where the host has one
+        self.slot = 0            # the channel slot of the call being served
         self.arena = memoryview(b"")
         self.ident = threading.get_ident()
         self.stash = None        # (seq, payload) of a request waiting for its buffers
@@ -148,6 +159,9 @@ class _Server:
 
     # -- the loop ------------------------------------------------------------
     def run(self) -> None:
+        if self.end is not None:
+            self._run_channel()
+            return
         waiter = Waiter(self.req_r, SPIN)  # spin, then sleep: see transport.frames.Waiter
         while True:
             waiter.wait()
@@ -158,6 +172,23 @@ class _Server:
             payload = wire.read_exact(self.req_r, size) if size else b""
             if payload is None:
                 return
+            if nbufs:
+                self.stash = (seq, payload)
+                raise WantBuffers(nbufs)
+            self.serve(seq, payload, ())
+
+    def _run_channel(self) -> None:
+        """The loop on the call channel: wait (spin, then FUTEX_WAIT with this
+        interpreter's GIL released) for a request; its frame is the pipe's."""
+        next_request = self.end.next_request
+        head = wire.REQUEST.size
+        while True:
+            request = next_request()
+            if request is None:
+                return  # the host closed the channel or its request pipe
+            self.slot, data = request
+            size, seq, nbufs = wire.REQUEST.unpack_from(data)
+            payload = memoryview(data)[head:head + size]
             if nbufs:
                 self.stash = (seq, payload)
                 raise WantBuffers(nbufs)
@@ -237,7 +268,11 @@ class _Server:
             arena[position:position + raw.nbytes] = raw
             slots.append(wire.SLOT.pack(position, raw.nbytes))
             position += wire.align(raw.nbytes)
-        wire.write_all(self.rep_w, [wire.REPLY.pack(len(payload), seq, len(slots)), payload, *slots])
+        parts = [wire.REPLY.pack(len(payload), seq, len(slots)), payload, *slots]
+        if self.end is not None:
+            self.end.answer(self.slot, b"".join(parts))
+        else:
+            wire.write_all(self.rep_w, parts)
 
     # -- timeouts ------------------------------------------------------------
     def _watch(self) -> None:

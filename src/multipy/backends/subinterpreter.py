@@ -63,13 +63,15 @@ import weakref
 
 from ..errors import (CallTimeoutError, InterpreterCrashedError, ManagerClosedError, MultipyError,
                       OwnershipError, TransportError)
-from ..transport.frames import Waiter, block_readable
+from ..transport import channel as _channel
+from ..transport.frames import Waiter, block_readable, read_frame
 from ..transport.messages import Handle, Op
 from ..transport import subinterp_wire as wire
 from .base import PENDING, Backend, BackendKind, RequestNotSent, Worker, WorkerConfig, no_start
 from .completions import READY, Completions
 
 INTERRUPT_GRACE = 1.0     # seconds an interrupted call gets to unwind
+_NOTHING = object()       # _Driver.frame: no reply taken off the channel yet
 START_ARENA = 1 << 20     # the result arena grows on demand
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -110,7 +112,29 @@ class _Driver:
         self.rep_r, rep_w = os.pipe()
         self.waiter = Waiter(self.rep_r, config.spin)
         intr_r, self.intr_w = os.pipe()
-        self._sub_fds = (req_r, rep_w, intr_r)
+        # The call channel (where the C extension runs): requests and replies in
+        # shared memory, the pipes only for what does not fit and for liveness.
+        self.end: _channel.HostEnd | None = None
+        self.memory = None
+        self.frame = _NOTHING  # a reply the caller's wait took off the channel
+        self.slot = 0          # the reply slot of the call in flight
+        self.posted_to = 0     # the ring position past its request (HostEnd.taken)
+        bell_w = -1
+        if _channel.NATIVE:
+            import mmap
+
+            # One call is in flight at a time (a caller who leaves abandons the
+            # subinterpreter), so two reply slots are plenty.
+            self.memory = mmap.mmap(-1, _channel.size(_channel.RING_BYTES, 2, _channel.SLOT_BYTES))
+            _channel.prepare(self.memory, ring_bytes=_channel.RING_BYTES, slots=2,
+                             slot_bytes=_channel.SLOT_BYTES)
+            bell_r, bell_w = os.pipe()  # rung after a posted call's reply
+            os.set_blocking(bell_r, False)
+            rep_r = self.rep_r
+            self.end = _channel.HostEnd(_channel.Channel(self.memory), self.req_w,
+                                        lambda: read_frame(rep_r), rep_r, config.spin,
+                                        bell_r, self.memory)
+        self._sub_fds = (req_r, rep_w, intr_r, bell_w)
         self._boot = (config.index, tuple(config.sys_path), self._sub_fds, _ROOT)
         self.arena = bytearray(START_ARENA)
         self.pending_in: tuple | None = None
@@ -139,6 +163,8 @@ class _Driver:
                 return
             self.started.set()
             shared = {"_multipy_arena": memoryview(self.arena)}
+            if self.memory is not None:
+                shared["_multipy_channel"] = memoryview(self.memory)
             while True:
                 excinfo = interpreters.exec(iid, _LOOP, shared)
                 if excinfo is None:
@@ -155,9 +181,11 @@ class _Driver:
         except BaseException as exc:
             self.failure = f"{type(exc).__name__}: {exc}"
         finally:
-            req_r, rep_w, intr_r = self._sub_fds
+            req_r, rep_w, intr_r, bell_w = self._sub_fds
             _close(rep_w)  # a caller waiting on the reply pipe sees end-of-file
             _close(req_r)
+            if bell_w >= 0:
+                _close(bell_w)  # and a posted call's completion, end-of-file on the bell
             if iid is not None:
                 try:
                     # The watchdog thread inside still selects on intr_r: stop it
@@ -188,6 +216,34 @@ class _Driver:
             if self._stopping:
                 self._close_host_ends()
 
+    # -- the call channel (one call in flight at a time) ---------------------------------
+    def send(self, payload: bytes) -> None:
+        """Post one request on the channel, its reply to come in a slot of its own."""
+        end = self.end
+        slot = end.claim()
+        posted_to = 0 if slot is None else end.post(payload, slot)
+        if not posted_to:  # every slot or the ring full: replies were never taken
+            if slot is not None:
+                end.release(slot)
+            raise TransportError(f"subinterpreter {self.index}'s call channel is full: its "
+                                 "replies are out of step")
+        self.slot, self.posted_to = slot, posted_to
+
+    def next_frame(self, timeout: float | None):
+        """The reply of the call in flight (bytes), waiting for it; ``None`` when the
+        loop ended (or the channel closed) first; ``Wait.TIMEOUT``."""
+        if self.end.wait(self.slot, timeout) == _channel.Wait.TIMEOUT:
+            return _channel.Wait.TIMEOUT
+        return self.take_frame()  # None after DEAD or CLOSED, unless the reply came first
+
+    def take_frame(self):
+        """The reply of the call in flight if it is there (bytes), else ``None``."""
+        got = self.end.take(self.slot)
+        if got is None:
+            return None
+        tag, payload = got
+        return self.end.read_spilled() if tag & _channel.SPILLED else payload
+
     def interrupt(self, seq: int) -> None:
         try:
             os.write(self.intr_w, wire.SEQ.pack(seq))
@@ -209,6 +265,11 @@ class _Driver:
     def _close_host_ends(self) -> None:
         if self._host_open:
             self._host_open = False
+            end = self.end
+            if end is not None:
+                end.close()  # the loop waiting on the channel returns at once
+                bell, end.bell_r = end.bell_r, -1
+                _close(bell)
             for fd in (self.req_w, self.intr_w, self.rep_r):
                 _close(fd)
 
@@ -285,11 +346,8 @@ class SubinterpreterWorker(Worker):
     def _exchange(self, driver: _Driver, op, args, drop, timeout, handles):
         seq = self._send(driver, op, args, drop, handles)
         try:
-            if timeout is not None:
-                if not block_readable(driver.waiter.poller, timeout):
-                    self._timed_out(driver, seq, timeout)
-            else:
-                driver.waiter.wait()  # spin briefly, then sleep: see transport.frames.Waiter
+            if not self._await(driver, timeout):
+                self._timed_out(driver, seq, timeout)
             value, error = self._read_reply(driver, op, seq)
         except BaseException as exc:
             if not isinstance(exc, (CallTimeoutError, TransportError, InterpreterCrashedError,
@@ -306,16 +364,44 @@ class SubinterpreterWorker(Worker):
         if driver is None:
             raise InterpreterCrashedError(f"subinterpreter {self.index} is not running",
                                           index=self.index)
+        if driver.end is not None:
+            driver.end.want_bell()  # before the request is published: its reply rings
         seq = self._send(driver, op, args, drop, handles)
+        posted = _Posted(driver, seq, op, completions, finish)
         try:
-            completions.watch(driver.rep_r, finish)
+            self._arm(posted)
         except BaseException:
             self._abandon(driver, "interrupted")  # the reply would never be read
             raise
-        return _Posted(driver, seq, op, completions, finish)
+        return posted
+
+    @staticmethod
+    def _arm(posted) -> None:
+        """Have the completion thread run ``finish`` once the reply can be read."""
+        end, completions, finish = posted.driver.end, posted.completions, posted.finish
+        if end is None:
+            completions.watch(posted.driver.rep_r, finish)
+            return
+        # Emptied before looking at the slot: a reply published after the look rings
+        # the bell again, so the watch below cannot miss it.
+        end.drain_bell()
+        if end.bell_closed or end.ready(posted.driver.slot):
+            completions.call_soon(lambda: finish(READY))
+        else:
+            completions.watch(end.bell_r, finish)
 
     def _collect(self, posted):
         driver = posted.driver
+        end = driver.end
+        if end is not None and not posted.abandoned:
+            frame = driver.take_frame()  # never waits
+            if frame is None:
+                end.drain_bell()
+                if not end.bell_closed:
+                    self._arm(posted)  # the bell rang for an earlier reply
+                    return PENDING
+            end.want_bell(False)  # no posted call in flight now
+            driver.frame = frame  # None: the interpreter's loop ended
         try:
             if posted.abandoned:
                 raise self._not_stopped(posted.timeout)
@@ -339,7 +425,8 @@ class SubinterpreterWorker(Worker):
 
     def _grace_over(self, posted) -> None:
         """An interrupted posted call did not stop within its grace period."""
-        posted.completions.unwatch(posted.driver.rep_r)  # closed by _abandon
+        end = posted.driver.end
+        posted.completions.unwatch(posted.driver.rep_r if end is None else end.bell_r)
         posted.abandoned = True
         self._abandon(posted.driver, "timed out")
         posted.finish(READY)
@@ -377,8 +464,12 @@ class SubinterpreterWorker(Worker):
             if views:
                 driver.pending_in = views
             header = wire.REQUEST.pack(len(payload), seq, len(views))
+            end = driver.end
             try:
-                wire.write_all(driver.req_w, [header, payload])
+                if end is None:
+                    wire.write_all(driver.req_w, [header, payload])
+                else:
+                    driver.send(header + payload)
             except OSError:
                 raise RequestNotSent(self._lost(driver, "while idle, before this call was sent")) from None
         except RequestNotSent:
@@ -400,20 +491,34 @@ class SubinterpreterWorker(Worker):
         """The reply to call ``seq``.  Calls are answered in order and a caller
         that gives up on its reply abandons the interpreter, so any other call
         number means the streams are out of step: the interpreter is abandoned."""
-        header = wire.read_exact(driver.rep_r, wire.REPLY.size)
-        if header is None:
-            raise self._lost(driver, "while running a call")
-        size, answers, nslots = wire.REPLY.unpack(header)
+        end = driver.end
+        if end is not None:
+            frame, driver.frame = driver.frame, _NOTHING
+            if frame is _NOTHING:
+                frame = driver.next_frame(None)  # there, or on its way: no timeout applies
+            if frame is None:
+                if not end.taken(driver.posted_to):  # the loop ended before it took the request
+                    raise RequestNotSent(self._lost(driver, "while idle, before this call was sent"))
+                raise self._lost(driver, "while running a call")
+            size, answers, nslots = wire.REPLY.unpack_from(frame)
+        else:
+            header = wire.read_exact(driver.rep_r, wire.REPLY.size)
+            if header is None:
+                raise self._lost(driver, "while running a call")
+            size, answers, nslots = wire.REPLY.unpack(header)
         if answers != seq:
             self._abandon(driver, "out of step")
             raise TransportError(
                 f"subinterpreter {self.index} answered call {answers} while call {seq} waited; "
                 "its replies are out of step, so it was abandoned and a new one serves later "
                 "calls")
-        body = wire.read_exact(driver.rep_r, size + nslots * wire.SLOT.size)
-        if body is None:
-            raise self._lost(driver, "while replying")
-        body = memoryview(body)
+        if end is not None:
+            body = memoryview(frame)[wire.REPLY.size:]
+        else:
+            body = wire.read_exact(driver.rep_r, size + nslots * wire.SLOT.size)
+            if body is None:
+                raise self._lost(driver, "while replying")
+            body = memoryview(body)
         arena = memoryview(driver.arena)
         buffers = []
         for i in range(nslots):
@@ -430,9 +535,26 @@ class SubinterpreterWorker(Worker):
         finally:
             del buffers, arena, body
 
+    def _await(self, driver: _Driver, timeout: float | None) -> bool:
+        """Wait for the reply; False when ``timeout`` passed first.  On the channel:
+        spin, then sleep in FUTEX_WAIT, releasing the GIL once (the reply is taken
+        off the channel here, for :meth:`_read_reply`).  On the pipes: spin on
+        ``poll``, then sleep (see :class:`~multipy.transport.frames.Waiter`)."""
+        end = driver.end
+        if end is None:
+            if timeout is None:
+                driver.waiter.wait()
+                return True
+            return block_readable(driver.waiter.poller, timeout)
+        frame = driver.next_frame(timeout)
+        if frame is _channel.Wait.TIMEOUT:
+            return False
+        driver.frame = frame
+        return True
+
     def _timed_out(self, driver: _Driver, seq: int, timeout: float):
         driver.interrupt(seq)
-        if block_readable(driver.waiter.poller, INTERRUPT_GRACE):
+        if self._await(driver, INTERRUPT_GRACE):
             self._drop_reply(driver, seq)
             raise self._interrupted(timeout)
         self._abandon(driver, "timed out")
