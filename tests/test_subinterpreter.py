@@ -493,6 +493,58 @@ def test_closing_during_a_call_interrupts_it_with_manager_closed(tmp_path):
     assert len(outcome) == 1 and isinstance(outcome[0], ManagerClosedError), outcome
 
 
+# -- the call channel (where the C extension runs) ---------------------------------------------
+
+
+GATED = """
+import os, time
+
+def gated(started, release, value):
+    open(started, "w").close()
+    while not os.path.exists(release):
+        time.sleep(0.001)
+    return value
+"""
+
+
+def test_a_caller_asleep_on_the_channel_learns_when_its_interpreter_stops_serving(tmp_path):
+    from multipy.transport import channel
+
+    if not channel.NATIVE:
+        pytest.skip(f"the subinterpreter backend uses its pipes here: {channel.NATIVE_WHY}")
+    started, release = str(tmp_path / "started"), str(tmp_path / "release")
+    with InterpreterManager(1, backend="subinterpreter") as m:
+        m.register_module_source("gates", GATED)
+        outcome = []
+
+        def call() -> None:
+            with m.acquire_one() as s:
+                gated = s.global_("gates", "gated")
+                try:
+                    outcome.append(gated.call_value(started, release, 1))
+                except BaseException as exc:  # the outcome is asserted below
+                    outcome.append(exc)
+
+        thread = threading.Thread(target=call)
+        thread.start()
+        wait_started(started)
+        driver = m._workers[0]._driver
+        wait_for(lambda: driver.end.channel.asleep(driver.slot), "the caller to sleep in FUTEX_WAIT")
+        # What the interpreter's side does when its loop ends: the channel is closed.
+        driver.end.channel.close()
+        # The call still runs there: the caller returns first (having waited a few
+        # seconds for that loop to end), then the call ends and the loop with it.
+        wait_for(lambda: outcome, "the caller to return")
+        open(release, "w").close()
+        thread.join(60)
+        assert not thread.is_alive()
+        assert len(outcome) == 1 and isinstance(outcome[0], multipy.InterpreterCrashedError), outcome
+        assert "stopped serving" in str(outcome[0])
+        with m.acquire_one() as s:  # a new subinterpreter serves
+            assert s.global_("builtins", "abs")(-5).deref() == 5
+        assert m.statistics().interpreters[0].restarts == 1
+
+
 # -- futures and asyncio ------------------------------------------------------------------
 
 
