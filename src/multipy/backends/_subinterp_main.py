@@ -15,8 +15,9 @@
     watchdog thread (in the subinterpreter): interrupt pipe ─▶ CallInterrupted
     raised in the serving thread, only while a call runs.
 
-The loop blocks in ``os.read`` (its own GIL released) between requests: no
-polling.  numpy and torch are never imported here; an ``import torch`` in user
+Between requests the loop waits with its own GIL released: on the call
+channel (spin, then ``FUTEX_WAIT``) where the host has one, else in ``os.read``
+on the request pipe.  numpy and torch are never imported here; an ``import torch`` in user
 code fails at once with the reason (:class:`_RefuseNative`).
 """
 

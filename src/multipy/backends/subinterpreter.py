@@ -16,12 +16,18 @@
     close: end-of-file on the request pipe ─────────────────────▶ loop returns
                                         destroy()
 
+Where the C extension runs, the request and reply pipes above are the
+shared-memory call channel of :mod:`multipy.transport.channel` instead (an
+anonymous mapping shared into the subinterpreter as a ``memoryview``): each
+side spins briefly, then sleeps in ``FUTEX_WAIT`` with its GIL released, and
+the pipes carry only what does not fit, the bell of posted calls and the end
+of the loop.  Without it, each side spins briefly on its pipe, then sleeps in
+``poll`` (:class:`~multipy.transport.frames.Waiter`): two pipe wake-ups a call.
+
 Each subinterpreter runs on its own OS thread (the *driver*), which enters it
-once with ``_interpreters.exec`` and stays there: the serving loop blocks in
-``os.read`` with the subinterpreter's GIL released, and the caller blocks in
-``os.read`` with the main GIL released, so a call costs two pipe wake-ups
-(each side spins briefly on its pipe, then sleeps in ``poll``: see
-:class:`~multipy.transport.frames.Waiter`).  While N driver threads run code in N subinterpreters, none of them
+once with ``_interpreters.exec`` and stays there, waiting for requests with
+the subinterpreter's GIL released while the caller waits with the main GIL
+released.  While N driver threads run code in N subinterpreters, none of them
 holds the main GIL: pure-Python work runs in parallel inside one process.
 The driver thread only comes back to the host (``exec`` returns) to pick up
 cross-interpreter buffer views of large arguments or a bigger result arena.
