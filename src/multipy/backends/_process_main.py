@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import pickle
 import re
 import signal
 import sys
@@ -35,14 +34,13 @@ from ..interp.state import InterpreterState, capture_exception
 from ..transport.codec import Decoder, Encoder
 from ..transport.cuda_link import InterpreterLinks
 from ..transport.frames import FrameReader, Waiter, write_frame
-from ..transport.messages import CALL_ID, Op, parse_request
+from ..transport.messages import CALL_ID, Op, encode_reply, parse_request
 from ..transport.shm import Arena, BlockViews, Segment
 
 
 _CUDA_LINK = int(Op.CUDA_LINK)
 _ID_BYTES = CALL_ID.size
-_pack_id, _unpack_id = CALL_ID.pack, CALL_ID.unpack_from
-_dumps = pickle.dumps
+_unpack_id = CALL_ID.unpack_from
 _UNPINNED_REFS = 3  # the blocks list's entry, the loop variable, getrefcount's argument
 
 
@@ -279,6 +277,5 @@ class Loop:
             out.flush()
             err.flush()
             out.dirty = err.dirty = False
-        # A plain tuple of Reply's fields after the call id (messages.stamp, inlined).
-        return _pack_id(call) + _dumps((value, error, pinned, unpinned, output,
-                                        tuple(self.encoder.placed)), protocol=5)
+        return encode_reply(call, value, error, pinned, unpinned, output,
+                            tuple(self.encoder.placed))

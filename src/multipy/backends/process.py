@@ -591,8 +591,8 @@ class ProcessWorker(Worker):
         encoder = self._encoder
         encoder.handles = handles
         freed = drain(self._freed) if self._freed else ()
-        try:  # a plain tuple of Request's fields: see transport.messages
-            data = encoder.encode((int(op), args, drop, freed), "request")
+        try:  # Request's fields, binary or a plain tuple: see transport.messages
+            data = encoder.encode_request(int(op), args, drop, freed)
         except BaseException:
             self._freed.extend(freed)  # nothing was sent: report them with the next request
             with self._args_lock:

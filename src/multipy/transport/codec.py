@@ -21,14 +21,14 @@ import copyreg
 import ctypes
 import io
 import pickle
+import struct
 import sys
-import weakref
 from typing import Any, Callable
 
 from ..errors import MultipyError, TransportError
 from . import cuda
 from .cuda_link import CUDA_BLOCK
-from .shm import Arena, Segment
+from .shm import Arena, BlockRef, Segment
 from .tensors import decoding, dtype as _dtype, dtype_name as _dtype_name, \
     numpy_dtype as _numpy_dtype, strided as _strided
 
@@ -63,6 +63,64 @@ def hold_tensor(array, dtype_name: str, shape, stride, storage_offset):
     return base.as_strided(shape, stride, storage_offset), array
 
 
+# -- the binary forms of the common call ------------------------------------------
+#
+# A message is a pickle (protocol 5: its first byte is 0x80) or, for the common
+# call, one of two fixed binary forms whose first byte says which:
+#
+#   FAST_VALUE  tag | item                       one None, bool, int, float or tensor
+#   FAST_CALL   tag | grad | nargs | mlen | rid | nfreed | method | freed[] | item[]
+#               a CALL_REPLICATED request: positional tensor and scalar arguments,
+#               no keyword arguments, no drops, the object already loaded
+#
+#   item        0 None | 1 False | 2 True | 3 int64 | 4 float64
+#               | 5 seg dtype ndim strided offset nbytes storage_offset shape[] (stride[])
+#
+# Anything else (keyword arguments, containers, CUDA tensors, handles, big ints)
+# is pickled.  The binary forms carry the same tensor descriptors as the pickle
+# (see Encoder.describe), so both ends treat a tensor the same either way.
+
+FAST_VALUE = 0x01
+FAST_CALL = 0x02
+_PICKLE = 0x80
+_CALL_HEAD = struct.Struct("<BBHHqI")   # tag, grad mode (255: None), nargs, method bytes (65535: None), rid, nfreed
+_TENSOR_HEAD = struct.Struct("<BBBBBQQq")  # item tag, seg, dtype, ndim, strided, offset, nbytes, storage_offset
+_ITEM_INT = struct.Struct("<Bq")
+_ITEM_FLOAT = struct.Struct("<Bd")
+_U8 = struct.Struct("<B")
+_I_NONE, _I_FALSE, _I_TRUE, _I_INT, _I_FLOAT, _I_TENSOR = range(6)
+_SMALL_ITEMS = (b"\x00", b"\x01", b"\x02")  # None, False, True
+_MAX_DIMS = 16
+_DIMS = tuple(struct.Struct(f"<{n}q") for n in range(_MAX_DIMS + 1))
+_U64S = tuple(struct.Struct(f"<{n}Q") for n in range(65))
+_SEGS = (OUTBOUND, RETURNED, EMPTY)
+_SEG_CODES = {OUTBOUND: 0, RETURNED: 1, EMPTY: 2}
+#: dtypes by code in the binary forms (append only: the code is the index)
+_FAST_DTYPES = ("torch.float32", "torch.float64", "torch.float16", "torch.bfloat16",
+                "torch.int64", "torch.int32", "torch.int16", "torch.int8", "torch.uint8",
+                "torch.bool", "torch.complex64", "torch.complex128")
+_DTYPE_CODES = {name: code for code, name in enumerate(_FAST_DTYPES)}
+_CALL_REPLICATED = 14  # messages.Op.CALL_REPLICATED (messages imports this module's users)
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+class _NotFast(Exception):
+    """A value the binary forms do not carry: the message is pickled instead."""
+
+
+def pack_u64s(values) -> bytes:
+    """``values`` (ints) as little-endian u64s."""
+    n = len(values)
+    return (_U64S[n] if n <= 64 else struct.Struct(f"<{n}Q")).pack(*values)
+
+
+def unpack_u64s(data, offset: int, n: int) -> tuple:
+    """``n`` little-endian u64s of ``data`` from ``offset``."""
+    if not n:
+        return ()
+    return (_U64S[n] if n <= 64 else struct.Struct(f"<{n}Q")).unpack_from(data, offset)
+
+
 class Encoder:
     """Pickles values for one direction of one interpreter link.
 
@@ -91,20 +149,106 @@ class Encoder:
         self._table = copyreg.dispatch_table.copy()
         self._pickler.dispatch_table = self._table
         self._tensor_type = None
+        self._parameter_type = None
 
     def encode(self, value: Any, /, where: str = "value") -> bytes:
-        """Pickle ``value``; tensors go to the arena (offsets in ``placed``).
+        """Encode ``value``; tensors go to the arena (offsets in ``placed``).
 
-        ``where`` names the value in errors (``"result"``; ``"request"`` for a
-        request tuple, whose culprit is named as the caller wrote it: "argument 2
-        of the call").
+        ``None``, a bool, an int64, a float or a CPU tensor takes the binary form
+        :data:`FAST_VALUE`; anything else is pickled.  ``where`` names the value in
+        errors (``"result"``; ``"request"`` for a request tuple, whose culprit is
+        named as the caller wrote it: "argument 2 of the call").
+
+        >>> Encoder(None).encode(7)
+        b'\\x01\\x03\\x07\\x00\\x00\\x00\\x00\\x00\\x00\\x00'
+        >>> Decoder(None).decode(Encoder(None).encode([1, 2.5]))
+        [1, 2.5]
         """
         self.placed = []
         if self._tensor_type is None and "torch" in sys.modules:
-            torch = sys.modules["torch"]
-            self._tensor_type = torch.Tensor
-            # Parameters cross as plain tensors too: detached, like every tensor.
-            self._table[torch.Tensor] = self._table[torch.nn.Parameter] = self._reduce_tensor
+            self._know_torch()
+        item = self._item(value)
+        if item is not None:
+            return b"\x01" + item  # FAST_VALUE
+        if self.placed:
+            self._unplace()
+        return self._pickle(value, where)
+
+    def encode_request(self, op: int, args: tuple, drop: tuple, freed: tuple) -> bytes:
+        """Encode the request ``(op, args, drop, freed)`` (see ``messages.Request``).
+
+        A call of a replicated object that is already loaded, with positional
+        tensor and scalar arguments only and nothing to drop, takes the binary
+        form :data:`FAST_CALL`; any other request is pickled.
+        """
+        self.placed = []
+        if self._tensor_type is None and "torch" in sys.modules:
+            self._know_torch()
+        if op == _CALL_REPLICATED and not drop and len(args) == 6:
+            rid, method, positional, kwargs, grad, recipe = args
+            if (recipe is None and not kwargs and type(positional) is tuple
+                    and type(rid) is int and (grad is None or type(grad) is int)
+                    and (method is None or type(method) is str)):
+                parts = [b"", b"" if method is None else method.encode(), pack_u64s(freed)]
+                item = self._item
+                for value in positional:
+                    encoded = item(value)
+                    if encoded is None:
+                        break
+                    parts.append(encoded)
+                else:
+                    if len(positional) < 65536 and len(parts[1]) < 65535 and _INT64[0] <= rid <= _INT64[1]:
+                        parts[0] = _CALL_HEAD.pack(FAST_CALL, 255 if grad is None else grad,
+                                                   len(positional),
+                                                   65535 if method is None else len(parts[1]),
+                                                   rid, len(freed))
+                        return b"".join(parts)
+                if self.placed:
+                    self._unplace()
+        return self._pickle((op, args, drop, freed), "request")
+
+    def _know_torch(self) -> None:
+        torch = sys.modules["torch"]
+        self._tensor_type = torch.Tensor
+        self._parameter_type = torch.nn.Parameter
+        # Parameters cross as plain tensors too: detached, like every tensor.
+        self._table[torch.Tensor] = self._table[torch.nn.Parameter] = self._reduce_tensor
+
+    def _unplace(self) -> None:
+        """Give back the blocks of a binary encoding that was abandoned for a pickle."""
+        for offset in self.placed:
+            self.arena.free(offset)
+        self.placed = []
+
+    def _item(self, value) -> bytes | None:
+        """``value`` as an item of the binary forms, or ``None`` when it must be pickled."""
+        kind = type(value)
+        if kind is self._tensor_type or kind is self._parameter_type:
+            if value.is_cuda:
+                return None  # CUDA links and IPC: the pickle path
+            desc = self.describe(value)
+            if desc is None:
+                return None
+            seg, offset, nbytes, dtype, shape, stride, storage_offset = desc
+            code = _DTYPE_CODES.get(dtype)
+            ndim = len(shape)
+            if code is None or ndim > _MAX_DIMS:
+                return None
+            dims = _DIMS[ndim]
+            head = _TENSOR_HEAD.pack(_I_TENSOR, _SEG_CODES[seg], code, ndim, stride is not None,
+                                     offset, nbytes, storage_offset) + dims.pack(*shape)
+            return head if stride is None else head + dims.pack(*stride)
+        if kind is float:
+            return _ITEM_FLOAT.pack(_I_FLOAT, value)
+        if kind is int:
+            return _ITEM_INT.pack(_I_INT, value) if _INT64[0] <= value <= _INT64[1] else None
+        if kind is bool:
+            return _SMALL_ITEMS[1 + value]
+        if value is None:
+            return b"\x00"
+        return None
+
+    def _pickle(self, value: Any, where: str) -> bytes:
         if self.handles is not None:
             self._table[self.handles[0]] = self._reduce_handle
         buf, pickler = self._buf, self._pickler
@@ -159,29 +303,36 @@ class Encoder:
         if nbytes == 0:
             return (EMPTY, 0, 0, dtype, shape, None, 0)
         returnable = self.returnable
-        if returnable is not None or self.reuse_arena:
-            storage = t.untyped_storage()
-            address = storage.data_ptr()
-            if returnable is not None and returnable.contains(address):
-                return (RETURNED, address - returnable.address, storage.nbytes(), dtype,
-                        shape, tuple(t.stride()), t.storage_offset())
-            if self.reuse_arena and self.arena.segment.contains(address):
-                # Already in our own arena (a result that came back as a view of an
-                # argument): the receiver maps it there, no copy.
-                segment = self.arena.segment
-                return (OUTBOUND, address - segment.address, storage.nbytes(), dtype,
-                        shape, tuple(t.stride()), t.storage_offset())
+        address = t.data_ptr()
+        if returnable is not None and returnable.contains(address):
+            return _in_place(t, RETURNED, returnable, address, nbytes, dtype, shape)
+        if self.reuse_arena and self.arena.segment.contains(address):
+            # Already in our own arena (a result that came back as a view of an
+            # argument): the receiver maps it there, no copy.
+            return _in_place(t, OUTBOUND, self.arena.segment, address, nbytes, dtype, shape)
         if self.arena is None:
             raise TransportError("tensors cannot cross this link")
         offset = self.arena.alloc(nbytes)
         self.placed.append(offset)
         segment = self.arena.segment
         if t.is_contiguous():
-            ctypes.memmove(segment.address + offset, t.data_ptr(), nbytes)
+            ctypes.memmove(segment.address + offset, address, nbytes)
         else:
             dst = view_tensor(segment.view(offset, nbytes), dtype, shape, None, 0)
             dst.copy_(t.detach())
         return (OUTBOUND, offset, nbytes, dtype, shape, None, 0)
+
+
+def _in_place(t, seg: str, segment: Segment, address: int, nbytes: int, dtype: str,
+              shape: tuple) -> tuple:
+    """The descriptor of ``t``, whose bytes are in ``segment`` already.  Its block
+    starts where its storage does; a contiguous tensor that starts there too is
+    described as a plain block (the receiver views it without ``as_strided``)."""
+    if t.storage_offset() == 0 and t.is_contiguous():
+        return (seg, address - segment.address, nbytes, dtype, shape, None, 0)
+    storage = t.untyped_storage()
+    return (seg, storage.data_ptr() - segment.address, storage.nbytes(), dtype, shape,
+            tuple(t.stride()), t.storage_offset())
 
 
 class Decoder:
@@ -210,22 +361,35 @@ class Decoder:
         self.on_release = on_release
         self.received: list = []
         self._watched: dict[int, Any] = {}
+        self._died = self._block_died  # one bound method for every watched block
 
     def _watch(self, array, offset: int) -> None:
         """Report ``offset`` to ``on_release`` once ``array`` (and every tensor over it) dies."""
-        watched, release = self._watched, self.on_release
+        ref = self._watched[offset] = BlockRef(array, self._died)
+        ref.offset = offset
 
-        def died(ref, offset=offset):
-            watched.pop(offset, None)
-            release(offset)
-
-        watched[offset] = weakref.ref(array, died)
+    def _block_died(self, ref) -> None:
+        offset = ref.offset
+        if self._watched.get(offset) is ref:
+            del self._watched[offset]
+        self.on_release(offset)
 
     def decode(self, data: bytes, /, *, lenient: bool = False) -> Any:
-        """Unpickle ``data``.  ``lenient`` stands a stub in for every class that
-        cannot be found (to read the rest of a message whose arguments cannot be
-        rebuilt)."""
+        """Decode ``data`` (a binary form or a pickle).  ``lenient`` stands a stub in
+        for every class that cannot be found (to read the rest of a message whose
+        arguments cannot be rebuilt)."""
         self.received = []
+        first = data[0] if data else _PICKLE
+        if first == FAST_CALL or first == FAST_VALUE:
+            try:
+                if first == FAST_CALL:
+                    return self._decode_call(data)
+                value, end = self._read_item(data, 1)
+            except (struct.error, IndexError, UnicodeDecodeError) as exc:
+                raise TransportError(f"corrupt binary message ({len(data)} bytes): {exc}") from None
+            if end != len(data):
+                raise TransportError(f"{len(data) - end} stray bytes after a binary value")
+            return value
         previous = getattr(decoding, "decoder", None)
         decoding.decoder = self
         try:
@@ -237,6 +401,51 @@ class Decoder:
             decoding.decoder = previous
         settle_sparse()
         return value
+
+    def _decode_call(self, data) -> tuple:
+        """A :data:`FAST_CALL` request as the request tuple ``(op, args, drop, freed)``."""
+        _, grad, nargs, mlen, rid, nfreed = _CALL_HEAD.unpack_from(data)
+        pos = _CALL_HEAD.size
+        if mlen == 65535:
+            method = None
+        else:
+            method = bytes(data[pos:pos + mlen]).decode()
+            pos += mlen
+        freed = unpack_u64s(data, pos, nfreed)
+        pos += 8 * nfreed
+        read = self._read_item
+        positional = []
+        for _ in range(nargs):
+            value, pos = read(data, pos)
+            positional.append(value)
+        if pos != len(data):
+            raise TransportError(f"{len(data) - pos} stray bytes after a binary call")
+        return (_CALL_REPLICATED, (rid, method, tuple(positional), {},
+                                   None if grad == 255 else grad, None), (), freed)
+
+    def _read_item(self, data, pos: int):
+        """``(value, next position)`` of the binary item at ``pos``."""
+        tag = data[pos]
+        if tag == _I_TENSOR:
+            _, seg, code, ndim, strided, offset, nbytes, storage_offset = \
+                _TENSOR_HEAD.unpack_from(data, pos)
+            dims = _DIMS[ndim]
+            pos += _TENSOR_HEAD.size
+            shape = dims.unpack_from(data, pos)
+            pos += dims.size
+            stride = None
+            if strided:
+                stride = dims.unpack_from(data, pos)
+                pos += dims.size
+            return self.rebuild((_SEGS[seg], offset, nbytes, _FAST_DTYPES[code], shape, stride,
+                                 storage_offset)), pos
+        if tag == _I_INT:
+            return _ITEM_INT.unpack_from(data, pos)[1], pos + _ITEM_INT.size
+        if tag == _I_FLOAT:
+            return _ITEM_FLOAT.unpack_from(data, pos)[1], pos + _ITEM_FLOAT.size
+        if tag <= _I_TRUE:
+            return (None, False, True)[tag], pos + 1
+        raise TransportError(f"unknown item {tag} in a binary message")
 
     def rebuild(self, pid):
         if pid[0] == HANDLE:

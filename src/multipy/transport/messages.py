@@ -16,6 +16,16 @@ see ``ProcessWorker._reply_for`` for what the host does with any other::
 
     request frame:  length | call id | pickle(op, args, drop, freed)
     reply frame:    length | call id | pickle(value, error, pinned, unpinned, output, blocks)
+
+**Binary forms.**  The common call skips pickle's machinery on both sides: a
+request calling a replicated object with tensor and scalar arguments is encoded
+by ``codec.Encoder.encode_request`` in a fixed binary layout, and a reply without
+an error is packed by :func:`encode_reply` as a fixed header and its block lists,
+the value last (itself a binary item or a pickle, see ``codec``).  The first byte
+after the call id tells the forms apart (a pickle starts with 0x80)::
+
+    reply frame:    length | call id | 0x01 | flags | npinned | nunpinned | nblocks
+                    | pinned[] | unpinned[] | blocks[] | value
 """
 
 from __future__ import annotations
@@ -189,6 +199,54 @@ def split_call(payload: bytes, /) -> tuple[int, bytes]:
     return CALL_ID.unpack_from(payload)[0], payload[CALL_ID.size:]
 
 
+#: First byte after the call id of a reply in the binary form (a pickle starts with 0x80).
+FAST_REPLY = 0x01
+_REPLY_HEAD = struct.Struct("<QBBHHH")  # call id, FAST_REPLY, flags, npinned, nunpinned, nblocks
+_OUTPUT, _VALUE = 1, 2                   # flags
+_U64S = tuple(struct.Struct(f"<{n}Q") for n in range(17))
+_dumps = pickle.dumps
+
+
+def encode_reply(call: int, value: bytes | None, error: RemoteException | None, pinned: tuple,
+                 unpinned: tuple, output: bool, blocks: tuple, /) -> bytes:
+    """A reply frame payload (call id first): the binary form unless there is an
+    error or a block list too long for it, else the pickled fields.
+
+    >>> parse_reply(encode_reply(3, b"v", None, (64,), (), True, (128, 192)))
+    Reply(call=3, value=b'v', error=None, pinned=(64,), unpinned=(), output=True, blocks=(128, 192))
+    """
+    if error is None and len(pinned) <= 16 and len(unpinned) <= 16 and len(blocks) <= 16:
+        head = _REPLY_HEAD.pack(call, FAST_REPLY, (_OUTPUT if output else 0)
+                                | (0 if value is None else _VALUE),
+                                len(pinned), len(unpinned), len(blocks))
+        if pinned or unpinned or blocks:
+            head += (_U64S[len(pinned)].pack(*pinned) + _U64S[len(unpinned)].pack(*unpinned)
+                     + _U64S[len(blocks)].pack(*blocks))
+        return head if value is None else head + value
+    return CALL_ID.pack(call) + _dumps((value, error, pinned, unpinned, output, blocks), protocol=5)
+
+
+def _parse_fast_reply(frame) -> Reply:
+    try:
+        call, _, flags, npinned, nunpinned, nblocks = _REPLY_HEAD.unpack_from(frame)
+        pos = _REPLY_HEAD.size
+        pinned = unpinned = blocks = ()
+        if npinned or nunpinned or nblocks:
+            pinned = _U64S[npinned].unpack_from(frame, pos)
+            pos += 8 * npinned
+            unpinned = _U64S[nunpinned].unpack_from(frame, pos)
+            pos += 8 * nunpinned
+            blocks = _U64S[nblocks].unpack_from(frame, pos)
+            pos += 8 * nblocks
+    except (struct.error, IndexError) as exc:
+        raise TransportError(f"malformed reply frame ({len(frame)} bytes): {exc}") from None
+    if flags & ~(_OUTPUT | _VALUE) or (pos != len(frame) and not flags & _VALUE) \
+            or (flags & _VALUE and pos >= len(frame)):
+        raise TransportError(f"malformed reply frame ({len(frame)} bytes): not a Reply")
+    value = bytes(frame[pos:]) if flags & _VALUE else None
+    return _new_reply(Reply, (call, value, None, pinned, unpinned, bool(flags & _OUTPUT), blocks))
+
+
 def parse_reply(frame: bytes, /) -> Reply:
     """Decode a reply frame (call id, then the pickled fields), checking its shape.
 
@@ -200,6 +258,8 @@ def parse_reply(frame: bytes, /) -> Reply:
     >>> parse_reply(stamp(3, pickle.dumps((None, None, (), (), False, ())))).call
     3
     """
+    if len(frame) > _ID_BYTES and frame[_ID_BYTES] == FAST_REPLY:
+        return _parse_fast_reply(frame)
     try:
         if len(frame) < _ID_BYTES:
             raise ValueError(f"a frame of {len(frame)} bytes is too short to carry a call id")

@@ -209,6 +209,13 @@ class Arena:
                 self._free_sizes[off] = size
 
 
+class BlockRef(weakref.ref):
+    """A weak reference to a block's holder that knows the block's offset (no
+    closure per block)."""
+
+    __slots__ = ("offset",)
+
+
 class BlockViews:
     """Which arena blocks live tensors view here, counted per block.
 
@@ -223,14 +230,23 @@ class BlockViews:
         self._refs: dict[int, list] = {}
         self._on_last = on_last
         self._lock = lock if lock is not None else threading.RLock()
+        self._ref_died = self._holder_died  # one bound method for every holder
 
     def add(self, offset: int, holder) -> None:
+        ref = BlockRef(holder, self._ref_died)
+        ref.offset = offset
         with self._lock:
-            self._refs.setdefault(offset, []).append(
-                weakref.ref(holder, lambda ref: self._died(offset, ref)))
+            refs = self._refs.get(offset)
+            if refs is None:
+                self._refs[offset] = [ref]
+            else:
+                refs.append(ref)
 
     def __contains__(self, offset: int) -> bool:
         return offset in self._refs
+
+    def _holder_died(self, ref) -> None:
+        self._died(ref.offset, ref)
 
     def _died(self, offset: int, ref) -> None:
         with self._lock:
