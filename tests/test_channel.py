@@ -341,3 +341,55 @@ def test_a_caller_learns_at_once_that_the_server_died_then_a_new_channel_serves(
         assert ch.take_reply(slot) == (3, b"cba")
     finally:
         replacement.close()
+
+
+# -- the pipe path's spin (MULTIPY_NATIVE=0) -----------------------------------------
+
+
+class _CountingPoller:
+    def __init__(self, fd: int) -> None:
+        import select
+
+        self.real = select.poll()
+        self.real.register(fd, select.POLLIN)
+        self.polls = 0
+
+    def poll(self, timeout):
+        self.polls += 1
+        return self.real.poll(timeout)
+
+
+def test_a_pipe_spin_stops_once_other_threads_want_the_gil():
+    # Every poll(0) of the spin releases the GIL.  While a thread runs Python code,
+    # each poll hands the GIL over and waits for it back: the spin must give up at
+    # once and let the caller sleep, not trade the GIL back and forth for its window.
+    from multipy.transport.frames import spin_readable
+
+    r, w = os.pipe()
+    stop = threading.Event()
+    started = threading.Event()
+
+    def busy() -> None:
+        started.set()
+        while not stop.is_set():
+            pass
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.0005)  # the busy thread asks for the GIL after 0.5 ms
+    hog = threading.Thread(target=busy)
+    hog.start()
+    started.wait()
+    poller = _CountingPoller(r)
+    try:
+        assert spin_readable(poller, 5.0) is False
+    finally:
+        stop.set()
+        hog.join()
+        sys.setswitchinterval(interval)
+    # It gave up at the first hand-off (within about one switch interval: a few
+    # thousand polls), not at the end of its 5 s window (about a million polls).
+    assert poller.polls < 50_000
+    os.write(w, b"x")
+    assert spin_readable(_CountingPoller(r), 2.0) is True
+    os.close(r)
+    os.close(w)

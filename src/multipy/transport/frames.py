@@ -125,16 +125,29 @@ class FrameReader:
         return data[_HEADER.size:end]
 
 
+#: Seconds one ``poll(0)`` of a spin may take before the spin counts as contended: an
+#: uncontended poll and GIL round trip takes about a microsecond; one after which
+#: this thread had to wait for the GIL (another thread took it) takes far longer.
+_CONTENDED_POLL = 50e-6
+
+
 def spin_readable(poller: "select.poll", spin: float) -> bool:
     """Poll without sleeping for up to ``spin`` seconds; True once readable.
 
     A reply that comes back within that window costs no sleep and no wake-up,
     the dominant cost of a round trip on a virtual machine (tens of µs each way).
+    Each ``poll(0)`` releases the GIL: while another thread of this process runs
+    Python code, the spin and that thread trade the GIL back and forth, each
+    waiting up to a switch interval for it.  The spin gives up (False) at the
+    first poll after which it had to wait that long, so a contended host sleeps
+    at once instead.
     """
     clock = time.perf_counter
-    deadline = clock() + spin
+    now = clock()
+    deadline = now + spin
     while not poller.poll(0):
-        if clock() > deadline:
+        last, now = now, clock()
+        if now > deadline or now - last > _CONTENDED_POLL:
             return False
     return True
 
