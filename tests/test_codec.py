@@ -229,6 +229,8 @@ def test_a_corrupt_binary_reply_is_a_transport_error(frame):
     bytes([FAST_VALUE, 3, 1, 2]),               # an int cut short
     bytes([FAST_VALUE, 0, 0]),                  # stray bytes
     bytes([FAST_CALL, 0, 1]),                   # a call header cut short
+    bytes([FAST_VALUE, 5, 7, 0, 0, 0]) + bytes(24),  # a tensor in an unknown segment
+    bytes([FAST_VALUE, 5, 0, 99, 0, 0]) + bytes(24),  # a tensor of an unknown dtype
 ])
 def test_a_corrupt_binary_value_raises(link, data):
     with pytest.raises(TransportError):

@@ -37,6 +37,8 @@ from .session import InterpreterSession, Obj, caller_grad_mode
 from .stats import InterpreterStatistics, ManagerStatistics, quantile
 from .timeouts import check_timeout, effective
 
+_CALL_REPLICATED = Op.CALL_REPLICATED  # a global: an enum attribute costs ~0.7 µs per lookup
+
 
 class Interpreter:
     """One interpreter of a manager (``manager.all_instances()``)."""
@@ -267,7 +269,7 @@ class InterpreterManager:
             raise ManagerClosedError("this InterpreterManager is closed")
         try:
             return self._workers[index].request(
-                Op.CALL_REPLICATED, (replicated._id, method, args, kwargs, caller_grad_mode()),
+                _CALL_REPLICATED, (replicated._id, method, args, kwargs, caller_grad_mode()),
                 timeout=effective(timeout, self._call_timeout),
                 materializes=replicated._id, recipe=replicated._recipe)
         finally:

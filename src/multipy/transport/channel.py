@@ -93,6 +93,12 @@ class Wait(enum.IntEnum):
     SLEPT = 4    # ready, but only after sleeping: the spin (if any) was too short
 
 
+# The members as module globals: an enum's attribute costs a metaclass __getattr__
+# lookup (about 0.7 µs here), and the waits below run once per call.
+_READY, _TIMEOUT, _SLEPT = Wait.READY, Wait.TIMEOUT, Wait.SLEPT
+_WOKEN = (Wait.READY, Wait.SLEPT)
+
+
 def size(ring_bytes: int, slots: int, slot_bytes: int) -> int:
     """Bytes of shared memory a channel of this geometry needs."""
     return HEADER_BYTES + ring_bytes + slots * (SLOT_HEAD + slot_bytes)
@@ -524,10 +530,10 @@ class HostEnd:
             spin = 0.0
         rc = self.channel.wait_reply(slot, -1.0 if timeout is None else timeout, spin,
                                      self.max_spinners, self.alive_fd)
-        if rc == Wait.SLEPT and spin:
+        if rc == _SLEPT and spin:
             self._backoff = min(self._backoff * 2, 64)
             self._skip = self._backoff
-        elif rc == Wait.READY:
+        elif rc == _READY:
             self._backoff = 1
         return rc
 
@@ -610,7 +616,7 @@ class InterpreterEnd:
             if item is None:
                 # A readable request pipe with an empty ring is its end-of-file: every
                 # spilled frame is announced in the ring before it is written.
-                if ch.wait_request(-1.0, spin, req_r) not in (Wait.READY, Wait.SLEPT):
+                if ch.wait_request(-1.0, spin, req_r) not in _WOKEN:
                     return
                 continue
             tag, data = item

@@ -63,6 +63,17 @@ def hold_tensor(array, dtype_name: str, shape, stride, storage_offset):
     return base.as_strided(shape, stride, storage_offset), array
 
 
+def _copier():
+    """``copy(dst, src, nbytes)``: the extension's (keeps the GIL for all but huge
+    copies), else ``ctypes.memmove`` (releases it for every copy)."""
+    from .channel import _native_module
+
+    return getattr(_native_module, "copy", None) or ctypes.memmove
+
+
+_copy = _copier()
+
+
 # -- the binary forms of the common call ------------------------------------------
 #
 # A message is a pickle (protocol 5: its first byte is 0x80) or, for the common
@@ -100,6 +111,7 @@ _FAST_DTYPES = ("torch.float32", "torch.float64", "torch.float16", "torch.bfloat
                 "torch.int64", "torch.int32", "torch.int16", "torch.int8", "torch.uint8",
                 "torch.bool", "torch.complex64", "torch.complex128")
 _DTYPE_CODES = {name: code for code, name in enumerate(_FAST_DTYPES)}
+_NUMPY_BY_CODE: list = []  # numpy dtype (or None) by dtype code, once torch is here
 _CALL_REPLICATED = 14  # messages.Op.CALL_REPLICATED (messages imports this module's users)
 _INT64 = (-(1 << 63), (1 << 63) - 1)
 
@@ -316,11 +328,22 @@ class Encoder:
         self.placed.append(offset)
         segment = self.arena.segment
         if t.is_contiguous():
-            ctypes.memmove(segment.address + offset, address, nbytes)
+            _copy(segment.address + offset, address, nbytes)
         else:
             dst = view_tensor(segment.view(offset, nbytes), dtype, shape, None, 0)
             dst.copy_(t.detach())
         return (OUTBOUND, offset, nbytes, dtype, shape, None, 0)
+
+
+def _know_numpy() -> None:
+    global _from_numpy
+    import torch
+
+    _from_numpy = torch.from_numpy
+    _NUMPY_BY_CODE[:] = [_numpy_dtype(name) for name in _FAST_DTYPES]
+
+
+_from_numpy = None  # torch.from_numpy, once a binary tensor item was read
 
 
 def _in_place(t, seg: str, segment: Segment, address: int, nbytes: int, dtype: str,
@@ -427,6 +450,8 @@ class Decoder:
         """``(value, next position)`` of the binary item at ``pos``."""
         tag = data[pos]
         if tag == _I_TENSOR:
+            if not _NUMPY_BY_CODE:
+                _know_numpy()
             _, seg, code, ndim, strided, offset, nbytes, storage_offset = \
                 _TENSOR_HEAD.unpack_from(data, pos)
             dims = _DIMS[ndim]
@@ -437,8 +462,26 @@ class Decoder:
             if strided:
                 stride = dims.unpack_from(data, pos)
                 pos += dims.size
-            return self.rebuild((_SEGS[seg], offset, nbytes, _FAST_DTYPES[code], shape, stride,
-                                 storage_offset)), pos
+            if seg > 2:
+                raise TransportError(f"unknown segment {seg} in a binary tensor item")
+            np_dtype = _NUMPY_BY_CODE[code] if stride is None and seg != 2 else None
+            if np_dtype is None:  # empty, strided, or no numpy twin (bfloat16)
+                return self.rebuild((_SEGS[seg], offset, nbytes, _FAST_DTYPES[code], shape,
+                                     stride, storage_offset)), pos
+            # Decoder.rebuild and hold_tensor, inlined for a plain block: once per tensor.
+            segment = self.outbound if seg == 0 else self.own
+            end = offset + nbytes
+            if end > segment.size:
+                segment.ensure(end)
+            holder = segment.base[offset:end].view(np_dtype).reshape(shape)
+            if seg == 0:
+                if self.on_release is not None:
+                    self._watch(holder, offset)
+                else:
+                    self.received.append((offset, holder))
+            elif self.on_return is not None:
+                self.on_return(offset, holder)
+            return _from_numpy(holder), pos
         if tag == _I_INT:
             return _ITEM_INT.unpack_from(data, pos)[1], pos + _ITEM_INT.size
         if tag == _I_FLOAT:
