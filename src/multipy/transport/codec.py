@@ -29,8 +29,8 @@ from ..errors import MultipyError, TransportError
 from . import cuda
 from .cuda_link import CUDA_BLOCK
 from .shm import Arena, BlockRef, Segment
-from .tensors import decoding, dtype as _dtype, dtype_name as _dtype_name, \
-    numpy_dtype as _numpy_dtype, strided as _strided
+from .tensors import _NAMES as _DTYPE_NAMES, decoding, dtype as _dtype, \
+    dtype_name as _dtype_name, numpy_dtype as _numpy_dtype, strided as _strided
 
 # Descriptor segment names.  Anything else is a ``(pid, fd, inode)`` ident.
 OUTBOUND = "o"   # the sender's arena (host: args arena; interpreter: results arena)
@@ -162,6 +162,7 @@ class Encoder:
         self._pickler.dispatch_table = self._table
         self._tensor_type = None
         self._parameter_type = None
+        self._strided = None
 
     def encode(self, value: Any, /, where: str = "value") -> bytes:
         """Encode ``value``; tensors go to the arena (offsets in ``placed``).
@@ -223,6 +224,7 @@ class Encoder:
         torch = sys.modules["torch"]
         self._tensor_type = torch.Tensor
         self._parameter_type = torch.nn.Parameter
+        self._strided = torch.strided
         # Parameters cross as plain tensors too: detached, like every tensor.
         self._table[torch.Tensor] = self._table[torch.nn.Parameter] = self._reduce_tensor
 
@@ -300,7 +302,7 @@ class Encoder:
 
         ``stride`` is ``None`` in a descriptor of a contiguous block.
         """
-        if not t.is_cpu or t.layout is not _strided() or t.is_quantized:
+        if not t.is_cpu or t.layout is not (self._strided or _strided()) or t.is_quantized:
             if not t.is_cpu:
                 raise TransportError(
                     f"a {t.device.type} tensor cannot cross the process boundary "
@@ -309,24 +311,28 @@ class Encoder:
             return None  # sparse and quantized tensors are pickled by value
         if t.is_conj() or t.is_neg():
             t = t.resolve_conj().resolve_neg()
-        dtype = _dtype_name(t.dtype)
+        dtype = t.dtype
+        dtype = _DTYPE_NAMES.get(dtype) or _dtype_name(dtype)
         shape = tuple(t.shape)
         nbytes = t.nbytes
         if nbytes == 0:
             return (EMPTY, 0, 0, dtype, shape, None, 0)
         returnable = self.returnable
         address = t.data_ptr()
-        if returnable is not None and returnable.contains(address):
+        # Segment.contains, inlined (once or twice per tensor)
+        if returnable is not None and returnable.address <= address < returnable.address + returnable.size:
             return _in_place(t, RETURNED, returnable, address, nbytes, dtype, shape)
-        if self.reuse_arena and self.arena.segment.contains(address):
+        arena = self.arena
+        if arena is None:
+            raise TransportError("tensors cannot cross this link")
+        segment = arena.segment
+        if self.reuse_arena and segment.address <= address < segment.address + segment.size:
             # Already in our own arena (a result that came back as a view of an
             # argument): the receiver maps it there, no copy.
-            return _in_place(t, OUTBOUND, self.arena.segment, address, nbytes, dtype, shape)
-        if self.arena is None:
-            raise TransportError("tensors cannot cross this link")
-        offset = self.arena.alloc(nbytes)
+            return _in_place(t, OUTBOUND, segment, address, nbytes, dtype, shape)
+        offset = arena.alloc(nbytes)
         self.placed.append(offset)
-        segment = self.arena.segment
+        segment = arena.segment  # alloc may have grown (and so remapped) it
         if t.is_contiguous():
             _copy(segment.address + offset, address, nbytes)
         else:
