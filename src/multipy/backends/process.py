@@ -725,9 +725,10 @@ class ProcessWorker(Worker):
                 _waiting += 1
                 alone = _waiting == 1
             try:
+                # Without a deadline the read below is the wait: one GIL release.
                 ready = self._waiter.wait(
                     None if deadline is None else max(0.0, deadline - time.monotonic()),
-                    spin=alone)
+                    spin=alone, block=False)
             finally:
                 with _waiting_lock:
                     _waiting -= 1
@@ -744,7 +745,8 @@ class ProcessWorker(Worker):
         except FrameError as exc:
             raise self._desynchronised(exc) from None
         except BaseException:
-            self._out_of_step("a reply was interrupted while it was being read")
+            if self._reader.partial:  # else interrupted while waiting: the call stays owed
+                self._out_of_step("a reply was interrupted while it was being read")
             raise
         if frame is None:
             raise self._crashed("while starting" if starting else "while running a call")

@@ -85,11 +85,12 @@ class FrameReader:
     out of step.
     """
 
-    __slots__ = ("fd", "_rest")
+    __slots__ = ("fd", "_rest", "partial")
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self._rest = b""
+        self.partial = False  # bytes of a frame were taken from the pipe, not all of it yet
 
     @property
     def buffered(self) -> bool:
@@ -102,6 +103,7 @@ class FrameReader:
         data, self._rest = self._rest or os.read(fd, _CHUNK), b""
         if not data:
             return None
+        self.partial = True
         while len(data) < _HEADER.size:
             more = os.read(fd, _CHUNK)
             if not more:
@@ -122,6 +124,7 @@ class FrameReader:
             data = b"".join(parts)
         if len(data) > end:
             self._rest = data[end:]
+        self.partial = False
         return data[_HEADER.size:end]
 
 
@@ -184,9 +187,12 @@ class Waiter:
         self._skip = 0
         self._backoff = 1
 
-    def wait(self, timeout: float | None = None, *, spin: bool = True) -> bool:
+    def wait(self, timeout: float | None = None, *, spin: bool = True, block: bool = True) -> bool:
         """Wait for data; ``spin=False`` sleeps at once (e.g. when other threads
-        of this process need the GIL more than this one needs a fast wake-up)."""
+        of this process need the GIL more than this one needs a fast wake-up).
+        ``block=False`` with no ``timeout`` leaves the sleep to the caller's
+        blocking read (True at once after a spin that ran out): a read that
+        waits is one GIL release, a ``poll`` and then a read are two."""
         if spin and self.spin > 0:
             if self._skip:
                 self._skip -= 1
@@ -196,4 +202,6 @@ class Waiter:
             else:
                 self._backoff = min(self._backoff * 2, 64)
                 self._skip = self._backoff
+        if timeout is None and not block:
+            return True
         return block_readable(self.poller, timeout)
