@@ -7,7 +7,7 @@ interpreter) in the host and in the interpreter, then off::
 
     valgrind --tool=callgrind --trace-children=yes --trace-children-skip='*perl*' \\
         --instr-atstart=no --callgrind-out-file=/tmp/cg.%p \\
-        python benchmarks/count_instructions.py 200
+        python benchmarks/count_instructions.py 200 [--int]
     python benchmarks/count_instructions.py --report /tmp/cg.HOSTPID.1 /tmp/cg.HOSTPID.2 200
 
 The first dump of a process holds N calls, the second 2N; instructions per call are
@@ -45,7 +45,7 @@ def main() -> None:
         _report(sys.argv[2], sys.argv[3], int(sys.argv[4]))
         return
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 300
-    x = torch.randn(1, 16)
+    x = 3 if "--int" in sys.argv else torch.randn(1, 16)  # --int: the same call with an int
     with InterpreterManager(1, backend="process", num_threads=1, start_timeout=600,
                             call_timeout=600) as manager:
         model = manager.load_package(example_archive("identity")).load_pickle("model", "model.pkl")
