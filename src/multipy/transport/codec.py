@@ -202,7 +202,9 @@ class Encoder:
             if (recipe is None and not kwargs and type(positional) is tuple
                     and type(rid) is int and (grad is None or type(grad) is int)
                     and (method is None or type(method) is str)):
-                parts = [b"", b"" if method is None else method.encode(), pack_u64s(freed)]
+                parts = [b"", b"" if method is None else method.encode(),
+                         (_U64S[len(freed)].pack(*freed) if len(freed) <= 64 else pack_u64s(freed))
+                         if freed else b""]
                 item = self._item
                 for value in positional:
                     encoded = item(value)
@@ -440,8 +442,11 @@ class Decoder:
         else:
             method = bytes(data[pos:pos + mlen]).decode()
             pos += mlen
-        freed = unpack_u64s(data, pos, nfreed)
-        pos += 8 * nfreed
+        if nfreed:
+            freed = unpack_u64s(data, pos, nfreed)
+            pos += 8 * nfreed
+        else:
+            freed = ()
         read = self._read_item
         positional = []
         for _ in range(nargs):

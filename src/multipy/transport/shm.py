@@ -145,7 +145,7 @@ class Arena:
         self._classes: dict[int, list[int]] = {}
 
     def alloc(self, nbytes: int) -> int:
-        need = _round(nbytes)
+        need = (max(nbytes, 1) + ALIGN - 1) & ~(ALIGN - 1)  # _round, inlined (once per tensor)
         if need <= SMALL:
             need = 1 << (need - 1).bit_length()
             free = self._classes.get(need)
