@@ -217,7 +217,8 @@ class InterpreterState:
         if cuda:
             _use_own_stream()
         context = _grad_change(grad_mode)
-        args = self.resolve(args)
+        if type(args) is not tuple or Handle in map(type, args):  # resolve, when it has work
+            args = self.resolve(args)
         if kwargs:
             kwargs = self.resolve(kwargs)
         if context is None:
@@ -295,7 +296,9 @@ class InterpreterState:
         self.replicated.pop(rid, None)
 
     def _call_replicated(self, rid, method, args, kwargs, grad_mode, recipe):
-        obj = self._replicated(rid, recipe)
+        obj = self.replicated.get(rid)
+        if obj is None:
+            obj = self._replicated(rid, recipe)
         return self._invoke(obj if method is None else getattr(obj, method), args, kwargs,
                             grad_mode)
 
