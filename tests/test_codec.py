@@ -231,7 +231,21 @@ def test_a_corrupt_binary_reply_is_a_transport_error(frame):
     bytes([FAST_CALL, 0, 1]),                   # a call header cut short
     bytes([FAST_VALUE, 5, 7, 0, 0, 0]) + bytes(24),  # a tensor in an unknown segment
     bytes([FAST_VALUE, 5, 0, 99, 0, 0]) + bytes(24),  # a tensor of an unknown dtype
+    bytes([FAST_VALUE, 5, 2, 0, 1, 0]) + bytes(24) + (1 << 40).to_bytes(8, "little"),  # "empty", 2**40 elements
 ])
 def test_a_corrupt_binary_value_raises(link, data):
     with pytest.raises(TransportError):
         link.host_in.decode(data)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(prefix=st.sampled_from([FAST_VALUE, FAST_CALL]), body=st.binary(max_size=120))
+def test_random_binary_messages_raise_cleanly(link, prefix, body):
+    # Whatever the bytes say, decoding returns or raises an ordinary exception
+    # (the interpreter answers it as an error reply, the host as a TransportError).
+    try:
+        link.interp_in.decode(bytes([prefix]) + body)
+    except Exception:
+        pass
+    finally:
+        link.interp_in.received = []

@@ -475,6 +475,8 @@ class Decoder:
                 pos += dims.size
             if seg > 2:
                 raise TransportError(f"unknown segment {seg} in a binary tensor item")
+            if seg == 2 and 0 not in shape:  # EMPTY: never allocate what a corrupt item says
+                raise TransportError(f"an empty tensor item of shape {shape}")
             np_dtype = _NUMPY_BY_CODE[code] if stride is None and seg != 2 else None
             if np_dtype is None:  # empty, strided, or no numpy twin (bfloat16)
                 return self.rebuild((_SEGS[seg], offset, nbytes, _FAST_DTYPES[code], shape,
