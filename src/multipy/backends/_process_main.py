@@ -188,7 +188,7 @@ class Loop:
         reader = FrameReader(self.req_r)  # several requests may be queued in the pipe
         while True:
             if not reader.buffered:
-                waiter.wait()
+                waiter.wait(block=False)  # after the spin, the blocking read is the wait
             data = reader.read()
             if data is None:
                 break

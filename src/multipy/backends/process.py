@@ -737,7 +737,8 @@ class ProcessWorker(Worker):
         return self._read_frame(starting)
 
     def _read_frame(self, starting: bool) -> bytes:
-        """Read one reply frame (buffered, or readable now)."""
+        """Read one reply frame: buffered, readable now, or (without a deadline) the
+        blocking read is the wait."""
         try:
             frame = self._reader.read()
         except (BrokenPipeError, ConnectionResetError):
