@@ -43,6 +43,13 @@ class Weights(torch.nn.Module):
         return self.weight + x
 
 
+class Mode(torch.nn.Module):
+    """Answers whether it runs in inference mode (a server runs models that way)."""
+
+    def forward(self, x):
+        return torch.tensor([torch.is_inference_mode_enabled()])
+
+
 def write(path) -> None:
     """Write every model above into one archive: ``model/<name>.pkl``."""
     from torch.package import PackageExporter
@@ -50,5 +57,5 @@ def write(path) -> None:
     with PackageExporter(str(path)) as exporter:
         exporter.intern("_serve_models")
         for name, model in (("affine", Affine()), ("sleepy", Sleepy()), ("named", Named()),
-                            ("weights", Weights())):
+                            ("weights", Weights()), ("mode", Mode())):
             exporter.save_pickle("model", f"{name}.pkl", model)

@@ -39,7 +39,7 @@ def archive(tmp_path_factory):
 
 def _models(archive) -> dict[str, str]:
     return {name: f"{archive}:model/{name}.pkl" for name in ("affine", "sleepy", "named",
-                                                             "weights")}
+                                                             "weights", "mode")}
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +86,11 @@ def test_inference_answers_with_the_models_result(client, binary):
 def test_a_models_declared_output_names_name_its_outputs(client):
     out = _outputs(_infer(client, "named", torch.tensor([1, 5, 2])))
     assert out == {"total": torch.tensor(8), "largest": torch.tensor(5)}
+
+
+def test_models_run_in_inference_mode(client):
+    # The event loop's thread is in grad mode; a served model records no autograd graph.
+    assert _outputs(_infer(client, "mode", torch.ones(1)))["OUTPUT__0"].tolist() == [True]
 
 
 def test_the_versioned_infer_route_is_the_same_model(client):
