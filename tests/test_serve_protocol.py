@@ -110,6 +110,13 @@ def test_requested_outputs_pick_and_mix_binary_and_json():
             [("x", torch.ones(1))], outputs=[RequestedOutput("nope")])))
 
 
+def test_nan_and_infinities_survive_a_json_response():
+    value = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.5])
+    body = encode_response("m", value).body
+    assert b"NaN" in body and b"-Infinity" in body  # what Python's json reads back
+    torch.testing.assert_close(decode_response(body)["OUTPUT__0"], value, equal_nan=True)
+
+
 def test_the_clients_timeout_is_read_in_microseconds():
     body, _ = encode_request([("x", torch.ones(1))], timeout=0.25)
     assert json.loads(body)["parameters"]["timeout"] == 250_000

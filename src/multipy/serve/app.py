@@ -15,7 +15,9 @@
         /v2/openapi.json, /metrics
 
 Every error is ``{"error": "..."}`` with the protocol's status, never a
-traceback.  The app holds no thread or task of its own beyond a request's
+traceback.  Infer requests skip Starlette's middleware and router (see
+:class:`_App`): they are nearly all of the traffic, and each layer costs every
+request a few microseconds.  The app holds no thread or task of its own beyond a request's
 lifetime; its lifespan's shutdown marks the registry draining and closes it
 (which closes the manager only when the registry owns it).
 """
@@ -83,52 +85,7 @@ def build_app(registry: ModelRegistry) -> Starlette:
         registry.get(request.path_params["model_name"])
         return Response(status_code=200 if registry.ready() else 503)
 
-    async def infer(request: Request) -> Response:
-        started = time.perf_counter()
-        name = request.path_params["model_name"]
-        status = 500
-        try:
-            response = await _infer(request, name)
-            status = response.status_code
-            return response
-        except InferenceError as exc:
-            status = exc.status
-            raise
-        except asyncio.CancelledError:
-            status = _CLIENT_GONE
-            raise
-        finally:
-            if name in registry.names():
-                metrics.request(name, status, time.perf_counter() - started)
-
-    async def _infer(request: Request, name: str) -> Response:
-        model = registry.get(name)
-        if registry.draining:
-            raise _draining(options.retry_after)
-        body = await _read_body(request, options.max_request_bytes)
-        header_length = _header_length(request)
-        if len(body) > _OFFLOAD_BYTES:
-            decoded = await asyncio.to_thread(decode_request, body, header_length)
-        else:
-            decoded = decode_request(body, header_length)
-        timeout = options.request_timeout
-        if decoded.timeout is not None:
-            timeout = min(timeout, decoded.timeout)
-        infer = model.infer(decoded.args, deadline=time.monotonic() + timeout)
-        if not model.busy():  # runs at once: nothing to drop if the client leaves
-            return _response(name, await infer, decoded, model.output_names)
-        work = asyncio.ensure_future(infer)
-        gone = asyncio.ensure_future(_disconnected(request))
-        try:
-            await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-        if not work.done():  # the client left: drop its request wherever it is
-            work.cancel()
-            with contextlib.suppress(BaseException):
-                await work
-            return Response(status_code=_CLIENT_GONE)
-        return _response(name, work.result(), decoded, model.output_names)
+    infer = _Infer(registry, metrics)
 
     async def openapi(request: Request) -> Response:
         return JSONResponse(DOCUMENT)
@@ -156,7 +113,7 @@ def build_app(registry: ModelRegistry) -> Starlette:
         Route("/v2/models/{model_name}/versions/{model_version}/infer", infer, methods=["POST"]),
         Route("/metrics", prometheus),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
+    app = _App(infer, routes=routes, lifespan=lifespan, exception_handlers={
         InferenceError: _inference_error, HTTPException: _http_error, Exception: _internal_error})
     app.state.registry = registry
     app.state.metrics = metrics
@@ -169,46 +126,188 @@ def _draining(retry_after: float) -> InferenceError:
     return Unavailable("the server is shutting down", retry_after=retry_after)
 
 
-def _response(name: str, result, request, declared) -> Response:
-    encoded = encode_response(name, result, request=request, model_version="1",
-                              declared=declared)
-    if encoded.header_length is None:
-        return Response(encoded.body, media_type="application/json")
-    return Response(encoded.body, media_type="application/octet-stream",
-                    headers={HEADER_LENGTH: str(encoded.header_length)})
+class _App(Starlette):
+    """Starlette, with inference requests answered before its middleware and router.
+
+    ``POST /v2/models/NAME/infer`` (and its versioned twin) is most of a server's
+    traffic; it goes straight to :class:`_Infer`, which answers errors itself the
+    way the exception handlers do.  Everything else, and an infer request under a
+    ``root_path``, takes Starlette's way (its routes name the same handler).
+    Middleware added with ``add_middleware`` sees only what takes Starlette's way.
+    """
+
+    def __init__(self, infer: "_Infer", **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._infer = infer
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
+            name = _infer_route(scope["path"])
+            if name is not None:
+                return await self._infer.serve(scope, receive, send, name)
+        await super().__call__(scope, receive, send)
 
 
-def _header_length(request: Request) -> int | None:
-    text = request.headers.get(HEADER_LENGTH)
-    if text is None:
+def _infer_route(path: str) -> str | None:
+    """The model name of an infer path, else ``None``."""
+    if not path.startswith("/v2/models/") or not path.endswith("/infer"):
         return None
+    parts = path[11:-6].split("/")
+    if len(parts) == 1 or (len(parts) == 3 and parts[1] == "versions" and parts[2]):
+        return parts[0] or None
+    return None
+
+
+class _Infer:
+    """``POST /v2/models/{name}/infer`` as a plain ASGI app::
+
+        body (≤ max_request_bytes, else 413) ─▶ decode_request ─ 400
+          ─▶ ServedModel.infer(args, deadline) ─ 429/503/504/422
+               when it must wait in line, raced against the client's disconnect:
+               a request whose client left is dropped before it runs
+          ─▶ encode_response ─▶ JSON, or JSON + binary tensors
+
+    Counted in the metrics with its status (499 when the client left).
+    """
+
+    def __init__(self, registry: ModelRegistry, metrics: Metrics) -> None:
+        self.registry = registry
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send) -> None:  # as a Starlette route
+        await self.serve(scope, receive, send, scope["path_params"]["model_name"])
+
+    async def serve(self, scope, receive, send, name: str) -> None:
+        started = time.perf_counter()
+        status = 500
+        try:
+            status, headers, body = await self._answer(scope, receive, name)
+        except InferenceError as exc:
+            status = exc.status
+            headers, body = _error_headers(exc.retry_after), error_body(exc.message)
+        except asyncio.CancelledError:
+            status = _CLIENT_GONE
+            raise
+        except Exception as exc:
+            log.exception("internal error serving %s", scope["path"])
+            headers = _error_headers(None)
+            body = error_body(f"internal error: {type(exc).__name__}: {exc}")
+        finally:
+            if name in self.registry.names():
+                self.metrics.request(name, status, time.perf_counter() - started)
+        if status != _CLIENT_GONE:
+            headers.append((b"content-length", b"%d" % len(body)))
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+
+    async def _answer(self, scope, receive, name: str) -> tuple[int, list, bytes]:
+        registry = self.registry
+        model = registry.get(name)
+        options = registry.options
+        if registry.draining:
+            raise _draining(options.retry_after)
+        header_length, declared = _headers(scope["headers"])
+        body = await _read_body(receive, declared, options.max_request_bytes,
+                                writable=header_length is not None)
+        if body is None:
+            return _CLIENT_GONE, [], b""
+        if len(body) > _OFFLOAD_BYTES:
+            decoded = await asyncio.to_thread(decode_request, body, header_length)
+        else:
+            decoded = decode_request(body, header_length)
+        timeout = options.request_timeout
+        if decoded.timeout is not None:
+            timeout = min(timeout, decoded.timeout)
+        infer = model.infer(decoded.args, deadline=time.monotonic() + timeout)
+        if model.busy():  # it waits in line: drop it if its client leaves meanwhile
+            result = await _unless_gone(infer, receive)
+            if result is _GONE:
+                return _CLIENT_GONE, [], b""
+        else:  # runs at once: nothing to drop if the client leaves
+            result = await infer
+        encoded = encode_response(name, result, request=decoded, model_version="1",
+                                  declared=model.output_names)
+        if encoded.header_length is None:
+            return 200, [(b"content-type", b"application/json")], encoded.body
+        return 200, [(b"content-type", b"application/octet-stream"),
+                     (HEADER_LENGTH.lower().encode(), b"%d" % encoded.header_length)], encoded.body
+
+
+_GONE = object()
+
+
+async def _unless_gone(infer, receive):
+    """``await infer``, or ``_GONE`` (``infer`` cancelled) if the client disconnects first."""
+    work = asyncio.ensure_future(infer)
+    gone = asyncio.ensure_future(_disconnected(receive))
     try:
-        return int(text)
-    except ValueError:
-        raise BadRequest(f"{HEADER_LENGTH} must be a whole number, got {text!r}") from None
+        await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not work.done():  # the client left: drop its request wherever it is
+        work.cancel()
+        with contextlib.suppress(BaseException):
+            await work
+        return _GONE
+    return work.result()
 
 
-async def _read_body(request: Request, limit: int) -> bytearray:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+_HEADER_LENGTH = HEADER_LENGTH.lower().encode()
+
+
+def _headers(headers) -> tuple[int | None, int | None]:
+    """``(Inference-Header-Content-Length, Content-Length)`` of ASGI headers."""
+    header_length = declared = None
+    for key, value in headers:
+        if key == b"content-length":
+            declared = int(value) if value.isdigit() else None
+        elif key == _HEADER_LENGTH:
+            try:
+                header_length = int(value)
+            except ValueError:
+                raise BadRequest(f"{HEADER_LENGTH} must be a whole number, got "
+                                 f"{value.decode('latin-1')!r}") from None
+    return header_length, declared
+
+
+async def _read_body(receive, declared: int | None, limit: int, *,
+                     writable: bool) -> bytes | bytearray | None:
+    """The request body, or ``None`` when the client disconnected first.  Binary
+    tensors view a ``writable`` body in place, so it comes as a bytearray."""
+    if declared is not None and declared > limit:
         raise PayloadTooLarge(f"the body has {declared} bytes; this server accepts at most "
                               f"{limit} (--max-request-bytes)")
     chunks, size = [], 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None  # http.disconnect
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(f"the body is over {limit} bytes, the most this server "
                                   "accepts (--max-request-bytes)")
         chunks.append(chunk)
-    return bytearray().join(chunks)  # writable: binary tensors view it in place
+        if not message.get("more_body", False):
+            break
+    if writable:
+        return bytearray().join(chunks)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def _disconnected(request: Request) -> None:
+async def _disconnected(receive) -> None:
     """Return when the client disconnects (the ASGI server's next message)."""
     while True:
-        message = await request.receive()
+        message = await receive()
         if message["type"] == "http.disconnect":
             return
+
+
+def _error_headers(retry_after: float | None) -> list:
+    headers = [(b"content-type", b"application/json")]
+    if retry_after is not None:
+        headers.append((b"retry-after", b"%d" % max(1, math.ceil(retry_after))))
+    return headers
 
 
 def _error_response(status: int, message: str, retry_after: float | None = None) -> Response:

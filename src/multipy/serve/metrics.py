@@ -39,11 +39,16 @@ class Metrics:
                                   "arrival to its answer", ["model"], buckets=_LATENCY_BUCKETS,
                                   registry=self.prometheus)
         self.prometheus.register(_PoolCollector(registry))
+        self._children: dict[tuple[str, int], tuple] = {}  # labels() costs µs per request
 
     def request(self, model: str, status: int, seconds: float) -> None:
         """Count one answered request."""
-        self.requests.labels(model, str(status)).inc()
-        self.duration.labels(model).observe(seconds)
+        children = self._children.get((model, status))
+        if children is None:
+            children = self._children[model, status] = (
+                self.requests.labels(model, str(status)), self.duration.labels(model))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def render(self) -> bytes:
         """The text exposition format (``CONTENT_TYPE_LATEST``)."""

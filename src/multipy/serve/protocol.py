@@ -43,6 +43,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import orjson
 import torch
 
 __all__ = [
@@ -166,6 +167,14 @@ _TORCH = {
     DataType.BF16: torch.bfloat16,
 }
 _FROM_TORCH = {v: k for k, v in _TORCH.items()}
+# The numpy dtype of each datatype numpy has (BF16 and BYTES: none).
+_NUMPY = {d: torch.empty(0, dtype=t).numpy().dtype for d, t in _TORCH.items()
+          if d is not DataType.BF16}
+# Datatypes whose numpy arrays orjson writes itself (OPT_SERIALIZE_NUMPY), as floats
+# and integers read back exactly; FP16 and BF16 go through Python floats (BF16 as FP32).
+_ORJSON_NUMPY = frozenset({DataType.BOOL, DataType.UINT8, DataType.UINT16, DataType.UINT32,
+                           DataType.UINT64, DataType.INT8, DataType.INT16, DataType.INT32,
+                           DataType.INT64, DataType.FP32, DataType.FP64, DataType.BF16})
 # numpy kinds a JSON value may have for each datatype ("b" bool, "i"/"u" int, "f" float).
 _JSON_KINDS = {DataType.BOOL: "b", DataType.FP16: "iuf", DataType.FP32: "iuf",
                DataType.FP64: "iuf", DataType.BF16: "iuf"}
@@ -250,8 +259,8 @@ def decode_request(body: bytes | bytearray, header_length: int | None = None) ->
         view = memoryview(body)
         header, binary = view[:header_length], view[header_length:]
     try:
-        doc = json.loads(bytes(header))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        doc = orjson.loads(header)
+    except orjson.JSONDecodeError as exc:
         raise BadRequest(f"the request is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise BadRequest(f"the request must be a JSON object, got {type(doc).__name__}")
@@ -354,12 +363,7 @@ def _tensor_from_json(data: Any, datatype: DataType, shape: list[int], where: st
                 raise BadRequest(f"{where}: values from {low} to {high} do not fit {datatype.value}")
     if datatype is DataType.BF16:
         return torch.tensor(array.astype(np.float32).reshape(shape), dtype=torch.bfloat16)
-    dtype = datatype.torch_dtype
-    return torch.from_numpy(array.astype(_numpy_of(dtype)).reshape(shape))
-
-
-def _numpy_of(dtype: torch.dtype):
-    return torch.empty(0, dtype=dtype).numpy().dtype
+    return torch.from_numpy(array.astype(_NUMPY[datatype], copy=False).reshape(shape))
 
 
 def _kind_words(kinds: str) -> str:
@@ -441,7 +445,7 @@ def encode_response(model_name: str, result: Any, *, request: InferRequest | Non
     cannot carry (say which).
 
     >>> encode_response("m", torch.ones(2)).body
-    b'{"model_name": "m", "outputs": [{"name": "OUTPUT__0", "datatype": "FP32", "shape": [2], "data": [1.0, 1.0]}]}'
+    b'{"model_name":"m","outputs":[{"name":"OUTPUT__0","datatype":"FP32","shape":[2],"data":[1.0,1.0]}]}'
     """
     named = output_names(result, declared)
     wanted: list[tuple[str, Any, bool]]
@@ -466,7 +470,7 @@ def encode_response(model_name: str, result: Any, *, request: InferRequest | Non
         datatype, shape, body = _tensor_body(name, value, binary, chunks)
         outputs.append({"name": name, "datatype": datatype.value, "shape": shape, **body})
     doc["outputs"] = outputs
-    header = json.dumps(doc).encode()
+    header = _dumps(doc)
     if not chunks:
         return Encoded(header)
     return Encoded(b"".join([header, *chunks]), len(header))
@@ -480,6 +484,17 @@ def _tensor_body(name: str, value: Any, binary: bool, chunks: list) -> tuple:
         chunks.append(raw)
         return datatype, shape, {"parameters": {"binary_data_size": len(raw)}}
     return datatype, shape, {"data": flat}
+
+
+def _dumps(doc: dict) -> bytes:
+    """``doc`` as JSON, its numpy arrays as lists."""
+    body = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+    if b"null" in body:
+        # orjson writes NaN and infinities as null, json as NaN, Infinity and
+        # -Infinity, which Python clients (tritonclient among them) read back.  No other
+        # value of a body is null: only those bodies, or a name holding "null", come here.
+        body = json.dumps(doc, default=np.ndarray.tolist).encode()
+    return body
 
 
 def _output_value(name: str, value: Any, binary: bool):
@@ -511,6 +526,8 @@ def _output_value(name: str, value: Any, binary: bool):
     flat = value.reshape(-1)
     if datatype is DataType.BF16:
         flat = flat.float()
+    if datatype in _ORJSON_NUMPY:  # written by orjson straight from the array
+        return datatype, shape, flat.numpy(), b""
     return datatype, shape, flat.tolist(), b""
 
 
@@ -524,7 +541,7 @@ def encode_request(inputs: Sequence[tuple[str, Any]], *, binary: bool = False,
     benchmarks; ``tritonclient`` does the same for real clients.
 
     >>> encode_request([("x", torch.tensor([1, 2]))])[0]
-    b'{"inputs": [{"name": "x", "shape": [2], "datatype": "INT64", "data": [1, 2]}]}'
+    b'{"inputs":[{"name":"x","shape":[2],"datatype":"INT64","data":[1,2]}]}'
     """
     doc: dict[str, Any] = {}
     if request_id is not None:
@@ -544,7 +561,7 @@ def encode_request(inputs: Sequence[tuple[str, Any]], *, binary: bool = False,
         params["timeout"] = int(timeout * 1e6)
     if params:
         doc["parameters"] = params
-    header = json.dumps(doc).encode()
+    header = _dumps(doc)
     if not binary:
         return header, None
     return b"".join([header, *chunks]), len(header)
