@@ -22,11 +22,25 @@ thread).  Deadlines of posted calls are timers on the same thread
 
 The thread starts on first use and stops in :meth:`Completions.close` (the
 manager's close); watches still open then are told :data:`CLOSED`.
+
+:class:`LoopCompletions` does the same job on an asyncio event loop's own
+thread, for a server whose loop both sends requests and awaits their answers:
+the loop watches the reply descriptor itself, so a reply costs no hand-off to
+the completion thread and back (two thread wake-ups and two GIL hand-offs)::
+
+    event loop thread
+    -----------------
+    Worker.post ─▶ send request, loop.add_reader(reply fd, finish)
+    ... other requests ...
+    reply fd readable ─▶ finish(): read reply, release the interpreter,
+                         set the caller's asyncio future (same thread: no wake-up)
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextlib
 import heapq
 import itertools
 import os
@@ -34,6 +48,7 @@ import select
 import sys
 import threading
 import time
+import weakref
 from typing import Callable
 
 READY = "ready"      # the watched descriptor became readable
@@ -222,6 +237,107 @@ class Completions:
                 os.close(fd)
             except OSError:
                 pass
+
+
+class LoopCompletions:
+    """:class:`Completions`' interface, run on an asyncio event loop's thread.
+
+    Only for a loop that keeps running while its calls are in flight (a
+    server's): a call whose reply the loop watches is finished only when the
+    loop runs.  :meth:`hand_over` moves whatever is still watched to the
+    ``fallback`` completion thread; the dispatcher calls it when the manager
+    closes, for loops that stopped.  ``watch`` must be called on the loop's
+    thread; the other methods from any thread.
+
+    >>> async def main():
+    ...     c = LoopCompletions(asyncio.get_running_loop(), Completions())
+    ...     done = asyncio.Event()
+    ...     c.call_soon(done.set)
+    ...     await done.wait()
+    ...     return c.here()
+    >>> asyncio.run(main())
+    True
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fallback: Completions) -> None:
+        self._loop = weakref.ref(loop)  # weak: the loop may be collected with calls done
+        self._fallback = fallback
+        self._watches: dict[int, Callable[[str], None]] = {}
+        self._timers: list = []
+
+    def here(self) -> bool:
+        """True on the loop's thread while it runs."""
+        loop = asyncio._get_running_loop()
+        return loop is not None and loop is self._loop()
+
+    def watch(self, fd: int, callback: Callable[[str], None], /) -> None:
+        """Like :meth:`Completions.watch`, on the loop (call it on the loop's thread)."""
+        self._watches[fd] = callback
+        self._loop().add_reader(fd, self._ready, fd)
+
+    def _ready(self, fd: int) -> None:
+        self._loop().remove_reader(fd)
+        callback = self._watches.pop(fd, None)
+        if callback is not None:
+            _run_callback(callback, READY)
+
+    def expect(self, callback: Callable[[str], None], /) -> Callable[[], None]:
+        """Like :meth:`Completions.expect`: the first ``wake()`` runs ``callback(READY)``
+        on the loop."""
+        fired = threading.Lock()
+
+        def wake() -> None:
+            if fired.acquire(blocking=False):
+                self.call_soon(lambda: callback(READY))
+
+        return wake
+
+    def call_soon(self, fn: Callable[[], None], /) -> None:
+        """Run ``fn()`` on the loop (on the completion thread once the loop is closed)."""
+        loop = self._loop()
+        try:
+            if loop is None:
+                raise RuntimeError("the loop is gone")
+            loop.call_soon_threadsafe(_run_callback, fn)
+        except RuntimeError:
+            self._fallback.call_soon(fn)
+
+    def call_at(self, deadline: float, fn: Callable[[], None], /) -> list:
+        """Like :meth:`Completions.call_at` (``deadline`` on ``time.monotonic``)."""
+        entry = [deadline, 0, fn]
+        self._timers.append(entry)
+        self.call_soon(lambda: self._arm_timer(entry))
+        return entry
+
+    def _arm_timer(self, entry: list) -> None:
+        loop = self._loop()
+        loop.call_at(loop.time() + entry[0] - time.monotonic(), self._due, entry)
+
+    def _due(self, entry: list) -> None:
+        with contextlib.suppress(ValueError):
+            self._timers.remove(entry)
+        fn = entry[2]
+        if fn is not None:
+            _run_callback(fn)
+
+    cancel = staticmethod(Completions.cancel)
+
+    def hand_over(self) -> None:
+        """Move the watches and timers of a loop that no longer runs to the
+        completion thread (harmless while it runs: it keeps them)."""
+        loop = self._loop()
+        if loop is not None and loop.is_running():
+            return
+        watches, self._watches = self._watches, {}
+        timers, self._timers = self._timers, []
+        for fd, callback in watches.items():
+            if loop is not None:
+                with contextlib.suppress(Exception):  # a closed loop watches nothing already
+                    loop.remove_reader(fd)
+            self._fallback.watch(fd, callback)
+        for entry in timers:
+            if entry[2] is not None:
+                self._fallback.call_at(entry[0], lambda entry=entry: entry[2] and entry[2]())
 
 
 def _run_callback(fn, *args) -> None:

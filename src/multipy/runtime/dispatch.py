@@ -39,6 +39,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..backends.base import RequestNotSent
+from ..backends.completions import LoopCompletions
 from ..errors import ManagerClosedError
 from ..transport.messages import Op
 
@@ -116,6 +117,8 @@ class Dispatcher:
         self._next_due = _NEVER    # earliest batching deadline in the queue (perf_counter)
         self._overdue = False      # a request is past its deadline; no interpreter was free to commit to
         self._closed = False
+        # The completions of loops whose requests are finished on the loop (on_loop).
+        self._loops: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         balancer.on_release = self.pump
         for worker in workers:
             worker.on_free = self.pump
@@ -135,18 +138,31 @@ class Dispatcher:
             return None
         return self._balancer.acquire_idle(self._usable)
 
-    async def submit_async(self, request: Request) -> Any:
+    async def submit_async(self, request: Request, *, on_loop: bool = False) -> Any:
         """Queue ``request`` and await its result on the running event loop.
 
         The result reaches the loop through its :class:`_Bridge`: one wake-up
         of the loop for every run of results, not one per result.  A task
         cancelled while the request is queued cancels it (never sent).
+
+        ``on_loop``: a request sent from the loop's own thread has its reply
+        read there too (:class:`~multipy.backends.completions.LoopCompletions`),
+        with no hand-off through the completion thread.  Only for a loop that
+        keeps running while its requests are in flight, like a server's: the
+        interpreter stays busy until the loop reads the reply.
         """
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
-        request.future = _LoopFuture(waiter, _bridge(loop))
+        bridge = _bridge(loop)
+        request.future = _LoopFuture(waiter, bridge, self._on_loop(loop) if on_loop else None)
         self.submit(request)
         return await waiter
+
+    def _on_loop(self, loop: asyncio.AbstractEventLoop) -> LoopCompletions:
+        completions = self._loops.get(loop)
+        if completions is None:
+            completions = self._loops[loop] = LoopCompletions(loop, self._completions)
+        return completions
 
     def pump(self) -> None:
         """Send what can be sent now.  Cheap when nothing waits; safe from any thread
@@ -176,6 +192,8 @@ class Dispatcher:
         with self._pump_lock:
             left = self._take_unsent()
         _fail_closed(left)
+        for completions in list(self._loops.values()):
+            completions.hand_over()  # a stopped loop no longer reads its replies
 
     def _take_unsent(self) -> list[Request]:
         """Empty every queue (pump lock held); returns what was in them."""
@@ -350,8 +368,13 @@ class Dispatcher:
             else:
                 self._finish(group, None, exc)
             return
+        completions = self._completions
+        on_loop = getattr(first.future, "on_loop", None)
+        if (on_loop is not None and on_loop.here()
+                and all(getattr(r.future, "on_loop", None) is on_loop for r in requests)):
+            completions = on_loop  # the loop reads the reply itself
         try:
-            worker.post(op, args, completions=self._completions,
+            worker.post(op, args, completions=completions,
                         done=lambda value, error: self._done(index, group, value, error),
                         timeout=first.timeout, handles=first.handles,
                         materializes=first.materializes, recipe=first.recipe)
@@ -452,13 +475,16 @@ def _fail(request: Request, error: BaseException) -> None:
 
 
 class _LoopFuture:
-    """What the dispatcher resolves for an ``acall``: an asyncio future on its loop."""
+    """What the dispatcher resolves for an ``acall``: an asyncio future on its loop
+    (``on_loop``: the loop's completions, when it reads its own replies)."""
 
-    __slots__ = ("waiter", "bridge")
+    __slots__ = ("waiter", "bridge", "on_loop")
 
-    def __init__(self, waiter: asyncio.Future, bridge: "_Bridge") -> None:
+    def __init__(self, waiter: asyncio.Future, bridge: "_Bridge",
+                 on_loop: "LoopCompletions | None" = None) -> None:
         self.waiter = waiter
         self.bridge = bridge
+        self.on_loop = on_loop
 
     def set_running_or_notify_cancel(self) -> bool:
         return not self.waiter.cancelled()  # a task cancelled while queued: never sent

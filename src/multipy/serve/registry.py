@@ -195,7 +195,9 @@ class ServedModel:
         the thread's, and other requests' tasks run on it while this one waits."""
         with torch.inference_mode():
             request = self._caller._request(args, {})
-        return self._dispatcher.submit_async(request)
+        # on_loop: the server's loop reads the reply itself, with no hop through the
+        # completion thread; it runs for as long as requests are in flight.
+        return self._dispatcher.submit_async(request, on_loop=True)
 
     def busy(self) -> bool:
         """True when a new request would wait in line."""

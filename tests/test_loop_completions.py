@@ -1,0 +1,88 @@
+"""Requests whose replies the event loop reads itself (``submit_async(on_loop=True)``,
+what ``multipy serve`` sends): each caller gets its own answer, the reply is read
+on the loop's thread, a cancelled call leaves the pool usable, and a loop that
+stopped with a call in flight does not hang the manager's close.
+
+Calls that must stay in flight wait inside the interpreter for a gate file
+(``_rows.rows(gate=...)``), so nothing here depends on timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+import multipy
+from _rows import logged
+from _wait import wait_for
+
+INTERPRETERS = 2
+
+
+@pytest.fixture(scope="module")
+def model(manager):
+    """``_rows.rows`` as a ReplicatedObj: ``x * 2 + 1``, gates, logs."""
+    with manager.acquire_one() as s:
+        return s.create_movable(s.global_("_rows", "rows"))
+
+
+def _call(model, *args, convert=None, **kwargs):
+    """What ``acall`` sends, read on the loop (``on_loop=True``)."""
+    manager = model._manager
+    request = manager._replicated_request(model, None, args, kwargs, None)
+    request.convert = convert
+    return manager._dispatcher.submit_async(request, on_loop=True)
+
+
+def test_every_caller_gets_its_own_answer_read_on_the_loops_thread(model, manager):
+    async def main():
+        xs = [torch.full((2,), float(i)) for i in range(64)]
+        # convert runs where the reply is read: on the loop's thread, not a completion thread.
+        outs = await asyncio.gather(*(_call(model, x, convert=lambda v: (v, threading.get_ident()))
+                                      for x in xs))
+        return xs, outs
+
+    xs, outs = asyncio.run(main())
+    assert all(torch.equal(out, x * 2 + 1) for x, (out, _) in zip(xs, outs))
+    assert {ident for _, ident in outs} == {threading.get_ident()}
+
+
+def test_a_call_cancelled_in_flight_is_dropped_and_the_pool_stays_usable(
+        model, manager, tmp_path, assert_usable):
+    gate, log = str(tmp_path / "gate"), str(tmp_path / "log")
+
+    async def main():
+        slow = asyncio.ensure_future(_call(model, torch.zeros(1), gate=gate, log=log, tag="slow"))
+        await asyncio.to_thread(wait_for, lambda: logged(log), "the call to start")
+        slow.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await slow
+        open(gate, "w").close()
+        return await asyncio.gather(*(_call(model, torch.full((1,), float(i))) for i in range(8)))
+
+    outs = asyncio.run(main())
+    assert [o.item() for o in outs] == [i * 2 + 1 for i in range(8)]
+    assert_usable(manager)
+
+
+def test_close_finishes_a_call_left_in_flight_by_a_loop_that_stopped(backend, tmp_path):
+    gate, log = str(tmp_path / "gate"), str(tmp_path / "log")
+    manager = multipy.InterpreterManager(1, backend=backend)
+    with manager.acquire_one() as s:
+        model = s.create_movable(s.global_("_rows", "rows"))
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(_call(model, torch.zeros(1), gate=gate, log=log, tag="left"))
+    loop.run_until_complete(asyncio.to_thread(wait_for, lambda: logged(log), "the call to start"))
+    loop.close()  # stopped with the call in flight: no loop will read its reply
+    assert not task.done()
+    open(gate, "w").close()
+    # close() waits for the call in flight (up to its timeout): the manager hands the
+    # call to its completion thread, which reads the reply and frees the interpreter.
+    closer = threading.Thread(target=lambda: manager.close(timeout=3600), name="closer",
+                              daemon=True)
+    closer.start()
+    closer.join(120)
+    assert not closer.is_alive(), "close() hung on a call a stopped loop had in flight"
