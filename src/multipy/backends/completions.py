@@ -275,6 +275,14 @@ class LoopCompletions:
         self._watches[fd] = callback
         self._loop().add_reader(fd, self._ready, fd)
 
+    def unwatch(self, fd: int, /) -> None:
+        """Like :meth:`Completions.unwatch` (on the loop's thread)."""
+        if self._watches.pop(fd, None) is not None:
+            loop = self._loop()
+            if loop is not None:
+                with contextlib.suppress(Exception):  # a closed loop watches nothing
+                    loop.remove_reader(fd)
+
     def _ready(self, fd: int) -> None:
         self._loop().remove_reader(fd)
         callback = self._watches.pop(fd, None)
