@@ -51,6 +51,10 @@ if TYPE_CHECKING:
 
 _NEVER = float("inf")
 
+AWAITED = object()
+"""``Request(future=AWAITED)``: the request goes to :meth:`Dispatcher.submit_async`,
+which gives it its future (no ``concurrent.futures.Future`` made for nothing)."""
+
 
 class Request:
     """One call waiting to be posted.
@@ -60,7 +64,8 @@ class Request:
     into what the future holds (on the completion thread).  ``future`` is a
     :class:`concurrent.futures.Future` unless the caller brings its own object
     with the same ``set_running_or_notify_cancel`` / ``set_result`` /
-    ``set_exception`` (a blocking caller's cheaper waiter, an ``acall``'s).
+    ``set_exception`` (a blocking caller's cheaper waiter), or passes
+    :data:`AWAITED` for a request that goes to ``submit_async``.
     """
 
     __slots__ = ("future", "op", "args", "timeout", "handles", "materializes", "recipe",
@@ -264,6 +269,9 @@ class Dispatcher:
                     break  # its release pumps again
                 group = queue.popleft()
                 self._n_pinned -= 1
+                if self._overdue and not queue:  # room for a committed batch here now
+                    self._overdue = False
+                    self._next_due = 0.0
                 first = group.requests[0]
                 if not group.balanced:  # a session's request: it was never started
                     if not first.future.set_running_or_notify_cancel():
@@ -271,9 +279,6 @@ class Dispatcher:
                         continue
                 elif first.batch is not None:  # a committed batch: still open to later requests
                     first.batch[0].top_up(group.requests, self._pending)
-                    if self._overdue:  # room for another committed batch now
-                        self._overdue = False
-                        self._next_due = 0.0
                 self._post(index, worker, group)
                 break  # the interpreter is busy now
 
