@@ -40,7 +40,7 @@ import time
 import types
 from typing import TYPE_CHECKING, Any
 
-from .dispatch import Request
+from .dispatch import AWAITED, Request
 from .stats import BatchStatistics, quantile
 
 if TYPE_CHECKING:
@@ -121,7 +121,7 @@ class BatchedObj:
         A task cancelled (e.g. by ``asyncio.wait_for``) before its batch was
         sent is never sent; after that the call runs and its result is dropped.
         """
-        request = self._request(args, kwargs)
+        request = self._request(args, kwargs, AWAITED)
         return await self._replicated._manager._dispatcher.submit_async(request)
 
     def _request(self, args: tuple, kwargs: dict, future=None) -> Request:

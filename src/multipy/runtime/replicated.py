@@ -17,6 +17,7 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from ..transport.messages import Drop, Op, Recipe
+from .dispatch import AWAITED
 from .session import InterpreterSession
 from .timeouts import NO_TIMEOUT, check_timeout
 
@@ -101,7 +102,7 @@ class ReplicatedObj:
         """
         manager = self._manager
         return await manager._dispatcher.submit_async(
-            manager._replicated_request(self, None, args, kwargs, None))
+            manager._replicated_request(self, None, args, kwargs, None, future=AWAITED))
 
     def batched(self, *, max_batch_size: int = 32, max_delay_ms: float = 2.0,
                 method: str | None = None) -> "BatchedObj":
