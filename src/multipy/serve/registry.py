@@ -31,6 +31,7 @@ from ..errors import (CallTimeoutError, InterpreterCrashedError, InterpreterStar
                       ManagerClosedError, TransportError)
 from ..package import inspect_package
 from ..runtime import InterpreterManager, ReplicatedObj
+from ..runtime.dispatch import AWAITED
 from .protocol import (DeadlineExceeded, InferenceError, ModelNotFound, Overloaded, Unavailable,
                        Unprocessable)
 
@@ -194,7 +195,7 @@ class ServedModel:
         layers).  Made here, not by entering the mode around an ``await``: the mode is
         the thread's, and other requests' tasks run on it while this one waits."""
         with torch.inference_mode():
-            request = self._caller._request(args, {})
+            request = self._caller._request(args, {}, future=AWAITED)
         # on_loop: the server's loop reads the reply itself, with no hop through the
         # completion thread; it runs for as long as requests are in flight.
         return self._dispatcher.submit_async(request, on_loop=True)
