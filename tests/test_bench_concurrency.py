@@ -76,3 +76,17 @@ def test_interleaved_windows_alternate_which_strategy_runs_first():
     assert list(merged) == ["a", "b"]
     assert merged["a"].work_items_completed == 40 and merged["a"].seconds == 4.0
     assert merged["b"].work_items_per_second == 30.0
+
+
+def test_kept_answers_are_copies_that_share_no_memory_with_the_result():
+    import torch
+
+    from multipy.bench.concurrency import _copy
+
+    a, b = torch.ones(2), torch.zeros(3)
+    copied = _copy({"x": (a, [b, 7]), "y": "text"})
+    assert copied["y"] == "text" and copied["x"][1][1] == 7
+    assert isinstance(copied["x"], tuple) and isinstance(copied["x"][1], list)
+    for before, after in ((a, copied["x"][0]), (b, copied["x"][1][0])):
+        assert torch.equal(before, after)
+        assert after.untyped_storage().data_ptr() != before.untyped_storage().data_ptr()

@@ -17,8 +17,8 @@ asyncio             one event-loop thread running n tasks, each awaiting
 ``--batching`` runs n caller threads of batch-1 requests against the model,
 ``unbatched`` (``model(x)``) and ``batched`` (``model.batched()(x)``).  Every
 caller has its own input; before the clock starts each caller computes its
-unbatched answer.  Every batched answer is kept and, after the clock stopped,
-compared with it (the comparison is not part of the measured calls): how many
+unbatched answer.  Both strategies copy every answer (the same work on each
+side); the batched copies are kept and, after the clock stopped, compared with it (the comparison is not part of the measured calls): how many
 are bit-identical, how many fall outside ``torch.allclose(rtol=1e-5,
 atol=1e-6)`` (a wrong answer), and the largest difference relative to the
 answer's scale.  Matrix products over a batch round differently from batch-1
@@ -168,7 +168,7 @@ def measure_batching(package: str = "smallops", *, interpreters: int = 2,
             fast = model.batched(max_batch_size=max_batch_size, max_delay_ms=max_delay_ms)
             answers: list[list] = [[] for _ in range(n)]
             results = _rounds({
-                "unbatched": lambda s: run_threads(lambda i: (lambda: model(*inputs[i])), n, s),
+                "unbatched": lambda s: run_threads(lambda i: _kept(model, inputs[i], None), n, s),
                 "batched": lambda s: run_threads(lambda i: _kept(fast, inputs[i], answers[i]), n, s),
             }, seconds, rounds)
             rows += [Row.of(name, strategy, result) for strategy, result in results.items()]
@@ -200,13 +200,30 @@ class _Tally:
                 self.max_rel = max(self.max_rel, float((out - expected).abs().max()) / scale)
 
 
-def _kept(fast, x: tuple, answers: list):
-    """A call of ``fast(*x)`` that keeps its answer (checked once the clock stopped)."""
-    keep = answers.append
+def _kept(model, x: tuple, answers: list | None):
+    """A call of ``model(*x)`` that keeps a copy of its answer in ``answers``
+    (checked once the clock stopped), or copies it and drops it (``None``).
+
+    Both strategies pay the same copy: a kept answer that still viewed the
+    interpreter's result memory would hold that memory for the whole run and
+    make the kept side's calls dearer than the dropped side's.
+    """
+    keep = (lambda out: None) if answers is None else answers.append
 
     def call():
-        keep(fast(*x))
+        keep(_copy(model(*x)))
     return call
+
+
+def _copy(value):
+    """``value`` with every tensor in it (also in tuples, lists, dicts) cloned."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_copy(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    return value
 
 
 def async_lines(rows: Sequence[Row]) -> list[str]:
