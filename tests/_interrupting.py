@@ -96,3 +96,10 @@ def interrupted_while_waiting(call, *args) -> None:
         gate.left.set()
         keeper.join(60)
         gate.close()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def sigusr1_raises_keyboard_interrupt():
+    """Module fixture (import it into a test module): SIGUSR1 interrupts while the module runs."""
+    with sigusr1_interrupts():
+        yield

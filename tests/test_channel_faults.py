@@ -20,6 +20,8 @@ import torch
 import multipy
 from multipy.transport import channel as chan
 
+from _faults import replicated_run
+
 pytestmark = pytest.mark.skipif(
     not chan.NATIVE, reason=f"the process backend uses the call channel only natively ({chan.NATIVE_WHY})")
 
@@ -32,9 +34,7 @@ def manager():
 
 @pytest.fixture(scope="module")
 def run(manager):
-    """A ReplicatedObj of ``_faults.run``: it survives every restart."""
-    with manager.acquire_one() as s:
-        return s.create_movable(s.global_("_faults", "run"))
+    return replicated_run(manager)
 
 
 def _end(manager):

@@ -30,7 +30,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import multipy
-from _interrupting import Gate, interrupted_while_waiting, sigusr1_interrupts
+from _faults import replicated_run
+from _interrupting import (Gate, interrupted_while_waiting,  # noqa: F401 (a fixture)
+                          sigusr1_raises_keyboard_interrupt)
 from _wait import wait_for
 from multipy.transport import channel as chan
 
@@ -45,15 +47,7 @@ def manager():
 
 @pytest.fixture(scope="module")
 def run(manager):
-    """A ReplicatedObj of ``_faults.run`` (it survives every restart)."""
-    with manager.acquire_one() as s:
-        return s.create_movable(s.global_("_faults", "run"))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def sigusr1_raises_keyboard_interrupt():
-    with sigusr1_interrupts():
-        yield
+    return replicated_run(manager)
 
 
 def _worker(manager):

@@ -28,23 +28,16 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from _faults import OnDump, OnLoad
-from _interrupting import interrupted_while_waiting, sigusr1_interrupts
+from _faults import OnDump, OnLoad, replicated_run
+from _interrupting import (interrupted_while_waiting,  # noqa: F401 (a fixture)
+                          sigusr1_raises_keyboard_interrupt)
 
 INTERPRETERS = 1
 
 
 @pytest.fixture(scope="module")
 def run(manager):
-    """A ReplicatedObj of ``_faults.run`` (the user's path: calling a replicated object)."""
-    with manager.acquire_one() as s:
-        return s.create_movable(s.global_("_faults", "run"))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def sigusr1_raises_keyboard_interrupt():
-    with sigusr1_interrupts():
-        yield
+    return replicated_run(manager)
 
 
 def gated_call_interrupted(run, result) -> None:
