@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import tempfile
 import threading
 
@@ -34,6 +35,7 @@ from _faults import replicated_run
 from _interrupting import (Gate, interrupted_while_waiting,  # noqa: F401 (a fixture)
                           sigusr1_raises_keyboard_interrupt)
 from _wait import wait_for
+from multipy.backends import process
 from multipy.transport import channel as chan
 
 INTERPRETERS = 1
@@ -247,3 +249,55 @@ def test_close_with_several_calls_in_flight_fails_each_with_manager_closed():
             gate.close()
     for result in held_result + results:
         assert isinstance(result, multipy.ManagerClosedError), held_result + results
+
+
+def test_calls_sent_while_a_caller_starts_waiting_leave_its_wait_intact(manager, run):
+    # A waiting caller runs without a lock, so at each point where it may give up
+    # the GIL (each return from a builtin) another thread may send a call.  Here one
+    # does, at every such point of the wait's set-up, and the caller must still get
+    # its answer (looking at the calls in flight must survive them changing).
+    if not chan.NATIVE:
+        pytest.skip("on the pipes a call holds its interpreter until its reply")
+    worker = _worker(manager)
+    assert run("echo", 0) == 0  # loaded: the gated call below is sent and awaited alone
+    waiting = threading.Event()  # the caller reached its wait (or left)
+    sent: list = []  # (threads, results) of the calls sent from the hook
+
+    def hook(frame, event, arg):
+        if waiting.is_set():
+            return
+        if event == "call" and frame.f_code is chan.HostEnd.wait.__code__:
+            waiting.set()
+        elif (event == "c_return" and frame.f_code is process.ProcessWorker._channel_reply.__code__
+              and len(sent) < 16):
+            before = worker._next_call
+            sent.append(_in_threads([lambda i=len(sent): run("echo", i)]))
+            wait_for(lambda: worker._next_call > before, "a call sent from another thread")
+
+    gate = Gate()
+
+    def release_once_waiting():
+        with open(os.path.join(gate.dir, "started")) as f:  # the interpreter runs it now
+            f.read()
+        wait_for(waiting.is_set, "the gated caller to wait")
+        _release(gate)
+
+    keeper = threading.Thread(target=release_once_waiting, daemon=True)
+    keeper.start()
+    sys.setprofile(hook)
+    try:
+        try:
+            answer = run("gate", gate.dir, "gated")
+        finally:
+            sys.setprofile(None)
+            waiting.set()
+    finally:
+        keeper.join(60)
+        gate.close()
+    assert answer == "gated"
+    assert sent, "no call was sent while the caller set up its wait"
+    for n, (threads, results) in enumerate(sent):
+        _join(threads)
+        assert results == [n]
+    assert_own_answers(run)
+    assert not worker._owed

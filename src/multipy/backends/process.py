@@ -392,11 +392,17 @@ class ProcessWorker(Worker):
         deadline = None if timeout is None else time.monotonic() + timeout
         wait, slots = end.wait, self._slots
         while True:
+            # Replies come in request order: spin only when no earlier call is owed a
+            # reply (_slots keeps calls in the order they were sent).  Other threads
+            # send and take calls meanwhile (no lock is held here): one that changes
+            # _slots between iter() and next() makes next() raise; then don't spin.
             try:
-                # Replies come in request order: spin only when no earlier call is owed
-                # a reply (_slots keeps calls in the order they were sent).
+                first = next(iter(slots), call) == call
+            except RuntimeError:  # dictionary changed size during iteration
+                first = False
+            try:
                 rc = wait(slot, None if deadline is None else max(0.0, deadline - time.monotonic()),
-                          next(iter(slots), call) == call)
+                          first)
             except ValueError:  # detached: this generation is over
                 rc = _CLOSED
             with self._rx:
