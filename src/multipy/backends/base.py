@@ -95,10 +95,9 @@ class Worker:
     """One interpreter, seen from the host.  Subclasses implement the transport."""
 
     kind: BackendKind
-    #: True for a backend that keeps several requests in flight per interpreter:
-    #: a blocking call holds ``lock`` only to send (``_send_call``) and waits for
-    #: its reply without it (``_await_call``).
-    pipelined = False
+    # A backend that keeps several requests in flight per interpreter sets
+    # ``request = Worker._request_in_flight`` and implements ``_send_call`` (under
+    # ``lock``) and ``_await_call`` (without it).
 
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
@@ -300,14 +299,10 @@ class Worker:
         to its replacement if ``resend`` (False for requests naming objects of
         the dead one).
 
-        On a pipelined backend the lock is held only while the request is sent,
-        so calls from many threads are in flight at once; each caller waits for
-        its own reply.
+        A backend that keeps several requests in flight replaces this method with
+        :meth:`_request_in_flight`: the lock is held only while the request is
+        sent, and each caller waits for its own reply.
         """
-        if self.pipelined:  # (a pipelined backend sets request = _request_in_flight)
-            return self._request_in_flight(op, args, timeout=timeout, handles=handles,
-                                           materializes=materializes, recipe=recipe,
-                                           resend=resend)
         with self.lock:
             if self.closed:
                 raise ManagerClosedError("the interpreter manager is closed")
@@ -349,7 +344,8 @@ class Worker:
     def _request_in_flight(self, op: Op, args: tuple = (), *, timeout: float | None = None,
                            handles: tuple | None = None, materializes: int | None = None,
                            recipe: tuple | None = None, resend: bool = True) -> Any:
-        """:meth:`request` on a pipelined backend: the lock only around the send."""
+        """:meth:`request` for a backend with several requests in flight: the lock
+        only around the send."""
         started = time.perf_counter()
         lock = self.lock
         try:

@@ -185,8 +185,7 @@ class ProcessWorker(Worker):
         self._draining = 0  # threads in _drain: told when the last caller leaves
         self._exit_lock = threading.Lock()
 
-    pipelined = True  # several requests in flight at once (Worker._request_in_flight)
-    request = Worker._request_in_flight  # one Python frame less per call
+    request = Worker._request_in_flight  # several requests in flight at once
 
     def _launch(self) -> None:
         self._terminate(kill=True)
