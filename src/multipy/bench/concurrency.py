@@ -47,6 +47,7 @@ from collections.abc import Sequence
 import torch
 
 from ..runtime import InterpreterManager
+from ._child import _map_tensors
 from .harness import Result, run_threads
 from .report import Row
 from .targets import resolve_target
@@ -217,13 +218,7 @@ def _kept(model, x: tuple, answers: list | None):
 
 def _copy(value):
     """``value`` with every tensor in it (also in tuples, lists, dicts) cloned."""
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if isinstance(value, (tuple, list)):
-        return type(value)(_copy(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _copy(v) for k, v in value.items()}
-    return value
+    return _map_tensors(value, torch.Tensor.clone)
 
 
 def async_lines(rows: Sequence[Row]) -> list[str]:
