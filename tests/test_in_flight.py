@@ -36,6 +36,7 @@ from _interrupting import (Gate, interrupted_while_waiting,  # noqa: F401 (a fix
                           sigusr1_raises_keyboard_interrupt)
 from _wait import wait_for
 from multipy.backends import process
+from multipy.backends.base import Worker
 from multipy.transport import channel as chan
 
 INTERPRETERS = 1
@@ -301,3 +302,49 @@ def test_calls_sent_while_a_caller_starts_waiting_leave_its_wait_intact(manager,
         assert results == [n]
     assert_own_answers(run)
     assert not worker._owed
+
+
+# Points between the end of the send and the start of the wait for the reply, where
+# a signal handler may raise (Ctrl-C): (function, profile event, C function name).
+_AFTER_SEND = {
+    "the request is written": (process.ProcessWorker._send, "return", None),
+    "the ticket is returned": (process.ProcessWorker._send_call, "return", None),
+    "the worker lock is released": (Worker._request_in_flight, "c_return", "__exit__"),
+    "the worker is announced free": (Worker._now_free, "call", None),
+    "the wait is entered": (process.ProcessWorker._await_call, "call", None),
+    "the reply is awaited": (process.ProcessWorker._finish, "call", None),
+}
+
+
+@pytest.mark.parametrize("point", list(_AFTER_SEND))
+def test_a_caller_interrupted_between_send_and_wait_leaves_nothing_held(manager, run, point):
+    # A KeyboardInterrupt at any point between the send and the wait must leave the
+    # call to be settled by whoever reads its reply: its slot freed, its caller gone
+    # from the calls in flight (a restart waits for those to leave).
+    worker = _worker(manager)
+    assert run("echo", 0) == 0  # loaded: the call below is one request
+    function, event, c_name = _AFTER_SEND[point]
+    code = function.__code__
+    hit = []
+
+    def hook(frame, ev, arg):
+        if (ev == event and frame.f_code is code and not hit
+                and (c_name is None or getattr(arg, "__name__", None) == c_name)):
+            hit.append(ev)
+            raise KeyboardInterrupt(point)
+
+    on_free, worker.on_free = worker.on_free, (lambda: None)
+    sys.setprofile(hook)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run("echo", 1)
+    finally:
+        sys.setprofile(None)
+        worker.on_free = on_free
+    if not hit:
+        pytest.skip(f"no call passes there on this transport ({point})")
+    assert not worker._callers, "the interrupted caller is still counted as waiting"
+    assert worker._drain(0)  # a restart would not wait for it
+    assert_own_answers(run, 3)
+    wait_for(lambda: not worker._owed, "the interrupted call to be settled")
+    assert not worker._slots and not worker._left

@@ -159,6 +159,14 @@ class Worker:
         """Wait up to ``timeout`` for the requests in flight outside ``lock`` to end."""
         return True
 
+    #: (Pipelined backends.)  Id of the last request sent; read under ``lock``.
+    _next_call = 0
+
+    def _abandon(self, since: int) -> None:
+        """(Pipelined backends.)  The calling thread left :meth:`_request_in_flight`
+        by an exception: any request it sent after call id ``since`` that is still
+        counted as awaited is given up (its reply, when it comes, reaches nobody)."""
+
     # -- lifecycle --------------------------------------------------------
     def launch(self) -> None:
         """Begin starting the interpreter (returns before it is ready)."""
@@ -348,6 +356,7 @@ class Worker:
         only around the send."""
         started = time.perf_counter()
         lock = self.lock
+        since = None  # the last call id sent before this one (see _abandon)
         try:
             for attempt in (0, 1):
                 with lock:
@@ -373,6 +382,7 @@ class Worker:
                         else:
                             full = args + (None,)
                     drop = drain(self.drops) if self.drops else ()
+                    since = self._next_call
                     try:
                         ticket = self._send_call(op, full, drop, timeout, handles)
                     except RequestNotSent as not_sent:
@@ -396,6 +406,10 @@ class Worker:
                     materialized.add(materializes)
                 return value
         except BaseException:
+            if since is not None:
+                # Raised (e.g. Ctrl-C) anywhere between the send and the wait: a call
+                # of this thread may still be counted as awaited.
+                self._abandon(since)
             with self._tally:
                 self.failures += 1
             raise

@@ -35,6 +35,7 @@ import select
 import sys
 import threading
 import time
+from _thread import get_ident
 from multiprocessing import reduction, spawn
 
 from ..errors import CallTimeoutError, ManagerClosedError, TransportError
@@ -181,7 +182,7 @@ class ProcessWorker(Worker):
         # channel); the worker lock is taken only to send.  Order: lock, then _rx.
         self._rx = threading.Lock()
         self._drained = threading.Condition(self._rx)
-        self._callers: set[int] = set()  # calls whose blocking caller waits for the reply
+        self._callers: dict[int, int] = {}  # call id -> thread of its blocking caller
         self._draining = 0  # threads in _drain: told when the last caller leaves
         self._exit_lock = threading.Lock()
 
@@ -237,7 +238,7 @@ class ProcessWorker(Worker):
         # In-flight bookkeeping of this generation (see _send and _finish).
         self._owed: dict[int, list[int]] = {}  # call id -> argument blocks, reply not read yet
         self._unsure: set[int] = set()  # owed calls whose write was interrupted: sent or not?
-        self._callers = set()            # owed calls whose blocking caller waits
+        self._callers = {}               # owed calls whose blocking caller waits: id -> thread
         self._posted: dict[int, tuple] = {}  # owed calls a completion thread collects
         self._stash: dict[int, object] = {}  # replies read for a caller not back yet
         self._slots: dict[int, int] = {}  # channel: call id -> its reply slot
@@ -373,9 +374,20 @@ class ProcessWorker(Worker):
                 self._left.add(call)  # settled by a later reader (_sweep)
             raise
         finally:
-            self._callers.discard(call)
+            self._callers.pop(call, None)
             if self._draining and not self._callers:
                 self._notify_drained()
+
+    def _abandon(self, since: int) -> None:
+        me = get_ident()
+        # list() copies in one step: other threads add and remove calls meanwhile.
+        for call, caller in list(self._callers.items()):
+            if caller == me and call > since:
+                if self._end is not None and call in self._owed:
+                    self._left.add(call)  # settled by a later reader (_sweep)
+                self._callers.pop(call, None)
+        if self._draining and not self._callers:
+            self._notify_drained()
 
     def _notify_drained(self) -> None:
         if self._rx.acquire(blocking=False):
@@ -613,7 +625,7 @@ class ProcessWorker(Worker):
         call = self._next_call = self._next_call + 1
         self._owed[call] = placed
         if posted is None:
-            self._callers.add(call)
+            self._callers[call] = get_ident()
         else:
             self._posted[call] = posted
         payload = _pack_id(call) + data  # messages.stamp, without the call
@@ -640,7 +652,7 @@ class ProcessWorker(Worker):
             raise RequestNotSent(self._crashed("while idle, before this call was sent")) from None
         except BaseException:
             # A signal handler raised during the write, or just after it returned.
-            self._callers.discard(call)
+            self._callers.pop(call, None)
             self._posted.pop(call, None)
             if end is not None and len(payload) <= end.limit:
                 # One ring post: all of it was sent or none (see _sweep).
@@ -657,7 +669,7 @@ class ProcessWorker(Worker):
 
     def _forget(self, call: int) -> None:
         self._owed.pop(call, None)
-        self._callers.discard(call)
+        self._callers.pop(call, None)
         self._posted.pop(call, None)
         self._ends.pop(call, None)
         slot = self._slots.pop(call, None)
