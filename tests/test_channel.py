@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from _wait import wait_for
 from multipy.transport import channel as chan
 from multipy.transport.channel import PyChannel, Wait
 
@@ -393,3 +394,54 @@ def test_a_pipe_spin_stops_once_other_threads_want_the_gil():
     assert spin_readable(_CountingPoller(r), 2.0) is True
     os.close(r)
     os.close(w)
+
+
+needs_native = pytest.mark.skipif(_native is None, reason="multipy._native is not built here")
+
+
+@needs_native
+def test_requests_in_flight_are_counted_until_their_reply_is_taken_or_the_channel_detached():
+    base = _native.in_flight()
+    ch, other = _native.Channel(_memory()), _native.Channel(_memory())
+    a, b = ch.claim(), ch.claim()
+    ch.post(b"a", a)
+    ch.post(b"b", b)
+    other.post(b"c", other.claim())
+    assert _native.in_flight() == (base[0] + 3, base[1] + 2)  # 3 requests, 2 interpreters
+    ch.take(), ch.take()
+    ch.reply(a, b"A", 0)
+    assert _native.in_flight() == (base[0] + 3, base[1] + 2)  # replied, not taken yet
+    assert ch.take_reply(a) == (0, b"A")
+    assert _native.in_flight() == (base[0] + 2, base[1] + 2)
+    ch.reply(b, b"B", 0)
+    ch.take_reply(b)
+    assert _native.in_flight() == (base[0] + 1, base[1] + 1)
+    other.detach()  # its request never gets a reply: it no longer counts
+    assert _native.in_flight() == base
+
+
+@needs_native
+@pytest.mark.parametrize("cores", [1, 64])
+def test_a_caller_spins_only_on_a_core_that_no_busy_interpreter_needs(cores):
+    # The channel's own request makes one interpreter busy: on 1 core the caller
+    # sleeps at once, on 64 it spins (until the reply).
+    ch = _native.Channel(_memory())
+    slot = ch.claim()
+    ch.post(b"x", slot)
+    result = []
+    waiter = threading.Thread(target=lambda: result.append(ch.wait_reply(slot, -1.0, 3600.0, cores, -1)))
+    waiter.start()
+    try:
+        if cores == 1:
+            wait_for(lambda: ch.asleep(slot) or not waiter.is_alive(), "the caller to sleep")
+            assert _native.spinners() == 0
+        else:
+            wait_for(lambda: _native.spinners() or not waiter.is_alive(), "the caller to spin")
+            assert not ch.asleep(slot)
+    finally:
+        ch.take()
+        ch.reply(slot, b"y", 0)
+        waiter.join(60)
+    assert result and result[0] in READY
+    assert ch.take_reply(slot) == (0, b"y")
+    ch.detach()

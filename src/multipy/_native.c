@@ -54,11 +54,38 @@ typedef struct {
 } slot_t;
 
 static int spinners;       /* host threads of this process spinning now */
+/* Host side, process-wide: requests posted whose reply was not taken yet, and the
+ * channels (interpreters) with at least one.  A waiting caller spins only while
+ * the machine has a core that neither a busy interpreter nor another host thread
+ * needs (see may_spin); the counts of a channel leave them when it is detached. */
+static long g_inflight;
+static long g_busy;
+
+/* Counters of what the waits did, for diagnostics (benchmarks/count_switches.py):
+ * kept only when MULTIPY_CHANNEL_COUNTS=1 was set when the module loaded, so that
+ * the shared cache line costs nothing otherwise.  Per process. */
+enum {
+    C_WAITS,        /* waits that did not find their message at once */
+    C_SPIN_HITS,    /* ... that found it while spinning */
+    C_NO_SPIN,      /* ... that were not allowed to spin (cap, or told not to) */
+    C_SLEEPS,       /* FUTEX_WAIT calls */
+    C_WAKES,        /* FUTEX_WAKE calls */
+    C_GIL_WAITS,    /* waits after which taking the GIL back took over 2 µs */
+    C_GIL_NS,       /* nanoseconds spent taking the GIL back after waits */
+    C_YIELDS,       /* sched_yield calls while spinning */
+    C_COUNT
+};
+static const char *const counter_names[C_COUNT] = {
+    "waits", "spin_hits", "no_spin", "sleeps", "wakes", "gil_waits", "gil_ns", "yields"};
+static int counting;
+static uint64_t counters[C_COUNT];
+#define COUNT(i, n) do { if (counting) __atomic_add_fetch(&counters[i], (n), __ATOMIC_RELAXED); } while (0)
 
 typedef struct {
     PyObject_HEAD
     Py_buffer view;
     int attached;
+    long inflight;         /* host side: posted here, reply not taken yet */
     int in_use;            /* waits in progress (they run without the GIL) */
     int detach_pending;
     header_t *h;
@@ -85,11 +112,13 @@ static inline int64_t now_ns(void) {
 /* 1 when a signal interrupted the sleep. */
 static int futex_wait(uint32_t *word, uint32_t expected, int64_t ns) {
     struct timespec ts = {(time_t)(ns / 1000000000LL), (long)(ns % 1000000000LL)};
+    COUNT(C_SLEEPS, 1);
     /* Not FUTEX_PRIVATE: the word is in memory shared with another process. */
     return syscall(SYS_futex, word, FUTEX_WAIT, expected, &ts, NULL, 0) == -1 && errno == EINTR;
 }
 
 static void futex_wake(uint32_t *word) {
+    COUNT(C_WAKES, 1);
     syscall(SYS_futex, word, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
 }
 
@@ -106,6 +135,41 @@ static int fd_ready(int fd) {
 #define SC_LOAD(p) __atomic_load_n((p), __ATOMIC_SEQ_CST)
 
 static inline uint32_t round16(uint32_t n) { return (n + 15u) & ~15u; }
+
+/* A request was posted on (+1) or a reply taken from (-1) this channel. */
+static void count_inflight(ChannelObject *c, long d) {
+    long before = __atomic_fetch_add(&c->inflight, d, __ATOMIC_ACQ_REL);
+    __atomic_add_fetch(&g_inflight, d, __ATOMIC_ACQ_REL);
+    if (before == 0 && d > 0)
+        __atomic_add_fetch(&g_busy, 1, __ATOMIC_ACQ_REL);
+    else if (before + d == 0 && d < 0)
+        __atomic_sub_fetch(&g_busy, 1, __ATOMIC_ACQ_REL);
+}
+
+/* The channel is let go of: whatever it still counts in flight never ends. */
+static void forget_inflight(ChannelObject *c) {
+    long left = __atomic_exchange_n(&c->inflight, 0, __ATOMIC_ACQ_REL);
+    if (left > 0) {
+        __atomic_sub_fetch(&g_inflight, left, __ATOMIC_ACQ_REL);
+        __atomic_sub_fetch(&g_busy, 1, __ATOMIC_ACQ_REL);
+    }
+}
+
+/* Whether one more host thread may spin now, on a machine of `cores` cores: one
+ * core per busy interpreter, one for the host thread holding the GIL when other
+ * calls are in flight (their callers run Python between waits), the rest may spin.
+ * A spin beyond that takes the core of an interpreter or of the GIL's holder, and
+ * the call it waits for only ends later. */
+static int spin_allowed(int cores) {
+    long spare = cores - __atomic_load_n(&g_busy, __ATOMIC_ACQUIRE) -
+                 (__atomic_load_n(&g_inflight, __ATOMIC_ACQUIRE) > 1 ? 1 : 0);
+    if (spare <= 0)
+        return 0;
+    if (__atomic_add_fetch(&spinners, 1, __ATOMIC_ACQ_REL) <= spare)
+        return 1;
+    __atomic_sub_fetch(&spinners, 1, __ATOMIC_ACQ_REL);
+    return 0;
+}
 
 static inline slot_t *slot_at(ChannelObject *c, uint32_t i) {
     return (slot_t *)(c->slots + (size_t)i * (SLOT_HEAD + c->h->slot_bytes));
@@ -153,14 +217,17 @@ static int wait_for(ChannelObject *c, ready_fn ready, void *arg, uint32_t *word,
     if (spin_ns > 0 && may_spin) {
         int64_t until = start + spin_ns, look = start + SLICE_NS;
         for (unsigned i = 1;; i++) {
-            if (ready(c, arg))
+            if (ready(c, arg)) {
+                COUNT(C_SPIN_HITS, 1);
                 return READY;
+            }
             if (LOAD(&h->closed))
                 return CLOSED;
             cpu_pause();
             if ((i & 63) == 0) {
                 /* Let a peer that shares this core run: a pure user-space spin would
                  * otherwise hold the core for a whole time slice when cores are scarce. */
+                COUNT(C_YIELDS, 1);
                 sched_yield();
                 int64_t t = now_ns();
                 if (t > until)
@@ -196,10 +263,13 @@ static int wait_for(ChannelObject *c, ready_fn ready, void *arg, uint32_t *word,
         }
         int interrupted = futex_wait(word, seen, slice);
         SC_STORE(sleeping, 0u);
+        /* SLEPT says the spin asked for ran out (or none was asked for); a spin asked
+         * for but not allowed (no spare core) says nothing about its length: READY. */
+        int slept = spin_ns > 0 && !may_spin ? READY : SLEPT;
         if (ready(c, arg))
-            return SLEPT;
+            return slept;
         if (fd_ready(fd))
-            return ready(c, arg) ? SLEPT : DEAD; /* re-check: a reply may precede EOF */
+            return ready(c, arg) ? slept : DEAD; /* re-check: a reply may precede EOF */
         if (interrupted)
             return -1;
     }
@@ -208,25 +278,34 @@ static int wait_for(ChannelObject *c, ready_fn ready, void *arg, uint32_t *word,
 /* Release the GIL once around wait_for; run signal handlers if one interrupted it. */
 static PyObject *blocking_wait(ChannelObject *c, ready_fn ready, void *arg, uint32_t *word,
                                uint32_t *sleeping, double timeout, double spin,
-                               int max_spinners, int fd) {
+                               int cores, int fd) {
     if (ready(c, arg))
         return PyLong_FromLong(READY);
     int64_t timeout_ns = timeout < 0 ? -1 : (int64_t)(timeout * 1e9);
     int64_t spin_ns = spin > 0 ? (int64_t)(spin * 1e9) : 0;
     int64_t deadline = timeout_ns < 0 ? -1 : now_ns() + timeout_ns;
     int rc;
+    int64_t back = 0;
+    COUNT(C_WAITS, 1);
     c->in_use++;
     for (;;) {
-        int may_spin = 1;
-        if (spin_ns > 0 && max_spinners >= 0) {
-            may_spin = __atomic_add_fetch(&spinners, 1, __ATOMIC_ACQ_REL) <= max_spinners;
-            if (!may_spin)
-                __atomic_sub_fetch(&spinners, 1, __ATOMIC_ACQ_REL);
-        }
+        int spins = 1;
+        if (spin_ns > 0 && cores >= 0)
+            spins = spin_allowed(cores);
+        if (!spins || spin_ns <= 0)
+            COUNT(C_NO_SPIN, 1);
         Py_BEGIN_ALLOW_THREADS
-        rc = wait_for(c, ready, arg, word, sleeping, timeout_ns, spin_ns, may_spin, fd);
+        rc = wait_for(c, ready, arg, word, sleeping, timeout_ns, spin_ns, spins, fd);
+        if (counting)
+            back = now_ns();
         Py_END_ALLOW_THREADS
-        if (spin_ns > 0 && max_spinners >= 0 && may_spin)
+        if (counting) {
+            int64_t took = now_ns() - back;
+            COUNT(C_GIL_NS, (uint64_t)took);
+            if (took > 2000)
+                COUNT(C_GIL_WAITS, 1);
+        }
+        if (spin_ns > 0 && cores >= 0 && spins)
             __atomic_sub_fetch(&spinners, 1, __ATOMIC_ACQ_REL);
         if (rc >= 0)
             break;
@@ -242,6 +321,7 @@ static PyObject *blocking_wait(ChannelObject *c, ready_fn ready, void *arg, uint
     c->in_use--;
     if (c->detach_pending && c->in_use == 0 && c->attached) {
         c->attached = 0;
+        forget_inflight(c);
         PyBuffer_Release(&c->view);
     }
     if (rc < 0)
@@ -302,8 +382,10 @@ static int Channel_init(ChannelObject *self, PyObject *args, PyObject *kw) {
 
 static void Channel_dealloc(ChannelObject *self) {
     /* A wait in progress holds a reference to the channel, so none runs here. */
-    if (self->attached)
+    if (self->attached) {
+        forget_inflight(self);
         PyBuffer_Release(&self->view);
+    }
     PyTypeObject *tp = Py_TYPE(self);
     tp->tp_free((PyObject *)self);
     Py_DECREF(tp); /* a heap type: each instance holds a reference to it */
@@ -361,6 +443,7 @@ static PyObject *Channel_post(ChannelObject *self, PyObject *args) {
     memcpy((char *)r + RECORD_HEAD, data.buf, data.len);
     PyBuffer_Release(&data);
     STORE(&r->state, (uint32_t)REC_DATA);
+    count_inflight(self, 1);
     __atomic_add_fetch(&h->req_seq, 1u, __ATOMIC_SEQ_CST);
     if (SC_LOAD(&h->req_sleeping))
         futex_wake(&h->req_seq);
@@ -393,7 +476,8 @@ PyDoc_STRVAR(wait_request_doc,
 "Wait until a request can be taken: spin up to ``spin`` seconds, then sleep in\n"
 "FUTEX_WAIT.  ``timeout`` < 0 waits for ever; ``fd`` >= 0 is polled between\n"
 "sleeps and its readiness (with the ring still empty) means the peer is gone.\n"
-"Returns READY (found without sleeping), SLEPT (found after sleeping), TIMEOUT,\n"
+"Returns READY (found without sleeping), SLEPT (found after sleeping, when no spin\n"
+"was asked for or the spin ran out), TIMEOUT,\n"
 "DEAD or CLOSED.  The GIL is released once.");
 
 static PyObject *Channel_wait_request(ChannelObject *self, PyObject *args) {
@@ -470,9 +554,11 @@ static PyObject *Channel_reply(ChannelObject *self, PyObject *args) {
 }
 
 PyDoc_STRVAR(wait_reply_doc,
-"wait_reply(slot, timeout, spin, max_spinners, fd, /) -> int\n\n"
-"Wait for ``slot``'s reply: spin up to ``spin`` seconds when fewer than\n"
-"``max_spinners`` threads of this process spin already (< 0: no cap), then\n"
+"wait_reply(slot, timeout, spin, cores, fd, /) -> int\n\n"
+"Wait for ``slot``'s reply: spin up to ``spin`` seconds if, on a machine of\n"
+"``cores`` cores (< 0: spin regardless), one is left once every interpreter with\n"
+"a request of this process in flight has one, the GIL's holder has one (when\n"
+"other requests are in flight) and the threads spinning now have theirs; then\n"
 "sleep in FUTEX_WAIT, polling ``fd`` (the peer's liveness) between sleeps.\n"
 "Returns READY, SLEPT, TIMEOUT, DEAD or CLOSED (see wait_request).  The GIL is\n"
 "released once.");
@@ -480,14 +566,14 @@ PyDoc_STRVAR(wait_reply_doc,
 static PyObject *Channel_wait_reply(ChannelObject *self, PyObject *args) {
     unsigned int slot;
     double timeout, spin;
-    int max_spinners, fd;
-    if (!PyArg_ParseTuple(args, "Iddii:wait_reply", &slot, &timeout, &spin, &max_spinners, &fd))
+    int cores, fd;
+    if (!PyArg_ParseTuple(args, "Iddii:wait_reply", &slot, &timeout, &spin, &cores, &fd))
         return NULL;
     if (check_attached(self) < 0 || check_slot(self, slot) < 0)
         return NULL;
     slot_t *s = slot_at(self, slot);
-    return blocking_wait(self, reply_ready, s, &s->state, &s->sleeping, timeout, spin,
-                         max_spinners, fd);
+    return blocking_wait(self, reply_ready, s, &s->state, &s->sleeping, timeout, spin, cores,
+                         fd);
 }
 
 PyDoc_STRVAR(take_reply_doc,
@@ -505,7 +591,10 @@ static PyObject *Channel_take_reply(ChannelObject *self, PyObject *arg) {
     if (len > self->h->slot_bytes)
         len = self->h->slot_bytes; /* a corrupt length never reads past the slot */
     PyObject *out = Py_BuildValue("(Iy#)", s->tag, (char *)s + SLOT_HEAD, (Py_ssize_t)len);
+    if (out == NULL)
+        return NULL;
     STORE(&s->state, (uint32_t)SLOT_WAITING);
+    count_inflight(self, -1);
     return out;
 }
 
@@ -554,6 +643,7 @@ static PyObject *Channel_detach(ChannelObject *self, PyObject *unused) {
         self->detach_pending = 1;
     } else {
         self->attached = 0;
+        forget_inflight(self);
         PyBuffer_Release(&self->view);
     }
     Py_RETURN_NONE;
@@ -673,8 +763,36 @@ static PyObject *native_copy(PyObject *m, PyObject *const *args, Py_ssize_t narg
     Py_RETURN_NONE;
 }
 
+static PyObject *native_counters(PyObject *m, PyObject *unused) {
+    PyObject *out = PyDict_New();
+    if (out == NULL)
+        return NULL;
+    for (int i = 0; i < C_COUNT; i++) {
+        PyObject *v = PyLong_FromUnsignedLongLong(__atomic_load_n(&counters[i], __ATOMIC_RELAXED));
+        if (v == NULL || PyDict_SetItemString(out, counter_names[i], v) < 0) {
+            Py_XDECREF(v);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(v);
+    }
+    return out;
+}
+
+static PyObject *native_in_flight(PyObject *m, PyObject *unused) {
+    return Py_BuildValue("(ll)", __atomic_load_n(&g_inflight, __ATOMIC_ACQUIRE),
+                         __atomic_load_n(&g_busy, __ATOMIC_ACQUIRE));
+}
+
 static PyMethodDef module_methods[] = {
     {"spinners", native_spinners, METH_NOARGS, "Host threads of this process spinning now."},
+    {"in_flight", native_in_flight, METH_NOARGS,
+     "in_flight() -> (requests, channels)\n\nRequests this process posted whose reply it has not\n"
+     "taken, and the channels holding them (what decides whether a waiting caller spins)."},
+    {"counters", native_counters, METH_NOARGS,
+     "counters() -> dict\n\nWhat the waits of this process did so far (all zero unless\n"
+     "MULTIPY_CHANNEL_COUNTS=1 was set when the module loaded): waits, spin_hits,\n"
+     "no_spin, sleeps (FUTEX_WAIT), wakes (FUTEX_WAKE), gil_waits, gil_ns, yields."},
     {"copy", (PyCFunction)(void (*)(void))native_copy, METH_FASTCALL,
      "copy(dst, src, nbytes, /)\n\nCopy nbytes from address src to address dst (memmove)."},
     {NULL, NULL, 0, NULL},
@@ -683,6 +801,8 @@ static PyMethodDef module_methods[] = {
 /* Multi-phase initialisation with a heap type: the module loads in isolated
  * subinterpreters (each with its own GIL) as well as in the main one. */
 static int native_exec(PyObject *m) {
+    const char *env = getenv("MULTIPY_CHANNEL_COUNTS");
+    counting = env != NULL && env[0] == '1';
     PyObject *type = PyType_FromModuleAndSpec(m, &Channel_spec, NULL);
     if (type == NULL)
         return -1;

@@ -401,19 +401,12 @@ class ProcessWorker(Worker):
         end = self._end
         slot = self._slots[call]
         deadline = None if timeout is None else time.monotonic() + timeout
-        wait, slots = end.wait, self._slots
+        wait = end.wait
         while True:
-            # Replies come in request order: spin only when no earlier call is owed a
-            # reply (_slots keeps calls in the order they were sent).  Other threads
-            # send and take calls meanwhile (no lock is held here): one that changes
-            # _slots between iter() and next() makes next() raise; then don't spin.
+            # Whether to spin first is the extension's choice: only on a core that no
+            # busy interpreter and no other host thread needs (see HostEnd.wait).
             try:
-                first = next(iter(slots), call) == call
-            except RuntimeError:  # dictionary changed size during iteration
-                first = False
-            try:
-                rc = wait(slot, None if deadline is None else max(0.0, deadline - time.monotonic()),
-                          first)
+                rc = wait(slot, None if deadline is None else max(0.0, deadline - time.monotonic()))
             except ValueError:  # detached: this generation is over
                 rc = _CLOSED
             with self._rx:

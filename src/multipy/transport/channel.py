@@ -459,10 +459,13 @@ def attach(fd: int):
     return Channel(memory), memory
 
 
-def _max_spinners() -> int:
-    """How many host threads may spin at once: about the cores the interpreters leave idle.
-    With fewer cores than that, spinning callers would steal the interpreters' time."""
-    return max(1, (os.cpu_count() or 1) // 2)
+def _cores() -> int:
+    """Cores this process may run on (its affinity), which spinning callers share
+    with the interpreters (see HostEnd.wait)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 class HostEnd:
@@ -477,9 +480,12 @@ class HostEnd:
     what lets the process backend match spilled replies and those of callers
     who left.  Spinning adapts like :class:`~multipy.transport.frames.Waiter`:
     after a spin that ran out, the next 1, 2, 4 ... 64 waits sleep at once; and
-    at most :attr:`max_spinners` host threads spin at any moment (the rest
-    sleep in FUTEX_WAIT at once), so spinning callers never take the cores the
-    interpreters run on.
+    a caller spins only while the machine (:attr:`cores`) has a core that no busy
+    interpreter and no other host thread needs (the extension counts the
+    requests of this process in flight and the interpreters holding them); the
+    others sleep in FUTEX_WAIT at once.  A spinning caller would otherwise take
+    the core of the interpreter it waits for, or of the host thread holding the
+    GIL, and its own call, or theirs, would only end later.
     """
 
     def __init__(self, channel, req_w: int, read_spilled, alive_fd: int, spin: float,
@@ -492,7 +498,7 @@ class HostEnd:
         self.read_spilled = read_spilled  # () -> the next frame of the reply pipe, or None
         self.alive_fd = alive_fd
         self.spin = spin
-        self.max_spinners = _max_spinners()
+        self.cores = _cores()
         self.limit = RING_BYTES // 2 - RECORD_HEAD
         self.claim = channel.claim      # () -> a free reply slot, or None when all are taken
         self.release = channel.release  # (slot) -> None: give an unused slot back
@@ -521,15 +527,13 @@ class HostEnd:
         """Wait until ``slot``'s reply is there (releasing the GIL once).  Returns
         READY or SLEPT (there), TIMEOUT, DEAD (the interpreter died) or CLOSED.
 
-        Only a caller whose request is ``next_in_line`` (every earlier one was
-        answered) spins: the others would spin through whole calls of other
-        callers, taking a core from the interpreter; they sleep at once."""
+        ``next_in_line=False`` sleeps at once (no spin)."""
         spin = self.spin if next_in_line else 0.0
         if spin and self._skip:
             self._skip -= 1
             spin = 0.0
         rc = self.channel.wait_reply(slot, -1.0 if timeout is None else timeout, spin,
-                                     self.max_spinners, self.alive_fd)
+                                     self.cores, self.alive_fd)
         if rc == _SLEPT and spin:
             self._backoff = min(self._backoff * 2, 64)
             self._skip = self._backoff
