@@ -56,7 +56,9 @@ def open_gate(path: str) -> None:
 
 
 def hold_every_interpreter(model, manager, gate_path: str, log: str, tag: str = "hold") -> list:
-    """Futures of one gated call per interpreter, once each is running there."""
+    """Futures of one gated call per interpreter, once each is running there, and of
+    the calls that fill each interpreter's queue behind it (``Worker.posted_depth``
+    in all): every later posted call waits in the dispatcher."""
     import torch
 
     from _wait import wait_for
@@ -64,6 +66,11 @@ def hold_every_interpreter(model, manager, gate_path: str, log: str, tag: str = 
     held = [model.submit(torch.zeros(1), gate=gate_path, log=log, tag=f"{tag}{i}")
             for i in range(len(manager))]
     wait_for(lambda: len(logged(log)) == len(held), "the gated calls to start")
+    workers = manager._workers
+    fill = sum(w.posted_depth - 1 for w in workers)
+    held += [model.submit(torch.zeros(1)) for _ in range(fill)]
+    wait_for(lambda: all(w.posted_in_flight >= w.posted_depth for w in workers),
+             "the calls queued behind them to be sent")
     assert all(f.running() for f in held)
     return held
 

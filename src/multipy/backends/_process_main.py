@@ -180,7 +180,7 @@ class Loop:
 
             channel, memory = attach(self.channel_fd)
             end = InterpreterEnd(channel, self.req_r, self.rep_w, self.spin, self.bell_w, memory)
-            end.serve_forever(self.serve)
+            end.serve_forever(self.serve, self.skip)
             sys.stdout.flush()
             sys.stderr.flush()
             return
@@ -217,6 +217,20 @@ class Loop:
         for offset in request.freed:
             self._free_result(offset)
         self.state.release(request.drop)
+
+    def skip(self, data: bytes) -> bytes:
+        """The reply to a request taken past its deadline: a CallTimeoutError, the
+        request unrun (its sender put no releases of other objects in it)."""
+        import pickle
+
+        from ..errors import CallTimeoutError
+        from ..transport.messages import RemoteException
+
+        call = _unpack_id(data)[0] if len(data) >= _ID_BYTES else 0
+        error = CallTimeoutError("the call waited past its timeout queued behind other calls "
+                                 f"on interpreter {self.state.index} and was dropped without running")
+        remote = RemoteException("CallTimeoutError", str(error), "", pickle.dumps(error))
+        return encode_reply(call, None, remote, (), (), False, ())
 
     def serve(self, data: bytes) -> bytes:
         """The reply frame (call id first) for one request frame."""

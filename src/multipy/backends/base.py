@@ -116,6 +116,7 @@ class Worker:
         self.restarts = 0
         self.latencies: list[float] = []
         self._tally = threading.Lock()  # failures counted from threads without the lock
+        self.posted_in_flight = 0       # posted requests sent and not ended (under _tally)
         self._started = False
         self._startup = list(config.startup)
         # Called (from any thread) after the lock is released at the end of a
@@ -166,6 +167,23 @@ class Worker:
         """(Pipelined backends.)  The calling thread left :meth:`_request_in_flight`
         by an exception: any request it sent after call id ``since`` that is still
         counted as awaited is given up (its reply, when it comes, reaches nobody)."""
+
+    def _pipelines(self) -> bool:
+        """Whether a posted request may leave ``lock`` once sent (several posted
+        requests in flight, queued in the interpreter); else it holds ``lock``
+        until its reply is read."""
+        return False
+
+    @property
+    def posted_depth(self) -> int:
+        """How many posted requests the dispatcher keeps in flight on this
+        interpreter at once: 1 unless the backend queues requests in the
+        interpreter (:meth:`_pipelines`)."""
+        return 1
+
+    def _abandon_posted(self, posted) -> None:
+        """A posted request will not be collected (the completion thread stopped):
+        forget it, so that its reply, if one comes, is settled unread."""
 
     # -- lifecycle --------------------------------------------------------
     def launch(self) -> None:
@@ -444,9 +462,15 @@ class Worker:
         """Send one request and return at once (futures, ``acall``, batches).
 
         The caller holds ``self.lock``, taken without blocking; from here the
-        request owns it and releases it when the call ends, just before
-        ``done(value, error)`` runs once on ``completions``' thread (the
-        :class:`~multipy.backends.completions.Completions` of the manager).
+        request owns it.  A backend that queues requests in the interpreter
+        (:meth:`_pipelines`) releases it as soon as the request is sent, so
+        the next one can follow it (up to :attr:`posted_depth`, the
+        dispatcher's count); otherwise the request holds it until the call
+        ends.  ``done(value, error)`` runs once on ``completions``' thread (the
+        :class:`~multipy.backends.completions.Completions` of the manager),
+        after the lock was released.  A request found never taken by an
+        interpreter that died ends with ``error`` a :class:`RequestNotSent`
+        (its sender may send it again).
         ``timeout`` is enforced by a timer on that thread, the backend's way
         (``_expire``).  ``on_free`` is not called when a posted request ends:
         ``done`` is where its sender learns the interpreter is free.  When nothing could be sent, the lock is released and
@@ -463,6 +487,7 @@ class Worker:
             # Loading is not bounded by a call's timeout (as in request): the object is
             # loaded first by a posted request of its own, then the call is sent from
             # the completion thread, the interpreter still held.
+            # (It holds the lock until the call is sent: nothing else may load it meanwhile.)
             load = _PostedCall(self, done, materializes, None)
             load.then = lambda: self._send_posted(op, args + (None,), completions, done,
                                                   timeout, handles, materializes, load.started)
@@ -476,12 +501,19 @@ class Worker:
     def _send_posted(self, op: Op, full: tuple, completions, done, timeout, handles, materializes,
                      started: float | None, call: "_PostedCall | None" = None) -> None:
         """The sending half of :meth:`post` (the lock held): on failure the lock is
-        released and the error raised."""
+        released and the error raised.  A call queued in the interpreter
+        (:meth:`_pipelines`) releases the lock once sent."""
         if call is None:
             call = _PostedCall(self, done, materializes, timeout)
             if started is not None:
                 call.started = started  # the call's latency counts from its load
-        drop = drain(self.drops) if self.drops else ()
+            call.holds = not self._pipelines()
+        # A call queued behind others may be dropped unrun at its deadline: it must not
+        # carry the releases of other objects (they would be lost with it).
+        drop = drain(self.drops) if self.drops and (call.holds or timeout is None) else ()
+        with self._tally:  # before the send: its completion may run before _post returns
+            self.posted_in_flight += 1
+        call.counted = True
         try:
             posted = self._post(op, full, drop, timeout, handles, completions, call.finish)
             with call.lock:  # a completion may already have fired: see _PostedCall.finish
@@ -490,13 +522,21 @@ class Worker:
                 completions.call_soon(lambda: call.finish(early))
         except BaseException:
             call.finished = True  # a completion it registered before failing must not run
+            if call.counted:
+                call.counted = False
+                with self._tally:
+                    self.posted_in_flight -= 1
             self.drops.extend(drop)  # nothing or something was sent: dropping twice is harmless
             self.failures += 1
             self.lock.release()
             self._now_free()
             raise
         if timeout is not None and not isinstance(call.posted, _Fallback):
+            call.completions = completions
             call.timer = completions.call_at(time.monotonic() + timeout, call.expire)
+        if not call.holds:
+            self.lock.release()  # sent: the next request may follow it into the interpreter
+            self._now_free()
 
     def _post(self, op: Op, args: tuple, drop: tuple, timeout: float | None, handles,
               completions, finish: Callable[[str], None]):
@@ -534,7 +574,9 @@ class Worker:
 
     def _expire(self, posted, timeout: float) -> BaseException:
         """A posted request ran past ``timeout``: stop it the way ``_roundtrip``
-        does on a timeout (kill, abandon or interrupt) and return the error.
+        does on a timeout (kill, abandon or interrupt) and return the error (a
+        request still queued in the interpreter may be dropped unrun instead).
+        A float means "cannot tell yet, ask again in that many seconds".
 
         Runs on the completion thread, so it must never wait: a backend that
         needs time to stop the call (an interrupt given a grace period) returns
@@ -650,10 +692,11 @@ def no_start(index: int, why: str) -> InterpreterStartError:
 
 
 class _PostedCall:
-    """A posted request until its reply is read (at most one per interpreter)."""
+    """A posted request until its reply is read.  ``holds``: it holds the worker's
+    lock until then (one posted request at a time on that interpreter)."""
 
     __slots__ = ("worker", "done", "materializes", "timeout", "posted", "timer", "finished",
-                 "started", "lock", "early", "then")
+                 "started", "lock", "early", "then", "holds", "completions", "counted")
 
     def __init__(self, worker: Worker, done, materializes, timeout) -> None:
         self.worker = worker
@@ -670,6 +713,9 @@ class _PostedCall:
         self.early = None
         # A first load's: sends the call itself once the load succeeded (lock still held).
         self.then = None
+        self.holds = True
+        self.completions = None  # where its deadline's timer runs
+        self.counted = False     # in its worker's posted_in_flight
 
     def finish(self, event: str) -> None:
         """On the completion thread: read the reply, free the interpreter, tell the caller."""
@@ -683,6 +729,7 @@ class _PostedCall:
                 return
         worker = self.worker
         if event == CLOSED:
+            worker._abandon_posted(self.posted)
             self._end(None, ManagerClosedError(
                 f"the manager was closed while interpreter {worker.index} was running this call"))
             return
@@ -711,6 +758,9 @@ class _PostedCall:
         self.timer = None
         if error is PENDING:
             return  # the backend is stopping the call: finish() ends it, through _collect
+        if type(error) is float:  # the backend cannot tell yet: look again then
+            self.timer = self.completions.call_at(time.monotonic() + error, self.expire)
+            return
         self._end(None, error)
 
     def _end(self, value, error) -> None:
@@ -719,6 +769,10 @@ class _PostedCall:
             self.timer[2] = None  # Completions.cancel: the deadline no longer applies
             self.timer = None
         worker = self.worker
+        if self.counted:
+            self.counted = False
+            with worker._tally:
+                worker.posted_in_flight -= 1
         if error is None and self.then is not None:  # loaded: now the call, under its timeout
             then, self.then, self.posted = self.then, None, None
             try:
@@ -733,7 +787,8 @@ class _PostedCall:
                 worker.failures += 1
         worker._count(self.started)
         self.posted = None
-        worker.lock.release()
+        if self.holds:
+            worker.lock.release()
         self.done(value, error)  # the dispatcher sends the next request from here
 
 class _Fallback:

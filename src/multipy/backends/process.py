@@ -58,6 +58,23 @@ ARENA_BYTES = 1 << 22  # grows on demand; pages are only touched when used
 _LINK_TIMEOUT = 30.0   # seconds an interpreter may take to map a CUDA link
 _CALLERS_LEAVE = 10.0  # seconds a restart waits for the calls in flight to be failed
 _PRELOAD = ["multipy.backends._process_main", "numpy", "torch"]
+_LOOK_AGAIN = 0.001    # seconds: a call at its deadline was taken but not started yet
+
+
+def _pipeline_depth() -> int:
+    """Posted calls the dispatcher keeps in flight per interpreter on the call channel
+    (``MULTIPY_PIPELINE_DEPTH``, default 2; 1 sends the next only once one ended)."""
+    raw = os.environ.get("MULTIPY_PIPELINE_DEPTH", "2")
+    try:
+        depth = int(raw)
+    except ValueError:
+        raise ValueError(f"MULTIPY_PIPELINE_DEPTH must be a whole number, not {raw!r}") from None
+    if not 1 <= depth <= 32:
+        raise ValueError(f"MULTIPY_PIPELINE_DEPTH must be between 1 and 32, not {depth}")
+    return depth
+
+
+PIPELINE_DEPTH = _pipeline_depth()
 
 
 class _Fd:
@@ -239,7 +256,9 @@ class ProcessWorker(Worker):
         self._owed: dict[int, list[int]] = {}  # call id -> argument blocks, reply not read yet
         self._unsure: set[int] = set()  # owed calls whose write was interrupted: sent or not?
         self._callers = {}               # owed calls whose blocking caller waits: id -> thread
-        self._posted: dict[int, tuple] = {}  # owed calls a completion thread collects
+        self._posted: dict[int, list] = {}   # owed calls a completion thread collects, in send order
+        self._bell_watch = None           # the completions watching the bell now (channel)
+        self._watch_lock = threading.Lock()
         self._stash: dict[int, object] = {}  # replies read for a caller not back yet
         self._slots: dict[int, int] = {}  # channel: call id -> its reply slot
         self._ends: dict[int, int] = {}   # channel: call id -> ring position past it
@@ -339,13 +358,23 @@ class ProcessWorker(Worker):
             return placed
         return self._finish(call, placed, op, timeout, False)
 
+    def _pipelines(self) -> bool:
+        # Not while CUDA link buffers are in use: the next call would reuse the buffers
+        # the one before it reads.
+        return self._end is not None and PIPELINE_DEPTH > 1 and not self._links.active
+
+    @property
+    def posted_depth(self) -> int:
+        return PIPELINE_DEPTH if self._pipelines() else 1
+
     def _drain(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` for the blocking calls in flight to end."""
+        """Wait up to ``timeout`` for the calls in flight without the lock (blocking
+        callers, posted calls queued on the channel) to end."""
         deadline = time.monotonic() + timeout
         with self._rx:
             self._draining += 1
             try:
-                while self._callers:
+                while self._callers or (self._posted and self._end is not None):
                     left = deadline - time.monotonic()
                     if left <= 0:
                         return False
@@ -517,34 +546,100 @@ class ProcessWorker(Worker):
             return self._settle(op, reply, placed)
 
     # -- posted requests (Worker.post): the completion thread reads the reply ----
+    # A posted call is the list [op, call, placed, completions, finish, handed, outcome,
+    # timeout]: ``handed`` once its finish was scheduled, ``outcome`` an error decided
+    # for it by another thread (its interpreter was replaced before it was collected).
     def _post(self, op, args, drop, timeout, handles, completions, finish):
         end = self._end
-        if end is not None:
-            end.want_bell()  # before the request is published: its reply rings
-        posted = [op, None, None, completions, finish]
+        posted = [op, None, None, completions, finish, False, None, timeout]
         call, placed = self._send(op, args, drop, timeout, handles, posted)
         posted[1], posted[2] = call, placed
-        self._arm(posted)
+        if end is not None:
+            self._watch_bell()
+        else:
+            self._arm(posted)
         return posted
 
-    def _arm(self, posted) -> None:
-        """Have the completion thread run ``finish`` once the reply can be read."""
-        call, completions, finish = posted[1], posted[3], posted[4]
-        end = self._end
-        if end is not None:
-            # Emptied before looking at the slot: a reply published after the look
-            # rings the bell again, so the watch below cannot miss it.
+    def _watch_bell(self) -> None:
+        """Have one completion context watch the bell for every posted call in flight
+        on the channel: that of the oldest call not handed to its finish yet (replies
+        come in request order).  Several calls share one bell, so exactly one watch is
+        armed at a time; it hands each call whose reply came to its own completions."""
+        with self._watch_lock:
+            if self._bell_watch is not None:
+                return  # armed: it hands over the calls in order
+            oldest = next((p for p in self._posted.values() if not p[5]), None)
+            if oldest is None:
+                return
+            completions = self._bell_watch = oldest[3]
+        end = self._end  # this generation's (a restart makes a new one)
+        here = getattr(completions, "here", None)  # a loop's: watch() only on its thread
+        if here is not None and not here():
+            completions.call_soon(lambda: self._arm_bell(completions, end))
+        else:
+            self._arm_bell(completions, end)
+
+    def _arm_bell(self, completions, end) -> None:
+        if end is not self._end:
+            return  # this generation is over; its calls were given their outcome
+        # Emptied before looking at the slots: a reply published after the look rings
+        # the bell again, so the watch below cannot miss it.
+        end.drain_bell()
+        if end.bell_closed or self._any_reply():
+            completions.call_soon(lambda: self._on_bell(completions, end, READY))
+        else:
+            completions.watch(end.bell_r, lambda event: self._on_bell(completions, end, event))
+
+    def _any_reply(self) -> bool:
+        """Whether a posted call not handed over yet has its reply in its slot."""
+        end, slots = self._end, self._slots
+        try:
+            for posted in list(self._posted.values()):
+                if not posted[5]:
+                    slot = slots.get(posted[1])
+                    if slot is None or end.ready(slot):
+                        return True
+        except (ValueError, RuntimeError):  # detached, or changed meanwhile: look again
+            return True
+        return False
+
+    def _on_bell(self, completions, end, event: str) -> None:
+        """The bell rang (or the interpreter died, or the completions stopped):
+        hand each posted call whose reply is there to its finish, then re-arm."""
+        if end is not self._end:
+            return  # this generation is over; its calls were given their outcome
+        with self._watch_lock:
+            self._bell_watch = None
+        gone = event != READY or end.bell_closed
+        if not gone:
             end.drain_bell()
-            slot = self._slots.get(call)
-            try:
-                ready = slot is None or end.ready(slot)
-            except ValueError:  # detached: over
-                ready = True
-            if end.bell_closed or ready:
-                completions.call_soon(lambda: finish(READY))
+            gone = end.bell_closed
+        ready = []
+        try:
+            for posted in list(self._posted.values()):
+                if posted[5]:
+                    continue
+                slot = self._slots.get(posted[1])
+                if gone or slot is None or end.ready(slot):
+                    posted[5] = True
+                    ready.append(posted)
+        except (ValueError, RuntimeError):  # detached: every call is over
+            for posted in list(self._posted.values()):
+                if not posted[5]:
+                    posted[5] = True
+                    ready.append(posted)
+        for posted in ready:
+            finish = posted[4]
+            if posted[3] is completions:
+                finish(event)
             else:
-                completions.watch(end.bell_r, finish)
-            return
+                posted[3].call_soon(lambda finish=finish: finish(READY))
+        if not gone:
+            self._watch_bell()
+
+    def _arm(self, posted) -> None:
+        """Have the completion thread run ``finish`` once the reply can be read (pipes)."""
+        call, completions, finish = posted[1], posted[3], posted[4]
         if call in self._stash or self._reader.buffered:
             completions.call_soon(lambda: finish(READY))
         else:
@@ -555,6 +650,8 @@ class ProcessWorker(Worker):
         end = self._end
         try:
             with self._rx:
+                if posted[6] is not None:
+                    raise posted[6]
                 if end is not None:
                     slot = self._slots.get(call)
                     try:
@@ -564,8 +661,18 @@ class ProcessWorker(Worker):
                     if reply is None:
                         end.drain_bell()
                         if end.bell_closed or self._process is None:
+                            try:
+                                unsent = slot is not None and not end.taken(self._ends[call])
+                            except (KeyError, ValueError):
+                                unsent = False
+                            if unsent:  # the interpreter died before it took this call
+                                self._forget(call)
+                                with self._args_lock:
+                                    self._release_placed(placed, ())
+                                raise RequestNotSent(self._crashed("before this call reached it"))
                             raise self._crashed("while running a call")
-                        self._arm(posted)
+                        posted[5] = False  # not there yet: watched again
+                        self._watch_bell()
                         return PENDING
                     if self._left:
                         self._sweep(call)
@@ -579,16 +686,92 @@ class ProcessWorker(Worker):
                             self._arm(posted)
                             return PENDING
                         reply = self._match(call, self._read_frame(False))
-                self._posted.pop(call, None)
-                if end is not None and not self._posted:
-                    end.want_bell(False)
+                if end is not None:
+                    with self._watch_lock:
+                        self._posted.pop(call, None)
+                        if not self._posted:
+                            end.want_bell(False)
+                else:
+                    self._posted.pop(call, None)
                 return self._settle(op, reply, placed)
         except BaseException:
             self._posted.pop(call, None)
             raise
+        finally:
+            if self._draining and not self._posted:
+                self._notify_drained()
+
+    def _fail_posted(self) -> None:
+        """Posted calls of this generation not collected by now (their completions
+        did not run: a loop that stopped): decide their outcome here and have their
+        completions deliver it.  Under the worker lock, before the channel closes."""
+        from ..errors import InterpreterCrashedError
+
+        with self._rx:
+            left, self._posted = list(self._posted.values()), {}
+            end = self._end
+            for posted in left:
+                if self.closed:
+                    error = ManagerClosedError(
+                        f"the manager was closed while interpreter {self.index} ran this call")
+                else:
+                    error = InterpreterCrashedError(
+                        f"interpreter {self.index} was restarted before the reply to this call "
+                        "was read", index=self.index)
+                try:
+                    if not end.taken(self._ends[posted[1]]):
+                        error = RequestNotSent(error)
+                except (KeyError, ValueError):
+                    pass
+                posted[6] = error
+        for posted in left:
+            posted[5] = True
+            posted[3].call_soon(lambda finish=posted[4]: finish(READY))
+
+    def _abandon_posted(self, posted) -> None:
+        """The completions stopped before collecting ``posted``: its reply, if one
+        comes, is settled unread (channel) or by whoever reads the pipe next."""
+        if posted is None:
+            return
+        with self._rx:
+            call = posted[1]
+            if self._posted.pop(call, None) is not None and call in self._owed \
+                    and self._end is not None:
+                self._left.add(call)
+        if self._draining and not self._posted:
+            self._notify_drained()
 
     def _expire(self, posted, timeout):
-        self._posted.pop(posted[1], None)
+        """At a posted call's deadline: a call still queued behind others on the
+        channel is dropped unrun (the interpreter skips it when its turn comes:
+        see :meth:`HostEnd.set_deadline`) and the interpreter keeps running; a call
+        that started is stopped the old way, by killing the interpreter."""
+        call = posted[1]
+        end = self._end
+        if end is not None and posted[6] is None:
+            with self._rx:
+                slot = self._slots.get(call)
+                if call in self._posted and slot is not None:
+                    try:
+                        if end.ready(slot):
+                            return PENDING  # answered in time: its finish is on its way
+                        started = end.started(slot)
+                        taken = end.taken(self._ends[call])
+                    except (KeyError, ValueError):
+                        started = taken = True
+                    if not started and not taken:
+                        self._posted.pop(call, None)
+                        self._left.add(call)  # the interpreter's skip reply is settled unread
+                        if self._draining and not self._posted:
+                            self._notify_drained()
+                        return CallTimeoutError(
+                            f"call waited past its timeout of {timeout:g} s queued behind other "
+                            f"calls on interpreter {self.index} and was dropped without running; "
+                            "the interpreter keeps running. Raise call_timeout= (manager) or "
+                            "timeout= (per call), or run fewer calls at once.")
+                    if not started:
+                        return _LOOK_AGAIN  # taken: skipping it now, or about to start it
+        self._posted.pop(call, None)
         try:
             self._kill_for_timeout(timeout)
         except BaseException as exc:
@@ -603,7 +786,9 @@ class ProcessWorker(Worker):
             self._announce_links(links, timeout)
         encoder = self._encoder
         encoder.handles = handles
-        freed = drain(self._freed) if self._freed else ()
+        # A posted call with a deadline may be skipped unrun (see _expire): it carries
+        # no releases of result blocks, which would be lost with it.
+        freed = drain(self._freed) if self._freed and (posted is None or posted[7] is None) else ()
         try:  # Request's fields, binary or a plain tuple: see transport.messages
             data = encoder.encode_request(int(op), args, drop, freed)
         except BaseException:
@@ -617,10 +802,19 @@ class ProcessWorker(Worker):
         placed = encoder.placed
         call = self._next_call = self._next_call + 1
         self._owed[call] = placed
+        deadline = 0.0
         if posted is None:
             self._callers[call] = get_ident()
         else:
-            self._posted[call] = posted
+            end = self._end
+            if end is None:
+                self._posted[call] = posted
+            else:
+                with self._watch_lock:  # against _collect clearing the bell meanwhile
+                    self._posted[call] = posted
+                    end.want_bell()  # before the request is published: its reply rings
+                if posted[7] is not None:
+                    deadline = time.monotonic() + posted[7]
         payload = _pack_id(call) + data  # messages.stamp, without the call
         end = self._end
         try:
@@ -631,6 +825,8 @@ class ProcessWorker(Worker):
                 while slot is None:
                     slot = self._room()
                 self._slots[call] = slot
+                if deadline:
+                    end.set_deadline(slot, deadline)  # skipped unrun if not started by then
                 position = end.post(payload, slot)
                 while not position:
                     self._room(slot)
@@ -929,6 +1125,8 @@ class ProcessWorker(Worker):
         if not self._drain(_CALLERS_LEAVE):
             self._stop()
             self._drain(_CALLERS_LEAVE)
+        if self._posted and self._end is not None:
+            self._fail_posted()
         self._process = None
         if self._end is not None:
             self._end.close()  # wakes the interpreter, which exits

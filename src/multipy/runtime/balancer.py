@@ -78,6 +78,37 @@ class LoadBalancer:
                     return i
             return None
 
+    def acquire_room(self, depth, usable=None, exclude=()) -> int | None:
+        """The least loaded interpreter with room for one more call in flight
+        (fewer than ``depth(index)``; counted until :meth:`release`), or ``None``.
+
+        "Idle" (:meth:`acquire_idle`) means nothing in flight; "room" means the
+        interpreter queues calls and its queue is not full: a posted call sent
+        there runs as soon as the calls before it end, with no host round trip
+        in between.
+
+        >>> lb = LoadBalancer(1)
+        >>> lb.acquire_room(lambda i: 2), lb.acquire_room(lambda i: 2), lb.acquire_room(lambda i: 2)
+        (0, 0, None)
+        """
+        with self._lock:
+            load, n = self._load, self._limit
+            start = self._start
+            best = None
+            for k in range(n):
+                i = (start + k) % n
+                if i in exclude or (usable is not None and not usable(i)):
+                    continue
+                if load[i] < depth(i) and (best is None or load[i] < load[best]):
+                    best = i
+                    if not load[i]:
+                        break
+            if best is None:
+                return None
+            self._start = (best + 1) % n
+            load[best] += 1
+            return best
+
     def release(self, index: int, *, notify: bool = True) -> None:
         with self._lock:
             self._load[index] -= 1

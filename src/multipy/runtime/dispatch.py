@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import os
 import threading
 import time
 import weakref
@@ -50,6 +51,10 @@ if TYPE_CHECKING:
 
 
 _NEVER = float("inf")
+
+# Whether a batch may be sent to an interpreter that is running a call and has room
+# in its queue (Worker.posted_depth), instead of waiting for an idle one.
+_BATCHES_BEHIND = os.environ.get("MULTIPY_BATCHES_BEHIND", "1") != "0"
 
 AWAITED = object()
 """``Request(future=AWAITED)``: the request goes to :meth:`Dispatcher.submit_async`,
@@ -230,10 +235,18 @@ class Dispatcher:
         if self._n_pinned:
             self._dispatch_pinned()
         tried: set[int] = set()
+        balancer = self._balancer
         while pending:
-            index = self._balancer.acquire_idle(self._usable, tried)
+            index = balancer.acquire_idle(self._usable, tried)
             if index is None:
-                break
+                # Every interpreter is busy: one that queues calls and has room takes the
+                # next request behind its current call.  A batchable request waits
+                # instead, unless batches may go behind a call (see _BATCHES_BEHIND).
+                if pending[0].batch is not None and not _BATCHES_BEHIND:
+                    break
+                index = balancer.acquire_room(self._depth, self._usable, tried)
+                if index is None:
+                    break
             worker = self._workers[index]
             if not worker.lock.acquire(blocking=False):
                 # Held outside the balancer (a pinned session, a restart): its release pumps.
@@ -261,10 +274,15 @@ class Dispatcher:
         elif due != _NEVER and (self._timer is None or self._timer[0] > due):
             self._arm_timer(due)
 
+    def _depth(self, index: int) -> int:
+        return self._workers[index].posted_depth
+
     def _dispatch_pinned(self) -> None:
         for index, queue in enumerate(self._pinned):
             while queue:
                 worker = self._workers[index]
+                if worker.posted_in_flight >= worker.posted_depth:
+                    break  # its queue in the interpreter is full: the next completion pumps
                 if not worker.lock.acquire(blocking=False):
                     break  # its release pumps again
                 group = queue.popleft()
@@ -280,7 +298,7 @@ class Dispatcher:
                 elif first.batch is not None:  # a committed batch: still open to later requests
                     first.batch[0].top_up(group.requests, self._pending)
                 self._post(index, worker, group)
-                break  # the interpreter is busy now
+                # The interpreter is busy now; one that queues calls may take the next.
 
     def _take(self, pending: collections.deque) -> _Group | None:
         """The oldest request not cancelled, with the queued requests that can join its batch."""
@@ -399,6 +417,16 @@ class Dispatcher:
     def _done(self, index: int, group: _Group, value, error) -> None:
         """On the completion thread, after the worker freed the interpreter."""
         requests = group.requests
+        if isinstance(error, RequestNotSent):
+            # Queued in an interpreter that died before it took it: to its replacement.
+            if group.balanced:
+                self._balancer.release(index, notify=False)
+            if requests[0].resend and not self._closed:
+                self._requeue(group)
+            else:
+                self._finish(group, None, error.error)
+                self.pump()
+            return
         rows = None
         if len(requests) > 1:
             rows = requests[0].batch[0].rows_of(requests, value, error)

@@ -74,6 +74,11 @@ _SLICE = 0.002  # seconds a sleeping waiter goes between looks at the peer's liv
 # Offsets of the header words (see the layout above and _native.c's header_t).
 _CLOSED, _TAIL, _HEAD, _REQ_SEQ, _REQ_SLEEPING, _SLOT_HINT = 64, 128, 192, 256, 260, 320
 _BELL = 384  # unused by the mechanism: set by the host once a reply needs the bell pipe
+# A slot's header words past the mechanism's (unused by it): a posted call's deadline
+# (time.monotonic, 0: none), written by the host before the post, cleared by the
+# interpreter when it takes the call; and whether the interpreter started the call.
+_SLOT_DEADLINE, _SLOT_STARTED = 16, 24
+_F64 = struct.Struct("<d")
 _GEOMETRY = struct.Struct("<5I")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -500,6 +505,9 @@ class HostEnd:
         self.spin = spin
         self.cores = _cores()
         self.limit = RING_BYTES // 2 - RECORD_HEAD
+        ring_bytes, _, slot_bytes = channel.geometry
+        self._slot0 = HEADER_BYTES + ring_bytes  # offset of slot 0's header
+        self._stride = SLOT_HEAD + slot_bytes
         self.claim = channel.claim      # () -> a free reply slot, or None when all are taken
         self.release = channel.release  # (slot) -> None: give an unused slot back
         self.ready = channel.ready      # (slot) -> whether its reply is there (never waits)
@@ -549,6 +557,23 @@ class HostEnd:
         if got is not None:
             self.channel.release(slot)
         return got
+
+    def set_deadline(self, slot: int, deadline: float) -> None:
+        """Before posting a request into ``slot`` (claimed): the interpreter skips it
+        unrun when it takes it at or after ``deadline`` (``time.monotonic``, the
+        same clock in every process), answering with a
+        :class:`~multipy.errors.CallTimeoutError`, and otherwise marks it
+        :meth:`started` before running it."""
+        off = self._slot0 + slot * self._stride
+        _F64.pack_into(self.memory, off + _SLOT_DEADLINE, deadline)
+        _U32.pack_into(self.memory, off + _SLOT_STARTED, 0)
+
+    def started(self, slot: int) -> bool:
+        """Whether the interpreter started the request with a deadline in ``slot``."""
+        memory = self.memory
+        if memory is None:
+            raise ValueError("the channel is detached")
+        return _U32.unpack_from(memory, self._slot0 + slot * self._stride + _SLOT_STARTED)[0] != 0
 
     # -- for a completion thread (posted requests) ---------------------------------
     def want_bell(self, wanted: bool = True) -> None:
@@ -604,15 +629,22 @@ class InterpreterEnd:
         if bell_w >= 0:
             os.set_blocking(bell_w, False)
 
-    def serve_forever(self, serve) -> None:
+    def serve_forever(self, serve, skip=None) -> None:
         """Answer every request with ``serve(payload) -> reply payload`` until the host
-        closes the channel or its request pipe, or dies."""
+        closes the channel or its request pipe, or dies.  A request taken at or past
+        the deadline the host set in its slot (:meth:`HostEnd.set_deadline`) is
+        answered with ``skip(payload)`` instead, unrun (when ``skip`` is given)."""
         from . import frames
 
         ch, spin, req_r, rep_w, bell_w = self.channel, self.spin, self.req_r, self.rep_w, self.bell_w
         take, reply, write = ch.take, ch.reply, os.write
         memory = self.memory
         bell = _U32.unpack_from
+        f64, now = _F64.unpack_from, time.monotonic
+        ring_bytes, _, slot_bytes = ch.geometry
+        slot0, stride = HEADER_BYTES + ring_bytes + _SLOT_DEADLINE, SLOT_HEAD + slot_bytes
+        if memory is None or skip is None:
+            f64 = None
         if bell_w >= 0:
             os.set_blocking(bell_w, False)
         while True:
@@ -629,7 +661,20 @@ class InterpreterEnd:
                 if data is None:
                     return
             slot = tag & 0xFFFF
-            out = serve(data)
+            if f64 is not None:
+                off = slot0 + slot * stride
+                deadline = f64(memory, off)[0]
+                if deadline:
+                    _F64.pack_into(memory, off, 0.0)
+                    if now() >= deadline:
+                        out = skip(data)
+                    else:
+                        _U32.pack_into(memory, off + _SLOT_STARTED - _SLOT_DEADLINE, 1)
+                        out = serve(data)
+                else:
+                    out = serve(data)
+            else:
+                out = serve(data)
             if not reply(slot, out, 0):
                 self._spill(slot, out)
             # The host sets the word while a posted call is in flight (HostEnd.want_bell).
