@@ -23,6 +23,16 @@ Requests for one interpreter (``Obj.submit`` in a session, and batches a
 deadline committed to a busy interpreter) wait in that interpreter's own
 queue and go out as soon as its lock is free.
 
+An interpreter that queues calls (``Worker.posted_depth`` > 1: the process
+backend on the native call channel) takes posted requests behind its running
+call: when no interpreter is idle, the pump sends the next request (or batch)
+to the least loaded one with room (``LoadBalancer.acquire_room``), so that
+interpreter starts it the moment its current call ends, with no host round
+trip in between.  "Idle" (``acquire_idle``, :meth:`Dispatcher.idle_now`)
+still means nothing in flight.  A posted request found never taken by an
+interpreter that died comes back as :class:`RequestNotSent` and is queued
+again for the others or the replacement.
+
 Cancelling a future before its request was taken from the queue means it is
 never sent (``set_running_or_notify_cancel``); after that the call runs to its
 end and its result is dropped.
