@@ -348,3 +348,35 @@ def test_a_caller_interrupted_between_send_and_wait_leaves_nothing_held(manager,
     assert_own_answers(run, 3)
     wait_for(lambda: not worker._owed, "the interrupted call to be settled")
     assert not worker._slots and not worker._left
+
+
+def test_on_the_pipes_a_caller_spins_only_while_no_other_thread_is_in_a_call(manager, run):
+    # On the pipes a call holds its interpreter until its reply: the callers behind it
+    # wait for the worker lock.  The one that sends next must not spin on poll(0) for
+    # its reply while another still waits (each poll gives up the GIL).
+    if chan.NATIVE:
+        pytest.skip("on the call channel the extension decides (test_channel)")
+    from multipy.backends.base import in_calls
+
+    worker = _worker(manager)
+    assert run("echo", 0) == 0
+    gate, held, held_result = _held_call(run, "held")
+    waiter, spins = worker._waiter, {}
+    wait = waiter.wait
+
+    def recording(*args, spin=True, **kwargs):
+        spins.setdefault(threading.get_ident(), []).append(spin)
+        return wait(*args, spin=spin, **kwargs)
+
+    waiter.wait = recording
+    try:
+        threads, results = _in_threads([lambda i=i: run("echo", i) for i in (1, 2)])
+        wait_for(lambda: len(in_calls) >= 3, "two callers queued behind the held call")
+        _release(gate)
+        _join(threads + [held])
+    finally:
+        waiter.wait = wait
+        gate.close()
+    assert held_result == ["held"] and results == [1, 2]
+    queued = [spins[t.ident] for t in threads]
+    assert [False] in queued, queued  # the first of the two sent while the other waited

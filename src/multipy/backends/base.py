@@ -45,6 +45,13 @@ from ..errors import (InterpreterCrashedError, InterpreterError, InterpreterStar
 from ..transport.messages import Op, RemoteException
 
 
+#: One entry per host thread inside a blocking call of a backend with several calls
+#: in flight (Worker._request_in_flight), whether it waits for the worker lock or
+#: for its reply: ``len(in_calls)`` says whether a waiting caller is alone (append
+#: and pop are atomic, unlike ``+=`` on a global).
+in_calls: collections.deque = collections.deque()
+
+
 class RequestNotSent(Exception):
     """Raised by a backend's ``_roundtrip`` when the interpreter was already gone
     before the request reached it; ``error`` is what to raise if it cannot be
@@ -375,6 +382,7 @@ class Worker:
         started = time.perf_counter()
         lock = self.lock
         since = None  # the last call id sent before this one (see _abandon)
+        in_calls.append(None)
         try:
             for attempt in (0, 1):
                 with lock:
@@ -432,6 +440,7 @@ class Worker:
                 self.failures += 1
             raise
         finally:
+            in_calls.pop()
             lat = self.latencies
             lat.append(time.perf_counter() - started)
             if len(lat) > 4096:

@@ -47,7 +47,7 @@ from ..transport.messages import CALL_ID, MovablePayload, Op, parse_reply
 from ..transport.shm import Arena, BlockViews, Segment, open_descriptor
 from . import _forkserver
 from .base import (PENDING, Backend, BackendKind, RequestNotSent, Worker, WorkerConfig, describe_exit, drain,
-                   no_start)
+                   in_calls, no_start)
 from .completions import READY
 
 _pack_id = CALL_ID.pack
@@ -92,8 +92,6 @@ def _identity(x):
 
 
 _starting = threading.local()
-_waiting = 0  # host threads waiting for a reply now
-_waiting_lock = threading.Lock()
 
 
 def _preparation_without_main(name, _original=spawn.get_preparation_data):
@@ -923,21 +921,14 @@ class ProcessWorker(Worker):
         """The next reply frame, waiting until ``deadline`` (monotonic; ``None``: no limit)."""
         reader = self._reader
         if not reader.buffered:
-            # Spin for the reply only while no other host thread is waiting on an
-            # interpreter: a spinning thread takes the GIL back on every poll, and with
-            # many callers that starves the threads doing real work.
-            global _waiting
-            with _waiting_lock:
-                _waiting += 1
-                alone = _waiting == 1
-            try:
-                # Without a deadline the read below is the wait: one GIL release.
-                ready = self._waiter.wait(
-                    None if deadline is None else max(0.0, deadline - time.monotonic()),
-                    spin=alone, block=False)
-            finally:
-                with _waiting_lock:
-                    _waiting -= 1
+            # Spin for the reply only while no other host thread is in a call, whether
+            # it waits for a reply or for this worker's lock (the pipes carry one call
+            # at a time): every poll(0) of a spin gives the GIL up and takes it back,
+            # and each time another thread may take it first.
+            # Without a deadline the read below is the wait: one GIL release.
+            ready = self._waiter.wait(
+                None if deadline is None else max(0.0, deadline - time.monotonic()),
+                spin=len(in_calls) <= 1, block=False)
             if not ready:
                 self._kill_for_timeout(timeout)
         return self._read_frame(starting)
