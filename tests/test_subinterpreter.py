@@ -493,6 +493,36 @@ def test_closing_during_a_call_interrupts_it_with_manager_closed(tmp_path):
     assert len(outcome) == 1 and isinstance(outcome[0], ManagerClosedError), outcome
 
 
+def _open_fds() -> set:
+    import os
+
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_closing_the_manager_with_a_posted_call_stuck_in_native_code_leaves_nothing_open():
+    import os
+
+    r, w = os.pipe()
+    try:
+        before = _open_fds()
+        m = InterpreterManager(1, backend="subinterpreter")
+        with m.acquire_one() as s:
+            stuck = s.global_("os", "read").submit(r, 1)  # in native code: not interruptible
+            driver = m._workers[0]._driver
+            wait_for(lambda: driver._busy, "the posted call to be in flight")
+        m.close(timeout=0.2)
+        with pytest.raises(ManagerClosedError):
+            stuck.result(timeout=60)
+        os.write(w, b"x")  # the call returns: its subinterpreter can be destroyed now
+        # Nobody is left to read that call's reply: the host's ends of the pipes and
+        # the call channel are closed, the serving loop ends, the driver thread too.
+        wait_for(lambda: not _open_fds() - before, "the closed manager's descriptors to close")
+        wait_for(driver.finished.is_set, "the subinterpreter's driver thread to end")
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 # -- the call channel (where the C extension runs) ---------------------------------------------
 
 

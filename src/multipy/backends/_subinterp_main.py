@@ -94,14 +94,16 @@ def _op_name(op) -> str:
         return str(op)
 
 
-def start(index: int, fds: tuple) -> None:
-    """Set this subinterpreter up to serve the host (run once, by the boot code)."""
+def start(index: int, fds: tuple, spin: float = 200e-6) -> None:
+    """Set this subinterpreter up to serve the host (run once, by the boot code);
+    ``spin``: seconds the loop polls for the next request before sleeping."""
     global _server
     set_process_interpreter(index)
     sys.meta_path.insert(0, _RefuseNative())
     state = InterpreterState(index, importer_factory=_refuse_package)
     state.activate_for_process()
     _server = _Server(state, *fds)
+    _server.spin = spin
 
 
 def loop() -> None:
@@ -121,7 +123,7 @@ def loop() -> None:
         from ..transport.channel import InterpreterEnd
         from .._native import Channel
 
-        server.end = InterpreterEnd(Channel(memory), server.req_r, server.rep_w, SPIN,
+        server.end = InterpreterEnd(Channel(memory), server.req_r, server.rep_w, server.spin,
                                     server.bell_w, memory)
     server.resume(namespace.pop("_multipy_in", None))
     server.run()
@@ -133,9 +135,6 @@ def shutdown() -> None:
         _server.stop_watchdog()
 
 
-SPIN = 200e-6  # seconds the loop polls for the next request before sleeping
-
-
 class _Server:
     def __init__(self, state: InterpreterState, req_r: int, rep_w: int, intr_r: int,
                  bell_w: int = -1) -> None:
@@ -145,6 +144,7 @@ class _Server:
         self.rep_w = rep_w
         self.intr_r = intr_r
         self.bell_w = bell_w
+        self.spin = 200e-6       # seconds the loop polls for the next request before sleeping
         self.end = None          # the call channel's InterpreterEnd, where the host has one
         self.slot = 0            # the channel slot of the call being served
         self.arena = memoryview(b"")
@@ -163,7 +163,7 @@ class _Server:
         if self.end is not None:
             self._run_channel()
             return
-        waiter = Waiter(self.req_r, SPIN)  # spin, then sleep: see transport.frames.Waiter
+        waiter = Waiter(self.req_r, self.spin)  # spin, then sleep: see transport.frames.Waiter
         while True:
             waiter.wait()
             header = wire.read_exact(self.req_r, wire.REQUEST.size)

@@ -74,7 +74,7 @@ from ..transport.frames import Waiter, block_readable, read_frame
 from ..transport.messages import Handle, Op
 from ..transport import subinterp_wire as wire
 from .base import PENDING, Backend, BackendKind, RequestNotSent, Worker, WorkerConfig, no_start
-from .completions import READY, Completions
+from .completions import CLOSED, READY, Completions
 
 INTERRUPT_GRACE = 1.0     # seconds an interrupted call gets to unwind
 _NOTHING = object()       # _Driver.frame: no reply taken off the channel yet
@@ -83,16 +83,16 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 
 _BOOT = """\
 import sys
-_index, _path, _fds, _root = _multipy_boot
+_index, _path, _fds, _root, _spin = _multipy_boot
 sys.path[:] = list(_path)
 if _root not in sys.path:
     sys.path.append(_root)
 import _interpreters  # must be loaded before buffer views can be shared in
 from multipy.backends import _subinterp_main
-_subinterp_main.start(_index, _fds)
+_subinterp_main.start(_index, _fds, _spin)
 _multipy_loop = _subinterp_main.loop
 _multipy_shutdown = _subinterp_main.shutdown
-del _index, _path, _fds, _root, _multipy_boot
+del _index, _path, _fds, _root, _spin, _multipy_boot
 """
 _LOOP = "_multipy_loop()"
 _SHUTDOWN = "_multipy_shutdown()"
@@ -141,7 +141,7 @@ class _Driver:
                                         lambda: read_frame(rep_r), rep_r, config.spin,
                                         bell_r, self.memory)
         self._sub_fds = (req_r, rep_w, intr_r, bell_w)
-        self._boot = (config.index, tuple(config.sys_path), self._sub_fds, _ROOT)
+        self._boot = (config.index, tuple(config.sys_path), self._sub_fds, _ROOT, config.spin)
         self.arena = bytearray(START_ARENA)
         self.pending_in: tuple | None = None
         self.failure: str | None = None
@@ -373,7 +373,7 @@ class SubinterpreterWorker(Worker):
         if driver.end is not None:
             driver.end.want_bell()  # before the request is published: its reply rings
         seq = self._send(driver, op, args, drop, handles)
-        posted = _Posted(driver, seq, op, completions, finish)
+        posted = _Posted(driver, seq, op, completions, _left_on_close(driver, finish))
         try:
             self._arm(posted)
         except BaseException:
@@ -603,6 +603,18 @@ class SubinterpreterWorker(Worker):
             f"subinterpreter {self.index} stopped serving {while_}: {why}. It will be "
             "restarted for later calls; objects created in it are gone.", index=self.index)
 
+
+
+def _left_on_close(driver: _Driver, finish):
+    """``finish``, which also leaves ``driver`` when the completion thread stopped
+    before the reply came (``CLOSED``): nobody will read that reply, so the host's
+    ends of the pipes and the channel may close, and the serving loop end once
+    the call returns."""
+    def finishing(event: str) -> None:
+        if event == CLOSED:
+            driver.leave()
+        finish(event)
+    return finishing
 
 
 class _Posted:
