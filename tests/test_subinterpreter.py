@@ -51,6 +51,9 @@ def local_boom():
 def echo(value):
     return value
 
+def kinds(*values):
+    return [type(v).__name__ for v in values]
+
 def poke(view):
     view[0] = 0x41
     return (type(view).__name__, view.readonly, len(view))
@@ -253,6 +256,23 @@ def test_bytes_str_numbers_and_containers_round_trip(manager):
         for value in values:
             assert echo(value).deref() == value
             assert type(echo.call_value(value)) is type(value)
+
+
+def test_scalar_arguments_and_results_of_a_replicated_call_keep_their_values_and_types(manager):
+    # None, bools, int64s and floats cross in a binary form, anything else pickled:
+    # either way the callee and the caller see exactly what was sent.
+    values = [None, True, False, 0, -1, 2**63 - 1, -2**63, 2**63, -2**70, 0.0, -2.5, 1e308,
+              float("inf"), "s", b"b", (1,), [2.0]]
+    with manager.acquire_one() as s:
+        echo = s.create_movable(s.global_("helpers", "echo"))
+        kinds = s.create_movable(s.global_("helpers", "kinds"))
+    for value in values:
+        got = echo(value)
+        assert got == value and type(got) is type(value), (value, got)
+        assert echo.submit(value).result(timeout=60) == value
+    assert kinds(None, True, 3, 2.5, 2**64) == ["NoneType", "bool", "int", "float", "int"]
+    nan = echo(float("nan"))
+    assert type(nan) is float and nan != nan
 
 
 def test_values_too_big_for_the_call_channel_cross_both_ways_blocking_and_posted(manager):

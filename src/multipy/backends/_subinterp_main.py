@@ -36,6 +36,7 @@ from ..errors import BackendUnavailableError, TransportError
 from ..interp.state import InterpreterState, capture_exception
 from ..transport.frames import Waiter
 from ..transport import subinterp_wire as wire
+from ..transport.codec import FAST_CALL, Decoder, Encoder
 
 #: Top-level modules whose C extensions cannot load in an isolated subinterpreter.
 REFUSED = ("torch", "numpy")
@@ -151,9 +152,12 @@ class _Server:
         self.ident = threading.get_ident()
         self.stash = None        # (seq, payload) of a request waiting for its buffers
         self.pending = None      # (seq, payload, oob) of a reply waiting for a bigger arena
-        self.table = wire.dispatch_table(results=True)
+        self.dumper = wire.Dumper(wire.dispatch_table(results=True))
+        self.encoder = Encoder(None)  # the binary forms of the common call (wire.fast_value)
+        self.decoder = Decoder(None)
         self.lock = threading.Lock()
         self.active = None       # the call number running now, or None
+        self.fired = False       # an interrupt was raised in the serving thread (not yet disarmed)
         self._quit_r, self._quit_w = os.pipe()
         self._watchdog = threading.Thread(target=self._watch, name="multipy-watchdog")
         self._watchdog.start()
@@ -183,17 +187,19 @@ class _Server:
         interpreter's GIL released) for a request; its frame is the pipe's."""
         next_request = self.end.next_request
         head = wire.REQUEST.size
+        unpack = wire.REQUEST.unpack_from
+        serve = self.serve
         while True:
             request = next_request()
             if request is None:
                 return  # the host closed the channel or its request pipe
             self.slot, data = request
-            size, seq, nbufs = wire.REQUEST.unpack_from(data)
+            size, seq, nbufs = unpack(data)
             payload = memoryview(data)[head:head + size]
             if nbufs:
                 self.stash = (seq, payload)
                 raise WantBuffers(nbufs)
-            self.serve(seq, payload, ())
+            serve(seq, payload, ())
 
     def resume(self, incoming) -> None:
         if self.stash is not None:
@@ -205,7 +211,10 @@ class _Server:
     def serve(self, seq: int, payload, buffers) -> None:
         op = None
         try:
-            op, args, drop = pickle.loads(payload, buffers=buffers)
+            if payload[0] == FAST_CALL:
+                op, args, drop, _ = self.decoder.decode(payload)
+            else:
+                op, args, drop = pickle.loads(payload, buffers=buffers)
         except Exception as exc:
             result, error = None, TransportError(
                 f"the arguments could not be rebuilt in interpreter {self.index}: "
@@ -237,20 +246,31 @@ class _Server:
     def _disarm(self) -> None:
         with self.lock:
             self.active = None
-            _set_async_exc(self.ident, ctypes.py_object())  # drop one not yet delivered
+            if self.fired:
+                self.fired = False
+                _set_async_exc(self.ident, ctypes.py_object())  # drop one not yet delivered
 
     def reply(self, seq: int, op, result, error) -> None:
+        if error is None:
+            payload = wire.fast_value(self.encoder, result)
+            if payload is not None:  # the binary form: nothing out of band
+                frame = wire.REPLY.pack(len(payload), seq, 0) + payload
+                if self.end is not None:
+                    self.end.answer(self.slot, frame)
+                else:
+                    wire.write_all(self.rep_w, [frame])
+                return
         remote = capture_exception(error) if error is not None else None
         del error
         try:
-            payload, oob = wire.dumps((result, remote), self.table)
+            payload, oob = self.dumper.dumps((result, remote))
         except Exception as exc:
             name = _op_name(op)
             remote = capture_exception(TransportError(
                 f"the result of {name} in interpreter {self.index} ({type(result).__name__}) "
                 f"cannot cross to the host: {type(exc).__name__}: {exc}. Return plain values "
                 "(numbers, str, bytes, containers, picklable objects) or keep an Obj handle."))
-            payload, oob = wire.dumps((None, remote), self.table)
+            payload, oob = self.dumper.dumps((None, remote))
         del result
         self.pending = (seq, payload, oob)
         self.send()
@@ -287,6 +307,7 @@ class _Server:
             (seq,) = wire.SEQ.unpack(data)
             with self.lock:
                 if self.active is not None and seq in (0, self.active):
+                    self.fired = True
                     _set_async_exc(self.ident, CallInterrupted)
 
     def stop_watchdog(self) -> None:

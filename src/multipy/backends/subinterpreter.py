@@ -70,6 +70,7 @@ import weakref
 from ..errors import (CallTimeoutError, InterpreterCrashedError, ManagerClosedError, MultipyError,
                       OwnershipError, TransportError)
 from ..transport import channel as _channel
+from ..transport.codec import FAST_VALUE, Decoder, Encoder
 from ..transport.frames import Waiter, block_readable, read_frame
 from ..transport.messages import Handle, Op
 from ..transport import subinterp_wire as wire
@@ -303,7 +304,9 @@ class SubinterpreterWorker(Worker):
         self._driver: _Driver | None = None
         self._seq = 0
         self._handle_of = None
-        self._tables: dict = {}
+        self._dumpers: dict = {}  # Obj type (or None) -> wire.Dumper with its reducer
+        self._encoder = Encoder(None)  # the binary forms of the common call
+        self._decoder = Decoder(None)
 
     def _launch(self) -> None:
         self._terminate(kill=True)
@@ -332,16 +335,16 @@ class SubinterpreterWorker(Worker):
             driver.stop(wait=0.5 if kill else 10.0)
 
     # -- one call -------------------------------------------------------------
-    def _table(self, handles) -> dict:
+    def _dumper(self, handles) -> wire.Dumper:
         kind = handles[0] if handles is not None else None
         self._handle_of = handles[1] if handles is not None else None
-        table = self._tables.get(kind)
-        if table is None:
+        dumper = self._dumpers.get(kind)
+        if dumper is None:
             table = wire.dispatch_table(results=False)
             if kind is not None:
                 table[kind] = self._reduce_obj
-            self._tables[kind] = table
-        return table
+            dumper = self._dumpers[kind] = wire.Dumper(table)
+        return dumper
 
     def _reduce_obj(self, obj):
         handle_of = self._handle_of
@@ -439,13 +442,18 @@ class SubinterpreterWorker(Worker):
 
     def _send(self, driver: _Driver, op, args, drop, handles) -> int:
         """Write the request; the driver is entered until the reply is read."""
-        table = self._table(handles)
+        payload = wire.fast_request(self._encoder, op, args, drop)
+        buffers = ()
         try:
-            payload, buffers = wire.dumps((int(op), args, drop), table)
+            if payload is None:
+                dumper = self._dumper(handles)
+                payload, buffers = dumper.dumps((int(op), args, drop))
         except MultipyError:
             raise
         except Exception as exc:  # nothing was sent
             from ..transport.codec import describe_request
+
+            table = dumper.table
 
             def crosses(part) -> bool:
                 try:
@@ -462,7 +470,7 @@ class SubinterpreterWorker(Worker):
             self._handle_of = None
         self._seq += 1
         seq = self._seq
-        views = tuple(memoryview(b) for b in buffers)
+        views = tuple(memoryview(b) for b in buffers) if buffers else ()
         if driver.finished.is_set():  # its loop ended while idle: a replacement can take the call
             raise RequestNotSent(self._lost(driver, "while idle, before this call was sent"))
         driver.enter()
@@ -525,6 +533,12 @@ class SubinterpreterWorker(Worker):
             if body is None:
                 raise self._lost(driver, "while replying")
             body = memoryview(body)
+        if not nslots and body[0] == FAST_VALUE:  # the binary form of a scalar result
+            try:
+                return self._decoder.decode(body), None
+            except TransportError as exc:
+                raise TransportError(f"the result of {op.name.lower()} in interpreter "
+                                     f"{self.index} could not be read: {exc}") from None
         arena = memoryview(driver.arena)
         buffers = []
         for i in range(nslots):

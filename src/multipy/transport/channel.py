@@ -64,6 +64,8 @@ import struct
 import threading
 import time
 
+from .frames import read_frame
+
 HEADER_BYTES = 512
 RECORD_HEAD = 16
 SLOT_HEAD = 64
@@ -690,8 +692,6 @@ class InterpreterEnd:
     def next_request(self):
         """``(slot, payload)`` of the next request, waiting for it; ``None`` once the
         host closed the channel or its request pipe, or died."""
-        from .frames import read_frame
-
         ch = self.channel
         while True:
             item = ch.take()

@@ -3,15 +3,17 @@
 Everything here is pure Python (``os``, ``pickle``, ``struct``): it runs inside
 isolated subinterpreters, where numpy and torch cannot be imported.
 
-Frames on the request pipe (host -> subinterpreter)::
+Frames on the request pipe or the call channel (host -> subinterpreter)::
 
     REQUEST header  (payload bytes, call number, buffers shared through exec)
-    payload         pickle (protocol 5) of (op, args, drop)
+    payload         pickle (protocol 5) of (op, args, drop),
+                    or codec.FAST_CALL for the common call (see fast_request)
 
-Frames on the reply pipe (subinterpreter -> host)::
+Frames on the reply pipe or the call channel (subinterpreter -> host)::
 
     REPLY header    (payload bytes, call number it answers, buffers placed in the arena)
-    payload         pickle (protocol 5) of (value, RemoteException | None)
+    payload         pickle (protocol 5) of (value, RemoteException | None),
+                    or codec.FAST_VALUE for a None, bool, int or float result
     slots           one SLOT (offset, length) per out-of-band buffer
 
 Copies.  Small values travel in-band through the pipe.  Buffers of at least
@@ -36,6 +38,7 @@ import os
 import pickle
 import struct
 
+from .codec import FAST_CALL, FAST_VALUE
 from .frames import write_all
 
 OOB_THRESHOLD = 64 * 1024
@@ -128,19 +131,76 @@ def dispatch_table(*, results: bool) -> dict:
 
 def dumps(value, table: dict) -> tuple[bytes, list]:
     """Pickle ``value``; returns the payload and the out-of-band buffers."""
-    oob: list = []
+    return Dumper(table).dumps(value)
 
-    def keep(buffer: pickle.PickleBuffer):
+
+class Dumper:
+    """:func:`dumps` with one pickler kept for every message of one side (building a
+    pickler costs more than pickling a small message).  Not for two threads at once.
+
+    >>> payload, oob = Dumper(dispatch_table(results=False)).dumps((1, b"x" * OOB_THRESHOLD))
+    >>> len(oob), pickle.loads(payload, buffers=oob)[1] == b"x" * OOB_THRESHOLD
+    (1, True)
+    """
+
+    def __init__(self, table: dict) -> None:
+        self.table = table  # the pickler's reducers (see dispatch_table)
+        self._oob: list = []
+        self._out = io.BytesIO()
+        self._pickler = pickle.Pickler(self._out, 5, buffer_callback=self._keep)
+        self._pickler.dispatch_table = table
+
+    def _keep(self, buffer: pickle.PickleBuffer) -> bool:
         if memoryview(buffer).nbytes < OOB_THRESHOLD:
             return True  # in band
-        oob.append(buffer)
+        self._oob.append(buffer)
         return False
 
-    out = io.BytesIO()
-    pickler = pickle.Pickler(out, 5, buffer_callback=keep)
-    pickler.dispatch_table = table
-    pickler.dump(mark_big(value))
-    return out.getvalue(), oob
+    def dumps(self, value) -> tuple[bytes, list]:
+        """The payload and the out-of-band buffers of ``value``."""
+        out, pickler = self._out, self._pickler
+        out.seek(0)
+        out.truncate()
+        self._oob = oob = []
+        try:
+            pickler.dump(mark_big(value))
+        finally:
+            pickler.clear_memo()  # the memo would keep the message's objects alive
+            self._oob = []
+        return out.getvalue(), oob
+
+
+# -- the binary forms of the common call (multipy.transport.codec's) ----------------------
+#
+# A request whose arguments are only None, bools, int64s and floats (a call of a loaded
+# replicated object, positional arguments, nothing to drop) crosses as codec.FAST_CALL,
+# and such a result as codec.FAST_VALUE: a few struct fields, no pickle on either side.
+# Every other request and result is pickled as above (a pickle starts with 0x80).
+
+_SCALARS = frozenset((type(None), bool, int, float))
+_CALL_REPLICATED = 14  # messages.Op.CALL_REPLICATED
+
+
+def fast_request(encoder, op: int, args: tuple, drop: tuple):
+    """The request in codec's binary form :data:`~multipy.transport.codec.FAST_CALL`
+    (with ``encoder``, a ``codec.Encoder(None)``), or ``None`` when it must be pickled."""
+    if op != _CALL_REPLICATED or drop or len(args) != 6 or args[5] is not None or args[3]:
+        return None
+    scalars = _SCALARS
+    for value in args[2]:
+        if type(value) not in scalars:
+            return None
+    data = encoder.encode_request(op, args, (), ())
+    return data if data[0] == FAST_CALL else None  # an int beyond int64 is pickled there
+
+
+def fast_value(encoder, value):
+    """``value`` (a result) in codec's binary form :data:`~multipy.transport.codec.FAST_VALUE`,
+    or ``None`` when it must be pickled."""
+    if type(value) not in _SCALARS:
+        return None
+    data = encoder.encode(value)
+    return data if data[0] == FAST_VALUE else None
 
 
 def align(n: int) -> int:
