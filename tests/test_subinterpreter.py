@@ -579,7 +579,9 @@ def test_a_caller_asleep_on_the_channel_learns_when_its_interpreter_stops_servin
         thread.start()
         wait_started(started)
         driver = m._workers[0]._driver
-        wait_for(lambda: driver.end.channel.asleep(driver.slot), "the caller to sleep in FUTEX_WAIT")
+        slots = range(driver.end.channel.geometry[1])
+        wait_for(lambda: any(driver.end.channel.asleep(i) for i in slots),
+                 "the caller to sleep in FUTEX_WAIT")
         # What the interpreter's side does when its loop ends: the channel is closed.
         driver.end.channel.close()
         # The call still runs there: the caller returns first (having waited a few
@@ -593,6 +595,112 @@ def test_a_caller_asleep_on_the_channel_learns_when_its_interpreter_stops_servin
         with m.acquire_one() as s:  # a new subinterpreter serves
             assert s.global_("builtins", "abs")(-5).deref() == 5
         assert m.statistics().interpreters[0].restarts == 1
+
+
+def _needs_channel():
+    from multipy.transport import channel
+
+    if not channel.NATIVE:
+        pytest.skip(f"one call at a time on the pipes: {channel.NATIVE_WHY}")
+
+
+def test_callers_sharing_one_subinterpreter_each_get_their_own_answer():
+    # Several calls in flight on one subinterpreter: small answers in their reply
+    # slots, big ones through the reply pipe (spilled) or the arena (out of band).
+    with InterpreterManager(1, backend="subinterpreter") as m:
+        m.register_module_source("helpers", HELPERS)
+        with m.acquire_one() as s:
+            echo = s.create_movable(s.global_("helpers", "echo"))
+        failures = []
+
+        def work(t: int) -> None:
+            try:
+                for i in range(20):
+                    kind = (t + i) % 3
+                    value = ((t, i) if kind == 0 else f"{t}.{i}." * 20_000 if kind == 1
+                             else bytes([t, i]) * 40_000)
+                    got = echo(value) if i % 2 else echo.submit(value).result(timeout=60)
+                    if got != value:
+                        failures.append((t, i, kind))
+            except BaseException as exc:  # reported below, with the thread that failed
+                failures.append((t, exc))
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert failures == []
+        assert m.statistics().interpreters[0].restarts == 0
+
+
+def test_a_call_that_times_out_queued_behind_another_never_runs(tmp_path, monkeypatch):
+    from multipy.backends import subinterpreter
+
+    _needs_channel()
+    # The queued call's interrupt must not give the interpreter up while the call
+    # ahead of it still runs: it gets all the grace it needs here.
+    monkeypatch.setattr(subinterpreter, "INTERRUPT_GRACE", 600.0)
+    interrupted = threading.Event()
+    interrupt = subinterpreter._Driver.interrupt
+
+    def noted(driver, seq):
+        interrupt(driver, seq)
+        interrupted.set()
+
+    monkeypatch.setattr(subinterpreter._Driver, "interrupt", noted)
+    started, release = str(tmp_path / "started"), str(tmp_path / "release")
+    with InterpreterManager(1, backend="subinterpreter") as m:
+        m.register_module_source("helpers", HELPERS)
+        m.register_module_source("gates", GATED)
+        with m.acquire_one() as s:
+            gated = s.create_movable(s.global_("gates", "gated"))
+            bump = s.create_movable(s.global_("helpers", "bump"))
+        assert bump(0) == 0  # loaded there before the call that times out
+        ahead = []
+        thread = threading.Thread(target=lambda: ahead.append(gated(started, release, 7)))
+        thread.start()
+        wait_started(started)
+        opener = threading.Thread(target=lambda: (interrupted.wait(60), open(release, "w").close()))
+        opener.start()
+        with pytest.raises(CallTimeoutError, match="was interrupted"):
+            bump.with_timeout(0.2)(100)  # sent while the gated call runs: queued behind it
+        opener.join()
+        thread.join(60)
+        assert ahead == [7]
+        assert bump(1) == 1  # the timed-out call never ran
+        assert m.statistics().interpreters[0].restarts == 0
+
+
+def test_closing_with_several_calls_in_flight_fails_each_with_manager_closed(tmp_path):
+    _needs_channel()
+    m = InterpreterManager(1, backend="subinterpreter")
+    m.register_module_source("helpers", HELPERS)
+    with m.acquire_one() as s:
+        spin = s.create_movable(s.global_("helpers", "mark_then_spin"))
+        echo = s.create_movable(s.global_("helpers", "echo"))
+    marker = str(tmp_path / "started")
+    outcomes = []
+
+    def call(fn, *args) -> None:
+        try:
+            outcomes.append(fn(*args))
+        except BaseException as exc:  # the outcome is asserted below
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=call, args=(spin, marker))]
+    threads[0].start()
+    wait_started(marker)
+    driver = m._workers[0]._driver
+    threads += [threading.Thread(target=call, args=(echo, i)) for i in range(3)]
+    for thread in threads[1:]:
+        thread.start()
+    wait_for(lambda: driver._busy == 4, "three calls to queue behind the spinning one")
+    m.close(timeout=0.2)
+    for thread in threads:
+        thread.join(60)
+    assert not any(thread.is_alive() for thread in threads)
+    assert len(outcomes) == 4 and all(isinstance(o, ManagerClosedError) for o in outcomes), outcomes
 
 
 # -- futures and asyncio ------------------------------------------------------------------

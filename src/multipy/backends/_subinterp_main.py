@@ -158,6 +158,9 @@ class _Server:
         self.lock = threading.Lock()
         self.active = None       # the call number running now, or None
         self.fired = False       # an interrupt was raised in the serving thread (not yet disarmed)
+        self.started = 0         # the last call number that started
+        self.cancelled: set = set()  # calls interrupted before they started: they never run
+        self.cancel_all = False  # the host stops: no queued call runs any more
         self._quit_r, self._quit_w = os.pipe()
         self._watchdog = threading.Thread(target=self._watch, name="multipy-watchdog")
         self._watchdog.start()
@@ -206,7 +209,7 @@ class _Server:
             (seq, payload), self.stash = self.stash, None
             self.serve(seq, payload, incoming or ())
         elif self.pending is not None:
-            self.send()
+            self.send(force=True)  # the host thread waited until the arena was free
 
     def serve(self, seq: int, payload, buffers) -> None:
         op = None
@@ -229,9 +232,13 @@ class _Server:
 
     def _run(self, seq: int, op, args, drop):
         result = error = None
+        with self.lock:
+            if self.cancel_all or seq in self.cancelled:
+                self.cancelled.discard(seq)
+                self.state.release(drop)  # the host's releases still apply
+                return None, CallInterrupted(f"call {seq} was interrupted before it started")
+            self.active = self.started = seq
         try:
-            with self.lock:
-                self.active = seq
             result = self.state.handle(op, args, drop)
         except BaseException as exc:  # every failure goes back to the caller
             error = exc
@@ -275,15 +282,19 @@ class _Server:
         self.pending = (seq, payload, oob)
         self.send()
 
-    def send(self) -> None:
+    def send(self, force: bool = False) -> None:
         seq, payload, oob = self.pending
-        need = sum(wire.align(memoryview(b).nbytes) for b in oob)
-        if need > len(self.arena):
-            raise WantArena(str(need))  # the reply stays pending
+        arena = self.arena
+        if oob:
+            need = wire.ARENA_HEAD + sum(wire.align(memoryview(b).nbytes) for b in oob)
+            # Too small, or the host still copies out the buffers of an earlier reply
+            # (several calls are in flight): the host thread waits for it, then re-enters.
+            if need > len(arena) or (arena[0] and not force):
+                raise WantArena(str(need))  # the reply stays pending
+            arena[0] = 1  # the host clears it once it has copied these buffers out
         self.pending = None
         slots = []
-        position = 0
-        arena = self.arena
+        position = wire.ARENA_HEAD
         for buffer in oob:
             raw = buffer.raw()
             arena[position:position + raw.nbytes] = raw
@@ -306,6 +317,10 @@ class _Server:
                 return
             (seq,) = wire.SEQ.unpack(data)
             with self.lock:
+                if seq == 0:
+                    self.cancel_all = True
+                elif seq > self.started:  # queued behind other calls: it will not start
+                    self.cancelled.add(seq)
                 if self.active is not None and seq in (0, self.active):
                     self.fired = True
                     _set_async_exc(self.ident, CallInterrupted)

@@ -78,7 +78,8 @@ from .base import PENDING, Backend, BackendKind, RequestNotSent, Worker, WorkerC
 from .completions import CLOSED, READY, Completions
 
 INTERRUPT_GRACE = 1.0     # seconds an interrupted call gets to unwind
-_NOTHING = object()       # _Driver.frame: no reply taken off the channel yet
+_NOTHING = object()       # _Call.frame: no reply taken off the channel yet
+_TIMEOUT = _channel.Wait.TIMEOUT
 START_ARENA = 1 << 20     # the result arena grows on demand
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -108,7 +109,8 @@ def _interpreters():
 class _Driver:
     """One subinterpreter and the host thread that runs it.
 
-    File descriptors: the host ends (``req_w``, ``intr_w``, ``rep_r``) are
+    File descriptors: the host ends (``req_w``, ``intr_w``, ``rep_r``; with the
+    channel ``bell_r`` and ``alive_r``) are
     closed by :meth:`stop` when no caller uses them; the subinterpreter's ends
     by the driver thread once the loop has returned.
     """
@@ -123,35 +125,43 @@ class _Driver:
         # shared memory, the pipes only for what does not fit and for liveness.
         self.end: _channel.HostEnd | None = None
         self.memory = None
-        self.frame = _NOTHING  # a reply the caller's wait took off the channel
-        self.slot = 0          # the reply slot of the call in flight
-        self.posted_to = 0     # the ring position past its request (HostEnd.taken)
+        self.answered = 0      # the last call number whose reply was taken (a spin hint)
+        self._spills: dict = {}  # call number -> a spilled reply read by another caller
+        self._spill_lock = threading.Lock()
         bell_w = -1
         if _channel.NATIVE:
             import mmap
 
-            # One call is in flight at a time (a caller who leaves abandons the
-            # subinterpreter), so two reply slots are plenty.
-            self.memory = mmap.mmap(-1, _channel.size(_channel.RING_BYTES, 2, _channel.SLOT_BYTES))
-            _channel.prepare(self.memory, ring_bytes=_channel.RING_BYTES, slots=2,
+            # One reply slot per call in flight: as many as the process backend's.
+            slots = _channel.SLOTS
+            self.memory = mmap.mmap(-1, _channel.size(_channel.RING_BYTES, slots,
+                                                      _channel.SLOT_BYTES))
+            _channel.prepare(self.memory, ring_bytes=_channel.RING_BYTES, slots=slots,
                              slot_bytes=_channel.SLOT_BYTES)
             bell_r, bell_w = os.pipe()  # rung after a posted call's reply
             os.set_blocking(bell_r, False)
+            # Liveness for callers asleep on the channel: end-of-file once the loop
+            # ended (the reply pipe will not do: it is readable whenever a spilled
+            # reply of another call in flight is on its way).
+            self.alive_r, self._alive_w = os.pipe()
             rep_r = self.rep_r
             self.end = _channel.HostEnd(_channel.Channel(self.memory), self.req_w,
-                                        lambda: read_frame(rep_r), rep_r, config.spin,
+                                        lambda: read_frame(rep_r), self.alive_r, config.spin,
                                         bell_r, self.memory)
         self._sub_fds = (req_r, rep_w, intr_r, bell_w)
         self._boot = (config.index, tuple(config.sys_path), self._sub_fds, _ROOT, config.spin)
         self.arena = bytearray(START_ARENA)
         self.pending_in: tuple | None = None
+        self.arena_free = threading.Event()  # set after the host read a reply's arena buffers
         self.failure: str | None = None
         self.started = threading.Event()
         self.finished = threading.Event()
         self._mutex = threading.Lock()
-        self._busy = False
+        self._idle = threading.Condition(self._mutex)
+        self._busy = 0            # calls in flight (entered, not yet left)
         self._stopping = False
         self._host_open = True
+        self.abandoned: str | None = None  # why the worker gave this subinterpreter up
         self.thread = threading.Thread(target=self._run, name=f"multipy-subinterpreter-{self.index}",
                                        daemon=True)
         _watch_exit()
@@ -178,9 +188,15 @@ class _Driver:
                     break  # the host closed the request pipe
                 name = excinfo.type.__name__
                 if name == "WantBuffers":
-                    shared, self.pending_in = {"_multipy_in": self.pending_in}, None
+                    with self._mutex:
+                        shared, self.pending_in = {"_multipy_in": self.pending_in}, None
+                        self._idle.notify_all()  # see wait_for_buffers
                 elif name == "WantArena":
-                    self.arena = bytearray(max(int(excinfo.msg), 2 * len(self.arena)))
+                    if not self._arena_read():
+                        break  # stopping: nobody reads replies any more
+                    need = int(excinfo.msg)
+                    if need > len(self.arena):
+                        self.arena = bytearray(max(need, 2 * len(self.arena)))
                     shared = {"_multipy_arena": memoryview(self.arena)}
                 else:
                     self.failure = _describe(excinfo)
@@ -190,6 +206,8 @@ class _Driver:
         finally:
             req_r, rep_w, intr_r, bell_w = self._sub_fds
             _close(rep_w)  # a caller waiting on the reply pipe sees end-of-file
+            if self.end is not None:
+                _close(self._alive_w)  # and one asleep on the channel
             _close(req_r)
             if bell_w >= 0:
                 _close(bell_w)  # and a posted call's completion, end-of-file on the bell
@@ -207,49 +225,110 @@ class _Driver:
                 _close(intr_r)
             self.started.set()
             self.finished.set()
+            with self._mutex:
+                self._idle.notify_all()  # see wait_for_buffers
             _live.discard(self)
+
+    def _arena_read(self) -> bool:
+        """Wait until the host read the buffers of the last reply placed in the arena
+        (its first byte cleared); False when the driver stops first."""
+        while True:
+            self.arena_free.clear()
+            if self._stopping:
+                return False
+            if not self.arena[0]:
+                return True
+            self.arena_free.wait()
+
+    def arena_read(self, arena: bytearray) -> None:
+        """The host copied the buffers of a reply out of ``arena``: it may be reused."""
+        arena[0] = 0
+        self.arena_free.set()
 
     # -- used by the worker ---------------------------------------------------
     def enter(self) -> None:
+        """A call goes in flight (each :meth:`enter` is matched by one :meth:`leave`)."""
         with self._mutex:
             if self._stopping:  # only closing the manager stops a driver still in use
                 raise ManagerClosedError(
                     f"the manager was closed before interpreter {self.index} got this call")
-            self._busy = True
+            self._busy += 1
 
     def leave(self) -> None:
         with self._mutex:
-            self._busy = False
-            if self._stopping:
-                self._close_host_ends()
+            self._busy -= 1
+            if not self._busy:
+                self._idle.notify_all()
+                if self._stopping:
+                    self._close_host_ends()
 
-    # -- the call channel (one call in flight at a time) ---------------------------------
-    def send(self, payload: bytes) -> None:
-        """Post one request on the channel, its reply to come in a slot of its own."""
+    def wait_for_buffers(self) -> None:
+        """Wait until the loop took the shared buffers of the previous request that had
+        some (``pending_in``): one such request is in flight at a time."""
+        with self._idle:
+            self._idle.wait_for(lambda: self.pending_in is None or self.finished.is_set())
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for every call in flight to leave."""
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._busy, timeout)
+
+    # -- the call channel: several calls in flight, each reply in a slot of its own --------
+    def send(self, payload: bytes) -> tuple[int, int]:
+        """Post one request on the channel; returns ``(reply slot, ring position past it)``."""
         end = self.end
         slot = end.claim()
-        posted_to = 0 if slot is None else end.post(payload, slot)
-        if not posted_to:  # every slot or the ring full: replies were never taken
+        while True:
             if slot is not None:
-                end.release(slot)
-            raise TransportError(f"subinterpreter {self.index}'s call channel is full: its "
-                                 "replies are out of step")
-        self.slot, self.posted_to = slot, posted_to
+                posted_to = end.post(payload, slot)
+                if posted_to:
+                    return slot, posted_to
+            # Every reply slot is taken or the ring is full (big requests): the calls
+            # in flight free them as their callers take their replies.  Under the
+            # worker lock, so other senders wait behind this one.
+            if end.channel.closed or self.finished.is_set():
+                if slot is not None:
+                    end.release(slot)
+                raise BrokenPipeError("the subinterpreter's loop ended")  # never sent
+            time.sleep(0.0005)  # releases the GIL for those callers
+            if slot is None:
+                slot = end.claim()
 
-    def next_frame(self, timeout: float | None):
-        """The reply of the call in flight (bytes), waiting for it; ``None`` when the
-        loop ended (or the channel closed) first; ``Wait.TIMEOUT``."""
-        if self.end.wait(self.slot, timeout) == _channel.Wait.TIMEOUT:
-            return _channel.Wait.TIMEOUT
-        return self.take_frame()  # None after DEAD or CLOSED, unless the reply came first
+    def next_frame(self, call: "_Call", timeout: float | None):
+        """The reply of ``call`` (bytes), waiting for it; ``None`` when the loop ended
+        (or the channel closed) first; ``Wait.TIMEOUT``.  Only the caller next in line
+        spins (see HostEnd.wait)."""
+        if self.end.wait(call.slot, timeout, call.seq == self.answered + 1) == _TIMEOUT:
+            return _TIMEOUT
+        return self.take_frame(call)  # None after DEAD or CLOSED, unless the reply came first
 
-    def take_frame(self):
-        """The reply of the call in flight if it is there (bytes), else ``None``."""
-        got = self.end.take(self.slot)
+    def take_frame(self, call: "_Call"):
+        """The reply of ``call`` if it is there (bytes), else ``None``."""
+        got = self.end.take(call.slot)
         if got is None:
             return None
+        if call.seq > self.answered:
+            self.answered = call.seq
         tag, payload = got
-        return self.end.read_spilled() if tag & _channel.SPILLED else payload
+        return self._spilled(call.seq) if tag & _channel.SPILLED else payload
+
+    def _spilled(self, seq: int):
+        """The spilled reply of call ``seq`` from the reply pipe.  Spilled replies are
+        written in call order, and each is announced in its slot only once the ones
+        before it were written: a caller reading another call's reply first keeps it
+        for that call's caller."""
+        with self._spill_lock:
+            frame = self._spills.pop(seq, None)
+            while frame is None:
+                got = self.end.read_spilled()
+                if got is None:
+                    return None
+                answers = wire.REPLY.unpack_from(got)[1]
+                if answers == seq:
+                    frame = got
+                else:
+                    self._spills[answers] = got
+            return frame
 
     def interrupt(self, seq: int) -> None:
         try:
@@ -259,11 +338,15 @@ class _Driver:
 
     def stop(self, *, wait: float) -> None:
         """Close the request pipe (the loop returns, the interpreter is
-        destroyed); interrupt a call still running.  Idempotent."""
+        destroyed); interrupt a call still running and those queued behind it,
+        and wake every caller waiting on the channel.  Idempotent."""
         with self._mutex:
             if self._host_open and self._busy:
                 self.interrupt(0)
+                if self.end is not None:
+                    self.end.stop()
             self._stopping = True
+            self.arena_free.set()  # a driver thread waiting for the arena stops waiting
             if not self._busy:
                 self._close_host_ends()
         if wait:
@@ -277,6 +360,7 @@ class _Driver:
                 end.close()  # the loop waiting on the channel returns at once
                 bell, end.bell_r = end.bell_r, -1
                 _close(bell)
+                _close(self.alive_r)
             for fd in (self.req_w, self.intr_w, self.rep_r):
                 _close(fd)
 
@@ -295,7 +379,13 @@ def _close(fd: int) -> None:
 
 
 class SubinterpreterWorker(Worker):
-    """One interpreter as an own-GIL subinterpreter of this process."""
+    """One interpreter as an own-GIL subinterpreter of this process.
+
+    On the call channel several calls are in flight at once (as on the process
+    backend): the worker's lock is held only while a request is sent, and each
+    caller waits for the reply in its own slot while the subinterpreter serves
+    the requests in order.  On the pipes, one call at a time.
+    """
 
     kind = BackendKind.SUBINTERPRETER
 
@@ -307,6 +397,9 @@ class SubinterpreterWorker(Worker):
         self._dumpers: dict = {}  # Obj type (or None) -> wire.Dumper with its reducer
         self._encoder = Encoder(None)  # the binary forms of the common call
         self._decoder = Decoder(None)
+        self._swap = threading.Lock()  # gives a driver up once, from any caller's thread
+        if _channel.NATIVE:
+            self.request = self._request_in_flight  # see Worker._request_in_flight
 
     def _launch(self) -> None:
         self._terminate(kill=True)
@@ -320,18 +413,38 @@ class SubinterpreterWorker(Worker):
                                        f"{self.config.start_timeout:g} s")
         if driver.failure is not None:
             raise no_start(self.index, f"its start-up code failed:\n{driver.failure}")
-        self._exchange(driver, Op.PING, (), (), self.config.start_timeout, None)
+        self._finish(self._send(driver, Op.PING, (), (), None), self.config.start_timeout)
 
     def _roundtrip(self, op, args, drop, timeout, handles):
+        return self._finish(self._send(self._running(), op, args, drop, handles), timeout)
+
+    def _send_call(self, op, args, drop, timeout, handles):
+        try:
+            driver = self._running()
+        except InterpreterCrashedError as exc:  # given up by a caller that has not restarted it yet
+            raise RequestNotSent(exc) from None
+        return self._send(driver, op, args, drop, handles), timeout
+
+    def _await_call(self, ticket):
+        call, timeout = ticket
+        return self._finish(call, timeout)
+
+    def _drain(self, timeout: float) -> bool:
+        driver = self._driver
+        return driver is None or driver.wait_idle(timeout)
+
+    def _running(self) -> _Driver:
         driver = self._driver
         if driver is None:
             raise InterpreterCrashedError(f"subinterpreter {self.index} is not running",
                                           index=self.index)
-        return self._exchange(driver, op, args, drop, timeout, handles)
+        return driver
 
     def _terminate(self, *, kill: bool) -> None:
         driver, self._driver = self._driver, None
         if driver is not None:
+            if driver.abandoned is None:
+                driver.abandoned = "stopped"
             driver.stop(wait=0.5 if kill else 10.0)
 
     # -- one call -------------------------------------------------------------
@@ -352,95 +465,96 @@ class SubinterpreterWorker(Worker):
             raise OwnershipError(f"{obj!r} can only be passed to calls of the session it belongs to")
         return (Handle, (handle_of(obj),))
 
-    def _exchange(self, driver: _Driver, op, args, drop, timeout, handles):
-        seq = self._send(driver, op, args, drop, handles)
+    def _finish(self, call: "_Call", timeout):
+        """Wait for the reply of a sent call and read it; the call leaves its driver."""
+        driver = call.driver
         try:
-            if not self._await(driver, timeout):
-                self._timed_out(driver, seq, timeout)
-            value, error = self._read_reply(driver, op, seq)
+            if not self._await(call, timeout):
+                self._timed_out(call, timeout)
+            value, error = self._read_reply(call)
         except BaseException as exc:
             if not isinstance(exc, (CallTimeoutError, TransportError, InterpreterCrashedError,
-                                    RequestNotSent)):
+                                    RequestNotSent, ManagerClosedError)):
                 self._abandon(driver, "interrupted")  # a KeyboardInterrupt: the reply never read
             raise
         finally:
             driver.leave()
-        return self._checked_reply(value, error)
+        return self._checked_reply(call, value, error)
 
     # -- posted requests (Worker.post): the completion thread reads the reply ----
     def _post(self, op, args, drop, timeout, handles, completions, finish):
-        driver = self._driver
-        if driver is None:
-            raise InterpreterCrashedError(f"subinterpreter {self.index} is not running",
-                                          index=self.index)
+        driver = self._running()
         if driver.end is not None:
             driver.end.want_bell()  # before the request is published: its reply rings
-        seq = self._send(driver, op, args, drop, handles)
-        posted = _Posted(driver, seq, op, completions, _left_on_close(driver, finish))
+        call = self._send(driver, op, args, drop, handles)
+        posted = _Posted(call, completions, _left_on_close(driver, finish))
         try:
             self._arm(posted)
         except BaseException:
             self._abandon(driver, "interrupted")  # the reply would never be read
+            driver.leave()
             raise
         return posted
 
     @staticmethod
     def _arm(posted) -> None:
         """Have the completion thread run ``finish`` once the reply can be read."""
-        end, completions, finish = posted.driver.end, posted.completions, posted.finish
+        call, completions, finish = posted.call, posted.completions, posted.finish
+        end = call.driver.end
         if end is None:
-            completions.watch(posted.driver.rep_r, finish)
+            completions.watch(call.driver.rep_r, finish)
             return
         # Emptied before looking at the slot: a reply published after the look rings
         # the bell again, so the watch below cannot miss it.
         end.drain_bell()
-        if end.bell_closed or end.ready(posted.driver.slot):
+        if end.bell_closed or end.ready(call.slot):
             completions.call_soon(lambda: finish(READY))
         else:
             completions.watch(end.bell_r, finish)
 
     def _collect(self, posted):
-        driver = posted.driver
+        call = posted.call
+        driver = call.driver
         end = driver.end
         if end is not None and not posted.abandoned:
-            frame = driver.take_frame()  # never waits
+            frame = driver.take_frame(call)  # never waits
             if frame is None:
                 end.drain_bell()
-                if not end.bell_closed:
-                    self._arm(posted)  # the bell rang for an earlier reply
+                if not end.bell_closed and not end.channel.closed:
+                    self._arm(posted)  # the bell rang for another call's reply
                     return PENDING
             end.want_bell(False)  # no posted call in flight now
-            driver.frame = frame  # None: the interpreter's loop ended
+            call.frame = frame  # None: the interpreter's loop ended
         try:
             if posted.abandoned:
                 raise self._not_stopped(posted.timeout)
             if posted.timeout is not None:  # interrupted in time: its reply is dropped
                 Completions.cancel(posted.grace)
-                self._drop_reply(driver, posted.seq)
+                self._drop_reply(call)
                 raise self._interrupted(posted.timeout)
-            value, error = self._read_reply(driver, posted.op, posted.seq)
+            value, error = self._read_reply(call)
         finally:
             driver.leave()
-        return self._checked_reply(value, error)
+        return self._checked_reply(call, value, error)
 
     def _expire(self, posted, timeout):
         # On the completion thread, which never waits: the call is interrupted and
         # given its grace period by a timer; its reply (or the timer) finishes it.
         posted.timeout = timeout
-        posted.driver.interrupt(posted.seq)
+        posted.call.driver.interrupt(posted.call.seq)
         posted.grace = posted.completions.call_at(time.monotonic() + INTERRUPT_GRACE,
                                                   lambda: self._grace_over(posted))
         return PENDING
 
     def _grace_over(self, posted) -> None:
         """An interrupted posted call did not stop within its grace period."""
-        end = posted.driver.end
-        posted.completions.unwatch(posted.driver.rep_r if end is None else end.bell_r)
+        driver = posted.call.driver
+        posted.completions.unwatch(driver.rep_r if driver.end is None else driver.end.bell_r)
         posted.abandoned = True
-        self._abandon(posted.driver, "timed out")
+        self._abandon(driver, "timed out")
         posted.finish(READY)
 
-    def _send(self, driver: _Driver, op, args, drop, handles) -> int:
+    def _send(self, driver: _Driver, op, args, drop, handles) -> "_Call":
         """Write the request; the driver is entered until the reply is read."""
         payload = wire.fast_request(self._encoder, op, args, drop)
         buffers = ()
@@ -469,21 +583,24 @@ class SubinterpreterWorker(Worker):
         finally:
             self._handle_of = None
         self._seq += 1
-        seq = self._seq
+        call = _Call(driver, self._seq, op)
         views = tuple(memoryview(b) for b in buffers) if buffers else ()
         if driver.finished.is_set():  # its loop ended while idle: a replacement can take the call
             raise RequestNotSent(self._lost(driver, "while idle, before this call was sent"))
         driver.enter()
         try:
             if views:
+                # Fetched by the driver thread when the loop asks for them: one such
+                # request at a time (the next waits for this one's reply).
+                driver.wait_for_buffers()
                 driver.pending_in = views
-            header = wire.REQUEST.pack(len(payload), seq, len(views))
+            header = wire.REQUEST.pack(len(payload), call.seq, len(views))
             end = driver.end
             try:
                 if end is None:
                     wire.write_all(driver.req_w, [header, payload])
                 else:
-                    driver.send(header + payload)
+                    call.slot, call.posted_to = driver.send(header + payload)
             except OSError:
                 raise RequestNotSent(self._lost(driver, "while idle, before this call was sent")) from None
         except RequestNotSent:
@@ -491,34 +608,37 @@ class SubinterpreterWorker(Worker):
             raise
         except BaseException:
             self._abandon(driver, "interrupted")  # a request half written: out of step
+            driver.leave()
             raise
-        return seq
+        return call
 
-    def _checked_reply(self, value, error):
-        if error is not None and self.closed and error.type_name.endswith(".CallInterrupted"):
-            raise ManagerClosedError(
-                f"the manager was closed while interpreter {self.index} (subinterpreter) was "
-                "running this call; the call was interrupted")
+    def _checked_reply(self, call: "_Call", value, error):
+        if error is not None and error.type_name.endswith(".CallInterrupted"):
+            if self.closed:
+                raise ManagerClosedError(
+                    f"the manager was closed while interpreter {self.index} (subinterpreter) "
+                    "was running this call; the call was interrupted")
+            if call.driver.abandoned is not None:
+                raise self._given_up(call.driver)
         return value, error
 
-    def _read_reply(self, driver: _Driver, op, seq: int):
-        """The reply to call ``seq``.  Calls are answered in order and a caller
-        that gives up on its reply abandons the interpreter, so any other call
-        number means the streams are out of step: the interpreter is abandoned."""
+    def _read_reply(self, call: "_Call"):
+        """The reply to ``call``.  Calls are answered in order and a caller that
+        gives up on its reply abandons the interpreter, so any other call number
+        means the streams are out of step: the interpreter is abandoned."""
+        driver, seq, op = call.driver, call.seq, call.op
         end = driver.end
         if end is not None:
-            frame, driver.frame = driver.frame, _NOTHING
+            frame, call.frame = call.frame, _NOTHING
             if frame is _NOTHING:
-                frame = driver.next_frame(None)  # there, or on its way: no timeout applies
+                frame = driver.next_frame(call, None)  # there, or on its way: no timeout applies
             if frame is None:
-                if not end.taken(driver.posted_to):  # the loop ended before it took the request
-                    raise RequestNotSent(self._lost(driver, "while idle, before this call was sent"))
-                raise self._lost(driver, "while running a call")
+                raise self._gone(call)
             size, answers, nslots = wire.REPLY.unpack_from(frame)
         else:
             header = wire.read_exact(driver.rep_r, wire.REPLY.size)
             if header is None:
-                raise self._lost(driver, "while running a call")
+                raise self._gone(call)
             size, answers, nslots = wire.REPLY.unpack(header)
         if answers != seq:
             self._abandon(driver, "out of step")
@@ -539,12 +659,13 @@ class SubinterpreterWorker(Worker):
             except TransportError as exc:
                 raise TransportError(f"the result of {op.name.lower()} in interpreter "
                                      f"{self.index} could not be read: {exc}") from None
-        arena = memoryview(driver.arena)
+        held = driver.arena  # the one this reply's buffers are in (see _Driver._arena_read)
+        arena = memoryview(held)
         buffers = []
-        for i in range(nslots):
-            offset, length = wire.SLOT.unpack_from(body, size + i * wire.SLOT.size)
-            buffers.append(arena[offset:offset + length])
         try:
+            for i in range(nslots):
+                offset, length = wire.SLOT.unpack_from(body, size + i * wire.SLOT.size)
+                buffers.append(arena[offset:offset + length])
             return pickle.loads(body[:size], buffers=buffers)
         except Exception as exc:
             raise TransportError(
@@ -554,36 +675,60 @@ class SubinterpreterWorker(Worker):
                 "or keep an Obj handle.") from exc
         finally:
             del buffers, arena, body
+            if nslots:
+                driver.arena_read(held)
 
-    def _await(self, driver: _Driver, timeout: float | None) -> bool:
+    def _gone(self, call: "_Call") -> Exception:
+        """The error of a call whose reply will never come: the manager closed, the
+        subinterpreter was given up, or its loop ended (before taking the request:
+        :class:`RequestNotSent`, so that a replacement can take it)."""
+        driver = call.driver
+        if self.closed:
+            return ManagerClosedError(
+                f"the manager was closed while interpreter {self.index} (subinterpreter) had "
+                "this call in flight")
+        if driver.abandoned is not None and driver.failure is None:
+            return self._given_up(driver)
+        if driver.end is not None and not driver.end.taken(call.posted_to):
+            return RequestNotSent(self._lost(driver, "while idle, before this call was sent"))
+        return self._lost(driver, "while running a call")
+
+    def _given_up(self, driver: _Driver) -> InterpreterCrashedError:
+        return InterpreterCrashedError(
+            f"subinterpreter {self.index} was given up ({driver.abandoned}) while this call "
+            "was in flight; a new one serves later calls, and objects created in the old one "
+            "are gone.", index=self.index)
+
+    def _await(self, call: "_Call", timeout: float | None) -> bool:
         """Wait for the reply; False when ``timeout`` passed first.  On the channel:
         spin, then sleep in FUTEX_WAIT, releasing the GIL once (the reply is taken
         off the channel here, for :meth:`_read_reply`).  On the pipes: spin on
         ``poll``, then sleep (see :class:`~multipy.transport.frames.Waiter`)."""
-        end = driver.end
-        if end is None:
+        driver = call.driver
+        if driver.end is None:
             if timeout is None:
                 driver.waiter.wait()
                 return True
             return block_readable(driver.waiter.poller, timeout)
-        frame = driver.next_frame(timeout)
-        if frame is _channel.Wait.TIMEOUT:
+        frame = driver.next_frame(call, timeout)
+        if frame is _TIMEOUT:
             return False
-        driver.frame = frame
+        call.frame = frame
         return True
 
-    def _timed_out(self, driver: _Driver, seq: int, timeout: float):
-        driver.interrupt(seq)
-        if self._await(driver, INTERRUPT_GRACE):
-            self._drop_reply(driver, seq)
+    def _timed_out(self, call: "_Call", timeout: float):
+        # The call is interrupted where it runs, or cancelled if it has not started.
+        call.driver.interrupt(call.seq)
+        if self._await(call, INTERRUPT_GRACE):
+            self._drop_reply(call)
             raise self._interrupted(timeout)
-        self._abandon(driver, "timed out")
+        self._abandon(call.driver, "timed out")
         raise self._not_stopped(timeout)
 
-    def _drop_reply(self, driver: _Driver, seq: int) -> None:
+    def _drop_reply(self, call: "_Call") -> None:
         """Read and discard the reply of an interrupted call."""
         try:
-            self._read_reply(driver, Op.PING, seq)
+            self._read_reply(call)
         except TransportError:
             pass
 
@@ -603,11 +748,17 @@ class SubinterpreterWorker(Worker):
             "timeout= (per call) if the work is expected to take longer.")
 
     def _abandon(self, driver: _Driver, reason: str) -> None:
-        if self._driver is driver:
-            self._driver = None
-        driver.leave()  # harmless twice: the caller's finally leaves again
+        """Give ``driver`` up (once, from whichever thread sees why first): stop it
+        and restart the interpreter in the background."""
+        with self._swap:
+            if driver.abandoned is None:
+                driver.abandoned = reason
+            current = self._driver is driver
+            if current:
+                self._driver = None
         driver.stop(wait=0)
-        self.mark_dead(reason)
+        if current:
+            self.mark_dead(reason)
 
     def _lost(self, driver: _Driver, while_: str) -> InterpreterCrashedError:
         driver.finished.wait(5)
@@ -616,7 +767,6 @@ class SubinterpreterWorker(Worker):
         return InterpreterCrashedError(
             f"subinterpreter {self.index} stopped serving {while_}: {why}. It will be "
             "restarted for later calls; objects created in it are gone.", index=self.index)
-
 
 
 def _left_on_close(driver: _Driver, finish):
@@ -631,15 +781,27 @@ def _left_on_close(driver: _Driver, finish):
     return finishing
 
 
-class _Posted:
-    """A posted call in flight: what ``_collect`` and ``_expire`` need."""
+class _Call:
+    """One request in flight: its number, and where its reply comes."""
 
-    __slots__ = ("driver", "seq", "op", "completions", "finish", "timeout", "grace", "abandoned")
+    __slots__ = ("driver", "seq", "op", "slot", "posted_to", "frame")
 
-    def __init__(self, driver: _Driver, seq: int, op, completions, finish) -> None:
+    def __init__(self, driver: _Driver, seq: int, op) -> None:
         self.driver = driver
         self.seq = seq
         self.op = op
+        self.slot = 0           # its reply slot on the channel
+        self.posted_to = 0      # the ring position past the request (HostEnd.taken)
+        self.frame = _NOTHING   # its reply, once a wait took it off the channel
+
+
+class _Posted:
+    """A posted call in flight: what ``_collect`` and ``_expire`` need."""
+
+    __slots__ = ("call", "completions", "finish", "timeout", "grace", "abandoned")
+
+    def __init__(self, call: _Call, completions, finish) -> None:
+        self.call = call
         self.completions = completions
         self.finish = finish
         self.timeout = None     # set once it ran past its timeout and was interrupted

@@ -26,8 +26,10 @@ Copies.  Small values travel in-band through the pipe.  Buffers of at least
   ``bytearray`` or ``bytes`` argument is rebuilt from such a view: **one copy**.
 * interpreter -> host: buffers are copied once into a host-owned arena (a
   ``bytearray`` the host shared with the interpreter) and rebuilt from it in
-  the host: **two copies** (the arena is reused by the next call).  A result
-  cannot borrow the interpreter's memory safely: it would outlive a restart.
+  the host: **two copies**.  The arena is reused by the next such reply once the
+  host has copied this one out: its first byte (of ``ARENA_HEAD``) says it still
+  holds a reply.  A result cannot borrow the interpreter's memory safely: it
+  would outlive a restart.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from .frames import write_all
 
 OOB_THRESHOLD = 64 * 1024
 ALIGN = 64
+ARENA_HEAD = ALIGN       # the arena's first byte: 1 while the host has not read its buffers
 WALK_LIMIT = 64          # containers longer than this are not searched for big bytes
 REQUEST = struct.Struct("<QQI")
 REPLY = struct.Struct("<QQI")
