@@ -159,6 +159,7 @@ class _Driver:
         self._mutex = threading.Lock()
         self._idle = threading.Condition(self._mutex)
         self._busy = 0            # calls in flight (entered, not yet left)
+        self._waiting = 0         # threads in wait_idle / wait_for_buffers (notify only then)
         self._stopping = False
         self._host_open = True
         self.abandoned: str | None = None  # why the worker gave this subinterpreter up
@@ -258,7 +259,8 @@ class _Driver:
         with self._mutex:
             self._busy -= 1
             if not self._busy:
-                self._idle.notify_all()
+                if self._waiting:
+                    self._idle.notify_all()
                 if self._stopping:
                     self._close_host_ends()
 
@@ -266,12 +268,20 @@ class _Driver:
         """Wait until the loop took the shared buffers of the previous request that had
         some (``pending_in``): one such request is in flight at a time."""
         with self._idle:
-            self._idle.wait_for(lambda: self.pending_in is None or self.finished.is_set())
+            self._waiting += 1
+            try:
+                self._idle.wait_for(lambda: self.pending_in is None or self.finished.is_set())
+            finally:
+                self._waiting -= 1
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait up to ``timeout`` for every call in flight to leave."""
         with self._idle:
-            return self._idle.wait_for(lambda: not self._busy, timeout)
+            self._waiting += 1
+            try:
+                return self._idle.wait_for(lambda: not self._busy, timeout)
+            finally:
+                self._waiting -= 1
 
     # -- the call channel: several calls in flight, each reply in a slot of its own --------
     def send(self, payload: bytes) -> tuple[int, int]:
