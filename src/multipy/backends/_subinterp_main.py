@@ -103,8 +103,7 @@ def start(index: int, fds: tuple, spin: float = 200e-6) -> None:
     sys.meta_path.insert(0, _RefuseNative())
     state = InterpreterState(index, importer_factory=_refuse_package)
     state.activate_for_process()
-    _server = _Server(state, *fds)
-    _server.spin = spin
+    _server = _Server(state, *fds, spin=spin)
 
 
 def loop() -> None:
@@ -138,14 +137,14 @@ def shutdown() -> None:
 
 class _Server:
     def __init__(self, state: InterpreterState, req_r: int, rep_w: int, intr_r: int,
-                 bell_w: int = -1) -> None:
+                 bell_w: int = -1, *, spin: float = 200e-6) -> None:
         self.state = state
         self.index = state.index
         self.req_r = req_r
         self.rep_w = rep_w
         self.intr_r = intr_r
         self.bell_w = bell_w
-        self.spin = 200e-6       # seconds the loop polls for the next request before sleeping
+        self.spin = spin         # seconds the loop polls for the next request before sleeping
         self.end = None          # the call channel's InterpreterEnd, where the host has one
         self.slot = 0            # the channel slot of the call being served
         self.arena = memoryview(b"")

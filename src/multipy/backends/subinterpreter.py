@@ -21,8 +21,13 @@ shared-memory call channel of :mod:`multipy.transport.channel` instead (an
 anonymous mapping shared into the subinterpreter as a ``memoryview``): each
 side spins briefly, then sleeps in ``FUTEX_WAIT`` with its GIL released, and
 the pipes carry only what does not fit, the bell of posted calls and the end
-of the loop.  Without it, each side spins briefly on its pipe, then sleeps in
-``poll`` (:class:`~multipy.transport.frames.Waiter`): two pipe wake-ups a call.
+of the loop.  There several calls are in flight at once: the worker's lock is
+held only to post a request, each caller waits on its own reply slot, and the
+subinterpreter serves the requests in order.  The common call (a replicated
+object, scalar arguments and result) crosses in the codec's binary forms, not
+pickled.  Without the extension, one call at a time: each side spins briefly on
+its pipe, then sleeps in ``poll`` (:class:`~multipy.transport.frames.Waiter`):
+two pipe wake-ups a call.
 
 Each subinterpreter runs on its own OS thread (the *driver*), which enters it
 once with ``_interpreters.exec`` and stays there, waiting for requests with
