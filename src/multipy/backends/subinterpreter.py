@@ -490,7 +490,7 @@ class SubinterpreterWorker(Worker):
         except BaseException as exc:
             if not isinstance(exc, (CallTimeoutError, TransportError, InterpreterCrashedError,
                                     RequestNotSent, ManagerClosedError)):
-                self._abandon(driver, "interrupted")  # a KeyboardInterrupt: the reply never read
+                self._give_up(driver, "interrupted")  # a KeyboardInterrupt: the reply never read
             raise
         finally:
             driver.leave()
@@ -506,7 +506,7 @@ class SubinterpreterWorker(Worker):
         try:
             self._arm(posted)
         except BaseException:
-            self._abandon(driver, "interrupted")  # the reply would never be read
+            self._give_up(driver, "interrupted")  # the reply would never be read
             driver.leave()
             raise
         return posted
@@ -566,7 +566,7 @@ class SubinterpreterWorker(Worker):
         driver = posted.call.driver
         posted.completions.unwatch(driver.rep_r if driver.end is None else driver.end.bell_r)
         posted.abandoned = True
-        self._abandon(driver, "timed out")
+        self._give_up(driver, "timed out")
         posted.finish(READY)
 
     def _send(self, driver: _Driver, op, args, drop, handles) -> "_Call":
@@ -622,7 +622,7 @@ class SubinterpreterWorker(Worker):
             driver.leave()
             raise
         except BaseException:
-            self._abandon(driver, "interrupted")  # a request half written: out of step
+            self._give_up(driver, "interrupted")  # a request half written: out of step
             driver.leave()
             raise
         return call
@@ -656,7 +656,7 @@ class SubinterpreterWorker(Worker):
                 raise self._gone(call)
             size, answers, nslots = wire.REPLY.unpack(header)
         if answers != seq:
-            self._abandon(driver, "out of step")
+            self._give_up(driver, "out of step")
             raise TransportError(
                 f"subinterpreter {self.index} answered call {answers} while call {seq} waited; "
                 "its replies are out of step, so it was abandoned and a new one serves later "
@@ -737,7 +737,7 @@ class SubinterpreterWorker(Worker):
         if self._await(call, INTERRUPT_GRACE):
             self._drop_reply(call)
             raise self._interrupted(timeout)
-        self._abandon(call.driver, "timed out")
+        self._give_up(call.driver, "timed out")
         raise self._not_stopped(timeout)
 
     def _drop_reply(self, call: "_Call") -> None:
@@ -762,7 +762,7 @@ class SubinterpreterWorker(Worker):
             "are gone, and a new one serves later calls. Raise call_timeout= (manager) or "
             "timeout= (per call) if the work is expected to take longer.")
 
-    def _abandon(self, driver: _Driver, reason: str) -> None:
+    def _give_up(self, driver: _Driver, reason: str) -> None:
         """Give ``driver`` up (once, from whichever thread sees why first): stop it
         and restart the interpreter in the background."""
         with self._swap:
@@ -778,7 +778,7 @@ class SubinterpreterWorker(Worker):
     def _lost(self, driver: _Driver, while_: str) -> InterpreterCrashedError:
         driver.finished.wait(5)
         why = driver.failure or "its serving loop stopped"
-        self._abandon(driver, "failed")
+        self._give_up(driver, "failed")
         return InterpreterCrashedError(
             f"subinterpreter {self.index} stopped serving {while_}: {why}. It will be "
             "restarted for later calls; objects created in it are gone.", index=self.index)
