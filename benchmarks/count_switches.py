@@ -9,7 +9,10 @@ sides.  Switch counts depend far less on machine load than times do.  With
 prints the channel's own counters: waits, spins that found the reply, sleeps
 in FUTEX_WAIT, FUTEX_WAKE calls and time spent taking the GIL back.
 
-    PYTHONPATH=src python benchmarks/count_switches.py [--threads 1,4,16] [--seconds 2]
+    PYTHONPATH=src python benchmarks/count_switches.py [--threads 1,4,16] [--seconds 2] [--locks]
+
+``--locks`` wraps the worker's lock (held to send) and its reply lock in
+counting wrappers and prints how many acquisitions per call had to wait.
 """
 import argparse
 import os
@@ -69,6 +72,32 @@ def counters(worker) -> tuple[dict, dict] | None:
     return _native.counters(), interpreter_counters(worker)
 
 
+class CountingLock:
+    """A lock that counts the acquisitions that had to wait (``--locks``)."""
+
+    def __init__(self, lock) -> None:
+        self.lock, self.waited = lock, 0
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if self.lock.acquire(False):
+            return True
+        if not blocking:
+            return False
+        self.waited += 1
+        return self.lock.acquire(True, timeout)
+
+    def release(self) -> None:
+        self.lock.release()
+
+    def locked(self) -> bool:
+        return self.lock.locked()
+
+    __enter__ = acquire
+
+    def __exit__(self, *exc) -> None:
+        self.lock.release()
+
+
 def drive(noop, threads: int, seconds: float, worker) -> None:
     pid = worker.pid
     counts = [0] * threads
@@ -106,6 +135,10 @@ def drive(noop, threads: int, seconds: float, worker) -> None:
           f"callers vol {h[0] / n:5.2f} invol {h[1] / n:5.2f} | "
           f"interpreter {icpu / n * 1e6:5.1f} µs CPU, vol {(i1[0] - i0[0]) / n:5.2f} "
           f"invol {(i1[1] - i0[1]) / n:5.2f}  (per call; load {open('/proc/loadavg').read().split()[0]})")
+    if isinstance(worker.lock, CountingLock):
+        print(f"      waits for a lock per call: worker lock {worker.lock.waited / n:.3f}, "
+              f"reply lock {worker._rx.waited / n:.3f}")
+        worker.lock.waited = worker._rx.waited = 0
     if k0 is not None:
         k1 = counters(worker)
         for side, a, b in (("host", k0[0], k1[0]), ("interpreter", k0[1], k1[1])):
@@ -120,6 +153,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--host-spin", type=float, default=None,
                         help="seconds a host caller may spin (default: the worker's setting)")
+    parser.add_argument("--locks", action="store_true",
+                        help="also count the waits for the worker lock and the reply lock")
     args = parser.parse_args()
     print(f"channel: {_channel.NATIVE_WHY}")
     with InterpreterManager(1, backend="process", num_threads=1) as manager:
@@ -131,6 +166,8 @@ def main() -> None:
         worker = manager._workers[0]
         if args.host_spin is not None and worker._end is not None:
             worker._end.spin = args.host_spin
+        if args.locks:
+            worker.lock, worker._rx = CountingLock(worker.lock), CountingLock(worker._rx)
         for n in (int(x) for x in args.threads.split(",")):
             drive(noop, n, args.seconds, worker)
 
