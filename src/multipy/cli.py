@@ -205,6 +205,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--connections", type=_int_list, default=[1, 16, 64], metavar="1,16,64",
                        help="`bench serve`: concurrent connections of the load generator "
                        "(default: 1,16,64)")
+    bench.add_argument("--rounds", type=_positive_int, default=3, metavar="N",
+                       help="`bench serve`: rounds over the servers, interleaved; each row is "
+                       "the median of its N windows of --seconds/N s (default: %(default)s)")
     bench.add_argument("--peers", default="litserve,mosec", metavar="LIST",
                        help="`bench serve`: peers served beside multipy, from a throwaway venv "
                        "(default: %(default)s; 'none' for none)")
@@ -552,7 +555,7 @@ def _cmd_bench(args) -> int:
 def _bench_serve(args) -> int:
     from rich.console import Console
 
-    from .bench.serve import PEERS, measure_serve, serve_lines, serve_table
+    from .bench.serve import PEERS, measure_serve, serve_lines, serve_table, window_seconds
 
     peers = [p.strip() for p in args.peers.split(",") if p.strip() and p.strip() != "none"]
     unknown = [p for p in peers if p not in PEERS]
@@ -563,11 +566,14 @@ def _bench_serve(args) -> int:
     interpreters = args.max_interpreters
     with _status(err, "bench serve") as status:
         rows, notes = measure_serve(models=models, connections=args.connections,
-                                    seconds=args.seconds, interpreters=interpreters, peers=peers,
+                                    seconds=args.seconds, rounds=args.rounds,
+                                    interpreters=interpreters, peers=peers,
                                     peer_venv=args.peer_venv, out=args.out,
                                     on_status=lambda text: status.update(f"bench serve: {text}"))
-    out.print(serve_table(rows, title=f"multipy bench serve: wrk, {args.seconds:g} s per row, "
-                          f"{interpreters} interpreters/workers, {os.cpu_count()} cores"))
+    window = window_seconds(args.seconds, args.rounds)
+    out.print(serve_table(rows, title=f"multipy bench serve: wrk, median of {args.rounds} "
+                          f"interleaved rounds of {window} s per row, {interpreters} "
+                          f"interpreters/workers, {os.cpu_count()} cores"))
     for line in [*notes, *serve_lines(rows)]:
         out.print(line, highlight=False, soft_wrap=True)
     return 0

@@ -263,6 +263,7 @@ class LoopCompletions:
         self._loop = weakref.ref(loop)  # weak: the loop may be collected with calls done
         self._fallback = fallback
         self._watches: dict[int, Callable[[str], None]] = {}
+        self._reading: set[int] = set()  # descriptors the loop reads (add_reader) now
         self._timers: list = []
 
     def here(self) -> bool:
@@ -273,21 +274,33 @@ class LoopCompletions:
     def watch(self, fd: int, callback: Callable[[str], None], /) -> None:
         """Like :meth:`Completions.watch`, on the loop (call it on the loop's thread)."""
         self._watches[fd] = callback
-        self._loop().add_reader(fd, self._ready, fd)
+        if fd not in self._reading:
+            self._loop().add_reader(fd, self._ready, fd)
+            self._reading.add(fd)
 
     def unwatch(self, fd: int, /) -> None:
         """Like :meth:`Completions.unwatch` (on the loop's thread)."""
-        if self._watches.pop(fd, None) is not None:
+        self._watches.pop(fd, None)
+        self._stop_reading(fd)
+
+    def _ready(self, fd: int) -> None:
+        callback = self._watches.pop(fd, None)
+        if callback is not None:
+            _run_callback(callback, READY)
+        # A busy interpreter's next call is sent from the callback, and its reply
+        # watched on the same descriptor: the loop keeps reading it (no reader
+        # removed and added back per call).  Else it stops reading it now, so no
+        # reader outlives its watch (a descriptor closed later may be reused).
+        if fd not in self._watches:
+            self._stop_reading(fd)
+
+    def _stop_reading(self, fd: int) -> None:
+        if fd in self._reading:
+            self._reading.discard(fd)
             loop = self._loop()
             if loop is not None:
                 with contextlib.suppress(Exception):  # a closed loop watches nothing
                     loop.remove_reader(fd)
-
-    def _ready(self, fd: int) -> None:
-        self._loop().remove_reader(fd)
-        callback = self._watches.pop(fd, None)
-        if callback is not None:
-            _run_callback(callback, READY)
 
     def expect(self, callback: Callable[[str], None], /) -> Callable[[], None]:
         """Like :meth:`Completions.expect`: the first ``wake()`` runs ``callback(READY)``
@@ -306,7 +319,10 @@ class LoopCompletions:
         try:
             if loop is None:
                 raise RuntimeError("the loop is gone")
-            loop.call_soon_threadsafe(_run_callback, fn)
+            if asyncio._get_running_loop() is loop:  # on its thread: no wake-up to send
+                loop.call_soon(_run_callback, fn)
+            else:
+                loop.call_soon_threadsafe(_run_callback, fn)
         except RuntimeError:
             self._fallback.call_soon(fn)
 
@@ -338,10 +354,9 @@ class LoopCompletions:
             return
         watches, self._watches = self._watches, {}
         timers, self._timers = self._timers, []
+        for fd in list(self._reading):
+            self._stop_reading(fd)
         for fd, callback in watches.items():
-            if loop is not None:
-                with contextlib.suppress(Exception):  # a closed loop watches nothing already
-                    loop.remove_reader(fd)
             self._fallback.watch(fd, callback)
         for entry in timers:
             if entry[2] is not None:

@@ -2,13 +2,23 @@
 
 ::
 
-    for each server (multipy serve, a bare Starlette echo app, LitServe, mosec)
-        start it as a process on a free port of 127.0.0.1, N workers / interpreters
-        for each model (identity: no-op; smallops: 40 small layers)
-            wrk -c C for C in 1, 16, 64: the same v2 JSON body, POSTed for S seconds
-            → requests/s, p50 and p99 latency, errors (socket errors + non-2xx)
-        PSS of the server and every process under it
-        SIGTERM, then SIGKILL after a grace period; the whole process group goes
+    for each model (identity: no-op; smallops: 40 small layers)
+        start every server on a free port of 127.0.0.1, N workers / interpreters each:
+            multipy serve, a bare Starlette echo app, LitServe, mosec
+        warm each up; PSS of each server and every process under it
+        for each of R rounds (the servers' order rotates by one each round)
+            for each server, for C in 1, 16, 64:
+                wrk -c C: the same v2 JSON body, POSTed for S / R seconds (at least 1)
+        a row is the median of its R windows: requests/s, p50 and p99 latency;
+        errors (socket errors + non-2xx) are summed
+        SIGTERM, then SIGKILL after a grace period; each whole process group goes
+
+Interleaving the rounds gives every server the same share of the machine's
+states: on a shared machine whose load drifts, servers measured one after the
+other would each see a different machine.  No server batches requests (multipy
+serve runs with ``--max-batch-size 1``, its default; LitServe and mosec with
+their defaults, which do not batch).  The servers not being measured sit idle
+meanwhile; what they use then is measured and reported in the notes.
 
 The load generator is ``wrk`` (Debian's ``wrk`` package), run on the same
 machine.  LitServe and mosec are installed into a throwaway virtual
@@ -19,7 +29,8 @@ with ``torch.set_num_threads(cores // N)`` like multipy's interpreters.  A peer
 that cannot be installed or started is named in the notes, not silently left out.
 
 Example:
-    >>> rows, notes = measure_serve(models=("identity",), connections=(1,), seconds=2)  # doctest: +SKIP
+    >>> rows, notes = measure_serve(models=("identity",), connections=(1,), seconds=2,
+    ...                             rounds=2)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import statistics
 import shutil
 import signal
 import socket
@@ -41,7 +53,7 @@ from pathlib import Path
 from .errors import BenchError
 from .targets import cache_dir, example_archive
 
-__all__ = ["PEERS", "ServeRow", "measure_serve", "serve_lines", "serve_table"]
+__all__ = ["PEERS", "ServeRow", "measure_serve", "schedule", "window_seconds", "serve_lines", "serve_table"]
 
 PEERS = ("litserve", "mosec")
 _MB = 1e6
@@ -49,7 +61,8 @@ _MB = 1e6
 
 @dataclasses.dataclass(frozen=True)
 class ServeRow:
-    """One server, model and connection count under load."""
+    """One server, model and connection count under load: the medians of its
+    rounds' windows (``rounds`` of them), errors summed over them."""
 
     server: str
     model: str
@@ -59,6 +72,7 @@ class ServeRow:
     p99_ms: float
     errors: int
     pss_mb: float
+    rounds: int = 1
 
 
 # ------------------------------------------------------------------------- wrk
@@ -82,7 +96,7 @@ def _wrk(url: str, body: bytes, connections: int, seconds: float) -> tuple[float
     try:
         out = subprocess.run(
             ["wrk", "-t", str(min(2, connections)), "-c", str(connections),
-             "-d", f"{max(1, round(seconds))}s", "--timeout", "10s", "-s", script.name, url],
+             "-d", f"{window_seconds(seconds)}s", "--timeout", "10s", "-s", script.name, url],
             capture_output=True, text=True, timeout=seconds + 60)
     finally:
         os.unlink(script.name)
@@ -92,6 +106,16 @@ def _wrk(url: str, body: bytes, connections: int, seconds: float) -> tuple[float
     requests, duration_us, socket_errors, status_errors, p50_us, p99_us = line.split()[1:]
     rate = int(requests) / (int(duration_us) / 1e6)
     return rate, float(p50_us) / 1e3, float(p99_us) / 1e3, int(socket_errors) + int(status_errors)
+
+
+def window_seconds(seconds: float, rounds: int = 1) -> int:
+    """How long one of ``rounds`` windows of a ``seconds``-long row runs: wrk takes
+    whole seconds, at least one.
+
+    >>> window_seconds(5, 3)
+    2
+    """
+    return max(1, round(seconds / rounds))
 
 
 # ---------------------------------------------------------------------- servers
@@ -135,12 +159,28 @@ class _Running:
         self.log.seek(0)
         return self.log.read().decode(errors="replace")[-1500:]
 
-    def pss_mb(self) -> float:
+    def _tree(self) -> list:
         import psutil
 
         root = psutil.Process(self.proc.pid)
+        return [root, *root.children(recursive=True)]
+
+    def cpu_seconds(self) -> float:
+        """CPU time used so far by the server and every process under it."""
+        import psutil
+
+        total = 0.0
+        for p in self._tree():
+            with contextlib.suppress(psutil.Error):
+                times = p.cpu_times()
+                total += times.user + times.system
+        return total
+
+    def pss_mb(self) -> float:
+        import psutil
+
         total = 0
-        for p in [root, *root.children(recursive=True)]:
+        for p in self._tree():
             with contextlib.suppress(psutil.Error):
                 total += p.memory_full_info().pss
         return total / _MB
@@ -326,15 +366,19 @@ def _archive(name: str, out: str | None, status: Callable[[str], None]) -> Path:
 
 def measure_serve(*, models: Sequence[str] = ("identity", "smallops"),
                   connections: Sequence[int] = (1, 16, 64), seconds: float = 5.0,
-                  interpreters: int = 2, peers: Sequence[str] = PEERS,
+                  rounds: int = 3, interpreters: int = 2, peers: Sequence[str] = PEERS,
                   peer_venv: str | os.PathLike | None = None, out: str | None = None,
                   on_status: Callable[[str], None] | None = None
                   ) -> tuple[list[ServeRow], list[str]]:
     """Load every server with every model at every connection count; see the module
-    docstring.  Returns the rows and notes (peers that could not run, and why)."""
+    docstring.  ``seconds`` per row are split over ``rounds`` interleaved windows.
+    Returns the rows and notes (peers that could not run, and why; what the idle
+    servers used while another was measured)."""
     if shutil.which("wrk") is None:
         raise BenchError("`multipy bench serve` needs wrk (a load generator): "
                          "apt-get install wrk")
+    if rounds < 1:
+        raise BenchError(f"rounds must be at least 1, got {rounds}")
     import torch
 
     from ..serve.protocol import encode_request
@@ -347,32 +391,85 @@ def measure_serve(*, models: Sequence[str] = ("identity", "smallops"),
     for m, archive in archives.items():
         example = torch.package.PackageImporter(str(archive)).load_pickle("model", "example.pkl")
         bodies[m] = encode_request([(f"INPUT__{i}", x) for i, x in enumerate(example)])[0]
+    window = seconds / rounds
     with tempfile.TemporaryDirectory(prefix="multipy-bench-serve-") as tmp:
         status("preparing peers (a throwaway venv)" if peers else "preparing")
         venv = Path(peer_venv) if peer_venv else cache_dir() / "bench-serve-peers"
-        for name, start in _servers(peers, interpreters, venv, notes.append, Path(tmp)):
-            for m in models:
-                status(f"{name}: starting with {m}")
-                try:
-                    server = start(archives[m], bodies[m])
-                except BenchError as exc:
-                    notes.append(f"{name} did not start with {m}: {exc}")
-                    continue
-                try:
+        servers = _servers(peers, interpreters, venv, notes.append, Path(tmp))
+        for m in models:
+            with contextlib.ExitStack() as stack:
+                running = _start_all(servers, m, archives[m], bodies[m], notes, status, stack)
+                pss = {}
+                for name, server in running.items():
                     _wrk(server.url, bodies[m], max(connections), 1.0)  # warm up
-                    pss = server.pss_mb()
-                    for c in connections:
-                        status(f"{name}, {m}: {c} connection(s) for {seconds:g} s")
-                        rate, p50, p99, errors = _wrk(server.url, bodies[m], c, seconds)
-                        rows.append(ServeRow(name, m, c, rate, p50, p99, errors, pss))
-                finally:
-                    server.stop()
+                    pss[name] = server.pss_mb()
+                samples = {(name, c): [] for name in running for c in connections}
+                idle = []  # CPU share the servers not measured used meanwhile
+                for k, name, c in schedule(list(running), connections, rounds):
+                    status(f"{m}, round {k + 1}/{rounds}: {name}, {c} connection(s)")
+                    others = [s for n, s in running.items() if n != name]
+                    before = sum(s.cpu_seconds() for s in others)
+                    started = time.monotonic()
+                    samples[name, c].append(_wrk(running[name].url, bodies[m], c, window))
+                    elapsed = time.monotonic() - started
+                    idle.append((sum(s.cpu_seconds() for s in others) - before) / elapsed)
+                rows.extend(_median_row(name, m, c, got, pss[name])
+                            for (name, c), got in samples.items())
+                if idle:
+                    notes.append(f"{m}: the servers not being measured used {max(idle):.0%} of a "
+                                 f"core at most (median {statistics.median(idle):.0%}) meanwhile")
+    order = {name: i for i, (name, _) in enumerate(servers)}
+    rows.sort(key=lambda r: (order[r.server], models.index(r.model)))  # stable: connections kept
     if WIDE in archives:
         from ..package import inspect_package
 
         weights_mb = inspect_package(archives[WIDE]).storage_bytes / _MB
         notes.extend(_copies_lines(rows, weights_mb))
     return rows, notes
+
+
+def schedule(servers: Sequence[str], connections: Sequence[int], rounds: int
+             ) -> Iterator[tuple[int, str, int]]:
+    """``(round, server, connections)`` in the order they are measured: every round
+    measures every server at every connection count, and each round starts one
+    server later than the one before, so no server is always first (or last).
+
+    >>> [(k, s) for k, s, c in schedule(["a", "b"], [1], 2)]
+    [(0, 'a'), (0, 'b'), (1, 'b'), (1, 'a')]
+    """
+    for k in range(rounds):
+        shift = k % len(servers) if servers else 0
+        for name in [*servers[shift:], *servers[:shift]]:
+            for c in connections:
+                yield k, name, c
+
+
+def _median_row(server: str, model: str, connections: int,
+                windows: Sequence[tuple[float, float, float, int]], pss_mb: float) -> ServeRow:
+    """A row from its windows' ``(requests/s, p50 ms, p99 ms, errors)``: the median of
+    each figure, errors summed."""
+    return ServeRow(server, model, connections,
+                    statistics.median(w[0] for w in windows),
+                    statistics.median(w[1] for w in windows),
+                    statistics.median(w[2] for w in windows),
+                    sum(w[3] for w in windows), pss_mb, rounds=len(windows))
+
+
+def _start_all(servers, model: str, archive: Path, body: bytes, notes: list[str],
+               status: Callable[[str], None], stack: contextlib.ExitStack) -> dict:
+    """Start every server with ``model`` (each stopped when ``stack`` closes); the
+    ones that did not start are named in ``notes``."""
+    running = {}
+    for name, start in servers:
+        status(f"{name}: starting with {model}")
+        try:
+            server = start(archive, body)
+        except BenchError as exc:
+            notes.append(f"{name} did not start with {model}: {exc}")
+            continue
+        stack.callback(server.stop)
+        running[name] = server
+    return running
 
 
 def serve_table(rows: Sequence[ServeRow], *, title: str):
