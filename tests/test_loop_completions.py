@@ -50,6 +50,34 @@ def test_every_caller_gets_its_own_answer_read_on_the_loops_thread(model, manage
     assert {ident for _, ident in outs} == {threading.get_ident()}
 
 
+def test_a_busy_interpreters_replies_are_read_without_a_reader_added_per_call(
+        model, manager, backend):
+    if backend == "thread":
+        pytest.skip("the thread backend's interpreters wake the loop themselves (no descriptor)")
+    added, watched = [], []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        completions = manager._dispatcher._on_loop(loop)
+        add_reader, watch = loop.add_reader, completions.watch
+        loop.add_reader = lambda fd, *args: (added.append(fd), add_reader(fd, *args))[1]
+        completions.watch = lambda fd, callback: (watched.append(fd), watch(fd, callback))[1]
+        try:
+            xs = [torch.full((2,), float(i)) for i in range(64)]
+            outs = await asyncio.gather(*(_call(model, x) for x in xs))
+        finally:
+            del loop.add_reader, completions.watch
+        assert all(torch.equal(out, x * 2 + 1) for x, out in zip(xs, outs))
+        # No reader outlives its call: remove_reader says whether one was there.
+        return [fd for fd in set(watched) if loop.remove_reader(fd)]
+
+    left = asyncio.run(main())
+    assert left == []
+    # 64 calls queued on 2 interpreters: each interpreter's next call is sent, and
+    # its reply watched, while the loop still reads that interpreter's descriptor.
+    assert watched and len(added) < len(watched) / 2
+
+
 def test_a_call_cancelled_in_flight_is_dropped_and_the_pool_stays_usable(
         model, manager, tmp_path, assert_usable):
     gate, log = str(tmp_path / "gate"), str(tmp_path / "log")
