@@ -193,7 +193,7 @@ class _Infer:
             headers = _error_headers(None)
             body = error_body(f"internal error: {type(exc).__name__}: {exc}")
         finally:
-            if name in self.registry.names():
+            if name in self.registry:
                 self.metrics.request(name, status, time.perf_counter() - started)
         if status != _CLIENT_GONE:
             headers.append((b"content-length", b"%d" % len(body)))

@@ -123,9 +123,13 @@ class ServedModel:
         self.waiting = 0
         self.running = 0
         # The library batches (no timer while an interpreter is idle, grouping by
-        # shape); with max_batch_size 1 every call runs alone, through the same path.
-        self._caller = obj.batched(max_batch_size=options.max_batch_size,
-                                   max_delay_ms=options.max_batch_delay_ms)
+        # shape); with max_batch_size 1 every call runs alone, as a plain acall does,
+        # with no batching bookkeeping per request.
+        self._batched = (obj.batched(max_batch_size=options.max_batch_size,
+                                     max_delay_ms=options.max_batch_delay_ms)
+                         if options.max_batch_size > 1 else None)
+        self._answered = 0  # calls of the model that ended, when they are not batched
+        self._manager = obj._manager
         self._dispatcher = obj._manager._dispatcher
         self._slots = asyncio.Semaphore(slots)
 
@@ -166,7 +170,9 @@ class ServedModel:
         try:
             # Past the deadline the call is cancelled: dropped if the library has not
             # sent it yet, else it finishes in its interpreter and its result is dropped.
-            return await _within(self._call(args), deadline)
+            result = await _within(self._call(args), deadline)
+            self._answered += 1
+            return result
         except TimeoutError:
             raise DeadlineExceeded("the deadline passed before the model's answer; the request "
                                    "was dropped") from None
@@ -182,6 +188,7 @@ class ServedModel:
         except TransportError as exc:
             raise InferenceError(f"the model's result cannot be sent back: {exc}") from None
         except Exception as exc:
+            self._answered += 1
             raise Unprocessable(f"the model raised {type(exc).__name__}: {exc}") from None
         finally:
             self.running -= 1
@@ -195,7 +202,11 @@ class ServedModel:
         layers).  Made here, not by entering the mode around an ``await``: the mode is
         the thread's, and other requests' tasks run on it while this one waits."""
         with torch.inference_mode():
-            request = self._caller._request(args, {}, future=AWAITED)
+            if self._batched is None:
+                request = self._manager._replicated_request(self.obj, None, args, {}, None,
+                                                            future=AWAITED)
+            else:
+                request = self._batched._request(args, {}, future=AWAITED)
         # on_loop: the server's loop reads the reply itself, with no hop through the
         # completion thread; it runs for as long as requests are in flight.
         return self._dispatcher.submit_async(request, on_loop=True)
@@ -205,8 +216,11 @@ class ServedModel:
         return self._slots.locked()
 
     def batch_sizes(self) -> dict[int, int]:
-        """How many calls of the model carried each number of requests."""
-        return dict(self._caller.statistics().batch_sizes)
+        """How many calls of the model carried each number of requests (unbatched:
+        the calls that ended with the model's answer or its error)."""
+        if self._batched is None:
+            return {1: self._answered} if self._answered else {}
+        return dict(self._batched.statistics().batch_sizes)
 
 
 def _remaining(deadline: float | None) -> float | None:
@@ -286,6 +300,10 @@ class ModelRegistry:
 
     def __iter__(self):
         return iter(self._models.values())
+
+    def __contains__(self, name: object) -> bool:
+        """Whether a model called ``name`` is served here."""
+        return name in self._models
 
     def names(self) -> list[str]:
         return list(self._models)
