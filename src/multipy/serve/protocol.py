@@ -167,6 +167,7 @@ _TORCH = {
     DataType.BF16: torch.bfloat16,
 }
 _FROM_TORCH = {v: k for k, v in _TORCH.items()}
+_BY_NAME = {d.value: d for d in DataType}  # DataType(text) without Enum's call machinery
 # The numpy dtype of each datatype numpy has (BF16 and BYTES: none).
 _NUMPY = {d: torch.empty(0, dtype=t).numpy().dtype for d, t in _TORCH.items()
           if d is not DataType.BF16}
@@ -217,11 +218,13 @@ class InferRequest:
 
 
 def _field(obj: Mapping, key: str, kind, where: str, *, required: bool = True):
+    value = obj.get(key)
+    if type(value) is kind:  # the common case: present, and of exactly that type
+        return value
     if key not in obj:
         if required:
             raise BadRequest(f"{where} has no {key!r}")
         return None
-    value = obj[key]
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
         name = " or ".join(_article(k.__name__) for k in kinds)
@@ -301,11 +304,10 @@ def _decode_input(spec: Any, i: int, binary: memoryview, offset: int) -> tuple[I
     if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise BadRequest(f"{where}: shape must be a list of non-negative integers, got {shape}")
     text = _field(spec, "datatype", str, where)
-    try:
-        datatype = DataType(text)
-    except ValueError:
+    datatype = _BY_NAME.get(text)
+    if datatype is None:
         raise BadRequest(f"{where}: unknown datatype {text!r}; the protocol's datatypes are "
-                         f"{', '.join(d.value for d in DataType)}") from None
+                         f"{', '.join(d.value for d in DataType)}")
     count = math.prod(shape)
     size = _field(_parameters(spec, where), "binary_data_size", int, where, required=False)
     if size is not None:
@@ -422,6 +424,8 @@ def output_names(result: Any, declared: Sequence[str] = ()) -> list[tuple[str, A
     >>> [n for n, _ in output_names((torch.ones(1), torch.zeros(1)))]
     ['OUTPUT__0', 'OUTPUT__1']
     """
+    if isinstance(result, torch.Tensor):  # the common case, before the ABC checks
+        return [(declared[0] if len(declared) == 1 else "OUTPUT__0", result)]
     if isinstance(result, Mapping):
         return [(str(k), v) for k, v in result.items()]
     values = list(result) if isinstance(result, (tuple, list)) and not _is_bytes_list(result) \
@@ -498,6 +502,12 @@ def _dumps(doc: dict) -> bytes:
 
 
 def _output_value(name: str, value: Any, binary: bool):
+    if isinstance(value, torch.Tensor):
+        if value.requires_grad:
+            value = value.detach()
+        if not value.is_cpu:
+            value = value.cpu()
+        return _tensor_value(name, value, binary)
     if _is_bytes_list(value):
         items = [v.encode() if isinstance(v, str) else v for v in value]
         if binary:
@@ -513,7 +523,10 @@ def _output_value(name: str, value: Any, binary: bool):
     if not isinstance(value, torch.Tensor):
         raise InferenceError(f"output {name!r} is a {type(value).__name__}; the protocol carries "
                              "tensors, lists of strings, and tuples or dicts of them")
-    value = value.detach().cpu()
+    return _tensor_value(name, value.detach().cpu(), binary)
+
+
+def _tensor_value(name: str, value: torch.Tensor, binary: bool):
     try:
         datatype = DataType.of(value.dtype)
     except KeyError:
