@@ -672,6 +672,51 @@ def test_a_call_that_times_out_queued_behind_another_never_runs(tmp_path, monkey
         assert m.statistics().interpreters[0].restarts == 0
 
 
+def test_calls_queued_behind_a_call_that_ignores_its_interrupt_fail_at_once(monkeypatch):
+    import os
+
+    from multipy.backends import subinterpreter
+
+    _needs_channel()
+    monkeypatch.setattr(subinterpreter, "INTERRUPT_GRACE", 0.2)
+    r, w = os.pipe()
+    try:
+        with InterpreterManager(1, backend="subinterpreter") as m:
+            m.register_module_source("helpers", HELPERS)
+            with m.acquire_one() as s:
+                read = s.create_movable(s.global_("os", "read"))
+                echo = s.create_movable(s.global_("helpers", "echo"))
+            assert echo(0) == 0
+            driver = m._workers[0]._driver
+            outcomes = []
+
+            def call(fn, *args) -> None:
+                try:
+                    outcomes.append(fn(*args))
+                except BaseException as exc:  # the outcome is asserted below
+                    outcomes.append(exc)
+
+            stuck = threading.Thread(target=call, args=(read.with_timeout(2.0), r, 1))
+            stuck.start()  # in native code: not interruptible
+            wait_for(lambda: driver._busy == 1, "the stuck call to be in flight")
+            queued = threading.Thread(target=call, args=(echo, 1))
+            queued.start()
+            wait_for(lambda: driver._busy == 2, "a call to queue behind it")
+            for thread in (stuck, queued):
+                thread.join(60)
+            assert len(outcomes) == 2, outcomes
+            timed_out = [o for o in outcomes if isinstance(o, CallTimeoutError)]
+            given_up = [o for o in outcomes if isinstance(o, multipy.InterpreterCrashedError)]
+            assert len(timed_out) == 1 and "did not stop when interrupted" in str(timed_out[0])
+            assert len(given_up) == 1 and "was given up (timed out)" in str(given_up[0])
+            os.write(w, b"x")  # the abandoned subinterpreter's call returns
+            assert echo(2) == 2  # a new subinterpreter serves
+            assert m.statistics().interpreters[0].restarts == 1
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 def test_closing_with_several_calls_in_flight_fails_each_with_manager_closed(tmp_path):
     _needs_channel()
     m = InterpreterManager(1, backend="subinterpreter")
