@@ -10,6 +10,8 @@ form when it qualifies and through pickle when it does not.
 
 from __future__ import annotations
 
+import collections
+import gc
 import math
 import os
 
@@ -139,6 +141,60 @@ def test_a_call_with_tensors_and_scalars_crosses_in_the_binary_form(link, values
         assert same(tuple(values), got[1 + 1])
     finally:
         link.free()
+
+
+@settings_
+@given(values=st.lists(fast_values, max_size=5), method=st.one_of(st.none(), st.text(max_size=8)),
+       grad=st.sampled_from([None, 0, 1, 2]), freed=st.lists(st.integers(0, 1 << 40), max_size=4),
+       rid=st.integers(0, 1 << 62))
+def test_the_interpreter_reads_a_binary_call_after_its_call_id(link, values, method, grad, freed,
+                                                                rid):
+    args = (rid, method, tuple(values), {}, grad, None)
+    data = CALL_ID.pack(7) + link.host_out.encode_request(int(Op.CALL_REPLICATED), args, (),
+                                                         tuple(freed))
+    try:
+        got = link.interp_in.decode_call(data, CALL_ID.size)
+        assert got[0:2] == (rid, method) and got[3:] == (grad, tuple(freed))
+        assert same(tuple(values), got[2])
+    finally:
+        link.interp_in.received = []
+        link.free()
+
+
+def test_only_a_binary_call_is_read_as_one(link):
+    pickled = link.host_out.encode_request(int(Op.CALL), (None, (1,), {}, 0, False), (), ())
+    with pytest.raises(TransportError, match="not a binary call"):
+        link.interp_in.decode_call(pickled)
+    with pytest.raises(TransportError, match="corrupt"):
+        link.interp_in.decode_call(bytes([FAST_CALL, 0, 1]))
+
+
+def test_a_tensor_item_whose_shape_does_not_fit_its_bytes_is_a_transport_error(link):
+    data = bytearray(link.interp_out.encode(torch.ones(1, 16), "result"))
+    assert data[0] == FAST_VALUE
+    data[14:22] = (4).to_bytes(8, "little")  # nbytes: 4, not the 64 that 1x16 float32 needs
+    with pytest.raises(TransportError, match="shape"):
+        link.host_in.decode(bytes(data))
+
+
+def test_a_result_block_is_released_once_its_last_tensor_dies(link):
+    # The host learns that a result block is free from a C-level append of the
+    # block's reference when its last tensor (a view included) dies.
+    released = collections.deque()
+    decoder = Decoder(link.results.segment, own=link.args.segment, released=released)
+    data = link.interp_out.encode(torch.arange(8.0), "result")
+    offset = link.interp_out.placed[0]
+    t = decoder.decode(data)
+    view = t[2:]
+    del t
+    gc.collect()
+    assert decoder.released_offsets() == ()
+    assert view.tolist() == [2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
+    del view
+    gc.collect()
+    assert decoder.released_offsets() == (offset,)
+    assert decoder.released_offsets() == ()
+    link.results.free(offset)
 
 
 @settings_

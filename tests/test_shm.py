@@ -134,6 +134,7 @@ def test_the_callback_runs_once_when_the_last_view_of_a_block_dies():
     assert released == [] and 64 in views  # one view is still alive
     del second
     gc.collect()
+    views.settle()
     assert released == [64] and 64 not in views
 
 
@@ -145,7 +146,23 @@ def test_blocks_are_released_independently():
     views.add(128, b)
     del b
     gc.collect()
-    assert released == [128] and 0 in views
+    assert 0 in views and released == [128]  # asking settles
     del a
     gc.collect()
+    views.settle()
     assert released == [128, 0]
+
+
+def test_a_death_is_recorded_and_applied_by_the_next_settle():
+    # A holder may die in any thread, inside any code: its death only records
+    # its reference (no Python code runs); settle() or a lookup applies it.
+    released = []
+    views = BlockViews(released.append)
+    holder = np.zeros(2)
+    views.add(192, holder)
+    del holder
+    gc.collect()
+    assert released == [] and len(views.pending) == 1
+    assert 192 not in views and released == [192] and not views.pending
+    views.settle()
+    assert released == [192]  # applied once

@@ -31,7 +31,7 @@ import sys
 from .._current import set_process_interpreter
 from ..errors import TransportError
 from ..interp.state import InterpreterState, capture_exception
-from ..transport.codec import Decoder, Encoder
+from ..transport.codec import FAST_CALL, Decoder, Encoder
 from ..transport.cuda_link import InterpreterLinks
 from ..transport.frames import FrameReader, Waiter, write_frame
 from ..transport.messages import CALL_ID, Op, encode_reply, parse_request
@@ -235,12 +235,19 @@ class Loop:
     def serve(self, data: bytes) -> bytes:
         """The reply frame (call id first) for one request frame."""
         # messages.split_call, inlined (this runs once per call)
-        if len(data) >= _ID_BYTES:
+        if len(data) > _ID_BYTES:
             call = _unpack_id(data)[0]
+            if data[_ID_BYTES] == FAST_CALL:
+                return self._serve_plain(call, data)
             data = data[_ID_BYTES:]
+        elif len(data) == _ID_BYTES:
+            call = _unpack_id(data)[0]
+            data = b""
         else:
             call = 0  # never a real call: the host treats the reply as out of step
         state = self.state
+        if self._kept.pending:  # result blocks this side viewed, now free to reuse
+            self._kept.settle()
         if state.open_segments:
             state.close_adopted_segments()
         watched = []
@@ -275,12 +282,50 @@ class Loop:
             self.encoder.placed = []
             error = capture_exception(exc)
             del exc
+        return self._answer(call, value, error, watched)
+
+    def _serve_plain(self, call: int, data) -> bytes:
+        """:meth:`serve` for the common call (``codec.FAST_CALL``): a loaded replicated
+        object called with positional tensors and scalars, no request tuple built."""
+        state = self.state
+        if self._kept.pending:
+            self._kept.settle()
+        if state.open_segments:
+            state.close_adopted_segments()
+        watched = []
+        value = error = None
+        self.encoder.placed = []
+        try:
+            try:
+                decoder = self.decoder
+                rid, method, args, grad, freed = decoder.decode_call(data, _ID_BYTES)
+                watched, decoder.received = decoder.received, []
+                for offset in freed:
+                    self._free_result(offset)
+                result = state.call_plain(rid, method, args, grad)
+                del args
+                value = self.encoder.encode(result, "result") if result is not None else None
+                del result
+            finally:
+                self.links.done()
+        except BaseException as exc:  # every failure goes back to the caller
+            for offset in self.encoder.placed:
+                self.results.free(offset)
+            self.encoder.placed = []
+            error = capture_exception(exc)
+            del exc
+        return self._answer(call, value, error, watched)
+
+    def _answer(self, call: int, value, error, watched: list) -> bytes:
+        """The reply frame: the call's value or error, and the blocks it leaves held."""
         pinned = self._survivors(watched, self._pin_views) if watched else ()
-        watched = None
+        del watched
         if self._returned:
             returned, self._returned = self._returned, []
             self._survivors(returned, self._kept)
             del returned
+        if self._pin_views.pending:  # kept arguments whose last tensor died meanwhile
+            self._pin_views.settle()
         if self.unpinned:
             unpinned, self.unpinned = tuple(self.unpinned), []
         else:

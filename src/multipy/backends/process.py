@@ -46,7 +46,7 @@ from ..transport.frames import FRAME_HEADER, FrameError, FrameReader, Waiter, wr
 from ..transport.messages import CALL_ID, MovablePayload, Op, parse_reply
 from ..transport.shm import Arena, BlockViews, Segment, open_descriptor
 from . import _forkserver
-from .base import (PENDING, Backend, BackendKind, RequestNotSent, Worker, WorkerConfig, describe_exit, drain,
+from .base import (PENDING, Backend, BackendKind, RequestNotSent, Worker, WorkerConfig, describe_exit,
                    in_calls, no_start)
 from .completions import READY
 
@@ -214,7 +214,6 @@ class ProcessWorker(Worker):
         self._freed = collections.deque()
         self._pins = set()
         self._args_lock = threading.RLock()  # reentrant: a GC finalizer may run inside it
-        generation = self.generation
         freed = self._freed
         self._encoder = Encoder(self._args, returnable=self._results, reuse_arena=True)
         # Argument blocks that host results view (results handed back by reference).
@@ -222,9 +221,10 @@ class ProcessWorker(Worker):
         pins, arena = self._pins, self._args
         self._held = BlockViews(lambda off: None if off in pins else arena.free(off),
                                 self._args_lock)
+        # Result blocks whose last tensor died are reported with the next request:
+        # the decoder puts their references in this generation's _freed.
         self._decoder = Decoder(self._results, own=self._args.segment, own_cuda=True,
-                                on_release=lambda off: freed.append(off) if self.generation == generation else None,
-                                on_return=self._held.add)
+                                released=freed, on_return=self._held.add)
         # CUDA link buffers for this generation (made when the first CUDA tensor crosses).
         self._links = self._encoder.links = self._decoder.links = HostLinks()
         # The call channel of this generation (a fresh one each restart: a reply half
@@ -786,7 +786,11 @@ class ProcessWorker(Worker):
         encoder.handles = handles
         # A posted call with a deadline may be skipped unrun (see _expire): it carries
         # no releases of result blocks, which would be lost with it.
-        freed = drain(self._freed) if self._freed and (posted is None or posted[7] is None) else ()
+        freed = (self._decoder.released_offsets()
+                 if self._freed and (posted is None or posted[7] is None) else ())
+        held = self._held
+        if held.pending:  # arguments whose last host view died: reuse their blocks
+            held.settle()
         try:  # Request's fields, binary or a plain tuple: see transport.messages
             data = encoder.encode_request(int(op), args, drop, freed)
         except BaseException:
@@ -980,8 +984,11 @@ class ProcessWorker(Worker):
                 pins, held, arena = self._pins, self._held, self._args
                 if reply.pinned:
                     pins.update(reply.pinned)
+                if held.pending:
+                    held.settle()
+                viewed = held.viewed
                 for offset in placed:
-                    if offset not in held and offset not in pins:
+                    if offset not in viewed and offset not in pins:
                         arena.free(offset)
         return value, reply.error
 

@@ -208,28 +208,28 @@ class InterpreterState:
         return self._store(result) if want_handle else result
 
     def _invoke(self, fn, args, kwargs, grad_mode):
-        """``fn(*args, **kwargs)`` under the caller's autograd mode, on this
-        interpreter's CUDA stream once CUDA is in use."""
-        # Whether CUDA may be initialised here: no Python call into torch until it is
-        # (_use_own_stream then checks for real).
-        tc = _TORCH_CUDA[0] or _torch_cuda()
-        cuda = tc is not None and getattr(tc, "_initialized", True)
-        if cuda:
-            _use_own_stream()
-        context = _grad_change(grad_mode)
+        """``fn(*args, **kwargs)`` with handles resolved, under the caller's
+        autograd mode (see :func:`_run`)."""
         if type(args) is not tuple or Handle in map(type, args):  # resolve, when it has work
             args = self.resolve(args)
         if kwargs:
             kwargs = self.resolve(kwargs)
-        if context is None:
-            result = fn(*args, **kwargs)
-        else:
-            with context:
-                result = fn(*args, **kwargs)
-        tc = tc or _torch_cuda()  # the call may have imported torch, or first touched CUDA
-        if cuda or (tc is not None and getattr(tc, "_initialized", True)):
-            _use_own_stream()
-        return result
+        return _run(fn, args, kwargs, grad_mode)
+
+    def call_plain(self, rid: int, method: str | None, args: tuple, grad_mode) -> Any:
+        """The common call of a replicated object that is loaded here, with
+        positional arguments that hold no handles (``codec.FAST_CALL``):
+        ``obj(*args)`` or ``obj.method(*args)`` under the caller's autograd mode.
+
+        >>> state = InterpreterState(0)
+        >>> state.replicated[1] = abs
+        >>> state.call_plain(1, None, (-3,), None)
+        3
+        """
+        obj = self.replicated.get(rid)
+        if obj is None:
+            obj = self._replicated(rid, None)  # says why it is not here
+        return _run(obj if method is None else getattr(obj, method), args, _NO_KWARGS, grad_mode)
 
     def _attr(self, target, name: str) -> Handle:
         return self._store(getattr(self.resolve(target), name))
@@ -326,6 +326,28 @@ _GRAD, _NO_GRAD, _INFERENCE = int(GradMode.GRAD), int(GradMode.NO_GRAD), int(Gra
 
 
 _TORCH_CUDA: list = [None]  # torch.cuda once torch is imported here
+_NO_KWARGS: dict = {}
+
+
+def _run(fn, args: tuple, kwargs: dict, grad_mode):
+    """``fn(*args, **kwargs)`` under the caller's autograd mode, on this
+    interpreter's CUDA stream once CUDA is in use."""
+    # Whether CUDA may be initialised here: no Python call into torch until it is
+    # (_use_own_stream then checks for real).
+    tc = _TORCH_CUDA[0] or _torch_cuda()
+    cuda = tc is not None and getattr(tc, "_initialized", True)
+    if cuda:
+        _use_own_stream()
+    context = _grad_change(grad_mode)
+    if context is None:
+        result = fn(*args, **kwargs)
+    else:
+        with context:
+            result = fn(*args, **kwargs)
+    tc = tc or _torch_cuda()  # the call may have imported torch, or first touched CUDA
+    if cuda or (tc is not None and getattr(tc, "_initialized", True)):
+        _use_own_stream()
+    return result
 
 
 def _torch_cuda():

@@ -11,12 +11,13 @@ the receiver can map) and the receiver views them in place::
 
 ``Encoder`` and ``Decoder`` hold the per-side policy: which arena outbound
 tensors go to, which segments inbound descriptors may name, and what happens
-when a received block dies (``on_release``).  torch is imported lazily so the
+when a received block dies (``released``).  torch is imported lazily so the
 codec also serves interpreters that never load it.
 """
 
 from __future__ import annotations
 
+import collections
 import copyreg
 import ctypes
 import io
@@ -344,14 +345,17 @@ class Encoder:
 
 
 def _know_numpy() -> None:
-    global _from_numpy
+    global _from_numpy, _ndarray
+    import numpy
     import torch
 
     _from_numpy = torch.from_numpy
+    _ndarray = numpy.ndarray
     _NUMPY_BY_CODE[:] = [_numpy_dtype(name) for name in _FAST_DTYPES]
 
 
 _from_numpy = None  # torch.from_numpy, once a binary tensor item was read
+_ndarray = None     # numpy.ndarray, likewise
 
 
 def _in_place(t, seg: str, segment: Segment, address: int, nbytes: int, dtype: str,
@@ -371,14 +375,15 @@ class Decoder:
 
     ``outbound`` is the peer's arena segment (mapped here); ``own`` is this
     side's arena segment (for tensors handed back by reference); ``open_shared``
-    maps an ident to a :class:`Segment`.  ``on_release(offset)`` is called
-    when the last tensor over a block of ``outbound`` dies; ``received``
+    maps an ident to a :class:`Segment`.  ``released`` (a deque) receives the
+    weak reference of a block of ``outbound`` once the last tensor over it dies
+    (read them with :meth:`released_offsets`); without it, ``received``
     collects ``(offset, array)`` of the blocks decoded by the last call.
     """
 
     def __init__(self, outbound: Segment | None, *, own: Segment | None = None,
                  open_shared: Callable[[tuple], Segment] | None = None,
-                 on_release: Callable[[int], None] | None = None,
+                 released: "collections.deque | None" = None,
                  resolve_handle: Callable[[int], Any] | None = None,
                  on_return: Callable[[int, Any], None] | None = None,
                  own_cuda: bool = False) -> None:
@@ -389,21 +394,41 @@ class Decoder:
         self.resolve_handle = resolve_handle
         self.own = own
         self.open_shared = open_shared
-        self.on_release = on_release
+        self.released = released
         self.received: list = []
         self._watched: dict[int, Any] = {}
-        self._died = self._block_died  # one bound method for every watched block
+        # A block's death runs no Python code: the weak reference's callback is the
+        # deque's C-level append (a Python callback cost more than the rest of a
+        # result tensor's deallocation).
+        self._died = None if released is None else released.append
 
     def _watch(self, array, offset: int) -> None:
-        """Report ``offset`` to ``on_release`` once ``array`` (and every tensor over it) dies."""
+        """Put ``array``'s reference in ``released`` once it (and every tensor over it) dies."""
         ref = self._watched[offset] = BlockRef(array, self._died)
         ref.offset = offset
 
-    def _block_died(self, ref) -> None:
-        offset = ref.offset
-        if self._watched.get(offset) is ref:
-            del self._watched[offset]
-        self.on_release(offset)
+    def released_offsets(self) -> tuple:
+        """The offsets of the blocks whose last tensor died since the last call
+        (taken from ``released``, which may also hold plain offsets put there by
+        its owner).
+
+        >>> import collections
+        >>> released = collections.deque([128])
+        >>> Decoder(None, released=released).released_offsets()
+        (128,)
+        """
+        released, watched, out = self.released, self._watched, []
+        while released:
+            try:
+                item = released.popleft()
+            except IndexError:  # another thread took the last one
+                break
+            if type(item) is not int:
+                ref, item = item, item.offset
+                if watched.get(item) is ref:
+                    del watched[item]
+            out.append(item)
+        return tuple(out)
 
     def decode(self, data: bytes, /, *, lenient: bool = False) -> Any:
         """Decode ``data`` (a binary form or a pickle).  ``lenient`` stands a stub in
@@ -435,8 +460,29 @@ class Decoder:
 
     def _decode_call(self, data) -> tuple:
         """A :data:`FAST_CALL` request as the request tuple ``(op, args, drop, freed)``."""
-        _, grad, nargs, mlen, rid, nfreed = _CALL_HEAD.unpack_from(data)
-        pos = _CALL_HEAD.size
+        rid, method, positional, grad, freed = self._read_call(data, 0)
+        return (_CALL_REPLICATED, (rid, method, positional, {}, grad, None), (), freed)
+
+    def decode_call(self, data, start: int = 0, /) -> tuple:
+        """The :data:`FAST_CALL` request at ``data[start:]`` as ``(rid, method,
+        positional, grad mode, freed)``: the interpreter's common call, without
+        the request tuple it stands for (``decode`` returns that).
+
+        >>> enc = Encoder(None)
+        >>> Decoder(None).decode_call(enc.encode_request(14, (3, "f", (1, 2.5), {}, 1, None), (), (64,)))
+        (3, 'f', (1, 2.5), 1, (64,))
+        """
+        self.received = []
+        try:
+            if data[start] != FAST_CALL:
+                raise TransportError(f"not a binary call (first byte {data[start]:#x})")
+            return self._read_call(data, start)
+        except (struct.error, IndexError, UnicodeDecodeError) as exc:
+            raise TransportError(f"corrupt binary message ({len(data) - start} bytes): {exc}") from None
+
+    def _read_call(self, data, pos: int) -> tuple:
+        _, grad, nargs, mlen, rid, nfreed = _CALL_HEAD.unpack_from(data, pos)
+        pos += _CALL_HEAD.size
         if mlen == 65535:
             method = None
         else:
@@ -447,15 +493,19 @@ class Decoder:
             pos += 8 * nfreed
         else:
             freed = ()
-        read = self._read_item
-        positional = []
-        for _ in range(nargs):
-            value, pos = read(data, pos)
-            positional.append(value)
+        if nargs == 1:  # the common case: no list to build
+            value, pos = self._read_item(data, pos)
+            positional = (value,)
+        else:
+            read = self._read_item
+            items = []
+            for _ in range(nargs):
+                value, pos = read(data, pos)
+                items.append(value)
+            positional = tuple(items)
         if pos != len(data):
             raise TransportError(f"{len(data) - pos} stray bytes after a binary call")
-        return (_CALL_REPLICATED, (rid, method, tuple(positional), {},
-                                   None if grad == 255 else grad, None), (), freed)
+        return rid, method, positional, None if grad == 255 else grad, freed
 
     def _read_item(self, data, pos: int):
         """``(value, next position)`` of the binary item at ``pos``."""
@@ -482,13 +532,17 @@ class Decoder:
                 return self.rebuild((_SEGS[seg], offset, nbytes, _FAST_DTYPES[code], shape,
                                      stride, storage_offset)), pos
             # Decoder.rebuild and hold_tensor, inlined for a plain block: once per tensor.
+            # One numpy constructor over the mapping (a slice, a view and a reshape
+            # were three calls); its nbytes check stands in for the reshape's.
             segment = self.outbound if seg == 0 else self.own
             end = offset + nbytes
             if end > segment.size:
                 segment.ensure(end)
-            holder = segment.base[offset:end].view(np_dtype).reshape(shape)
+            holder = _ndarray(shape, np_dtype, segment.mm, offset)
+            if holder.nbytes != nbytes:
+                raise TransportError(f"a tensor item of {nbytes} bytes has shape {shape}")
             if seg == 0:
-                if self.on_release is not None:
+                if self._died is not None:
                     self._watch(holder, offset)
                 else:
                     self.received.append((offset, holder))
@@ -522,7 +576,7 @@ class Decoder:
                 segment = self.open_shared(seg)
             t, holder = hold_tensor(segment.view(offset, nbytes), dtype, shape, stride, storage_offset)
             if seg == OUTBOUND:
-                if self.on_release is not None:
+                if self._died is not None:
                     self._watch(holder, offset)
                 else:
                     self.received.append((offset, holder))

@@ -23,6 +23,7 @@ finalizer that reports the block free when the last view of it dies.
 from __future__ import annotations
 
 import bisect
+import collections
 import mmap
 import os
 import threading
@@ -142,19 +143,24 @@ class Arena:
         self._free_offsets = [0]
         self._free_sizes = {0: segment.size}
         self._used: dict[int, int] = {}
-        self._classes: dict[int, list[int]] = {}
+        # Freed small blocks by size class.  Taking one and giving one back are single
+        # list and dict operations, atomic without the lock (each is one C call).
+        self._classes: dict[int, list[int]] = {1 << k: [] for k in range(ALIGN.bit_length() - 1,
+                                                                          SMALL.bit_length())}
 
     def alloc(self, nbytes: int) -> int:
-        need = (max(nbytes, 1) + ALIGN - 1) & ~(ALIGN - 1)  # _round, inlined (once per tensor)
+        need = (nbytes + ALIGN - 1) & ~(ALIGN - 1) if nbytes > ALIGN else ALIGN  # _round, inlined
         if need <= SMALL:
             need = 1 << (need - 1).bit_length()
-            free = self._classes.get(need)
+            free = self._classes[need]
             if free:
-                with self._lock:
-                    if free:
-                        offset = free.pop()
-                        self._used[offset] = need
-                        return offset
+                try:
+                    offset = free.pop()
+                except IndexError:  # another thread took the last one
+                    pass
+                else:
+                    self._used[offset] = need
+                    return offset
         with self._lock:
             offset = self._take(need)
             if offset is not None:
@@ -191,13 +197,13 @@ class Arena:
                 offs.pop()
 
     def free(self, off: int) -> None:
+        size = self._used.pop(off, None)
+        if size is None:
+            return
+        if size <= SMALL:
+            self._classes[size].append(off)
+            return
         with self._lock:
-            size = self._used.pop(off, None)
-            if size is None:
-                return
-            if size <= SMALL:
-                self._classes.setdefault(size, []).append(off)
-                return
             offs = self._free_offsets
             i = bisect.bisect_left(offs, off)
             if i < len(offs) and off + size == offs[i]:
@@ -220,40 +226,68 @@ class BlockViews:
     """Which arena blocks live tensors view here, counted per block.
 
     ``add(offset, holder)`` watches ``holder`` (the numpy array a tensor's
-    storage keeps alive); when the last holder of a block dies,
-    ``on_last(offset)`` runs.  Finalizers run in whatever thread drops the last
-    reference, so a ``lock`` (reentrant: the GC may run a finalizer inside it)
+    storage keeps alive).  A holder's death runs no Python code: its weak
+    reference's callback is a C-level ``deque.append`` that records it in
+    :attr:`pending` (a tensor may die in any thread, and a Python callback per
+    result cost more than the rest of its deallocation).  :meth:`settle` applies
+    the recorded deaths: when the last holder of a block has died,
+    ``on_last(offset)`` runs.  Asking whether a block is viewed (``offset in
+    views``) settles first, so the answer is exact.  A ``lock`` (reentrant)
     guards the counts when several threads use the blocks.
+
+    >>> import numpy
+    >>> released = []
+    >>> views = BlockViews(released.append)
+    >>> holder = numpy.zeros(4)
+    >>> views.add(64, holder)
+    >>> del holder
+    >>> views.settle(); released
+    [64]
     """
 
     def __init__(self, on_last, lock=None) -> None:
-        self._refs: dict[int, list] = {}
+        #: offset -> references of its live holders; read it after :meth:`settle`
+        self.viewed: dict[int, list] = {}
         self._on_last = on_last
         self._lock = lock if lock is not None else threading.RLock()
-        self._ref_died = self._holder_died  # one bound method for every holder
+        #: references of holders that died since the last :meth:`settle`
+        self.pending: collections.deque = collections.deque()
+        self._ref_died = self.pending.append  # C-level: no Python frame when a tensor dies
 
     def add(self, offset: int, holder) -> None:
         ref = BlockRef(holder, self._ref_died)
         ref.offset = offset
         with self._lock:
-            refs = self._refs.get(offset)
+            refs = self.viewed.get(offset)
             if refs is None:
-                self._refs[offset] = [ref]
+                self.viewed[offset] = [ref]
             else:
                 refs.append(ref)
 
     def __contains__(self, offset: int) -> bool:
-        return offset in self._refs
+        if self.pending:
+            self.settle()
+        return offset in self.viewed
 
-    def _holder_died(self, ref) -> None:
-        self._died(ref.offset, ref)
-
-    def _died(self, offset: int, ref) -> None:
+    def settle(self) -> None:
+        """Apply the deaths recorded in :attr:`pending`: ``on_last(offset)`` for every
+        block whose last holder is gone."""
+        pending = self.pending
+        if not pending:
+            return
         with self._lock:
-            refs = self._refs.get(offset, [])
-            if ref in refs:
-                refs.remove(ref)
-            if refs:
-                return
-            self._refs.pop(offset, None)
-            self._on_last(offset)
+            while pending:
+                try:
+                    ref = pending.popleft()
+                except IndexError:  # another thread took the last one
+                    return
+                offset = ref.offset
+                refs = self.viewed.get(offset)
+                if refs is None:
+                    continue
+                # Dead references compare by identity: `in` finds this one only.
+                if ref in refs:
+                    refs.remove(ref)
+                if not refs:
+                    del self.viewed[offset]
+                    self._on_last(offset)
