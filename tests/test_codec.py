@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from multipy.errors import TransportError
 from multipy.transport.codec import FAST_CALL, FAST_VALUE, Decoder, Encoder
+from multipy.transport import messages
 from multipy.transport.messages import (FAST_REPLY, CALL_ID, Op, RemoteException, encode_reply,
                                         parse_reply)
 from multipy.transport.shm import Arena, Segment
@@ -254,13 +255,30 @@ def test_a_result_viewing_its_argument_crosses_back_by_reference(link, view):
     link.free()
 
 
-@settings(max_examples=100, deadline=None)
+_C_REPLY = (messages._c_pack_reply, messages._c_unpack_reply)
+
+
+@pytest.fixture(params=[("python", "python"), ("c", "c"), ("python", "c"), ("c", "python")],
+                ids=lambda p: f"packed-{p[0]}-read-{p[1]}")
+def reply_forms(request, monkeypatch):
+    """The reply header packed and read by the extension's functions or by their
+    pure-Python twins, in every pairing: both write and accept the same bytes."""
+    packer, reader = request.param
+    if "c" in request.param and _C_REPLY[0] is None:
+        pytest.skip("the C extension is not loaded here (MULTIPY_NATIVE=0, or not built): "
+                    "only the pure-Python reply header runs")
+    monkeypatch.setattr(messages, "_c_pack_reply", _C_REPLY[0] if packer == "c" else None)
+    monkeypatch.setattr(messages, "_c_unpack_reply", _C_REPLY[1] if reader == "c" else None)
+    return request.param
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(call=st.integers(0, (1 << 64) - 1), value=st.one_of(st.none(), st.binary(min_size=1, max_size=40)),
        pinned=st.lists(st.integers(0, 1 << 40), max_size=20),
        unpinned=st.lists(st.integers(0, 1 << 40), max_size=3),
        blocks=st.lists(st.integers(0, 1 << 40), max_size=3), output=st.booleans(),
        error=st.booleans())
-def test_replies_round_trip(call, value, pinned, unpinned, blocks, output, error):
+def test_replies_round_trip(reply_forms, call, value, pinned, unpinned, blocks, output, error):
     exc = RemoteException("ValueError", "bad", "Traceback ...", None) if error else None
     frame = encode_reply(call, value, exc, tuple(pinned), tuple(unpinned), output, tuple(blocks))
     assert (frame[CALL_ID.size] == FAST_REPLY) == (not error and len(pinned) <= 16)
@@ -275,7 +293,7 @@ def test_replies_round_trip(call, value, pinned, unpinned, blocks, output, error
     encode_reply(1, b"v", None, (), (), False, ())[:-1],                 # a value announced, none there
     CALL_ID.pack(1) + bytes([FAST_REPLY, 0x80, 0, 0, 0, 0, 0, 0]),       # unknown flags
 ])
-def test_a_corrupt_binary_reply_is_a_transport_error(frame):
+def test_a_corrupt_binary_reply_is_a_transport_error(reply_forms, frame):
     with pytest.raises(TransportError):
         parse_reply(frame)
 
@@ -305,3 +323,18 @@ def test_random_binary_messages_raise_cleanly(link, prefix, body):
         pass
     finally:
         link.interp_in.received = []
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(call=st.integers(0, (1 << 64) - 1), body=st.binary(max_size=80))
+def test_random_binary_replies_are_read_or_refused_cleanly(reply_forms, call, body):
+    # Whatever follows the reply tag, reading it returns a Reply or raises a
+    # TransportError (the host then restarts the interpreter): never anything else.
+    frame = CALL_ID.pack(call) + bytes([FAST_REPLY]) + body
+    try:
+        reply = parse_reply(frame)
+    except TransportError:
+        return
+    assert reply.call == call and reply.error is None
+    assert encode_reply(*reply[:1], reply.value, None, reply.pinned, reply.unpinned, reply.output,
+                        reply.blocks) == frame

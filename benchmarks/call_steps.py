@@ -1,0 +1,227 @@
+"""What each step of one call costs, host side and interpreter side, measured alone.
+
+The steps of a 1x16 identity call (the call ``multipy bench --overhead`` times)
+run here one at a time in one process, each in a tight loop: the host's encoder
+and decoder and the interpreter's, wired over two arenas exactly as the process
+backend wires them, the call channel's C calls on a channel attached twice, and
+the Python layers above the worker with the worker's transport stubbed out.
+A step measured hot in a loop is its floor: inside a real call each runs with
+colder caches (see docs/native-channel.md for how the two compare).
+
+    PYTHONPATH=src python benchmarks/call_steps.py [N]          # µs per step (best of 5 loops of N)
+
+Under callgrind it counts instructions per step instead (two windows of N and
+2N runs per step, each dumped; their difference over N, as in
+count_instructions.py), which does not depend on the machine's load::
+
+    CALL_STEPS_OUT=/tmp/steps valgrind --tool=callgrind --instr-atstart=no \\
+        --callgrind-out-file=/tmp/steps/cg.%p python benchmarks/call_steps.py 200 --callgrind
+"""
+from __future__ import annotations
+
+import gc
+import os
+import subprocess
+import sys
+import timeit
+
+import torch
+
+from multipy.backends.base import Worker, WorkerConfig
+from multipy.interp.state import InterpreterState
+from multipy.runtime import InterpreterManager
+from multipy.transport import channel as _channel
+from multipy.transport.codec import Decoder, Encoder
+from multipy.transport.messages import CALL_ID, encode_reply, parse_reply
+from multipy.transport.shm import Arena, BlockViews, Segment
+
+_CALL_REPLICATED = 14
+
+
+class _Identity(torch.nn.Module):
+    def forward(self, x):
+        return x
+
+
+class _StubWorker(Worker):
+    """A worker whose transport answers at once: Worker's own bookkeeping only."""
+
+    request = Worker._request_in_flight
+
+    def __init__(self) -> None:
+        super().__init__(WorkerConfig(index=0, sys_path=(), num_threads=1))
+        self._started = True
+
+    def _send_call(self, op, args, drop, timeout, handles):
+        return args
+
+    def _await_call(self, ticket):
+        return ticket, None
+
+
+def _steps():
+    """``(side, label, setup -> step)`` for every step of one call."""
+    x = torch.randn(1, 16)
+    args_arena = Arena(Segment.create(1 << 20))
+    results = Arena(Segment.create(1 << 20))
+    interp_args = Segment(os.dup(args_arena.segment.fd), args_arena.segment.size)
+    interp_results = Segment(os.dup(results.segment.fd), results.segment.size)
+    lock = __import__("threading").RLock()
+    held = BlockViews(args_arena.free, lock)
+    host_out = Encoder(args_arena, returnable=results.segment, reuse_arena=True)
+    host_in = Decoder(results.segment, own=args_arena.segment, on_return=held.add)
+    interp_in = Decoder(interp_args, own=interp_results)
+    interp_out = Encoder(Arena(interp_results), returnable=interp_args)
+    state = InterpreterState(0)
+    state.replicated[1] = _Identity()
+    request_args = (1, None, (x,), {}, 0, None)
+
+    # one request and its reply, as they cross
+    request = host_out.encode_request(_CALL_REPLICATED, request_args, (), ())
+    block = host_out.placed[0]
+    framed = CALL_ID.pack(1) + request
+    rid, method, call_args, grad, _ = interp_in.decode_call(framed, CALL_ID.size)
+    result = state.call_plain(rid, method, call_args, grad)
+    value = interp_out.encode(result, "result")
+    reply = encode_reply(1, value, None, (), (), False, ())
+    interp_in.received = []
+    del result, call_args
+
+    def encode_request():
+        host_out.encode_request(_CALL_REPLICATED, request_args, (), ())
+        args_arena.free(host_out.placed[0])
+
+    def decode_call():
+        interp_in.decode_call(framed, CALL_ID.size)
+        interp_in.received = []
+
+    def call_model():
+        state.call_plain(1, None, (x,), 0)
+
+    def encode_result():
+        interp_out.encode(x, "result")
+
+    def answer():
+        encode_reply(1, value, None, (), (), False, ())
+
+    def parse():
+        parse_reply(reply)
+
+    def decode_and_drop():
+        args_arena._used[block] = 64  # the argument's block, held by the call
+        t = host_in.decode(value)
+        del t
+        held.settle()  # the next call's _send does this
+
+    steps = [
+        ("host", "encode the request: describe the 1x16 tensor, arena block, copy, header "
+                 "(Encoder.encode_request) + give the block back", encode_request),
+        ("interpreter", "read the request (Decoder.decode_call: header, numpy view, "
+                        "torch.from_numpy)", decode_call),
+        ("interpreter", "call the model (InterpreterState.call_plain: grad mode, "
+                        "nn.Module.__call__ of an identity)", call_model),
+        ("interpreter", "encode the result (in place: a view of its argument)", encode_result),
+        ("interpreter", "pack the reply (messages.encode_reply)", answer),
+        ("host", "parse the reply (messages.parse_reply)", parse),
+        ("host", "rebuild the result tensor (numpy view, torch.from_numpy, watch) "
+                 "and drop it (deallocation, BlockViews.settle, arena free)", decode_and_drop),
+    ]
+
+    if _channel.NATIVE:
+        fd, host_end, memory = _channel.create("multipy-steps")
+        interp_end, interp_memory = _channel.attach(fd)
+        payload = framed
+
+        def channel_round():
+            slot = host_end.claim()
+            host_end.post(payload, slot)
+            tag, data = interp_end.take()
+            interp_end.reply(tag & 0xFFFF, reply, 0)
+            host_end.take_reply(slot)
+            host_end.release(slot)
+
+        steps.append(("both", "call channel, no waiting: claim, post, take, reply, take_reply, "
+                              "release (C)", channel_round))
+
+    worker = _StubWorker()
+    steps.append(("host", "Worker.request bookkeeping (lock, counters, latency; transport "
+                          "stubbed)", lambda: worker.request(_CALL_REPLICATED, request_args)))
+
+    manager = InterpreterManager(1, backend="thread", num_threads=1)
+    model = manager.load_package(_identity_archive()).load_pickle("model", "model.pkl")
+    manager._workers[0].request = lambda *a, **k: None  # everything below the worker stubbed
+    steps.append(("host", "ReplicatedObj.__call__ -> manager -> balancer (worker stubbed)",
+                  lambda: model(x)))
+    return steps, manager
+
+
+def _identity_archive():
+    from multipy.bench.targets import example_archive
+
+    return example_archive("identity")
+
+
+def main() -> None:
+    n = int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else 20000
+    counting = "--callgrind" in sys.argv
+    steps, manager = _steps()
+    try:
+        gc.collect()
+        gc.disable()  # a collection in one step's loop would be charged to it
+        for side, label, fn in steps:
+            fn()
+            if counting:
+                line = f"{_count(fn, n):>9,.0f} instructions"
+            else:
+                best = min(timeit.repeat(fn, number=n, repeat=5)) / n
+                line = f"{best * 1e6:6.2f} µs"
+            print(f"{side:>11}  {line}  {label}", flush=True)
+    finally:
+        gc.enable()
+        manager.close()
+
+
+def _count(fn, n: int) -> float:
+    """Instructions per run of ``fn``: windows of n and 2n runs under callgrind, each
+    dumped (the dump resets the counters), their difference over n."""
+    totals = []
+    for calls in (n, 2 * n):
+        _control("-i", "on")
+        for _ in range(calls):
+            fn()
+        _control("-i", "off")
+        totals.append(_dump())
+    return (totals[1] - totals[0]) / n
+
+
+_dumps = [0]
+
+
+def _control(*what: str) -> None:
+    subprocess.run(["callgrind_control", *what, str(os.getpid())], check=True,
+                   stdout=subprocess.DEVNULL)
+
+
+def _dump() -> int:
+    """Dump the counters; the total of that dump (``--callgrind-out-file=DIR/NAME.%p``)."""
+    import glob
+    import time
+
+    _control("-d")
+    _dumps[0] += 1
+    pattern = f"{_OUT}/*{os.getpid()}*.{_dumps[0]}"
+    for _ in range(600):
+        for path in glob.glob(pattern):
+            with open(path) as f:
+                for line in f:
+                    if line.startswith("totals:"):
+                        return int(line.split()[1])
+        time.sleep(0.1)
+    raise SystemExit(f"no callgrind dump matched {pattern}")
+
+
+_OUT = os.environ.get("CALL_STEPS_OUT", "/tmp")
+
+
+if __name__ == "__main__":
+    main()
