@@ -9,6 +9,7 @@ A step measured hot in a loop is its floor: inside a real call each runs with
 colder caches (see docs/native-channel.md for how the two compare).
 
     PYTHONPATH=src python benchmarks/call_steps.py [N]          # µs per step (best of 5 loops of N)
+    PYTHONPATH=src python benchmarks/call_steps.py [N] --floors # ns per torch/numpy operation
 
 Under callgrind it counts instructions per step instead (two windows of N and
 2N runs per step, each dumped; their difference over N, as in
@@ -81,11 +82,11 @@ def _steps():
     block = host_out.placed[0]
     framed = CALL_ID.pack(1) + request
     rid, method, call_args, grad, _ = interp_in.decode_call(framed, CALL_ID.size)
-    result = state.call_plain(rid, method, call_args, grad)
-    value = interp_out.encode(result, "result")
+    argument = call_args[0]  # the interpreter's view of the argument's block
+    value = interp_out.encode(state.call_plain(rid, method, call_args, grad), "result")
     reply = encode_reply(1, value, None, (), (), False, ())
     interp_in.received = []
-    del result, call_args
+    interp_results = interp_out.arena
 
     def encode_request():
         host_out.encode_request(_CALL_REPLICATED, request_args, (), ())
@@ -99,7 +100,11 @@ def _steps():
         state.call_plain(1, None, (x,), 0)
 
     def encode_result():
+        interp_out.encode(argument, "result")
+
+    def encode_new_result():
         interp_out.encode(x, "result")
+        interp_results.free(interp_out.placed[0])
 
     def answer():
         encode_reply(1, value, None, (), (), False, ())
@@ -120,7 +125,10 @@ def _steps():
                         "torch.from_numpy)", decode_call),
         ("interpreter", "call the model (InterpreterState.call_plain: grad mode, "
                         "nn.Module.__call__ of an identity)", call_model),
-        ("interpreter", "encode the result (in place: a view of its argument)", encode_result),
+        ("interpreter", "encode the result: the argument itself, handed back in place "
+                        "(Encoder.encode)", encode_result),
+        ("interpreter", "encode a new 1x16 result instead: arena block, copy "
+                        "(Encoder.encode) + give the block back", encode_new_result),
         ("interpreter", "pack the reply (messages.encode_reply)", answer),
         ("host", "parse the reply (messages.parse_reply)", parse),
         ("host", "rebuild the result tensor (numpy view, torch.from_numpy, watch) "
@@ -161,8 +169,48 @@ def _identity_archive():
     return example_archive("identity")
 
 
+_FLOORS = (
+    ("numpy slice of the arena, .view(dtype), .reshape(shape)",
+     "base[64:128].view(f4).reshape((1, 16))"),
+    ("numpy.ndarray(shape, dtype, mapping, offset)", "np.ndarray((1, 16), f4, mm, 64)"),
+    ("torch.from_numpy(array)", "torch.from_numpy(array)"),
+    ("torch.frombuffer(mapping, dtype=, count=, offset=)",
+     "torch.frombuffer(mm, dtype=torch.float32, count=16, offset=64)"),
+    ("cached float32 tensor over the arena: .as_strided(shape, stride, offset)",
+     "f32.as_strided((1, 16), (16, 1), 16)"),
+    ("cached float32 tensor over the arena sliced and viewed", "f32[16:32].view(1, 16)"),
+    ("torch.empty(0).set_(storage, offset, shape, stride)",
+     "torch.empty(0).set_(storage, 0, (1, 16), (16, 1))"),
+    ("t.is_cpu", "t.is_cpu"), ("t.dtype", "t.dtype"), ("t.nbytes", "t.nbytes"),
+    ("t.data_ptr()", "t.data_ptr()"), ("tuple(t.shape)", "tuple(t.shape)"),
+    ("an identity nn.Module called", "module(t)"),
+    ("its forward called directly", "module.forward(t)"),
+)
+
+
+def floors(n: int) -> None:
+    """ns per torch or numpy operation a call needs, best of 5 loops of n."""
+    import mmap
+
+    import numpy as np
+
+    mm = mmap.mmap(-1, 1 << 20)
+    base = np.frombuffer(mm, dtype=np.uint8)
+    array = base[64:128].view(np.float32).reshape((1, 16))
+    f32 = torch.from_numpy(base).view(torch.float32)
+    t = torch.randn(1, 16)
+    names = dict(np=np, torch=torch, mm=mm, base=base, array=array, f32=f32, t=t,
+                 f4=np.dtype(np.float32), storage=t.untyped_storage(), module=_Identity())
+    for label, stmt in _FLOORS:
+        best = min(timeit.repeat(stmt, globals=names, number=n, repeat=5)) / n
+        print(f"{best * 1e9:8.0f} ns  {label}", flush=True)
+
+
 def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else 20000
+    if "--floors" in sys.argv:
+        floors(n * 10)
+        return
     counting = "--callgrind" in sys.argv
     steps, manager = _steps()
     try:
