@@ -52,7 +52,7 @@ def test_posted_calls_queue_in_the_interpreter_up_to_its_depth(rows_model, manag
     # depth calls in flight (the running one and depth - 1 queued in the interpreter),
     # the others wait in the dispatcher for room
     wait_for(lambda: worker.posted_in_flight == depth, "the queue to fill")
-    assert len(dispatcher._pending) == 2
+    wait_for(lambda: len(dispatcher._pending) == 2, "the others to wait in the dispatcher")
     assert all(f.running() for f in queued[:depth - 1]) and not any(f.running() for f in queued[depth - 1:])
     open_gate(gate_path)
     assert torch.equal(running.result(timeout=60), torch.ones(1))
@@ -139,6 +139,7 @@ def test_cancelling_a_call_queued_in_the_dispatcher_means_it_is_never_sent(
         rows_model, manager, gate, depth):
     gate_path, log = gate
     running, queued = queue_behind_a_gated_call(rows_model, gate_path, log, depth)
+    wait_for(lambda: manager._workers[0].posted_in_flight == depth, "the queue to fill")
     # the last one waits in the dispatcher (the interpreter's queue is full): never sent
     assert queued[-1].cancel()
     # one queued in the interpreter is running already: it runs, to its end
