@@ -152,18 +152,26 @@ def test_cancelling_a_call_queued_in_the_dispatcher_means_it_is_never_sent(
     assert f"queued{depth - 1}" not in [line[0] for line in logged(log)]
 
 
-def test_a_cancelled_acall_queued_in_the_interpreter_leaves_the_others_their_answers(
-        rows_model, gate):
+def test_a_cancelled_acall_is_dropped_unrun_even_when_queued_in_the_interpreter(
+        rows_model, manager, gate, depth):
+    """An acall cancelled while it waits, in the dispatcher or already in the
+    interpreter's queue behind a running call, never runs; the others get their
+    answers."""
     gate_path, log = gate
+    worker = manager._workers[0]
 
     async def main():
-        running = asyncio.ensure_future(rows_model.acall(torch.zeros(1), gate=gate_path, log=log))
+        running = asyncio.ensure_future(rows_model.acall(torch.zeros(1), gate=gate_path, log=log,
+                                                         tag="running"))
         while not logged(log):
             await asyncio.sleep(0.005)
-        tasks = [asyncio.ensure_future(rows_model.acall(torch.full((1,), float(i)))) for i in range(6)]
-        await asyncio.sleep(0)  # let them be sent
-        tasks[0].cancel()
-        tasks[3].cancel()
+        tasks = [asyncio.ensure_future(rows_model.acall(torch.full((1,), float(i)), log=log,
+                                                        tag=f"t{i}")) for i in range(6)]
+        while worker.posted_in_flight < depth:  # t0 .. t(depth-2) sent into the interpreter
+            await asyncio.sleep(0.005)
+        tasks[0].cancel()  # queued in the interpreter (in the dispatcher where depth is 1)
+        tasks[3].cancel()  # in the dispatcher
+        await asyncio.sleep(0)  # the cancellations reach the dispatcher and the interpreter
         open_gate(gate_path)
         assert torch.equal(await running, torch.ones(1))
         return await asyncio.gather(*tasks, return_exceptions=True)
@@ -174,6 +182,9 @@ def test_a_cancelled_acall_queued_in_the_interpreter_leaves_the_others_their_ans
             assert isinstance(out, asyncio.CancelledError)
         else:
             assert torch.equal(out, torch.full((1,), 2.0 * i + 1))
+    ran = [line[0] for line in logged(log)]
+    assert ran == ["running"] + [f"t{i}" for i in (1, 2, 4, 5)]
+    assert rows_model(torch.ones(1)).item() == 3.0  # the interpreter serves on
 
 
 def test_a_queued_call_past_its_deadline_is_dropped_and_the_running_one_goes_on(backend, tmp_path):

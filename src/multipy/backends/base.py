@@ -188,6 +188,11 @@ class Worker:
         interpreter (:meth:`_pipelines`)."""
         return 1
 
+    def cancel_posted(self, posted) -> None:
+        """The caller of a posted request gave up on it after it was sent
+        (``posted`` is what :meth:`post` returned): a backend that queues requests
+        may drop it unrun if it has not started.  Its ``done`` runs either way."""
+
     def _abandon_posted(self, posted) -> None:
         """A posted request will not be collected (the completion thread stopped):
         forget it, so that its reply, if one comes, is settled unread."""
@@ -467,8 +472,9 @@ class Worker:
     # -- posting: a request whose reply no host thread waits for ------------------
     def post(self, op: Op, args: tuple = (), *, completions, done: Callable[[Any, BaseException | None], None],
              timeout: float | None = None, handles: tuple | None = None,
-             materializes: int | None = None, recipe: tuple | None = None) -> None:
-        """Send one request and return at once (futures, ``acall``, batches).
+             materializes: int | None = None, recipe: tuple | None = None):
+        """Send one request and return at once (futures, ``acall``, batches);
+        returns a handle for :meth:`cancel_posted` (or ``None``).
 
         The caller holds ``self.lock``, taken without blocking; from here the
         request owns it.  A backend that queues requests in the interpreter
@@ -505,13 +511,14 @@ class Worker:
             return
         if materializes is not None:
             args = args + ((None if materializes in self.materialized else recipe),)
-        self._send_posted(op, args, completions, done, timeout, handles, materializes, None)
+        return self._send_posted(op, args, completions, done, timeout, handles, materializes, None)
 
     def _send_posted(self, op: Op, full: tuple, completions, done, timeout, handles, materializes,
-                     started: float | None, call: "_PostedCall | None" = None) -> None:
+                     started: float | None, call: "_PostedCall | None" = None):
         """The sending half of :meth:`post` (the lock held): on failure the lock is
         released and the error raised.  A call queued in the interpreter
-        (:meth:`_pipelines`) releases the lock once sent."""
+        (:meth:`_pipelines`) releases the lock once sent.  Returns what the
+        backend's ``_post`` returned (for :meth:`cancel_posted`)."""
         if call is None:
             call = _PostedCall(self, done, materializes, timeout)
             if started is not None:
@@ -546,6 +553,7 @@ class Worker:
         if not call.holds:
             self.lock.release()  # sent: the next request may follow it into the interpreter
             self._now_free()
+        return call.posted
 
     def _post(self, op: Op, args: tuple, drop: tuple, timeout: float | None, handles,
               completions, finish: Callable[[str], None]):

@@ -256,6 +256,7 @@ class ProcessWorker(Worker):
         self._callers = {}               # owed calls whose blocking caller waits: id -> thread
         self._posted: dict[int, list] = {}   # owed calls a completion thread collects, in send order
         self._bell_watch = None           # the completions watching the bell now (channel)
+        self._marked: set[int] = set()    # channel: cancelled calls whose slot holds a mark
         self._watch_lock = threading.Lock()
         self._stash: dict[int, object] = {}  # replies read for a caller not back yet
         self._slots: dict[int, int] = {}  # channel: call id -> its reply slot
@@ -464,6 +465,8 @@ class ProcessWorker(Worker):
         got = channel.take_reply(slot)  # HostEnd.take, inlined (once per call)
         if got is None:
             return None
+        if self._marked:
+            self._unmark(call, slot)
         channel.release(slot)
         del self._slots[call]
         self._ends.pop(call, None)
@@ -502,6 +505,8 @@ class ProcessWorker(Worker):
         try:
             for call in sorted(self._left):
                 slot = self._slots.get(call)
+                if slot is not None and self._marked:
+                    self._unmark(call, slot)
                 if slot is not None and end.ready(slot):
                     tag, data = end.take(slot)
                     del self._slots[call]
@@ -726,6 +731,34 @@ class ProcessWorker(Worker):
             posted[5] = True
             posted[3].call_soon(lambda finish=posted[4]: finish(READY))
 
+    def cancel_posted(self, posted) -> None:
+        """The caller of a posted call queued on the channel gave up on it (an
+        ``acall`` cancelled): mark its slot so that the interpreter skips it unrun
+        if it has not taken it yet (see :meth:`HostEnd.set_deadline`).  Either way
+        its reply, when it comes, is collected as usual and dropped by its caller."""
+        end = self._end
+        if end is None or not isinstance(posted, list):
+            return
+        with self._rx:
+            call = posted[1]
+            slot = self._slots.get(call)
+            if call not in self._posted or slot is None or call in self._marked:
+                return
+            try:
+                if end.ready(slot):
+                    return
+                end.mark_past(slot)
+            except ValueError:  # detached: over
+                return
+            self._marked.add(call)
+
+    def _unmark(self, call: int, slot: int) -> None:
+        """Clear a cancel mark (:meth:`cancel_posted`) before ``slot`` is reused: the
+        interpreter clears only a mark it read.  Under ``_rx``."""
+        if call in self._marked:
+            self._marked.discard(call)
+            self._end.mark_past(slot, 0.0)
+
     def _abandon_posted(self, posted) -> None:
         """The completions stopped before collecting ``posted``: its reply, if one
         comes, is settled unread (channel) or by whoever reads the pipe next."""
@@ -866,6 +899,8 @@ class ProcessWorker(Worker):
         slot = self._slots.pop(call, None)
         if slot is not None:
             try:
+                if self._marked:
+                    self._unmark(call, slot)
                 self._end.release(slot)
             except ValueError:
                 pass

@@ -84,7 +84,7 @@ class Request:
     """
 
     __slots__ = ("future", "op", "args", "timeout", "handles", "materializes", "recipe",
-                 "index", "resend", "convert", "batch", "queued_at", "fresh")
+                 "index", "resend", "convert", "batch", "queued_at", "fresh", "sent")
 
     def __init__(self, op: Op, args: tuple, *, timeout: float | None = None, handles=None,
                  materializes: int | None = None, recipe: tuple | None = None,
@@ -104,6 +104,7 @@ class Request:
         self.batch = batch
         self.queued_at = time.perf_counter()
         self.fresh = True
+        self.sent = None  # (worker, handle) once sent alone: see submit_async
 
 
 class _Group:
@@ -176,7 +177,13 @@ class Dispatcher:
         bridge = _bridge(loop)
         request.future = _LoopFuture(waiter, bridge, self._on_loop(loop) if on_loop else None)
         self.submit(request)
-        return await waiter
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            sent = request.sent
+            if sent is not None:  # sent, maybe still queued in the interpreter: drop it there
+                sent[0].cancel_posted(sent[1])
+            raise
 
     def _on_loop(self, loop: asyncio.AbstractEventLoop) -> LoopCompletions:
         completions = self._loops.get(loop)
@@ -407,10 +414,12 @@ class Dispatcher:
                 and all(getattr(r.future, "on_loop", None) is on_loop for r in requests)):
             completions = on_loop  # the loop reads the reply itself
         try:
-            worker.post(op, args, completions=completions,
-                        done=lambda value, error: self._done(index, group, value, error),
-                        timeout=first.timeout, handles=first.handles,
-                        materializes=first.materializes, recipe=first.recipe)
+            handle = worker.post(op, args, completions=completions,
+                                 done=lambda value, error: self._done(index, group, value, error),
+                                 timeout=first.timeout, handles=first.handles,
+                                 materializes=first.materializes, recipe=first.recipe)
+            if handle is not None and len(requests) == 1:
+                first.sent = (worker, handle)
         except RequestNotSent as not_sent:
             # The interpreter was found dead before anything was sent (and is restarting).
             if group.balanced:
@@ -468,6 +477,7 @@ def _retry(request: Request) -> Request:
         setattr(retry, name, getattr(request, name))
     retry.batch = None
     retry.fresh = False
+    retry.sent = None
     if not isinstance(request.future, _Started):
         retry.future = _Started(request.future)
     return retry

@@ -570,6 +570,13 @@ class HostEnd:
         _F64.pack_into(self.memory, off + _SLOT_DEADLINE, deadline)
         _U32.pack_into(self.memory, off + _SLOT_STARTED, 0)
 
+    def mark_past(self, slot: int, deadline: float = 1e-9) -> None:
+        """Set only the deadline word of ``slot`` (the started flag is left as is):
+        a request not taken yet is skipped unrun.  The interpreter clears the word
+        only when it reads it, so the host clears it (``deadline=0``) before the
+        slot is reused."""
+        _F64.pack_into(self.memory, self._slot0 + slot * self._stride + _SLOT_DEADLINE, deadline)
+
     def started(self, slot: int) -> bool:
         """Whether the interpreter started the request with a deadline in ``slot``."""
         memory = self.memory
