@@ -25,8 +25,9 @@ queue and go out as soon as its lock is free.
 
 An interpreter that queues calls (``Worker.posted_depth`` > 1: the process
 backend on the native call channel) takes posted requests behind its running
-call: when no interpreter is idle, the pump sends the next request (or batch)
-to the least loaded one with room (``LoadBalancer.acquire_room``), so that
+call: when no interpreter is idle, the pump sends the next request (not a
+batch: batches still form while every interpreter is busy and go to an idle
+one) to the least loaded one with room (``LoadBalancer.acquire_room``), so that
 interpreter starts it the moment its current call ends, with no host round
 trip in between.  "Idle" (``acquire_idle``, :meth:`Dispatcher.idle_now`)
 still means nothing in flight.  A posted request found never taken by an
@@ -43,7 +44,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-import os
 import threading
 import time
 import weakref
@@ -62,9 +62,6 @@ if TYPE_CHECKING:
 
 _NEVER = float("inf")
 
-# Whether a batch may be sent to an interpreter that is running a call and has room
-# in its queue (Worker.posted_depth), instead of waiting for an idle one.
-_BATCHES_BEHIND = os.environ.get("MULTIPY_BATCHES_BEHIND", "1") != "0"
 
 AWAITED = object()
 """``Request(future=AWAITED)``: the request goes to :meth:`Dispatcher.submit_async`,
@@ -257,9 +254,11 @@ class Dispatcher:
             index = balancer.acquire_idle(self._usable, tried)
             if index is None:
                 # Every interpreter is busy: one that queues calls and has room takes the
-                # next request behind its current call.  A batchable request waits
-                # instead, unless batches may go behind a call (see _BATCHES_BEHIND).
-                if pending[0].batch is not None and not _BATCHES_BEHIND:
+                # next request behind its current call.  A batchable request waits for
+                # an idle interpreter instead, gathering the requests that arrive
+                # meanwhile (sent behind a call at once, batches came out a third
+                # smaller: docs/async-and-batching.md).
+                if pending[0].batch is not None:
                     break
                 index = balancer.acquire_room(self._depth, self._usable, tried)
                 if index is None:
@@ -298,8 +297,13 @@ class Dispatcher:
         for index, queue in enumerate(self._pinned):
             while queue:
                 worker = self._workers[index]
-                if worker.posted_in_flight >= worker.posted_depth:
-                    break  # its queue in the interpreter is full: the next completion pumps
+                # A committed batch goes once nothing else is posted there (as on an
+                # interpreter that takes one posted call at a time: sent behind a
+                # running call, batches would be committed by the max_delay timer only,
+                # never on an idle interpreter); a session's request may queue there.
+                limit = 1 if queue[0].requests[0].batch is not None else worker.posted_depth
+                if worker.posted_in_flight >= limit:
+                    break  # the next completion there pumps
                 if not worker.lock.acquire(blocking=False):
                     break  # its release pumps again
                 group = queue.popleft()
