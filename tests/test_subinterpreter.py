@@ -672,6 +672,30 @@ def test_a_call_that_times_out_queued_behind_another_never_runs(tmp_path, monkey
         assert m.statistics().interpreters[0].restarts == 0
 
 
+def test_a_caller_interrupted_between_sending_and_waiting_leaves_nothing_open():
+    _needs_channel()
+    before = _open_fds()
+    m = InterpreterManager(1, backend="subinterpreter")
+    m.register_module_source("helpers", HELPERS)
+    with m.acquire_one() as s:
+        echo = s.create_movable(s.global_("helpers", "echo"))
+    assert echo(0) == 0
+    worker = m._workers[0]
+    driver, hook = worker._driver, worker.on_free
+
+    def interrupt() -> None:  # runs once the request is sent, before its caller waits
+        worker.on_free = hook
+        raise KeyboardInterrupt("between sending and waiting")
+
+    worker.on_free = interrupt
+    with pytest.raises(KeyboardInterrupt):
+        echo("never awaited")
+    assert [echo(i) for i in range(5)] == list(range(5))  # each caller its own answer
+    m.close()
+    wait_for(lambda: not _open_fds() - before, "the closed manager's descriptors to close")
+    wait_for(driver.finished.is_set, "the first subinterpreter's driver thread to end")
+
+
 def test_calls_queued_behind_a_call_that_ignores_its_interrupt_fail_at_once(monkeypatch):
     import os
 

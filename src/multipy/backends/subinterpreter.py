@@ -413,6 +413,7 @@ class SubinterpreterWorker(Worker):
         self._encoder = Encoder(None)  # the binary forms of the common call
         self._decoder = Decoder(None)
         self._swap = threading.Lock()  # gives a driver up once, from any caller's thread
+        self._unawaited: dict = {}  # thread ident -> its call sent but not yet awaited
         if _channel.NATIVE:
             self.request = self._request_in_flight  # see Worker._request_in_flight
 
@@ -438,11 +439,23 @@ class SubinterpreterWorker(Worker):
             driver = self._running()
         except InterpreterCrashedError as exc:  # given up by a caller that has not restarted it yet
             raise RequestNotSent(exc) from None
-        return self._send(driver, op, args, drop, handles), timeout
+        call = self._send(driver, op, args, drop, handles)
+        self._unawaited[threading.get_ident()] = call
+        return call, timeout
 
     def _await_call(self, ticket):
         call, timeout = ticket
+        del self._unawaited[threading.get_ident()]
         return self._finish(call, timeout)
+
+    def _abandon(self, since: int) -> None:
+        # Worker._request_in_flight: this thread left by an exception.  A call it sent
+        # but never waited for (a Ctrl-C in between) would hold its reply slot and the
+        # subinterpreter for good: it is given up, as when a caller leaves its wait.
+        call = self._unawaited.pop(threading.get_ident(), None)
+        if call is not None:
+            self._give_up(call.driver, "interrupted")
+            call.driver.leave()
 
     def _drain(self, timeout: float) -> bool:
         driver = self._driver
