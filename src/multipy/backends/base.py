@@ -20,8 +20,10 @@ of a worker, and nothing else:
   valid in one generation only), ``available`` and ``dead_reason``,
   ``materialized`` (replicated ids loaded there), ``closed``, and the counters
   behind ``statistics()``: ``calls``, ``failures``, ``restarts``, ``latencies``;
-* ``lock``, taken without blocking by the dispatcher to send a posted call
-  only to an idle interpreter, and ``on_free``, its wake-up when one frees.
+* ``lock``, taken without blocking by the dispatcher to send a posted call,
+  and ``on_free``, its wake-up when one frees; ``posted_depth`` (how many posted
+  calls may be in flight there: more than 1 where they queue in the
+  interpreter) and ``posted_in_flight``.
 
 ::
 
