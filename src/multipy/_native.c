@@ -854,8 +854,25 @@ static PyObject *native_unpack_reply(PyObject *m, PyObject *frame) {
     blocks = unpinned ? u64_tuple(p + REPLY_HEAD + 8 * ((Py_ssize_t)n[0] + n[1]), n[2]) : NULL;
     if (blocks == NULL)
         goto done;
-    out = Py_BuildValue("(KOOOOOO)", (unsigned long long)call, value, Py_None, pinned, unpinned,
-                        (p[9] & REPLY_OUTPUT) ? Py_True : Py_False, blocks);
+    out = PyTuple_New(7);
+    if (out == NULL)
+        goto done;
+    PyObject *id = PyLong_FromUnsignedLongLong(call);
+    if (id == NULL) {
+        Py_CLEAR(out);
+        goto done;
+    }
+    PyObject *output = (p[9] & REPLY_OUTPUT) ? Py_True : Py_False;
+    Py_INCREF(Py_None);
+    Py_INCREF(output);
+    PyTuple_SET_ITEM(out, 0, id);
+    PyTuple_SET_ITEM(out, 1, value);       /* the tuple takes these references */
+    PyTuple_SET_ITEM(out, 2, Py_None);
+    PyTuple_SET_ITEM(out, 3, pinned);
+    PyTuple_SET_ITEM(out, 4, unpinned);
+    PyTuple_SET_ITEM(out, 5, output);
+    PyTuple_SET_ITEM(out, 6, blocks);
+    value = pinned = unpinned = blocks = NULL;
 done:
     Py_XDECREF(value);
     Py_XDECREF(pinned);

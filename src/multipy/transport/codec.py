@@ -112,6 +112,7 @@ _FAST_DTYPES = ("torch.float32", "torch.float64", "torch.float16", "torch.bfloat
                 "torch.int64", "torch.int32", "torch.int16", "torch.int8", "torch.uint8",
                 "torch.bool", "torch.complex64", "torch.complex128")
 _DTYPE_CODES = {name: code for code, name in enumerate(_FAST_DTYPES)}
+_COMPLEX = _DTYPE_CODES["torch.complex64"]  # this code and the ones after it
 _NUMPY_BY_CODE: list = []  # numpy dtype (or None) by dtype code, once torch is here
 _CALL_REPLICATED = 14  # messages.Op.CALL_REPLICATED (messages imports this module's users)
 _INT64 = (-(1 << 63), (1 << 63) - 1)
@@ -164,6 +165,7 @@ class Encoder:
         self._tensor_type = None
         self._parameter_type = None
         self._strided = None
+        self._codes: dict = {}  # torch dtype -> its code in the binary forms
 
     def encode(self, value: Any, /, where: str = "value") -> bytes:
         """Encode ``value``; tensors go to the arena (offsets in ``placed``).
@@ -228,6 +230,7 @@ class Encoder:
         self._tensor_type = torch.Tensor
         self._parameter_type = torch.nn.Parameter
         self._strided = torch.strided
+        self._codes = {_dtype(name): code for code, name in enumerate(_FAST_DTYPES)}
         # Parameters cross as plain tensors too: detached, like every tensor.
         self._table[torch.Tensor] = self._table[torch.nn.Parameter] = self._reduce_tensor
 
@@ -241,16 +244,21 @@ class Encoder:
         """``value`` as an item of the binary forms, or ``None`` when it must be pickled."""
         kind = type(value)
         if kind is self._tensor_type or kind is self._parameter_type:
-            if value.is_cuda:
-                return None  # CUDA links and IPC: the pickle path
-            desc = self.describe(value)
-            if desc is None:
+            # describe's checks, with the fewest calls into torch (each costs about as
+            # much as a Python function call): a dtype without a code (quantized ones
+            # included), another device (CUDA: links and IPC) or layout (sparse) takes
+            # the pickle path, which says why when it cannot carry the tensor either.
+            code = self._codes.get(value.dtype)
+            if code is None or not value.is_cpu or value.layout is not self._strided:
                 return None
-            seg, offset, nbytes, dtype, shape, stride, storage_offset = desc
-            code = _DTYPE_CODES.get(dtype)
+            if value.is_neg() or (code >= _COMPLEX and value.is_conj()):
+                desc = self.describe(value)  # the bits resolved into a copy first
+            else:
+                desc = self._placed(value, _FAST_DTYPES[code], value.shape)
+            seg, offset, nbytes, _, shape, stride, storage_offset = desc
             ndim = len(shape)
-            if code is None or ndim > _MAX_DIMS:
-                return None
+            if ndim > _MAX_DIMS:
+                return None  # pickled: the caller gives back what was placed
             dims = _DIMS[ndim]
             head = _TENSOR_HEAD.pack(_I_TENSOR, _SEG_CODES[seg], code, ndim, stride is not None,
                                      offset, nbytes, storage_offset) + dims.pack(*shape)
@@ -315,8 +323,11 @@ class Encoder:
         if t.is_conj() or t.is_neg():
             t = t.resolve_conj().resolve_neg()
         dtype = t.dtype
-        dtype = _DTYPE_NAMES.get(dtype) or _dtype_name(dtype)
-        shape = tuple(t.shape)
+        return self._placed(t, _DTYPE_NAMES.get(dtype) or _dtype_name(dtype), tuple(t.shape))
+
+    def _placed(self, t, dtype: str, shape) -> tuple:
+        """:meth:`describe` for a strided CPU tensor without a conjugate or negative
+        bit, whose dtype name and shape the caller has read already."""
         nbytes = t.nbytes
         if nbytes == 0:
             return (EMPTY, 0, 0, dtype, shape, None, 0)
