@@ -180,7 +180,14 @@ def test_closing_the_manager_fails_queued_futures_and_stops_the_completion_threa
                      for _ in range(manager._workers[0].posted_depth - 1)]
         queued = rows_model.submit(torch.zeros(1))
         assert len(completion_threads()) == len(before) + 1
+        # The gate opens once close() began: the running call cannot end first and let
+        # the queued one be sent.
+        closer = threading.Thread(target=manager.close)
+        closer.start()
+        wait_for(lambda: manager._dispatcher._closed, "close() to begin")
         open_gate(gate_path)
+        closer.join(60)
+        assert not closer.is_alive()
     finally:
         manager.close()
     assert torch.equal(running.result(timeout=60), torch.ones(1))  # finished before close
