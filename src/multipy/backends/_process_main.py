@@ -277,10 +277,7 @@ class Loop:
             finally:
                 self.links.done()  # marks this call's link reads and writes finished
         except BaseException as exc:  # every failure goes back to the caller
-            for offset in self.encoder.placed:
-                self.results.free(offset)
-            self.encoder.placed = []
-            error = capture_exception(exc)
+            error = self._failed(exc)
             del exc
         return self._answer(call, value, error, watched)
 
@@ -309,12 +306,16 @@ class Loop:
             finally:
                 self.links.done()
         except BaseException as exc:  # every failure goes back to the caller
-            for offset in self.encoder.placed:
-                self.results.free(offset)
-            self.encoder.placed = []
-            error = capture_exception(exc)
+            error = self._failed(exc)
             del exc
         return self._answer(call, value, error, watched)
+
+    def _failed(self, exc: BaseException):
+        """The error a failed call answers with; the result blocks it had placed are freed."""
+        for offset in self.encoder.placed:
+            self.results.free(offset)
+        self.encoder.placed = []
+        return capture_exception(exc)
 
     def _answer(self, call: int, value, error, watched: list) -> bytes:
         """The reply frame: the call's value or error, and the blocks it leaves held."""
