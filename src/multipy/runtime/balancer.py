@@ -67,20 +67,12 @@ class LoadBalancer:
         >>> lb.acquire_idle(), lb.acquire_idle()
         (0, None)
         """
-        with self._lock:
-            load, n = self._load, self._limit
-            start = self._start
-            for k in range(n):
-                i = (start + k) % n
-                if load[i] == 0 and i not in exclude and (usable is None or usable(i)):
-                    self._start = (i + 1) % n
-                    load[i] = 1
-                    return i
-            return None
+        return self.acquire_room(None, usable, exclude)
 
     def acquire_room(self, depth, usable=None, exclude=()) -> int | None:
         """The least loaded interpreter with room for one more call in flight
-        (fewer than ``depth(index)``; counted until :meth:`release`), or ``None``.
+        (fewer than ``depth(index)``, or than 1 where ``depth`` is ``None``;
+        counted until :meth:`release`), or ``None``.
 
         "Idle" (:meth:`acquire_idle`) means nothing in flight; "room" means the
         interpreter queues calls and its queue is not full: a posted call sent
@@ -99,7 +91,8 @@ class LoadBalancer:
                 i = (start + k) % n
                 if i in exclude or (usable is not None and not usable(i)):
                     continue
-                if load[i] < depth(i) and (best is None or load[i] < load[best]):
+                if (load[i] < (1 if depth is None else depth(i))
+                        and (best is None or load[i] < load[best])):
                     best = i
                     if not load[i]:
                         break
