@@ -643,8 +643,6 @@ class InterpreterEnd:
         closes the channel or its request pipe, or dies.  A request taken at or past
         the deadline the host set in its slot (:meth:`HostEnd.set_deadline`) is
         answered with ``skip(payload)`` instead, unrun (when ``skip`` is given)."""
-        from . import frames
-
         ch, spin, req_r, rep_w, bell_w = self.channel, self.spin, self.req_r, self.rep_w, self.bell_w
         take, reply, write = ch.take, ch.reply, os.write
         memory = self.memory
@@ -654,8 +652,6 @@ class InterpreterEnd:
         slot0, stride = HEADER_BYTES + ring_bytes + _SLOT_DEADLINE, SLOT_HEAD + slot_bytes
         if memory is None or skip is None:
             f64 = None
-        if bell_w >= 0:
-            os.set_blocking(bell_w, False)
         while True:
             item = take()
             if item is None:
@@ -666,7 +662,7 @@ class InterpreterEnd:
                 continue
             tag, data = item
             if tag & SPILLED:
-                data = frames.read_frame(req_r)
+                data = read_frame(req_r)
                 if data is None:
                     return
             slot = tag & 0xFFFF
@@ -685,9 +681,9 @@ class InterpreterEnd:
             else:
                 out = serve(data)
             if not reply(slot, out, 0):
-                self._spill(slot, out)
+                self._spill(slot, out)  # rings the bell itself, before writing
             # The host sets the word while a posted call is in flight (HostEnd.want_bell).
-            if bell_w >= 0 and (memory is None or bell(memory, _BELL)[0]):
+            elif bell_w >= 0 and (memory is None or bell(memory, _BELL)[0]):
                 try:
                     write(bell_w, b"!")
                 except BlockingIOError:
@@ -704,7 +700,7 @@ class InterpreterEnd:
             item = ch.take()
             if item is not None:
                 break
-            if ch.wait_request(-1.0, self.spin, self.req_r) not in (Wait.READY, Wait.SLEPT):
+            if ch.wait_request(-1.0, self.spin, self.req_r) not in _WOKEN:
                 return None
         tag, data = item
         if tag & SPILLED:
@@ -725,7 +721,7 @@ class InterpreterEnd:
         """Send a reply too big for its slot over the reply pipe: announced in the
         slot first, and the bell rung before writing, since a write larger than the
         pipe holds returns only once a completion thread, woken by the bell, reads it."""
-        from .frames import write_frame
+        from .frames import write_frame  # looked up per spill (fault tests replace it)
 
         self.channel.reply(slot, b"", SPILLED)
         self._ring()

@@ -40,7 +40,7 @@ import os
 import pickle
 import struct
 
-from .codec import FAST_CALL, FAST_VALUE
+from .codec import _CALL_REPLICATED, FAST_CALL, FAST_VALUE
 from .frames import write_all
 
 OOB_THRESHOLD = 64 * 1024
@@ -181,7 +181,6 @@ class Dumper:
 # Every other request and result is pickled as above (a pickle starts with 0x80).
 
 _SCALARS = frozenset((type(None), bool, int, float))
-_CALL_REPLICATED = 14  # messages.Op.CALL_REPLICATED
 
 
 def fast_request(encoder, op: int, args: tuple, drop: tuple):
