@@ -21,6 +21,8 @@ import multipy
 from multipy.transport import channel as chan
 
 from _faults import replicated_run
+from _interrupting import Gate
+from _wait import wait_for
 
 pytestmark = pytest.mark.skipif(
     not chan.NATIVE, reason=f"the process backend uses the call channel only natively ({chan.NATIVE_WHY})")
@@ -118,3 +120,42 @@ def test_sigkill_between_the_reply_announced_in_the_slot_and_its_bytes_on_the_pi
     assert torch.equal(run("echo", x), x)
     assert run("echo", b"z" * 200_000) == b"z" * 200_000
     assert manager.statistics().interpreters[0].pid != pid
+
+
+@pytest.mark.parametrize("timeout", [None, 120.0], ids=["no-timeout", "timeout"])
+def test_a_call_no_interpreter_took_is_sent_again_after_each_death(manager, run, timeout):
+    # A call queued behind a running one is taken by neither the interpreter killed
+    # under it nor by its replacement, killed too before its turn: it was never
+    # run, so it goes on to the next replacement instead of failing as crashed.
+    # (With a timeout, the replacement first gets a request of its own loading the
+    # object, which it never takes either.)
+    worker = manager._workers[0]
+    worker.ready()
+    first = worker.pid
+    gate = Gate()
+    try:
+        held, held_result = _call_in_thread(run, "gate", gate.dir, "held")
+        with open(f"{gate.dir}/started") as f:  # the interpreter runs the held call now
+            f.read()
+        queued, queued_result = _call_in_thread(run.with_timeout(timeout), "echo", "queued")
+        wait_for(lambda: len(worker._owed) == 2, "the call queued behind the held one")
+        # Held here, the worker lock keeps the restart and the re-send waiting, so the
+        # replacement can be stopped before it could take the queued call.
+        with worker.lock:
+            os.kill(first, signal.SIGKILL)
+            held.join(60)
+            assert isinstance(held_result["value"], multipy.InterpreterCrashedError)
+            wait_for(lambda: not worker._callers, "the queued call to learn it was never taken")
+            worker._ensure_started_locked()  # the replacement
+            second = worker.pid
+            os.kill(second, signal.SIGSTOP)  # it takes nothing from here on
+        wait_for(lambda: len(worker._owed) == 1, "the call to be sent to the replacement")
+        assert queued.is_alive()
+        os.kill(second, signal.SIGKILL)
+        queued.join(60)
+        assert not queued.is_alive(), "the caller hung"
+    finally:
+        gate.close()
+    assert queued_result["value"] == "queued"
+    assert worker.pid not in (first, second)
+    assert run("echo", 7) == 7

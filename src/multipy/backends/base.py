@@ -71,6 +71,10 @@ PENDING = object()
 
 RESTART_BACKOFF = 0.1     # seconds before the 2nd start attempt, doubling after
 MAX_START_FAILURES = 5    # failed starts in a row before an interpreter is given up
+# Interpreters in a row a blocking call goes to while each dies before taking it (it
+# never ran: each replacement gets it).  Bounded, so that a call never waits for
+# ever on an interpreter that keeps dying before its turn.
+MAX_SENDS = 5
 _CALLER_LEAVES = 5.0      # seconds close() waits for a stopped call's caller to return
 
 
@@ -348,7 +352,7 @@ class Worker:
                 raise ManagerClosedError("the interpreter manager is closed")
             started = time.perf_counter()
             try:
-                for attempt in (0, 1):
+                for attempt in range(MAX_SENDS):
                     if not self._started:
                         self._ensure_started_locked()
                     try:
@@ -363,7 +367,7 @@ class Worker:
                             full = args + ((None if materializes in self.materialized else recipe),)
                         value = self._checked(op, full, timeout, handles)
                     except RequestNotSent as not_sent:
-                        if attempt or not resend or self.closed:  # closed: its error says so
+                        if attempt == MAX_SENDS - 1 or not resend or self.closed:  # closed: its error says so
                             raise not_sent.error from None
                         continue
                     if materializes is not None:
@@ -391,46 +395,44 @@ class Worker:
         since = None  # the last call id sent before this one (see _abandon)
         in_calls.append(None)
         try:
-            for attempt in (0, 1):
-                with lock:
-                    if self.closed:
-                        raise ManagerClosedError("the interpreter manager is closed")
-                    if not attempt:
-                        self.calls += 1  # counted under the lock: exact with many threads
-                    if not self._started:
-                        self._ensure_started_locked()
-                    materialized = self.materialized  # this generation's
-                    full = args
-                    if materializes is not None:
-                        if materializes not in materialized:
-                            if timeout is not None and op != Op.MATERIALIZE:
-                                # Loading is not bounded by a call's timeout: load first.
-                                self._checked(Op.MATERIALIZE, (materializes, recipe), None)
-                                materialized.add(materializes)
-                                full = args + (None,)
-                            else:
-                                # Every call carries the recipe until one has loaded it
-                                # (a call in flight may be loading it now).
-                                full = args + (recipe,)
-                        else:
-                            full = args + (None,)
-                    drop = drain(self.drops) if self.drops else ()
-                    since = self._next_call
-                    try:
-                        ticket = self._send_call(op, full, drop, timeout, handles)
-                    except RequestNotSent as not_sent:
-                        if attempt or not resend or self.closed:  # closed: its error says so
-                            raise not_sent.error from None
-                        continue
-                    except TransportError:
-                        self.drops.extend(drop)  # nothing or something was sent: dropping twice is harmless
-                        raise
-                if self.on_free is not None:
-                    self._now_free()
+            # A request the interpreter died before taking never ran: it goes to the
+            # replacement, and to the next one while each dies before its turn.
+            for attempt in range(MAX_SENDS):
                 try:
+                    with lock:
+                        if self.closed:
+                            raise ManagerClosedError("the interpreter manager is closed")
+                        if not attempt:
+                            self.calls += 1  # counted under the lock: exact with many threads
+                        if not self._started:
+                            self._ensure_started_locked()
+                        materialized = self.materialized  # this generation's
+                        full = args
+                        if materializes is not None:
+                            if materializes not in materialized:
+                                if timeout is not None and op != Op.MATERIALIZE:
+                                    # Loading is not bounded by a call's timeout: load first.
+                                    self._checked(Op.MATERIALIZE, (materializes, recipe), None)
+                                    materialized.add(materializes)
+                                    full = args + (None,)
+                                else:
+                                    # Every call carries the recipe until one has loaded it
+                                    # (a call in flight may be loading it now).
+                                    full = args + (recipe,)
+                            else:
+                                full = args + (None,)
+                        drop = drain(self.drops) if self.drops else ()
+                        since = self._next_call
+                        try:
+                            ticket = self._send_call(op, full, drop, timeout, handles)
+                        except TransportError:
+                            self.drops.extend(drop)  # nothing or something was sent: dropping twice is harmless
+                            raise
+                    if self.on_free is not None:
+                        self._now_free()
                     value, error = self._await_call(ticket)
                 except RequestNotSent as not_sent:
-                    if attempt or not resend or self.closed:
+                    if attempt == MAX_SENDS - 1 or not resend or self.closed:  # closed: its error says so
                         raise not_sent.error from None
                     continue
                 if error is not None:
