@@ -11,6 +11,10 @@ colder caches (see docs/native-channel.md for how the two compare).
     PYTHONPATH=src python benchmarks/call_steps.py [N]          # µs per step (best of 5 loops of N)
     PYTHONPATH=src python benchmarks/call_steps.py [N] --floors # ns per torch/numpy operation
 
+``--tensors=exchange|capsules|python`` picks how tensor items are encoded and
+read (the extension over torch's DLPack exchange API, the extension over DLPack
+capsules, or the codec's Python path; default: what the codec uses here).
+
 Under callgrind it counts instructions per step instead (two windows of N and
 2N runs per step, each dumped; their difference over N, as in
 count_instructions.py), which does not depend on the machine's load::
@@ -32,6 +36,7 @@ from multipy.backends.base import Worker, WorkerConfig
 from multipy.interp.state import InterpreterState
 from multipy.runtime import InterpreterManager
 from multipy.transport import channel as _channel
+from multipy.transport import codec
 from multipy.transport.codec import Decoder, Encoder
 from multipy.transport.messages import CALL_ID, encode_reply, parse_reply
 from multipy.transport.shm import Arena, BlockViews, Segment
@@ -212,6 +217,10 @@ def main() -> None:
         floors(n * 10)
         return
     counting = "--callgrind" in sys.argv
+    tensors = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--tensors=")), None)
+    if tensors is not None:  # which path encodes and reads tensor items
+        _tensor_path(tensors)
+    print(f"tensor items: {codec.native_tensors() if tensors is None else tensors}", flush=True)
     steps, manager = _steps()
     try:
         gc.collect()
@@ -227,6 +236,18 @@ def main() -> None:
     finally:
         gc.enable()
         manager.close()
+
+
+def _tensor_path(name: str) -> None:
+    """Encode and read tensor items through ``name``: "exchange" (the extension, over
+    torch's DLPack exchange API), "capsules" (the extension, over DLPack capsules)
+    or "python" (the codec's Python path)."""
+    if name == "python":
+        codec.native_tensors()
+        codec._tensor_item = codec._tensor_read = None
+    elif codec.native_tensors(exchange_api=name == "exchange") != {"exchange": "exchange API",
+                                                                  "capsules": "capsules"}[name]:
+        raise SystemExit(f"--tensors={name}: not available here")
 
 
 def _count(fn, n: int) -> float:

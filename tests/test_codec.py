@@ -306,6 +306,10 @@ def test_a_corrupt_binary_reply_is_a_transport_error(reply_forms, frame):
     bytes([FAST_VALUE, 5, 7, 0, 0, 0]) + bytes(24),  # a tensor in an unknown segment
     bytes([FAST_VALUE, 5, 0, 99, 0, 0]) + bytes(24),  # a tensor of an unknown dtype
     bytes([FAST_VALUE, 5, 2, 0, 1, 0]) + bytes(24) + (1 << 40).to_bytes(8, "little"),  # "empty", 2**40 elements
+    bytes([FAST_VALUE, 5, 0, 11, 0, 0]) + (49).to_bytes(8, "little") + (16).to_bytes(8, "little")
+    + bytes(8),                                 # a complex128 block off its elements (torch would fault)
+    bytes([FAST_VALUE, 5, 0, 3, 1, 0]) + (3).to_bytes(8, "little") + (2).to_bytes(8, "little")
+    + bytes(8) + (1).to_bytes(8, "little"),     # a bfloat16 block off its elements (the rebuild path)
 ])
 def test_a_corrupt_binary_value_raises(link, data):
     with pytest.raises(TransportError):

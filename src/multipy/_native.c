@@ -12,6 +12,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 
 #include <errno.h>
 #include <limits.h>
@@ -945,6 +946,569 @@ static PyObject *native_pack_reply(PyObject *m, PyObject *const *args, Py_ssize_
     return out;
 }
 
+/* -- tensor items, through DLPack ----------------------------------------- *
+ *
+ * The codec's binary tensor item (see transport/codec.py, "the binary forms"):
+ *
+ *   5 | seg u8 | dtype u8 | ndim u8 | strided u8 | offset u64 | nbytes u64
+ *     | storage_offset i64 | shape i64[ndim] (| stride i64[ndim])
+ *
+ * tensor_item() writes one for a torch tensor and tensor_read() makes a tensor
+ * over the arena block one names, both without a Python call into torch: they
+ * read and make tensors through DLPack (torch's C exchange API where torch has
+ * one, its to/from "dltensor" capsules otherwise).  No torch linkage: the DLPack
+ * structs below are DLPack's stable C ABI (dlpack.h, version 1.x).  Whatever
+ * these functions do not handle they answer with None, and the codec takes its
+ * Python path for that tensor. */
+
+typedef struct { uint32_t major, minor; } DLPackVersion;
+typedef struct { int32_t device_type, device_id; } DLDevice;
+typedef struct { uint8_t code, bits; uint16_t lanes; } DLDataType;
+typedef struct {
+    void *data;
+    DLDevice device;
+    int32_t ndim;
+    DLDataType dtype;
+    int64_t *shape, *strides;
+    uint64_t byte_offset;
+} DLTensor;
+typedef struct DLManagedTensor {
+    DLTensor dl_tensor;
+    void *manager_ctx;
+    void (*deleter)(struct DLManagedTensor *self);
+} DLManagedTensor;
+typedef struct DLManagedTensorVersioned {
+    DLPackVersion version;
+    void *manager_ctx;
+    void (*deleter)(struct DLManagedTensorVersioned *self);
+    uint64_t flags;
+    DLTensor dl_tensor;
+} DLManagedTensorVersioned;
+typedef struct DLPackExchangeAPIHeader {
+    DLPackVersion version;
+    struct DLPackExchangeAPIHeader *prev_api;
+} DLPackExchangeAPIHeader;
+typedef struct {
+    DLPackExchangeAPIHeader header;
+    void *managed_tensor_allocator;
+    int (*managed_tensor_from_py_object_no_sync)(void *py_object, DLManagedTensorVersioned **out);
+    int (*managed_tensor_to_py_object_no_sync)(DLManagedTensorVersioned *tensor, void **out_py_object);
+    int (*dltensor_from_py_object_no_sync)(void *py_object, DLTensor *out);
+    void *current_work_stream;
+} DLPackExchangeAPI;
+
+#define kDLCPU 1
+#define ITEM_TENSOR 5
+#define TENSOR_HEAD 29 /* struct "<BBBBBQQq" */
+#define MAX_DIMS 16
+#define SEG_OUTBOUND 0
+#define SEG_RETURNED 1
+#define SEG_EMPTY 2
+#define CODE_COMPLEX 10 /* this wire dtype code and the ones after it are complex */
+
+#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "the codec's binary forms are little-endian; this file writes them natively"
+#endif
+
+/* codec._FAST_DTYPES by code: float32 float64 float16 bfloat16 int64 int32 int16
+ * int8 uint8 bool complex64 complex128, as DLPack type codes (kDLInt 0, kDLUInt 1,
+ * kDLFloat 2, kDLBfloat 4, kDLComplex 5, kDLBool 6) and bits. */
+static const DLDataType wire_dtypes[] = {
+    {2, 32, 1}, {2, 64, 1}, {2, 16, 1}, {4, 16, 1}, {0, 64, 1}, {0, 32, 1},
+    {0, 16, 1}, {0, 8, 1}, {1, 8, 1}, {6, 8, 1}, {5, 64, 1}, {5, 128, 1}};
+#define WIRE_DTYPES ((int)(sizeof(wire_dtypes) / sizeof(wire_dtypes[0])))
+
+/* Set by tensor_setup() in the interpreter that imported torch (torch runs in the
+ * main interpreter only; a subinterpreter never calls it, and these functions
+ * answer None there). */
+static PyObject *t_tensor_type, *t_parameter_type, *t_to_dlpack, *t_from_dlpack, *t_block_type;
+static const DLPackExchangeAPI *t_api;
+static PyObject *s_is_neg, *s_is_conj, *s_storage_offset, *s_alloc, *s_segment, *s_address, *s_size, *s_mm;
+
+/* TensorBlock: what a tensor made by tensor_read() keeps alive (its storage holds
+ * the only reference, through the DLPack deleter's context): an export of the
+ * segment's mapping, so that a remap (the segment grew) never unmaps bytes a
+ * tensor still views, as the numpy array of the Python path does.  The codec
+ * watches it with a weak reference, as it watches the numpy array of
+ * a tensor it made in Python, to learn when the block's last tensor died. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *weakreflist;
+    Py_buffer mapping; /* an export of the segment's mmap: it stays mapped while viewed */
+} BlockObject;
+
+static void Block_dealloc(BlockObject *self) {
+    PyTypeObject *tp = Py_TYPE(self);
+    if (self->weakreflist != NULL)
+        PyObject_ClearWeakRefs((PyObject *)self);
+    if (self->mapping.obj != NULL)
+        PyBuffer_Release(&self->mapping);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static PyMemberDef Block_members[] = {
+    {"__weaklistoffset__", T_PYSSIZET, offsetof(BlockObject, weakreflist), READONLY, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyType_Slot Block_slots[] = {
+    {Py_tp_doc, (void *)"What a tensor over an arena block made by tensor_read() keeps alive."},
+    {Py_tp_dealloc, (void *)Block_dealloc},
+    {Py_tp_members, Block_members},
+    {0, NULL},
+};
+
+static PyType_Spec Block_spec = {
+    .name = "multipy._native.TensorBlock",
+    .basicsize = sizeof(BlockObject),
+    .flags = Py_TPFLAGS_DEFAULT,
+    .slots = Block_slots,
+};
+
+static int finalizing(void) {
+#if PY_VERSION_HEX >= 0x030D0000
+    return Py_IsFinalizing();
+#else
+    return _Py_IsFinalizing();
+#endif
+}
+
+/* A tensor's storage dies: drop its block's holder.  torch may free a storage on
+ * any thread, with or without the GIL, so take it; at interpreter exit the holder
+ * is left alone (the process is ending). */
+static void drop_holder(void *ctx) {
+    if (ctx == NULL || finalizing())
+        return;
+    PyGILState_STATE state = PyGILState_Ensure();
+    Py_DECREF((PyObject *)ctx);
+    PyGILState_Release(state);
+}
+
+typedef struct {
+    DLManagedTensorVersioned mt;
+    int64_t dims[2 * MAX_DIMS]; /* shape, then strides */
+} versioned_t;
+
+typedef struct {
+    DLManagedTensor mt;
+    int64_t dims[2 * MAX_DIMS];
+} unversioned_t;
+
+static void versioned_deleter(DLManagedTensorVersioned *mt) {
+    drop_holder(mt->manager_ctx);
+    PyMem_RawFree(mt);
+}
+
+static void unversioned_deleter(DLManagedTensor *mt) {
+    drop_holder(mt->manager_ctx);
+    PyMem_RawFree(mt);
+}
+
+/* A "dltensor" capsule that torch never consumed (it renames the ones it takes). */
+static void capsule_destructor(PyObject *capsule) {
+    if (PyCapsule_IsValid(capsule, "dltensor")) {
+        DLManagedTensor *mt = PyCapsule_GetPointer(capsule, "dltensor");
+        if (mt != NULL && mt->deleter != NULL)
+            mt->deleter(mt);
+    }
+}
+
+static PyObject *native_tensor_setup(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError,
+                        "tensor_setup(tensor_type, parameter_type, api, to_dlpack, from_dlpack)");
+        return NULL;
+    }
+    const DLPackExchangeAPI *api = NULL;
+    if (args[2] != Py_None) {
+        api = PyCapsule_GetPointer(args[2], "dlpack_exchange_api");
+        if (api == NULL)
+            return NULL;
+        /* The table grew by appending: 1.2 is the first version with all we use. */
+        if (api->header.version.major != 1 || api->header.version.minor < 2 ||
+            api->managed_tensor_to_py_object_no_sync == NULL ||
+            api->dltensor_from_py_object_no_sync == NULL)
+            api = NULL;
+    }
+    if (t_block_type == NULL) {
+        t_block_type = PyType_FromModuleAndSpec(m, &Block_spec, NULL);
+        if (t_block_type == NULL)
+            return NULL;
+#define INTERN(var, text) if ((var = PyUnicode_InternFromString(text)) == NULL) return NULL
+        INTERN(s_is_neg, "is_neg");
+        INTERN(s_is_conj, "is_conj");
+        INTERN(s_storage_offset, "storage_offset");
+        INTERN(s_alloc, "alloc");
+        INTERN(s_segment, "segment");
+        INTERN(s_address, "address");
+        INTERN(s_size, "size");
+        INTERN(s_mm, "mm");
+#undef INTERN
+    }
+    Py_XSETREF(t_tensor_type, Py_NewRef(args[0]));
+    Py_XSETREF(t_parameter_type, Py_NewRef(args[1]));
+    Py_XSETREF(t_to_dlpack, Py_NewRef(args[3]));
+    Py_XSETREF(t_from_dlpack, Py_NewRef(args[4]));
+    t_api = api;
+    return PyBool_FromLong(api != NULL);
+}
+
+/* An int attribute of obj (an address or a size); -1 with an error set on failure. */
+static int64_t int_attr(PyObject *obj, PyObject *name) {
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL)
+        return -1;
+    int64_t out = PyLong_AsLongLong(v);
+    Py_DECREF(v);
+    if (out < 0 && !PyErr_Occurred())
+        PyErr_SetString(PyExc_ValueError, "a negative address or size");
+    return out;
+}
+
+/* 1 when the method `name` of t answers True, 0 False, -1 on an error. */
+static int ask(PyObject *t, PyObject *name) {
+    PyObject *r = PyObject_CallMethodNoArgs(t, name);
+    if (r == NULL)
+        return -1;
+    int out = PyObject_IsTrue(r);
+    Py_DECREF(r);
+    return out;
+}
+
+/* storage_offset() == 0: a contiguous tensor in place is described as a plain block
+ * only when it starts where its storage does (codec._in_place). */
+static int at_storage_start(PyObject *t) {
+    PyObject *r = PyObject_CallMethodNoArgs(t, s_storage_offset);
+    if (r == NULL)
+        return -1;
+    long long off = PyLong_AsLongLong(r);
+    Py_DECREF(r);
+    if (off == -1 && PyErr_Occurred())
+        return -1;
+    return off == 0;
+}
+
+static PyObject *make_item(int seg, int code, const DLTensor *dl, uint64_t offset, uint64_t nbytes) {
+    Py_ssize_t n = TENSOR_HEAD + 8 * (Py_ssize_t)dl->ndim;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, n);
+    if (out == NULL)
+        return NULL;
+    unsigned char *p = (unsigned char *)PyBytes_AS_STRING(out);
+    int64_t storage_offset = 0;
+    p[0] = ITEM_TENSOR;
+    p[1] = (unsigned char)seg;
+    p[2] = (unsigned char)code;
+    p[3] = (unsigned char)dl->ndim;
+    p[4] = 0; /* a plain block: no strides */
+    memcpy(p + 5, &offset, 8);
+    memcpy(p + 13, &nbytes, 8);
+    memcpy(p + 21, &storage_offset, 8);
+    if (dl->ndim)
+        memcpy(p + TENSOR_HEAD, dl->shape, 8 * (size_t)dl->ndim);
+    return out;
+}
+
+/* tensor_item(t, returnable, arena, reuse_arena, placed) -> bytes | None */
+static PyObject *native_tensor_item(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
+    (void)m;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError,
+                        "tensor_item(t, returnable, arena, reuse_arena, placed) takes 5 arguments");
+        return NULL;
+    }
+    PyObject *t = args[0], *returnable = args[1], *arena = args[2], *placed = args[4];
+    int reuse = PyObject_IsTrue(args[3]);
+    if (t_tensor_type == NULL ||
+        ((PyObject *)Py_TYPE(t) != t_tensor_type && (PyObject *)Py_TYPE(t) != t_parameter_type))
+        Py_RETURN_NONE;
+    if (!PyList_Check(placed)) {
+        PyErr_SetString(PyExc_TypeError, "tensor_item: placed must be a list");
+        return NULL;
+    }
+    DLTensor dl;
+    PyObject *capsule = NULL, *out = NULL;
+    if (t_api != NULL) {
+        if (t_api->dltensor_from_py_object_no_sync(t, &dl) != 0) {
+            PyErr_Clear(); /* sparse, quantized, ...: the Python path says what it can */
+            Py_RETURN_NONE;
+        }
+    } else {
+        capsule = PyObject_CallOneArg(t_to_dlpack, t);
+        if (capsule == NULL) {
+            PyErr_Clear();
+            Py_RETURN_NONE;
+        }
+        DLManagedTensor *mt = PyCapsule_GetPointer(capsule, "dltensor");
+        if (mt == NULL) {
+            PyErr_Clear();
+            goto fallback;
+        }
+        dl = mt->dl_tensor;
+    }
+    if (dl.device.device_type != kDLCPU || dl.ndim < 0 || dl.ndim > MAX_DIMS)
+        goto fallback;
+    int code = 0;
+    while (code < WIRE_DTYPES && !(wire_dtypes[code].code == dl.dtype.code &&
+                                   wire_dtypes[code].bits == dl.dtype.bits &&
+                                   wire_dtypes[code].lanes == dl.dtype.lanes))
+        code++;
+    if (code == WIRE_DTYPES)
+        goto fallback;
+    uint64_t numel = 1, expect = 1;
+    int contiguous = 1;
+    for (int i = dl.ndim - 1; i >= 0; i--) {
+        int64_t d = dl.shape[i];
+        if (d < 0 || __builtin_mul_overflow(numel, (uint64_t)d, &numel))
+            goto fallback;
+        if (d != 1 && dl.strides != NULL && dl.strides[i] != (int64_t)expect)
+            contiguous = 0;
+        if (__builtin_mul_overflow(expect, (uint64_t)(d ? d : 1), &expect))
+            goto fallback;
+    }
+    uint64_t nbytes;
+    if (__builtin_mul_overflow(numel, (uint64_t)(dl.dtype.bits / 8), &nbytes))
+        goto fallback;
+    if (nbytes == 0) {
+        out = make_item(SEG_EMPTY, code, &dl, 0, 0);
+        goto done;
+    }
+    if (!contiguous)
+        goto fallback; /* a copy through torch: the Python path */
+    /* A negative or conjugate bit is not in DLPack: such a tensor's bytes are not its
+     * values.  The Python path resolves the bits into a copy. */
+    int bit = ask(t, s_is_neg);
+    if (bit == 0 && code >= CODE_COMPLEX)
+        bit = ask(t, s_is_conj);
+    if (bit != 0) {
+        if (bit < 0)
+            goto done;
+        goto fallback;
+    }
+    char *address = (char *)dl.data + dl.byte_offset;
+    if (returnable != Py_None) {
+        int64_t base = int_attr(returnable, s_address), size;
+        if (base < 0 || (size = int_attr(returnable, s_size)) < 0)
+            goto done;
+        if ((uintptr_t)address >= (uintptr_t)base && (uintptr_t)address < (uintptr_t)(base + size)) {
+            int start = at_storage_start(t);
+            if (start < 0)
+                goto done;
+            if (!start)
+                goto fallback;
+            out = make_item(SEG_RETURNED, code, &dl, (uint64_t)((uintptr_t)address - (uintptr_t)base), nbytes);
+            goto done;
+        }
+    }
+    if (arena == Py_None)
+        goto fallback; /* the Python path says that tensors cannot cross this link */
+    PyObject *segment = PyObject_GetAttr(arena, s_segment);
+    if (segment == NULL)
+        goto done;
+    int64_t base = int_attr(segment, s_address), size = base < 0 ? -1 : int_attr(segment, s_size);
+    Py_DECREF(segment);
+    if (size < 0)
+        goto done;
+    if (reuse && (uintptr_t)address >= (uintptr_t)base && (uintptr_t)address < (uintptr_t)(base + size)) {
+        int start = at_storage_start(t);
+        if (start < 0)
+            goto done;
+        if (!start)
+            goto fallback;
+        out = make_item(SEG_OUTBOUND, code, &dl, (uint64_t)((uintptr_t)address - (uintptr_t)base), nbytes);
+        goto done;
+    }
+    PyObject *n = PyLong_FromUnsignedLongLong(nbytes);
+    if (n == NULL)
+        goto done;
+    PyObject *off = PyObject_CallMethodOneArg(arena, s_alloc, n);
+    Py_DECREF(n);
+    if (off == NULL)
+        goto done;
+    int appended = PyList_Append(placed, off);
+    int64_t offset = PyLong_AsLongLong(off);
+    Py_DECREF(off);
+    if (appended < 0 || (offset < 0 && PyErr_Occurred()))
+        goto done;
+    segment = PyObject_GetAttr(arena, s_segment); /* alloc may have grown (remapped) it */
+    if (segment == NULL)
+        goto done;
+    base = int_attr(segment, s_address);
+    Py_DECREF(segment);
+    if (base < 0)
+        goto done;
+    if (nbytes >= COPY_WITHOUT_GIL) {
+        Py_BEGIN_ALLOW_THREADS
+        memcpy((char *)(uintptr_t)base + offset, address, nbytes);
+        Py_END_ALLOW_THREADS
+    } else {
+        memcpy((char *)(uintptr_t)base + offset, address, nbytes);
+    }
+    out = make_item(SEG_OUTBOUND, code, &dl, (uint64_t)offset, nbytes);
+    goto done;
+fallback:
+    out = Py_NewRef(Py_None);
+done:
+    Py_XDECREF(capsule);
+    return out;
+}
+
+/* tensor_read(data, pos, outbound, own) -> (tensor, holder, seg, offset, end) | None
+ *
+ * The tensor item at data[pos]: a tensor over its block of `outbound` (seg 0) or
+ * `own` (seg 1), two Segments (or None), keeping `holder` alive.  None for what the
+ * Python path reads instead: an empty or strided item, a block past the segment's
+ * mapped size (the Python path remaps), or anything it would call corrupt. */
+static PyObject *native_tensor_read(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
+    (void)m;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "tensor_read(data, pos, outbound, own) takes 4 arguments");
+        return NULL;
+    }
+    if (t_block_type == NULL)
+        Py_RETURN_NONE;
+    Py_ssize_t pos = PyLong_AsSsize_t(args[1]);
+    if (pos == -1 && PyErr_Occurred())
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    PyObject *out = NULL;
+    const unsigned char *p = (const unsigned char *)view.buf + pos;
+    if (pos < 0 || view.len - pos < TENSOR_HEAD || p[0] != ITEM_TENSOR)
+        goto fallback;
+    int seg = p[1], code = p[2], ndim = p[3], strided = p[4];
+    uint64_t offset, nbytes;
+    memcpy(&offset, p + 5, 8);
+    memcpy(&nbytes, p + 13, 8);
+    if (strided || seg > SEG_RETURNED || code >= WIRE_DTYPES || ndim > MAX_DIMS || nbytes == 0 ||
+        view.len - pos < TENSOR_HEAD + 8 * ndim)
+        goto fallback;
+    int64_t dims[2 * MAX_DIMS];
+    memcpy(dims, p + TENSOR_HEAD, 8 * (size_t)ndim);
+    uint64_t numel = 1;
+    for (int i = ndim - 1; i >= 0; i--) {
+        if (dims[i] < 0)
+            goto fallback;
+        dims[ndim + i] = (int64_t)numel; /* contiguous strides, in elements */
+        if (__builtin_mul_overflow(numel, (uint64_t)dims[i], &numel))
+            goto fallback;
+    }
+    DLDataType dtype = wire_dtypes[code];
+    uint64_t want;
+    if (__builtin_mul_overflow(numel, (uint64_t)(dtype.bits / 8), &want) || want != nbytes ||
+        offset % (dtype.bits / 8) != 0) /* torch's kernels assume aligned elements */
+        goto fallback;
+    PyObject *segment = seg == SEG_OUTBOUND ? args[2] : args[3];
+    if (segment == Py_None)
+        goto fallback;
+    PyObject *mm = PyObject_GetAttr(segment, s_mm);
+    if (mm == NULL)
+        goto done;
+    BlockObject *holder = (BlockObject *)PyType_GenericAlloc((PyTypeObject *)t_block_type, 0);
+    if (holder == NULL) {
+        Py_DECREF(mm);
+        goto done;
+    }
+    int exported = PyObject_GetBuffer(mm, &holder->mapping, PyBUF_SIMPLE);
+    Py_DECREF(mm);
+    if (exported < 0) {
+        Py_DECREF(holder);
+        goto done;
+    }
+    if (offset > (uint64_t)holder->mapping.len || nbytes > (uint64_t)holder->mapping.len - offset) {
+        Py_DECREF(holder);
+        goto fallback;
+    }
+    char *block = (char *)holder->mapping.buf + offset;
+    PyObject *tensor = NULL;
+    DLTensor *dl;
+    int64_t *kept;
+    if (t_api != NULL) {
+        versioned_t *v = PyMem_RawMalloc(sizeof(versioned_t));
+        if (v == NULL) {
+            Py_DECREF((PyObject *)holder);
+            PyErr_NoMemory();
+            goto done;
+        }
+        v->mt.version.major = 1;
+        v->mt.version.minor = 0;
+        v->mt.manager_ctx = Py_NewRef((PyObject *)holder);
+        v->mt.deleter = versioned_deleter;
+        v->mt.flags = 0;
+        dl = &v->mt.dl_tensor;
+        kept = v->dims;
+        memcpy(kept, dims, sizeof(int64_t) * 2 * (size_t)ndim);
+        dl->data = block;
+        dl->device.device_type = kDLCPU;
+        dl->device.device_id = 0;
+        dl->ndim = ndim;
+        dl->dtype = dtype;
+        dl->shape = kept;
+        dl->strides = kept + ndim;
+        dl->byte_offset = 0;
+        void *made = NULL;
+        if (t_api->managed_tensor_to_py_object_no_sync(&v->mt, &made) == 0)
+            tensor = (PyObject *)made;
+        /* on failure torch has called the deleter (it owns the tensor from the call) */
+    } else {
+        unversioned_t *u = PyMem_RawMalloc(sizeof(unversioned_t));
+        if (u == NULL) {
+            Py_DECREF((PyObject *)holder);
+            PyErr_NoMemory();
+            goto done;
+        }
+        u->mt.manager_ctx = Py_NewRef((PyObject *)holder);
+        u->mt.deleter = unversioned_deleter;
+        dl = &u->mt.dl_tensor;
+        kept = u->dims;
+        memcpy(kept, dims, sizeof(int64_t) * 2 * (size_t)ndim);
+        dl->data = block;
+        dl->device.device_type = kDLCPU;
+        dl->device.device_id = 0;
+        dl->ndim = ndim;
+        dl->dtype = dtype;
+        dl->shape = kept;
+        dl->strides = kept + ndim;
+        dl->byte_offset = 0;
+        PyObject *capsule = PyCapsule_New(&u->mt, "dltensor", capsule_destructor);
+        if (capsule == NULL) {
+            unversioned_deleter(&u->mt);
+        } else {
+            tensor = PyObject_CallOneArg(t_from_dlpack, capsule);
+            Py_DECREF(capsule); /* consumed: torch renamed it; not: the deleter runs */
+        }
+    }
+    if (tensor == NULL) {
+        Py_DECREF(holder);
+        goto done;
+    }
+    out = PyTuple_New(5);
+    PyObject *o_seg = PyLong_FromLong(seg), *o_off = PyLong_FromUnsignedLongLong(offset),
+             *o_end = PyLong_FromSsize_t(pos + TENSOR_HEAD + 8 * (Py_ssize_t)ndim);
+    if (out == NULL || o_seg == NULL || o_off == NULL || o_end == NULL) {
+        Py_XDECREF(out);
+        out = NULL;
+        Py_DECREF(tensor);
+        Py_DECREF(holder);
+        Py_XDECREF(o_seg);
+        Py_XDECREF(o_off);
+        Py_XDECREF(o_end);
+        goto done;
+    }
+    PyTuple_SET_ITEM(out, 0, tensor);
+    PyTuple_SET_ITEM(out, 1, (PyObject *)holder);
+    PyTuple_SET_ITEM(out, 2, o_seg);
+    PyTuple_SET_ITEM(out, 3, o_off);
+    PyTuple_SET_ITEM(out, 4, o_end);
+    goto done;
+fallback:
+    out = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&view);
+    return out;
+}
+
 static PyMethodDef module_methods[] = {
     {"spinners", native_spinners, METH_NOARGS, "Host threads of this process spinning now."},
     {"in_flight", native_in_flight, METH_NOARGS,
@@ -960,6 +1524,22 @@ static PyMethodDef module_methods[] = {
      "unpack_reply(frame, /)\n\nThe fields of a binary reply frame (see transport.messages)."},
     {"pack_reply", (PyCFunction)(void (*)(void))native_pack_reply, METH_FASTCALL,
      "pack_reply(call, value, pinned, unpinned, output, blocks, /)\n\nA binary reply frame."},
+    {"tensor_setup", (PyCFunction)(void (*)(void))native_tensor_setup, METH_FASTCALL,
+     "tensor_setup(tensor_type, parameter_type, api, to_dlpack, from_dlpack, /) -> bool\n\n"
+     "Let tensor_item and tensor_read work on tensors of torch (torch.Tensor,\n"
+     "torch.nn.Parameter, the \"dlpack_exchange_api\" capsule or None,\n"
+     "torch._C._to_dlpack, torch._C._from_dlpack).  True when the exchange API is used."},
+    {"tensor_item", (PyCFunction)(void (*)(void))native_tensor_item, METH_FASTCALL,
+     "tensor_item(t, returnable, arena, reuse_arena, placed, /) -> bytes | None\n\n"
+     "The codec's binary item for tensor t (see transport.codec.Encoder._item), its\n"
+     "bytes copied into a block of arena (its offset appended to placed) unless t\n"
+     "lies in returnable (or, with reuse_arena, in arena); None for a tensor the\n"
+     "Python path encodes."},
+    {"tensor_read", (PyCFunction)(void (*)(void))native_tensor_read, METH_FASTCALL,
+     "tensor_read(data, pos, outbound, own, /) -> (tensor, holder, seg, offset, end) | None\n\n"
+     "A tensor over the block that the tensor item at data[pos] names, in segment\n"
+     "outbound (seg 0) or own (seg 1); holder lives as long as a tensor views the\n"
+     "block.  None for an item the Python path reads."},
     {NULL, NULL, 0, NULL},
 };
 

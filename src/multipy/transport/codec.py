@@ -30,8 +30,8 @@ from ..errors import MultipyError, TransportError
 from . import cuda
 from .cuda_link import CUDA_BLOCK
 from .shm import Arena, BlockRef, Segment
-from .tensors import _NAMES as _DTYPE_NAMES, decoding, dtype as _dtype, \
-    dtype_name as _dtype_name, numpy_dtype as _numpy_dtype, strided as _strided
+from .tensors import decoding, dtype as _dtype, dtype_name as _dtype_name, \
+    numpy_dtype as _numpy_dtype, strided as _strided
 
 # Descriptor segment names.  Anything else is a ``(pid, fd, inode)`` ident.
 OUTBOUND = "o"   # the sender's arena (host: args arena; interpreter: results arena)
@@ -231,6 +231,8 @@ class Encoder:
         self._parameter_type = torch.nn.Parameter
         self._strided = torch.strided
         self._codes = {_dtype(name): code for code, name in enumerate(_FAST_DTYPES)}
+        if _native_tensors is None:
+            native_tensors()
         # Parameters cross as plain tensors too: detached, like every tensor.
         self._table[torch.Tensor] = self._table[torch.nn.Parameter] = self._reduce_tensor
 
@@ -244,6 +246,11 @@ class Encoder:
         """``value`` as an item of the binary forms, or ``None`` when it must be pickled."""
         kind = type(value)
         if kind is self._tensor_type or kind is self._parameter_type:
+            if _tensor_item is not None:  # the extension's: a few thousand instructions
+                encoded = _tensor_item(value, self.returnable, self.arena, self.reuse_arena,
+                                       self.placed)
+                if encoded is not None:
+                    return encoded
             # describe's checks, with the fewest calls into torch (each costs about as
             # much as a Python function call): a dtype without a code (quantized ones
             # included), another device (CUDA: links and IPC) or layout (sparse) takes
@@ -322,8 +329,7 @@ class Encoder:
             return None  # sparse and quantized tensors are pickled by value
         if t.is_conj() or t.is_neg():
             t = t.resolve_conj().resolve_neg()
-        dtype = t.dtype
-        return self._placed(t, _DTYPE_NAMES.get(dtype) or _dtype_name(dtype), tuple(t.shape))
+        return self._placed(t, _dtype_name(t.dtype), tuple(t.shape))
 
     def _placed(self, t, dtype: str, shape) -> tuple:
         """:meth:`describe` for a strided CPU tensor without a conjugate or negative
@@ -363,6 +369,43 @@ def _know_numpy() -> None:
     _from_numpy = torch.from_numpy
     _ndarray = numpy.ndarray
     _NUMPY_BY_CODE[:] = [_numpy_dtype(name) for name in _FAST_DTYPES]
+    if _native_tensors is None:
+        native_tensors()
+
+
+def native_tensors(exchange_api: bool = True) -> str:
+    """Let the extension encode and read tensor items of the binary forms (torch is
+    imported); returns how: ``"exchange API"`` (DLPack's C exchange API of torch,
+    no Python call at all), ``"capsules"`` (torch's DLPack capsules, for a torch
+    without that API, or ``exchange_api=False``) or ``"Python"`` (no extension, or
+    one without these functions: the codec's Python path).
+
+    >>> import torch
+    >>> native_tensors() in ("exchange API", "capsules", "Python")
+    True
+    """
+    global _native_tensors, _tensor_item, _tensor_read
+    from .channel import _native_module
+
+    torch = sys.modules["torch"]
+    if _native_module is None or not hasattr(_native_module, "tensor_setup"):
+        _native_tensors, _tensor_item, _tensor_read = "Python", None, None
+        return _native_tensors
+    api = None
+    if exchange_api:
+        api = getattr(torch.Tensor, "__dlpack_c_exchange_api__", None)
+        if api is None and hasattr(torch._C, "_dlpack_exchange_api"):
+            api = torch._C._dlpack_exchange_api()
+    used = _native_module.tensor_setup(torch.Tensor, torch.nn.Parameter, api,
+                                       torch._C._to_dlpack, torch._C._from_dlpack)
+    _tensor_item, _tensor_read = _native_module.tensor_item, _native_module.tensor_read
+    _native_tensors = "exchange API" if used else "capsules"
+    return _native_tensors
+
+
+_native_tensors: str | None = None  # how tensor items are encoded and read (native_tensors)
+_tensor_item = None  # multipy._native.tensor_item, once set up
+_tensor_read = None  # multipy._native.tensor_read, likewise
 
 
 _from_numpy = None  # torch.from_numpy, once a binary tensor item was read
@@ -524,6 +567,18 @@ class Decoder:
         if tag == _I_TENSOR:
             if not _NUMPY_BY_CODE:
                 _know_numpy()
+            if _tensor_read is not None:  # the extension's: no numpy, no Python call into torch
+                read = _tensor_read(data, pos, self.outbound, self.own)
+                if read is not None:
+                    tensor, holder, seg, offset, pos = read
+                    if seg == 0:
+                        if self._died is not None:
+                            self._watch(holder, offset)
+                        else:
+                            self.received.append((offset, holder))
+                    elif self.on_return is not None:
+                        self.on_return(offset, holder)
+                    return tensor, pos
             _, seg, code, ndim, strided, offset, nbytes, storage_offset = \
                 _TENSOR_HEAD.unpack_from(data, pos)
             dims = _DIMS[ndim]
@@ -552,6 +607,8 @@ class Decoder:
             holder = _ndarray(shape, np_dtype, segment.mm, offset)
             if holder.nbytes != nbytes:
                 raise TransportError(f"a tensor item of {nbytes} bytes has shape {shape}")
+            if offset % np_dtype.itemsize:
+                raise _misaligned(offset, np_dtype.itemsize)
             if seg == 0:
                 if self._died is not None:
                     self._watch(holder, offset)
@@ -585,6 +642,9 @@ class Decoder:
                 segment = self.own
             else:
                 segment = self.open_shared(seg)
+            itemsize = _dtype(dtype).itemsize
+            if offset % itemsize:
+                raise _misaligned(offset, itemsize)
             t, holder = hold_tensor(segment.view(offset, nbytes), dtype, shape, stride, storage_offset)
             if seg == OUTBOUND:
                 if self._died is not None:
@@ -594,6 +654,13 @@ class Decoder:
             elif seg == RETURNED and self.on_return is not None:
                 self.on_return(offset, holder)
         return t
+
+
+def _misaligned(offset: int, itemsize: int) -> TransportError:
+    """A block that does not start on an element: torch's kernels would fault on it
+    (blocks start on 64 bytes; only a corrupt descriptor names such an offset)."""
+    return TransportError(f"a tensor block at offset {offset}, not a multiple of its "
+                          f"{itemsize}-byte elements")
 
 
 def settle_sparse(*, check: bool = True) -> None:

@@ -1,0 +1,312 @@
+"""Tensor items encoded and read in C (multipy._native.tensor_item / tensor_read)
+against the codec's Python path, on the same inputs.
+
+The extension makes and reads the binary form's tensor items through DLPack:
+torch's C exchange API where torch has one, its "dltensor" capsules otherwise;
+both are checked.  Whatever the C functions do not handle they answer with None
+and the Python path takes the tensor, so for every input the bytes written and
+the tensor read must be the ones the Python path gives, and a block must be
+released exactly when its last tensor dies, whichever path made the tensor.
+"""
+
+from __future__ import annotations
+
+import collections
+import gc
+import os
+import threading
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from multipy.errors import TransportError
+from multipy.transport import codec
+from multipy.transport.codec import FAST_VALUE, Decoder, Encoder
+from multipy.transport.shm import Arena, Segment
+
+native = pytest.importorskip("multipy.transport.channel")._native_module
+if native is None or not hasattr(native, "tensor_item"):
+    pytest.skip("the C extension is not loaded here (MULTIPY_NATIVE=0, or not built): "
+                "only the Python path runs", allow_module_level=True)
+
+DTYPES = [torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+          torch.float16, torch.bfloat16, torch.float32, torch.float64,
+          torch.complex64, torch.complex128]
+HAS_EXCHANGE_API = getattr(torch.Tensor, "__dlpack_c_exchange_api__", None) is not None
+_ITEM = slice(1, None)  # a FAST_VALUE message's item
+
+
+@pytest.fixture(scope="module", params=["exchange API", "capsules"])
+def path(request):
+    """The extension's tensor functions over torch's exchange API, then over capsules."""
+    if request.param == "exchange API" and not HAS_EXCHANGE_API:
+        pytest.skip("this torch has no DLPack exchange API")
+    assert codec.native_tensors(exchange_api=request.param == "exchange API") == request.param
+    yield request.param
+    codec.native_tensors()
+
+
+@pytest.fixture(scope="module")
+def ends(path):
+    """A host encoder and the interpreter's decoder over one args arena, as the
+    process backend wires them, and the results arena the decoder hands back into."""
+    args = Arena(Segment.create(1 << 16))
+    results = Segment.create(1 << 16)
+    interp_args = Segment(os.dup(args.segment.fd), args.segment.size)
+    interp_results = Segment(os.dup(results.fd), results.size)
+    encoder = Encoder(args, returnable=results, reuse_arena=True)
+    decoder = Decoder(interp_args, own=interp_results)
+    return encoder, decoder, args
+
+
+def python_path():
+    """Turn the extension's tensor functions off until the context ends."""
+    saved = codec._tensor_item, codec._tensor_read
+
+    class _Off:
+        def __enter__(self):
+            codec._tensor_item = codec._tensor_read = None
+
+        def __exit__(self, *exc):
+            codec._tensor_item, codec._tensor_read = saved
+
+    return _Off()
+
+
+def same(a, b) -> bool:
+    """Same dtype, shape and bytes; the received tensor never requires grad."""
+    a = a.detach().resolve_conj().resolve_neg()
+    return (type(b) is torch.Tensor and a.dtype == b.dtype and a.shape == b.shape
+            and not b.requires_grad and b.is_contiguous()
+            and (a.numel() == 0 or torch.equal(_bytes(a), _bytes(b))))
+
+
+def _bytes(t):
+    """``t``'s values as bytes (a fresh row-major copy: NaNs compare equal)."""
+    return torch.empty(t.shape, dtype=t.dtype).copy_(t).reshape(-1).view(torch.uint8)
+
+
+@st.composite
+def tensors(draw):
+    dtype = draw(st.sampled_from(DTYPES))
+    shape = tuple(draw(st.lists(st.integers(0, 4), max_size=4)))
+    t = torch.randint(-50, 100, shape).to(dtype)
+    if dtype.is_complex:
+        t = t + 1j * torch.randint(-50, 100, shape).to(dtype)
+    how = draw(st.sampled_from(["plain", "transposed", "sliced", "offset", "grad", "parameter",
+                                "conj", "neg"]))
+    if how == "transposed" and t.dim() >= 2:
+        t = t.transpose(0, 1)
+    elif how == "sliced" and t.dim() >= 1 and t.shape[0] > 1:
+        t = t[::2]
+    elif how == "offset" and t.dim() >= 1 and t.shape[0] > 1:
+        t = t[1:]  # contiguous, but not where its storage starts
+    elif how == "grad" and (dtype.is_floating_point or dtype.is_complex):
+        t = t.clone().requires_grad_(True)
+    elif how == "parameter" and (dtype.is_floating_point or dtype.is_complex):
+        t = torch.nn.Parameter(t.clone())
+    elif how == "conj" and dtype.is_complex:
+        t = t.conj()  # the conjugate bit: the bytes are not the values
+    elif how == "neg" and dtype.is_complex:
+        t = t.conj().imag  # a float view with the negative bit
+    return t
+
+
+settings_ = settings(max_examples=200, deadline=None,
+                     suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@settings_
+@given(t=tensors())
+def test_c_writes_the_item_the_python_path_writes(ends, t):
+    encoder, decoder, args = ends
+    with python_path():
+        expected = encoder.encode(t)
+    placed_py = encoder.placed
+    for offset in placed_py:
+        args.free(offset)
+    data = encoder.encode(t)  # the same block again: the size class hands it back
+    try:
+        assert encoder.placed == placed_py
+        assert data == expected
+        got = decoder.decode(data)
+        assert same(t, got)
+    finally:
+        decoder.received = []
+        for offset in encoder.placed:
+            args.free(offset)
+
+
+@settings_
+@given(t=tensors())
+def test_c_reads_the_tensor_the_python_path_reads(ends, t):
+    encoder, decoder, args = ends
+    with python_path():
+        data = encoder.encode(t)
+    try:
+        with python_path():
+            expected = decoder.decode(data)
+        by_python, decoder.received = decoder.received, []
+        got = decoder.decode(data)
+        by_c, decoder.received = decoder.received, []
+        assert same(expected, got) and same(t, got)
+        assert [o for o, _ in by_c] == [o for o, _ in by_python]
+        if by_c:  # both views are of the same bytes of the arena
+            assert got.data_ptr() == expected.data_ptr()
+    finally:
+        for offset in encoder.placed:
+            args.free(offset)
+
+
+@pytest.mark.parametrize("t", [torch.ones(1, 16), torch.arange(6, dtype=torch.int16).reshape(2, 3),
+                               torch.tensor(2.5), torch.ones(3, dtype=torch.bfloat16),
+                               torch.tensor([True, False])],
+                         ids=["1x16", "int16", "0-d", "bfloat16", "bool"])
+def test_the_fast_path_takes_the_common_tensors(ends, t):
+    # The extension answers these itself (the Python path is not asked).
+    encoder, _, args = ends
+    placed = []
+    item = native.tensor_item(t, None, args, False, placed)
+    assert item is not None and item[0] == 5 and len(placed) == 1
+    read = native.tensor_read(bytes([FAST_VALUE]) + item, 1, args.segment, None)
+    assert read is not None
+    tensor, holder, seg, offset, end = read
+    assert same(t, tensor) and (seg, offset, end) == (0, placed[0], 1 + len(item))
+    assert type(holder).__name__ == "TensorBlock"
+    del tensor, read
+    args.free(placed[0])
+
+
+@pytest.mark.parametrize("make", [
+    lambda: torch.arange(6.0).reshape(2, 3).t(),
+    lambda: torch.ones(2, dtype=torch.complex64).conj(),
+    lambda: torch.tensor([1 + 2j]).conj().imag,
+    lambda: torch.ones(2).to_sparse(),
+    lambda: torch._empty_affine_quantized([2], scale=0.1, zero_point=0, dtype=torch.quint8),
+    lambda: torch.ones(2, dtype=torch.uint16),
+], ids=["transposed", "conj", "neg", "sparse", "quantized", "uint16"])
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor")
+def test_what_the_fast_path_leaves_to_python(ends, make):
+    encoder, _, args = ends
+    placed = []
+    assert native.tensor_item(make(), None, args, False, placed) is None
+    assert placed == []  # nothing taken from the arena
+
+
+def test_a_block_is_released_when_its_last_tensor_dies(path):
+    # The tensor's storage holds the block's holder; a view keeps it too; the
+    # holder's death appends its reference (C-level) for released_offsets.
+    results = Arena(Segment.create(1 << 16))
+    encoder = Encoder(results)
+    released = collections.deque()
+    decoder = Decoder(Segment(os.dup(results.segment.fd), results.segment.size), released=released)
+    data = encoder.encode(torch.arange(8.0))
+    offset = encoder.placed[0]
+    t = decoder.decode(data)
+    view = t[2:]
+    del t
+    gc.collect()
+    assert decoder.released_offsets() == ()
+    assert view.tolist() == [2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
+    done = threading.Event()
+
+    def drop(box):  # the last tensor dies on another thread
+        box.clear()
+        done.set()
+
+    box = [view]
+    del view
+    threading.Thread(target=drop, args=(box,)).start()
+    assert done.wait(10)
+    assert decoder.released_offsets() == (offset,)
+
+
+def test_a_tensor_keeps_its_mapping_when_the_segment_grows(path):
+    # The reader's segment is remapped when the writer's arena grows; a tensor over
+    # the old mapping must still read its bytes (the holder keeps that mapping).
+    arena = Arena(Segment.create(4096))
+    encoder = Encoder(arena)
+    reader = Segment(os.dup(arena.segment.fd), arena.segment.size)
+    decoder = Decoder(reader)
+    t = decoder.decode(encoder.encode(torch.arange(16.0)))
+    decoder.received = []
+    big = encoder.encode(torch.zeros(1 << 14))  # past the segment's size: it grows
+    assert arena.segment.size > 4096
+    reader.remap()
+    gc.collect()
+    assert t.tolist() == [float(i) for i in range(16)]
+    assert decoder.decode(big).shape == (1 << 14,)
+
+
+def test_a_tensor_handed_back_in_place_is_described_where_it_lies(ends):
+    # A tensor in the returnable segment (the receiver's own) or, with reuse_arena,
+    # in the encoder's arena crosses without a copy; one that does not start where
+    # its storage does is left to the Python path (a strided descriptor).
+    encoder, decoder, args = ends
+    data = encoder.encode(torch.arange(12.0).reshape(3, 4))
+    block = encoder.placed[0]
+    received = decoder.decode(data)  # viewed in the interpreter, over the host's arena
+    decoder.received = []
+    item = native.tensor_item(received, decoder.outbound, None, False, [])
+    with python_path():
+        assert item == Encoder(None, returnable=decoder.outbound).encode(received)[_ITEM]
+    assert item[1] == 1 and int.from_bytes(item[5:13], "little") == block
+    assert native.tensor_item(received[1:], decoder.outbound, None, False, []) is None
+    # The host's own arena block (reuse_arena): described in place, no new block.
+    placed = []
+    item = native.tensor_item(decoder.decode(data), None, type("A", (), {"segment": decoder.outbound})(),
+                              True, placed)
+    decoder.received = []
+    assert item is not None and item[1] == 0 and placed == []
+    assert int.from_bytes(item[5:13], "little") == block
+    args.free(block)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(t=tensors(), at=st.integers(0, 60), byte=st.integers(0, 255), cut=st.integers(0, 8))
+def test_a_corrupt_item_reads_as_the_python_path_reads_it(ends, t, at, byte, cut):
+    # One byte changed, or the item cut short: the extension either makes the tensor
+    # the Python path makes or leaves the item to it; never a crash.
+    encoder, decoder, args = ends
+    with python_path():
+        data = bytearray(encoder.encode(t))
+    try:
+        if at < len(data):
+            data[at] = byte
+        data = bytes(data[:len(data) - cut])
+        try:
+            with python_path():
+                expected = decoder.decode(data)
+        except Exception as exc:
+            expected = exc
+        decoder.received = []
+        try:
+            got = decoder.decode(data)
+        except Exception as exc:
+            got = exc
+        decoder.received = []
+        if isinstance(expected, BaseException):
+            assert type(got) is type(expected)
+        elif isinstance(expected, torch.Tensor):
+            assert isinstance(got, torch.Tensor) and got.dtype == expected.dtype
+            assert got.shape == expected.shape
+            if got.numel():
+                assert torch.equal(_bytes(got), _bytes(expected))
+        else:
+            assert got == expected or (got != got and expected != expected)
+    finally:
+        for offset in encoder.placed:
+            args.free(offset)
+
+
+def test_a_block_past_the_mapping_is_left_to_the_python_path(ends):
+    encoder, decoder, args = ends
+    with python_path():
+        data = bytearray(encoder.encode(torch.ones(4)))
+    args.free(encoder.placed[0])
+    data[6:14] = (1 << 40).to_bytes(8, "little")  # offset far past the segment
+    assert native.tensor_read(bytes(data), 1, decoder.outbound, None) is None
+    with pytest.raises((TransportError, ValueError)):
+        decoder.decode(bytes(data))
