@@ -63,14 +63,14 @@ def ends(path):
 
 def python_path():
     """Turn the extension's tensor functions off until the context ends."""
-    saved = codec._tensor_item, codec._tensor_read
+    saved = codec._tensor_item, codec._tensor_read, codec._c_read_call
 
     class _Off:
         def __enter__(self):
-            codec._tensor_item = codec._tensor_read = None
+            codec._tensor_item = codec._tensor_read = codec._c_read_call = None
 
         def __exit__(self, *exc):
-            codec._tensor_item, codec._tensor_read = saved
+            codec._tensor_item, codec._tensor_read, codec._c_read_call = saved
 
     return _Off()
 
@@ -310,3 +310,105 @@ def test_a_block_past_the_mapping_is_left_to_the_python_path(ends):
     assert native.tensor_read(bytes(data), 1, decoder.outbound, None) is None
     with pytest.raises((TransportError, ValueError)):
         decoder.decode(bytes(data))
+
+
+def test_the_block_comes_from_its_size_class_as_arena_alloc_takes_it(ends):
+    # The extension takes a freed block of the tensor's size class itself, and
+    # enters it in the arena's books exactly as Arena.alloc does.
+    _, _, args = ends
+    t = torch.ones(100)  # 400 bytes: the 512-byte class
+    placed = []
+    native.tensor_item(t, None, args, False, placed)
+    first = placed[0]
+    assert args._used[first] == 512
+    args.free(first)
+    assert first in args._classes[512]
+    native.tensor_item(t, None, args, False, placed)
+    assert placed[1] == first and args._used[first] == 512 and first not in args._classes[512]
+    args.free(first)
+    assert args.alloc(400) == first  # and Arena.alloc finds it given back
+    args.free(first)
+
+
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-(1 << 63), (1 << 63) - 1),
+                    st.floats(allow_nan=False))
+call_args = st.lists(st.one_of(scalars, tensors()), max_size=4)
+
+
+def _same_call(a, b) -> bool:
+    return (a[0] == b[0] and a[1] == b[1] and a[3] == b[3] and a[4] == b[4]
+            and len(a[2]) == len(b[2])
+            and all(same(x, y) if isinstance(x, torch.Tensor) else (type(x) is type(y) and x == y)
+                    for x, y in zip(a[2], b[2])))
+
+
+@settings_
+@given(values=call_args, method=st.one_of(st.none(), st.text(max_size=8)),
+       grad=st.sampled_from([None, 0, 1]), freed=st.lists(st.integers(0, 1 << 40), max_size=3))
+def test_c_reads_the_call_the_python_path_reads(ends, values, method, grad, freed):
+    encoder, decoder, args = ends
+    with python_path():
+        data = encoder.encode_request(14, (7, method, tuple(values), {}, grad, None), (), tuple(freed))
+    try:
+        with python_path():
+            expected = decoder.decode_call(data)
+        by_python, decoder.received = decoder.received, []
+        got = decoder.decode_call(data)
+        by_c, decoder.received = decoder.received, []
+        assert _same_call(expected, got) and got[1] == method and got[3] == grad
+        assert [o for o, _ in by_c] == [o for o, _ in by_python]
+    finally:
+        for offset in encoder.placed:
+            args.free(offset)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(values=call_args, at=st.integers(0, 120), byte=st.integers(0, 255), cut=st.integers(0, 8))
+def test_a_corrupt_call_reads_as_the_python_path_reads_it(ends, values, at, byte, cut):
+    encoder, decoder, args = ends
+    with python_path():
+        data = bytearray(encoder.encode_request(14, (7, "f", tuple(values), {}, 1, None), (), (64,)))
+    try:
+        if at < len(data):
+            data[at] = byte
+        data = bytes(data[:len(data) - cut])
+        outcomes = []
+        for python in (True, False):
+            try:
+                if python:
+                    with python_path():
+                        outcomes.append(decoder.decode_call(data))
+                else:
+                    outcomes.append(decoder.decode_call(data))
+            except Exception as exc:
+                outcomes.append(exc)
+            decoder.received = []
+        expected, got = outcomes
+        if isinstance(expected, BaseException):
+            assert type(got) is type(expected)
+        else:
+            assert expected[:2] == got[:2] and expected[3:] == got[3:]
+            for x, y in zip(expected[2], got[2], strict=True):
+                if isinstance(x, torch.Tensor):
+                    assert x.dtype == y.dtype and x.shape == y.shape
+                    if x.numel():
+                        assert torch.equal(_bytes(x), _bytes(y))
+                else:
+                    assert type(x) is type(y) and (x == y or x != x)
+    finally:
+        for offset in encoder.placed:
+            args.free(offset)
+
+
+def test_the_common_call_is_read_by_the_extension(ends):
+    encoder, decoder, args = ends
+    x = torch.ones(1, 16)
+    data = encoder.encode_request(14, (7, "forward", (x, 2, 2.5, None, True), {}, 1, None), (), (64, 128))
+    read = native.read_call(data, 0, decoder.outbound, decoder.own)
+    assert read is not None
+    rid, method, positional, grad, freed, blocks = read
+    assert (rid, method, grad, freed) == (7, "forward", 1, (64, 128))
+    assert same(x, positional[0]) and positional[1:] == (2, 2.5, None, True)
+    assert [(seg, offset) for seg, offset, _ in blocks] == [(0, encoder.placed[0])]
+    del read, positional, blocks
+    args.free(encoder.placed[0])

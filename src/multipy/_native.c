@@ -1023,7 +1023,7 @@ static const DLDataType wire_dtypes[] = {
  * answer None there). */
 static PyObject *t_tensor_type, *t_parameter_type, *t_to_dlpack, *t_from_dlpack, *t_block_type;
 static const DLPackExchangeAPI *t_api;
-static PyObject *s_is_neg, *s_is_conj, *s_storage_offset, *s_alloc, *s_segment, *s_address, *s_size, *s_mm;
+static PyObject *s_is_neg, *s_is_conj, *s_storage_offset, *s_alloc, *s_segment, *s_address, *s_size, *s_mm, *s_classes, *s_used;
 
 /* TensorBlock: what a tensor made by tensor_read() keeps alive (its storage holds
  * the only reference, through the DLPack deleter's context): an export of the
@@ -1144,6 +1144,8 @@ static PyObject *native_tensor_setup(PyObject *m, PyObject *const *args, Py_ssiz
         INTERN(s_address, "address");
         INTERN(s_size, "size");
         INTERN(s_mm, "mm");
+        INTERN(s_classes, "_classes");
+        INTERN(s_used, "_used");
 #undef INTERN
     }
     Py_XSETREF(t_tensor_type, Py_NewRef(args[0]));
@@ -1207,6 +1209,44 @@ static PyObject *make_item(int seg, int code, const DLTensor *dl, uint64_t offse
     if (dl->ndim)
         memcpy(p + TENSOR_HEAD, dl->shape, 8 * (size_t)dl->ndim);
     return out;
+}
+
+/* Arena.alloc's fast path (transport/shm.py), without its Python frame: a freed
+ * block of nbytes's size class, taken from arena._classes[size] and entered in
+ * arena._used as Arena.alloc does (each one C call under the GIL, as there).
+ * NULL without an error when the class has no free block (or nbytes is too big
+ * for the classes): the caller calls Arena.alloc. */
+#define ARENA_ALIGN 64
+#define ARENA_SMALL (1u << 16)
+
+static PyObject *small_block(PyObject *arena, uint64_t nbytes) {
+    if (nbytes > ARENA_SMALL)
+        return NULL;
+    uint64_t need = nbytes > ARENA_ALIGN ? (nbytes + ARENA_ALIGN - 1) & ~(uint64_t)(ARENA_ALIGN - 1)
+                                         : ARENA_ALIGN;
+    need = need <= 1 ? 1 : (uint64_t)1 << (64 - __builtin_clzll(need - 1));
+    PyObject *classes = PyObject_GetAttr(arena, s_classes);
+    if (classes == NULL)
+        return NULL;
+    PyObject *key = PyLong_FromUnsignedLongLong(need), *off = NULL;
+    if (key == NULL) {
+        Py_DECREF(classes);
+        return NULL;
+    }
+    PyObject *free_list = PyDict_Check(classes) ? PyDict_GetItemWithError(classes, key) : NULL;
+    Py_ssize_t n;
+    if (free_list != NULL && PyList_Check(free_list) && (n = PyList_GET_SIZE(free_list)) > 0) {
+        PyObject *used = PyObject_GetAttr(arena, s_used);
+        if (used != NULL) {
+            off = Py_NewRef(PyList_GET_ITEM(free_list, n - 1));
+            if (PyList_SetSlice(free_list, n - 1, n, NULL) < 0 || PyObject_SetItem(used, off, key) < 0)
+                Py_CLEAR(off); /* (the block stays out of its list: lost, never handed twice) */
+            Py_DECREF(used);
+        }
+    }
+    Py_DECREF(key);
+    Py_DECREF(classes);
+    return off;
 }
 
 /* tensor_item(t, returnable, arena, reuse_arena, placed) -> bytes | None */
@@ -1318,11 +1358,16 @@ static PyObject *native_tensor_item(PyObject *m, PyObject *const *args, Py_ssize
         out = make_item(SEG_OUTBOUND, code, &dl, (uint64_t)((uintptr_t)address - (uintptr_t)base), nbytes);
         goto done;
     }
-    PyObject *n = PyLong_FromUnsignedLongLong(nbytes);
-    if (n == NULL)
-        goto done;
-    PyObject *off = PyObject_CallMethodOneArg(arena, s_alloc, n);
-    Py_DECREF(n);
+    int grew = 0;
+    PyObject *off = small_block(arena, nbytes);
+    if (off == NULL && !PyErr_Occurred()) { /* no free block of its class: Arena.alloc */
+        PyObject *n = PyLong_FromUnsignedLongLong(nbytes);
+        if (n == NULL)
+            goto done;
+        off = PyObject_CallMethodOneArg(arena, s_alloc, n);
+        Py_DECREF(n);
+        grew = 1;
+    }
     if (off == NULL)
         goto done;
     int appended = PyList_Append(placed, off);
@@ -1330,13 +1375,19 @@ static PyObject *native_tensor_item(PyObject *m, PyObject *const *args, Py_ssize
     Py_DECREF(off);
     if (appended < 0 || (offset < 0 && PyErr_Occurred()))
         goto done;
-    segment = PyObject_GetAttr(arena, s_segment); /* alloc may have grown (remapped) it */
-    if (segment == NULL)
+    if (grew) {
+        segment = PyObject_GetAttr(arena, s_segment); /* alloc may have grown (remapped) it */
+        if (segment == NULL)
+            goto done;
+        base = int_attr(segment, s_address);
+        Py_DECREF(segment);
+        if (base < 0)
+            goto done;
+    }
+    if ((uint64_t)offset + nbytes > (uint64_t)size && !grew) {
+        PyErr_SetString(PyExc_RuntimeError, "tensor_item: a free block past the arena's segment");
         goto done;
-    base = int_attr(segment, s_address);
-    Py_DECREF(segment);
-    if (base < 0)
-        goto done;
+    }
     if (nbytes >= COPY_WITHOUT_GIL) {
         Py_BEGIN_ALLOW_THREADS
         memcpy((char *)(uintptr_t)base + offset, address, nbytes);
@@ -1353,6 +1404,129 @@ done:
     return out;
 }
 
+typedef struct {
+    PyObject *tensor, *holder;
+    int seg;
+    uint64_t offset;
+    Py_ssize_t end;
+} read_t;
+
+/* The tensor item at buf[pos]: 1 with *out filled (two new references), 0 for an
+ * item the Python path reads instead, -1 with an error set. */
+static int tensor_at(const unsigned char *buf, Py_ssize_t len, Py_ssize_t pos, PyObject *outbound,
+                     PyObject *own, read_t *out) {
+    const unsigned char *p = buf + pos;
+    if (t_block_type == NULL || pos < 0 || len - pos < TENSOR_HEAD || p[0] != ITEM_TENSOR)
+        return 0;
+    int seg = p[1], code = p[2], ndim = p[3], strided = p[4];
+    uint64_t offset, nbytes;
+    memcpy(&offset, p + 5, 8);
+    memcpy(&nbytes, p + 13, 8);
+    if (strided || seg > SEG_RETURNED || code >= WIRE_DTYPES || ndim > MAX_DIMS || nbytes == 0 ||
+        len - pos < TENSOR_HEAD + 8 * ndim)
+        return 0;
+    int64_t dims[2 * MAX_DIMS];
+    memcpy(dims, p + TENSOR_HEAD, 8 * (size_t)ndim);
+    uint64_t numel = 1;
+    for (int i = ndim - 1; i >= 0; i--) {
+        if (dims[i] < 0)
+            return 0;
+        dims[ndim + i] = (int64_t)numel; /* contiguous strides, in elements */
+        if (__builtin_mul_overflow(numel, (uint64_t)dims[i], &numel))
+            return 0;
+    }
+    DLDataType dtype = wire_dtypes[code];
+    uint64_t want;
+    if (__builtin_mul_overflow(numel, (uint64_t)(dtype.bits / 8), &want) || want != nbytes ||
+        offset % (dtype.bits / 8) != 0) /* torch's kernels assume aligned elements */
+        return 0;
+    PyObject *segment = seg == SEG_OUTBOUND ? outbound : own;
+    if (segment == Py_None)
+        return 0;
+    PyObject *mm = PyObject_GetAttr(segment, s_mm);
+    if (mm == NULL)
+        return -1;
+    BlockObject *holder = (BlockObject *)PyType_GenericAlloc((PyTypeObject *)t_block_type, 0);
+    if (holder == NULL) {
+        Py_DECREF(mm);
+        return -1;
+    }
+    int exported = PyObject_GetBuffer(mm, &holder->mapping, PyBUF_SIMPLE);
+    Py_DECREF(mm);
+    if (exported < 0) {
+        Py_DECREF(holder);
+        return -1;
+    }
+    if (offset > (uint64_t)holder->mapping.len || nbytes > (uint64_t)holder->mapping.len - offset) {
+        Py_DECREF(holder);
+        return 0; /* past the mapping: the Python path remaps, or refuses it */
+    }
+    char *block = (char *)holder->mapping.buf + offset;
+    PyObject *tensor = NULL;
+    DLTensor *dl;
+    if (t_api != NULL) {
+        versioned_t *v = PyMem_RawMalloc(sizeof(versioned_t));
+        if (v == NULL) {
+            Py_DECREF(holder);
+            PyErr_NoMemory();
+            return -1;
+        }
+        v->mt.version.major = 1;
+        v->mt.version.minor = 0;
+        v->mt.manager_ctx = Py_NewRef((PyObject *)holder);
+        v->mt.deleter = versioned_deleter;
+        v->mt.flags = 0;
+        dl = &v->mt.dl_tensor;
+        memcpy(v->dims, dims, sizeof(int64_t) * 2 * (size_t)ndim);
+        dl->shape = v->dims;
+    } else {
+        unversioned_t *u = PyMem_RawMalloc(sizeof(unversioned_t));
+        if (u == NULL) {
+            Py_DECREF(holder);
+            PyErr_NoMemory();
+            return -1;
+        }
+        u->mt.manager_ctx = Py_NewRef((PyObject *)holder);
+        u->mt.deleter = unversioned_deleter;
+        dl = &u->mt.dl_tensor;
+        memcpy(u->dims, dims, sizeof(int64_t) * 2 * (size_t)ndim);
+        dl->shape = u->dims;
+    }
+    dl->data = block;
+    dl->device.device_type = kDLCPU;
+    dl->device.device_id = 0;
+    dl->ndim = ndim;
+    dl->dtype = dtype;
+    dl->strides = dl->shape + ndim;
+    dl->byte_offset = 0;
+    if (t_api != NULL) {
+        DLManagedTensorVersioned *mt = (DLManagedTensorVersioned *)((char *)dl - offsetof(DLManagedTensorVersioned, dl_tensor));
+        void *made = NULL;
+        /* torch owns mt from this call on (it runs the deleter itself on failure) */
+        if (t_api->managed_tensor_to_py_object_no_sync(mt, &made) == 0)
+            tensor = (PyObject *)made;
+    } else {
+        DLManagedTensor *mt = (DLManagedTensor *)dl; /* dl_tensor is its first member */
+        PyObject *capsule = PyCapsule_New(mt, "dltensor", capsule_destructor);
+        if (capsule == NULL) {
+            unversioned_deleter(mt);
+        } else {
+            tensor = PyObject_CallOneArg(t_from_dlpack, capsule);
+            Py_DECREF(capsule); /* consumed: torch renamed it; not: its deleter runs here */
+        }
+    }
+    if (tensor == NULL) {
+        Py_DECREF(holder);
+        return -1;
+    }
+    out->tensor = tensor;
+    out->holder = (PyObject *)holder;
+    out->seg = seg;
+    out->offset = offset;
+    out->end = pos + TENSOR_HEAD + 8 * (Py_ssize_t)ndim;
+    return 1;
+}
+
 /* tensor_read(data, pos, outbound, own) -> (tensor, holder, seg, offset, end) | None
  *
  * The tensor item at data[pos]: a tensor over its block of `outbound` (seg 0) or
@@ -1365,146 +1539,154 @@ static PyObject *native_tensor_read(PyObject *m, PyObject *const *args, Py_ssize
         PyErr_SetString(PyExc_TypeError, "tensor_read(data, pos, outbound, own) takes 4 arguments");
         return NULL;
     }
-    if (t_block_type == NULL)
-        Py_RETURN_NONE;
     Py_ssize_t pos = PyLong_AsSsize_t(args[1]);
     if (pos == -1 && PyErr_Occurred())
         return NULL;
     Py_buffer view;
     if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
         return NULL;
-    PyObject *out = NULL;
-    const unsigned char *p = (const unsigned char *)view.buf + pos;
-    if (pos < 0 || view.len - pos < TENSOR_HEAD || p[0] != ITEM_TENSOR)
-        goto fallback;
-    int seg = p[1], code = p[2], ndim = p[3], strided = p[4];
-    uint64_t offset, nbytes;
-    memcpy(&offset, p + 5, 8);
-    memcpy(&nbytes, p + 13, 8);
-    if (strided || seg > SEG_RETURNED || code >= WIRE_DTYPES || ndim > MAX_DIMS || nbytes == 0 ||
-        view.len - pos < TENSOR_HEAD + 8 * ndim)
-        goto fallback;
-    int64_t dims[2 * MAX_DIMS];
-    memcpy(dims, p + TENSOR_HEAD, 8 * (size_t)ndim);
-    uint64_t numel = 1;
-    for (int i = ndim - 1; i >= 0; i--) {
-        if (dims[i] < 0)
-            goto fallback;
-        dims[ndim + i] = (int64_t)numel; /* contiguous strides, in elements */
-        if (__builtin_mul_overflow(numel, (uint64_t)dims[i], &numel))
-            goto fallback;
+    read_t r;
+    int got = tensor_at(view.buf, view.len, pos, args[2], args[3], &r);
+    PyBuffer_Release(&view);
+    if (got <= 0) {
+        if (got < 0)
+            return NULL;
+        Py_RETURN_NONE;
     }
-    DLDataType dtype = wire_dtypes[code];
-    uint64_t want;
-    if (__builtin_mul_overflow(numel, (uint64_t)(dtype.bits / 8), &want) || want != nbytes ||
-        offset % (dtype.bits / 8) != 0) /* torch's kernels assume aligned elements */
-        goto fallback;
-    PyObject *segment = seg == SEG_OUTBOUND ? args[2] : args[3];
-    if (segment == Py_None)
-        goto fallback;
-    PyObject *mm = PyObject_GetAttr(segment, s_mm);
-    if (mm == NULL)
-        goto done;
-    BlockObject *holder = (BlockObject *)PyType_GenericAlloc((PyTypeObject *)t_block_type, 0);
-    if (holder == NULL) {
-        Py_DECREF(mm);
-        goto done;
+    return Py_BuildValue("(NNiKn)", r.tensor, r.holder, r.seg, (unsigned long long)r.offset, r.end);
+}
+
+/* read_call(data, pos, outbound, own)
+ *     -> (rid, method, positional, grad, freed, blocks) | None
+ *
+ * The codec's FAST_CALL at data[pos] (header "<BBHHqI", method, freed u64s, items;
+ * see codec.Decoder.decode_call), its tensors made by tensor_at.  blocks holds
+ * (seg, offset, holder) for every tensor, for the decoder's books.  None for a
+ * call the Python path reads instead: an item tensor_at leaves to it, or
+ * anything the Python path refuses as corrupt (it says why). */
+#define CALL_HEAD 18
+
+static PyObject *native_read_call(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
+    (void)m;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "read_call(data, pos, outbound, own) takes 4 arguments");
+        return NULL;
     }
-    int exported = PyObject_GetBuffer(mm, &holder->mapping, PyBUF_SIMPLE);
-    Py_DECREF(mm);
-    if (exported < 0) {
-        Py_DECREF(holder);
-        goto done;
-    }
-    if (offset > (uint64_t)holder->mapping.len || nbytes > (uint64_t)holder->mapping.len - offset) {
-        Py_DECREF(holder);
+    Py_ssize_t pos = PyLong_AsSsize_t(args[1]);
+    if (pos == -1 && PyErr_Occurred())
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const unsigned char *buf = view.buf;
+    Py_ssize_t len = view.len;
+    PyObject *out = NULL, *method = NULL, *freed = NULL, *positional = NULL, *blocks = NULL;
+    if (pos < 0 || len - pos < CALL_HEAD || buf[pos] != 0x02)
         goto fallback;
-    }
-    char *block = (char *)holder->mapping.buf + offset;
-    PyObject *tensor = NULL;
-    DLTensor *dl;
-    int64_t *kept;
-    if (t_api != NULL) {
-        versioned_t *v = PyMem_RawMalloc(sizeof(versioned_t));
-        if (v == NULL) {
-            Py_DECREF((PyObject *)holder);
-            PyErr_NoMemory();
-            goto done;
-        }
-        v->mt.version.major = 1;
-        v->mt.version.minor = 0;
-        v->mt.manager_ctx = Py_NewRef((PyObject *)holder);
-        v->mt.deleter = versioned_deleter;
-        v->mt.flags = 0;
-        dl = &v->mt.dl_tensor;
-        kept = v->dims;
-        memcpy(kept, dims, sizeof(int64_t) * 2 * (size_t)ndim);
-        dl->data = block;
-        dl->device.device_type = kDLCPU;
-        dl->device.device_id = 0;
-        dl->ndim = ndim;
-        dl->dtype = dtype;
-        dl->shape = kept;
-        dl->strides = kept + ndim;
-        dl->byte_offset = 0;
-        void *made = NULL;
-        if (t_api->managed_tensor_to_py_object_no_sync(&v->mt, &made) == 0)
-            tensor = (PyObject *)made;
-        /* on failure torch has called the deleter (it owns the tensor from the call) */
+    int grad = buf[pos + 1];
+    uint16_t nargs16, mlen;
+    int64_t rid;
+    uint32_t nfreed;
+    memcpy(&nargs16, buf + pos + 2, 2);
+    memcpy(&mlen, buf + pos + 4, 2);
+    memcpy(&rid, buf + pos + 6, 8);
+    memcpy(&nfreed, buf + pos + 14, 4);
+    pos += CALL_HEAD;
+    if (mlen == 65535) {
+        method = Py_NewRef(Py_None);
     } else {
-        unversioned_t *u = PyMem_RawMalloc(sizeof(unversioned_t));
-        if (u == NULL) {
-            Py_DECREF((PyObject *)holder);
-            PyErr_NoMemory();
-            goto done;
+        if (len - pos < mlen)
+            goto fallback;
+        method = PyUnicode_DecodeUTF8((const char *)buf + pos, mlen, NULL);
+        if (method == NULL) {
+            PyErr_Clear();
+            goto fallback;
         }
-        u->mt.manager_ctx = Py_NewRef((PyObject *)holder);
-        u->mt.deleter = unversioned_deleter;
-        dl = &u->mt.dl_tensor;
-        kept = u->dims;
-        memcpy(kept, dims, sizeof(int64_t) * 2 * (size_t)ndim);
-        dl->data = block;
-        dl->device.device_type = kDLCPU;
-        dl->device.device_id = 0;
-        dl->ndim = ndim;
-        dl->dtype = dtype;
-        dl->shape = kept;
-        dl->strides = kept + ndim;
-        dl->byte_offset = 0;
-        PyObject *capsule = PyCapsule_New(&u->mt, "dltensor", capsule_destructor);
-        if (capsule == NULL) {
-            unversioned_deleter(&u->mt);
-        } else {
-            tensor = PyObject_CallOneArg(t_from_dlpack, capsule);
-            Py_DECREF(capsule); /* consumed: torch renamed it; not: the deleter runs */
+        pos += mlen;
+    }
+    if ((uint64_t)(len - pos) < 8 * (uint64_t)nfreed)
+        goto fallback;
+    freed = PyTuple_New(nfreed);
+    if (freed == NULL)
+        goto error;
+    for (uint32_t i = 0; i < nfreed; i++, pos += 8) {
+        uint64_t v;
+        memcpy(&v, buf + pos, 8);
+        PyObject *o = PyLong_FromUnsignedLongLong(v);
+        if (o == NULL)
+            goto error;
+        PyTuple_SET_ITEM(freed, i, o);
+    }
+    positional = PyTuple_New(nargs16);
+    blocks = PyList_New(0);
+    if (positional == NULL || blocks == NULL)
+        goto error;
+    for (int i = 0; i < nargs16; i++) {
+        if (pos >= len)
+            goto fallback;
+        PyObject *item;
+        switch (buf[pos]) {
+        case 0: item = Py_NewRef(Py_None); pos += 1; break;
+        case 1: item = Py_NewRef(Py_False); pos += 1; break;
+        case 2: item = Py_NewRef(Py_True); pos += 1; break;
+        case 3:
+        case 4: {
+            if (len - pos < 9)
+                goto fallback;
+            int64_t iv;
+            double dv;
+            memcpy(&iv, buf + pos + 1, 8);
+            memcpy(&dv, buf + pos + 1, 8);
+            item = buf[pos] == 3 ? PyLong_FromLongLong(iv) : PyFloat_FromDouble(dv);
+            if (item == NULL)
+                goto error;
+            pos += 9;
+            break;
         }
+        case ITEM_TENSOR: {
+            read_t r;
+            int got = tensor_at(buf, len, pos, args[2], args[3], &r);
+            if (got <= 0) {
+                if (got < 0)
+                    goto error;
+                goto fallback;
+            }
+            PyObject *entry = Py_BuildValue("(iKN)", r.seg, (unsigned long long)r.offset, r.holder);
+            if (entry == NULL || PyList_Append(blocks, entry) < 0) {
+                Py_XDECREF(entry);
+                Py_DECREF(r.tensor);
+                goto error;
+            }
+            Py_DECREF(entry);
+            item = r.tensor;
+            pos = r.end;
+            break;
+        }
+        default:
+            goto fallback;
+        }
+        PyTuple_SET_ITEM(positional, i, item);
     }
-    if (tensor == NULL) {
-        Py_DECREF(holder);
-        goto done;
+    if (pos != len)
+        goto fallback;
+    PyObject *grad_obj = grad == 255 ? Py_NewRef(Py_None) : PyLong_FromLong(grad);
+    PyObject *rid_obj = PyLong_FromLongLong(rid);
+    if (grad_obj == NULL || rid_obj == NULL) {
+        Py_XDECREF(grad_obj);
+        Py_XDECREF(rid_obj);
+        goto error;
     }
-    out = PyTuple_New(5);
-    PyObject *o_seg = PyLong_FromLong(seg), *o_off = PyLong_FromUnsignedLongLong(offset),
-             *o_end = PyLong_FromSsize_t(pos + TENSOR_HEAD + 8 * (Py_ssize_t)ndim);
-    if (out == NULL || o_seg == NULL || o_off == NULL || o_end == NULL) {
-        Py_XDECREF(out);
-        out = NULL;
-        Py_DECREF(tensor);
-        Py_DECREF(holder);
-        Py_XDECREF(o_seg);
-        Py_XDECREF(o_off);
-        Py_XDECREF(o_end);
-        goto done;
-    }
-    PyTuple_SET_ITEM(out, 0, tensor);
-    PyTuple_SET_ITEM(out, 1, (PyObject *)holder);
-    PyTuple_SET_ITEM(out, 2, o_seg);
-    PyTuple_SET_ITEM(out, 3, o_off);
-    PyTuple_SET_ITEM(out, 4, o_end);
-    goto done;
+    out = PyTuple_Pack(6, rid_obj, method, positional, grad_obj, freed, blocks);
+    Py_DECREF(grad_obj);
+    Py_DECREF(rid_obj);
+    goto error; /* (drops this function's references; out is kept) */
 fallback:
     out = Py_NewRef(Py_None);
-done:
+error:
+    Py_XDECREF(method);
+    Py_XDECREF(freed);
+    Py_XDECREF(positional);
+    Py_XDECREF(blocks);
     PyBuffer_Release(&view);
     return out;
 }
@@ -1535,6 +1717,11 @@ static PyMethodDef module_methods[] = {
      "bytes copied into a block of arena (its offset appended to placed) unless t\n"
      "lies in returnable (or, with reuse_arena, in arena); None for a tensor the\n"
      "Python path encodes."},
+    {"read_call", (PyCFunction)(void (*)(void))native_read_call, METH_FASTCALL,
+     "read_call(data, pos, outbound, own, /) -> (rid, method, positional, grad, freed, blocks) | None\n\n"
+     "The binary call (codec.FAST_CALL) at data[pos], its tensors made as tensor_read\n"
+     "makes them; blocks lists (seg, offset, holder) per tensor.  None for a call the\n"
+     "Python path reads."},
     {"tensor_read", (PyCFunction)(void (*)(void))native_tensor_read, METH_FASTCALL,
      "tensor_read(data, pos, outbound, own, /) -> (tensor, holder, seg, offset, end) | None\n\n"
      "A tensor over the block that the tensor item at data[pos] names, in segment\n"

@@ -384,12 +384,12 @@ def native_tensors(exchange_api: bool = True) -> str:
     >>> native_tensors() in ("exchange API", "capsules", "Python")
     True
     """
-    global _native_tensors, _tensor_item, _tensor_read
+    global _native_tensors, _tensor_item, _tensor_read, _c_read_call
     from .channel import _native_module
 
     torch = sys.modules["torch"]
     if _native_module is None or not hasattr(_native_module, "tensor_setup"):
-        _native_tensors, _tensor_item, _tensor_read = "Python", None, None
+        _native_tensors, _tensor_item, _tensor_read, _c_read_call = "Python", None, None, None
         return _native_tensors
     api = None
     if exchange_api:
@@ -399,6 +399,7 @@ def native_tensors(exchange_api: bool = True) -> str:
     used = _native_module.tensor_setup(torch.Tensor, torch.nn.Parameter, api,
                                        torch._C._to_dlpack, torch._C._from_dlpack)
     _tensor_item, _tensor_read = _native_module.tensor_item, _native_module.tensor_read
+    _c_read_call = _native_module.read_call
     _native_tensors = "exchange API" if used else "capsules"
     return _native_tensors
 
@@ -406,6 +407,7 @@ def native_tensors(exchange_api: bool = True) -> str:
 _native_tensors: str | None = None  # how tensor items are encoded and read (native_tensors)
 _tensor_item = None  # multipy._native.tensor_item, once set up
 _tensor_read = None  # multipy._native.tensor_read, likewise
+_c_read_call = None  # multipy._native.read_call, likewise
 
 
 _from_numpy = None  # torch.from_numpy, once a binary tensor item was read
@@ -535,6 +537,13 @@ class Decoder:
             raise TransportError(f"corrupt binary message ({len(data) - start} bytes): {exc}") from None
 
     def _read_call(self, data, pos: int) -> tuple:
+        if _c_read_call is not None:  # the extension's, when it reads every item itself
+            read = _c_read_call(data, pos, self.outbound, self.own)
+            if read is not None:
+                rid, method, positional, grad, freed, blocks = read
+                for seg, offset, holder in blocks:
+                    self._book(seg, offset, holder)
+                return rid, method, positional, grad, freed
         _, grad, nargs, mlen, rid, nfreed = _CALL_HEAD.unpack_from(data, pos)
         pos += _CALL_HEAD.size
         if mlen == 65535:
@@ -571,13 +580,7 @@ class Decoder:
                 read = _tensor_read(data, pos, self.outbound, self.own)
                 if read is not None:
                     tensor, holder, seg, offset, pos = read
-                    if seg == 0:
-                        if self._died is not None:
-                            self._watch(holder, offset)
-                        else:
-                            self.received.append((offset, holder))
-                    elif self.on_return is not None:
-                        self.on_return(offset, holder)
+                    self._book(seg, offset, holder)
                     return tensor, pos
             _, seg, code, ndim, strided, offset, nbytes, storage_offset = \
                 _TENSOR_HEAD.unpack_from(data, pos)
@@ -624,6 +627,18 @@ class Decoder:
         if tag <= _I_TRUE:
             return (None, False, True)[tag], pos + 1
         raise TransportError(f"unknown item {tag} in a binary message")
+
+    def _book(self, seg: int, offset: int, holder) -> None:
+        """Keep the books of a block that the extension made a tensor over: a block of
+        the peer's arena is watched (or listed in ``received``), one of this side's
+        own arena handed back is reported to ``on_return``."""
+        if seg == 0:
+            if self._died is not None:
+                self._watch(holder, offset)
+            else:
+                self.received.append((offset, holder))
+        elif self.on_return is not None:
+            self.on_return(offset, holder)
 
     def rebuild(self, pid):
         if pid[0] == HANDLE:

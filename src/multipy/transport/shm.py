@@ -145,6 +145,8 @@ class Arena:
         self._used: dict[int, int] = {}
         # Freed small blocks by size class.  Taking one and giving one back are single
         # list and dict operations, atomic without the lock (each is one C call).
+        # multipy._native.tensor_item takes blocks from these two dicts the same way
+        # (keep them in step with it).
         self._classes: dict[int, list[int]] = {1 << k: [] for k in range(ALIGN.bit_length() - 1,
                                                                           SMALL.bit_length())}
 
