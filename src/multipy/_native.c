@@ -1553,7 +1553,24 @@ static PyObject *native_tensor_read(PyObject *m, PyObject *const *args, Py_ssize
             return NULL;
         Py_RETURN_NONE;
     }
-    return Py_BuildValue("(NNiKn)", r.tensor, r.holder, r.seg, (unsigned long long)r.offset, r.end);
+    PyObject *out = PyTuple_New(5);
+    PyObject *seg = PyLong_FromLong(r.seg), *offset = PyLong_FromUnsignedLongLong(r.offset),
+             *end = PyLong_FromSsize_t(r.end);
+    if (out == NULL || seg == NULL || offset == NULL || end == NULL) {
+        Py_XDECREF(out);
+        Py_XDECREF(seg);
+        Py_XDECREF(offset);
+        Py_XDECREF(end);
+        Py_DECREF(r.tensor);
+        Py_DECREF(r.holder);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(out, 0, r.tensor); /* (Py_BuildValue parsed its format per call) */
+    PyTuple_SET_ITEM(out, 1, r.holder);
+    PyTuple_SET_ITEM(out, 2, seg);
+    PyTuple_SET_ITEM(out, 3, offset);
+    PyTuple_SET_ITEM(out, 4, end);
+    return out;
 }
 
 /* read_call(data, pos, outbound, own)
@@ -1651,9 +1668,21 @@ static PyObject *native_read_call(PyObject *m, PyObject *const *args, Py_ssize_t
                     goto error;
                 goto fallback;
             }
-            PyObject *entry = Py_BuildValue("(iKN)", r.seg, (unsigned long long)r.offset, r.holder);
-            if (entry == NULL || PyList_Append(blocks, entry) < 0) {
+            PyObject *entry = PyTuple_New(3), *seg = PyLong_FromLong(r.seg),
+                     *offset = PyLong_FromUnsignedLongLong(r.offset);
+            if (entry == NULL || seg == NULL || offset == NULL) {
                 Py_XDECREF(entry);
+                Py_XDECREF(seg);
+                Py_XDECREF(offset);
+                Py_DECREF(r.holder);
+                Py_DECREF(r.tensor);
+                goto error;
+            }
+            PyTuple_SET_ITEM(entry, 0, seg);
+            PyTuple_SET_ITEM(entry, 1, offset);
+            PyTuple_SET_ITEM(entry, 2, r.holder);
+            if (PyList_Append(blocks, entry) < 0) {
+                Py_DECREF(entry);
                 Py_DECREF(r.tensor);
                 goto error;
             }
