@@ -9,6 +9,10 @@ the receiver can map) and the receiver views them in place::
     encode: tensor ──copy──▶ arena block      descriptor ──▶ pickle
     decode: pickle ──▶ descriptor ──▶ numpy view of block ──▶ torch tensor (no copy)
 
+The common call's binary forms (below) carry the same descriptors as tensor
+items; where the extension is loaded, it writes and reads those items itself,
+through DLPack (see :func:`native_tensors`): no Python call into torch, no numpy.
+
 ``Encoder`` and ``Decoder`` hold the per-side policy: which arena outbound
 tensors go to, which segments inbound descriptors may name, and what happens
 when a received block dies (``released``).  torch is imported lazily so the
