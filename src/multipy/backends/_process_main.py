@@ -221,25 +221,27 @@ class Loop:
     def skip(self, data: bytes) -> bytes:
         """The reply to a request taken past its deadline: a CallTimeoutError, the
         request unrun (its sender put no releases of other objects in it)."""
-        import pickle
-
         from ..errors import CallTimeoutError
-        from ..transport.messages import RemoteException
 
         call = _unpack_id(data)[0] if len(data) >= _ID_BYTES else 0
         error = CallTimeoutError("the call waited past its timeout queued behind other calls "
                                  f"on interpreter {self.state.index} and was dropped without running")
-        remote = RemoteException("CallTimeoutError", str(error), "", pickle.dumps(error))
-        return encode_reply(call, None, remote, (), (), False, ())
+        return encode_reply(call, None, capture_exception(error), (), (), False, ())
 
     def serve(self, data: bytes) -> bytes:
-        """The reply frame (call id first) for one request frame."""
+        """The reply frame (call id first) for one request frame.
+
+        The common call (``codec.FAST_CALL``: a loaded replicated object called with
+        positional tensors and scalars) is read by ``Decoder.decode_call`` and run
+        by ``InterpreterState.call_plain``, without a request tuple; any other
+        request is unpickled and dispatched by ``InterpreterState.handle``."""
         # messages.split_call, inlined (this runs once per call)
+        plain = False
         if len(data) > _ID_BYTES:
             call = _unpack_id(data)[0]
-            if data[_ID_BYTES] == FAST_CALL:
-                return self._serve_plain(call, data)
-            data = data[_ID_BYTES:]
+            plain = data[_ID_BYTES] == FAST_CALL
+            if not plain:
+                data = data[_ID_BYTES:]
         elif len(data) == _ID_BYTES:
             call = _unpack_id(data)[0]
             data = b""
@@ -253,58 +255,38 @@ class Loop:
         watched = []
         value = error = None
         self.encoder.placed = []  # blocks of *this* reply only: the host owns the older ones
+        decoder = self.decoder
         try:
             try:
-                try:
-                    fields = self.decoder.decode(data)
-                except Exception as exc:
-                    self._salvage(data)
-                    if _from_hosts_main(exc):
-                        raise TransportError(describe_hosts_main(exc, state.index)) from exc
-                    raise  # raised by the arguments' own code: theirs to see
-                watched, self.decoder.received = self.decoder.received, []
-                if type(fields) is not tuple or len(fields) != 4 or type(fields[0]) is not int \
-                        or type(fields[1]) is not tuple:
-                    parse_request(fields)  # raises TypeError, saying what came
-                op, args, drop, freed = fields
-                del fields
-                for offset in freed:
-                    self._free_result(offset)
-                result = self._map_links(args) if op == _CUDA_LINK else state.handle(op, args, drop)
+                if plain:
+                    rid, method, args, grad, freed = decoder.decode_call(data, _ID_BYTES)
+                    watched, decoder.received = decoder.received, []
+                    for offset in freed:
+                        self._free_result(offset)
+                    result = state.call_plain(rid, method, args, grad)
+                else:
+                    try:
+                        fields = decoder.decode(data)
+                    except Exception as exc:
+                        self._salvage(data)
+                        if _from_hosts_main(exc):
+                            raise TransportError(describe_hosts_main(exc, state.index)) from exc
+                        raise  # raised by the arguments' own code: theirs to see
+                    watched, decoder.received = decoder.received, []
+                    if type(fields) is not tuple or len(fields) != 4 or type(fields[0]) is not int \
+                            or type(fields[1]) is not tuple:
+                        parse_request(fields)  # raises TypeError, saying what came
+                    op, args, drop, freed = fields
+                    del fields
+                    for offset in freed:
+                        self._free_result(offset)
+                    result = (self._map_links(args) if op == _CUDA_LINK
+                              else state.handle(op, args, drop))
                 del args
                 value = self.encoder.encode(result, "result") if result is not None else None
                 del result
             finally:
                 self.links.done()  # marks this call's link reads and writes finished
-        except BaseException as exc:  # every failure goes back to the caller
-            error = self._failed(exc)
-            del exc
-        return self._answer(call, value, error, watched)
-
-    def _serve_plain(self, call: int, data) -> bytes:
-        """:meth:`serve` for the common call (``codec.FAST_CALL``): a loaded replicated
-        object called with positional tensors and scalars, no request tuple built."""
-        state = self.state
-        if self._kept.pending:
-            self._kept.settle()
-        if state.open_segments:
-            state.close_adopted_segments()
-        watched = []
-        value = error = None
-        self.encoder.placed = []
-        try:
-            try:
-                decoder = self.decoder
-                rid, method, args, grad, freed = decoder.decode_call(data, _ID_BYTES)
-                watched, decoder.received = decoder.received, []
-                for offset in freed:
-                    self._free_result(offset)
-                result = state.call_plain(rid, method, args, grad)
-                del args
-                value = self.encoder.encode(result, "result") if result is not None else None
-                del result
-            finally:
-                self.links.done()
         except BaseException as exc:  # every failure goes back to the caller
             error = self._failed(exc)
             del exc

@@ -326,23 +326,69 @@ _GRAD, _NO_GRAD, _INFERENCE = int(GradMode.GRAD), int(GradMode.NO_GRAD), int(Gra
 
 
 _TORCH_CUDA: list = [None]  # torch.cuda once torch is imported here
+_TORCH: list = [None]       # _TorchCalls once torch is imported here
 _NO_KWARGS: dict = {}
+_ABSENT = object()
+
+
+class _TorchCalls:
+    """What a call needs of torch, looked up once torch is imported in this
+    interpreter: the autograd mode switches (C functions, not the context
+    managers of ``torch.autograd.grad_mode``, which cost several µs a call), and
+    what ``nn.Module.__call__`` decides on (see :func:`_direct_forward`)."""
+
+    def __init__(self, torch) -> None:
+        c = torch._C
+        self.is_inference = c.is_inference_mode_enabled
+        self.is_grad = c.is_grad_enabled
+        self.set_grad = c._set_grad_enabled
+        self.inference_mode = c._InferenceMode
+        self.tracing = c._get_tracing_state
+        from torch.nn.modules import module
+
+        self.hooks = module  # its global hook dicts, read on every call (never cached)
+        self.module_call = module.Module.__call__
+        self.call_impl = module.Module._call_impl
 
 
 def _run(fn, args: tuple, kwargs: dict, grad_mode):
     """``fn(*args, **kwargs)`` under the caller's autograd mode, on this
-    interpreter's CUDA stream once CUDA is in use."""
+    interpreter's CUDA stream once CUDA is in use.
+
+    An ``nn.Module`` whose call would only call its ``forward`` has ``forward``
+    called directly (:func:`_direct_forward`).  The autograd mode is switched
+    only when the thread is not in the caller's mode already, with torch's C
+    switches, and put back after the call, as ``torch.no_grad()``,
+    ``torch.enable_grad()`` and ``torch.inference_mode()`` would.
+
+    >>> _run(abs, (-2,), {}, None)
+    2
+    """
     # Whether CUDA may be initialised here: no Python call into torch until it is
     # (_use_own_stream then checks for real).
     tc = _TORCH_CUDA[0] or _torch_cuda()
     cuda = tc is not None and getattr(tc, "_initialized", True)
     if cuda:
         _use_own_stream()
-    context = _grad_change(grad_mode)
-    if context is None:
+    calls = _TORCH[0]
+    if calls is None:
         result = fn(*args, **kwargs)
     else:
-        with context:
+        if type(fn).__call__ is calls.module_call:
+            fn = _direct_forward(fn, calls)
+        if grad_mode is None:
+            result = fn(*args, **kwargs)
+        elif calls.is_inference():
+            if grad_mode == _INFERENCE:
+                result = fn(*args, **kwargs)
+            else:  # as torch.no_grad() / torch.enable_grad() inside inference mode
+                result = _with_grad(calls, grad_mode == _GRAD, fn, args, kwargs)
+        elif grad_mode == _INFERENCE:
+            with calls.inference_mode(True):  # what torch.inference_mode() enters
+                result = fn(*args, **kwargs)
+        elif calls.is_grad() != (grad_mode == _GRAD):
+            result = _with_grad(calls, grad_mode == _GRAD, fn, args, kwargs)
+        else:
             result = fn(*args, **kwargs)
     tc = tc or _torch_cuda()  # the call may have imported torch, or first touched CUDA
     if cuda or (tc is not None and getattr(tc, "_initialized", True)):
@@ -350,9 +396,61 @@ def _run(fn, args: tuple, kwargs: dict, grad_mode):
     return result
 
 
+def _with_grad(calls: _TorchCalls, enabled: bool, fn, args: tuple, kwargs: dict):
+    """``fn(*args, **kwargs)`` with gradients ``enabled`` or not, the previous
+    setting restored after (``torch.no_grad()`` / ``torch.enable_grad()``)."""
+    before = calls.is_grad()
+    calls.set_grad(enabled)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        calls.set_grad(before)
+
+
+def _direct_forward(module, calls: _TorchCalls):
+    """``module.forward`` when calling ``module`` would call only that, else ``module``.
+
+    Mirrors ``nn.Module._wrapped_call_impl`` and ``_call_impl`` (torch 2.13)
+    exactly: ``module(...)`` is ``forward(...)`` when the module is not compiled
+    (``_compiled_call_impl``), ``_call_impl`` is torch's own, no trace is being
+    recorded, and none of the module's four hook dicts and none of torch's four
+    global hook dicts holds a hook.  Read on every call: a hook added later runs.
+    (The caller checked that ``type(module).__call__`` is ``nn.Module.__call__``.)
+
+    >>> import torch
+    >>> m = torch.nn.Identity()
+    >>> _direct_forward(m, _TorchCalls(torch)) == m.forward
+    True
+    >>> h = m.register_forward_hook(lambda *a: None)
+    >>> _direct_forward(m, _TorchCalls(torch)) is m
+    True
+    """
+    d = module.__dict__
+    compiled = d.get("_compiled_call_impl", _ABSENT)
+    if compiled is _ABSENT:
+        compiled = type(module)._compiled_call_impl
+    if compiled is not None or "_call_impl" in d or type(module)._call_impl is not calls.call_impl:
+        return module
+    hooks = calls.hooks
+    try:
+        if (d["_forward_pre_hooks"] or d["_forward_hooks"] or d["_backward_pre_hooks"]
+                or d["_backward_hooks"] or hooks._global_forward_pre_hooks
+                or hooks._global_forward_hooks or hooks._global_backward_pre_hooks
+                or hooks._global_backward_hooks or calls.tracing()):
+            return module
+    except KeyError:  # a module without nn.Module's own attributes: let it say so
+        return module
+    return module.forward
+
+
 def _torch_cuda():
+    """torch.cuda once torch is imported here (``None`` before); binds :class:`_TorchCalls`."""
     torch = sys.modules.get("torch")
-    if torch is not None:
+    if torch is not None and hasattr(torch, "nn"):  # imported, not half way
+        try:
+            _TORCH[0] = _TorchCalls(torch)
+        except (AttributeError, ImportError):
+            return None  # not the torch this was written for: looked up again next call
         _TORCH_CUDA[0] = getattr(torch, "cuda", None)
     return _TORCH_CUDA[0]
 
@@ -364,24 +462,6 @@ def _use_own_stream() -> None:
         from ..transport.cuda import ensure_stream
 
         ensure_stream()
-
-
-def _grad_change(mode):
-    """The context that puts the calling thread in ``mode``, or ``None`` when it is
-    already there (entering even a null context costs about 1 µs per call)."""
-    torch = sys.modules.get("torch")
-    if torch is None or mode is None:
-        return None
-    if torch.is_inference_mode_enabled():
-        if mode == _INFERENCE:
-            return None
-    elif torch.is_grad_enabled() == (mode == _GRAD):
-        return None
-    if mode == _INFERENCE:
-        return torch.inference_mode()
-    if mode == _NO_GRAD:
-        return torch.no_grad()
-    return torch.enable_grad()
 
 
 def _raised_by_the_unpickler(exc: BaseException) -> bool:
