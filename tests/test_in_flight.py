@@ -304,13 +304,17 @@ def test_calls_sent_while_a_caller_starts_waiting_leave_its_wait_intact(manager,
     assert not worker._owed
 
 
+def _announced_free():
+    """The worker's ``on_free`` during the test below (the dispatcher's wake-up)."""
+
+
 # Points between the end of the send and the start of the wait for the reply, where
 # a signal handler may raise (Ctrl-C): (function, profile event, C function name).
 _AFTER_SEND = {
     "the request is written": (process.ProcessWorker._send, "return", None),
     "the ticket is returned": (process.ProcessWorker._send_call, "return", None),
     "the worker lock is released": (Worker._request_in_flight, "c_return", "__exit__"),
-    "the worker is announced free": (Worker._now_free, "call", None),
+    "the worker is announced free": (_announced_free, "call", None),
     "the wait is entered": (process.ProcessWorker._await_call, "call", None),
     "the reply is awaited": (process.ProcessWorker._finish, "call", None),
 }
@@ -333,7 +337,7 @@ def test_a_caller_interrupted_between_send_and_wait_leaves_nothing_held(manager,
             hit.append(ev)
             raise KeyboardInterrupt(point)
 
-    on_free, worker.on_free = worker.on_free, (lambda: None)
+    on_free, worker.on_free = worker.on_free, _announced_free
     sys.setprofile(hook)
     try:
         with pytest.raises(KeyboardInterrupt):

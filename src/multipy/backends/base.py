@@ -428,8 +428,9 @@ class Worker:
                         except TransportError:
                             self.drops.extend(drop)  # nothing or something was sent: dropping twice is harmless
                             raise
-                    if self.on_free is not None:
-                        self._now_free()
+                    hook = self.on_free  # _now_free, inlined (once per call)
+                    if hook is not None:
+                        hook()
                     value, error = self._await_call(ticket)
                 except RequestNotSent as not_sent:
                     if attempt == MAX_SENDS - 1 or not resend or self.closed:  # closed: its error says so

@@ -43,7 +43,7 @@ from ..transport import channel as _channel
 from ..transport.codec import Decoder, Encoder
 from ..transport.cuda_link import HostLinks
 from ..transport.frames import FRAME_HEADER, FrameError, FrameReader, Waiter, write_frame
-from ..transport.messages import CALL_ID, MovablePayload, Op, parse_reply
+from ..transport.messages import CALL_ID, FAST_REPLY, MovablePayload, Op, parse_reply, unpack_fast_reply
 from ..transport.shm import Arena, BlockViews, Segment, open_descriptor
 from . import _forkserver
 from .base import (PENDING, Backend, BackendKind, RequestNotSent, Worker, WorkerConfig, describe_exit,
@@ -51,6 +51,8 @@ from .base import (PENDING, Backend, BackendKind, RequestNotSent, Worker, Worker
 from .completions import READY
 
 _pack_id = CALL_ID.pack
+_ID_BYTES = CALL_ID.size
+_unpack_fast = unpack_fast_reply
 # Globals: an enum attribute costs a metaclass __getattr__ (~0.7 µs) per lookup.
 _TIMEOUT, _CLOSED = _channel.Wait.TIMEOUT, _channel.Wait.CLOSED
 _GONE = (_channel.Wait.DEAD, _channel.Wait.CLOSED)
@@ -473,13 +475,18 @@ class ProcessWorker(Worker):
         tag, data = got
         if tag & _channel.SPILLED:
             reply = self._spilled_reply(call)
+        elif _unpack_fast is not None and len(data) > _ID_BYTES and data[_ID_BYTES] == FAST_REPLY:
+            try:  # the usual reply: its fields as a plain tuple, in Reply's order
+                reply = _unpack_fast(data)
+            except ValueError as exc:
+                raise self._desynchronised(exc) from None
         else:
             try:
                 reply = parse_reply(data)  # _parse, inlined
             except TransportError as exc:
                 raise self._desynchronised(exc) from None
-        if reply.call != call:
-            raise self._desynchronised(f"the reply in the slot of call {call} answers call {reply.call}")
+        if reply[0] != call:
+            raise self._desynchronised(f"the reply in the slot of call {call} answers call {reply[0]}")
         del self._owed[call]
         return reply
 
@@ -862,7 +869,9 @@ class ProcessWorker(Worker):
                 self._slots[call] = slot
                 if deadline:
                     end.set_deadline(slot, deadline)  # skipped unrun if not started by then
-                position = end.post(payload, slot)
+                # HostEnd.post, inlined for a request that fits the ring (once per call)
+                position = (end.channel.post(payload, slot) if len(payload) <= end.limit
+                            else end.post(payload, slot))
                 while not position:
                     self._room(slot)
                     position = end.post(payload, slot)
@@ -992,18 +1001,21 @@ class ProcessWorker(Worker):
     def _settle(self, op, reply, placed: list[int]):
         """Decode ``reply`` and release the argument blocks of its call.  ``op`` is
         ``None`` for the reply of a call whose caller left: its value is not
-        unpickled (no user code runs for it), its result blocks are freed."""
-        if reply.output:
+        unpickled (no user code runs for it), its result blocks are freed.
+        ``reply`` is a :class:`~multipy.transport.messages.Reply` or a plain tuple
+        of its fields (``unpack_fast_reply``): read by index."""
+        _, encoded, error, pinned, unpinned, output, blocks = reply
+        if output:
             self._out.drain()
             self._err.drain()
         value = None
         try:
             if op is None:
-                self._freed.extend(reply.blocks)
-            elif reply.value is not None:
+                self._freed.extend(blocks)
+            elif encoded is not None:
                 # Decoded before this call's argument blocks are released: a result can
                 # be a view of one (handed back by reference), which then stays held.
-                value = self._decoder.decode(reply.value)
+                value = self._decoder.decode(encoded)
         except Exception as exc:
             raise TransportError(
                 f"the result of {Op(op).name.lower()} in interpreter {self.index} could not be "
@@ -1012,20 +1024,21 @@ class ProcessWorker(Worker):
         finally:
             self._links.received()
             with self._args_lock:
-                for offset in reply.unpinned:
-                    self._pins.discard(offset)
+                pins = self._pins
+                for offset in unpinned:
+                    pins.discard(offset)
                     self._free_arg(offset)
                 # _release_placed, inlined (once per call)
-                pins, held, arena = self._pins, self._held, self._args
-                if reply.pinned:
-                    pins.update(reply.pinned)
+                held, arena = self._held, self._args
+                if pinned:
+                    pins.update(pinned)
                 if held.pending:
                     held.settle()
                 viewed = held.viewed
                 for offset in placed:
                     if offset not in viewed and offset not in pins:
                         arena.free(offset)
-        return value, reply.error
+        return value, error
 
     def _out_of_step(self, why: str) -> None:
         """The request and reply streams may no longer match: restart the interpreter."""

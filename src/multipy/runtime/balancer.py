@@ -43,6 +43,9 @@ class LoadBalancer:
             load, n = self._load, self._limit
             start = self._start
             self._start = (start + 1) % n
+            if usable is None and start < n and not load[start]:
+                load[start] = 1  # the usual case: the next in turn is free
+                return start
             best = None
             for k in range(n):
                 i = (start + k) % n

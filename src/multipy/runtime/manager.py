@@ -35,7 +35,7 @@ from .package import Package
 from .replicated import ReplicatedObj
 from .session import InterpreterSession, Obj, caller_grad_mode
 from .stats import InterpreterStatistics, ManagerStatistics, quantile
-from .timeouts import check_timeout, effective
+from .timeouts import NO_TIMEOUT, check_timeout, effective
 
 _CALL_REPLICATED = Op.CALL_REPLICATED  # a global: an enum attribute costs ~0.7 µs per lookup
 
@@ -255,25 +255,34 @@ class InterpreterManager:
     def _call_replicated(self, replicated: ReplicatedObj, method: str | None, args: tuple,
                          kwargs: dict, timeout: float | None, index: int | None = None) -> Any:
         """A blocking call; on interpreter ``index`` when the caller already holds it
-        in the balancer (released here, whatever happens)."""
+        in the balancer (released here, whatever happens).  Runs once per call: the
+        helpers it needs (``_check_open``, ``_acquire``, ``Worker.available``,
+        ``timeouts.effective``) are written out here."""
+        balancer = self._balancer
         if index is None:
-            if self._closed:  # _check_open and _acquire, inlined: once per call
+            if self._closed:
                 raise ManagerClosedError("this InterpreterManager is closed")
-            balancer = self._balancer
             index = balancer.acquire()
-            if not self._workers[index].available:
-                balancer.release(index)
+            worker = self._workers[index]
+            if worker.dead_reason is not None or worker.broken is not None or worker.closed:
+                balancer.release(index)  # down (crashed, restarting): another one if any
                 index = balancer.acquire(usable=self._available)
-        elif self._closed:  # closed after the caller took the interpreter: give it back
-            self._balancer.release(index)
-            raise ManagerClosedError("this InterpreterManager is closed")
+                worker = self._workers[index]
+        else:
+            worker = self._workers[index]
+            if self._closed:  # closed after the caller took the interpreter: give it back
+                balancer.release(index)
+                raise ManagerClosedError("this InterpreterManager is closed")
+        if timeout is None:
+            timeout = self._call_timeout
+        elif timeout == NO_TIMEOUT:
+            timeout = None
         try:
-            return self._workers[index].request(
+            return worker.request(
                 _CALL_REPLICATED, (replicated._id, method, args, kwargs, caller_grad_mode()),
-                timeout=effective(timeout, self._call_timeout),
-                materializes=replicated._id, recipe=replicated._recipe)
+                timeout=timeout, materializes=replicated._id, recipe=replicated._recipe)
         finally:
-            self._balancer.release(index)
+            balancer.release(index)
 
 
 MAX_INTERPRETERS = 256

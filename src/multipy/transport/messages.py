@@ -298,6 +298,12 @@ _new_reply = tuple.__new__  # Reply(...) without its generated __new__ (a Python
 _c_pack_reply = getattr(_native_module, "pack_reply", None)
 _c_unpack_reply = getattr(_native_module, "unpack_reply", None)
 
+#: ``unpack_fast_reply(frame)``: a binary reply's fields (``FAST_REPLY`` after the
+#: call id) as a plain tuple in :class:`Reply`'s order, read by the extension
+#: (``ValueError`` when malformed); ``None`` without it.  For the host's hot path,
+#: which indexes the fields: no ``Reply`` built, no Python frame.
+unpack_fast_reply = _c_unpack_reply
+
 
 def parse_request(fields) -> Request:
     """A decoded request tuple as a :class:`Request`; ``TypeError`` if it is not one."""
