@@ -301,7 +301,20 @@ class Loop:
 
     def _answer(self, call: int, value, error, watched: list) -> bytes:
         """The reply frame: the call's value or error, and the blocks it leaves held."""
-        pinned = self._survivors(watched, self._pin_views) if watched else ()
+        if watched:
+            if len(watched) == 1:  # _survivors of the usual single argument, inlined
+                offset, holder = watched[0]
+                # Held by `watched` and `holder` only, unless a tensor over it survived.
+                if sys.getrefcount(holder) > _UNPINNED_REFS:
+                    self._pin_views.add(offset, holder)
+                    pinned = (offset,)
+                else:
+                    pinned = ()
+                del holder
+            else:
+                pinned = self._survivors(watched, self._pin_views)
+        else:
+            pinned = ()
         del watched
         if self._returned:
             returned, self._returned = self._returned, []
