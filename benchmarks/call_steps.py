@@ -10,6 +10,7 @@ colder caches (see docs/native-channel.md for how the two compare).
 
     PYTHONPATH=src python benchmarks/call_steps.py [N]          # µs per step (best of 5 loops of N)
     PYTHONPATH=src python benchmarks/call_steps.py [N] --floors # ns per torch/numpy operation
+    ... call_steps.py [N] --step TEXT    # only the steps whose side or label has TEXT
 
 ``--tensors=exchange|capsules|python`` picks how tensor items are encoded and
 read (the extension over torch's DLPack exchange API, the extension over DLPack
@@ -32,6 +33,7 @@ import timeit
 
 import torch
 
+from multipy.backends._process_main import Loop
 from multipy.backends.base import Worker, WorkerConfig
 from multipy.interp.state import InterpreterState
 from multipy.runtime import InterpreterManager
@@ -140,6 +142,20 @@ def _steps():
                  "and drop it (deallocation, BlockViews.settle, arena free)", decode_and_drop),
     ]
 
+    # The interpreter's serving loop around those steps: Loop.serve of the framed
+    # request (its own bookkeeping: kept blocks, watched arguments, output flags)
+    # reading, calling, encoding and packing, all in one, as it serves the channel.
+    loop = Loop(state, -1, -1, os.dup(args_arena.segment.fd), os.dup(results.segment.fd))
+    loop_framed = CALL_ID.pack(1) + host_out.encode_request(_CALL_REPLICATED, request_args, (), ())
+
+    def serve():
+        loop.serve(loop_framed)
+        for block in loop.encoder.placed:  # none: the result is the argument, in place
+            loop.results.free(block)
+
+    steps.append(("interpreter", "Loop.serve of the request: read, call, encode, pack "
+                                 "(the four steps above) and the loop's own bookkeeping", serve))
+
     if _channel.NATIVE:
         fd, host_end, memory = _channel.create("multipy-steps")
         interp_end, interp_memory = _channel.attach(fd)
@@ -221,7 +237,9 @@ def main() -> None:
     if tensors is not None:  # which path encodes and reads tensor items
         _tensor_path(tensors)
     print(f"tensor items: {codec.native_tensors() if tensors is None else tensors}", flush=True)
+    only = sys.argv[sys.argv.index("--step") + 1] if "--step" in sys.argv else ""
     steps, manager = _steps()
+    steps = [step for step in steps if only in f"{step[0]} {step[1]}"]
     try:
         gc.collect()
         gc.disable()  # a collection in one step's loop would be charged to it
