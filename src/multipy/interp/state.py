@@ -367,7 +367,7 @@ def _run(fn, args: tuple, kwargs: dict, grad_mode):
     # Whether CUDA may be initialised here: no Python call into torch until it is
     # (_use_own_stream then checks for real).
     tc = _TORCH_CUDA[0] or _torch_cuda()
-    cuda = tc is not None and getattr(tc, "_initialized", True)
+    cuda = tc is not None and tc._initialized
     if cuda:
         _use_own_stream()
     calls = _TORCH[0]
@@ -391,7 +391,7 @@ def _run(fn, args: tuple, kwargs: dict, grad_mode):
         else:
             result = fn(*args, **kwargs)
     tc = tc or _torch_cuda()  # the call may have imported torch, or first touched CUDA
-    if cuda or (tc is not None and getattr(tc, "_initialized", True)):
+    if cuda or (tc is not None and tc._initialized):
         _use_own_stream()
     return result
 
@@ -451,8 +451,16 @@ def _torch_cuda():
             _TORCH[0] = _TorchCalls(torch)
         except (AttributeError, ImportError):
             return None  # not the torch this was written for: looked up again next call
-        _TORCH_CUDA[0] = getattr(torch, "cuda", None)
+        cuda = getattr(torch, "cuda", None)
+        # torch.cuda._initialized says whether CUDA may be in use; a torch without
+        # it is asked every call (_use_own_stream checks for real).
+        _TORCH_CUDA[0] = (cuda if cuda is None or hasattr(cuda, "_initialized")
+                          else _ASK_EVERY_CALL)
     return _TORCH_CUDA[0]
+
+
+class _ASK_EVERY_CALL:  # noqa: N801 -- a stand-in for torch.cuda without _initialized
+    _initialized = True
 
 
 def _use_own_stream() -> None:

@@ -39,7 +39,9 @@ class LoadBalancer:
         ``usable(index) -> bool`` excludes interpreters (down, restarting); when
         none is usable the least loaded of all is returned.
         """
-        with self._lock:
+        lock = self._lock
+        lock.acquire()  # a with block costs a third more, once per call
+        try:
             load, n = self._load, self._limit
             start = self._start
             self._start = (start + 1) % n
@@ -60,6 +62,8 @@ class LoadBalancer:
                 best = min(range(n), key=load.__getitem__)
             load[best] += 1
             return best
+        finally:
+            lock.release()
 
     def acquire_idle(self, usable=None, exclude=()) -> int | None:
         """An interpreter nobody uses now (counted until :meth:`release`), or
@@ -106,8 +110,12 @@ class LoadBalancer:
             return best
 
     def release(self, index: int, *, notify: bool = True) -> None:
-        with self._lock:
+        lock = self._lock
+        lock.acquire()  # a with block costs a third more, once per call
+        try:
             self._load[index] -= 1
+        finally:
+            lock.release()
         hook = self.on_release
         if notify and hook is not None:
             hook()

@@ -26,18 +26,31 @@ if TYPE_CHECKING:
 
 
 def caller_grad_mode():
-    """The calling thread's autograd mode, to be re-established in the interpreter."""
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return None
+    """The calling thread's autograd mode, to be re-established in the interpreter
+    (``None`` while torch is not imported in the host).
+
+    >>> import torch
+    >>> with torch.no_grad():
+    ...     caller_grad_mode() == int(GradMode.NO_GRAD)
+    True
+    """
+    modes = _MODES[0]
+    if modes is None:
+        torch = sys.modules.get("torch")
+        if torch is None or not hasattr(torch, "is_grad_enabled"):  # not (yet) imported
+            return None
+        modes = _MODES[0] = (torch.is_inference_mode_enabled, torch.is_grad_enabled)
+    is_inference, is_grad = modes
     # Plain ints on the wire: an enum member costs a global lookup to unpickle.
-    if torch.is_inference_mode_enabled():
+    if is_inference():
         return _INFERENCE
-    if not torch.is_grad_enabled():
+    if not is_grad():
         return _NO_GRAD
     return _GRAD
 
 
+#: torch's two C functions that tell the mode, once torch is imported
+_MODES: list = [None]
 _GRAD, _NO_GRAD, _INFERENCE = int(GradMode.GRAD), int(GradMode.NO_GRAD), int(GradMode.INFERENCE)
 
 
