@@ -40,7 +40,7 @@ from multipy.runtime import InterpreterManager
 from multipy.transport import channel as _channel
 from multipy.transport import codec
 from multipy.transport.codec import Decoder, Encoder
-from multipy.transport.messages import CALL_ID, encode_reply, parse_reply
+from multipy.transport.messages import CALL_ID, encode_reply, parse_reply, unpack_fast_reply
 from multipy.transport.shm import Arena, BlockViews, Segment
 
 _CALL_REPLICATED = 14
@@ -119,6 +119,9 @@ def _steps():
     def parse():
         parse_reply(reply)
 
+    def unpack():
+        unpack_fast_reply(reply)
+
     def decode_and_drop():
         args_arena._used[block] = 64  # the argument's block, held by the call
         t = host_in.decode(value)
@@ -141,6 +144,10 @@ def _steps():
         ("host", "rebuild the result tensor (numpy view, torch.from_numpy, watch) "
                  "and drop it (deallocation, BlockViews.settle, arena free)", decode_and_drop),
     ]
+
+    if unpack_fast_reply is not None:  # the extension is loaded
+        steps.insert(7, ("host", "read the reply's fields into a plain tuple, as the process "
+                                 "backend does (messages.unpack_fast_reply, in C)", unpack))
 
     # The interpreter's serving loop around those steps: Loop.serve of the framed
     # request (its own bookkeeping: kept blocks, watched arguments, output flags)

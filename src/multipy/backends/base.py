@@ -50,7 +50,8 @@ from ..transport.messages import Op, RemoteException
 #: One entry per host thread inside a blocking call of a backend with several calls
 #: in flight (Worker._request_in_flight), whether it waits for the worker lock or
 #: for its reply: ``len(in_calls)`` says whether a waiting caller is alone (append
-#: and pop are atomic, unlike ``+=`` on a global).
+#: and pop are atomic, unlike ``+=`` on a global).  Kept by workers whose
+#: ``counts_callers`` is true (the process backend's on the pipes).
 in_calls: collections.deque = collections.deque()
 
 
@@ -175,6 +176,10 @@ class Worker:
 
     #: (Pipelined backends.)  Id of the last request sent; read under ``lock``.
     _next_call = 0
+
+    #: Whether :meth:`_request_in_flight` counts its callers in :data:`in_calls`
+    #: (a backend whose waits do not read it turns this off).
+    counts_callers = True
 
     def _abandon(self, since: int) -> None:
         """(Pipelined backends.)  The calling thread left :meth:`_request_in_flight`
@@ -393,7 +398,9 @@ class Worker:
         started = time.perf_counter()
         lock = self.lock
         since = None  # the last call id sent before this one (see _abandon)
-        in_calls.append(None)
+        counted = self.counts_callers  # decided once: a restart may change it meanwhile
+        if counted:
+            in_calls.append(None)
         try:
             # A request the interpreter died before taking never ran: it goes to the
             # replacement, and to the next one while each dies before its turn.
@@ -450,7 +457,8 @@ class Worker:
                 self.failures += 1
             raise
         finally:
-            in_calls.pop()
+            if counted:
+                in_calls.pop()
             lat = self.latencies
             lat.append(time.perf_counter() - started)
             if len(lat) > 4096:

@@ -251,6 +251,9 @@ class ProcessWorker(Worker):
         self._end = None if channel is None else _channel.HostEnd(
             channel, self._req_w, self._reader.read, process.sentinel, self.config.spin, bell[0],
             memory)
+        # Only the pipes' wait asks whether a caller is alone (base.in_calls); on the
+        # channel the extension counts the calls in flight itself.
+        self.counts_callers = channel is None
         self._next_call = 0
         # In-flight bookkeeping of this generation (see _send and _finish).
         self._owed: dict[int, list[int]] = {}  # call id -> argument blocks, reply not read yet
