@@ -76,6 +76,8 @@ MAX_START_FAILURES = 5    # failed starts in a row before an interpreter is give
 # never ran: each replacement gets it).  Bounded, so that a call never waits for
 # ever on an interpreter that keeps dying before its turn.
 MAX_SENDS = 5
+_SENDS = tuple(range(MAX_SENDS))  # the attempts, without a range object per call
+_clock = time.perf_counter
 _CALLER_LEAVES = 5.0      # seconds close() waits for a stopped call's caller to return
 
 
@@ -395,7 +397,7 @@ class Worker:
                            recipe: tuple | None = None, resend: bool = True) -> Any:
         """:meth:`request` for a backend with several requests in flight: the lock
         only around the send."""
-        started = time.perf_counter()
+        started = _clock()
         lock = self.lock
         since = None  # the last call id sent before this one (see _abandon)
         counted = self.counts_callers  # decided once: a restart may change it meanwhile
@@ -404,9 +406,9 @@ class Worker:
         try:
             # A request the interpreter died before taking never ran: it goes to the
             # replacement, and to the next one while each dies before its turn.
-            for attempt in range(MAX_SENDS):
+            for attempt in _SENDS:
                 try:
-                    with lock:
+                    with lock:  # not acquire() and try: a signal could land between them
                         if self.closed:
                             raise ManagerClosedError("the interpreter manager is closed")
                         if not attempt:
@@ -460,7 +462,7 @@ class Worker:
             if counted:
                 in_calls.pop()
             lat = self.latencies
-            lat.append(time.perf_counter() - started)
+            lat.append(_clock() - started)
             if len(lat) > 4096:
                 del lat[:2048]
 

@@ -39,9 +39,8 @@ class LoadBalancer:
         ``usable(index) -> bool`` excludes interpreters (down, restarting); when
         none is usable the least loaded of all is returned.
         """
-        lock = self._lock
-        lock.acquire()  # a with block costs a third more, once per call
-        try:
+        # A with block, not acquire() and try: no signal (Ctrl-C) can land between them.
+        with self._lock:
             load, n = self._load, self._limit
             start = self._start
             self._start = (start + 1) % n
@@ -62,8 +61,6 @@ class LoadBalancer:
                 best = min(range(n), key=load.__getitem__)
             load[best] += 1
             return best
-        finally:
-            lock.release()
 
     def acquire_idle(self, usable=None, exclude=()) -> int | None:
         """An interpreter nobody uses now (counted until :meth:`release`), or
@@ -110,12 +107,8 @@ class LoadBalancer:
             return best
 
     def release(self, index: int, *, notify: bool = True) -> None:
-        lock = self._lock
-        lock.acquire()  # a with block costs a third more, once per call
-        try:
+        with self._lock:
             self._load[index] -= 1
-        finally:
-            lock.release()
         hook = self.on_release
         if notify and hook is not None:
             hook()
