@@ -8,7 +8,9 @@ only this process, and only while the N requests run::
     valgrind --tool=callgrind --trace-children=no --instr-atstart=no \\
         --callgrind-out-file=/tmp/cg.%p python benchmarks/count_serve_instructions.py 200
 
-prints "N instructions per request (host)".  ``--layer infer`` counts
+prints "N instructions per request (host)".  ``--concurrency 64`` keeps 64
+requests in flight, as 64 HTTP connections would: most wait in line for an
+interpreter.  ``--layer infer`` counts
 ``ServedModel.infer`` alone (no body decoded or answer encoded).
 
 Instruction counts do not depend on machine load; wall time under callgrind means
@@ -43,6 +45,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("n", type=int, nargs="?", default=200)
     parser.add_argument("--layer", choices=("app", "infer"), default="app")
+    parser.add_argument("--concurrency", type=int, default=1,
+                        help="requests in flight at once (64: most wait in line for an interpreter)")
     args = parser.parse_args()
     archive = example_archive("identity")
     example = torch.package.PackageImporter(str(archive)).load_pickle("model", "example.pkl")
@@ -56,9 +60,13 @@ def main() -> None:
 
         async def request() -> None:
             sent = []
+            read = []
 
             async def receive():
-                return {"type": "http.request", "body": body, "more_body": False}
+                if not read:  # the body, then nothing until the request ends (no disconnect)
+                    read.append(True)
+                    return {"type": "http.request", "body": body, "more_body": False}
+                await asyncio.Event().wait()
 
             async def send(message):
                 sent.append(message)
@@ -71,12 +79,21 @@ def main() -> None:
 
         one = request if args.layer == "app" else infer
 
+        async def many(n: int) -> None:
+            """``n`` requests, ``args.concurrency`` of them in flight at any time."""
+            left = [n]
+
+            async def client() -> None:
+                while left[0] > 0:
+                    left[0] -= 1
+                    await one()
+
+            await asyncio.gather(*(client() for _ in range(args.concurrency)))
+
         async def run() -> None:
-            for _ in range(100):  # warm up: the model loaded, every path taken once
-                await one()
+            await many(100)  # warm up: the model loaded, every path taken once
             _callgrind(True)
-            for _ in range(args.n):
-                await one()
+            await many(args.n)
             counts.append(_instructions())
             _callgrind(False)
 

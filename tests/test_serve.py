@@ -198,6 +198,19 @@ def test_a_queued_request_past_its_deadline_is_dropped_without_running(narrow, m
     assert manager.statistics().calls == calls + 1  # only the first ran
 
 
+def test_a_request_that_left_the_line_gives_its_turn_to_the_next(narrow):
+    sleepy = _model(narrow, "sleepy")
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        first = pool.submit(_sleep, narrow, 1.0)
+        _when(lambda: sleepy.running == 1, "the first request to run")
+        assert _sleep(narrow, 0.0, timeout=0.2).status_code == 504  # left the line unrun
+        queued = pool.submit(_sleep, narrow, 0.0)
+        _when(lambda: sleepy.waiting == 1, "the next request to wait")
+        assert first.result().status_code == 200
+        assert queued.result().status_code == 200  # the slot went to it, not to the one that left
+    assert not sleepy.busy() and sleepy.running == 0  # every slot came back
+
+
 def test_a_full_queue_answers_429_with_retry_after(narrow):
     sleepy = _model(narrow, "sleepy")
     with concurrent.futures.ThreadPoolExecutor(2) as pool:

@@ -595,9 +595,10 @@ class ProcessWorker(Worker):
     def _arm_bell(self, completions, end) -> None:
         if end is not self._end:
             return  # this generation is over; its calls were given their outcome
-        # Emptied before looking at the slots: a reply published after the look rings
-        # the bell again, so the watch below cannot miss it.
-        end.drain_bell()
+        # Not emptied here: every reply published since the bell was last emptied (in
+        # _on_bell or _collect, before they looked at the slots) left a ring in it, so
+        # the look below or the watch after it cannot miss one.  A ring left over
+        # from a reply handled already wakes _on_bell once for nothing.
         if end.bell_closed or self._any_reply():
             completions.call_soon(lambda: self._on_bell(completions, end, READY))
         else:

@@ -11,7 +11,10 @@
                           ─▶ Worker.post ─▶ interpreter  ─▶ future.set_result / split a batch
                    no  ─▶ wait in the queue
 
-A posted request is sent by whichever thread runs :meth:`Dispatcher.pump` --
+When nothing waits in the queue, ``submit`` sends a request (not one that may
+join a batch or is pinned to an interpreter) at once, on the thread that
+submits it, without going through the queue and the pump.  Else a posted
+request is sent by whichever thread runs :meth:`Dispatcher.pump` --
 the submitting thread when an interpreter is idle, else the thread that
 freed one (the completion thread, or a blocking caller returning) -- and no
 thread waits for it: the manager's completion thread reads its reply.  A
@@ -145,9 +148,34 @@ class Dispatcher:
         """Queue ``request`` and send it now if an interpreter can take it."""
         if self._closed:
             raise ManagerClosedError("this InterpreterManager is closed")
+        if not (request.batch is not None or request.index is not None or self._incoming
+                or self._pending or self._n_pinned or self._retries):
+            if self._post_now(request):
+                return request.future
         self._incoming.append(request)
         self.pump()
         return request.future
+
+    def _post_now(self, request: Request) -> bool:
+        """Nothing waits in the queue: send ``request`` at once on an interpreter
+        that can take it (as :meth:`_dispatch` would, without queueing it);
+        ``False`` when none can, and it is queued instead."""
+        balancer = self._balancer
+        index = balancer.acquire_idle(self._usable)
+        if index is None:
+            index = balancer.acquire_room(self._depth, self._usable)
+            if index is None:
+                return False
+        worker = self._workers[index]
+        if not worker.lock.acquire(blocking=False):
+            balancer.release(index, notify=False)  # held outside the balancer: queue it
+            return False
+        if request.future.set_running_or_notify_cancel():
+            self._post(index, worker, _Group([request], balanced=True))
+        else:  # cancelled already: never sent
+            worker.lock.release()
+            balancer.release(index, notify=False)
+        return True
 
     def idle_now(self) -> int | None:
         """An idle interpreter for a blocking call, counted in the balancer, when
@@ -426,12 +454,7 @@ class Dispatcher:
                 first.sent = (worker, handle)
         except RequestNotSent as not_sent:
             # The interpreter was found dead before anything was sent (and is restarting).
-            if group.balanced:
-                self._balancer.release(index, notify=False)
-            if first.resend:
-                self._requeue(group)
-            else:
-                self._finish(group, None, not_sent.error)
+            self._not_sent(index, group, not_sent)
         except BaseException as exc:  # nothing was sent: an argument that cannot cross...
             if group.balanced:
                 self._balancer.release(index, notify=False)
@@ -442,13 +465,8 @@ class Dispatcher:
         requests = group.requests
         if isinstance(error, RequestNotSent):
             # Queued in an interpreter that died before it took it: to its replacement.
-            if group.balanced:
-                self._balancer.release(index, notify=False)
-            if requests[0].resend and not self._closed:
-                self._requeue(group)
-            else:
-                self._finish(group, None, error.error)
-                self.pump()
+            self._not_sent(index, group, error)
+            self.pump()  # its release did not (notify=False)
             return
         rows = None
         if len(requests) > 1:
@@ -463,6 +481,16 @@ class Dispatcher:
             self._finish(group, value, error)
         elif rows is not None:
             requests[0].batch[0].deliver(requests, value, rows)
+
+    def _not_sent(self, index: int, group: _Group, not_sent: RequestNotSent) -> None:
+        """``group`` never reached interpreter ``index`` (found dead): queue it again
+        for the others or the replacement, or fail it (``resend=False``, or closed)."""
+        if group.balanced:
+            self._balancer.release(index, notify=False)
+        if group.requests[0].resend and not self._closed:
+            self._requeue(group)
+        else:
+            self._finish(group, None, not_sent.error)
 
     def _requeue(self, group: _Group) -> None:
         """Put ``group``'s requests back at the head of the queue (already running)."""

@@ -237,19 +237,31 @@ _GONE = object()
 
 
 async def _unless_gone(infer, receive):
-    """``await infer``, or ``_GONE`` (``infer`` cancelled) if the client disconnects first."""
-    work = asyncio.ensure_future(infer)
-    gone = asyncio.ensure_future(_disconnected(receive))
+    """``await infer``, or ``_GONE`` if the client disconnects first: then ``infer``
+    is cancelled wherever it is (in line: it never runs; sent: its result is dropped).
+
+    ``infer`` runs in this task; a second task only waits for the disconnect and
+    cancels this one (no task per request for ``infer``, no ``asyncio.wait``)."""
+    task = asyncio.current_task()
+    gone = []  # [True] once the client left
+    watcher = asyncio.ensure_future(_cancel_when_gone(receive, task, gone))
     try:
-        await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-    if not work.done():  # the client left: drop its request wherever it is
-        work.cancel()
-        with contextlib.suppress(BaseException):
-            await work
+        return await infer
+    except asyncio.CancelledError:
+        if not gone:
+            raise  # cancelled from elsewhere (the server shutting down)
+        uncancel = getattr(task, "uncancel", None)  # Python 3.11+: the cancel was ours
+        if uncancel is not None:
+            uncancel()
         return _GONE
-    return work.result()
+    finally:
+        watcher.cancel()  # (had it cancelled this task already, infer would have raised)
+
+
+async def _cancel_when_gone(receive, task: asyncio.Task, gone: list) -> None:
+    await _disconnected(receive)
+    gone.append(True)
+    task.cancel()
 
 
 _HEADER_LENGTH = HEADER_LENGTH.lower().encode()

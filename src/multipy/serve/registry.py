@@ -19,6 +19,7 @@ gives up (the task is cancelled), leaves the line without running.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import os
 import time
@@ -131,7 +132,11 @@ class ServedModel:
         self._answered = 0  # calls of the model that ended, when they are not batched
         self._manager = obj._manager
         self._dispatcher = obj._manager._dispatcher
-        self._slots = asyncio.Semaphore(slots)
+        # Admission: `_free` slots left; the requests waiting for one, oldest first,
+        # each a future its slot is handed to (a semaphore, with no lock and no
+        # timeout object per waiting request).
+        self._free = slots
+        self._line: collections.deque[asyncio.Future] = collections.deque()
 
     def metadata(self, *, backend: str) -> dict[str, Any]:
         """The protocol's model metadata: what is known without running the model."""
@@ -150,22 +155,14 @@ class ServedModel:
 
         >>> await model.infer((torch.ones(1, 4),), deadline=time.monotonic() + 5)  # doctest: +SKIP
         """
-        if self._slots.locked() and self.waiting >= self.options.max_queue:
+        if self._free > 0:
+            self._free -= 1
+        elif self.waiting >= self.options.max_queue:
             raise Overloaded(f"model {self.name!r} has {self.waiting} requests waiting, the most "
                              "--max-queue allows; retry later",
                              retry_after=self.options.retry_after)
-        if self._slots.locked():  # wait in line, at most until the deadline
-            self.waiting += 1
-            try:
-                await _within(self._slots.acquire(), deadline)
-            except TimeoutError:
-                raise DeadlineExceeded(f"the deadline passed while the request waited for an "
-                                       f"interpreter ({self.waiting - 1} others waiting); it "
-                                       "was not run") from None
-            finally:
-                self.waiting -= 1
         else:
-            await self._slots.acquire()  # free: returns at once
+            await self._wait_in_line(deadline)
         self.running += 1
         try:
             # Past the deadline the call is cancelled: dropped if the library has not
@@ -192,7 +189,42 @@ class ServedModel:
             raise Unprocessable(f"the model raised {type(exc).__name__}: {exc}") from None
         finally:
             self.running -= 1
-            self._slots.release()
+            self._release()
+
+    async def _wait_in_line(self, deadline: float | None) -> None:
+        """Wait until a slot is handed to this request, at most until ``deadline``
+        (then :class:`DeadlineExceeded`).  A request cancelled meanwhile (its client
+        left) leaves the line, passing on a slot handed to it already."""
+        loop = asyncio.get_running_loop()
+        turn = loop.create_future()
+        self._line.append(turn)
+        self.waiting += 1
+        timer = (None if deadline is None else
+                 loop.call_at(loop.time() + _remaining(deadline), _expire, turn))
+        try:
+            await turn
+        except TimeoutError:
+            raise DeadlineExceeded(f"the deadline passed while the request waited for an "
+                                   f"interpreter ({self.waiting - 1} others waiting); it "
+                                   "was not run") from None
+        except BaseException:
+            if turn.done() and not turn.cancelled() and turn.exception() is None:
+                self._release()  # handed a slot, then cancelled before it resumed
+            raise
+        finally:
+            self.waiting -= 1
+            if timer is not None:
+                timer.cancel()
+
+    def _release(self) -> None:
+        """A slot is free: hand it to the oldest request still waiting, or keep it."""
+        line = self._line
+        while line:
+            turn = line.popleft()
+            if not turn.done():  # not cancelled, not past its deadline
+                turn.set_result(None)
+                return
+        self._free += 1
 
     def _call(self, args: tuple):
         """The model's call on ``args``, awaitable: what ``acall`` does, with the request
@@ -213,7 +245,7 @@ class ServedModel:
 
     def busy(self) -> bool:
         """True when a new request would wait in line."""
-        return self._slots.locked()
+        return self._free <= 0
 
     def batch_sizes(self) -> dict[int, int]:
         """How many calls of the model carried each number of requests (unbatched:
@@ -221,6 +253,11 @@ class ServedModel:
         if self._batched is None:
             return {1: self._answered} if self._answered else {}
         return dict(self._batched.statistics().batch_sizes)
+
+
+def _expire(turn: asyncio.Future) -> None:
+    if not turn.done():
+        turn.set_exception(TimeoutError())
 
 
 def _remaining(deadline: float | None) -> float | None:
