@@ -45,6 +45,7 @@ from typing import Any, Callable
 from ..errors import (InterpreterCrashedError, InterpreterError, InterpreterStartError,
                       ManagerClosedError, RemoteTraceback, TransportError)
 from ..transport.messages import Op, RemoteException
+from .completions import CLOSED as _CLOSED
 
 
 #: One entry per host thread inside a blocking call of a backend with several calls
@@ -751,8 +752,6 @@ class _PostedCall:
 
     def finish(self, event: str) -> None:
         """On the completion thread: read the reply, free the interpreter, tell the caller."""
-        from .completions import CLOSED
-
         if self.finished:
             return
         with self.lock:
@@ -760,7 +759,7 @@ class _PostedCall:
                 self.early = event
                 return
         worker = self.worker
-        if event == CLOSED:
+        if event == _CLOSED:
             worker._abandon_posted(self.posted)
             self._end(None, ManagerClosedError(
                 f"the manager was closed while interpreter {worker.index} was running this call"))

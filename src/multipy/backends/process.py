@@ -581,8 +581,10 @@ class ProcessWorker(Worker):
         with self._watch_lock:
             if self._bell_watch is not None:
                 return  # armed: it hands over the calls in order
-            oldest = next((p for p in self._posted.values() if not p[5]), None)
-            if oldest is None:
+            for oldest in self._posted.values():
+                if not oldest[5]:
+                    break
+            else:
                 return
             completions = self._bell_watch = oldest[3]
         end = self._end  # this generation's (a restart makes a new one)

@@ -443,7 +443,8 @@ class Dispatcher:
         completions = self._completions
         on_loop = getattr(first.future, "on_loop", None)
         if (on_loop is not None and on_loop.here()
-                and all(getattr(r.future, "on_loop", None) is on_loop for r in requests)):
+                and (len(requests) == 1
+                     or all(getattr(r.future, "on_loop", None) is on_loop for r in requests))):
             completions = on_loop  # the loop reads the reply itself
         try:
             handle = worker.post(op, args, completions=completions,
