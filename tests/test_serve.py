@@ -242,6 +242,33 @@ def test_metrics_are_named_the_prometheus_way_and_count_requests(client):
     assert {s.value for s in families["multipy_interpreters_up"].samples} == {INTERPRETERS}
 
 
+def test_request_durations_fall_in_their_prometheus_buckets():
+    from multipy.serve.metrics import Metrics
+
+    class Closed:  # a registry with no models and a closed manager: request metrics only
+        manager = type("Manager", (), {"closed": True})
+
+        def __iter__(self):
+            return iter(())
+
+    metrics = Metrics(Closed())
+    for seconds in (0.0007, 0.001, 0.003, 50.0):
+        metrics.request("m", 200, seconds)
+    metrics.request("m", 429, 0.0001)
+    families = {f.name: f for f in text_string_to_metric_families(metrics.render().decode())}
+    assert {(s.labels["status"], s.value) for s in families["multipy_requests"].samples} == {
+        ("200", 4.0), ("429", 1.0)}
+    samples = {(s.name, s.labels.get("le")): s.value
+               for s in families["multipy_request_duration_seconds"].samples}
+    assert samples["multipy_request_duration_seconds_bucket", "0.0005"] == 1  # le: at most
+    assert samples["multipy_request_duration_seconds_bucket", "0.001"] == 3
+    assert samples["multipy_request_duration_seconds_bucket", "0.005"] == 4
+    assert samples["multipy_request_duration_seconds_bucket", "30.0"] == 4
+    assert samples["multipy_request_duration_seconds_bucket", "+Inf"] == 5
+    assert samples["multipy_request_duration_seconds_count", None] == 5
+    assert samples["multipy_request_duration_seconds_sum", None] == pytest.approx(50.0048)
+
+
 # ------------------------------------------------------------------------ schemathesis
 def _operations():
     from multipy.serve.openapi import DOCUMENT

@@ -1,6 +1,7 @@
 """Prometheus metrics of a served registry (``GET /metrics``).
 
-Counted per request by the app: ``multipy_requests_total{model,status}`` and
+Counted per request by the app (plain counts, made metric families at scrape
+time): ``multipy_requests_total{model,status}`` and
 ``multipy_request_duration_seconds{model}``.  Read from the registry and the
 manager at scrape time (nothing per request): the batch-size histogram, queue
 depth, requests running, busy and live interpreters, restarts, and the bytes of
@@ -10,7 +11,9 @@ apps (tests, a Ray replica) can live in one process.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+import bisect
+
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -33,26 +36,55 @@ class Metrics:
 
     def __init__(self, registry: ModelRegistry) -> None:
         self.prometheus = CollectorRegistry(auto_describe=True)
-        self.requests = Counter("multipy_requests", "Inference requests answered, by model and "
-                                "HTTP status", ["model", "status"], registry=self.prometheus)
-        self.duration = Histogram("multipy_request_duration_seconds", "Time from a request's "
-                                  "arrival to its answer", ["model"], buckets=_LATENCY_BUCKETS,
-                                  registry=self.prometheus)
+        # Counted in plain dicts and lists, turned into metric families at scrape
+        # time: prometheus_client's Counter.inc and Histogram.observe take a lock
+        # per value and look for the bucket in Python, several µs per request.
+        self._requests: dict[tuple[str, int], int] = {}
+        self._durations: dict[str, list] = {}  # model -> [count per bucket (+Inf last), sum]
+        self.prometheus.register(_RequestCollector(self))
         self.prometheus.register(_PoolCollector(registry))
-        self._children: dict[tuple[str, int], tuple] = {}  # labels() costs µs per request
 
     def request(self, model: str, status: int, seconds: float) -> None:
-        """Count one answered request."""
-        children = self._children.get((model, status))
-        if children is None:
-            children = self._children[model, status] = (
-                self.requests.labels(model, str(status)), self.duration.labels(model))
-        children[0].inc()
-        children[1].observe(seconds)
+        """Count one answered request (on the event loop's thread)."""
+        key = (model, status)
+        self._requests[key] = self._requests.get(key, 0) + 1
+        duration = self._durations.get(model)
+        if duration is None:
+            duration = self._durations[model] = [[0] * (len(_LATENCY_BUCKETS) + 1), 0.0]
+        duration[0][bisect.bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+        duration[1] += seconds
 
     def render(self) -> bytes:
         """The text exposition format (``CONTENT_TYPE_LATEST``)."""
         return generate_latest(self.prometheus)
+
+
+class _RequestCollector:
+    """``multipy_requests_total`` and ``multipy_request_duration_seconds`` from the
+    counts :meth:`Metrics.request` keeps."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        metrics = self._metrics
+        requests = CounterMetricFamily("multipy_requests", "Inference requests answered, by "
+                                       "model and HTTP status", labels=["model", "status"])
+        for (model, status), n in list(metrics._requests.items()):
+            requests.add_metric([model, str(status)], n)
+        duration = HistogramMetricFamily("multipy_request_duration_seconds", "Time from a "
+                                         "request's arrival to its answer", labels=["model"])
+        for model, (counts, total) in list(metrics._durations.items()):
+            buckets, seen = [], 0
+            for bound, n in zip((*_LATENCY_BUCKETS, float("inf")), counts):
+                seen += n
+                buckets.append(("+Inf" if bound == float("inf") else str(bound), seen))
+            duration.add_metric([model], buckets, total)
+        yield requests
+        yield duration
 
 
 class _PoolCollector:
