@@ -327,7 +327,10 @@ class Loop:
         else:
             unpinned = ()
         out, err = sys.stdout, sys.stderr
-        output = getattr(out, "dirty", False) or getattr(err, "dirty", False)
+        try:  # _Tracked streams, unless the call replaced them
+            output = out.dirty or err.dirty
+        except AttributeError:
+            output = getattr(out, "dirty", False) or getattr(err, "dirty", False)
         if output:
             out.flush()
             err.flush()
