@@ -445,3 +445,76 @@ def test_a_caller_spins_only_on_a_core_that_no_busy_interpreter_needs(cores):
     assert result and result[0] in READY
     assert ch.take_reply(slot) == (0, b"y")
     ch.detach()
+
+
+# -- whether a request runs: one decision in the slot's go word ---------------------
+
+def test_an_armed_request_is_started_or_skipped_and_the_decision_stands(impl):
+    import time
+
+    ch = impl(_memory())
+    run, cancelled, late, unarmed = (ch.claim() for _ in range(4))
+    ch.arm(run, -1)                                  # no deadline
+    assert ch.begin(run) is True and ch.started(run)
+    assert ch.cancel(run) is False                   # too late: it started
+    ch.arm(cancelled, -1)
+    assert ch.cancel(cancelled) is True and ch.cancel(cancelled) is True
+    assert ch.begin(cancelled) is False and not ch.started(cancelled)
+    assert ch.cancel(cancelled) is True              # skipped by the interpreter: still skipped
+    ch.arm(late, time.monotonic_ns() - 1)            # taken past its deadline
+    assert ch.begin(late) is False and ch.cancel(late) is True
+    ch.arm(unarmed, time.monotonic_ns() + 10**12)
+    assert ch.begin(unarmed) is True
+    # A slot claimed again is unarmed: its request runs and cannot be cancelled.
+    ch.arm(late, time.monotonic_ns() - 1)
+    ch.release(late)
+    again = ch.claim()
+    while again != late:
+        again = ch.claim()
+    assert ch.cancel(late) is False and ch.begin(late) is True
+
+
+_DECIDER = textwrap.dedent("""
+    import mmap, os, sys
+    sys.path[:0] = [{src!r}]
+    from multipy import _native
+    from multipy.transport import channel as chan
+    fd = int(sys.argv[1])
+    ch = _native.Channel(mmap.mmap(fd, os.fstat(fd).st_size))
+    while ch.wait_request(-1.0, 0.001, -1) in (chan.Wait.READY, chan.Wait.SLEPT):
+        slot, data = ch.take()
+        ch.reply(slot, b"ran" if ch.begin(slot) else b"skipped", 0)
+""")
+
+
+@needs_native
+def test_a_cancel_racing_the_interpreter_s_start_never_gets_both_or_neither():
+    # The interpreter (another process) decides as it takes each request while the
+    # host cancels it at about the same moment: exactly one side wins each time.
+    fd = os.memfd_create("multipy-test-channel")
+    memory = _memory(fd=fd)
+    src = os.path.dirname(os.path.dirname(os.path.dirname(chan.__file__)))
+    proc = subprocess.Popen([sys.executable, "-c", _DECIDER.format(src=src), str(fd)],
+                            pass_fds=(fd,), stdout=subprocess.PIPE)
+    ch = _native.Channel(memory)
+    outcomes = {"ran": 0, "skipped": 0}
+    try:
+        slot = ch.claim()
+        for i in range(2000):
+            ch.arm(slot, -1)
+            assert ch.post(b"x", slot)
+            for _ in range(i % 64):  # cancel a little earlier or later each time
+                ch.ready(slot)
+            cancelled = ch.cancel(slot)
+            assert ch.wait_reply(slot, 30.0, 0.001, -1, proc.stdout.fileno()) in READY
+            got = ch.take_reply(slot)[1].decode()
+            assert (got == "skipped") == cancelled, (i, got, cancelled)
+            outcomes[got] += 1
+    finally:
+        ch.close()
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        ch.detach()
+        os.close(fd)
+    assert sum(outcomes.values()) == 2000

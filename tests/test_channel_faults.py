@@ -159,3 +159,31 @@ def test_a_call_no_interpreter_took_is_sent_again_after_each_death(manager, run,
     assert queued_result["value"] == "queued"
     assert worker.pid not in (first, second)
     assert run("echo", 7) == 7
+
+
+@pytest.mark.parametrize("form", ["binary", "pickled"])
+def test_a_skipped_request_still_applies_the_releases_it_carries(form):
+    # A posted call cancelled (or past its deadline) while queued is answered unrun;
+    # the host's releases that went with it (freed result blocks, dropped objects)
+    # must not be lost with it, or the interpreter would hold them for good.
+    from multipy.backends._process_main import Loop
+    from multipy.interp.state import InterpreterState
+    from multipy.transport.codec import Encoder
+    from multipy.transport.messages import CALL_ID, Op, parse_reply
+    from multipy.transport.shm import Segment
+
+    args, results = Segment.create(1 << 16), Segment.create(1 << 16)
+    loop = Loop(InterpreterState(0), -1, -1, args.fd, results.fd)
+    freed, dropped = [], []
+    loop._free_result = freed.append
+    loop.state.release = dropped.extend
+    drop = () if form == "binary" else (11, 12)
+    data = Encoder(None).encode_request(int(Op.CALL_REPLICATED), (3, None, (1, 2.5), {}, 1, None),
+                                        drop, (64, 128))
+    assert (data[0] == 0x80) == (form == "pickled")
+    reply = parse_reply(loop.skip(CALL_ID.pack(5) + data))
+    assert reply.call == 5 and reply.error.type_name == "CallTimeoutError"
+    assert freed == [64, 128]
+    assert dropped == list(drop)
+    args.close()
+    results.close()

@@ -15,6 +15,7 @@
 #include <structmember.h>
 
 #include <errno.h>
+#include <stddef.h>
 #include <limits.h>
 #include <linux/futex.h>
 #include <poll.h>
@@ -51,8 +52,24 @@ typedef struct {
 } record_t;
 
 typedef struct {
-    uint32_t state, sleeping, len, tag, _pad[12];
+    uint32_t state, sleeping, len, tag;
+    uint64_t go;       /* 16: whether the request posted with this slot runs (GO_*) */
+    uint32_t _pad[10];
 } slot_t;
+
+/* A slot's ``go`` word: the one place where whether a request runs is decided, by
+ * a compare-and-swap, so that it is either started or skipped, never both, never
+ * neither.  claim() clears it (the request always runs); the host may arm it
+ * (arm) with a deadline before posting; the interpreter decides (begin) when it
+ * takes the request, the host may cancel it (cancel) until then. */
+#define GO_UNARMED 0ull   /* runs without a decision (stale STARTED/SKIPPED read the same) */
+#define GO_CANCELLED 1ull /* the host cancelled it before the interpreter decided: skip */
+#define GO_STARTED 2ull   /* decided: the interpreter runs it */
+#define GO_SKIPPED 3ull   /* decided: the interpreter answers it unrun */
+_Static_assert(sizeof(slot_t) == SLOT_HEAD && offsetof(slot_t, go) == 16,
+               "a slot's header is 64 bytes, its go word at 16 (channel.py's _SLOT_GO)");
+#define GO_NO_DEADLINE UINT64_MAX /* armed without a deadline; any value >= 4: armed, a
+                                     CLOCK_MONOTONIC deadline in nanoseconds */
 
 static int spinners;       /* host threads of this process spinning now */
 /* Host side, process-wide: requests posted whose reply was not taken yet, and the
@@ -508,6 +525,8 @@ static PyObject *Channel_claim(ChannelObject *self, PyObject *unused) {
         slot_t *s = slot_at(self, i);
         if (__atomic_compare_exchange_n(&s->state, &expected, (uint32_t)SLOT_WAITING, 0,
                                         __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+            /* Published to the interpreter by the post that names this slot. */
+            __atomic_store_n(&s->go, GO_UNARMED, __ATOMIC_RELAXED);
             STORE(&self->h->slot_hint, (i + 1) % n);
             return PyLong_FromUnsignedLong(i);
         }
@@ -609,6 +628,82 @@ static PyObject *Channel_ready(ChannelObject *self, PyObject *arg) {
     return PyBool_FromLong(LOAD(&slot_at(self, slot)->state) == SLOT_REPLIED);
 }
 
+PyDoc_STRVAR(arm_doc,
+"arm(slot, deadline_ns, /)\n\n"
+"Host, before posting the request that names ``slot`` (claimed): have the\n"
+"interpreter decide with begin() whether it runs, skipping it when it takes it at\n"
+"or past ``deadline_ns`` (time.monotonic_ns(); < 0: no deadline), and let cancel()\n"
+"skip it until then.");
+
+static PyObject *Channel_arm(ChannelObject *self, PyObject *args) {
+    unsigned int slot;
+    long long deadline;
+    if (!PyArg_ParseTuple(args, "IL:arm", &slot, &deadline))
+        return NULL;
+    if (check_attached(self) < 0 || check_slot(self, slot) < 0)
+        return NULL;
+    uint64_t go = deadline < 0 ? GO_NO_DEADLINE
+                  : (uint64_t)deadline <= GO_SKIPPED ? GO_SKIPPED + 1 : (uint64_t)deadline;
+    /* Published to the interpreter by the post that follows. */
+    __atomic_store_n(&slot_at(self, slot)->go, go, __ATOMIC_RELAXED);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(begin_doc,
+"begin(slot, /) -> bool\n\n"
+"Interpreter, having taken a request: whether to run it (True) or answer it unrun\n"
+"(False: the host cancelled it, or its deadline passed).  Decided once, atomically\n"
+"against cancel(); a request whose slot was not armed always runs.");
+
+static PyObject *Channel_begin(ChannelObject *self, PyObject *arg) {
+    unsigned int slot = (unsigned int)PyLong_AsUnsignedLong(arg);
+    if (PyErr_Occurred() || check_attached(self) < 0 || check_slot(self, slot) < 0)
+        return NULL;
+    uint64_t *word = &slot_at(self, slot)->go;
+    uint64_t go = LOAD(word);
+    for (;;) {
+        if (go == GO_UNARMED || go == GO_STARTED || go == GO_SKIPPED)
+            Py_RETURN_TRUE;
+        uint64_t to = go == GO_CANCELLED || (go != GO_NO_DEADLINE && (uint64_t)now_ns() >= go)
+                          ? GO_SKIPPED : GO_STARTED;
+        if (__atomic_compare_exchange_n(word, &go, to, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+            return PyBool_FromLong(to == GO_STARTED);
+    }
+}
+
+PyDoc_STRVAR(cancel_doc,
+"cancel(slot, /) -> bool\n\n"
+"Host: have the request armed in ``slot`` skipped unless the interpreter started it.\n"
+"True when it is skipped (now, or by the interpreter already), False when it\n"
+"started (or was not armed).  Atomic against begin().");
+
+static PyObject *Channel_cancel(ChannelObject *self, PyObject *arg) {
+    unsigned int slot = (unsigned int)PyLong_AsUnsignedLong(arg);
+    if (PyErr_Occurred() || check_attached(self) < 0 || check_slot(self, slot) < 0)
+        return NULL;
+    uint64_t *word = &slot_at(self, slot)->go;
+    uint64_t go = LOAD(word);
+    for (;;) {
+        if (go == GO_UNARMED || go == GO_STARTED)
+            Py_RETURN_FALSE;
+        if (go == GO_CANCELLED || go == GO_SKIPPED)
+            Py_RETURN_TRUE;
+        if (__atomic_compare_exchange_n(word, &go, GO_CANCELLED, 0, __ATOMIC_ACQ_REL,
+                                        __ATOMIC_ACQUIRE))
+            Py_RETURN_TRUE;
+    }
+}
+
+PyDoc_STRVAR(started_doc,
+"started(slot, /) -> bool\n\nWhether the interpreter decided to run the request armed in ``slot``.");
+
+static PyObject *Channel_started(ChannelObject *self, PyObject *arg) {
+    unsigned int slot = (unsigned int)PyLong_AsUnsignedLong(arg);
+    if (PyErr_Occurred() || check_attached(self) < 0 || check_slot(self, slot) < 0)
+        return NULL;
+    return PyBool_FromLong(LOAD(&slot_at(self, slot)->go) == GO_STARTED);
+}
+
 PyDoc_STRVAR(asleep_doc,
 "asleep(slot, /) -> bool\n\nWhether ``slot``'s caller sleeps in FUTEX_WAIT now (for tests and diagnostics).");
 
@@ -685,6 +780,10 @@ static PyMethodDef Channel_methods[] = {
     {"take_reply", (PyCFunction)Channel_take_reply, METH_O, take_reply_doc},
     {"ready", (PyCFunction)Channel_ready, METH_O, ready_doc},
     {"asleep", (PyCFunction)Channel_asleep, METH_O, asleep_doc},
+    {"arm", (PyCFunction)Channel_arm, METH_VARARGS, arm_doc},
+    {"begin", (PyCFunction)Channel_begin, METH_O, begin_doc},
+    {"cancel", (PyCFunction)Channel_cancel, METH_O, cancel_doc},
+    {"started", (PyCFunction)Channel_started, METH_O, started_doc},
     {"close", (PyCFunction)Channel_close, METH_NOARGS, close_doc},
     {"detach", (PyCFunction)Channel_detach, METH_NOARGS, detach_doc},
     {NULL, NULL, 0, NULL},

@@ -205,9 +205,9 @@ class Loop:
         ensure_stream()
 
     def _salvage(self, data: bytes) -> None:
-        """A request whose arguments cannot be rebuilt here still carries the host's
-        releases (dropped objects, freed result blocks): read it again with every
-        unknown class stubbed out, and apply them."""
+        """A request whose arguments cannot be rebuilt here, or that is skipped,
+        still carries the host's releases (dropped objects, freed result blocks):
+        read it (again) with every unknown class stubbed out, and apply them."""
         try:
             request = parse_request(self.decoder.decode(data, lenient=True))
         except Exception:
@@ -219,11 +219,14 @@ class Loop:
         self.state.release(request.drop)
 
     def skip(self, data: bytes) -> bytes:
-        """The reply to a request taken past its deadline: a CallTimeoutError, the
-        request unrun (its sender put no releases of other objects in it)."""
+        """The reply to a request the host cancelled, or that was taken past its
+        deadline: a CallTimeoutError, the request unrun.  The releases it carries
+        (dropped objects, freed result blocks) still apply."""
         from ..errors import CallTimeoutError
 
         call = _unpack_id(data)[0] if len(data) >= _ID_BYTES else 0
+        if len(data) > _ID_BYTES:
+            self._salvage(data[_ID_BYTES:])
         error = CallTimeoutError("the call waited past its timeout queued behind other calls "
                                  f"on interpreter {self.state.index} and was dropped without running")
         return encode_reply(call, None, capture_exception(error), (), (), False, ())

@@ -60,7 +60,6 @@ ARENA_BYTES = 1 << 22  # grows on demand; pages are only touched when used
 _LINK_TIMEOUT = 30.0   # seconds an interpreter may take to map a CUDA link
 _CALLERS_LEAVE = 10.0  # seconds a restart waits for the calls in flight to be failed
 _PRELOAD = ["multipy.backends._process_main", "numpy", "torch"]
-_LOOK_AGAIN = 0.001    # seconds: a call at its deadline was taken but not started yet
 
 
 def _pipeline_depth() -> int:
@@ -261,7 +260,6 @@ class ProcessWorker(Worker):
         self._callers = {}               # owed calls whose blocking caller waits: id -> thread
         self._posted: dict[int, list] = {}   # owed calls a completion thread collects, in send order
         self._bell_watch = None           # the completions watching the bell now (channel)
-        self._marked: set[int] = set()    # channel: cancelled calls whose slot holds a mark
         self._watch_lock = threading.Lock()
         self._stash: dict[int, object] = {}  # replies read for a caller not back yet
         self._slots: dict[int, int] = {}  # channel: call id -> its reply slot
@@ -470,8 +468,6 @@ class ProcessWorker(Worker):
         got = channel.take_reply(slot)  # HostEnd.take, inlined (once per call)
         if got is None:
             return None
-        if self._marked:
-            self._unmark(call, slot)
         channel.release(slot)
         del self._slots[call]
         self._ends.pop(call, None)
@@ -515,8 +511,6 @@ class ProcessWorker(Worker):
         try:
             for call in sorted(self._left):
                 slot = self._slots.get(call)
-                if slot is not None and self._marked:
-                    self._unmark(call, slot)
                 if slot is not None and end.ready(slot):
                     tag, data = end.take(slot)
                     del self._slots[call]
@@ -746,31 +740,19 @@ class ProcessWorker(Worker):
 
     def cancel_posted(self, posted) -> None:
         """The caller of a posted call queued on the channel gave up on it (an
-        ``acall`` cancelled): mark its slot so that the interpreter skips it unrun
-        if it has not taken it yet (see :meth:`HostEnd.set_deadline`).  Either way
-        its reply, when it comes, is collected as usual and dropped by its caller."""
+        ``acall`` cancelled): the interpreter skips it unrun unless it started it
+        already (see :meth:`HostEnd.arm`).  Either way its reply, when it comes,
+        is collected as usual and dropped by its caller."""
         end = self._end
         if end is None or not isinstance(posted, list):
             return
         with self._rx:
-            call = posted[1]
-            slot = self._slots.get(call)
-            if call not in self._posted or slot is None or call in self._marked:
-                return
-            try:
-                if end.ready(slot):
-                    return
-                end.mark_past(slot)
-            except ValueError:  # detached: over
-                return
-            self._marked.add(call)
-
-    def _unmark(self, call: int, slot: int) -> None:
-        """Clear a cancel mark (:meth:`cancel_posted`) before ``slot`` is reused: the
-        interpreter clears only a mark it read.  Under ``_rx``."""
-        if call in self._marked:
-            self._marked.discard(call)
-            self._end.mark_past(slot, 0.0)
+            slot = self._slots.get(posted[1])
+            if posted[1] in self._posted and slot is not None:
+                try:
+                    end.cancel(slot)
+                except ValueError:  # detached: over
+                    pass
 
     def _abandon_posted(self, posted) -> None:
         """The completions stopped before collecting ``posted``: its reply, if one
@@ -788,8 +770,8 @@ class ProcessWorker(Worker):
     def _expire(self, posted, timeout):
         """At a posted call's deadline: a call still queued behind others on the
         channel is dropped unrun (the interpreter skips it when its turn comes:
-        see :meth:`HostEnd.set_deadline`) and the interpreter keeps running; a call
-        that started is stopped the old way, by killing the interpreter."""
+        see :meth:`HostEnd.arm`) and the interpreter keeps running; a call that
+        started is stopped the old way, by killing the interpreter."""
         call = posted[1]
         end = self._end
         if end is not None and posted[6] is None:
@@ -799,11 +781,10 @@ class ProcessWorker(Worker):
                     try:
                         if end.ready(slot):
                             return PENDING  # answered in time: its finish is on its way
-                        started = end.started(slot)
-                        taken = end.taken(self._ends[call])
-                    except (KeyError, ValueError):
-                        started = taken = True
-                    if not started and not taken:
+                        skipped = end.cancel(slot)  # atomic against the interpreter's start
+                    except ValueError:  # detached: this generation is over
+                        skipped = False
+                    if skipped:
                         self._posted.pop(call, None)
                         self._left.add(call)  # the interpreter's skip reply is settled unread
                         if self._draining and not self._posted:
@@ -813,8 +794,6 @@ class ProcessWorker(Worker):
                             f"calls on interpreter {self.index} and was dropped without running; "
                             "the interpreter keeps running. Raise call_timeout= (manager) or "
                             "timeout= (per call), or run fewer calls at once.")
-                    if not started:
-                        return _LOOK_AGAIN  # taken: skipping it now, or about to start it
         self._posted.pop(call, None)
         try:
             self._kill_for_timeout(timeout)
@@ -830,10 +809,8 @@ class ProcessWorker(Worker):
             self._announce_links(links, timeout)
         encoder = self._encoder
         encoder.handles = handles
-        # A posted call with a deadline may be skipped unrun (see _expire): it carries
-        # no releases of result blocks, which would be lost with it.
-        freed = (self._decoder.released_offsets()
-                 if self._freed and (posted is None or posted[7] is None) else ())
+        # A skipped request's releases still apply in the interpreter (see _expire).
+        freed = self._decoder.released_offsets() if self._freed else ()
         held = self._held
         if held.pending:  # arguments whose last host view died: reuse their blocks
             held.settle()
@@ -850,7 +827,7 @@ class ProcessWorker(Worker):
         placed = encoder.placed
         call = self._next_call = self._next_call + 1
         self._owed[call] = placed
-        deadline = 0.0
+        deadline = None
         if posted is None:
             self._callers[call] = get_ident()
         else:
@@ -873,8 +850,8 @@ class ProcessWorker(Worker):
                 while slot is None:
                     slot = self._room()
                 self._slots[call] = slot
-                if deadline:
-                    end.set_deadline(slot, deadline)  # skipped unrun if not started by then
+                if posted is not None:
+                    end.arm(slot, deadline)  # skipped unrun if cancelled or not started by then
                 # HostEnd.post, inlined for a request that fits the ring (once per call)
                 position = (end.channel.post(payload, slot) if len(payload) <= end.limit
                             else end.post(payload, slot))
@@ -914,8 +891,6 @@ class ProcessWorker(Worker):
         slot = self._slots.pop(call, None)
         if slot is not None:
             try:
-                if self._marked:
-                    self._unmark(call, slot)
                 self._end.release(slot)
             except ValueError:
                 pass

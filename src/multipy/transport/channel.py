@@ -23,14 +23,19 @@ Memory (one memfd, like the arenas)::
     512  request ring (ring_bytes, a power of two): records of
               [state u32 | len u32 | tag u32 | pad u32 | payload, padded to 16]
     ...  reply slots (slots x (64 + slot_bytes)):
-              [state u32 | sleeping u32 | len u32 | tag u32 | pad | payload]
+              [state u32 | sleeping u32 | len u32 | tag u32 | go u64 | pad | payload]
 
 Producers reserve ring space with a compare-and-swap on ``tail``, copy, then
 publish the record's state; the consumer zeroes each record it takes (a later
 record may start anywhere inside it) and advances ``head``.  A waiter announces
 that it sleeps in its ``sleeping`` word before its last look, and a waker reads
 that word after publishing, so a wake-up is never lost and never paid for when
-nobody sleeps.  Messages larger than the ring or a slot are the caller's to
+nobody sleeps.  A slot's ``go`` word decides, by one compare-and-swap, whether the
+request posted with it runs or is skipped unrun (a posted call past its deadline or
+cancelled): ``claim`` clears it (the request runs), the host may ``arm`` it before
+posting and ``cancel`` it later, and the interpreter decides with ``begin`` when it
+takes the request, so the request is either started or skipped, never both and
+never neither.  Messages larger than the ring or a slot are the caller's to
 spill (the process backend sends them over its pipe).
 
 This module decides *which* implementation runs: the C extension
@@ -76,11 +81,11 @@ _SLICE = 0.002  # seconds a sleeping waiter goes between looks at the peer's liv
 # Offsets of the header words (see the layout above and _native.c's header_t).
 _CLOSED, _TAIL, _HEAD, _REQ_SEQ, _REQ_SLEEPING, _SLOT_HINT = 64, 128, 192, 256, 260, 320
 _BELL = 384  # unused by the mechanism: set by the host once a reply needs the bell pipe
-# A slot's header words past the mechanism's (unused by it): a posted call's deadline
-# (time.monotonic, 0: none), written by the host before the post, cleared by the
-# interpreter when it takes the call; and whether the interpreter started the call.
-_SLOT_DEADLINE, _SLOT_STARTED = 16, 24
-_F64 = struct.Struct("<d")
+# A slot's go word (see _native.c's GO_*): 0 unarmed, 1 cancelled, 2 started, 3 skipped,
+# else armed with a time.monotonic_ns() deadline (2**64 - 1: none).
+_SLOT_GO = 16
+_GO_UNARMED, _GO_CANCELLED, _GO_STARTED, _GO_SKIPPED = 0, 1, 2, 3
+_GO_NO_DEADLINE = (1 << 64) - 1
 _GEOMETRY = struct.Struct("<5I")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -319,6 +324,7 @@ class PyChannel:
                 off = self._slot_off(i)
                 if self._u32(off) == _SLOT_FREE:
                     self._set32(off, _SLOT_WAITING)
+                    _U64.pack_into(self._m, off + _SLOT_GO, _GO_UNARMED)
                     self._set32(_SLOT_HINT, (i + 1) % self._slots)
                     return i
         return None
@@ -378,6 +384,46 @@ class PyChannel:
         """Whether ``slot``'s caller sleeps in FUTEX_WAIT now (for tests and diagnostics)."""
         self._check()
         return self._u32(self._slot_off(slot) + 4) != 0
+
+    # The go word (see the module docstring).  Here the compare-and-swap is a lock of
+    # this process: atomic among its threads only.  (The backends share a channel
+    # between processes only through the extension.)
+    def arm(self, slot: int, deadline_ns: int, /) -> None:
+        """Before posting the request naming ``slot``: it runs only if the interpreter
+        takes it before ``deadline_ns`` (``time.monotonic_ns()``; < 0: no deadline)
+        and it was not cancelled by then."""
+        self._check()
+        go = _GO_NO_DEADLINE if deadline_ns < 0 else max(deadline_ns, _GO_SKIPPED + 1)
+        _U64.pack_into(self._m, self._slot_off(slot) + _SLOT_GO, go)
+
+    def begin(self, slot: int, /) -> bool:
+        """The interpreter, having taken a request: run it (True) or answer it unrun."""
+        self._check()
+        off = self._slot_off(slot) + _SLOT_GO
+        with self._post_lock:
+            go = _U64.unpack_from(self._m, off)[0]
+            if go in (_GO_UNARMED, _GO_STARTED, _GO_SKIPPED):
+                return True
+            run = go != _GO_CANCELLED and (go == _GO_NO_DEADLINE or time.monotonic_ns() < go)
+            _U64.pack_into(self._m, off, _GO_STARTED if run else _GO_SKIPPED)
+            return run
+
+    def cancel(self, slot: int, /) -> bool:
+        """Skip the request armed in ``slot`` unless it started: True when it is skipped."""
+        self._check()
+        off = self._slot_off(slot) + _SLOT_GO
+        with self._post_lock:
+            go = _U64.unpack_from(self._m, off)[0]
+            if go in (_GO_UNARMED, _GO_STARTED):
+                return False
+            if go not in (_GO_CANCELLED, _GO_SKIPPED):
+                _U64.pack_into(self._m, off, _GO_CANCELLED)
+            return True
+
+    def started(self, slot: int, /) -> bool:
+        """Whether the interpreter decided to run the request armed in ``slot``."""
+        self._check()
+        return _U64.unpack_from(self._m, self._slot_off(slot) + _SLOT_GO)[0] == _GO_STARTED
 
     def close(self) -> None:
         """Mark the channel closed and wake every waiter on both sides."""
@@ -560,29 +606,24 @@ class HostEnd:
             self.channel.release(slot)
         return got
 
-    def set_deadline(self, slot: int, deadline: float) -> None:
-        """Before posting a request into ``slot`` (claimed): the interpreter skips it
-        unrun when it takes it at or after ``deadline`` (``time.monotonic``, the
-        same clock in every process), answering with a
-        :class:`~multipy.errors.CallTimeoutError`, and otherwise marks it
-        :meth:`started` before running it."""
-        off = self._slot0 + slot * self._stride
-        _F64.pack_into(self.memory, off + _SLOT_DEADLINE, deadline)
-        _U32.pack_into(self.memory, off + _SLOT_STARTED, 0)
+    def arm(self, slot: int, deadline: float | None) -> None:
+        """Before posting a request into ``slot`` (claimed) whose caller may give it up:
+        the interpreter skips it unrun, answering with a
+        :class:`~multipy.errors.CallTimeoutError`, when it takes it at or after
+        ``deadline`` (``time.monotonic``, the same clock in every process; ``None``:
+        no deadline) or after :meth:`cancel`; otherwise it starts it.  One
+        compare-and-swap decides which, so it is never both and never neither."""
+        self.channel.arm(slot, -1 if deadline is None else int(deadline * 1e9))
 
-    def mark_past(self, slot: int, deadline: float = 1e-9) -> None:
-        """Set only the deadline word of ``slot`` (the started flag is left as is):
-        a request not taken yet is skipped unrun.  The interpreter clears the word
-        only when it reads it, so the host clears it (``deadline=0``) before the
-        slot is reused."""
-        _F64.pack_into(self.memory, self._slot0 + slot * self._stride + _SLOT_DEADLINE, deadline)
+    def cancel(self, slot: int) -> bool:
+        """Have the request armed in ``slot`` (:meth:`arm`) skipped unless it started:
+        True when it will not run (skipped now, or by the interpreter already),
+        False when it started.  Its reply comes either way."""
+        return self.channel.cancel(slot)
 
     def started(self, slot: int) -> bool:
-        """Whether the interpreter started the request with a deadline in ``slot``."""
-        memory = self.memory
-        if memory is None:
-            raise ValueError("the channel is detached")
-        return _U32.unpack_from(memory, self._slot0 + slot * self._stride + _SLOT_STARTED)[0] != 0
+        """Whether the interpreter started the request armed in ``slot``."""
+        return self.channel.started(slot)
 
     # -- for a completion thread (posted requests) ---------------------------------
     def want_bell(self, wanted: bool = True) -> None:
@@ -640,18 +681,14 @@ class InterpreterEnd:
 
     def serve_forever(self, serve, skip=None) -> None:
         """Answer every request with ``serve(payload) -> reply payload`` until the host
-        closes the channel or its request pipe, or dies.  A request taken at or past
-        the deadline the host set in its slot (:meth:`HostEnd.set_deadline`) is
+        closes the channel or its request pipe, or dies.  A request the host armed
+        (:meth:`HostEnd.arm`) and that is taken past its deadline or cancelled is
         answered with ``skip(payload)`` instead, unrun (when ``skip`` is given)."""
         ch, spin, req_r, rep_w, bell_w = self.channel, self.spin, self.req_r, self.rep_w, self.bell_w
         take, reply, write = ch.take, ch.reply, os.write
+        begin = ch.begin if skip is not None else None
         memory = self.memory
         bell = _U32.unpack_from
-        f64, now = _F64.unpack_from, time.monotonic
-        ring_bytes, _, slot_bytes = ch.geometry
-        slot0, stride = HEADER_BYTES + ring_bytes + _SLOT_DEADLINE, SLOT_HEAD + slot_bytes
-        if memory is None or skip is None:
-            f64 = None
         while True:
             item = take()
             if item is None:
@@ -666,20 +703,7 @@ class InterpreterEnd:
                 if data is None:
                     return
             slot = tag & 0xFFFF
-            if f64 is not None:
-                off = slot0 + slot * stride
-                deadline = f64(memory, off)[0]
-                if deadline:
-                    _F64.pack_into(memory, off, 0.0)
-                    if now() >= deadline:
-                        out = skip(data)
-                    else:
-                        _U32.pack_into(memory, off + _SLOT_STARTED - _SLOT_DEADLINE, 1)
-                        out = serve(data)
-                else:
-                    out = serve(data)
-            else:
-                out = serve(data)
+            out = serve(data) if begin is None or begin(slot) else skip(data)
             if not reply(slot, out, 0):
                 self._spill(slot, out)  # rings the bell itself, before writing
             # The host sets the word while a posted call is in flight (HostEnd.want_bell).
@@ -751,7 +775,7 @@ def native_status() -> tuple[object | None, str]:
     except ImportError as exc:
         return None, (f"pure Python: the C extension multipy._native is not built here ({exc}); "
                       "reinstall with a C compiler available to build it")
-    if not hasattr(_native.Channel, "taken"):  # built from an older source: rebuild it
+    if not hasattr(_native.Channel, "begin"):  # built from an older source: rebuild it
         return None, ("pure Python: the C extension multipy._native was built from an older "
                       "multipy; rebuild it (python setup.py build_ext --inplace, or reinstall)")
     return _native, "native: the C extension multipy._native is loaded"
