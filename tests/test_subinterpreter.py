@@ -811,3 +811,35 @@ def test_the_native_extension_loads_in_an_own_gil_subinterpreter():
     finally:
         _interpreters.destroy(iid)
     assert _native.Channel.__module__ == "multipy._native"
+
+
+def test_a_frame_written_in_parts_arrives_whole_after_a_partial_write(monkeypatch):
+    # writev may write part of a frame (a signal landed): the rest follows.
+    import os
+
+    from multipy.transport import subinterp_wire as wire
+
+    real = os.writev
+    monkeypatch.setattr(os, "writev", lambda fd, parts: real(fd, [parts[0][:3]]))
+    r, w = os.pipe()
+    try:
+        wire.write_all(w, [b"header", b"payload", b"slots"])
+        assert os.read(r, 100) == b"headerpayloadslots"
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_the_binary_forms_of_the_common_call_fall_back_without_encoding_twice(monkeypatch):
+    from multipy.transport import subinterp_wire as wire
+    from multipy.transport.codec import FAST_CALL, FAST_VALUE, Encoder
+
+    encoder = Encoder(None)
+    pickled = []
+    monkeypatch.setattr(encoder, "_pickle", lambda *a: pickled.append(a) or b"\x80")
+    call = wire.fast_request(encoder, 14, (3, None, (1, 2.5, None), {}, 1, None), ())
+    assert call[0] == FAST_CALL
+    assert wire.fast_value(encoder, 7)[0] == FAST_VALUE
+    assert wire.fast_request(encoder, 14, (3, None, (1 << 70,), {}, 1, None), ()) is None
+    assert wire.fast_value(encoder, 1 << 70) is None
+    assert pickled == []  # the fallback is the caller's own pickle, not a second one here

@@ -184,6 +184,16 @@ class Encoder:
         >>> Decoder(None).decode(Encoder(None).encode([1, 2.5]))
         [1, 2.5]
         """
+        data = self.fast_value(value)
+        return data if data is not None else self._pickle(value, where)
+
+    def fast_value(self, value: Any, /) -> bytes | None:
+        """``value`` in the binary form :data:`FAST_VALUE`, or ``None`` when it must
+        be pickled (nothing is left placed then).
+
+        >>> Encoder(None).fast_value(2.5) is not None, Encoder(None).fast_value([1])
+        (True, None)
+        """
         self.placed = []
         if self._tensor_type is None and "torch" in sys.modules:
             self._know_torch()
@@ -192,14 +202,24 @@ class Encoder:
             return b"\x01" + item  # FAST_VALUE
         if self.placed:
             self._unplace()
-        return self._pickle(value, where)
+        return None
 
     def encode_request(self, op: int, args: tuple, drop: tuple, freed: tuple) -> bytes:
         """Encode the request ``(op, args, drop, freed)`` (see ``messages.Request``).
 
         A call of a replicated object that is already loaded, with positional
         tensor and scalar arguments only and nothing to drop, takes the binary
-        form :data:`FAST_CALL`; any other request is pickled.
+        form :data:`FAST_CALL` (:meth:`fast_request`); any other request is pickled.
+        """
+        data = self.fast_request(op, args, drop, freed)
+        return data if data is not None else self._pickle((op, args, drop, freed), "request")
+
+    def fast_request(self, op: int, args: tuple, drop: tuple, freed: tuple) -> bytes | None:
+        """The request ``(op, args, drop, freed)`` in the binary form :data:`FAST_CALL`,
+        or ``None`` when it must be pickled (nothing is left placed then).
+
+        >>> Encoder(None).fast_request(14, (3, None, (1, 2.5), {"k": 1}, 1, None), (), ()) is None
+        True
         """
         self.placed = []
         if self._tensor_type is None and "torch" in sys.modules:
@@ -210,8 +230,7 @@ class Encoder:
                     and type(rid) is int and (grad is None or type(grad) is int)
                     and (method is None or type(method) is str)):
                 parts = [b"", b"" if method is None else method.encode(),
-                         (_U64S[len(freed)].pack(*freed) if len(freed) <= 64 else pack_u64s(freed))
-                         if freed else b""]
+                         pack_u64s(freed) if freed else b""]
                 item = self._item
                 for value in positional:
                     encoded = item(value)
@@ -227,7 +246,7 @@ class Encoder:
                         return b"".join(parts)
                 if self.placed:
                     self._unplace()
-        return self._pickle((op, args, drop, freed), "request")
+        return None
 
     def _know_torch(self) -> None:
         torch = sys.modules["torch"]

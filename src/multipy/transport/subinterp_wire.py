@@ -40,8 +40,8 @@ import os
 import pickle
 import struct
 
-from .codec import _CALL_REPLICATED, FAST_CALL, FAST_VALUE
-from .frames import write_all
+from . import frames
+from .codec import _CALL_REPLICATED
 
 OOB_THRESHOLD = 64 * 1024
 ALIGN = 64
@@ -192,8 +192,7 @@ def fast_request(encoder, op: int, args: tuple, drop: tuple):
     for value in args[2]:
         if type(value) not in scalars:
             return None
-    data = encoder.encode_request(op, args, (), ())
-    return data if data[0] == FAST_CALL else None  # an int beyond int64 is pickled there
+    return encoder.fast_request(op, args, (), ())  # None for an int beyond int64
 
 
 def fast_value(encoder, value):
@@ -201,8 +200,7 @@ def fast_value(encoder, value):
     or ``None`` when it must be pickled."""
     if type(value) not in _SCALARS:
         return None
-    data = encoder.encode(value)
-    return data if data[0] == FAST_VALUE else None
+    return encoder.fast_value(value)  # None for an int beyond int64
 
 
 def align(n: int) -> int:
@@ -226,9 +224,9 @@ def read_exact(fd: int, n: int):
 
 
 def write_all(fd: int, parts: list) -> None:
-    """Write ``parts`` in one ``writev`` when the pipe takes them at once."""
+    """Write ``parts`` in one ``writev`` when the pipe takes them at once, the rest
+    after a partial write (a signal) however many writes it takes."""
     total = sum(len(p) for p in parts)
     written = os.writev(fd, parts)
-    if written == total:
-        return
-    write_all(fd, memoryview(b"".join(parts))[written:])
+    if written != total:
+        frames.write_all(fd, memoryview(b"".join(parts))[written:])
