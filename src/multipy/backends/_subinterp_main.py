@@ -260,11 +260,7 @@ class _Server:
         if error is None:
             payload = wire.fast_value(self.encoder, result)
             if payload is not None:  # the binary form: nothing out of band
-                frame = wire.REPLY.pack(len(payload), seq, 0) + payload
-                if self.end is not None:
-                    self.end.answer(self.slot, frame)
-                else:
-                    wire.write_all(self.rep_w, [frame])
+                self._write([wire.REPLY.pack(len(payload), seq, 0), payload])
                 return
         remote = capture_exception(error) if error is not None else None
         del error
@@ -299,7 +295,11 @@ class _Server:
             arena[position:position + raw.nbytes] = raw
             slots.append(wire.SLOT.pack(position, raw.nbytes))
             position += wire.align(raw.nbytes)
-        parts = [wire.REPLY.pack(len(payload), seq, len(slots)), payload, *slots]
+        self._write([wire.REPLY.pack(len(payload), seq, len(slots)), payload, *slots])
+
+    def _write(self, parts: list) -> None:
+        """Send one reply frame, given as its parts: in the call's reply slot on the
+        channel (over the reply pipe when too big for it), or on the reply pipe."""
         if self.end is not None:
             self.end.answer(self.slot, b"".join(parts))
         else:
