@@ -38,6 +38,7 @@ from typing import NamedTuple
 
 from ..errors import TransportError
 from .channel import _native_module
+from .codec import _U64S  # n little-endian u64s, by n
 
 #: The call id at the start of every request and reply payload.
 CALL_ID = struct.Struct("<Q")
@@ -204,7 +205,6 @@ def split_call(payload: bytes, /) -> tuple[int, bytes]:
 FAST_REPLY = 0x01
 _REPLY_HEAD = struct.Struct("<QBBHHH")  # call id, FAST_REPLY, flags, npinned, nunpinned, nblocks
 _OUTPUT, _VALUE = 1, 2                   # flags
-_U64S = tuple(struct.Struct(f"<{n}Q") for n in range(17))
 _dumps = pickle.dumps
 
 
