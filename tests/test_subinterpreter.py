@@ -641,14 +641,17 @@ def test_a_call_that_times_out_queued_behind_another_never_runs(tmp_path, monkey
     # The queued call's interrupt must not give the interpreter up while the call
     # ahead of it still runs: it gets all the grace it needs here.
     monkeypatch.setattr(subinterpreter, "INTERRUPT_GRACE", 600.0)
-    interrupted = threading.Event()
-    interrupt = subinterpreter._Driver.interrupt
+    interrupted = threading.Event()  # set once the host cancelled the queued call
+    from multipy.transport import channel as _channel
 
-    def noted(driver, seq):
-        interrupt(driver, seq)
+    cancel = _channel.HostEnd.cancel
+
+    def noted(end, slot):
+        skipped = cancel(end, slot)
         interrupted.set()
+        return skipped
 
-    monkeypatch.setattr(subinterpreter._Driver, "interrupt", noted)
+    monkeypatch.setattr(_channel.HostEnd, "cancel", noted)
     started, release = str(tmp_path / "started"), str(tmp_path / "release")
     with InterpreterManager(1, backend="subinterpreter") as m:
         m.register_module_source("helpers", HELPERS)
@@ -663,7 +666,7 @@ def test_a_call_that_times_out_queued_behind_another_never_runs(tmp_path, monkey
         wait_started(started)
         opener = threading.Thread(target=lambda: (interrupted.wait(60), open(release, "w").close()))
         opener.start()
-        with pytest.raises(CallTimeoutError, match="was interrupted"):
+        with pytest.raises(CallTimeoutError, match="dropped without running"):
             bump.with_timeout(0.2)(100)  # sent while the gated call runs: queued behind it
         opener.join()
         thread.join(60)

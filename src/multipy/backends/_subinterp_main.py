@@ -232,7 +232,10 @@ class _Server:
     def _run(self, seq: int, op, args, drop):
         result = error = None
         with self.lock:
-            if self.cancel_all or seq in self.cancelled:
+            # The host may cancel a queued call it armed until it starts: one
+            # compare-and-swap on its slot decides (HostEnd.arm).
+            if self.cancel_all or seq in self.cancelled or not (
+                    self.end is None or self.end.channel.begin(self.slot)):
                 self.cancelled.discard(seq)
                 self.state.release(drop)  # the host's releases still apply
                 return None, CallInterrupted(f"call {seq} was interrupted before it started")

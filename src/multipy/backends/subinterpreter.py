@@ -289,12 +289,15 @@ class _Driver:
                 self._waiting -= 1
 
     # -- the call channel: several calls in flight, each reply in a slot of its own --------
-    def send(self, payload: bytes) -> tuple[int, int]:
-        """Post one request on the channel; returns ``(reply slot, ring position past it)``."""
+    def send(self, payload: bytes, armed: bool = False) -> tuple[int, int]:
+        """Post one request on the channel; returns ``(reply slot, ring position past it)``.
+        An ``armed`` request may be cancelled until it starts (HostEnd.arm)."""
         end = self.end
         slot = end.claim()
         while True:
             if slot is not None:
+                if armed:
+                    end.arm(slot, None)
                 posted_to = end.post(payload, slot)
                 if posted_to:
                     return slot, posted_to
@@ -432,14 +435,15 @@ class SubinterpreterWorker(Worker):
         self._finish(self._send(driver, Op.PING, (), (), None), self.config.start_timeout)
 
     def _roundtrip(self, op, args, drop, timeout, handles):
-        return self._finish(self._send(self._running(), op, args, drop, handles), timeout)
+        return self._finish(self._send(self._running(), op, args, drop, handles,
+                                       timeout is not None), timeout)
 
     def _send_call(self, op, args, drop, timeout, handles):
         try:
             driver = self._running()
         except InterpreterCrashedError as exc:  # given up by a caller that has not restarted it yet
             raise RequestNotSent(exc) from None
-        call = self._send(driver, op, args, drop, handles)
+        call = self._send(driver, op, args, drop, handles, timeout is not None)
         self._unawaited[threading.get_ident()] = call
         return call, timeout
 
@@ -514,7 +518,7 @@ class SubinterpreterWorker(Worker):
         driver = self._running()
         if driver.end is not None:
             driver.end.want_bell()  # before the request is published: its reply rings
-        call = self._send(driver, op, args, drop, handles)
+        call = self._send(driver, op, args, drop, handles, timeout is not None)
         posted = _Posted(call, completions, _left_on_close(driver, finish))
         try:
             self._arm(posted)
@@ -559,7 +563,7 @@ class SubinterpreterWorker(Worker):
             if posted.timeout is not None:  # interrupted in time: its reply is dropped
                 Completions.cancel(posted.grace)
                 self._drop_reply(call)
-                raise self._interrupted(posted.timeout)
+                raise (self._dropped if call.skipped else self._interrupted)(posted.timeout)
             value, error = self._read_reply(call)
         finally:
             driver.leave()
@@ -569,7 +573,7 @@ class SubinterpreterWorker(Worker):
         # On the completion thread, which never waits: the call is interrupted and
         # given its grace period by a timer; its reply (or the timer) finishes it.
         posted.timeout = timeout
-        posted.call.driver.interrupt(posted.call.seq)
+        self._cancel(posted.call)
         posted.grace = posted.completions.call_at(time.monotonic() + INTERRUPT_GRACE,
                                                   lambda: self._grace_over(posted))
         return PENDING
@@ -582,8 +586,10 @@ class SubinterpreterWorker(Worker):
         self._give_up(driver, "timed out")
         posted.finish(READY)
 
-    def _send(self, driver: _Driver, op, args, drop, handles) -> "_Call":
-        """Write the request; the driver is entered until the reply is read."""
+    def _send(self, driver: _Driver, op, args, drop, handles, armed: bool = False) -> "_Call":
+        """Write the request; the driver is entered until the reply is read.  An
+        ``armed`` one (it has a timeout) can still be skipped unrun while it waits
+        behind other calls (see :meth:`_cancel`)."""
         payload = wire.fast_request(self._encoder, op, args, drop)
         buffers = ()
         try:
@@ -628,7 +634,7 @@ class SubinterpreterWorker(Worker):
                 if end is None:
                     wire.write_all(driver.req_w, [header, payload])
                 else:
-                    call.slot, call.posted_to = driver.send(header + payload)
+                    call.slot, call.posted_to = driver.send(header + payload, armed)
             except OSError:
                 raise RequestNotSent(self._lost(driver, "while idle, before this call was sent")) from None
         except RequestNotSent:
@@ -745,13 +751,34 @@ class SubinterpreterWorker(Worker):
         return True
 
     def _timed_out(self, call: "_Call", timeout: float):
-        # The call is interrupted where it runs, or cancelled if it has not started.
-        call.driver.interrupt(call.seq)
+        # The call is cancelled if it has not started, or interrupted where it runs.
+        self._cancel(call)
         if self._await(call, INTERRUPT_GRACE):
             self._drop_reply(call)
-            raise self._interrupted(timeout)
+            raise self._dropped(timeout) if call.skipped else self._interrupted(timeout)
         self._give_up(call.driver, "timed out")
         raise self._not_stopped(timeout)
+
+    @staticmethod
+    def _cancel(call: "_Call") -> None:
+        """Stop a call past its timeout: on the channel a call still queued is skipped
+        unrun, decided once against its start (HostEnd.cancel: never both, never
+        neither); one that started, or any call on the pipes, is interrupted."""
+        end = call.driver.end
+        if end is not None:
+            try:
+                call.skipped = end.cancel(call.slot)
+            except ValueError:  # detached: the driver stopped
+                pass
+        if not call.skipped:
+            call.driver.interrupt(call.seq)
+
+    def _dropped(self, timeout: float) -> CallTimeoutError:
+        return CallTimeoutError(
+            f"call waited past its timeout of {timeout:g} s queued behind other calls on "
+            f"interpreter {self.index} (subinterpreter) and was dropped without running; the "
+            "interpreter keeps running. Raise call_timeout= (manager) or timeout= (per call), "
+            "or run fewer calls at once.")
 
     def _drop_reply(self, call: "_Call") -> None:
         """Read and discard the reply of an interrupted call."""
@@ -812,7 +839,7 @@ def _left_on_close(driver: _Driver, finish):
 class _Call:
     """One request in flight: its number, and where its reply comes."""
 
-    __slots__ = ("driver", "seq", "op", "slot", "posted_to", "frame")
+    __slots__ = ("driver", "seq", "op", "slot", "posted_to", "frame", "skipped")
 
     def __init__(self, driver: _Driver, seq: int, op) -> None:
         self.driver = driver
@@ -821,6 +848,7 @@ class _Call:
         self.slot = 0           # its reply slot on the channel
         self.posted_to = 0      # the ring position past the request (HostEnd.taken)
         self.frame = _NOTHING   # its reply, once a wait took it off the channel
+        self.skipped = False    # cancelled in time: the interpreter answers it unrun
 
 
 class _Posted:
