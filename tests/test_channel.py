@@ -518,3 +518,9 @@ def test_a_cancel_racing_the_interpreter_s_start_never_gets_both_or_neither():
         ch.detach()
         os.close(fd)
     assert sum(outcomes.values()) == 2000
+
+
+def test_the_bell_watch_reports_what_a_completions_watch_reports():
+    from multipy.backends import completions
+
+    assert chan._BELL_READY == completions.READY

@@ -591,14 +591,12 @@ class ProcessWorker(Worker):
     def _arm_bell(self, completions, end) -> None:
         if end is not self._end:
             return  # this generation is over; its calls were given their outcome
-        # Not emptied here: every reply published since the bell was last emptied (in
-        # _on_bell or _collect, before they looked at the slots) left a ring in it, so
-        # the look below or the watch after it cannot miss one.  A ring left over
-        # from a reply handled already wakes _on_bell once for nothing.
-        if end.bell_closed or self._any_reply():
-            completions.call_soon(lambda: self._on_bell(completions, end, READY))
-        else:
-            completions.watch(end.bell_r, lambda event: self._on_bell(completions, end, event))
+        # Not emptied here (drain=False): every reply published since the bell was
+        # last emptied (in _on_bell or _collect, before they looked at the slots) left
+        # a ring in it, so the look or the watch after it cannot miss one.  A ring left
+        # over from a reply handled already wakes _on_bell once for nothing.
+        end.watch_bell(completions, self._any_reply,
+                       lambda event: self._on_bell(completions, end, event), drain=False)
 
     def _any_reply(self) -> bool:
         """Whether a posted call not handed over yet has its reply in its slot."""

@@ -535,14 +535,8 @@ class SubinterpreterWorker(Worker):
         end = call.driver.end
         if end is None:
             completions.watch(call.driver.rep_r, finish)
-            return
-        # Emptied before looking at the slot: a reply published after the look rings
-        # the bell again, so the watch below cannot miss it.
-        end.drain_bell()
-        if end.bell_closed or end.ready(call.slot):
-            completions.call_soon(lambda: finish(READY))
         else:
-            completions.watch(end.bell_r, finish)
+            end.watch_bell(completions, lambda: end.ready(call.slot), finish)
 
     def _collect(self, posted):
         call = posted.call

@@ -109,6 +109,7 @@ class Wait(enum.IntEnum):
 # lookup (about 0.7 µs here), and the waits below run once per call.
 _READY, _TIMEOUT, _SLEPT = Wait.READY, Wait.TIMEOUT, Wait.SLEPT
 _WOKEN = (Wait.READY, Wait.SLEPT)
+_BELL_READY = "ready"  # what a completions' watch reports (backends.completions.READY)
 
 
 def size(ring_bytes: int, slots: int, slot_bytes: int) -> int:
@@ -639,6 +640,20 @@ class HostEnd:
         emptied before each watch)."""
         if self.memory is not None:
             _U32.pack_into(self.memory, _BELL, 1 if wanted else 0)
+
+    def watch_bell(self, completions, replied, callback, drain: bool = True) -> None:
+        """Have ``completions`` (a completion thread's or loop's) call
+        ``callback(event)`` once a reply may be there: soon, with ``"ready"``, when
+        ``replied()`` finds one already or the interpreter is gone, else when the
+        bell rings (or the completions stop).  The bell is emptied before the look
+        (unless ``drain`` is False: the caller emptied it before its own last look):
+        a reply published after it rings again, so the watch cannot miss it."""
+        if drain:
+            self.drain_bell()
+        if self.bell_closed or replied():
+            completions.call_soon(lambda: callback(_BELL_READY))
+        else:
+            completions.watch(self.bell_r, callback)
 
     def drain_bell(self) -> None:
         """Empty the bell pipe; :attr:`bell_closed` once it reached end-of-file
