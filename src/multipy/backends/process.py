@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import multiprocessing
+import operator
 import os
 import select
 import sys
@@ -53,6 +54,7 @@ from .completions import READY
 _pack_id = CALL_ID.pack
 _ID_BYTES = CALL_ID.size
 _unpack_fast = unpack_fast_reply
+_call_of = operator.attrgetter("call")  # a Reply's call id
 # Globals: an enum attribute costs a metaclass __getattr__ (~0.7 µs) per lookup.
 _TIMEOUT, _CLOSED = _channel.Wait.TIMEOUT, _channel.Wait.CLOSED
 _GONE = (_channel.Wait.DEAD, _channel.Wait.CLOSED)
@@ -493,14 +495,8 @@ class ProcessWorker(Worker):
         """The reply to ``call`` announced in its slot and written to the reply pipe.
         Spilled replies cross the pipe in reply order: those of other calls read on
         the way are kept for their callers.  Under ``_rx``."""
-        while True:
-            reply = self._stash.pop(call, None)
-            if reply is not None:
-                return reply
-            reply = self._parse(self._read_frame(False))
-            if reply.call == call:
-                return reply
-            self._stash[reply.call] = reply
+        return self._end.spilled(call, self._stash, _call_of,
+                                 lambda: self._parse(self._read_frame(False)))
 
     def _sweep(self, answered: int) -> None:
         """Settle the replies of channel calls whose callers left (they never reach

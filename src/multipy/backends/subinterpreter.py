@@ -336,17 +336,7 @@ class _Driver:
         before it were written: a caller reading another call's reply first keeps it
         for that call's caller."""
         with self._spill_lock:
-            frame = self._spills.pop(seq, None)
-            while frame is None:
-                got = self.end.read_spilled()
-                if got is None:
-                    return None
-                answers = wire.REPLY.unpack_from(got)[1]
-                if answers == seq:
-                    frame = got
-                else:
-                    self._spills[answers] = got
-            return frame
+            return self.end.spilled(seq, self._spills, _answers)
 
     def interrupt(self, seq: int) -> None:
         try:
@@ -381,6 +371,11 @@ class _Driver:
                 _close(self.alive_r)
             for fd in (self.req_w, self.intr_w, self.rep_r):
                 _close(fd)
+
+
+def _answers(frame) -> int:
+    """The call number a reply frame answers."""
+    return wire.REPLY.unpack_from(frame)[1]
 
 
 def _describe(excinfo) -> str:

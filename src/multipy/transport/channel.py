@@ -607,6 +607,24 @@ class HostEnd:
             self.channel.release(slot)
         return got
 
+    def spilled(self, key, kept: dict, key_of, read=None):
+        """The spilled reply whose ``key_of(reply)`` is ``key``, as ``read()`` returns
+        it (by default :attr:`read_spilled`: the next frame of the reply pipe), or
+        ``None`` at end-of-file.  Spilled replies cross the pipe in reply order: those
+        of other calls read on the way are kept in ``kept`` (by key) for their
+        callers.  Callers serialise (a lock of theirs)."""
+        reply = kept.pop(key, None)
+        read = read or self.read_spilled
+        while reply is None:
+            reply = read()
+            if reply is None:
+                return None
+            other = key_of(reply)
+            if other != key:
+                kept[other] = reply
+                reply = None
+        return reply
+
     def arm(self, slot: int, deadline: float | None) -> None:
         """Before posting a request into ``slot`` (claimed) whose caller may give it up:
         the interpreter skips it unrun, answering with a
