@@ -171,11 +171,12 @@ class Encoder:
         self._strided = None
         self._codes: dict = {}  # torch dtype -> its code in the binary forms
 
-    def encode(self, value: Any, /, where: str = "value") -> bytes:
+    def encode(self, value: Any, /, where: str = "value", pickled: bool = True) -> bytes | None:
         """Encode ``value``; tensors go to the arena (offsets in ``placed``).
 
         ``None``, a bool, an int64, a float or a CPU tensor takes the binary form
-        :data:`FAST_VALUE`; anything else is pickled.  ``where`` names the value in
+        :data:`FAST_VALUE`; anything else is pickled, or, with ``pickled=False``,
+        ``None`` is returned (nothing left placed).  ``where`` names the value in
         errors (``"result"``; ``"request"`` for a request tuple, whose culprit is
         named as the caller wrote it: "argument 2 of the call").
 
@@ -183,16 +184,8 @@ class Encoder:
         b'\\x01\\x03\\x07\\x00\\x00\\x00\\x00\\x00\\x00\\x00'
         >>> Decoder(None).decode(Encoder(None).encode([1, 2.5]))
         [1, 2.5]
-        """
-        data = self.fast_value(value)
-        return data if data is not None else self._pickle(value, where)
-
-    def fast_value(self, value: Any, /) -> bytes | None:
-        """``value`` in the binary form :data:`FAST_VALUE`, or ``None`` when it must
-        be pickled (nothing is left placed then).
-
-        >>> Encoder(None).fast_value(2.5) is not None, Encoder(None).fast_value([1])
-        (True, None)
+        >>> Encoder(None).encode([1, 2.5], pickled=False) is None
+        True
         """
         self.placed = []
         if self._tensor_type is None and "torch" in sys.modules:
@@ -202,23 +195,18 @@ class Encoder:
             return b"\x01" + item  # FAST_VALUE
         if self.placed:
             self._unplace()
-        return None
+        return self._pickle(value, where) if pickled else None
 
-    def encode_request(self, op: int, args: tuple, drop: tuple, freed: tuple) -> bytes:
+    def encode_request(self, op: int, args: tuple, drop: tuple, freed: tuple,
+                       pickled: bool = True) -> bytes | None:
         """Encode the request ``(op, args, drop, freed)`` (see ``messages.Request``).
 
         A call of a replicated object that is already loaded, with positional
         tensor and scalar arguments only and nothing to drop, takes the binary
-        form :data:`FAST_CALL` (:meth:`fast_request`); any other request is pickled.
-        """
-        data = self.fast_request(op, args, drop, freed)
-        return data if data is not None else self._pickle((op, args, drop, freed), "request")
+        form :data:`FAST_CALL`; any other request is pickled, or, with
+        ``pickled=False``, ``None`` is returned (nothing left placed).
 
-    def fast_request(self, op: int, args: tuple, drop: tuple, freed: tuple) -> bytes | None:
-        """The request ``(op, args, drop, freed)`` in the binary form :data:`FAST_CALL`,
-        or ``None`` when it must be pickled (nothing is left placed then).
-
-        >>> Encoder(None).fast_request(14, (3, None, (1, 2.5), {"k": 1}, 1, None), (), ()) is None
+        >>> Encoder(None).encode_request(14, (3, None, (1,), {"k": 1}, 1, None), (), (), False) is None
         True
         """
         self.placed = []
@@ -246,7 +234,7 @@ class Encoder:
                         return b"".join(parts)
                 if self.placed:
                     self._unplace()
-        return None
+        return self._pickle((op, args, drop, freed), "request") if pickled else None
 
     def _know_torch(self) -> None:
         torch = sys.modules["torch"]

@@ -192,7 +192,7 @@ def fast_request(encoder, op: int, args: tuple, drop: tuple):
     for value in args[2]:
         if type(value) not in scalars:
             return None
-    return encoder.fast_request(op, args, (), ())  # None for an int beyond int64
+    return encoder.encode_request(op, args, (), (), False)  # None for an int beyond int64
 
 
 def fast_value(encoder, value):
@@ -200,7 +200,7 @@ def fast_value(encoder, value):
     or ``None`` when it must be pickled."""
     if type(value) not in _SCALARS:
         return None
-    return encoder.fast_value(value)  # None for an int beyond int64
+    return encoder.encode(value, "result", False)  # None for an int beyond int64
 
 
 def align(n: int) -> int:
