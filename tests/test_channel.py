@@ -524,3 +524,30 @@ def test_the_bell_watch_reports_what_a_completions_watch_reports():
     from multipy.backends import completions
 
     assert chan._BELL_READY == completions.READY
+
+
+def test_a_send_waits_for_a_free_slot_and_fails_once_the_interpreter_is_gone(impl):
+    ch = impl(_memory())
+    alive_r, alive_w = os.pipe()
+    end = chan.HostEnd(ch, -1, lambda: None, alive_r, 0.0)
+    try:
+        held = [ch.claim() for _ in range(SLOTS)]  # every reply slot taken
+        rooms, sent = [], []
+        sender = threading.Thread(target=lambda: sent.append(
+            end.send(b"req", armed=True, make_room=lambda: rooms.append(1))))
+        sender.start()
+        wait_for(lambda: len(rooms) >= 2, "the sender to ask for room")
+        assert sent == []
+        ch.release(held[2])
+        sender.join(60)
+        assert sent and sent[0][0] == held[2]
+        assert ch.take() == (held[2], b"req")
+        assert ch.cancel(held[2]) is True  # armed: it may still be cancelled
+        os.close(alive_w)  # the interpreter is gone: nothing will free a slot
+        alive_w = -1
+        with pytest.raises(BrokenPipeError):
+            end.send(b"req")
+    finally:
+        os.close(alive_r)
+        if alive_w >= 0:
+            os.close(alive_w)

@@ -840,18 +840,19 @@ class ProcessWorker(Worker):
             if end is None:
                 write_frame(self._req_w, payload)
             else:
+                # HostEnd.send's steps, the slot recorded as soon as it is claimed.
                 slot = end.claim()
-                while slot is None:
-                    slot = self._room()
+                if slot is None:
+                    slot = end.retry(end.claim, self._settle_left)
                 self._slots[call] = slot
                 if posted is not None:
                     end.arm(slot, deadline)  # skipped unrun if cancelled or not started by then
                 # HostEnd.post, inlined for a request that fits the ring (once per call)
                 position = (end.channel.post(payload, slot) if len(payload) <= end.limit
                             else end.post(payload, slot))
-                while not position:
-                    self._room(slot)
-                    position = end.post(payload, slot)
+                if not position:
+                    position = end.retry(lambda: end.post(payload, slot) or None,
+                                         self._settle_left)
                 self._ends[call] = position
         except (BrokenPipeError, ConnectionResetError, ValueError):
             # Nobody reads the request pipe, or the channel is detached: the
@@ -889,23 +890,13 @@ class ProcessWorker(Worker):
             except ValueError:
                 pass
 
-    def _room(self, slot: int | None = None) -> int | None:
-        """Every reply slot is taken (or the ring is full: ``slot`` is then the one
-        already claimed): settle what callers who left still hold, else give the
-        calls in flight a moment.  Returns a free slot, or ``None``.  Under the
-        worker lock, so other senders wait behind it; rare (64 calls in flight)."""
-        end = self._end
+    def _settle_left(self) -> None:
+        """Every reply slot is taken or the ring is full (see HostEnd.send): settle
+        what callers who left still hold.  Under the worker lock, so other senders
+        wait behind it; rare (64 calls in flight)."""
         with self._rx:
             if self._left:
                 self._sweep(0)
-        if slot is None:
-            got = end.claim()
-            if got is not None:
-                return got
-        if end.channel.closed or select.select([end.alive_fd], [], [], 0)[0]:
-            raise BrokenPipeError  # the interpreter is gone: nothing will free a slot
-        time.sleep(0.0005)  # releases the GIL: the callers in flight take their replies
-        return None
 
     def _match(self, call: int, frame: bytes):
         """The reply in ``frame`` if it answers ``call``, else ``None`` once the reply

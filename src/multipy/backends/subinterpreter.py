@@ -291,26 +291,9 @@ class _Driver:
     # -- the call channel: several calls in flight, each reply in a slot of its own --------
     def send(self, payload: bytes, armed: bool = False) -> tuple[int, int]:
         """Post one request on the channel; returns ``(reply slot, ring position past it)``.
-        An ``armed`` request may be cancelled until it starts (HostEnd.arm)."""
-        end = self.end
-        slot = end.claim()
-        while True:
-            if slot is not None:
-                if armed:
-                    end.arm(slot, None)
-                posted_to = end.post(payload, slot)
-                if posted_to:
-                    return slot, posted_to
-            # Every reply slot is taken or the ring is full (big requests): the calls
-            # in flight free them as their callers take their replies.  Under the
-            # worker lock, so other senders wait behind this one.
-            if end.channel.closed or self.finished.is_set():
-                if slot is not None:
-                    end.release(slot)
-                raise BrokenPipeError("the subinterpreter's loop ended")  # never sent
-            time.sleep(0.0005)  # releases the GIL for those callers
-            if slot is None:
-                slot = end.claim()
+        An ``armed`` request may be cancelled until it starts (HostEnd.arm).  Under
+        the worker lock: while the channel is full, other senders wait behind it."""
+        return self.end.send(payload, armed=armed)
 
     def next_frame(self, call: "_Call", timeout: float | None):
         """The reply of ``call`` (bytes), waiting for it; ``None`` when the loop ended

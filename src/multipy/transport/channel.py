@@ -576,6 +576,40 @@ class HostEnd:
             write_frame(self.req_w, payload)
         return end
 
+    def send(self, payload: bytes, claimed=None, *, armed: bool = False,
+             deadline: float | None = None, make_room=None) -> tuple[int, int]:
+        """Claim a reply slot and post ``payload`` naming it: ``(slot, ring position
+        past it)`` (see :meth:`taken`).  ``claimed(slot)`` is told the slot before the
+        post; an ``armed`` request can be cancelled until it starts (:meth:`arm`, with
+        ``deadline``).  While every slot is taken or the ring is full (rare: 64
+        calls in flight, or big requests queued) ``make_room()`` runs, if given, and
+        then the calls in flight get a moment (the GIL released) to take their
+        replies.  Raises :class:`BrokenPipeError`, nothing posted, once the channel
+        is closed or the interpreter is gone: nothing would free a slot (the
+        channel is over then, a slot claimed with it too)."""
+        slot = self._until(self.claim, make_room)
+        if claimed is not None:
+            claimed(slot)
+        if armed:
+            self.arm(slot, deadline)
+        position = self._until(lambda: self.post(payload, slot) or None, make_room)
+        return slot, position
+
+    def _until(self, attempt, make_room):
+        """``attempt()`` until it returns something other than ``None`` (see :meth:`send`)."""
+        got = attempt()
+        while got is None:
+            if make_room is not None:
+                make_room()
+                got = attempt()
+                if got is not None:
+                    break
+            if self.channel.closed or select.select([self.alive_fd], [], [], 0)[0]:
+                raise BrokenPipeError("the interpreter is gone: nothing will free a reply slot")
+            time.sleep(0.0005)  # releases the GIL: the callers in flight take their replies
+            got = attempt()
+        return got
+
     def taken(self, end: int) -> bool:
         """Whether the interpreter took the request that :meth:`post` placed before ``end``."""
         return self.channel.taken >= end
