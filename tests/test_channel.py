@@ -534,7 +534,7 @@ def test_a_send_waits_for_a_free_slot_and_fails_once_the_interpreter_is_gone(imp
         held = [ch.claim() for _ in range(SLOTS)]  # every reply slot taken
         rooms, sent = [], []
         sender = threading.Thread(target=lambda: sent.append(
-            end.send(b"req", armed=True, make_room=lambda: rooms.append(1))))
+            end.send(b"req", None, None, True, None, lambda: rooms.append(1))))
         sender.start()
         wait_for(lambda: len(rooms) >= 2, "the sender to ask for room")
         assert sent == []

@@ -576,23 +576,30 @@ class HostEnd:
             write_frame(self.req_w, payload)
         return end
 
-    def send(self, payload: bytes, claimed=None, *, armed: bool = False,
+    def send(self, payload: bytes, slots: dict | None = None, key=None, armed: bool = False,
              deadline: float | None = None, make_room=None) -> tuple[int, int]:
         """Claim a reply slot and post ``payload`` naming it: ``(slot, ring position
-        past it)`` (see :meth:`taken`).  ``claimed(slot)`` is told the slot before the
-        post; an ``armed`` request can be cancelled until it starts (:meth:`arm`, with
-        ``deadline``).  While every slot is taken or the ring is full (rare: 64
-        calls in flight, or big requests queued) ``make_room()`` runs, if given, and
-        then the calls in flight get a moment (the GIL released) to take their
-        replies.  Raises :class:`BrokenPipeError`, nothing posted, once the channel
-        is closed or the interpreter is gone: nothing would free a slot (the
-        channel is over then, a slot claimed with it too)."""
-        slot = self._until(self.claim, make_room)
-        if claimed is not None:
-            claimed(slot)
+        past it)`` (see :meth:`taken`).  ``slots[key]`` records the slot before the
+        post (so that a send interrupted there leaves it findable); an ``armed``
+        request can be cancelled until it starts (:meth:`arm`, with ``deadline``).
+        While every slot is taken or the ring is full (rare: 64 calls in flight, or
+        big requests queued) ``make_room()`` runs, if given, and then the calls in
+        flight get a moment (the GIL released) to take their replies.  Raises
+        :class:`BrokenPipeError`, nothing posted, once the channel is closed or the
+        interpreter is gone: nothing would free a slot (the channel is over then,
+        a slot claimed with it too).  Runs once per call: the common case (a free
+        slot, room in the ring) makes no other Python call."""
+        slot = self.channel.claim()
+        if slot is None:
+            slot = self._until(self.channel.claim, make_room)
+        if slots is not None:
+            slots[key] = slot
         if armed:
-            self.arm(slot, deadline)
-        position = self._until(lambda: self.post(payload, slot) or None, make_room)
+            self.channel.arm(slot, -1 if deadline is None else int(deadline * 1e9))
+        position = (self.channel.post(payload, slot) if len(payload) <= self.limit
+                    else self.post(payload, slot))
+        if not position:
+            position = self._until(lambda: self.post(payload, slot) or None, make_room)
         return slot, position
 
     def _until(self, attempt, make_room):
