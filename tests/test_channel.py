@@ -534,13 +534,15 @@ def test_a_send_waits_for_a_free_slot_and_fails_once_the_interpreter_is_gone(imp
         held = [ch.claim() for _ in range(SLOTS)]  # every reply slot taken
         rooms, sent = [], []
         sender = threading.Thread(target=lambda: sent.append(
-            end.send(b"req", None, None, True, None, lambda: rooms.append(1))))
+            end.retry(ch.claim, lambda: rooms.append(1))))
         sender.start()
         wait_for(lambda: len(rooms) >= 2, "the sender to ask for room")
         assert sent == []
         ch.release(held[2])
         sender.join(60)
-        assert sent and sent[0][0] == held[2]
+        assert sent == [held[2]]
+        ch.release(held[2])
+        assert end.send(b"req", armed=True) == (held[2], 32)
         assert ch.take() == (held[2], b"req")
         assert ch.cancel(held[2]) is True  # armed: it may still be cancelled
         os.close(alive_w)  # the interpreter is gone: nothing will free a slot

@@ -891,7 +891,7 @@ class ProcessWorker(Worker):
                 pass
 
     def _settle_left(self) -> None:
-        """Every reply slot is taken or the ring is full (see HostEnd.send): settle
+        """Every reply slot is taken or the ring is full (see HostEnd.retry): settle
         what callers who left still hold.  Under the worker lock, so other senders
         wait behind it; rare (64 calls in flight)."""
         with self._rx:

@@ -289,12 +289,6 @@ class _Driver:
                 self._waiting -= 1
 
     # -- the call channel: several calls in flight, each reply in a slot of its own --------
-    def send(self, payload: bytes, armed: bool = False) -> tuple[int, int]:
-        """Post one request on the channel; returns ``(reply slot, ring position past it)``.
-        An ``armed`` request may be cancelled until it starts (HostEnd.arm).  Under
-        the worker lock: while the channel is full, other senders wait behind it."""
-        return self.end.send(payload, armed=armed)
-
     def next_frame(self, call: "_Call", timeout: float | None):
         """The reply of ``call`` (bytes), waiting for it; ``None`` when the loop ended
         (or the channel closed) first; ``Wait.TIMEOUT``.  Only the caller next in line
@@ -606,7 +600,9 @@ class SubinterpreterWorker(Worker):
                 if end is None:
                     wire.write_all(driver.req_w, [header, payload])
                 else:
-                    call.slot, call.posted_to = driver.send(header + payload, armed)
+                    # Under the worker lock: while the channel is full, other senders
+                    # wait behind this one.
+                    call.slot, call.posted_to = end.send(header + payload, armed)
             except OSError:
                 raise RequestNotSent(self._lost(driver, "while idle, before this call was sent")) from None
         except RequestNotSent:

@@ -576,35 +576,33 @@ class HostEnd:
             write_frame(self.req_w, payload)
         return end
 
-    def send(self, payload: bytes, slots: dict | None = None, key=None, armed: bool = False,
-             deadline: float | None = None, make_room=None) -> tuple[int, int]:
+    def send(self, payload: bytes, armed: bool = False) -> tuple[int, int]:
         """Claim a reply slot and post ``payload`` naming it: ``(slot, ring position
-        past it)`` (see :meth:`taken`).  ``slots[key]`` records the slot before the
-        post (so that a send interrupted there leaves it findable); an ``armed``
-        request can be cancelled until it starts (:meth:`arm`, with ``deadline``).
-        While every slot is taken or the ring is full (rare: 64 calls in flight, or
-        big requests queued) ``make_room()`` runs, if given, and then the calls in
-        flight get a moment (the GIL released) to take their replies.  Raises
-        :class:`BrokenPipeError`, nothing posted, once the channel is closed or the
-        interpreter is gone: nothing would free a slot (the channel is over then,
-        a slot claimed with it too).  Runs once per call: the common case (a free
-        slot, room in the ring) makes no other Python call."""
-        slot = self.channel.claim()
+        past it)`` (see :meth:`taken`); an ``armed`` request can be cancelled until
+        it starts (:meth:`arm`).  Waits while the channel is full and raises
+        :class:`BrokenPipeError` once the interpreter is gone (see :meth:`retry`).
+        (The process backend does these steps itself, recording the slot as soon
+        as it is claimed.)"""
+        slot = self.claim()
         if slot is None:
-            slot = self._until(self.channel.claim, make_room)
-        if slots is not None:
-            slots[key] = slot
+            slot = self.retry(self.claim)
         if armed:
-            self.channel.arm(slot, -1 if deadline is None else int(deadline * 1e9))
-        position = (self.channel.post(payload, slot) if len(payload) <= self.limit
-                    else self.post(payload, slot))
+            self.arm(slot, None)
+        position = self.post(payload, slot)
         if not position:
-            position = self._until(lambda: self.post(payload, slot) or None, make_room)
+            position = self.retry(lambda: self.post(payload, slot) or None)
         return slot, position
 
-    def _until(self, attempt, make_room):
-        """``attempt()`` until it returns something other than ``None`` (see :meth:`send`)."""
-        got = attempt()
+    def retry(self, attempt, make_room=None):
+        """``attempt()`` (a :meth:`claim`, or a post returning ``None`` for no room)
+        until it returns something other than ``None``: every reply slot is taken
+        or the ring is full (rare: 64 calls in flight, or big requests queued).
+        Before each new try ``make_room()`` runs, if given (it may settle slots
+        of callers who left), then the calls in flight get a moment (the GIL
+        released) to take their replies.  Raises :class:`BrokenPipeError` once
+        the channel is closed or the interpreter is gone: nothing would free a
+        slot (the channel is over then, a slot claimed with it too)."""
+        got = None
         while got is None:
             if make_room is not None:
                 make_room()
