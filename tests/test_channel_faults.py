@@ -182,7 +182,7 @@ def test_a_skipped_request_still_applies_the_releases_it_carries(form):
                                         drop, (64, 128))
     assert (data[0] == 0x80) == (form == "pickled")
     reply = parse_reply(loop.skip(CALL_ID.pack(5) + data))
-    assert reply.call == 5 and reply.error.type_name == "CallTimeoutError"
+    assert reply.call == 5 and reply.error.type_name.endswith("CallTimeoutError")
     assert freed == [64, 128]
     assert dropped == list(drop)
     args.close()
