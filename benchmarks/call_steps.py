@@ -269,7 +269,7 @@ def _tensor_path(name: str) -> None:
     or "python" (the codec's Python path)."""
     if name == "python":
         codec.native_tensors()
-        codec._tensor_item = codec._tensor_read = codec._c_read_call = None
+        codec._tensor_item = codec._tensor_read = codec._c_read_call = codec._c_pack_call = None
     elif codec.native_tensors(exchange_api=name == "exchange") != {"exchange": "exchange API",
                                                                   "capsules": "capsules"}[name]:
         raise SystemExit(f"--tensors={name}: not available here")

@@ -63,14 +63,14 @@ def ends(path):
 
 def python_path():
     """Turn the extension's tensor functions off until the context ends."""
-    saved = codec._tensor_item, codec._tensor_read, codec._c_read_call
+    saved = codec._tensor_item, codec._tensor_read, codec._c_read_call, codec._c_pack_call
 
     class _Off:
         def __enter__(self):
-            codec._tensor_item = codec._tensor_read = codec._c_read_call = None
+            codec._tensor_item = codec._tensor_read = codec._c_read_call = codec._c_pack_call = None
 
         def __exit__(self, *exc):
-            codec._tensor_item, codec._tensor_read, codec._c_read_call = saved
+            codec._tensor_item, codec._tensor_read, codec._c_read_call, codec._c_pack_call = saved
 
     return _Off()
 
@@ -412,3 +412,42 @@ def test_the_common_call_is_read_by_the_extension(ends):
     assert [(seg, offset) for seg, offset, _ in blocks] == [(0, encoder.placed[0])]
     del read, positional, blocks
     args.free(encoder.placed[0])
+
+
+@settings_
+@given(values=st.lists(st.one_of(scalars, tensors(), st.integers(1 << 63, 1 << 70), st.text(max_size=3)),
+                       max_size=4),
+       method=st.one_of(st.none(), st.text(max_size=8)), grad=st.sampled_from([None, 0, 1]),
+       freed=st.lists(st.integers(0, 1 << 40), max_size=3))
+def test_c_writes_the_call_the_python_path_writes(ends, values, method, grad, freed):
+    # The same form (binary or pickled when an argument needs it), the same length,
+    # and the same call read back; a binary attempt abandoned half way gives back
+    # what it placed.
+    encoder, decoder, args = ends
+    request = (7, method, tuple(values), {}, grad, None)
+    before = dict(args._used)
+    with python_path():
+        expected = encoder.encode_request(14, request, (), tuple(freed))
+        placed_py, encoder.placed = encoder.placed, []
+        read_py = decoder.decode(expected)
+    decoder.received = []
+    data = encoder.encode_request(14, request, (), tuple(freed))
+    try:
+        assert len(encoder.placed) == len(placed_py)
+        assert data[0] == expected[0]
+        if data[0] == 0x02:  # binary: equal but for the blocks' offsets
+            assert data[:18] == expected[:18] and len(data) == len(expected)
+        read = decoder.decode(data)
+        decoder.received = []
+        assert read[0] == read_py[0] and read[1][:2] == read_py[1][:2] and read[1][3:] == read_py[1][3:]
+        assert read[3] == read_py[3] == tuple(freed)
+        for x, y in zip(read_py[1][2], read[1][2], strict=True):
+            if isinstance(x, torch.Tensor):
+                assert same(x, y)
+            else:
+                assert type(x) is type(y) and (x == y or x != x)
+    finally:
+        for offset in encoder.placed + placed_py:
+            args.free(offset)
+        encoder.placed = []
+    assert args._used == before

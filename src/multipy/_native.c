@@ -1348,6 +1348,9 @@ static PyObject *small_block(PyObject *arena, uint64_t nbytes) {
     return off;
 }
 
+static PyObject *tensor_item(PyObject *t, PyObject *returnable, PyObject *arena, int reuse,
+                             PyObject *placed);
+
 /* tensor_item(t, returnable, arena, reuse_arena, placed) -> bytes | None */
 static PyObject *native_tensor_item(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
     (void)m;
@@ -1356,8 +1359,14 @@ static PyObject *native_tensor_item(PyObject *m, PyObject *const *args, Py_ssize
                         "tensor_item(t, returnable, arena, reuse_arena, placed) takes 5 arguments");
         return NULL;
     }
-    PyObject *t = args[0], *returnable = args[1], *arena = args[2], *placed = args[4];
     int reuse = PyObject_IsTrue(args[3]);
+    if (reuse < 0)
+        return NULL;
+    return tensor_item(args[0], args[1], args[2], reuse, args[4]);
+}
+
+static PyObject *tensor_item(PyObject *t, PyObject *returnable, PyObject *arena, int reuse,
+                             PyObject *placed) {
     if (t_tensor_type == NULL ||
         ((PyObject *)Py_TYPE(t) != t_tensor_type && (PyObject *)Py_TYPE(t) != t_parameter_type))
         Py_RETURN_NONE;
@@ -1501,6 +1510,143 @@ fallback:
 done:
     Py_XDECREF(capsule);
     return out;
+}
+
+/* pack_call(args, freed, returnable, arena, reuse_arena, placed) -> bytes | None
+ *
+ * The request CALL_REPLICATED(*args) with nothing to drop as the codec's
+ * FAST_CALL (codec.Encoder.encode_request: header "<BBHHqI", method, freed u64s,
+ * items), its tensors written by tensor_item.  None when the Python path must
+ * encode it (keyword arguments, a recipe, an argument or field the binary form
+ * does not carry, a tensor tensor_item leaves to Python); the blocks it placed
+ * are then in `placed` for the caller to give back. */
+#define CALL_HEAD 18
+#define MAX_ITEMS 64
+
+static PyObject *native_pack_call(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
+    (void)m;
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError,
+                        "pack_call(args, freed, returnable, arena, reuse_arena, placed) takes 6 arguments");
+        return NULL;
+    }
+    PyObject *call = args[0], *freed = args[1];
+    int reuse = PyObject_IsTrue(args[4]);
+    if (reuse < 0)
+        return NULL;
+    if (!PyTuple_CheckExact(call) || PyTuple_GET_SIZE(call) != 6 || !PyTuple_CheckExact(freed))
+        Py_RETURN_NONE;
+    PyObject *rid = PyTuple_GET_ITEM(call, 0), *method = PyTuple_GET_ITEM(call, 1),
+             *positional = PyTuple_GET_ITEM(call, 2), *kwargs = PyTuple_GET_ITEM(call, 3),
+             *grad = PyTuple_GET_ITEM(call, 4), *recipe = PyTuple_GET_ITEM(call, 5);
+    if (recipe != Py_None || !PyTuple_CheckExact(positional) || !PyLong_CheckExact(rid) ||
+        (grad != Py_None && !PyLong_CheckExact(grad)) || (method != Py_None && !PyUnicode_CheckExact(method)))
+        Py_RETURN_NONE;
+    int has_kwargs = PyObject_IsTrue(kwargs);
+    if (has_kwargs != 0)
+        return has_kwargs < 0 ? NULL : Py_NewRef(Py_None);
+    Py_ssize_t n = PyTuple_GET_SIZE(positional), nfreed = PyTuple_GET_SIZE(freed);
+    if (n > MAX_ITEMS || nfreed > 0xFFFFFFFFLL)
+        Py_RETURN_NONE; /* rare: the Python path */
+    int overflow;
+    long long rid_v = PyLong_AsLongLongAndOverflow(rid, &overflow);
+    if (overflow || (rid_v == -1 && PyErr_Occurred()))
+        goto python;
+    long grad_v = 255;
+    if (grad != Py_None) {
+        grad_v = PyLong_AsLongAndOverflow(grad, &overflow);
+        if (overflow || grad_v < 0 || grad_v > 254)
+            goto python;
+    }
+    Py_ssize_t mlen = 0;
+    const char *mbytes = NULL;
+    if (method != Py_None) {
+        mbytes = PyUnicode_AsUTF8AndSize(method, &mlen);
+        if (mbytes == NULL || mlen >= 65535)
+            goto python;
+    }
+    /* the items, each as bytes (tensors) or 9 bytes at most (scalars) */
+    PyObject *tensors[MAX_ITEMS];
+    unsigned char scalars[MAX_ITEMS][9];
+    Py_ssize_t sizes[MAX_ITEMS], total = CALL_HEAD + mlen + 8 * nfreed;
+    Py_ssize_t made = 0;
+    PyObject *out = NULL;
+    for (Py_ssize_t i = 0; i < n; i++, made++) {
+        PyObject *v = PyTuple_GET_ITEM(positional, i);
+        tensors[i] = NULL;
+        if (v == Py_None) {
+            scalars[i][0] = 0;
+            sizes[i] = 1;
+        } else if (v == Py_False || v == Py_True) {
+            scalars[i][0] = v == Py_True ? 2 : 1;
+            sizes[i] = 1;
+        } else if (PyLong_CheckExact(v)) {
+            long long iv = PyLong_AsLongLongAndOverflow(v, &overflow);
+            if (overflow || (iv == -1 && PyErr_Occurred()))
+                goto give_up;
+            scalars[i][0] = 3;
+            memcpy(scalars[i] + 1, &iv, 8);
+            sizes[i] = 9;
+        } else if (PyFloat_CheckExact(v)) {
+            double dv = PyFloat_AS_DOUBLE(v);
+            scalars[i][0] = 4;
+            memcpy(scalars[i] + 1, &dv, 8);
+            sizes[i] = 9;
+        } else {
+            PyObject *item = tensor_item(v, args[2], args[3], reuse, args[5]);
+            if (item == NULL)
+                goto cleanup;
+            if (item == Py_None) {
+                Py_DECREF(item);
+                goto give_up;
+            }
+            tensors[i] = item;
+            sizes[i] = PyBytes_GET_SIZE(item);
+        }
+        total += sizes[i];
+    }
+    out = PyBytes_FromStringAndSize(NULL, total);
+    if (out == NULL)
+        goto cleanup;
+    unsigned char *p = (unsigned char *)PyBytes_AS_STRING(out);
+    uint16_t nargs16 = (uint16_t)n, mlen16 = method == Py_None ? 65535 : (uint16_t)mlen;
+    uint32_t nfreed32 = (uint32_t)nfreed;
+    p[0] = 0x02; /* FAST_CALL */
+    p[1] = (unsigned char)grad_v;
+    memcpy(p + 2, &nargs16, 2);
+    memcpy(p + 4, &mlen16, 2);
+    memcpy(p + 6, &rid_v, 8);
+    memcpy(p + 14, &nfreed32, 4);
+    p += CALL_HEAD;
+    if (mlen) {
+        memcpy(p, mbytes, (size_t)mlen);
+        p += mlen;
+    }
+    for (Py_ssize_t i = 0; i < nfreed; i++, p += 8) {
+        unsigned long long f = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(freed, i));
+        if (f == (unsigned long long)-1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            Py_CLEAR(out);
+            goto give_up; /* the Python path raises what it raises for it */
+        }
+        memcpy(p, &f, 8);
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        memcpy(p, tensors[i] != NULL ? (unsigned char *)PyBytes_AS_STRING(tensors[i]) : scalars[i],
+               (size_t)sizes[i]);
+        p += sizes[i];
+    }
+    goto cleanup;
+give_up:
+    PyErr_Clear();
+    out = Py_NewRef(Py_None);
+cleanup:
+    for (Py_ssize_t i = 0; i < made && i < n; i++)
+        Py_XDECREF(tensors[i]);
+    return out;
+python:
+    PyErr_Clear();
+    Py_RETURN_NONE;
 }
 
 typedef struct {
@@ -1680,8 +1826,6 @@ static PyObject *native_tensor_read(PyObject *m, PyObject *const *args, Py_ssize
  * (seg, offset, holder) for every tensor, for the decoder's books.  None for a
  * call the Python path reads instead: an item tensor_at leaves to it, or
  * anything the Python path refuses as corrupt (it says why). */
-#define CALL_HEAD 18
-
 static PyObject *native_read_call(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
     (void)m;
     if (nargs != 4) {
@@ -1845,6 +1989,11 @@ static PyMethodDef module_methods[] = {
      "bytes copied into a block of arena (its offset appended to placed) unless t\n"
      "lies in returnable (or, with reuse_arena, in arena); None for a tensor the\n"
      "Python path encodes."},
+    {"pack_call", (PyCFunction)(void (*)(void))native_pack_call, METH_FASTCALL,
+     "pack_call(args, freed, returnable, arena, reuse_arena, placed, /) -> bytes | None\n\n"
+     "The request CALL_REPLICATED(*args) as the binary call (codec.FAST_CALL), its\n"
+     "tensors written as tensor_item writes them; None for a request the Python\n"
+     "path encodes (the blocks placed meanwhile are in placed)."},
     {"read_call", (PyCFunction)(void (*)(void))native_read_call, METH_FASTCALL,
      "read_call(data, pos, outbound, own, /) -> (rid, method, positional, grad, freed, blocks) | None\n\n"
      "The binary call (codec.FAST_CALL) at data[pos], its tensors made as tensor_read\n"

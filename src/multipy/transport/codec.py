@@ -213,6 +213,13 @@ class Encoder:
         if self._tensor_type is None and "torch" in sys.modules:
             self._know_torch()
         if op == _CALL_REPLICATED and not drop and len(args) == 6:
+            if _c_pack_call is not None:  # the extension's: the whole call in one C call
+                data = _c_pack_call(args, freed, self.returnable, self.arena, self.reuse_arena,
+                                    self.placed)
+                if data is not None:
+                    return data
+                if self.placed:
+                    self._unplace()
             rid, method, positional, kwargs, grad, recipe = args
             if (recipe is None and not kwargs and type(positional) is tuple
                     and type(rid) is int and (grad is None or type(grad) is int)
@@ -395,12 +402,13 @@ def native_tensors(exchange_api: bool = True) -> str:
     >>> native_tensors() in ("exchange API", "capsules", "Python")
     True
     """
-    global _native_tensors, _tensor_item, _tensor_read, _c_read_call
+    global _native_tensors, _tensor_item, _tensor_read, _c_read_call, _c_pack_call
     from .channel import _native_module
 
     torch = sys.modules["torch"]
     if _native_module is None or not hasattr(_native_module, "tensor_setup"):
-        _native_tensors, _tensor_item, _tensor_read, _c_read_call = "Python", None, None, None
+        _native_tensors, _tensor_item, _tensor_read, _c_read_call, _c_pack_call = \
+            "Python", None, None, None, None
         return _native_tensors
     api = None
     if exchange_api:
@@ -410,7 +418,7 @@ def native_tensors(exchange_api: bool = True) -> str:
     used = _native_module.tensor_setup(torch.Tensor, torch.nn.Parameter, api,
                                        torch._C._to_dlpack, torch._C._from_dlpack)
     _tensor_item, _tensor_read = _native_module.tensor_item, _native_module.tensor_read
-    _c_read_call = _native_module.read_call
+    _c_read_call, _c_pack_call = _native_module.read_call, _native_module.pack_call
     _native_tensors = "exchange API" if used else "capsules"
     return _native_tensors
 
@@ -419,6 +427,7 @@ _native_tensors: str | None = None  # how tensor items are encoded and read (nat
 _tensor_item = None  # multipy._native.tensor_item, once set up
 _tensor_read = None  # multipy._native.tensor_read, likewise
 _c_read_call = None  # multipy._native.read_call, likewise
+_c_pack_call = None  # multipy._native.pack_call, likewise
 
 
 _from_numpy = None  # torch.from_numpy, once a binary tensor item was read
