@@ -512,6 +512,20 @@ class Decoder:
         arguments cannot be rebuilt)."""
         self.received = []
         first = data[0] if data else _PICKLE
+        if first == FAST_VALUE and _tensor_read is not None:
+            # A result that is one tensor, the common reply: read by the extension,
+            # its books kept here (_read_item and _book, inlined).
+            read = _tensor_read(data, 1, self.outbound, self.own)
+            if read is not None and read[4] == len(data):
+                tensor, holder, seg, offset, _ = read
+                if seg == 0:
+                    if self._died is not None:
+                        self._watch(holder, offset)
+                    else:
+                        self.received.append((offset, holder))
+                elif self.on_return is not None:
+                    self.on_return(offset, holder)
+                return tensor
         if first == FAST_CALL or first == FAST_VALUE:
             try:
                 if first == FAST_CALL:
