@@ -129,10 +129,10 @@ def _steps():
         held.settle()  # the next call's _send does this
 
     steps = [
-        ("host", "encode the request: describe the 1x16 tensor, arena block, copy, header "
+        ("host", "encode the request: the 1x16 tensor's item, arena block, copy, header "
                  "(Encoder.encode_request) + give the block back", encode_request),
-        ("interpreter", "read the request (Decoder.decode_call: header, numpy view, "
-                        "torch.from_numpy)", decode_call),
+        ("interpreter", "read the request (Decoder.decode_call: header, the tensor "
+                        "over its block)", decode_call),
         ("interpreter", "call the model (InterpreterState.call_plain: grad mode, "
                         "nn.Module.__call__ of an identity)", call_model),
         ("interpreter", "encode the result: the argument itself, handed back in place "
@@ -141,8 +141,8 @@ def _steps():
                         "(Encoder.encode) + give the block back", encode_new_result),
         ("interpreter", "pack the reply (messages.encode_reply)", answer),
         ("host", "parse the reply (messages.parse_reply)", parse),
-        ("host", "rebuild the result tensor (numpy view, torch.from_numpy, watch) "
-                 "and drop it (deallocation, BlockViews.settle, arena free)", decode_and_drop),
+        ("host", "rebuild the result tensor (over its block, watched) and drop it "
+                 "(deallocation, BlockViews.settle, arena free)", decode_and_drop),
     ]
 
     if unpack_fast_reply is not None:  # the extension is loaded
