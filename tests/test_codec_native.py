@@ -451,3 +451,27 @@ def test_c_writes_the_call_the_python_path_writes(ends, values, method, grad, fr
             args.free(offset)
         encoder.placed = []
     assert args._used == before
+
+
+def test_a_torch_that_exports_a_dtype_otherwise_keeps_the_python_path(monkeypatch):
+    # The extension's dtype codes assume DLPack's types for torch's dtypes (bool as
+    # kDLBool, ...): a torch that exports one otherwise gets the Python path.
+    from multipy.transport import channel
+
+    class Elsewise:
+        def __getattr__(self, name):
+            return getattr(native, name)
+
+        @staticmethod
+        def tensor_item(t, *args):
+            item = native.tensor_item(t, *args)
+            return item[:2] + bytes([8]) + item[3:] if t.dtype == torch.bool else item  # as uint8
+
+    was = codec._native_tensors
+    monkeypatch.setattr(channel, "_native_module", Elsewise())
+    try:
+        assert codec.native_tensors() == "Python" and codec._tensor_item is None
+    finally:
+        monkeypatch.undo()
+        codec.native_tensors(exchange_api=was != "capsules")
+    assert was is None or codec._native_tensors == was

@@ -417,6 +417,14 @@ def native_tensors(exchange_api: bool = True) -> str:
             api = torch._C._dlpack_exchange_api()
     used = _native_module.tensor_setup(torch.Tensor, torch.nn.Parameter, api,
                                        torch._C._to_dlpack, torch._C._from_dlpack)
+    # The extension maps DLPack's types to the dtype codes: check that this torch
+    # exports each as expected (an empty tensor's item names its dtype, no block).
+    for code, name in enumerate(_FAST_DTYPES):
+        item = _native_module.tensor_item(torch.empty(0, dtype=_dtype(name)), None, None, False, [])
+        if item is None or item[2] != code:
+            _native_tensors, _tensor_item, _tensor_read, _c_read_call, _c_pack_call = \
+                "Python", None, None, None, None
+            return _native_tensors
     _tensor_item, _tensor_read = _native_module.tensor_item, _native_module.tensor_read
     _c_read_call, _c_pack_call = _native_module.read_call, _native_module.pack_call
     _native_tensors = "exchange API" if used else "capsules"
