@@ -365,6 +365,15 @@ static int check_slot(ChannelObject *c, unsigned int slot) {
     return 0;
 }
 
+/* The slot that a one-argument method's ``arg`` names, on an attached channel;
+   NULL with an exception set when it names none. */
+static slot_t *slot_arg(ChannelObject *c, PyObject *arg) {
+    unsigned int slot = (unsigned int)PyLong_AsUnsignedLong(arg);
+    if (PyErr_Occurred() || check_attached(c) < 0 || check_slot(c, slot) < 0)
+        return NULL;
+    return slot_at(c, slot);
+}
+
 static int Channel_init(ChannelObject *self, PyObject *args, PyObject *kw) {
     static char *names[] = {"buffer", NULL};
     PyObject *buffer;
@@ -537,10 +546,10 @@ static PyObject *Channel_claim(ChannelObject *self, PyObject *unused) {
 PyDoc_STRVAR(release_doc, "release(slot, /)\n\nGive a claimed slot back.");
 
 static PyObject *Channel_release(ChannelObject *self, PyObject *arg) {
-    unsigned int slot = (unsigned int)PyLong_AsUnsignedLong(arg);
-    if (PyErr_Occurred() || check_attached(self) < 0 || check_slot(self, slot) < 0)
+    slot_t *s = slot_arg(self, arg);
+    if (s == NULL)
         return NULL;
-    STORE(&slot_at(self, slot)->state, (uint32_t)SLOT_FREE);
+    STORE(&s->state, (uint32_t)SLOT_FREE);
     Py_RETURN_NONE;
 }
 
@@ -601,10 +610,9 @@ PyDoc_STRVAR(take_reply_doc,
 "The reply in ``slot`` (the slot stays claimed, ready for the next request), or None.");
 
 static PyObject *Channel_take_reply(ChannelObject *self, PyObject *arg) {
-    unsigned int slot = (unsigned int)PyLong_AsUnsignedLong(arg);
-    if (PyErr_Occurred() || check_attached(self) < 0 || check_slot(self, slot) < 0)
+    slot_t *s = slot_arg(self, arg);
+    if (s == NULL)
         return NULL;
-    slot_t *s = slot_at(self, slot);
     if (LOAD(&s->state) != SLOT_REPLIED)
         Py_RETURN_NONE;
     uint32_t len = s->len;
@@ -622,10 +630,10 @@ PyDoc_STRVAR(ready_doc,
 "ready(slot, /) -> bool\n\nWhether ``slot`` holds a reply to take (never waits).");
 
 static PyObject *Channel_ready(ChannelObject *self, PyObject *arg) {
-    unsigned int slot = (unsigned int)PyLong_AsUnsignedLong(arg);
-    if (PyErr_Occurred() || check_attached(self) < 0 || check_slot(self, slot) < 0)
+    slot_t *s = slot_arg(self, arg);
+    if (s == NULL)
         return NULL;
-    return PyBool_FromLong(LOAD(&slot_at(self, slot)->state) == SLOT_REPLIED);
+    return PyBool_FromLong(LOAD(&s->state) == SLOT_REPLIED);
 }
 
 PyDoc_STRVAR(arm_doc,
@@ -656,10 +664,10 @@ PyDoc_STRVAR(begin_doc,
 "against cancel(); a request whose slot was not armed always runs.");
 
 static PyObject *Channel_begin(ChannelObject *self, PyObject *arg) {
-    unsigned int slot = (unsigned int)PyLong_AsUnsignedLong(arg);
-    if (PyErr_Occurred() || check_attached(self) < 0 || check_slot(self, slot) < 0)
+    slot_t *s = slot_arg(self, arg);
+    if (s == NULL)
         return NULL;
-    uint64_t *word = &slot_at(self, slot)->go;
+    uint64_t *word = &s->go;
     uint64_t go = LOAD(word);
     for (;;) {
         if (go == GO_UNARMED || go == GO_STARTED || go == GO_SKIPPED)
@@ -678,10 +686,10 @@ PyDoc_STRVAR(cancel_doc,
 "started (or was not armed).  Atomic against begin().");
 
 static PyObject *Channel_cancel(ChannelObject *self, PyObject *arg) {
-    unsigned int slot = (unsigned int)PyLong_AsUnsignedLong(arg);
-    if (PyErr_Occurred() || check_attached(self) < 0 || check_slot(self, slot) < 0)
+    slot_t *s = slot_arg(self, arg);
+    if (s == NULL)
         return NULL;
-    uint64_t *word = &slot_at(self, slot)->go;
+    uint64_t *word = &s->go;
     uint64_t go = LOAD(word);
     for (;;) {
         if (go == GO_UNARMED || go == GO_STARTED)
@@ -698,20 +706,20 @@ PyDoc_STRVAR(started_doc,
 "started(slot, /) -> bool\n\nWhether the interpreter decided to run the request armed in ``slot``.");
 
 static PyObject *Channel_started(ChannelObject *self, PyObject *arg) {
-    unsigned int slot = (unsigned int)PyLong_AsUnsignedLong(arg);
-    if (PyErr_Occurred() || check_attached(self) < 0 || check_slot(self, slot) < 0)
+    slot_t *s = slot_arg(self, arg);
+    if (s == NULL)
         return NULL;
-    return PyBool_FromLong(LOAD(&slot_at(self, slot)->go) == GO_STARTED);
+    return PyBool_FromLong(LOAD(&s->go) == GO_STARTED);
 }
 
 PyDoc_STRVAR(asleep_doc,
 "asleep(slot, /) -> bool\n\nWhether ``slot``'s caller sleeps in FUTEX_WAIT now (for tests and diagnostics).");
 
 static PyObject *Channel_asleep(ChannelObject *self, PyObject *arg) {
-    unsigned int slot = (unsigned int)PyLong_AsUnsignedLong(arg);
-    if (PyErr_Occurred() || check_attached(self) < 0 || check_slot(self, slot) < 0)
+    slot_t *s = slot_arg(self, arg);
+    if (s == NULL)
         return NULL;
-    return PyBool_FromLong(LOAD(&slot_at(self, slot)->sleeping) != 0);
+    return PyBool_FromLong(LOAD(&s->sleeping) != 0);
 }
 
 PyDoc_STRVAR(close_doc,
