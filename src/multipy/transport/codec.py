@@ -642,7 +642,8 @@ class Decoder:
             if np_dtype is None:  # empty, strided, or no numpy twin (bfloat16)
                 return self.rebuild((_SEGS[seg], offset, nbytes, _FAST_DTYPES[code], shape,
                                      stride, storage_offset)), pos
-            # Decoder.rebuild and hold_tensor, inlined for a plain block: once per tensor.
+            # Decoder.rebuild and hold_tensor, inlined for a plain block (the path without
+            # the extension, or for an item it declined): once per tensor.
             # One numpy constructor over the mapping (a slice, a view and a reshape
             # were three calls); its nbytes check stands in for the reshape's.
             segment = self.outbound if seg == 0 else self.own
@@ -654,13 +655,7 @@ class Decoder:
                 raise TransportError(f"a tensor item of {nbytes} bytes has shape {shape}")
             if offset % np_dtype.itemsize:
                 raise _misaligned(offset, np_dtype.itemsize)
-            if seg == 0:
-                if self._died is not None:
-                    self._watch(holder, offset)
-                else:
-                    self.received.append((offset, holder))
-            elif self.on_return is not None:
-                self.on_return(offset, holder)
+            self._book(seg, offset, holder)
             return _from_numpy(holder), pos
         if tag == _I_INT:
             return _ITEM_INT.unpack_from(data, pos)[1], pos + _ITEM_INT.size
@@ -671,9 +666,9 @@ class Decoder:
         raise TransportError(f"unknown item {tag} in a binary message")
 
     def _book(self, seg: int, offset: int, holder) -> None:
-        """Keep the books of a block that the extension made a tensor over: a block of
-        the peer's arena is watched (or listed in ``received``), one of this side's
-        own arena handed back is reported to ``on_return``."""
+        """Keep the books of a block that a decoded tensor views (``holder`` keeps it
+        alive): a block of the peer's arena is watched (or listed in ``received``),
+        one of this side's own arena handed back is reported to ``on_return``."""
         if seg == 0:
             if self._died is not None:
                 self._watch(holder, offset)
