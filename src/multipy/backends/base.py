@@ -360,7 +360,7 @@ class Worker:
                 raise ManagerClosedError("the interpreter manager is closed")
             started = time.perf_counter()
             try:
-                for attempt in range(MAX_SENDS):
+                for attempt in _SENDS:
                     if not self._started:
                         self._ensure_started_locked()
                     try:

@@ -243,12 +243,16 @@ class InterpreterManager:
             self._balancer.release(index)
 
     def _replicated_request(self, replicated: ReplicatedObj, method: str | None, args: tuple,
-                            kwargs: dict, timeout: float | None, future=None) -> Request:
+                            kwargs: dict, timeout: float | None, future=None,
+                            grad_mode: int | None = None) -> Request:
         """A posted call of ``replicated`` (see :mod:`.dispatch`), made in the caller's
-        thread so that it runs under the caller's autograd mode; ``future`` as for
+        thread so that it runs under the caller's autograd mode (or ``grad_mode``, a
+        :class:`~multipy.transport.messages.GradMode`, when given); ``future`` as for
         :class:`~.dispatch.Request`."""
         self._check_open()
-        return Request(Op.CALL_REPLICATED, (replicated._id, method, args, kwargs, caller_grad_mode()),
+        if grad_mode is None:
+            grad_mode = caller_grad_mode()
+        return Request(Op.CALL_REPLICATED, (replicated._id, method, args, kwargs, grad_mode),
                        timeout=effective(timeout, self._call_timeout),
                        materializes=replicated._id, recipe=replicated._recipe, future=future)
 

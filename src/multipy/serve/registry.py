@@ -32,15 +32,15 @@ from ..errors import (CallTimeoutError, InterpreterCrashedError, InterpreterStar
                       ManagerClosedError, TransportError)
 from ..package import inspect_package
 from ..runtime import InterpreterManager, ReplicatedObj
-from ..runtime.dispatch import AWAITED, Request
-from ..transport.messages import GradMode, Op
+from ..runtime.dispatch import AWAITED
+from ..transport.messages import GradMode
 from .protocol import (DeadlineExceeded, InferenceError, ModelNotFound, Overloaded, Unavailable,
                        Unprocessable)
 
 __all__ = ["ModelRegistry", "ModelSpec", "ServeOptions", "ServedModel"]
 
 # Globals: an enum attribute costs a metaclass lookup per use.
-_CALL_REPLICATED, _INFERENCE = Op.CALL_REPLICATED, int(GradMode.INFERENCE)
+_INFERENCE = int(GradMode.INFERENCE)
 _NO_KWARGS: dict = {}
 
 
@@ -238,11 +238,9 @@ class ServedModel:
         autograd graphs no server reads (1.7x the interpreter's time on 40 small
         layers).  Made here, not by entering the mode around an ``await``: the mode is
         the thread's, and other requests' tasks run on it while this one waits."""
-        if self._batched is None:  # what manager._replicated_request makes, in inference mode
-            obj, manager = self.obj, self._manager
-            request = Request(_CALL_REPLICATED, (obj._id, None, args, _NO_KWARGS, _INFERENCE),
-                              timeout=manager._call_timeout, materializes=obj._id,
-                              recipe=obj._recipe, future=AWAITED)
+        if self._batched is None:  # a plain acall's request, made in inference mode
+            request = self._manager._replicated_request(self.obj, None, args, _NO_KWARGS, None,
+                                                        future=AWAITED, grad_mode=_INFERENCE)
         else:
             with torch.inference_mode():
                 request = self._batched._request(args, {}, future=AWAITED)
