@@ -25,6 +25,7 @@ count_instructions.py), which does not depend on the machine's load::
 """
 from __future__ import annotations
 
+import collections
 import gc
 import os
 import subprocess
@@ -41,7 +42,7 @@ from multipy.transport import channel as _channel
 from multipy.transport import codec
 from multipy.transport.codec import Decoder, Encoder
 from multipy.transport.messages import CALL_ID, encode_reply, parse_reply, unpack_fast_reply
-from multipy.transport.shm import Arena, BlockViews, Segment
+from multipy.transport.shm import Arena, Segment, held_blocks
 
 _CALL_REPLICATED = 14
 
@@ -75,9 +76,10 @@ def _steps():
     interp_args = Segment(os.dup(args_arena.segment.fd), args_arena.segment.size)
     interp_results = Segment(os.dup(results.segment.fd), results.segment.size)
     lock = __import__("threading").RLock()
-    held = BlockViews(args_arena.free, lock)
+    held = held_blocks(args_arena, set(), lock)  # as the process backend keeps them
+    released = collections.deque()
     host_out = Encoder(args_arena, returnable=results.segment, reuse_arena=True)
-    host_in = Decoder(results.segment, own=args_arena.segment, on_return=held.add)
+    host_in = Decoder(results.segment, own=args_arena.segment, released=released, held=held)
     interp_in = Decoder(interp_args, own=interp_results)
     interp_out = Encoder(Arena(interp_results), returnable=interp_args)
     state = InterpreterState(0)
@@ -125,8 +127,10 @@ def _steps():
     def decode_and_drop():
         args_arena._used[block] = 64  # the argument's block, held by the call
         t = host_in.decode(value)
-        del t
-        held.settle()  # the next call's _send does this
+        held.release((block,))  # the call's end (ProcessWorker._settle): still viewed
+        del t  # the caller drops the result: its block is free again
+        if held.pending:
+            held.settle()  # (blocks over 64 KiB: the next call's _send)
 
     steps = [
         ("host", "encode the request: the 1x16 tensor's item, arena block, copy, header "
@@ -141,8 +145,9 @@ def _steps():
                         "(Encoder.encode) + give the block back", encode_new_result),
         ("interpreter", "pack the reply (messages.encode_reply)", answer),
         ("host", "parse the reply (messages.parse_reply)", parse),
-        ("host", "rebuild the result tensor (over its block, watched) and drop it "
-                 "(deallocation, BlockViews.settle, arena free)", decode_and_drop),
+        ("host", "rebuild the result tensor (over its block, its holder counted), end "
+                 "the call (held.release) and drop the result (deallocation, arena free)",
+         decode_and_drop),
     ]
 
     if unpack_fast_reply is not None:  # the extension is loaded
@@ -270,6 +275,7 @@ def _tensor_path(name: str) -> None:
     if name == "python":
         codec.native_tensors()
         codec._tensor_item = codec._tensor_read = codec._c_read_call = codec._c_pack_call = None
+        codec._tensor_value = None
     elif codec.native_tensors(exchange_api=name == "exchange") != {"exchange": "exchange API",
                                                                   "capsules": "capsules"}[name]:
         raise SystemExit(f"--tensors={name}: not available here")

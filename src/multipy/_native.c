@@ -1142,12 +1142,20 @@ typedef struct {
     PyObject_HEAD
     PyObject *weakreflist;
     Py_buffer mapping; /* an export of the segment's mmap: it stays mapped while viewed */
+    PyObject *book;    /* told of this block's death (see "Result blocks" below), or NULL */
+    uint64_t offset;   /* the block's offset in its segment, for the book */
 } BlockObject;
+
+static void book_block_died(PyObject *book, uint64_t offset);
 
 static void Block_dealloc(BlockObject *self) {
     PyTypeObject *tp = Py_TYPE(self);
     if (self->weakreflist != NULL)
         PyObject_ClearWeakRefs((PyObject *)self);
+    if (self->book != NULL) {
+        book_block_died(self->book, self->offset);
+        Py_CLEAR(self->book);
+    }
     if (self->mapping.obj != NULL)
         PyBuffer_Release(&self->mapping);
     tp->tp_free((PyObject *)self);
@@ -1971,6 +1979,455 @@ error:
     return out;
 }
 
+/* -- host: the books of result blocks ------------------------------------------
+ *
+ * A tensor that the host reads from a reply views an arena block: a block of the
+ * interpreter's results arena (given back to it once the tensor died: reported
+ * with the next request), or a block of the host's own arguments arena (an
+ * argument handed back in place: free again once no tensor views it, its call
+ * has ended and the interpreter does not keep it).  The TensorBlock that such a
+ * tensor keeps alive reports its own death to its book: no weak reference, no
+ * lock, no Python frame per result.  Its deallocation runs with the GIL held
+ * (drop_holder takes it), so what it does to a book is one step for every other
+ * thread; it never calls Python code.
+ *
+ * A book is a callable (the decoder's released.append: the block's offset is
+ * appended as a plain int) or a HeldBlocks: per-block counts of the host's views
+ * of its own argument blocks, which frees a block of up to 64 KiB into its
+ * arena's size class itself (the same two dict and list steps as shm.Arena.free)
+ * and leaves a larger one to settle() (shm.Arena.free takes a lock there). */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *arena;   /* shm.Arena of the host's arguments */
+    PyObject *used;    /* arena._used: offset -> size of the blocks in use */
+    PyObject *classes; /* arena._classes: size -> free offsets, for blocks up to 64 KiB */
+    PyObject *pins;    /* set: blocks the interpreter keeps after their call */
+    PyObject *counts;  /* dict: offset -> live holders viewing the block */
+    PyObject *pending; /* list: larger blocks whose last view died, freed by settle() */
+    PyObject *refs;    /* dict: id(weakref) -> (weakref, offset), for other holders */
+    PyObject *died;    /* self.died: the callback of those weak references */
+} HeldObject;
+
+static PyObject *held_type; /* made by the first held_blocks() call */
+static PyObject *s_free;
+
+#if PY_VERSION_HEX >= 0x030C0000
+#define SAVE_ERROR(var) PyObject *var = PyErr_GetRaisedException()
+#define RESTORE_ERROR(var) PyErr_SetRaisedException(var)
+#else
+#define SAVE_ERROR(var) PyObject *var##_t, *var##_v, *var##_tb; PyErr_Fetch(&var##_t, &var##_v, &var##_tb)
+#define RESTORE_ERROR(var) PyErr_Restore(var##_t, var##_v, var##_tb)
+#endif
+
+/* Free the block at `key` unless the interpreter keeps it (pins) or it is free
+ * already: a small block into its size class here; a larger one into pending
+ * (deferred: in a deallocation or a weak reference's callback) or through
+ * arena.free.  0, or -1 with an error set. */
+static int held_free(HeldObject *h, PyObject *key, int deferred) {
+    int pinned = PySet_Contains(h->pins, key);
+    if (pinned != 0)
+        return pinned < 0 ? -1 : 0;
+    PyObject *size = PyDict_GetItemWithError(h->used, key); /* borrowed */
+    if (size == NULL)
+        return PyErr_Occurred() ? -1 : 0; /* free already */
+    unsigned long long n = PyLong_AsUnsignedLongLong(size);
+    if (n == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    PyObject *list = n <= ARENA_SMALL ? PyDict_GetItemWithError(h->classes, size) : NULL;
+    if (list == NULL && PyErr_Occurred())
+        return -1;
+    if (list == NULL || !PyList_Check(list)) {
+        if (deferred)
+            return PyList_Append(h->pending, key);
+        PyObject *r = PyObject_CallMethodOneArg(h->arena, s_free, key);
+        Py_XDECREF(r);
+        return r == NULL ? -1 : 0;
+    }
+    Py_INCREF(list);
+    int rc = PyDict_DelItem(h->used, key) < 0 ? -1 : PyList_Append(list, key);
+    Py_DECREF(list);
+    return rc;
+}
+
+static int held_free_unviewed(HeldObject *h, PyObject *key) {
+    int viewed = PyDict_Contains(h->counts, key);
+    if (viewed != 0)
+        return viewed < 0 ? -1 : 0;
+    return held_free(h, key, 0);
+}
+
+/* One holder of the block at `key` died. */
+static int held_drop(HeldObject *h, PyObject *key) {
+    PyObject *n = PyDict_GetItemWithError(h->counts, key);
+    if (n == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    long c = PyLong_AsLong(n);
+    if (c > 1) {
+        PyObject *v = PyLong_FromLong(c - 1);
+        int rc = v == NULL ? -1 : PyDict_SetItem(h->counts, key, v);
+        Py_XDECREF(v);
+        return rc;
+    }
+    if (PyDict_DelItem(h->counts, key) < 0)
+        return -1;
+    return held_free(h, key, 1);
+}
+
+static int held_count(HeldObject *h, PyObject *key) {
+    PyObject *n = PyDict_GetItemWithError(h->counts, key);
+    if (n == NULL && PyErr_Occurred())
+        return -1;
+    PyObject *v = PyLong_FromLong(n == NULL ? 1 : PyLong_AsLong(n) + 1);
+    int rc = v == NULL ? -1 : PyDict_SetItem(h->counts, key, v);
+    Py_XDECREF(v);
+    return rc;
+}
+
+/* A TensorBlock whose book was set died (from Block_dealloc). */
+static void book_block_died(PyObject *book, uint64_t offset) {
+    if (finalizing())
+        return;
+    SAVE_ERROR(saved);
+    PyObject *key = PyLong_FromUnsignedLongLong(offset);
+    if (key != NULL) {
+        if (held_type != NULL && Py_TYPE(book) == (PyTypeObject *)held_type) {
+            held_drop((HeldObject *)book, key);
+        } else {
+            PyObject *r = PyObject_CallOneArg(book, key);
+            Py_XDECREF(r);
+        }
+        Py_DECREF(key);
+    }
+    if (PyErr_Occurred())
+        PyErr_WriteUnraisable(book);
+    RESTORE_ERROR(saved);
+}
+
+/* Make `holder` (a TensorBlock of this process's reads) report its death to
+ * `book`; 1 if it will, 0 if holder is not a TensorBlock or already reports. */
+static int block_report(PyObject *holder, PyObject *book, uint64_t offset) {
+    if (t_block_type == NULL || Py_TYPE(holder) != (PyTypeObject *)t_block_type)
+        return 0;
+    BlockObject *b = (BlockObject *)holder;
+    if (b->book != NULL)
+        return 0;
+    b->book = Py_NewRef(book);
+    b->offset = offset;
+    return 1;
+}
+
+static int held_add(HeldObject *h, PyObject *key, PyObject *holder) {
+    unsigned long long offset = PyLong_AsUnsignedLongLong(key);
+    if (offset == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    if (held_count(h, key) < 0)
+        return -1;
+    if (block_report(holder, (PyObject *)h, offset))
+        return 0;
+    /* Another holder (a numpy array of the Python path): watched by a weak reference. */
+    PyObject *ref = PyWeakref_NewRef(holder, h->died), *id = NULL, *entry = NULL;
+    int rc = -1;
+    if (ref != NULL && (id = PyLong_FromVoidPtr(ref)) != NULL &&
+        (entry = PyTuple_Pack(2, ref, key)) != NULL)
+        rc = PyDict_SetItem(h->refs, id, entry);
+    Py_XDECREF(ref);
+    Py_XDECREF(id);
+    Py_XDECREF(entry);
+    if (rc < 0) { /* not watched: not counted either */
+        SAVE_ERROR(saved);
+        PyObject *n = PyDict_GetItem(h->counts, key);
+        long c = n == NULL ? 0 : PyLong_AsLong(n);
+        if (c <= 1)
+            PyDict_DelItem(h->counts, key);
+        else {
+            PyObject *v = PyLong_FromLong(c - 1);
+            if (v != NULL)
+                PyDict_SetItem(h->counts, key, v);
+            Py_XDECREF(v);
+        }
+        PyErr_Clear();
+        RESTORE_ERROR(saved);
+    }
+    return rc;
+}
+
+static PyObject *Held_add(HeldObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "add(offset, holder) takes 2 arguments");
+        return NULL;
+    }
+    if (held_add(self, args[0], args[1]) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Held_died(HeldObject *self, PyObject *ref) {
+    PyObject *id = PyLong_FromVoidPtr(ref);
+    if (id == NULL)
+        return NULL;
+    PyObject *entry = PyDict_GetItemWithError(self->refs, id);
+    int rc = 0;
+    if (entry != NULL) {
+        Py_INCREF(entry);
+        rc = PyDict_DelItem(self->refs, id);
+        if (rc == 0)
+            rc = held_drop(self, PyTuple_GET_ITEM(entry, 1));
+        Py_DECREF(entry);
+    } else if (PyErr_Occurred()) {
+        rc = -1;
+    }
+    Py_DECREF(id);
+    if (rc < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static int held_settle(HeldObject *h) {
+    while (PyList_GET_SIZE(h->pending) > 0) {
+        Py_ssize_t n = PyList_GET_SIZE(h->pending);
+        PyObject *key = Py_NewRef(PyList_GET_ITEM(h->pending, n - 1));
+        int rc = PyList_SetSlice(h->pending, n - 1, n, NULL);
+        if (rc == 0)
+            rc = held_free_unviewed(h, key);
+        Py_DECREF(key);
+        if (rc < 0)
+            return -1;
+    }
+    return 0;
+}
+
+static PyObject *Held_settle(HeldObject *self, PyObject *unused) {
+    (void)unused;
+    if (held_settle(self) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* release(placed, pinned=(), unpinned=()): see the method's doc. */
+static PyObject *Held_release(HeldObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs < 1 || nargs > 3) {
+        PyErr_SetString(PyExc_TypeError, "release(placed, pinned=(), unpinned=())");
+        return NULL;
+    }
+    PyObject *seqs[3] = {NULL, NULL, NULL};
+    PyObject *out = NULL;
+    for (Py_ssize_t i = 0; i < nargs; i++)
+        if ((seqs[i] = PySequence_Fast(args[i], "release takes sequences of offsets")) == NULL)
+            goto done;
+    if (seqs[2] != NULL) {
+        for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seqs[2]); i++) {
+            PyObject *key = PySequence_Fast_GET_ITEM(seqs[2], i);
+            if (PySet_Discard(self->pins, key) < 0 || held_free_unviewed(self, key) < 0)
+                goto done;
+        }
+    }
+    if (seqs[1] != NULL) {
+        for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seqs[1]); i++)
+            if (PySet_Add(self->pins, PySequence_Fast_GET_ITEM(seqs[1], i)) < 0)
+                goto done;
+    }
+    if (held_settle(self) < 0)
+        goto done;
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seqs[0]); i++)
+        if (held_free_unviewed(self, PySequence_Fast_GET_ITEM(seqs[0], i)) < 0)
+            goto done;
+    out = Py_NewRef(Py_None);
+done:
+    for (int i = 0; i < 3; i++)
+        Py_XDECREF(seqs[i]);
+    return out;
+}
+
+static int Held_contains(HeldObject *self, PyObject *key) {
+    return PyDict_Contains(self->counts, key);
+}
+
+static PyObject *Held_get_pending(HeldObject *self, void *unused) {
+    (void)unused;
+    return Py_NewRef(self->pending);
+}
+
+static PyObject *Held_get_viewed(HeldObject *self, void *unused) {
+    (void)unused;
+    return PyDict_Copy(self->counts);
+}
+
+static int Held_traverse(HeldObject *self, visitproc visit, void *arg) {
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->arena);
+    Py_VISIT(self->used);
+    Py_VISIT(self->classes);
+    Py_VISIT(self->pins);
+    Py_VISIT(self->counts);
+    Py_VISIT(self->pending);
+    Py_VISIT(self->refs);
+    Py_VISIT(self->died);
+    return 0;
+}
+
+static int Held_clear(HeldObject *self) {
+    Py_CLEAR(self->arena);
+    Py_CLEAR(self->used);
+    Py_CLEAR(self->classes);
+    Py_CLEAR(self->pins);
+    Py_CLEAR(self->counts);
+    Py_CLEAR(self->pending);
+    Py_CLEAR(self->refs);
+    Py_CLEAR(self->died);
+    return 0;
+}
+
+static void Held_dealloc(HeldObject *self) {
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    Held_clear(self);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static PyMethodDef Held_methods[] = {
+    {"add", (PyCFunction)(void (*)(void))Held_add, METH_FASTCALL,
+     "add(offset, holder, /)\n\nCount a view of the block at offset, kept alive by holder, until\n"
+     "holder dies."},
+    {"died", (PyCFunction)Held_died, METH_O,
+     "died(ref, /)\n\nThe callback of the weak references to holders that are not TensorBlocks."},
+    {"settle", (PyCFunction)Held_settle, METH_NOARGS,
+     "settle()\n\nFree the blocks larger than 64 KiB whose last view died (pending)."},
+    {"release", (PyCFunction)(void (*)(void))Held_release, METH_FASTCALL,
+     "release(placed, pinned=(), unpinned=(), /)\n\nA call ended: the blocks in unpinned leave the pins (and are freed\n"
+     "unless viewed), those in pinned join them, and the call's placed blocks are\n"
+     "freed unless viewed or pinned."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Held_getset[] = {
+    {"pending", (getter)Held_get_pending, NULL,
+     "Blocks larger than 64 KiB whose last view died, until settle().", NULL},
+    {"viewed", (getter)Held_get_viewed, NULL, "A copy of the counts: offset -> live views.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot Held_slots[] = {
+    {Py_tp_doc, (void *)"The host's books of its argument blocks that result tensors view "
+                        "(see multipy.transport.shm.held_blocks)."},
+    {Py_tp_dealloc, (void *)Held_dealloc},
+    {Py_tp_traverse, (void *)Held_traverse},
+    {Py_tp_clear, (void *)Held_clear},
+    {Py_tp_methods, Held_methods},
+    {Py_tp_getset, Held_getset},
+    {Py_sq_contains, (void *)Held_contains},
+    {0, NULL},
+};
+
+static PyType_Spec Held_spec = {
+    .name = "multipy._native.HeldBlocks",
+    .basicsize = sizeof(HeldObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .slots = Held_slots,
+};
+
+static PyObject *native_held_blocks(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2 || !PySet_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "held_blocks(arena, pins): pins is a set");
+        return NULL;
+    }
+    if (held_type == NULL) {
+        if ((s_free = PyUnicode_InternFromString("free")) == NULL)
+            return NULL;
+        if (s_used == NULL && (s_used = PyUnicode_InternFromString("_used")) == NULL)
+            return NULL;
+        if (s_classes == NULL && (s_classes = PyUnicode_InternFromString("_classes")) == NULL)
+            return NULL;
+        if ((held_type = PyType_FromModuleAndSpec(m, &Held_spec, NULL)) == NULL)
+            return NULL;
+    }
+    HeldObject *h = (HeldObject *)PyType_GenericAlloc((PyTypeObject *)held_type, 0);
+    if (h == NULL)
+        return NULL;
+    h->arena = Py_NewRef(args[0]);
+    h->pins = Py_NewRef(args[1]);
+    if ((h->used = PyObject_GetAttr(args[0], s_used)) == NULL ||
+        (h->classes = PyObject_GetAttr(args[0], s_classes)) == NULL ||
+        (h->counts = PyDict_New()) == NULL || (h->pending = PyList_New(0)) == NULL ||
+        (h->refs = PyDict_New()) == NULL ||
+        (h->died = PyObject_GetAttrString((PyObject *)h, "died")) == NULL) {
+        Py_DECREF(h);
+        return NULL;
+    }
+    if (!PyDict_Check(h->used) || !PyDict_Check(h->classes)) {
+        PyErr_SetString(PyExc_TypeError, "held_blocks(arena, pins): arena is a multipy shm.Arena");
+        Py_DECREF(h);
+        return NULL;
+    }
+    return (PyObject *)h;
+}
+
+/* tensor_value(data, outbound, own, released, held) -> tensor | None
+ *
+ * The common reply's value, a binary FAST_VALUE that is one tensor item
+ * (data[0] is the tag, the item fills the rest): the tensor, over its block,
+ * whose holder reports its death itself: a block of outbound by calling
+ * released(offset), a block of own to held (a HeldBlocks).  None for what the
+ * decoder reads otherwise. */
+static PyObject *native_tensor_value(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
+    (void)m;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError,
+                        "tensor_value(data, outbound, own, released, held) takes 5 arguments");
+        return NULL;
+    }
+    PyObject *released = args[3], *held = args[4];
+    if (held != Py_None && (held_type == NULL || Py_TYPE(held) != (PyTypeObject *)held_type)) {
+        PyErr_SetString(PyExc_TypeError, "tensor_value: held is a HeldBlocks or None");
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    read_t r;
+    int got = tensor_at(view.buf, view.len, 1, args[1], args[2], &r);
+    Py_ssize_t len = view.len;
+    PyBuffer_Release(&view);
+    if (got < 0)
+        return NULL;
+    if (got == 0)
+        Py_RETURN_NONE;
+    int rc = 0;
+    if (r.end != len) {
+        rc = 1; /* not the whole value: the decoder reads it */
+    } else if (r.seg == SEG_OUTBOUND) {
+        if (released != Py_None)
+            block_report(r.holder, released, r.offset);
+    } else if (held != Py_None) {
+        PyObject *key = PyLong_FromUnsignedLongLong(r.offset);
+        rc = key == NULL ? -1 : held_add((HeldObject *)held, key, r.holder);
+        Py_XDECREF(key);
+    }
+    Py_DECREF(r.holder);
+    if (rc != 0) {
+        Py_DECREF(r.tensor);
+        if (rc < 0)
+            return NULL;
+        Py_RETURN_NONE;
+    }
+    return r.tensor;
+}
+
+/* watch_block(holder, offset, book) -> bool: make a TensorBlock report its death
+ * to book (a callable, given the offset); False for any other holder. */
+static PyObject *native_watch_block(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
+    (void)m;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "watch_block(holder, offset, book) takes 3 arguments");
+        return NULL;
+    }
+    unsigned long long offset = PyLong_AsUnsignedLongLong(args[1]);
+    if (offset == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    return PyBool_FromLong(block_report(args[0], args[2], offset));
+}
+
 static PyMethodDef module_methods[] = {
     {"spinners", native_spinners, METH_NOARGS, "Host threads of this process spinning now."},
     {"in_flight", native_in_flight, METH_NOARGS,
@@ -2012,6 +2469,19 @@ static PyMethodDef module_methods[] = {
      "A tensor over the block that the tensor item at data[pos] names, in segment\n"
      "outbound (seg 0) or own (seg 1); holder lives as long as a tensor views the\n"
      "block.  None for an item the Python path reads."},
+    {"held_blocks", (PyCFunction)(void (*)(void))native_held_blocks, METH_FASTCALL,
+     "held_blocks(arena, pins, /) -> HeldBlocks\n\n"
+     "The host's books of its argument blocks (arena, an shm.Arena) that result\n"
+     "tensors view, pins the set of those the interpreter keeps (see\n"
+     "multipy.transport.shm.held_blocks)."},
+    {"tensor_value", (PyCFunction)(void (*)(void))native_tensor_value, METH_FASTCALL,
+     "tensor_value(data, outbound, own, released, held, /) -> tensor | None\n\n"
+     "The tensor of a one-tensor binary value, whose block's death is reported\n"
+     "by its holder itself: released(offset) for a block of outbound, to held\n"
+     "(a HeldBlocks) for one of own.  None for a value the decoder reads."},
+    {"watch_block", (PyCFunction)(void (*)(void))native_watch_block, METH_FASTCALL,
+     "watch_block(holder, offset, book, /) -> bool\n\n"
+     "Make a TensorBlock call book(offset) when it dies; False for another holder."},
     {NULL, NULL, 0, NULL},
 };
 

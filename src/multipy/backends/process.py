@@ -45,7 +45,7 @@ from ..transport.codec import Decoder, Encoder
 from ..transport.cuda_link import HostLinks
 from ..transport.frames import FRAME_HEADER, FrameError, FrameReader, Waiter, write_frame
 from ..transport.messages import CALL_ID, FAST_REPLY, MovablePayload, Op, parse_reply, unpack_fast_reply
-from ..transport.shm import Arena, BlockViews, Segment, open_descriptor
+from ..transport.shm import Arena, Segment, held_blocks, open_descriptor
 from . import _forkserver
 from .base import (PENDING, Backend, BackendKind, RequestNotSent, Worker, WorkerConfig, describe_exit,
                    in_calls, no_start)
@@ -219,15 +219,13 @@ class ProcessWorker(Worker):
         self._args_lock = threading.RLock()  # reentrant: a GC finalizer may run inside it
         freed = self._freed
         self._encoder = Encoder(self._args, returnable=self._results, reuse_arena=True)
-        # Argument blocks that host results view (results handed back by reference).
-        # The release binds this generation's arena: a result may outlive a restart.
-        pins, arena = self._pins, self._args
-        self._held = BlockViews(lambda off: None if off in pins else arena.free(off),
-                                self._args_lock)
+        # Argument blocks that host results view (results handed back by reference),
+        # this generation's: a result may outlive a restart.
+        self._held = held_blocks(self._args, self._pins, self._args_lock)
         # Result blocks whose last tensor died are reported with the next request:
-        # the decoder puts their references in this generation's _freed.
+        # the decoder puts their offsets in this generation's _freed.
         self._decoder = Decoder(self._results, own=self._args.segment, own_cuda=True,
-                                released=freed, on_return=self._held.add)
+                                released=freed, held=self._held)
         # CUDA link buffers for this generation (made when the first CUDA tensor crosses).
         self._links = self._encoder.links = self._decoder.links = HostLinks()
         # The call channel of this generation (a fresh one each restart: a reply half
@@ -524,8 +522,7 @@ class ProcessWorker(Worker):
                 if reply is not None:
                     self._settle(None, reply, placed)
                 else:
-                    with self._args_lock:
-                        self._release_placed(placed, ())
+                    self._release_placed(placed, ())
         except Exception:
             pass  # the interpreter was stopped (desynchronised or dead): its callers learn it
 
@@ -671,8 +668,7 @@ class ProcessWorker(Worker):
                                 unsent = False
                             if unsent:  # the interpreter died before it took this call
                                 self._forget(call)
-                                with self._args_lock:
-                                    self._release_placed(placed, ())
+                                self._release_placed(placed, ())
                                 raise RequestNotSent(self._crashed("before this call reached it"))
                             raise self._crashed("while running a call")
                         posted[5] = False  # not there yet: watched again
@@ -812,8 +808,7 @@ class ProcessWorker(Worker):
             data = encoder.encode_request(int(op), args, drop, freed)
         except BaseException:
             self._freed.extend(freed)  # nothing was sent: report them with the next request
-            with self._args_lock:
-                self._release_placed(encoder.placed, ())
+            self._release_placed(encoder.placed, ())
             raise
         finally:
             encoder.handles = None  # the session's: kept, they would keep its manager alive
@@ -858,8 +853,7 @@ class ProcessWorker(Worker):
             # Nobody reads the request pipe, or the channel is detached: the
             # interpreter died (or was stopped) and never saw the request.
             self._forget(call)
-            with self._args_lock:
-                self._release_placed(placed, ())
+            self._release_placed(placed, ())
             raise RequestNotSent(self._crashed("while idle, before this call was sent")) from None
         except BaseException:
             # A signal handler raised during the write, or just after it returned.
@@ -928,8 +922,7 @@ class ProcessWorker(Worker):
             self._unsure.discard(unsure)
             if unsure < answered:
                 placed = self._owed.pop(unsure, ())
-                with self._args_lock:
-                    self._release_placed(placed, ())
+                self._release_placed(placed, ())
 
     def _next_frame(self, deadline, timeout, starting: bool) -> bytes:
         """The next reply frame, waiting until ``deadline`` (monotonic; ``None``: no limit)."""
@@ -989,21 +982,7 @@ class ProcessWorker(Worker):
                 "the interpreters; return plain values or tensors, or keep an Obj handle.") from exc
         finally:
             self._links.received()
-            with self._args_lock:
-                pins = self._pins
-                for offset in unpinned:
-                    pins.discard(offset)
-                    self._free_arg(offset)
-                # _release_placed, inlined (once per call)
-                held, arena = self._held, self._args
-                if pinned:
-                    pins.update(pinned)
-                if held.pending:
-                    held.settle()
-                viewed = held.viewed
-                for offset in placed:
-                    if offset not in viewed and offset not in pins:
-                        arena.free(offset)
+            self._held.release(placed, pinned, unpinned)
         return value, error
 
     def _out_of_step(self, why: str) -> None:
@@ -1031,14 +1010,8 @@ class ProcessWorker(Worker):
 
     def _release_placed(self, placed: list[int], pinned: tuple) -> None:
         """Free this call's argument blocks, except those the interpreter still uses
-        (``pinned``) and those a host result views (``_held``).  Under ``_args_lock``."""
-        self._pins.update(pinned)
-        for offset in placed:
-            self._free_arg(offset)
-
-    def _free_arg(self, offset: int) -> None:
-        if offset not in self._held and offset not in self._pins:
-            self._args.free(offset)
+        (``pinned``) and those a host result views (``_held``)."""
+        self._held.release(placed, pinned)
 
     def _desynchronised(self, why) -> TransportError:
         """The reply stream is corrupt: the interpreter cannot be trusted to be in step."""

@@ -847,7 +847,7 @@ def native_status() -> tuple[object | None, str]:
     except ImportError as exc:
         return None, (f"pure Python: the C extension multipy._native is not built here ({exc}); "
                       "reinstall with a C compiler available to build it")
-    if not hasattr(_native.Channel, "begin"):  # built from an older source: rebuild it
+    if not hasattr(_native, "held_blocks"):  # built from an older source: rebuild it
         return None, ("pure Python: the C extension multipy._native was built from an older "
                       "multipy; rebuild it (python setup.py build_ext --inplace, or reinstall)")
     return _native, "native: the C extension multipy._native is loaded"

@@ -402,13 +402,15 @@ def native_tensors(exchange_api: bool = True) -> str:
     >>> native_tensors() in ("exchange API", "capsules", "Python")
     True
     """
-    global _native_tensors, _tensor_item, _tensor_read, _c_read_call, _c_pack_call
+    global _native_tensors, _tensor_item, _tensor_read, _c_read_call, _c_pack_call, _tensor_value
+    global _watch_block
     from .channel import _native_module
 
     torch = sys.modules["torch"]
     if _native_module is None or not hasattr(_native_module, "tensor_setup"):
         _native_tensors, _tensor_item, _tensor_read, _c_read_call, _c_pack_call = \
             "Python", None, None, None, None
+        _tensor_value = None
         return _native_tensors
     api = None
     if exchange_api:
@@ -424,8 +426,10 @@ def native_tensors(exchange_api: bool = True) -> str:
         if item is None or item[2] != code:
             _native_tensors, _tensor_item, _tensor_read, _c_read_call, _c_pack_call = \
                 "Python", None, None, None, None
+            _tensor_value = None
             return _native_tensors
     _tensor_item, _tensor_read = _native_module.tensor_item, _native_module.tensor_read
+    _tensor_value, _watch_block = _native_module.tensor_value, _native_module.watch_block
     _c_read_call, _c_pack_call = _native_module.read_call, _native_module.pack_call
     _native_tensors = "exchange API" if used else "capsules"
     return _native_tensors
@@ -434,6 +438,8 @@ def native_tensors(exchange_api: bool = True) -> str:
 _native_tensors: str | None = None  # how tensor items are encoded and read (native_tensors)
 _tensor_item = None  # multipy._native.tensor_item, once set up
 _tensor_read = None  # multipy._native.tensor_read, likewise
+_tensor_value = None  # multipy._native.tensor_value, likewise
+_watch_block = None  # multipy._native.watch_block, likewise
 _c_read_call = None  # multipy._native.read_call, likewise
 _c_pack_call = None  # multipy._native.pack_call, likewise
 
@@ -460,9 +466,11 @@ class Decoder:
     ``outbound`` is the peer's arena segment (mapped here); ``own`` is this
     side's arena segment (for tensors handed back by reference); ``open_shared``
     maps an ident to a :class:`Segment`.  ``released`` (a deque) receives the
-    weak reference of a block of ``outbound`` once the last tensor over it dies
-    (read them with :meth:`released_offsets`); without it, ``received``
-    collects ``(offset, array)`` of the blocks decoded by the last call.
+    offset (or the weak reference) of a block of ``outbound`` once the last
+    tensor over it dies (read them with :meth:`released_offsets`); without it,
+    ``received`` collects ``(offset, array)`` of the blocks decoded by the last
+    call.  ``held`` (from :func:`~multipy.transport.shm.held_blocks`) counts the
+    views of blocks of ``own`` handed back (``on_return`` is then its ``add``).
     """
 
     def __init__(self, outbound: Segment | None, *, own: Segment | None = None,
@@ -470,7 +478,11 @@ class Decoder:
                  released: "collections.deque | None" = None,
                  resolve_handle: Callable[[int], Any] | None = None,
                  on_return: Callable[[int, Any], None] | None = None,
-                 own_cuda: bool = False) -> None:
+                 own_cuda: bool = False, held=None) -> None:
+        if held is not None and on_return is None:
+            on_return = held.add
+        # The extension's books, which a tensor's holder tells of its death itself.
+        self._held = held if type(held).__name__ == "HeldBlocks" else None
         self.outbound = outbound
         self.own_cuda = own_cuda
         self.links = None  # where CUDA link blocks ("c" descriptors) are read from
@@ -487,7 +499,10 @@ class Decoder:
         self._died = None if released is None else released.append
 
     def _watch(self, array, offset: int) -> None:
-        """Put ``array``'s reference in ``released`` once it (and every tensor over it) dies."""
+        """Put ``array``'s reference (or a TensorBlock's offset) in ``released`` once
+        it (and every tensor over it) dies."""
+        if _tensor_value is not None and _watch_block(array, offset, self._died):
+            return  # the extension's holder reports its own death
         ref = self._watched[offset] = BlockRef(array, self._died)
         ref.offset = offset
 
@@ -520,6 +535,12 @@ class Decoder:
         arguments cannot be rebuilt)."""
         self.received = []
         first = data[0] if data else _PICKLE
+        if first == FAST_VALUE and _tensor_value is not None and self._died is not None:
+            # A result that is one tensor, the common reply: read by the extension,
+            # whose holder tells released or held of its death itself.
+            tensor = _tensor_value(data, self.outbound, self.own, self._died, self._held)
+            if tensor is not None:
+                return tensor
         if first == FAST_VALUE and _tensor_read is not None:
             # A result that is one tensor, the common reply: read by the extension,
             # its books kept here (_read_item and _book, inlined).

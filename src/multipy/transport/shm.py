@@ -293,3 +293,83 @@ class BlockViews:
                 if not refs:
                     del self.viewed[offset]
                     self._on_last(offset)
+
+
+class HeldBlocksPy:
+    """The host's books of its own argument blocks that result tensors view (an
+    argument handed back in place): a block is free again once no tensor views
+    it, its call has ended (:meth:`release`) and the interpreter does not keep
+    it (``pins``, the set of blocks it keeps after their call).
+
+    The Python twin of ``multipy._native.HeldBlocks`` (see :func:`held_blocks`),
+    on :class:`BlockViews`; ``lock`` (reentrant) guards the counts and ``pins``.
+
+    >>> arena = Arena(Segment.create(1 << 16))
+    >>> block = arena.alloc(64)
+    >>> held = HeldBlocksPy(arena, set(), threading.RLock())
+    >>> held.release([block]); block in arena._used      # not viewed: freed
+    False
+    """
+
+    def __init__(self, arena: Arena, pins: set, lock) -> None:
+        self._arena, self._pins, self._lock = arena, pins, lock
+        self._views = BlockViews(self._last, lock)
+        self.add = self._views.add
+        self.settle = self._views.settle
+
+    def _last(self, offset: int) -> None:
+        if offset not in self._pins:
+            self._arena.free(offset)
+
+    def __contains__(self, offset: int) -> bool:
+        return offset in self._views
+
+    @property
+    def pending(self):
+        """Deaths not applied yet (:meth:`settle` applies them)."""
+        return self._views.pending
+
+    @property
+    def viewed(self) -> dict:
+        """offset -> live views of the block."""
+        self._views.settle()
+        return {offset: len(refs) for offset, refs in self._views.viewed.items()}
+
+    def release(self, placed, pinned=(), unpinned=()) -> None:
+        """A call ended: the blocks in ``unpinned`` leave the pins (freed unless
+        viewed), those in ``pinned`` join them, and the call's ``placed`` blocks
+        are freed unless viewed or pinned."""
+        with self._lock:
+            views, pins, arena = self._views, self._pins, self._arena
+            views.settle()
+            viewed = views.viewed
+            for offset in unpinned:
+                pins.discard(offset)
+                if offset not in viewed:
+                    arena.free(offset)
+            pins.update(pinned)
+            for offset in placed:
+                if offset not in viewed and offset not in pins:
+                    arena.free(offset)
+
+
+def held_blocks(arena: Arena, pins: set, lock) -> "HeldBlocksPy":
+    """The books of ``arena``'s blocks that host result tensors view: the
+    extension's ``HeldBlocks`` where it is loaded (a result tensor's holder
+    reports its own death to it, which frees a block of up to 64 KiB at once,
+    without a lock or a Python frame), else :class:`HeldBlocksPy` (``lock``
+    used).  Both have ``add(offset, holder)``, ``offset in held``,
+    ``pending``/``settle()`` (larger blocks whose last view died) and
+    ``release(placed, pinned, unpinned)``.
+
+    >>> arena = Arena(Segment.create(1 << 16))
+    >>> held = held_blocks(arena, set(), threading.RLock())
+    >>> block = arena.alloc(64)
+    >>> held.release([block], (), ()); block in arena._used
+    False
+    """
+    from .channel import _native_module
+
+    if _native_module is not None:
+        return _native_module.held_blocks(arena, pins)
+    return HeldBlocksPy(arena, pins, lock)

@@ -1,0 +1,178 @@
+"""The books of the arena blocks that the host's result tensors view.
+
+A result tensor of the process backend views an arena block: a block of the
+interpreter's results arena (reported free with the next request once the
+tensor died) or, for an argument handed back in place, a block of the host's
+own arguments arena (free again once no tensor views it, its call has ended and
+the interpreter does not keep it).  With the extension, a tensor's holder tells
+the books of its own death (``multipy._native.HeldBlocks``, and the decoder's
+``released``); ``shm.HeldBlocksPy`` is the pure-Python twin.  Both are checked
+on their own here, then through a manager: a result kept past many calls keeps
+its data, dropped results leave no block in use.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+
+import numpy
+import pytest
+import torch
+
+from multipy.transport import shm
+from multipy.transport.shm import Arena, HeldBlocksPy, Segment
+
+try:
+    from multipy import _native
+except ImportError:
+    _native = None
+
+_SOURCE = '''
+def same(x):
+    return x
+
+def twice(x):
+    return x * 2
+
+def pair(x):
+    return x, x * 2
+'''
+
+
+@pytest.fixture(params=["native", "python"])
+def books(request):
+    """``(arena, pins, held)``: an arguments arena and its books, either kind."""
+    arena = Arena(Segment.create(1 << 20))
+    pins: set[int] = set()
+    if request.param == "python":
+        return arena, pins, HeldBlocksPy(arena, pins, threading.RLock())
+    if _native is None:
+        pytest.skip("multipy._native is not built here (no C compiler at install time)")
+    return arena, pins, _native.held_blocks(arena, pins)
+
+
+def _settled(held):
+    held.settle()  # what the next request does
+    return held
+
+
+def test_a_viewed_block_is_freed_when_its_call_ended_and_its_last_view_died(books):
+    arena, _, held = books
+    block = arena.alloc(64)
+    first, second = numpy.zeros(8), numpy.zeros(8)  # what result tensors keep alive
+    held.add(block, first)
+    held.add(block, second)
+    held.release([block])  # the call ended: still viewed
+    assert block in held and block in arena._used
+    del first
+    gc.collect()
+    assert block in _settled(held) and block in arena._used
+    del second
+    gc.collect()
+    assert block not in _settled(held)
+    assert block not in arena._used
+    assert arena.alloc(64) == block  # reused
+
+
+def test_a_block_the_interpreter_keeps_is_freed_once_unpinned(books):
+    arena, pins, held = books
+    block = arena.alloc(64)
+    held.release([block], [block])  # the interpreter keeps the argument
+    assert block in pins and block in arena._used
+    holder = numpy.zeros(8)
+    held.add(block, holder)  # a later result views it too
+    held.release((), (), [block])  # the interpreter let it go: still viewed
+    assert block not in pins and block in arena._used
+    del holder
+    gc.collect()
+    _settled(held)
+    assert block not in arena._used
+
+
+def test_a_large_block_waits_for_settle(books):
+    arena, _, held = books
+    block = arena.alloc(shm.SMALL + 1)
+    holder = numpy.zeros(8)
+    held.add(block, holder)
+    held.release([block])
+    del holder
+    gc.collect()
+    assert block in arena._used  # a death never takes the arena's lock
+    assert held.pending
+    held.settle()
+    assert block not in arena._used and not held.pending
+
+
+@pytest.fixture(scope="module")
+def blocks(manager):
+    """``(same, twice, pair)``: replicated functions of a module in every interpreter."""
+    manager.register_module_source("_result_blocks", _SOURCE)
+    with manager.acquire_one() as s:
+        return tuple(s.create_movable(s.global_("_result_blocks", name))
+                     for name in ("same", "twice", "pair"))
+
+
+def _no_block_held(manager) -> None:
+    """The process backend's books are empty: no argument block in use or viewed."""
+    if manager.backend != "process":
+        return
+    for worker in manager._workers:
+        worker._held.settle()
+        assert worker._held.viewed == {}
+        assert worker._args._used == {}
+
+
+def test_a_result_kept_past_many_calls_keeps_its_data(manager, blocks):
+    same, twice, pair = blocks
+    x = torch.arange(16.0).reshape(1, 16)
+    kept_same, kept_twice = same(x.clone()), twice(x)
+    kept_pair = pair(x + 1)
+    for i in range(500):
+        y = torch.full((1, 16), float(i))
+        assert torch.equal(same(y), y)
+        assert torch.equal(twice(y), y * 2)
+    gc.collect()
+    assert torch.equal(kept_same, x)
+    assert torch.equal(kept_twice, x * 2)
+    assert torch.equal(kept_pair[0], x + 1) and torch.equal(kept_pair[1], (x + 1) * 2)
+
+
+def test_dropped_results_leave_no_block_in_use(manager, blocks):
+    same, twice, pair = blocks
+    x = torch.randn(1, 16)
+    addresses = set()
+    for _ in range(2000):
+        t = twice(x)
+        addresses.add(t.data_ptr())  # a block of the interpreter's results arena
+        del t
+        same(x)
+        pair(x)
+    if manager.backend == "process":
+        # Each dead result's block was reported and used again: a handful of blocks,
+        # not one per call (the arena would grow without the reports).
+        assert len(addresses) <= 8
+    big = torch.randn(300, 300)  # a block larger than 64 KiB, handed back in place
+    for _ in range(20):
+        assert same(big).shape == (300, 300)
+    same(x)
+    _no_block_held(manager)
+
+
+def test_results_dropped_on_other_threads_are_freed(manager, blocks):
+    same, twice, pair = blocks
+    x = torch.randn(1, 16)
+    results = [r for _ in range(200) for r in (same(x), twice(x), *pair(x))]
+    done = threading.Event()
+
+    def drop():
+        results.clear()
+        done.set()
+
+    threading.Thread(target=drop).start()
+    assert done.wait(60)
+    gc.collect()
+    same(x)
+    _no_block_held(manager)
+    assert torch.equal(twice(x), x * 2)
+
