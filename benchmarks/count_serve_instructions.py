@@ -15,12 +15,23 @@ interpreter.  ``--layer infer`` counts
 
 Instruction counts do not depend on machine load; wall time under callgrind means
 nothing.  They leave out the kernel, and the wait for the interpreter.
+
+``--waits SECONDS`` runs without callgrind instead, for that long, and prints how
+often an interpreter found its request queue empty after a call (and waited for
+the server: spin, then sleep) and how often that wait went to sleep, per request;
+those counts depend little on machine load (the channel's counters,
+``MULTIPY_CHANNEL_COUNTS=1``), CPU per request and requests/s do::
+
+    MULTIPY_CHANNEL_COUNTS=1 python benchmarks/count_serve_instructions.py \
+        --model smallops --concurrency 64 --waits 3
 """
 import argparse
 import asyncio
 import os
 import re
 import subprocess
+import sys
+import time
 
 import torch
 
@@ -47,8 +58,11 @@ def main() -> None:
     parser.add_argument("--layer", choices=("app", "infer"), default="app")
     parser.add_argument("--concurrency", type=int, default=1,
                         help="requests in flight at once (64: most wait in line for an interpreter)")
+    parser.add_argument("--model", default="identity", help="an example model (identity, smallops)")
+    parser.add_argument("--waits", type=float, default=None, metavar="SECONDS",
+                        help="count interpreter waits per request for SECONDS (no callgrind)")
     args = parser.parse_args()
-    archive = example_archive("identity")
+    archive = example_archive(args.model)
     example = torch.package.PackageImporter(str(archive)).load_pickle("model", "example.pkl")
     body = encode_request([(f"INPUT__{i}", x) for i, x in enumerate(example)])[0]
     decoded = decode_request(body)
@@ -90,6 +104,10 @@ def main() -> None:
 
             await asyncio.gather(*(client() for _ in range(args.concurrency)))
 
+        if args.waits is not None:
+            _waits(registry, model, one, args)
+            return
+
         async def run() -> None:
             await many(100)  # warm up: the model loaded, every path taken once
             _callgrind(True)
@@ -105,6 +123,54 @@ def main() -> None:
         else:
             uvloop.run(run())
     print(f"{counts[0] / args.n:,.0f} instructions per request (host)")
+
+
+def _waits(registry, model, one, args) -> None:
+    """Interpreter waits and sleeps per request, CPU per request, requests/s."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from count_switches import interpreter_counters
+
+    from multipy.bench.dispatch import _cpu_seconds
+
+    workers = registry.manager._workers
+    if os.environ.get("MULTIPY_CHANNEL_COUNTS") != "1":
+        raise SystemExit("--waits reads the channel's counters: set MULTIPY_CHANNEL_COUNTS=1")
+
+    async def run(until: float) -> int:
+        done = 0
+
+        async def client() -> None:
+            nonlocal done
+            while time.perf_counter() < until:
+                await one()
+                done += 1
+
+        await asyncio.gather(*(client() for _ in range(args.concurrency)))
+        return done
+
+    def counters() -> dict:
+        out = [interpreter_counters(w) for w in workers]
+        return {k: sum(c[k] for c in out) for k in out[0]}
+
+    def loop(coro):
+        try:
+            import uvloop
+        except ImportError:
+            return asyncio.run(coro)
+        return uvloop.run(coro)
+
+    loop(run(time.perf_counter() + 0.5))  # warm up
+    k0 = counters()
+    h0, i0, t0 = time.process_time(), sum(_cpu_seconds(w.pid) for w in workers), time.perf_counter()
+    n = max(1, loop(run(t0 + args.waits)))
+    elapsed = time.perf_counter() - t0
+    h1, i1 = time.process_time(), sum(_cpu_seconds(w.pid) for w in workers)
+    k1 = counters()
+    print(f"{args.model}, {args.concurrency} in flight, {model.slots} slots: interpreter waits "
+          f"{(k1['waits'] - k0['waits']) / n:.2f}, sleeps {(k1['sleeps'] - k0['sleeps']) / n:.2f} "
+          f"per request | host {(h1 - h0) / n * 1e6:.0f} µs CPU, interpreters "
+          f"{(i1 - i0) / n * 1e6:.0f} µs CPU per request | {n / elapsed:,.0f} requests/s "
+          f"(load {open('/proc/loadavg').read().split()[0]})")
 
 
 if __name__ == "__main__":

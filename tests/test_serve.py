@@ -185,44 +185,68 @@ def test_a_request_past_its_deadline_answers_504(client):
     assert "deadline passed before the model's answer" in response.json()["error"]
 
 
+def _fill(pool, client, model, seconds: float) -> list:
+    """Take every slot of ``model`` with a request sleeping ``seconds``."""
+    running = [pool.submit(_sleep, client, seconds) for _ in range(model.slots)]
+    _when(lambda: model.running == model.slots, "every slot to be taken")
+    return running
+
+
 def test_a_queued_request_past_its_deadline_is_dropped_without_running(narrow, manager):
     sleepy = _model(narrow, "sleepy")
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        first = pool.submit(_sleep, narrow, 1.5)
-        _when(lambda: sleepy.running == 1, "the first request to run")
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        first = _fill(pool, narrow, sleepy, 1.5)
         calls = manager.statistics().calls
         second = _sleep(narrow, 0.0, timeout=0.2)
         assert second.status_code == 504
         assert "it was not run" in second.json()["error"]
-        assert first.result().status_code == 200
-    assert manager.statistics().calls == calls + 1  # only the first ran
+        assert all(f.result().status_code == 200 for f in first)
+    assert manager.statistics().calls == calls + len(first)  # only the first ones ran
+
+
+def test_a_request_queued_in_an_interpreter_past_its_deadline_is_dropped_there(client, manager):
+    """Both interpreters run a request; the next waits in one's own queue (not in
+    the server's line) and is skipped there unrun when its deadline passes."""
+    sleepy = _model(client, "sleepy")
+    if sleepy.slots <= INTERPRETERS:
+        pytest.skip("the interpreters queue no calls here (MULTIPY_PIPELINE_DEPTH=1, or pipes)")
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        first = [pool.submit(_sleep, client, 1.0) for _ in range(INTERPRETERS)]
+        _when(lambda: sleepy.running == INTERPRETERS, "a request on each interpreter")
+        queued = _sleep(client, 600.0, timeout=0.2)  # had it run, an interpreter would stay busy
+        assert sleepy.waiting == 0  # it never waited in the server's line
+        assert queued.status_code == 504
+        assert "deadline passed" in queued.json()["error"]
+        assert all(f.result().status_code == 200 for f in first)
+    _when(lambda: sum(i.in_flight for i in manager.statistics().interpreters) == 0,
+          "both interpreters to be free: the queued request was skipped, not run")
+    assert not sleepy.busy() and sleepy.running == 0
 
 
 def test_a_request_that_left_the_line_gives_its_turn_to_the_next(narrow):
     sleepy = _model(narrow, "sleepy")
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        first = pool.submit(_sleep, narrow, 1.0)
-        _when(lambda: sleepy.running == 1, "the first request to run")
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        first = _fill(pool, narrow, sleepy, 1.0)
         assert _sleep(narrow, 0.0, timeout=0.2).status_code == 504  # left the line unrun
         queued = pool.submit(_sleep, narrow, 0.0)
         _when(lambda: sleepy.waiting == 1, "the next request to wait")
-        assert first.result().status_code == 200
+        assert all(f.result().status_code == 200 for f in first)
         assert queued.result().status_code == 200  # the slot went to it, not to the one that left
     assert not sleepy.busy() and sleepy.running == 0  # every slot came back
 
 
 def test_a_full_queue_answers_429_with_retry_after(narrow):
     sleepy = _model(narrow, "sleepy")
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        running = pool.submit(_sleep, narrow, 1.5)
-        _when(lambda: sleepy.running == 1, "a request to run")
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        running = _fill(pool, narrow, sleepy, 1.5)
         queued = pool.submit(_sleep, narrow, 0.0)
         _when(lambda: sleepy.waiting == 1, "a request to wait")
         refused = _sleep(narrow, 0.0)
         assert refused.status_code == 429
         assert refused.headers["retry-after"] == "3"
         assert "--max-queue" in refused.json()["error"]
-        assert running.result().status_code == 200 and queued.result().status_code == 200
+        assert all(f.result().status_code == 200 for f in running)
+        assert queued.result().status_code == 200
 
 
 # ------------------------------------------------------------------------------ metrics

@@ -147,7 +147,9 @@ def test_a_client_that_gives_up_has_its_queued_request_dropped(server):
                             content=_sleep_request(3.0), timeout=60) for _ in range(2)]
         _wait(lambda: server.metrics().get(("multipy_requests_running", (("model", "sleepy"),)))
               == 2, "both interpreters to be busy")
-        with pytest.raises(httpx.ReadTimeout):  # waits in line, then its client leaves
+        # It waits (in the server's line, or in an interpreter's queue behind a
+        # running call), then its client leaves.
+        with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{server.url}/v2/models/sleepy/infer", content=_sleep_request(0.0),
                        timeout=0.5)
         _wait(lambda: gone() == gone_before + 1, "the server to see the client leave")
@@ -169,8 +171,9 @@ def test_kill_9_of_an_interpreter_fails_only_its_requests_at_once(server):
 
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         running = [pool.submit(call, i) for i in range(6)]
-        _wait(lambda: server.metrics().get(("multipy_requests_running", (("model", "sleepy"),)))
-              == 2, "a request on each interpreter")
+        # The first two start one on each interpreter; more may wait in their queues.
+        _wait(lambda: server.metrics().get(("multipy_requests_running", (("model", "sleepy"),)),
+                                           0) >= 2, "a request on each interpreter")
         os.kill(pids[0], signal.SIGKILL)
         results = [f.result() for f in running]
     failed = [r for r in results if r[0] != 200]
