@@ -55,6 +55,16 @@ def test_a_tensor_survives_request_and_response(datatype, shape, seed, binary):
     assert out.dtype == value.dtype and torch.equal(out, value)
 
 
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_a_result_that_views_another_tensor_is_answered_in_row_major_order(binary):
+    base = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    request = decode_request(*encode_request([("x", base)], binary_output=binary))
+    for value in (base.t(), base[:, ::2], torch._neg_view(base), base.to(torch.int16).t()):
+        encoded = encode_response("m", value, request=request)
+        out = decode_response(encoded.body, encoded.header_length)["OUTPUT__0"]
+        assert out.dtype == value.dtype and torch.equal(out, value.resolve_neg())
+
+
 @settings(max_examples=50, deadline=None)
 @given(items=st.lists(st.binary(max_size=20), min_size=1, max_size=5), binary=st.booleans())
 def test_bytes_survive_binary_and_json_survives_text(items, binary):
