@@ -20,6 +20,8 @@ import numpy
 import pytest
 import torch
 
+import multipy
+
 from multipy.transport import shm
 from multipy.transport.shm import Arena, HeldBlocksPy, Segment
 
@@ -37,6 +39,30 @@ def twice(x):
 
 def pair(x):
     return x, x * 2
+
+def corrupt(kind, x):
+    """Hand x back in a reply corrupted the way ``kind`` says (once)."""
+    import multipy.backends._process_main as serving
+
+    original = serving.encode_reply
+
+    def bad(call, value, *rest):
+        serving.encode_reply = original
+        data = bytearray(original(call, value, *rest))
+        if kind == "call":
+            data[0] ^= 0xFF          # answers another call
+        elif kind == "flags":
+            data[9] |= 0x80          # a flag nobody knows
+        elif kind == "counts":
+            data[10:12] = bytes((255, 255))  # more pinned blocks than the reply holds
+        elif kind == "dtype":
+            data[16 + 3] = 200       # the tensor item's dtype code (value at 16: tag, item)
+        elif kind == "length":
+            del data[-3:]            # the tensor item cut short
+        return bytes(data)
+
+    serving.encode_reply = bad
+    return x
 '''
 
 
@@ -110,7 +136,7 @@ def blocks(manager):
     manager.register_module_source("_result_blocks", _SOURCE)
     with manager.acquire_one() as s:
         return tuple(s.create_movable(s.global_("_result_blocks", name))
-                     for name in ("same", "twice", "pair"))
+                     for name in ("same", "twice", "pair", "corrupt"))
 
 
 def _no_block_held(manager) -> None:
@@ -124,7 +150,7 @@ def _no_block_held(manager) -> None:
 
 
 def test_a_result_kept_past_many_calls_keeps_its_data(manager, blocks):
-    same, twice, pair = blocks
+    same, twice, pair, _ = blocks
     x = torch.arange(16.0).reshape(1, 16)
     kept_same, kept_twice = same(x.clone()), twice(x)
     kept_pair = pair(x + 1)
@@ -139,7 +165,7 @@ def test_a_result_kept_past_many_calls_keeps_its_data(manager, blocks):
 
 
 def test_dropped_results_leave_no_block_in_use(manager, blocks):
-    same, twice, pair = blocks
+    same, twice, pair, _ = blocks
     x = torch.randn(1, 16)
     addresses = set()
     for _ in range(2000):
@@ -160,7 +186,7 @@ def test_dropped_results_leave_no_block_in_use(manager, blocks):
 
 
 def test_results_dropped_on_other_threads_are_freed(manager, blocks):
-    same, twice, pair = blocks
+    same, twice, pair, _ = blocks
     x = torch.randn(1, 16)
     results = [r for _ in range(200) for r in (same(x), twice(x), *pair(x))]
     done = threading.Event()
@@ -176,3 +202,18 @@ def test_results_dropped_on_other_threads_are_freed(manager, blocks):
     _no_block_held(manager)
     assert torch.equal(twice(x), x * 2)
 
+
+
+@pytest.mark.parametrize("kind", ["call", "flags", "counts", "dtype", "length"])
+def test_a_corrupt_reply_is_a_transport_error_and_leaves_the_manager_usable(manager, blocks, kind):
+    if manager.backend != "process":
+        pytest.skip("only the process backend reads replies from bytes")
+    same, twice, _, corrupt = blocks
+    x = torch.arange(16.0).reshape(1, 16)
+    with pytest.raises(multipy.TransportError):
+        corrupt(kind, x)
+    for _ in range(3):  # its interpreter restarted (or still in step): calls go on
+        assert torch.equal(same(x), x) and torch.equal(twice(x), x * 2)
+    gc.collect()
+    same(x)
+    _no_block_held(manager)

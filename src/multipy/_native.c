@@ -425,35 +425,22 @@ PyDoc_STRVAR(post_doc,
 "just past the record (> 0: the consumer took it once ``taken`` reaches it), or 0\n"
 "when the ring has no room for it now.");
 
-static PyObject *Channel_post(ChannelObject *self, PyObject *args) {
-    Py_buffer data;
-    unsigned int tag;
-    if (!PyArg_ParseTuple(args, "y*I:post", &data, &tag))
-        return NULL;
-    if (check_attached(self) < 0) {
-        PyBuffer_Release(&data);
-        return NULL;
-    }
+/* Post the record `head` (hlen bytes) + `data` (len bytes) with `tag`: the ring
+ * position past it, or 0 when the ring has no room now (the caller checked that
+ * it fits the ring at all: hlen + len + RECORD_HEAD <= ring_bytes / 2). */
+static uint64_t ring_post(ChannelObject *self, const void *head_bytes, size_t hlen,
+                          const void *data, size_t len, uint32_t tag) {
     header_t *h = self->h;
     uint64_t cap = h->ring_bytes;
-    if ((uint64_t)data.len + RECORD_HEAD > cap / 2) {
-        PyBuffer_Release(&data);
-        PyErr_Format(PyExc_ValueError, "a message of %zd bytes does not fit this ring "
-                     "(at most %llu): spill it", data.len,
-                     (unsigned long long)(cap / 2 - RECORD_HEAD));
-        return NULL;
-    }
-    uint32_t rec = RECORD_HEAD + round16((uint32_t)data.len);
+    uint32_t rec = RECORD_HEAD + round16((uint32_t)(hlen + len));
     uint64_t t, pad;
     for (;;) {
         t = __atomic_load_n(&h->tail, __ATOMIC_ACQUIRE);
         uint64_t head = LOAD(&h->head);
         uint64_t pos = t & (cap - 1);
         pad = pos + rec > cap ? cap - pos : 0;
-        if (t + pad + rec - head > cap) {
-            PyBuffer_Release(&data);
-            return PyLong_FromLong(0);
-        }
+        if (t + pad + rec - head > cap)
+            return 0;
         if (__atomic_compare_exchange_n(&h->tail, &t, t + pad + rec, 0, __ATOMIC_ACQ_REL,
                                         __ATOMIC_ACQUIRE))
             break;
@@ -465,16 +452,39 @@ static PyObject *Channel_post(ChannelObject *self, PyObject *args) {
         t += pad;
     }
     record_t *r = (record_t *)(self->ring + (t & (cap - 1)));
-    r->len = (uint32_t)data.len;
+    r->len = (uint32_t)(hlen + len);
     r->tag = tag;
-    memcpy((char *)r + RECORD_HEAD, data.buf, data.len);
-    PyBuffer_Release(&data);
+    if (hlen)
+        memcpy((char *)r + RECORD_HEAD, head_bytes, hlen);
+    memcpy((char *)r + RECORD_HEAD + hlen, data, len);
     STORE(&r->state, (uint32_t)REC_DATA);
     count_inflight(self, 1);
     __atomic_add_fetch(&h->req_seq, 1u, __ATOMIC_SEQ_CST);
     if (SC_LOAD(&h->req_sleeping))
         futex_wake(&h->req_seq);
-    return PyLong_FromUnsignedLongLong(t + rec);
+    return t + rec;
+}
+
+static PyObject *Channel_post(ChannelObject *self, PyObject *args) {
+    Py_buffer data;
+    unsigned int tag;
+    if (!PyArg_ParseTuple(args, "y*I:post", &data, &tag))
+        return NULL;
+    if (check_attached(self) < 0) {
+        PyBuffer_Release(&data);
+        return NULL;
+    }
+    uint64_t cap = self->h->ring_bytes;
+    if ((uint64_t)data.len + RECORD_HEAD > cap / 2) {
+        PyBuffer_Release(&data);
+        PyErr_Format(PyExc_ValueError, "a message of %zd bytes does not fit this ring "
+                     "(at most %llu): spill it", data.len,
+                     (unsigned long long)(cap / 2 - RECORD_HEAD));
+        return NULL;
+    }
+    uint64_t end = ring_post(self, NULL, 0, data.buf, (size_t)data.len, tag);
+    PyBuffer_Release(&data);
+    return PyLong_FromUnsignedLongLong(end);
 }
 
 PyDoc_STRVAR(take_doc,
@@ -522,6 +532,24 @@ static PyObject *Channel_wait_request(ChannelObject *self, PyObject *args) {
 PyDoc_STRVAR(claim_doc,
 "claim() -> int | None\n\n"
 "Take a free reply slot (its index goes with the request), or None if all are taken.");
+
+/* A free reply slot, claimed; -1 when every slot is taken. */
+static long claim_slot(ChannelObject *self) {
+    uint32_t n = self->h->slots;
+    uint32_t start = LOAD(&self->h->slot_hint);
+    for (uint32_t k = 0; k < n; k++) {
+        uint32_t i = (start + k) % n;
+        uint32_t expected = SLOT_FREE;
+        slot_t *s = slot_at(self, i);
+        if (__atomic_compare_exchange_n(&s->state, &expected, (uint32_t)SLOT_WAITING, 0,
+                                        __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+            __atomic_store_n(&s->go, GO_UNARMED, __ATOMIC_RELAXED);
+            STORE(&self->h->slot_hint, (i + 1) % n);
+            return (long)i;
+        }
+    }
+    return -1;
+}
 
 static PyObject *Channel_claim(ChannelObject *self, PyObject *unused) {
     if (check_attached(self) < 0)
@@ -2428,6 +2456,461 @@ static PyObject *native_watch_block(PyObject *m, PyObject *const *args, Py_ssize
     return PyBool_FromLong(block_report(args[0], args[2], offset));
 }
 
+/* -- host: the end of a blocking call, in one C call -----------------------------
+ *
+ * A Caller is what the process backend's blocking caller needs to end its call on
+ * one generation's channel: the channel, the worker's books of the calls in
+ * flight (call id -> reply slot, ring position, argument blocks) and of the
+ * result blocks (the decoder's released.append, HeldBlocks), the two arenas'
+ * segments, and the HostEnd whose spin the wait adapts (as HostEnd.wait does).
+ * finish() waits for the reply (the GIL released once), and when it is the common
+ * one (in the slot, binary, answering this call, no output to pump, its value
+ * none or one tensor) settles it here: the slot given back, the call's books
+ * closed, the tensor made over its block, the argument blocks released.  Any
+ * other reply is left in its slot for the Python path, which also handles a
+ * timeout, a dead interpreter and a detached channel. */
+
+#define SPILLED_TAG (1u << 16)
+#define FAST_VALUE_TAG 0x01
+
+typedef struct {
+    PyObject_HEAD
+    ChannelObject *channel;
+    PyObject *slots, *ends, *owed; /* dicts: call id -> slot, ring position, placed blocks */
+    PyObject *held;                /* HeldBlocks of the arguments arena */
+    PyObject *outbound, *own;      /* Segments: the results arena's, the arguments arena's */
+    PyObject *released;            /* released.append: a results block's death */
+    PyObject *end;                 /* the HostEnd: its spin and backoff (spin, _skip, _backoff) */
+    PyObject *worker;              /* the ProcessWorker: its _next_call */
+    PyObject *callers;             /* dict: call id -> thread of its blocking caller */
+    PyObject *arena;               /* shm.Arena of the arguments */
+    Py_ssize_t limit;              /* the largest request the ring takes (HostEnd.limit) */
+    int cores, fd;
+} CallerObject;
+
+static PyObject *s_next_call;
+
+static PyObject *s_spin, *s_skip, *s_backoff;
+
+static long long_attr(PyObject *obj, PyObject *name) {
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL)
+        return -1;
+    long n = PyLong_AsLong(v);
+    Py_DECREF(v);
+    return n;
+}
+
+static int set_long_attr(PyObject *obj, PyObject *name, long n) {
+    PyObject *v = PyLong_FromLong(n);
+    int rc = v == NULL ? -1 : PyObject_SetAttr(obj, name, v);
+    Py_XDECREF(v);
+    return rc;
+}
+
+static PyObject *caller_type;
+static destructor channel_dealloc; /* how a Channel is recognised */
+
+/* The blocks of a reply header (u64 little-endian) as offsets: pinned ones join
+ * held's pins, unpinned ones leave them (freed unless viewed), then the call's
+ * placed blocks are freed unless viewed or pinned (HeldBlocks.release). */
+static int held_end_call(HeldObject *h, PyObject *placed, const unsigned char *pinned, int npinned,
+                         const unsigned char *unpinned, int nunpinned) {
+    for (int i = 0; i < nunpinned; i++) {
+        uint64_t v;
+        memcpy(&v, unpinned + 8 * i, 8);
+        PyObject *key = PyLong_FromUnsignedLongLong(v);
+        int rc = key == NULL ? -1 : PySet_Discard(h->pins, key);
+        if (rc >= 0)
+            rc = held_free_unviewed(h, key);
+        Py_XDECREF(key);
+        if (rc < 0)
+            return -1;
+    }
+    for (int i = 0; i < npinned; i++) {
+        uint64_t v;
+        memcpy(&v, pinned + 8 * i, 8);
+        PyObject *key = PyLong_FromUnsignedLongLong(v);
+        int rc = key == NULL ? -1 : PySet_Add(h->pins, key);
+        Py_XDECREF(key);
+        if (rc < 0)
+            return -1;
+    }
+    if (held_settle(h) < 0)
+        return -1;
+    if (placed != NULL && PyList_Check(placed)) {
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(placed); i++)
+            if (held_free_unviewed(h, PyList_GET_ITEM(placed, i)) < 0)
+                return -1;
+    }
+    return 0;
+}
+
+/* finish(call, slot, timeout) -> (value, None) | int
+ *
+ * (value, None): the common reply, settled.  An int: what the wait said
+ * (transport.channel.Wait) when the reply is not settled here: READY or SLEPT (it
+ * is in the slot, for the Python path), TIMEOUT, DEAD or CLOSED.  ValueError when
+ * the channel is detached. */
+static PyObject *Caller_finish(CallerObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "finish(call, slot, timeout) takes 3 arguments");
+        return NULL;
+    }
+    ChannelObject *c = self->channel;
+    unsigned long long call = PyLong_AsUnsignedLongLong(args[0]);
+    unsigned long slot = PyLong_AsUnsignedLong(args[1]);
+    double timeout = PyFloat_AsDouble(args[2]);
+    if (PyErr_Occurred() || check_attached(c) < 0 || check_slot(c, (unsigned int)slot) < 0)
+        return NULL;
+    slot_t *s = slot_at(c, (unsigned int)slot);
+    /* HostEnd.wait's adaptive spin, on the HostEnd's own state */
+    PyObject *spin_obj = PyObject_GetAttr(self->end, s_spin);
+    double spin = spin_obj == NULL ? -1.0 : PyFloat_AsDouble(spin_obj);
+    Py_XDECREF(spin_obj);
+    long skip = spin > 0 ? long_attr(self->end, s_skip) : 0;
+    if (PyErr_Occurred())
+        return NULL;
+    if (spin > 0 && skip > 0) {
+        if (set_long_attr(self->end, s_skip, skip - 1) < 0)
+            return NULL;
+        spin = 0.0;
+    }
+    PyObject *waited = blocking_wait(c, reply_ready, s, &s->state, &s->sleeping, timeout, spin,
+                                     self->cores, self->fd);
+    if (waited == NULL)
+        return NULL;
+    long rc = PyLong_AsLong(waited);
+    if (rc == SLEPT && spin > 0) {
+        long backoff = long_attr(self->end, s_backoff);
+        backoff = backoff < 1 ? 2 : backoff * 2 > 64 ? 64 : backoff * 2;
+        if (set_long_attr(self->end, s_backoff, backoff) < 0 ||
+            set_long_attr(self->end, s_skip, backoff) < 0) {
+            Py_DECREF(waited);
+            return NULL;
+        }
+    } else if (rc == READY) {
+        if (set_long_attr(self->end, s_backoff, 1) < 0) {
+            Py_DECREF(waited);
+            return NULL;
+        }
+    }
+    if ((rc != READY && rc != SLEPT) || check_attached(c) < 0) {
+        PyErr_Clear(); /* detached meanwhile: the Python path says so */
+        return waited;
+    }
+    /* The reply is in the slot: is it the common one? */
+    if (LOAD(&s->state) != SLOT_REPLIED || (s->tag & SPILLED_TAG))
+        return waited;
+    uint32_t len = s->len;
+    if (len > c->h->slot_bytes)
+        return waited;
+    const unsigned char *p = (const unsigned char *)s + SLOT_HEAD;
+    if (len < REPLY_HEAD || p[8] != REPLY_TAG || (p[9] & ~REPLY_VALUE))
+        return waited; /* not binary, or output to pump, or malformed: Python's */
+    uint64_t id;
+    uint16_t n[3];
+    memcpy(&id, p, 8);
+    memcpy(n, p + 10, 6);
+    Py_ssize_t pos = REPLY_HEAD + 8 * ((Py_ssize_t)n[0] + n[1] + n[2]);
+    int has_value = (p[9] & REPLY_VALUE) != 0;
+    if (id != call || pos > (Py_ssize_t)len || (has_value ? pos >= (Py_ssize_t)len : pos != (Py_ssize_t)len))
+        return waited;
+    PyObject *key = PyLong_FromUnsignedLongLong(call);
+    if (key == NULL)
+        goto error;
+    int owed = PyDict_Contains(self->owed, key);
+    if (owed <= 0) {
+        Py_DECREF(key);
+        if (owed < 0)
+            goto error;
+        return waited;
+    }
+    read_t r = {NULL, NULL, 0, 0, 0};
+    if (has_value) {
+        if (p[pos] != FAST_VALUE_TAG) {
+            Py_DECREF(key);
+            return waited;
+        }
+        int got = tensor_at(p + pos, (Py_ssize_t)len - pos, 1, self->outbound, self->own, &r);
+        if (got <= 0 || r.end != (Py_ssize_t)len - pos) {
+            if (got > 0) {
+                Py_DECREF(r.tensor);
+                Py_DECREF(r.holder);
+            }
+            Py_DECREF(key);
+            if (got < 0)
+                goto error;
+            return waited; /* a scalar, several items...: the decoder's */
+        }
+    }
+    Py_DECREF(waited);
+    /* Ours: settle it.  From here nothing runs Python code (a signal handler
+     * included), so the call's books close together with the slot. */
+    STORE(&s->state, (uint32_t)SLOT_FREE); /* take_reply and release, in one */
+    count_inflight(c, -1);
+    PyObject *placed = PyDict_GetItemWithError(self->owed, key);
+    Py_XINCREF(placed);
+    int failed = placed == NULL || PyDict_DelItem(self->owed, key) < 0;
+    if (!failed && PyDict_DelItem(self->slots, key) < 0)
+        PyErr_Clear(); /* (not recorded: nothing to forget) */
+    if (!failed && PyDict_DelItem(self->ends, key) < 0)
+        PyErr_Clear();
+    Py_DECREF(key);
+    PyObject *value = Py_None;
+    if (!failed && r.tensor != NULL) {
+        value = r.tensor;
+        if (r.seg == SEG_OUTBOUND) {
+            if (self->released != Py_None)
+                block_report(r.holder, self->released, r.offset);
+        } else if (self->held != Py_None) {
+            PyObject *off = PyLong_FromUnsignedLongLong(r.offset);
+            failed = off == NULL || held_add((HeldObject *)self->held, off, r.holder) < 0;
+            Py_XDECREF(off);
+        }
+    }
+    Py_XDECREF(r.holder);
+    if (!failed && self->held != Py_None)
+        failed = held_end_call((HeldObject *)self->held, placed, p + REPLY_HEAD, n[0],
+                               p + REPLY_HEAD + 8 * n[0], n[1]) < 0;
+    Py_XDECREF(placed);
+    if (failed) {
+        Py_XDECREF(r.tensor);
+        return NULL;
+    }
+    PyObject *out = PyTuple_New(2);
+    if (out == NULL) {
+        Py_XDECREF(r.tensor);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(out, 0, value == Py_None ? Py_NewRef(Py_None) : value);
+    PyTuple_SET_ITEM(out, 1, Py_NewRef(Py_None));
+    return out;
+error:
+    Py_DECREF(waited);
+    return NULL;
+}
+
+
+/* Give back the blocks a send placed before it gave up. */
+static void give_back(CallerObject *self, PyObject *placed) {
+    SAVE_ERROR(saved);
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(placed); i++) {
+        PyObject *r = PyObject_CallMethodOneArg(self->arena, s_free, PyList_GET_ITEM(placed, i));
+        if (r == NULL)
+            PyErr_WriteUnraisable(self->arena);
+        Py_XDECREF(r);
+    }
+    RESTORE_ERROR(saved);
+}
+
+static int set_item_ull(PyObject *dict, PyObject *key, unsigned long long v) {
+    PyObject *o = PyLong_FromUnsignedLongLong(v);
+    int rc = o == NULL ? -1 : PyDict_SetItem(dict, key, o);
+    Py_XDECREF(o);
+    return rc;
+}
+
+/* send(op, args, freed, timeout) -> (call, placed, op, timeout) | None
+ *
+ * The common blocking call CALL_REPLICATED(*args) sent under the worker lock: the
+ * binary call written (pack_call), a reply slot claimed, the request posted with
+ * its call id (worker._next_call + 1), and the call's books kept (owed, callers,
+ * slots, ends, _next_call) in the same step, so that no signal handler can run
+ * between the post and the books.  None, with nothing sent or kept, for what the
+ * Python path sends (a request pack_call leaves to it, one too big for the ring,
+ * no free slot, no room in the ring, a detached channel). */
+static PyObject *Caller_send(CallerObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "send(op, args, freed, timeout) takes 4 arguments");
+        return NULL;
+    }
+    ChannelObject *c = self->channel;
+    if (!c->attached || c->detach_pending)
+        Py_RETURN_NONE;
+    PyObject *placed = PyList_New(0);
+    if (placed == NULL)
+        return NULL;
+    PyObject *pack_args[6] = {args[1], args[2], self->outbound, self->arena, Py_True, placed};
+    PyObject *data = native_pack_call(NULL, pack_args, 6);
+    PyObject *out = NULL, *key = NULL;
+    if (data == NULL || data == Py_None)
+        goto give_up;
+    Py_ssize_t len = PyBytes_GET_SIZE(data);
+    if (len + 8 > self->limit)
+        goto give_up;
+    PyObject *next = PyObject_GetAttr(self->worker, s_next_call);
+    if (next == NULL)
+        goto give_up;
+    unsigned long long call = PyLong_AsUnsignedLongLong(next) + 1;
+    Py_DECREF(next);
+    if (PyErr_Occurred() || (key = PyLong_FromUnsignedLongLong(call)) == NULL)
+        goto give_up;
+    long slot = claim_slot(c);
+    if (slot < 0)
+        goto give_up;
+    uint64_t id = call;
+    uint64_t end = ring_post(c, &id, 8, PyBytes_AS_STRING(data), (size_t)len, (uint32_t)slot);
+    if (end == 0) {
+        STORE(&slot_at(c, (uint32_t)slot)->state, (uint32_t)SLOT_FREE);
+        goto give_up;
+    }
+    /* Sent: the books, in this same step. */
+    Py_CLEAR(data);
+    if (PyDict_SetItem(self->owed, key, placed) < 0 ||
+        set_item_ull(self->callers, key, PyThread_get_thread_ident()) < 0 ||
+        set_item_ull(self->slots, key, (unsigned long long)slot) < 0 ||
+        set_item_ull(self->ends, key, end) < 0 ||
+        PyObject_SetAttr(self->worker, s_next_call, key) < 0)
+        goto done;
+    out = PyTuple_Pack(4, key, placed, args[0], args[3]);
+    goto done;
+give_up:
+    if (PyList_GET_SIZE(placed) > 0)
+        give_back(self, placed);
+    if (!PyErr_Occurred())
+        out = Py_NewRef(Py_None);
+done:
+    Py_XDECREF(data);
+    Py_XDECREF(key);
+    Py_DECREF(placed);
+    return out;
+}
+
+static int Caller_traverse(CallerObject *self, visitproc visit, void *arg) {
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->channel);
+    Py_VISIT(self->slots);
+    Py_VISIT(self->ends);
+    Py_VISIT(self->owed);
+    Py_VISIT(self->held);
+    Py_VISIT(self->outbound);
+    Py_VISIT(self->own);
+    Py_VISIT(self->released);
+    Py_VISIT(self->end);
+    Py_VISIT(self->worker);
+    Py_VISIT(self->callers);
+    Py_VISIT(self->arena);
+    return 0;
+}
+
+static int Caller_clear(CallerObject *self) {
+    Py_CLEAR(self->channel);
+    Py_CLEAR(self->slots);
+    Py_CLEAR(self->ends);
+    Py_CLEAR(self->owed);
+    Py_CLEAR(self->held);
+    Py_CLEAR(self->outbound);
+    Py_CLEAR(self->own);
+    Py_CLEAR(self->released);
+    Py_CLEAR(self->end);
+    Py_CLEAR(self->worker);
+    Py_CLEAR(self->callers);
+    Py_CLEAR(self->arena);
+    return 0;
+}
+
+static void Caller_dealloc(CallerObject *self) {
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    Caller_clear(self);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static PyMethodDef Caller_methods[] = {
+    {"send", (PyCFunction)(void (*)(void))Caller_send, METH_FASTCALL,
+     "send(op, args, freed, timeout, /) -> (call, placed, op, timeout) | None\n\n"
+     "Send the common call CALL_REPLICATED(*args) (the worker lock held) and keep its\n"
+     "books; None, with nothing sent, for what the Python path sends."},
+    {"finish", (PyCFunction)(void (*)(void))Caller_finish, METH_FASTCALL,
+     "finish(call, slot, timeout, /) -> (value, None) | int\n\n"
+     "Wait for the reply to call in slot (timeout in seconds, < 0: none; the GIL\n"
+     "released once) and settle it when it is the common one: (value, None).  Else\n"
+     "what the wait said (transport.channel.Wait), the reply, if any, left in its slot."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot Caller_slots[] = {
+    {Py_tp_doc, (void *)"The end of a blocking call on one channel, in C (see caller())."},
+    {Py_tp_dealloc, (void *)Caller_dealloc},
+    {Py_tp_traverse, (void *)Caller_traverse},
+    {Py_tp_clear, (void *)Caller_clear},
+    {Py_tp_methods, Caller_methods},
+    {0, NULL},
+};
+
+static PyType_Spec Caller_spec = {
+    .name = "multipy._native.Caller",
+    .basicsize = sizeof(CallerObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .slots = Caller_slots,
+};
+
+static PyObject *native_caller(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "caller(worker, channel, end) takes 3 arguments");
+        return NULL;
+    }
+    if (channel_dealloc == NULL || Py_TYPE(args[1])->tp_dealloc != channel_dealloc) {
+        PyErr_SetString(PyExc_TypeError, "caller(worker, channel, end): channel is a Channel");
+        return NULL;
+    }
+    if (caller_type == NULL) {
+        if ((s_spin = PyUnicode_InternFromString("spin")) == NULL ||
+            (s_skip = PyUnicode_InternFromString("_skip")) == NULL ||
+            (s_backoff = PyUnicode_InternFromString("_backoff")) == NULL ||
+            (s_next_call = PyUnicode_InternFromString("_next_call")) == NULL ||
+            (caller_type = PyType_FromModuleAndSpec(m, &Caller_spec, NULL)) == NULL)
+            return NULL;
+    }
+    CallerObject *self = (CallerObject *)PyType_GenericAlloc((PyTypeObject *)caller_type, 0);
+    if (self == NULL)
+        return NULL;
+    PyObject *worker = args[0], *end = args[2], *decoder = NULL, *v;
+    self->channel = (ChannelObject *)Py_NewRef(args[1]);
+    self->worker = Py_NewRef(worker);
+    self->end = Py_NewRef(end);
+    if ((self->slots = PyObject_GetAttrString(worker, "_slots")) == NULL ||
+        (self->ends = PyObject_GetAttrString(worker, "_ends")) == NULL ||
+        (self->owed = PyObject_GetAttrString(worker, "_owed")) == NULL ||
+        (self->callers = PyObject_GetAttrString(worker, "_callers")) == NULL ||
+        (self->held = PyObject_GetAttrString(worker, "_held")) == NULL ||
+        (self->outbound = PyObject_GetAttrString(worker, "_results")) == NULL ||
+        (self->arena = PyObject_GetAttrString(worker, "_args")) == NULL ||
+        (self->own = PyObject_GetAttrString(self->arena, "segment")) == NULL ||
+        (decoder = PyObject_GetAttrString(worker, "_decoder")) == NULL ||
+        (self->released = PyObject_GetAttrString(decoder, "_died")) == NULL)
+        goto error;
+    Py_CLEAR(decoder);
+    if (!PyDict_Check(self->slots) || !PyDict_Check(self->ends) || !PyDict_Check(self->owed) ||
+        !PyDict_Check(self->callers) ||
+        (self->held != Py_None && (held_type == NULL || Py_TYPE(self->held) != (PyTypeObject *)held_type))) {
+        PyErr_SetString(PyExc_TypeError, "caller(worker, ...): the worker's books are dicts and a "
+                                         "HeldBlocks");
+        goto error;
+    }
+    if ((v = PyObject_GetAttrString(end, "cores")) == NULL)
+        goto error;
+    self->cores = (int)PyLong_AsLong(v);
+    Py_DECREF(v);
+    if ((v = PyObject_GetAttrString(end, "alive_fd")) == NULL)
+        goto error;
+    self->fd = (int)PyLong_AsLong(v);
+    Py_DECREF(v);
+    if ((v = PyObject_GetAttrString(end, "limit")) == NULL)
+        goto error;
+    self->limit = PyLong_AsSsize_t(v);
+    Py_DECREF(v);
+    if (PyErr_Occurred())
+        goto error;
+    return (PyObject *)self;
+error:
+    Py_XDECREF(decoder);
+    Py_DECREF(self);
+    return NULL;
+}
+
 static PyMethodDef module_methods[] = {
     {"spinners", native_spinners, METH_NOARGS, "Host threads of this process spinning now."},
     {"in_flight", native_in_flight, METH_NOARGS,
@@ -2479,6 +2962,10 @@ static PyMethodDef module_methods[] = {
      "The tensor of a one-tensor binary value, whose block's death is reported\n"
      "by its holder itself: released(offset) for a block of outbound, to held\n"
      "(a HeldBlocks) for one of own.  None for a value the decoder reads."},
+    {"caller", (PyCFunction)(void (*)(void))native_caller, METH_FASTCALL,
+     "caller(worker, channel, end, /) -> Caller\n\n"
+     "The blocking calls of one generation of a process worker (its channel, its\n"
+     "HostEnd end, the books it keeps) sent and ended in C: Caller.send, Caller.finish."},
     {"watch_block", (PyCFunction)(void (*)(void))native_watch_block, METH_FASTCALL,
      "watch_block(holder, offset, book, /) -> bool\n\n"
      "Make a TensorBlock call book(offset) when it dies; False for another holder."},
@@ -2493,6 +2980,7 @@ static int native_exec(PyObject *m) {
     PyObject *type = PyType_FromModuleAndSpec(m, &Channel_spec, NULL);
     if (type == NULL)
         return -1;
+    channel_dealloc = (destructor)Channel_dealloc;
     if (PyModule_AddObject(m, "Channel", type) < 0) {
         Py_DECREF(type);
         return -1;

@@ -52,6 +52,7 @@ from .base import (PENDING, Backend, BackendKind, RequestNotSent, Worker, Worker
 from .completions import READY
 
 _pack_id = CALL_ID.pack
+_CALL_REPLICATED = Op.CALL_REPLICATED
 _ID_BYTES = CALL_ID.size
 _unpack_fast = unpack_fast_reply
 _call_of = operator.attrgetter("call")  # a Reply's call id
@@ -267,6 +268,10 @@ class ProcessWorker(Worker):
         self._left: set[int] = set()      # channel: owed calls whose caller left
         self._exit = None                 # (exitcode,) once the process is known dead
         self._lost = False                # marked dead (once per generation)
+        # The common blocking call sent and ended in C (see _send_call and _await_call),
+        # on this generation's channel and books.
+        self._caller = None if channel is None else _channel._native_module.caller(
+            self, channel, self._end)
         self._out = _Pump(out_r, "stdout", f"multipy-stdout-{self.index}")
         self._err = _Pump(err_r, "stderr", f"multipy-stderr-{self.index}")
         self._out.start()
@@ -349,6 +354,23 @@ class ProcessWorker(Worker):
         (:meth:`_await_call`) on the call channel.  On the pipes, and while CUDA link
         buffers are in use (the next call would reuse the buffers this one reads),
         the reply is awaited here, under the lock, and the ticket carries it."""
+        caller = self._caller
+        if caller is not None and op is _CALL_REPLICATED and not drop and handles is None:
+            links = self._links
+            if not (links._links or links._wanted):  # links.active, inlined
+                # The common call: sent by the extension, its books kept there too.
+                freed = self._decoder.released_offsets() if self._freed else ()
+                held = self._held
+                if held.pending:  # arguments whose last host view died: reuse their blocks
+                    held.settle()
+                try:
+                    ticket = caller.send(op, args, freed, timeout)
+                except BaseException:
+                    self._freed.extend(freed)  # nothing was sent: reported with the next one
+                    raise
+                if ticket is not None:
+                    return ticket
+                self._freed.extend(freed)  # the Python path below sends them
         call, placed = self._send(op, args, drop, timeout, handles)
         if self._end is None or self._links.active:
             return (None, self._finish(call, placed, op, timeout, False), op, timeout)
@@ -358,7 +380,29 @@ class ProcessWorker(Worker):
         call, placed, op, timeout = ticket
         if call is None:
             return placed
-        return self._finish(call, placed, op, timeout, False)
+        caller = self._caller
+        if caller is None or self._left:  # (callers who left: _channel_reply sweeps them)
+            return self._finish(call, placed, op, timeout, False)
+        # The extension waits and, for the common reply, settles it: (value, None).
+        # Anything else (an error, output to pump, a spilled or pickled reply, a
+        # timeout, a dead interpreter) is _finish's, told what the wait said.
+        try:
+            got = caller.finish(call, self._slots[call], -1.0 if timeout is None else timeout)
+        except ValueError:  # detached: this generation is over
+            got = _CLOSED
+        except BaseException:  # a signal handler raised while waiting: the call stays owed
+            if call in self._owed:
+                self._left.add(call)  # settled by a later reader (_sweep)
+            self._callers.pop(call, None)
+            if self._draining and not self._callers:
+                self._notify_drained()
+            raise
+        if type(got) is tuple:
+            self._callers.pop(call, None)
+            if self._draining and not self._callers:
+                self._notify_drained()
+            return got
+        return self._finish(call, placed, op, timeout, False, got)
 
     def _pipelines(self) -> bool:
         # Not while CUDA link buffers are in use: the next call would reuse the buffers
@@ -385,8 +429,9 @@ class ProcessWorker(Worker):
                 self._draining -= 1
         return True
 
-    def _finish(self, call: int, placed, op, timeout, starting: bool):
+    def _finish(self, call: int, placed, op, timeout, starting: bool, waited=None):
         """Wait for the reply to ``call`` and settle it: ``(value, RemoteException | None)``.
+        ``waited``: what a wait on the channel already said (no first wait then).
 
         Runs without the worker lock: other calls are sent meanwhile.  A caller who
         leaves before its reply (a signal handler raised, e.g. Ctrl-C) leaves the
@@ -394,7 +439,7 @@ class ProcessWorker(Worker):
         _sweep), so it never reaches another caller."""
         try:
             if self._end is not None:
-                return self._channel_reply(call, placed, op, timeout, starting)
+                return self._channel_reply(call, placed, op, timeout, starting, waited)
             return self._pipe_reply(call, placed, op, timeout, starting)
         except BaseException:
             if self._process is not None and self._links.active:
@@ -427,8 +472,9 @@ class ProcessWorker(Worker):
             finally:
                 self._rx.release()
 
-    def _channel_reply(self, call, placed, op, timeout, starting):
-        """:meth:`_finish` on the call channel: wait on this call's own reply slot."""
+    def _channel_reply(self, call, placed, op, timeout, starting, waited=None):
+        """:meth:`_finish` on the call channel: wait on this call's own reply slot
+        (``waited``: what a first wait said, see :meth:`_await_call`)."""
         end = self._end
         slot = self._slots[call]
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -436,10 +482,13 @@ class ProcessWorker(Worker):
         while True:
             # Whether to spin first is the extension's choice: only on a core that no
             # busy interpreter and no other host thread needs (see HostEnd.wait).
-            try:
-                rc = wait(slot, None if deadline is None else max(0.0, deadline - time.monotonic()))
-            except ValueError:  # detached: this generation is over
-                rc = _CLOSED
+            if waited is not None:
+                rc, waited = waited, None
+            else:
+                try:
+                    rc = wait(slot, None if deadline is None else max(0.0, deadline - time.monotonic()))
+                except ValueError:  # detached: this generation is over
+                    rc = _CLOSED
             with self._rx:
                 try:
                     reply = self._take_reply(call, slot)
