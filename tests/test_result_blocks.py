@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import multipy
-
+from _wait import wait_for
 from multipy.transport import shm
 from multipy.transport.shm import Arena, HeldBlocksPy, Segment
 
@@ -213,7 +213,9 @@ def test_a_corrupt_reply_is_a_transport_error_and_leaves_the_manager_usable(mana
     x = torch.arange(16.0).reshape(1, 16)
     with pytest.raises(multipy.TransportError):
         corrupt(kind, x)
-    for _ in range(3):  # its interpreter restarted (or still in step): calls go on
+    # Its interpreter is restarted (a corrupt header) or still in step (a corrupt value).
+    wait_for(lambda: all(w.available for w in manager._workers), "the interpreter to be back")
+    for _ in range(3):
         assert torch.equal(same(x), x) and torch.equal(twice(x), x * 2)
     gc.collect()
     same(x)
