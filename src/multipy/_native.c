@@ -2645,10 +2645,10 @@ static PyObject *Caller_finish(CallerObject *self, PyObject *const *args, Py_ssi
         }
     }
     Py_DECREF(waited);
-    /* Ours: settle it.  From here nothing runs Python code (a signal handler
-     * included), so the call's books close together with the slot. */
-    STORE(&s->state, (uint32_t)SLOT_FREE); /* take_reply and release, in one */
-    count_inflight(c, -1);
+    /* Ours: settle it.  No signal handler runs from here to the return, so the
+     * call's books close together with the slot.  The slot is given back last:
+     * its header is read until then (a collection run by an allocation here may
+     * let another thread claim a free slot and the interpreter answer in it). */
     PyObject *placed = PyDict_GetItemWithError(self->owed, key);
     Py_XINCREF(placed);
     int failed = placed == NULL || PyDict_DelItem(self->owed, key) < 0;
@@ -2674,6 +2674,8 @@ static PyObject *Caller_finish(CallerObject *self, PyObject *const *args, Py_ssi
         failed = held_end_call((HeldObject *)self->held, placed, p + REPLY_HEAD, n[0],
                                p + REPLY_HEAD + 8 * n[0], n[1]) < 0;
     Py_XDECREF(placed);
+    STORE(&s->state, (uint32_t)SLOT_FREE); /* take_reply and release, in one */
+    count_inflight(c, -1);
     if (failed) {
         Py_XDECREF(r.tensor);
         return NULL;
