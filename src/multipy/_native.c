@@ -2913,6 +2913,125 @@ error:
     return NULL;
 }
 
+/* -- host: the balancer's common turn -----------------------------------------
+ *
+ * runtime.balancer.LoadBalancer keeps its counts in a list under a lock.  Its
+ * common case, the next interpreter in turn is free, and a release, are one
+ * step each here: C runs under the GIL without giving it up in between, so the
+ * counts change together; when a Python method of the balancer holds its lock
+ * (a scan, a posted call's choice), these decline and the caller takes the
+ * Python method. */
+
+static PyObject *s_lock, *s_load, *s_limit, *s_start, *s_locked;
+
+static int balancer_busy(PyObject *balancer) {
+    PyObject *lock = PyObject_GetAttr(balancer, s_lock);
+    if (lock == NULL)
+        return -1;
+    PyObject *locked = PyObject_CallMethodNoArgs(lock, s_locked);
+    Py_DECREF(lock);
+    if (locked == NULL)
+        return -1;
+    int busy = PyObject_IsTrue(locked);
+    Py_DECREF(locked);
+    return busy;
+}
+
+static int balancer_strings(void) {
+    if (s_locked != NULL)
+        return 0;
+    return (s_lock = PyUnicode_InternFromString("_lock")) == NULL ||
+           (s_load = PyUnicode_InternFromString("_load")) == NULL ||
+           (s_limit = PyUnicode_InternFromString("_limit")) == NULL ||
+           (s_start = PyUnicode_InternFromString("_start")) == NULL ||
+           (s_locked = PyUnicode_InternFromString("locked")) == NULL ? -1 : 0;
+}
+
+/* take_turn(balancer) -> index | None: LoadBalancer.acquire() when the next in
+ * turn is free (counted, the turn moved on); None otherwise, nothing changed. */
+static PyObject *native_take_turn(PyObject *m, PyObject *balancer) {
+    (void)m;
+    if (balancer_strings() < 0)
+        return NULL;
+    int busy = balancer_busy(balancer);
+    if (busy != 0)
+        return busy < 0 ? NULL : Py_NewRef(Py_None);
+    PyObject *load = PyObject_GetAttr(balancer, s_load), *v = NULL;
+    if (load == NULL)
+        return NULL;
+    long n = -1, start = -1;
+    if ((v = PyObject_GetAttr(balancer, s_limit)) != NULL) {
+        n = PyLong_AsLong(v);
+        Py_DECREF(v);
+    }
+    if (!PyErr_Occurred() && (v = PyObject_GetAttr(balancer, s_start)) != NULL) {
+        start = PyLong_AsLong(v);
+        Py_DECREF(v);
+    }
+    PyObject *out = NULL;
+    if (PyErr_Occurred())
+        goto done;
+    if (!PyList_CheckExact(load) || n <= 0 || start < 0 || start >= n ||
+        start >= PyList_GET_SIZE(load)) {
+        out = Py_NewRef(Py_None);
+        goto done;
+    }
+    PyObject *count = PyList_GET_ITEM(load, start);
+    if (!PyLong_CheckExact(count) || PyLong_AsLong(count) != 0) {
+        PyErr_Clear();
+        out = Py_NewRef(Py_None);
+        goto done;
+    }
+    PyObject *one = PyLong_FromLong(1), *next = PyLong_FromLong((start + 1) % n);
+    if (one == NULL || next == NULL || PyObject_SetAttr(balancer, s_start, next) < 0) {
+        Py_XDECREF(one);
+        Py_XDECREF(next);
+        goto done;
+    }
+    Py_DECREF(next);
+    PyList_SetItem(load, start, one); /* steals one */
+    out = PyLong_FromLong(start);
+done:
+    Py_DECREF(load);
+    return out;
+}
+
+/* give_back(balancer, index) -> bool: LoadBalancer.release(index, notify=False)
+ * done here (True), or left to it (False, nothing changed).  The caller runs
+ * balancer.on_release itself. */
+static PyObject *native_give_back(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
+    (void)m;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "give_back(balancer, index) takes 2 arguments");
+        return NULL;
+    }
+    if (balancer_strings() < 0)
+        return NULL;
+    int busy = balancer_busy(args[0]);
+    if (busy != 0)
+        return busy < 0 ? NULL : Py_NewRef(Py_False);
+    Py_ssize_t index = PyLong_AsSsize_t(args[1]);
+    if (index == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *load = PyObject_GetAttr(args[0], s_load);
+    if (load == NULL)
+        return NULL;
+    PyObject *out = NULL;
+    if (!PyList_CheckExact(load) || index < 0 || index >= PyList_GET_SIZE(load) ||
+        !PyLong_CheckExact(PyList_GET_ITEM(load, index))) {
+        out = Py_NewRef(Py_False);
+    } else {
+        long c = PyLong_AsLong(PyList_GET_ITEM(load, index));
+        PyObject *v = c == -1 && PyErr_Occurred() ? NULL : PyLong_FromLong(c - 1);
+        if (v != NULL) {
+            PyList_SetItem(load, index, v); /* steals v */
+            out = Py_NewRef(Py_True);
+        }
+    }
+    Py_DECREF(load);
+    return out;
+}
+
 static PyMethodDef module_methods[] = {
     {"spinners", native_spinners, METH_NOARGS, "Host threads of this process spinning now."},
     {"in_flight", native_in_flight, METH_NOARGS,
@@ -2968,6 +3087,14 @@ static PyMethodDef module_methods[] = {
      "caller(worker, channel, end, /) -> Caller\n\n"
      "The blocking calls of one generation of a process worker (its channel, its\n"
      "HostEnd end, the books it keeps) sent and ended in C: Caller.send, Caller.finish."},
+    {"take_turn", native_take_turn, METH_O,
+     "take_turn(balancer, /) -> int | None\n\n"
+     "LoadBalancer.acquire() when the next interpreter in turn is free; None (nothing\n"
+     "changed) otherwise, or while the balancer's lock is held."},
+    {"give_back", (PyCFunction)(void (*)(void))native_give_back, METH_FASTCALL,
+     "give_back(balancer, index, /) -> bool\n\n"
+     "LoadBalancer.release(index, notify=False) done here (True), or left to it (False,\n"
+     "while the balancer's lock is held)."},
     {"watch_block", (PyCFunction)(void (*)(void))native_watch_block, METH_FASTCALL,
      "watch_block(holder, offset, book, /) -> bool\n\n"
      "Make a TensorBlock call book(offset) when it dies; False for another holder."},

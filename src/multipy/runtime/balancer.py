@@ -9,6 +9,16 @@ from __future__ import annotations
 
 import threading
 
+from ..transport.channel import _native_module
+
+#: ``take_turn(balancer) -> index | None`` and ``give_back(balancer, index) -> bool``:
+#: :meth:`LoadBalancer.acquire` in its common case (the next in turn is free) and
+#: :meth:`LoadBalancer.release` without its hook, in one C call each, without the
+#: lock (one step under the GIL); ``None``/``False`` (nothing changed) while the
+#: lock is held.  ``None`` without the extension.
+take_turn = getattr(_native_module, "take_turn", None)
+give_back = getattr(_native_module, "give_back", None)
+
 
 class LoadBalancer:
     """Counts in-flight users per interpreter and hands out the best one.

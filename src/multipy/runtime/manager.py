@@ -28,7 +28,7 @@ from ..backends.capabilities import resolve_backend
 from ..backends.completions import Completions
 from ..errors import ManagerClosedError
 from ..transport.messages import Op, Recipe
-from .balancer import LoadBalancer
+from .balancer import LoadBalancer, give_back, take_turn
 from .dispatch import Dispatcher, Request
 from .environment import Environment, NoopEnvironment
 from .package import Package
@@ -266,7 +266,9 @@ class InterpreterManager:
         if index is None:
             if self._closed:
                 raise ManagerClosedError("this InterpreterManager is closed")
-            index = balancer.acquire()
+            index = take_turn(balancer) if take_turn is not None else None
+            if index is None:  # the next in turn is busy: the balancer's own choice
+                index = balancer.acquire()
             worker = self._workers[index]
             if worker.dead_reason is not None or worker.broken is not None or worker.closed:
                 balancer.release(index)  # down (crashed, restarting): another one if any
@@ -286,7 +288,10 @@ class InterpreterManager:
                 _CALL_REPLICATED, (replicated._id, method, args, kwargs, caller_grad_mode()),
                 timeout=timeout, materializes=replicated._id, recipe=replicated._recipe)
         finally:
-            balancer.release(index)
+            if give_back is None or not give_back(balancer, index):
+                balancer.release(index)
+            elif balancer.on_release is not None:  # release's hook, as it would run it
+                balancer.on_release()
 
 
 MAX_INTERPRETERS = 256
