@@ -8,6 +8,7 @@ it needs on it (the registry does not own the manager).
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import json
 import threading
@@ -315,3 +316,78 @@ def test_every_operation_keeps_the_openapi_document(client, path, method):
         case.call_and_validate(excluded_checks=excluded)
 
     check()
+
+
+# ------------------------------------------------------------- the disconnect watch
+class _Connection:
+    """An ASGI ``receive`` like uvicorn's: after the body, it waits on an event until
+    the client disconnects.  ``sleeps`` bare yields first (asyncio.sleep(0)), as
+    some servers' receive does."""
+
+    def __init__(self, sleeps: int = 0) -> None:
+        self.left = asyncio.Event()
+        self.sleeps = sleeps
+        self.closed = 0  # receive() coroutines that were closed unfinished
+
+    async def receive(self):
+        try:
+            for _ in range(self.sleeps):
+                await asyncio.sleep(0)
+            await self.left.wait()
+        except GeneratorExit:
+            self.closed += 1
+            raise
+        return {"type": "http.disconnect"}
+
+
+@pytest.mark.parametrize("sleeps", [0, 2])
+def test_a_request_whose_client_leaves_is_cancelled_where_it_waits(sleeps):
+    from multipy.serve.app import _GONE, _unless_gone
+
+    async def main():
+        connection, started = _Connection(sleeps), asyncio.Event()
+        waiting = asyncio.get_running_loop().create_future()
+
+        async def infer():
+            started.set()
+            return await waiting  # in line: never answered
+
+        task = asyncio.ensure_future(_unless_gone(infer(), connection.receive))
+        await started.wait()
+        connection.left.set()
+        assert await task is _GONE
+        assert waiting.cancelled()  # what it waited on was cancelled, not left behind
+        assert not task.cancelled()
+
+    asyncio.run(main())
+
+
+def test_an_answered_request_stops_watching_its_client():
+    from multipy.serve.app import _unless_gone
+
+    async def main():
+        connection = _Connection()
+        assert await _unless_gone(asyncio.sleep(0, result=42), connection.receive) == 42
+        assert connection.closed == 1 and not connection.left._waiters  # nothing left waiting
+        connection.left.set()  # the client leaves later: nothing to cancel any more
+        await asyncio.sleep(0)
+
+    asyncio.run(main())
+
+
+def test_a_receive_that_fails_leaves_the_request_unwatched_and_answered():
+    from multipy.serve.app import _unless_gone
+
+    async def main():
+        async def receive():
+            await asyncio.sleep(0)
+            raise RuntimeError("the server's receive broke")
+
+        waiting = asyncio.get_running_loop().create_future()
+        task = asyncio.ensure_future(_unless_gone(waiting, receive))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        waiting.set_result(7)
+        assert await task == 7
+
+    asyncio.run(main())
