@@ -186,6 +186,13 @@ def test_a_request_past_its_deadline_answers_504(client):
     assert "deadline passed before the model's answer" in response.json()["error"]
 
 
+def _idle(manager) -> None:
+    """Wait for the calls earlier tests left running (a request past its deadline
+    answers 504 while its call runs on) to end: they would count as calls here."""
+    _when(lambda: sum(i.in_flight for i in manager.statistics().interpreters) == 0,
+          "the interpreters to be idle")
+
+
 def _fill(pool, client, model, seconds: float) -> list:
     """Take every slot of ``model`` with a request sleeping ``seconds``."""
     running = [pool.submit(_sleep, client, seconds) for _ in range(model.slots)]
@@ -195,6 +202,7 @@ def _fill(pool, client, model, seconds: float) -> list:
 
 def test_a_queued_request_past_its_deadline_is_dropped_without_running(narrow, manager):
     sleepy = _model(narrow, "sleepy")
+    _idle(manager)
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         first = _fill(pool, narrow, sleepy, 1.5)
         calls = manager.statistics().calls
@@ -211,6 +219,7 @@ def test_a_request_queued_in_an_interpreter_past_its_deadline_is_dropped_there(c
     sleepy = _model(client, "sleepy")
     if sleepy.slots <= INTERPRETERS:
         pytest.skip("the interpreters queue no calls here (MULTIPY_PIPELINE_DEPTH=1, or pipes)")
+    _idle(manager)  # else a call left running would take this test's interpreter
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         first = [pool.submit(_sleep, client, 1.0) for _ in range(INTERPRETERS)]
         _when(lambda: sleepy.running == INTERPRETERS, "a request on each interpreter")
