@@ -368,13 +368,36 @@ def _run_callback(fn, *args) -> None:
     # is a bug in multipy, reported without stopping the other callers' completions.
     try:
         fn(*args)
-    except BaseException:  # noqa: BLE001
-        sys.unraisablehook(_Unraisable(sys.exc_info()[1], fn))
+    except BaseException as exc:  # noqa: BLE001
+        _report(exc, fn)
+
+
+def _report(exc: BaseException, fn) -> None:
+    """Hand ``exc`` to ``sys.unraisablehook``: the default hook accepts only its own
+    argument type (a TypeError for anything else, which would end the thread),
+    so its report is written here instead; a hook set by the application (e.g.
+    pytest's) gets an object with the same fields."""
+    hook = sys.unraisablehook
+    if hook is not sys.__unraisablehook__:
+        try:
+            hook(_Unraisable(exc, fn))
+            return
+        except Exception:  # noqa: BLE001 (a hook that takes only the real type)
+            pass
+    import traceback
+
+    try:
+        print(f"{_Unraisable.MESSAGE}: {fn!r}", file=sys.stderr)
+        traceback.print_exception(exc, file=sys.stderr)
+    except Exception:  # noqa: BLE001 (stderr closed: nothing more to do)
+        pass
 
 
 class _Unraisable:
+    MESSAGE = "multipy: a completion callback raised"
+
     def __init__(self, exc, obj) -> None:
         self.exc_type, self.exc_value, self.exc_traceback = type(exc), exc, exc.__traceback__
-        self.err_msg = "multipy: a completion callback raised"
+        self.err_msg = self.MESSAGE
         self.object = obj
 

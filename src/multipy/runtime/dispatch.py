@@ -52,7 +52,7 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..backends.base import RequestNotSent
+from ..backends.base import MAX_SENDS, RequestNotSent
 from ..backends.completions import LoopCompletions
 from ..errors import ManagerClosedError
 from ..transport.messages import Op
@@ -84,7 +84,7 @@ class Request:
     """
 
     __slots__ = ("future", "op", "args", "timeout", "handles", "materializes", "recipe",
-                 "index", "resend", "convert", "batch", "queued_at", "fresh", "sent")
+                 "index", "resend", "convert", "batch", "queued_at", "fresh", "sent", "sends")
 
     def __init__(self, op: Op, args: tuple, *, timeout: float | None = None, handles=None,
                  materializes: int | None = None, recipe: tuple | None = None,
@@ -105,17 +105,21 @@ class Request:
         self.queued_at = time.perf_counter()
         self.fresh = True
         self.sent = None  # (worker, handle) once sent alone: see submit_async
+        self.sends = 0    # times it reached an interpreter that died before taking it
 
 
 class _Group:
     """What one post sends: one request, or a batch of compatible ones."""
 
-    __slots__ = ("requests", "balanced", "retried")
+    __slots__ = ("requests", "balanced", "retried", "handed")
 
     def __init__(self, requests: list[Request], balanced: bool) -> None:
         self.requests = requests
         self.balanced = balanced   # holds a count in the load balancer until it ends
         self.retried = False
+        # Set by _post once the interpreter's lock (and count) are its to give back:
+        # whoever took them gives them back themselves (_let_go) only until then.
+        self.handed = False
 
 
 class Dispatcher:
@@ -132,7 +136,14 @@ class Dispatcher:
         self._retries: collections.deque = collections.deque()    # go first; any thread
         self._pinned = [collections.deque() for _ in workers]     # _Group per interpreter
         self._n_pinned = 0
-        self._pump_lock = threading.Lock()
+        # True while nothing waits in any queue: the one test of the fast paths.  A
+        # thread that queues something sets it False after queueing, then pumps; the
+        # pump recomputes it before it lets go (see _run).
+        self._empty = True
+        # Who pumps: a flag claimed under a lock held for two lines (see _run), not a
+        # lock held through the pump, so that a Ctrl-C cannot strand it.
+        self._pump_guard = threading.Lock()
+        self._pumping = False
         self._again = False
         self._timer = None         # (deadline, handle) of the batching deadline armed
         self._next_due = _NEVER    # earliest batching deadline in the queue (perf_counter)
@@ -148,12 +159,16 @@ class Dispatcher:
         """Queue ``request`` and send it now if an interpreter can take it."""
         if self._closed:
             raise ManagerClosedError("this InterpreterManager is closed")
-        if not (request.batch is not None or request.index is not None or self._incoming
-                or self._pending or self._n_pinned or self._retries):
+        if self._empty and request.batch is None and request.index is None:
             if self._post_now(request):
                 return request.future
         self._incoming.append(request)
-        self.pump()
+        self._empty = False
+        try:
+            self._run()
+        except BaseException:  # a Ctrl-C before the pump ran: the completion thread pumps
+            self._completions.call_soon(self.pump)
+            raise
         return request.future
 
     def _post_now(self, request: Request) -> bool:
@@ -166,21 +181,29 @@ class Dispatcher:
             index = balancer.acquire_room(self._depth, self._usable)
             if index is None:
                 return False
-        worker = self._workers[index]
-        if not worker.lock.acquire(blocking=False):
-            balancer.release(index, notify=False)  # held outside the balancer: queue it
-            return False
-        if request.future.set_running_or_notify_cancel():
-            self._post(index, worker, _Group([request], balanced=True))
-        else:  # cancelled already: never sent
-            worker.lock.release()
-            balancer.release(index, notify=False)
-        return True
+        worker = group = None
+        try:  # see _let_go: what is held here is given back if a Ctrl-C lands
+            worker = self._workers[index]
+            if not worker.lock.acquire(blocking=False):
+                worker = None
+                balancer.release(index, notify=False)  # held outside the balancer: queue it
+                return False
+            if request.future.set_running_or_notify_cancel():
+                group = _Group([request], balanced=True)
+                self._post(index, worker, group)
+            else:  # cancelled already: never sent
+                held, worker = worker, None
+                held.lock.release()
+                balancer.release(index, notify=False)
+            return True
+        except BaseException:
+            self._let_go(index, worker, group, requeue=False)  # the caller's own: it was interrupted
+            raise
 
     def idle_now(self) -> int | None:
         """An idle interpreter for a blocking call, counted in the balancer, when
         nothing waits in the queue (so the call takes no one's turn); else ``None``."""
-        if self._incoming or self._pending or self._n_pinned or self._retries:
+        if not self._empty:
             return None
         return self._balancer.acquire_idle(self._usable)
 
@@ -219,36 +242,68 @@ class Dispatcher:
     def pump(self) -> None:
         """Send what can be sent now.  Cheap when nothing waits; safe from any thread
         and reentrant: a thread finding the pump busy leaves the work to its holder."""
-        if not (self._incoming or self._pending or self._n_pinned or self._retries):
-            return
+        if not self._empty:
+            self._run()
+
+    def _run(self) -> None:
+        """The pump proper (also run, without the ``_empty`` test, by a thread that
+        just queued something: it may have read ``_empty`` before the queueing).
+
+        The pump is claimed with a flag set under ``_pump_guard`` and given back in
+        a ``finally``: CPython runs a signal handler (Ctrl-C) right after a call
+        returns, so a non-blocking ``acquire()`` followed by a ``try`` could take the
+        pump and lose it to a KeyboardInterrupt raised in between, and no pump would
+        run again.  Entering and leaving a ``with`` block runs no handler before the
+        block's protection starts; nothing between the claim and its ``finally``
+        calls a function."""
         self._again = True
-        lock = self._pump_lock
+        guard = self._pump_guard
         while self._again:
-            if not lock.acquire(blocking=False):
-                return
+            mine = False
             left = ()
             try:
-                self._again = False
-                if not self._closed:
-                    self._dispatch()
-                else:  # e.g. a batch that failed in flight, to be retried request by request
-                    left = self._take_unsent()
-            finally:
-                lock.release()
-            _fail_closed(left)
+                try:
+                    with guard:
+                        if self._pumping:
+                            return  # its holder sees _again and runs once more
+                        mine = self._pumping = True
+                    self._again = False
+                    if not self._closed:
+                        self._dispatch()
+                    else:  # e.g. a batch that failed in flight, to be retried request by request
+                        left = self._take_unsent()
+                finally:
+                    if mine:
+                        # Before the pump is given back (a queueing thread sets it after):
+                        # no call here, so a signal handler cannot leave the pump claimed.
+                        self._empty = not (self._incoming or self._pending or self._retries
+                                           or self._n_pinned)
+                        self._pumping = False
+                _fail_closed(left)
+            except BaseException:
+                if mine and not self._empty:
+                    # Interrupted (Ctrl-C) with requests still queued, some perhaps
+                    # handed back (_let_go): the completion thread pumps for them.
+                    self._completions.call_soon(self.pump)
+                if left:
+                    self._completions.call_soon(lambda: _fail_closed(left))
+                raise
 
     def close(self) -> None:
         """Fail every request not sent yet with :class:`ManagerClosedError` (and
-        every one put back in the queue later, e.g. a failed batch's requests)."""
+        every one put back in the queue later, e.g. a failed batch's requests).
+
+        The queue is emptied here, or by the thread pumping now once its pass
+        ends (never waited for: close may run inside a future's callback that the
+        pump called)."""
         self._closed = True
-        with self._pump_lock:
-            left = self._take_unsent()
-        _fail_closed(left)
+        self._empty = False
+        self._run()
         for completions in list(self._loops.values()):
             completions.hand_over()  # a stopped loop no longer reads its replies
 
     def _take_unsent(self) -> list[Request]:
-        """Empty every queue (pump lock held); returns what was in them."""
+        """Empty every queue (the pump claimed); returns what was in them."""
         left = list(self._retries) + list(self._incoming) + list(self._pending)
         self._retries.clear()
         self._incoming.clear()
@@ -260,49 +315,66 @@ class Dispatcher:
         self._n_pinned = 0
         return left
 
-    # -- under the pump lock ------------------------------------------------------
+    # -- with the pump claimed (one thread at a time) -----------------------------
     def _dispatch(self) -> None:
         incoming, pending, retries = self._incoming, self._pending, self._retries
+        # Moved between queues by indexing and `del`, not pop(): CPython runs signal
+        # handlers (Ctrl-C) and switches threads only after a call, so a request is
+        # never out of every queue when a KeyboardInterrupt is raised (see _run).
         while retries:
-            pending.appendleft(retries.pop())
+            request = retries[-1]
+            del retries[-1]
+            pending.appendleft(request)
         arrived = []
         while incoming:
-            request = incoming.popleft()
+            request = incoming[0]
             if request.index is None:
+                del incoming[0]
                 pending.append(request)
                 arrived.append(request)
             else:
-                self._pinned[request.index].append(_Group([request], balanced=False))
+                group = _Group([request], balanced=False)
+                del incoming[0]
                 self._n_pinned += 1
+                self._pinned[request.index].append(group)
         if self._n_pinned:
             self._dispatch_pinned()
         tried: set[int] = set()
         balancer = self._balancer
         while pending:
-            index = balancer.acquire_idle(self._usable, tried)
-            if index is None:
-                # Every interpreter is busy: one that queues calls and has room takes the
-                # next request behind its current call.  A batchable request waits for
-                # an idle interpreter instead, gathering the requests that arrive
-                # meanwhile (sent behind a call at once, batches came out a third
-                # smaller: docs/async-and-batching.md).
-                if pending[0].batch is not None:
-                    break
-                index = balancer.acquire_room(self._depth, self._usable, tried)
+            index = worker = group = None
+            try:  # see _let_go: what is held here is given back if a Ctrl-C lands
+                index = balancer.acquire_idle(self._usable, tried)
                 if index is None:
+                    # Every interpreter is busy: one that queues calls and has room takes the
+                    # next request behind its current call.  A batchable request waits for
+                    # an idle interpreter instead, gathering the requests that arrive
+                    # meanwhile (sent behind a call at once, batches came out a third
+                    # smaller: docs/async-and-batching.md).
+                    if pending[0].batch is not None:
+                        break
+                    index = balancer.acquire_room(self._depth, self._usable, tried)
+                    if index is None:
+                        break
+                worker = self._workers[index]
+                if not worker.lock.acquire(blocking=False):
+                    # Held outside the balancer (a pinned session, a restart): its release pumps.
+                    worker = None
+                    tried.add(index)
+                    balancer.release(index, notify=False)
+                    index = None
+                    continue
+                group = self._take(pending)
+                if group is None:
+                    held, worker = worker, None
+                    held.lock.release()
+                    balancer.release(index, notify=False)
+                    index = None
                     break
-            worker = self._workers[index]
-            if not worker.lock.acquire(blocking=False):
-                # Held outside the balancer (a pinned session, a restart): its release pumps.
-                self._balancer.release(index, notify=False)
-                tried.add(index)
-                continue
-            group = self._take(pending)
-            if group is None:
-                worker.lock.release()
-                self._balancer.release(index, notify=False)
-                break
-            self._post(index, worker, group)
+                self._post(index, worker, group)
+            except BaseException:
+                self._let_go(index, worker, group)
+                raise
         if not pending:
             self._next_due = _NEVER
             return
@@ -334,32 +406,60 @@ class Dispatcher:
                     break  # the next completion there pumps
                 if not worker.lock.acquire(blocking=False):
                     break  # its release pumps again
-                group = queue.popleft()
-                self._n_pinned -= 1
-                if self._overdue and not queue:  # room for a committed batch here now
-                    self._overdue = False
-                    self._next_due = 0.0
-                first = group.requests[0]
-                if not group.balanced:  # a session's request: it was never started
-                    if not first.future.set_running_or_notify_cancel():
+                group = queue[0]
+                removed = False
+                try:  # a Ctrl-C: the group stays first in its queue, the interpreter free
+                    first = group.requests[0]
+                    started = True
+                    if not group.balanced:  # a session's request: it was never started
+                        started = first.future.set_running_or_notify_cancel()
+                    elif first.batch is not None:  # a committed batch: still open to later requests
+                        first.batch[0].top_up(group.requests, self._pending)
+                    del queue[0]  # not popleft(): no call, so no signal handler, until `removed`
+                    self._n_pinned -= 1
+                    removed = True
+                    if self._overdue and not queue:  # room for a committed batch here now
+                        self._overdue = False
+                        self._next_due = 0.0
+                    if not started:  # cancelled while queued: never sent
+                        group.handed = True
                         worker.lock.release()
                         continue
-                elif first.batch is not None:  # a committed batch: still open to later requests
-                    first.batch[0].top_up(group.requests, self._pending)
-                self._post(index, worker, group)
+                    self._post(index, worker, group)
+                except BaseException:
+                    if not group.handed:
+                        worker.lock.release()
+                        if not group.balanced:  # its future may have started: it goes as a retry
+                            group = _Group([_retry(r) for r in group.requests], balanced=False)
+                        if removed:
+                            queue.appendleft(group)
+                            self._n_pinned += 1
+                        else:
+                            queue[0] = group
+                    raise
                 # The interpreter is busy now; one that queues calls may take the next.
 
     def _take(self, pending: collections.deque) -> _Group | None:
         """The oldest request not cancelled, with the queued requests that can join its batch."""
         while pending:
-            first = pending.popleft()
-            if first.future.set_running_or_notify_cancel():
+            first = pending[0]
+            try:
+                started = first.future.set_running_or_notify_cancel()
+            except BaseException:  # a Ctrl-C: it stays first in line, its future perhaps started
+                pending[0] = _retry(first)
+                raise
+            del pending[0]  # not popleft(): no call, so no signal handler, between here and its use
+            if started:
                 break
         else:
             return None
-        if first.batch is None:
-            return _Group([first], balanced=True)
-        return _Group(first.batch[0].gather(first, pending), balanced=True)
+        try:
+            if first.batch is None:
+                return _Group([first], balanced=True)
+            return _Group(first.batch[0].gather(first, pending), balanced=True)
+        except BaseException:  # a Ctrl-C: it goes back first in line
+            pending.appendleft(_retry(first))
+            raise
 
     def _check_deadlines(self, pending: collections.deque) -> None:
         """While every interpreter is busy, a batchable request waits at most its
@@ -431,7 +531,14 @@ class Dispatcher:
                 op, args = first.op, first.args
             else:
                 op, args = first.batch[0].combine(requests)
-        except BaseException as exc:  # (out of memory concatenating, ...): nothing was sent
+            completions = self._completions
+            on_loop = getattr(first.future, "on_loop", None)
+            if (on_loop is not None and on_loop.here()
+                    and (len(requests) == 1
+                         or all(getattr(r.future, "on_loop", None) is on_loop for r in requests))):
+                completions = on_loop  # the loop reads the reply itself
+        except Exception as exc:  # (out of memory concatenating, ...): nothing was sent
+            group.handed = True
             worker.lock.release()
             if group.balanced:
                 self._balancer.release(index, notify=False)
@@ -440,19 +547,14 @@ class Dispatcher:
             else:
                 self._finish(group, None, exc)
             return
-        completions = self._completions
-        on_loop = getattr(first.future, "on_loop", None)
-        if (on_loop is not None and on_loop.here()
-                and (len(requests) == 1
-                     or all(getattr(r.future, "on_loop", None) is on_loop for r in requests))):
-            completions = on_loop  # the loop reads the reply itself
+        # (A Ctrl-C before this line leaves the lock, the count and the group to the
+        # caller's _let_go.)
+        group.handed = True
         try:
             handle = worker.post(op, args, completions=completions,
                                  done=lambda value, error: self._done(index, group, value, error),
                                  timeout=first.timeout, handles=first.handles,
                                  materializes=first.materializes, recipe=first.recipe)
-            if handle is not None and len(requests) == 1:
-                first.sent = (worker, handle)
         except RequestNotSent as not_sent:
             # The interpreter was found dead before anything was sent (and is restarting).
             self._not_sent(index, group, not_sent)
@@ -460,6 +562,29 @@ class Dispatcher:
             if group.balanced:
                 self._balancer.release(index, notify=False)
             self._finish(group, None, exc)
+        else:  # sent: from here its done() gives everything back, whatever happens here
+            if handle is not None and len(requests) == 1:
+                first.sent = (worker, handle)
+
+    def _let_go(self, index: int | None, worker, group: _Group | None, *,
+                requeue: bool = True) -> None:
+        """A Ctrl-C (KeyboardInterrupt, raised by a signal handler right after any
+        call) stopped a send after it took the load balancer's count of interpreter
+        ``index``, ``worker``'s lock or the requests of ``group`` (``None`` for
+        what it had not taken yet), before :meth:`_post` had them
+        (``group.handed``): they are given back, and the requests queued again
+        first (``requeue``; the interrupted pump has the completion thread pump).
+        Without this, the interpreter would look busy, and the requests wait, for
+        ever."""
+        if group is not None and group.handed:
+            return
+        if worker is not None:
+            worker.lock.release()
+        if index is not None:
+            self._balancer.release(index, notify=False)
+        if group is not None and requeue:
+            self._retries.extend(_retry(request) for request in group.requests)
+            self._empty = False
 
     def _done(self, index: int, group: _Group, value, error) -> None:
         """On the completion thread, after the worker freed the interpreter."""
@@ -485,18 +610,30 @@ class Dispatcher:
 
     def _not_sent(self, index: int, group: _Group, not_sent: RequestNotSent) -> None:
         """``group`` never reached interpreter ``index`` (found dead): queue it again
-        for the others or the replacement, or fail it (``resend=False``, or closed)."""
+        for the others or the replacement, up to :data:`~multipy.backends.base.MAX_SENDS`
+        interpreters in all (as a blocking call), or fail it with the interpreter's
+        error (``resend=False``, closed, or every interpreter it went to died first)."""
         if group.balanced:
             self._balancer.release(index, notify=False)
-        if group.requests[0].resend and not self._closed:
-            self._requeue(group)
-        else:
+        requests = group.requests
+        if not requests[0].resend or self._closed:
             self._finish(group, None, not_sent.error)
+            return
+        again = []
+        for request in requests:
+            request.sends += 1
+            if request.sends < MAX_SENDS:
+                again.append(request)
+            else:
+                _resolve(request, None, not_sent.error)
+        if again:
+            self._requeue(_Group(again, group.balanced))
 
     def _requeue(self, group: _Group) -> None:
         """Put ``group``'s requests back at the head of the queue (already running)."""
         self._retries.extend(_retry(request) for request in group.requests)
-        self.pump()
+        self._empty = False
+        self._run()
 
     def _finish(self, group: _Group, value, error) -> None:
         for request in group.requests:
