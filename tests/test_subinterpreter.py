@@ -846,3 +846,92 @@ def test_the_binary_forms_of_the_common_call_fall_back_without_encoding_twice(mo
     assert wire.fast_request(encoder, 14, (3, None, (1 << 70,), {}, 1, None), ()) is None
     assert wire.fast_value(encoder, 1 << 70) is None
     assert pickled == []  # the fallback is the caller's own pickle, not a second one here
+
+
+def test_a_posted_call_follows_a_running_one_into_the_subinterpreter(tmp_path):
+    # On the channel the subinterpreter takes requests in order from its ring: a
+    # posted call is sent behind the one it runs (as on the process backend), not
+    # held in the dispatcher until that one ends.
+    _needs_channel()
+    started, release = str(tmp_path / "started"), str(tmp_path / "release")
+    with InterpreterManager(1, backend="subinterpreter") as m:
+        m.register_module_source("helpers", HELPERS)
+        m.register_module_source("gates", GATED)
+        with m.acquire_one() as s:
+            gated = s.create_movable(s.global_("gates", "gated"))
+            echo = s.create_movable(s.global_("helpers", "echo"))
+        assert echo(0) == 0 and m._workers[0].posted_depth > 1
+        first = gated.submit(started, release, 7)
+        wait_started(started)
+        second = echo.submit(8)
+        worker = m._workers[0]
+        wait_for(lambda: worker.posted_in_flight == 2, "the second call to follow the first")
+        assert not second.done()
+        open(release, "w").close()
+        assert first.result(timeout=60) == 7 and second.result(timeout=60) == 8
+        assert [f.result(timeout=60) for f in [echo.submit(i) for i in range(20)]] == list(range(20))
+        wait_for(lambda: not worker._driver.posted, "the posted calls to be forgotten")
+
+
+def test_a_posted_call_past_its_timeout_queued_behind_another_is_dropped_at_once(tmp_path):
+    # Its caller is told at the deadline, while the call ahead still runs; it never
+    # runs, the subinterpreter is kept, and its skip reply is settled unread.
+    _needs_channel()
+    started, release = str(tmp_path / "started"), str(tmp_path / "release")
+    with InterpreterManager(1, backend="subinterpreter", call_timeout=0.3) as m:
+        m.register_module_source("helpers", HELPERS)
+        m.register_module_source("gates", GATED)
+        with m.acquire_one() as s:
+            gated = s.create_movable(s.global_("gates", "gated"))
+            bump = s.create_movable(s.global_("helpers", "bump"))
+        assert bump(0) == 0  # loaded before the call that times out
+        ahead = []
+        thread = threading.Thread(
+            target=lambda: ahead.append(gated.with_timeout(None)(started, release, 7)))
+        thread.start()
+        try:
+            wait_started(started)
+            late = bump.submit(100)  # sent behind the running call
+            with pytest.raises(CallTimeoutError, match="dropped without running"):
+                late.result(timeout=60)
+            assert thread.is_alive()  # the call ahead still runs: nobody waited for it
+        finally:
+            open(release, "w").close()
+            thread.join(60)
+        assert ahead == [7]
+        assert bump(1) == 1  # the dropped call never ran
+        assert m.statistics().interpreters[0].restarts == 0
+        worker = m._workers[0]
+        wait_for(lambda: not worker._driver.posted and not worker._driver._busy,
+                 "the dropped call's reply to be settled")
+
+
+def test_an_acall_cancelled_while_queued_in_the_subinterpreter_never_runs(tmp_path):
+    _needs_channel()
+    import asyncio
+
+    started, release = str(tmp_path / "started"), str(tmp_path / "release")
+    with InterpreterManager(1, backend="subinterpreter") as m:
+        m.register_module_source("helpers", HELPERS)
+        m.register_module_source("gates", GATED)
+        with m.acquire_one() as s:
+            gated = s.create_movable(s.global_("gates", "gated"))
+            bump = s.create_movable(s.global_("helpers", "bump"))
+        assert bump(0) == 0
+        worker = m._workers[0]
+
+        async def main():
+            first = asyncio.ensure_future(gated.acall(started, release, 7))
+            await asyncio.to_thread(wait_started, started)
+            queued = asyncio.ensure_future(bump.acall(100))
+            await asyncio.to_thread(wait_for, lambda: worker.posted_in_flight == 2,
+                                    "the call to be queued in the subinterpreter")
+            queued.cancel()
+            await asyncio.sleep(0)
+            open(release, "w").close()
+            assert await first == 7
+            with pytest.raises(asyncio.CancelledError):
+                await queued
+
+        asyncio.run(main())
+        assert bump(1) == 1  # the cancelled call never ran

@@ -80,6 +80,7 @@ from ..transport.frames import Waiter, block_readable, read_frame
 from ..transport.messages import Handle, Op
 from ..transport import subinterp_wire as wire
 from .base import PENDING, Backend, BackendKind, RequestNotSent, Worker, WorkerConfig, no_start
+from .process import PIPELINE_DEPTH
 from .completions import CLOSED, READY, Completions
 
 INTERRUPT_GRACE = 1.0     # seconds an interrupted call gets to unwind
@@ -168,6 +169,13 @@ class _Driver:
         self._stopping = False
         self._host_open = True
         self.abandoned: str | None = None  # why the worker gave this subinterpreter up
+        # Posted calls on the channel (several in flight, queued in the ring) share
+        # the bell: one watch at a time hands each reply to its call (see
+        # SubinterpreterWorker._watch_bell).
+        self.posted: dict = {}     # call number -> _Posted, until its reply is taken
+        self.posting = 0           # posts between want_bell() and their entry in `posted`
+        self.watching = None       # the completions watching the bell now
+        self.watch_lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name=f"multipy-subinterpreter-{self.index}",
                                        daemon=True)
         _watch_exit()
@@ -437,6 +445,23 @@ class SubinterpreterWorker(Worker):
         driver = self._driver
         return driver is None or driver.wait_idle(timeout)
 
+    def _pipelines(self) -> bool:
+        # On the channel the subinterpreter takes requests in order from its ring:
+        # a posted call may follow the one it runs (as on the process backend).
+        driver = self._driver
+        return PIPELINE_DEPTH > 1 and driver is not None and driver.end is not None
+
+    @property
+    def posted_depth(self) -> int:
+        return PIPELINE_DEPTH if self._pipelines() else 1
+
+    def cancel_posted(self, posted) -> None:
+        """An ``acall`` cancelled after its call was sent: skipped unrun if it is
+        still queued behind others (one compare-and-swap against its start); its
+        reply comes either way and is dropped."""
+        if isinstance(posted, _Posted):
+            self._cancel(posted.call, interrupt=False)
+
     def _running(self) -> _Driver:
         driver = self._driver
         if driver is None:
@@ -488,27 +513,128 @@ class SubinterpreterWorker(Worker):
     # -- posted requests (Worker.post): the completion thread reads the reply ----
     def _post(self, op, args, drop, timeout, handles, completions, finish):
         driver = self._running()
-        if driver.end is not None:
-            driver.end.want_bell()  # before the request is published: its reply rings
-        call = self._send(driver, op, args, drop, handles, timeout is not None)
-        posted = _Posted(call, completions, _left_on_close(driver, finish))
+        end = driver.end
+        if end is None:  # the pipes: one call at a time, its reply pipe watched
+            call = self._send(driver, op, args, drop, handles, timeout is not None)
+            posted = _Posted(call, completions, _left_on_close(driver, finish))
+            try:
+                completions.watch(driver.rep_r, posted.finish)
+            except BaseException:
+                self._give_up(driver, "interrupted")  # the reply would never be read
+                driver.leave()
+                raise
+            return posted
+        with driver.watch_lock:  # against _forget clearing the bell meanwhile
+            driver.posting += 1
+            end.want_bell()  # before the request is published: its reply rings
         try:
-            self._arm(posted)
+            # Armed, all of them: one queued behind others may be dropped unrun at its
+            # deadline, or when its acall is cancelled (cancel_posted).
+            call = self._send(driver, op, args, drop, handles, True)
         except BaseException:
-            self._give_up(driver, "interrupted")  # the reply would never be read
+            self._forget(driver, None)
+            raise
+        posted = _Posted(call, completions, _left_on_close(driver, finish, self, call))
+        with driver.watch_lock:
+            driver.posting -= 1
+            driver.posted[call.seq] = posted
+        try:
+            self._watch_bell(driver)
+        except BaseException:  # (the completions closed): the reply would never be read
+            self._forget(driver, call)
+            self._give_up(driver, "interrupted")
             driver.leave()
             raise
         return posted
 
+    def _forget(self, driver: _Driver, call: "_Call | None") -> None:
+        """``call``'s reply was taken (or, for ``None``, a post failed to send):
+        the bell is cleared once no posted call is in flight (a blocking caller
+        waits on its slot; rings would cost the subinterpreter a system call)."""
+        with driver.watch_lock:
+            if call is None:
+                driver.posting -= 1
+            else:
+                driver.posted.pop(call.seq, None)
+            if not driver.posted and not driver.posting and driver.end is not None:
+                driver.end.want_bell(False)
+
+    def _watch_bell(self, driver: _Driver) -> None:
+        """Have one completion context watch the bell for every posted call in
+        flight on ``driver``: that of the oldest not handed to its finish yet."""
+        with driver.watch_lock:
+            if driver.watching is not None:
+                return  # armed: it hands over the calls in order
+            for oldest in driver.posted.values():
+                if not oldest.handed:
+                    break
+            else:
+                return
+            completions = driver.watching = oldest.completions
+        # Not emptied first (drain=False): each reply published since _on_bell or
+        # _collect last emptied it left a ring, so the watch cannot miss one.
+        driver.end.watch_bell(completions, lambda: self._any_reply(driver),
+                              lambda event: self._on_bell(driver, completions, event),
+                              drain=False)
+
     @staticmethod
-    def _arm(posted) -> None:
-        """Have the completion thread run ``finish`` once the reply can be read."""
-        call, completions, finish = posted.call, posted.completions, posted.finish
-        end = call.driver.end
-        if end is None:
-            completions.watch(call.driver.rep_r, finish)
-        else:
-            end.watch_bell(completions, lambda: end.ready(call.slot), finish)
+    def _any_reply(driver: _Driver) -> bool:
+        end = driver.end
+        try:
+            return any(not p.handed and end.ready(p.call.slot) for p in list(driver.posted.values()))
+        except (ValueError, RuntimeError):  # detached (over), or changed meanwhile: look
+            return True
+
+    def _on_bell(self, driver: _Driver, completions, event: str) -> None:
+        """The bell rang (or the subinterpreter ended, or the completions stopped):
+        hand each posted call whose reply is there to its finish (a call dropped
+        at its deadline: its reply is taken and discarded), then watch again."""
+        with driver.watch_lock:
+            driver.watching = None
+        end = driver.end
+        gone = event != READY or end.bell_closed
+        if not gone:
+            end.drain_bell()
+            gone = end.bell_closed
+        ready = []
+        for posted in list(driver.posted.values()):
+            if posted.handed:
+                continue
+            try:
+                there = gone or end.ready(posted.call.slot)
+            except ValueError:  # detached: the driver stopped
+                there = True
+            if there:
+                posted.handed = True
+                ready.append(posted)
+        for posted in ready:
+            if posted.dropped:
+                self._settle_dropped(posted, gone)
+            elif posted.completions is completions:
+                posted.finish(event)
+            else:
+                posted.completions.call_soon(lambda finish=posted.finish: finish(READY))
+        if not gone:
+            self._watch_bell(driver)
+
+    def _settle_dropped(self, posted: "_Posted", gone: bool) -> None:
+        """Take and discard the reply of a posted call whose caller was told at
+        its deadline that it was dropped unrun (see :meth:`_expire`)."""
+        call = posted.call
+        driver = call.driver
+        try:
+            try:
+                if driver.take_frame(call) is None and not gone and not driver.end.bell_closed:
+                    posted.handed = False  # not there after all: watched again
+                    self._watch_bell(driver)
+                    return
+            except (ValueError, TransportError):  # detached, or the streams broke: over
+                pass
+            self._forget(driver, call)
+            driver.leave()
+        except BaseException:
+            driver.leave()
+            raise
 
     def _collect(self, posted):
         call = posted.call
@@ -519,9 +645,10 @@ class SubinterpreterWorker(Worker):
             if frame is None:
                 end.drain_bell()
                 if not end.bell_closed and not end.channel.closed:
-                    self._arm(posted)  # the bell rang for another call's reply
+                    posted.handed = False  # not there yet: watched again
+                    self._watch_bell(driver)
                     return PENDING
-            end.want_bell(False)  # no posted call in flight now
+            self._forget(driver, call)
             call.frame = frame  # None: the interpreter's loop ended
         try:
             if posted.abandoned:
@@ -536,10 +663,26 @@ class SubinterpreterWorker(Worker):
         return self._checked_reply(call, value, error)
 
     def _expire(self, posted, timeout):
-        # On the completion thread, which never waits: the call is interrupted and
-        # given its grace period by a timer; its reply (or the timer) finishes it.
+        # On the completion thread, which never waits.  A call still queued behind
+        # others on the channel is skipped unrun and its caller told now: the
+        # subinterpreter keeps running, and the bell watch takes and discards its
+        # reply when it comes.  A call that started is interrupted and given its
+        # grace period by a timer; its reply (or the timer) finishes it.
+        call = posted.call
+        end = call.driver.end
+        if end is not None:
+            if posted.handed:
+                return PENDING  # its finish is on its way
+            try:
+                if end.ready(call.slot):
+                    return PENDING  # answered in time: the bell watch hands it over
+            except ValueError:  # detached: the driver stopped; finish() says how
+                return PENDING
+            if self._cancel(call, interrupt=False):
+                posted.dropped = True
+                return self._dropped(timeout)
         posted.timeout = timeout
-        self._cancel(posted.call)
+        self._cancel(call)
         posted.grace = posted.completions.call_at(time.monotonic() + INTERRUPT_GRACE,
                                                   lambda: self._grace_over(posted))
         return PENDING
@@ -547,7 +690,12 @@ class SubinterpreterWorker(Worker):
     def _grace_over(self, posted) -> None:
         """An interrupted posted call did not stop within its grace period."""
         driver = posted.call.driver
-        posted.completions.unwatch(driver.rep_r if driver.end is None else driver.end.bell_r)
+        if driver.end is None:
+            posted.completions.unwatch(driver.rep_r)
+        else:
+            with driver.watch_lock:  # the bell watch no longer hands it over
+                posted.handed = True
+                driver.posted.pop(posted.call.seq, None)
         posted.abandoned = True
         self._give_up(driver, "timed out")
         posted.finish(READY)
@@ -728,18 +876,20 @@ class SubinterpreterWorker(Worker):
         raise self._not_stopped(timeout)
 
     @staticmethod
-    def _cancel(call: "_Call") -> None:
-        """Stop a call past its timeout: on the channel a call still queued is skipped
-        unrun, decided once against its start (HostEnd.cancel: never both, never
-        neither); one that started, or any call on the pipes, is interrupted."""
+    def _cancel(call: "_Call", interrupt: bool = True) -> bool:
+        """Stop a call: on the channel a call still queued is skipped unrun, decided
+        once against its start (HostEnd.cancel: never both, never neither); one
+        that started, or any call on the pipes, is interrupted (``interrupt``).
+        Returns whether it was skipped."""
         end = call.driver.end
-        if end is not None:
+        if end is not None and not call.skipped:
             try:
                 call.skipped = end.cancel(call.slot)
             except ValueError:  # detached: the driver stopped
                 pass
-        if not call.skipped:
+        if not call.skipped and interrupt:
             call.driver.interrupt(call.seq)
+        return call.skipped
 
     def _dropped(self, timeout: float) -> CallTimeoutError:
         return CallTimeoutError(
@@ -792,13 +942,15 @@ class SubinterpreterWorker(Worker):
             "restarted for later calls; objects created in it are gone.", index=self.index)
 
 
-def _left_on_close(driver: _Driver, finish):
+def _left_on_close(driver: _Driver, finish, worker=None, call=None):
     """``finish``, which also leaves ``driver`` when the completion thread stopped
     before the reply came (``CLOSED``): nobody will read that reply, so the host's
     ends of the pipes and the channel may close, and the serving loop end once
     the call returns."""
     def finishing(event: str) -> None:
         if event == CLOSED:
+            if call is not None:
+                worker._forget(driver, call)
             driver.leave()
         finish(event)
     return finishing
@@ -822,7 +974,8 @@ class _Call:
 class _Posted:
     """A posted call in flight: what ``_collect`` and ``_expire`` need."""
 
-    __slots__ = ("call", "completions", "finish", "timeout", "grace", "abandoned")
+    __slots__ = ("call", "completions", "finish", "timeout", "grace", "abandoned", "handed",
+                 "dropped")
 
     def __init__(self, call: _Call, completions, finish) -> None:
         self.call = call
@@ -831,6 +984,8 @@ class _Posted:
         self.timeout = None     # set once it ran past its timeout and was interrupted
         self.grace = None       # the timer that abandons it if it does not stop
         self.abandoned = False
+        self.handed = False     # its finish was scheduled by the bell watch (channel)
+        self.dropped = False    # skipped at its deadline: its caller was told already
 
 
 class SubinterpreterBackend(Backend):
