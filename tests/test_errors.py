@@ -37,6 +37,14 @@ def make_lambda():
 
 def accept(value):
     return "accepted"
+
+def leave(how):
+    import sys
+    if how == "exit":
+        sys.exit(3)
+    if how == "interrupt":
+        raise KeyboardInterrupt("raised by the model")
+    raise GeneratorExit("closing")
 '''
 
 
@@ -87,6 +95,29 @@ def test_an_exception_type_unknown_to_the_host_becomes_interpreter_error(helpers
     assert "LocalError" in str(error) and "local boom" in str(error)
     assert "raise_local_error" in error.remote_traceback
     assert isinstance(error.__cause__, RemoteTraceback)
+    assert_usable(helpers)
+
+
+@pytest.mark.parametrize("how, type_name", [("exit", "builtins.SystemExit"),
+                                             ("interrupt", "builtins.KeyboardInterrupt"),
+                                             ("generator_exit", "builtins.GeneratorExit")])
+def test_sys_exit_or_keyboard_interrupt_raised_by_the_model_is_interpreter_error(
+        helpers, assert_usable, how, type_name):
+    # Raised as themselves in the host they would end its program (SystemExit) or pass
+    # for its own Ctrl-C; blocking, posted and async callers alike get an Exception.
+    import asyncio
+
+    with helpers.acquire_one() as s:
+        leave = s.global_("errors_helper", "leave")
+        with pytest.raises(multipy.InterpreterError) as info:
+            leave(how)
+        with pytest.raises(multipy.InterpreterError):
+            leave.submit(how).result(timeout=60)
+        with pytest.raises(multipy.InterpreterError):
+            asyncio.run(leave.acall(how))
+    assert info.value.type_name == type_name
+    assert "raised by the code in the interpreter" in str(info.value)
+    assert isinstance(info.value.__cause__, RemoteTraceback)
     assert_usable(helpers)
 
 

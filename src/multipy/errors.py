@@ -66,7 +66,9 @@ class RemoteTraceback(Exception):
 
 class InterpreterError(MultipyError):
     """An exception raised by code inside an interpreter whose type could not be
-    rebuilt in the host (for example a class defined only inside a package).
+    rebuilt in the host (for example a class defined only inside a package), or a
+    ``SystemExit``/``KeyboardInterrupt``/``GeneratorExit`` raised there (as itself it
+    would end the host program or pass for the host's own Ctrl-C).
 
     ``type_name`` is the qualified name of the original type and ``remote_traceback``
     the interpreter-side traceback text.

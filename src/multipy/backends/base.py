@@ -682,6 +682,13 @@ def rebuild_exception(error: RemoteException) -> BaseException:
             exc = None
     if not isinstance(exc, BaseException):
         exc = InterpreterError(error.type_name, error.message, error.traceback)
+    elif not isinstance(exc, Exception):
+        # SystemExit, KeyboardInterrupt, GeneratorExit raised by the model: raised as
+        # themselves here they would end the host program or pass for its own Ctrl-C.
+        exc = InterpreterError(
+            error.type_name, f"{error.message} (raised by the code in the interpreter; the "
+            "interpreter keeps serving. It is not raised as itself in the host, where it "
+            "would stop the program or look like its own interrupt)", error.traceback)
     exc.__cause__ = RemoteTraceback(error.traceback)
     return exc
 
