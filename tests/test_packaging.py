@@ -134,6 +134,15 @@ def test_package_usage_errors_exit_2(code, argv, words, capsys, monkeypatch):
     assert words in capsys.readouterr().err
 
 
+def test_a_factory_that_raises_exits_1_with_its_error_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "x.pt"
+    assert main(["package", "json:loads", "-o", str(out)]) == 1  # loads() needs an argument
+    err = capsys.readouterr().err
+    assert "multipy: error: json:loads() raised TypeError:" in err
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
 def test_an_interned_library_that_reads_its_own_files_gets_extern_it_advice(
         code, tmp_path, manager, assert_usable):
     import selfscan_model

@@ -300,7 +300,15 @@ def _cmd_package(args) -> int:
     factory = getattr(module, factory_name, None)
     if not callable(factory):
         raise UsageError(f"{module_name} has no callable {factory_name!r}")
-    obj = factory()
+    try:
+        obj = factory()
+    except Exception as exc:  # the user's code: one line, not a traceback of the CLI
+        raise _Failure(f"{args.factory}() raised {type(exc).__name__}: {exc}; nothing "
+                       "written") from exc
+    if not callable(obj):
+        print(f"note: {args.factory}() returned a {type(obj).__name__}, which cannot be "
+              "called: multipy bench and serve call the archive's object as the model",
+              file=sys.stderr)
     patterns = dict(intern=args.intern, extern=args.extern, mock=args.mock)
     plan = plan_package(obj, **patterns)
     print(format_plan(plan))
