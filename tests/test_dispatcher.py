@@ -12,6 +12,9 @@ import sys
 import threading
 
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from multipy.backends.base import MAX_SENDS, RequestNotSent
 from multipy.backends.completions import Completions
@@ -95,3 +98,109 @@ def test_a_completion_callback_that_raises_is_reported_and_later_ones_still_run(
     err = capfd.readouterr().err
     assert "multipy: a completion callback raised" in err
     assert "ValueError: a bug in a completion" in err
+
+
+# -- the queues, the pump and "nothing queued", under any order of events ----------
+
+
+class _Held:
+    """A worker whose posted calls stay in flight until the test ends them."""
+
+    posted_depth = 1
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.lock = threading.Lock()
+        self.on_free = None
+        self.in_flight: list = []  # (done, args) of the calls sent here, oldest first
+
+    @property
+    def posted_in_flight(self) -> int:
+        return len(self.in_flight)
+
+    def post(self, op, args, *, completions, done, **_):
+        self.in_flight.append((done, args))  # the lock stays held until the call ends
+        return None
+
+    def end_one(self) -> None:
+        done, args = self.in_flight.pop(0)
+        self.lock.release()  # as Worker.post's completion does, before done()
+        done(args[0], None)
+
+
+class DispatcherMachine(RuleBasedStateMachine):
+    """Plain and pinned posted calls, cancellations and completions in any order:
+    every future gets its own answer once, nothing waits while an interpreter that
+    could take it is free, and ``_empty`` says exactly whether anything is queued."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.completions = Completions("multipy-completion-machine")
+        self.workers = [_Held(i) for i in range(2)]
+        self.balancer = LoadBalancer(2)
+        self.dispatcher = Dispatcher(self.workers, self.balancer, self.completions,
+                                     lambda i: True)
+        self.futures: list = []  # (future, value)
+        self.n = 0
+
+    def _submit(self, index):
+        self.n += 1
+        future = self.dispatcher.submit(Request(Op.CALL_REPLICATED, (self.n,), index=index))
+        self.futures.append((future, self.n))
+
+    @rule()
+    def submit(self):
+        self._submit(None)
+
+    @rule(index=st.integers(0, 1))
+    def submit_pinned(self, index):
+        self._submit(index)
+
+    @rule(index=st.integers(0, 1))
+    def end_a_call(self, index):
+        worker = self.workers[index]
+        if worker.in_flight:
+            worker.end_one()
+
+    @rule(data=st.data())
+    def cancel(self, data):
+        if self.futures:
+            future, _ = data.draw(st.sampled_from(self.futures))
+            future.cancel()
+
+    @invariant()
+    def empty_says_whether_anything_is_queued(self):
+        d = self.dispatcher
+        queued = bool(d._incoming or d._pending or d._retries or any(d._pinned))
+        assert d._empty == (not queued)
+        assert d._n_pinned == sum(len(q) for q in d._pinned)
+        assert not d._pumping
+
+    @invariant()
+    def nothing_waits_while_an_interpreter_could_take_it(self):
+        d = self.dispatcher
+        live = [r for r in d._pending if not r.future.cancelled()]
+        if live:
+            assert all(w.in_flight for w in self.workers), "a free interpreter and a queued call"
+        for worker, queue in zip(self.workers, d._pinned):
+            if any(not g.requests[0].future.cancelled() for g in queue):
+                assert worker.in_flight, "a free interpreter and a call queued for it"
+
+    @invariant()
+    def each_answer_reaches_its_own_caller(self):
+        for future, value in self.futures:
+            if future.done() and not future.cancelled():
+                assert future.result() == value
+
+    def teardown(self):
+        for worker in self.workers:
+            while worker.in_flight:
+                worker.end_one()
+        for future, value in self.futures:
+            assert future.cancelled() or future.result(timeout=10) == value
+        self.completions.close()
+
+
+DispatcherMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40,
+                                               deadline=None)
+test_the_dispatcher_under_any_order_of_events = DispatcherMachine.TestCase
