@@ -30,6 +30,7 @@ def test_soak_under_kills_loses_nothing_and_leaks_nothing():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # a 300 s soak, plus start and close
 def test_soak_long_form():
     report = run_soak(threads=16, seconds=300, interpreters=2, kill_every=3.0)
     assert not report.problems, report.problems
