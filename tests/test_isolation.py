@@ -13,6 +13,8 @@ from __future__ import annotations
 import importlib.util
 import os
 
+import re
+
 import pytest
 
 STATE_MODULE = """
@@ -141,3 +143,17 @@ def test_a_module_source_with_a_syntax_error_is_refused_in_the_host(registered, 
     with registered.acquire_one() as s:
         with pytest.raises(ModuleNotFoundError, match="broken_module"):
             s.global_("broken_module", "f")
+
+
+@pytest.mark.parametrize("name, source, words", [
+    ("numbers", 5, "source is the module's Python source text, a str, got int 5"),
+    ("numbers", b"X = 1", "a str, got bytes"),
+    (5, "X = 1", "name is a module name"),
+    ("not a name", "X = 1", "got str 'not a name'"),
+    ("", "X = 1", "name is a module name"),
+])
+def test_a_module_registered_with_a_wrong_name_or_source_is_refused_with_what_is_expected(
+        registered, assert_usable, name, source, words):
+    with pytest.raises(TypeError, match=re.escape(words)):
+        registered.register_module_source(name, source)
+    assert_usable(registered)
