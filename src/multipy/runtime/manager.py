@@ -157,7 +157,7 @@ class InterpreterManager:
         ``name`` is a module name (``"helpers"``, ``"pkg.helpers"``), ``source``
         its Python source text; a syntax error is raised here, in the host.
 
-        >>> manager.register_module_source("helpers", "def add1(x):\n    return x + 1\n")  # doctest: +SKIP
+        >>> manager.register_module_source("helpers", "SCALE = 2")  # doctest: +SKIP
         """
         if not isinstance(name, str) or not all(part.isidentifier() for part in name.split(".")):
             raise TypeError(f"register_module_source(name, source): name is a module name such as "
