@@ -162,6 +162,24 @@ def test_a_module_called_while_tracing_goes_through_nn_module():
     assert seen == [True]
 
 
+def test_a_module_run_while_tracing_is_called_through_nn_module():
+    # Under a trace nn.Module's call runs _slow_forward (it records scopes): _run
+    # (and the extension's run_call) must not call forward directly then.
+    seen = []
+
+    class Traced(_Plain):
+        def _slow_forward(self, *args):
+            seen.append("slow")
+            return self.forward(*args)
+
+    m = Traced()
+    torch.jit.trace(lambda x: interp_state._run(m, (x,), {}, None), torch.ones(1),
+                    check_trace=False)
+    assert seen == ["slow"]
+    assert interp_state._run(m, (torch.ones(1),), {}, None).tolist() == [1.0]
+    assert seen == ["slow"]  # not tracing: forward, directly
+
+
 def test_an_instance_forward_is_the_one_called():
     m = _Plain()
     m.forward = lambda x: x + 1

@@ -691,20 +691,26 @@ PyDoc_STRVAR(begin_doc,
 "(False: the host cancelled it, or its deadline passed).  Decided once, atomically\n"
 "against cancel(); a request whose slot was not armed always runs.");
 
-static PyObject *Channel_begin(ChannelObject *self, PyObject *arg) {
-    slot_t *s = slot_arg(self, arg);
-    if (s == NULL)
-        return NULL;
+/* 1: the interpreter runs the request posted with slot s, 0: it answers it unrun
+ * (begin(); also the C serving loop's decision, serve_calls). */
+static int go_begin(slot_t *s) {
     uint64_t *word = &s->go;
     uint64_t go = LOAD(word);
     for (;;) {
         if (go == GO_UNARMED || go == GO_STARTED || go == GO_SKIPPED)
-            Py_RETURN_TRUE;
+            return 1;
         uint64_t to = go == GO_CANCELLED || (go != GO_NO_DEADLINE && (uint64_t)now_ns() >= go)
                           ? GO_SKIPPED : GO_STARTED;
         if (__atomic_compare_exchange_n(word, &go, to, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
-            return PyBool_FromLong(to == GO_STARTED);
+            return to == GO_STARTED;
     }
+}
+
+static PyObject *Channel_begin(ChannelObject *self, PyObject *arg) {
+    slot_t *s = slot_arg(self, arg);
+    if (s == NULL)
+        return NULL;
+    return PyBool_FromLong(go_begin(s));
 }
 
 PyDoc_STRVAR(cancel_doc,
@@ -1870,6 +1876,9 @@ static PyObject *native_tensor_read(PyObject *m, PyObject *const *args, Py_ssize
  * (seg, offset, holder) for every tensor, for the decoder's books.  None for a
  * call the Python path reads instead: an item tensor_at leaves to it, or
  * anything the Python path refuses as corrupt (it says why). */
+static PyObject *read_call(const unsigned char *buf, Py_ssize_t len, Py_ssize_t pos,
+                           PyObject *outbound, PyObject *own);
+
 static PyObject *native_read_call(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
     (void)m;
     if (nargs != 4) {
@@ -1882,8 +1891,14 @@ static PyObject *native_read_call(PyObject *m, PyObject *const *args, Py_ssize_t
     Py_buffer view;
     if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
         return NULL;
-    const unsigned char *buf = view.buf;
-    Py_ssize_t len = view.len;
+    PyObject *out = read_call(view.buf, view.len, pos, args[2], args[3]);
+    PyBuffer_Release(&view);
+    return out;
+}
+
+/* read_call over the bytes buf[0:len] (a bytes object's, or a ring record's). */
+static PyObject *read_call(const unsigned char *buf, Py_ssize_t len, Py_ssize_t pos,
+                           PyObject *outbound, PyObject *own) {
     PyObject *out = NULL, *method = NULL, *freed = NULL, *positional = NULL, *blocks = NULL;
     if (pos < 0 || len - pos < CALL_HEAD || buf[pos] != 0x02)
         goto fallback;
@@ -1949,7 +1964,7 @@ static PyObject *native_read_call(PyObject *m, PyObject *const *args, Py_ssize_t
         }
         case ITEM_TENSOR: {
             read_t r;
-            int got = tensor_at(buf, len, pos, args[2], args[3], &r);
+            int got = tensor_at(buf, len, pos, outbound, own, &r);
             if (got <= 0) {
                 if (got < 0)
                     goto error;
@@ -2003,8 +2018,644 @@ error:
     Py_XDECREF(freed);
     Py_XDECREF(positional);
     Py_XDECREF(blocks);
-    PyBuffer_Release(&view);
     return out;
+}
+
+/* -- the interpreter's serving loop ------------------------------------------ *
+ *
+ * The interpreter side of the common call, in C: run_call calls a model the way
+ * interp/state.py's _run does (an nn.Module's forward directly when torch's
+ * nn.Module.__call__ would do nothing else, under the caller's autograd mode set
+ * with torch's C switches), and serve_calls is the serving loop of a process
+ * interpreter (backends/_process_main.py, transport/channel.py's InterpreterEnd):
+ * it waits for a request, takes it, decides with the go word whether it runs,
+ * reads the binary call, calls the model, writes the result's item and the reply
+ * into the caller's slot and rings the bell when the host asked for it.  Whatever
+ * is not that common call it hands back to the Python loop, which serves it as it
+ * serves every request without this loop. */
+
+#define SPILLED_TAG (1u << 16) /* channel.py's SPILLED */
+#define FAST_CALL_TAG 0x02     /* codec.FAST_CALL */
+#define BELL_WORD 384          /* channel.py's _BELL */
+enum { GRAD_ON = 0, GRAD_OFF = 1, GRAD_INFERENCE = 2 }; /* messages.GradMode */
+
+/* What a call needs of torch (call_setup), in the interpreter that set it up. */
+static PyInterpreterState *r_interp;
+static PyObject *r_is_inference, *r_is_grad, *r_set_grad, *r_inference_mode, *r_tracing,
+    *r_hooks, *r_module_call, *r_call_impl;
+static PyObject *s_dunder_call, *s_compiled_call_impl, *s_call_impl, *s_forward, *s_enter,
+    *s_exit, *s_initialized, *s_dirty, *s_stdout, *s_stderr, *s_module_hooks[4], *s_global_hooks[4];
+
+static PyObject *native_call_setup(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
+    (void)m;
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError, "call_setup(is_inference, is_grad, set_grad, "
+                        "inference_mode, tracing, hooks, module_call, call_impl) takes 8 arguments");
+        return NULL;
+    }
+    if (s_dunder_call == NULL) {
+#define INTERN(var, text) if ((var = PyUnicode_InternFromString(text)) == NULL) return NULL
+        INTERN(s_dunder_call, "__call__");
+        INTERN(s_compiled_call_impl, "_compiled_call_impl");
+        INTERN(s_call_impl, "_call_impl");
+        INTERN(s_forward, "forward");
+        INTERN(s_enter, "__enter__");
+        INTERN(s_exit, "__exit__");
+        INTERN(s_initialized, "_initialized");
+        INTERN(s_dirty, "dirty");
+        INTERN(s_stdout, "stdout");
+        INTERN(s_stderr, "stderr");
+        INTERN(s_module_hooks[0], "_forward_pre_hooks");
+        INTERN(s_module_hooks[1], "_forward_hooks");
+        INTERN(s_module_hooks[2], "_backward_pre_hooks");
+        INTERN(s_module_hooks[3], "_backward_hooks");
+        INTERN(s_global_hooks[0], "_global_forward_pre_hooks");
+        INTERN(s_global_hooks[1], "_global_forward_hooks");
+        INTERN(s_global_hooks[2], "_global_backward_pre_hooks");
+        INTERN(s_global_hooks[3], "_global_backward_hooks");
+#undef INTERN
+    }
+    PyObject **slots[8] = {&r_is_inference, &r_is_grad, &r_set_grad, &r_inference_mode,
+                           &r_tracing, &r_hooks, &r_module_call, &r_call_impl};
+    for (int i = 0; i < 8; i++)
+        Py_XSETREF(*slots[i], Py_NewRef(args[i]));
+    r_interp = PyInterpreterState_Get();
+    Py_RETURN_NONE;
+}
+
+static int calls_ready(void) {
+    return r_interp != NULL && r_interp == PyInterpreterState_Get();
+}
+
+/* 1 when calling `module` would call only its forward (state._direct_forward's
+ * condition, read every call), 0 when not, -1 with an error set. */
+static int forward_only(PyObject *module) {
+    PyTypeObject *tp = Py_TYPE(module);
+    PyObject *d = PyObject_GenericGetDict(module, NULL);
+    if (d == NULL) {
+        PyErr_Clear();
+        return 0; /* no instance dict: nn.Module's own call says what is wrong */
+    }
+    int out = 0;
+    if (!PyDict_Check(d))
+        goto done;
+    PyObject *compiled = PyDict_GetItemWithError(d, s_compiled_call_impl);
+    if (compiled == NULL) {
+        if (PyErr_Occurred())
+            goto error;
+        compiled = _PyType_Lookup(tp, s_compiled_call_impl);
+    }
+    if (compiled != Py_None)
+        goto done;
+    int own = PyDict_Contains(d, s_call_impl);
+    if (own != 0) {
+        if (own < 0)
+            goto error;
+        goto done;
+    }
+    if (_PyType_Lookup(tp, s_call_impl) != r_call_impl)
+        goto done;
+    for (int i = 0; i < 4; i++) {
+        PyObject *hooks = PyDict_GetItemWithError(d, s_module_hooks[i]);
+        if (hooks == NULL) {
+            if (PyErr_Occurred())
+                goto error;
+            goto done; /* not nn.Module's attributes: its call says so */
+        }
+        int any = PyObject_IsTrue(hooks);
+        if (any != 0) {
+            if (any < 0)
+                goto error;
+            goto done;
+        }
+    }
+    for (int i = 0; i < 4; i++) { /* torch.nn.modules.module's globals, read every call */
+        PyObject *hooks = PyModule_Check(r_hooks)
+                              ? Py_XNewRef(PyDict_GetItemWithError(PyModule_GetDict(r_hooks),
+                                                                   s_global_hooks[i]))
+                              : PyObject_GetAttr(r_hooks, s_global_hooks[i]);
+        if (hooks == NULL) {
+            if (!PyErr_Occurred())
+                PyErr_Format(PyExc_AttributeError, "torch.nn.modules.module has no %U",
+                             s_global_hooks[i]);
+            goto error;
+        }
+        int any = PyObject_IsTrue(hooks);
+        Py_DECREF(hooks);
+        if (any != 0) {
+            if (any < 0)
+                goto error;
+            goto done;
+        }
+    }
+    PyObject *tracing = PyObject_CallNoArgs(r_tracing);
+    if (tracing == NULL)
+        goto error;
+    int traced = PyObject_IsTrue(tracing);
+    Py_DECREF(tracing);
+    if (traced < 0)
+        goto error;
+    out = !traced;
+    goto done;
+error:
+    out = -1;
+done:
+    Py_DECREF(d);
+    return out;
+}
+
+/* 1/0: what a no-argument switch of torch answers; -1 with an error set. */
+static int ask_switch(PyObject *fn) {
+    PyObject *r = PyObject_CallNoArgs(fn);
+    if (r == NULL)
+        return -1;
+    int out = PyObject_IsTrue(r);
+    Py_DECREF(r);
+    return out;
+}
+
+static PyObject *call_fn(PyObject *fn, PyObject *args, PyObject *kwargs) {
+    return kwargs != NULL ? PyObject_Call(fn, args, kwargs) : PyObject_CallObject(fn, args);
+}
+
+/* Call `exit_fn(*exit_args)` after a call that returned `result` (NULL: it raised,
+ * the error set), keeping the call's outcome: the call's error wins over exit's. */
+static PyObject *after(PyObject *result, PyObject *exit_fn, PyObject *const *exit_args,
+                       size_t n) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *r = PyObject_Vectorcall(exit_fn, exit_args, n, NULL);
+    if (r == NULL) {
+        if (type != NULL) { /* the call's own error: the exit's is lost, as in a finally */
+            PyErr_Clear();
+            PyErr_Restore(type, value, tb);
+        }
+        Py_XDECREF(result);
+        return NULL;
+    }
+    Py_DECREF(r);
+    if (type != NULL)
+        PyErr_Restore(type, value, tb);
+    return result;
+}
+
+/* fn(*args, **kwargs) with gradients enabled or not, the setting put back after. */
+static PyObject *with_grad(int enabled, PyObject *fn, PyObject *args, PyObject *kwargs) {
+    int before = ask_switch(r_is_grad);
+    if (before < 0)
+        return NULL;
+    PyObject *r = PyObject_CallOneArg(r_set_grad, enabled ? Py_True : Py_False);
+    if (r == NULL)
+        return NULL;
+    Py_DECREF(r);
+    PyObject *result = call_fn(fn, args, kwargs);
+    PyObject *arg = before ? Py_True : Py_False;
+    return after(result, r_set_grad, &arg, 1);
+}
+
+/* state._run's call once torch is here: fn(*args, **kwargs) (kwargs may be NULL)
+ * under the caller's autograd mode `grad` (< 0: the thread's own), an nn.Module's
+ * forward called directly when that is all its call would do. */
+static PyObject *run_call(PyObject *fn, PyObject *args, PyObject *kwargs, int grad) {
+    PyObject *target = fn;
+    Py_INCREF(target);
+    if (_PyType_Lookup(Py_TYPE(fn), s_dunder_call) == r_module_call) {
+        int direct = forward_only(fn);
+        if (direct < 0) {
+            Py_DECREF(target);
+            return NULL;
+        }
+        if (direct) {
+            Py_SETREF(target, PyObject_GetAttr(fn, s_forward));
+            if (target == NULL)
+                return NULL;
+        }
+    }
+    PyObject *result = NULL;
+    if (grad < 0) {
+        result = call_fn(target, args, kwargs);
+        goto done;
+    }
+    int inference = ask_switch(r_is_inference);
+    if (inference < 0)
+        goto done;
+    if (inference) {
+        result = grad == GRAD_INFERENCE ? call_fn(target, args, kwargs)
+                                        : with_grad(grad == GRAD_ON, target, args, kwargs);
+    } else if (grad == GRAD_INFERENCE) { /* what `with torch._C._InferenceMode(True):` does */
+        PyObject *guard = PyObject_CallOneArg(r_inference_mode, Py_True);
+        if (guard == NULL)
+            goto done;
+        PyObject *entered = PyObject_CallMethodNoArgs(guard, s_enter);
+        if (entered != NULL) {
+            Py_DECREF(entered);
+            result = call_fn(target, args, kwargs);
+            PyObject *exit_args[4] = {guard, Py_None, Py_None, Py_None};
+            PyObject *exit_fn = PyObject_GetAttr((PyObject *)Py_TYPE(guard), s_exit);
+            if (exit_fn == NULL) {
+                Py_CLEAR(result);
+            } else {
+                result = after(result, exit_fn, exit_args, 4);
+                Py_DECREF(exit_fn);
+            }
+        }
+        Py_DECREF(guard);
+    } else {
+        int enabled = ask_switch(r_is_grad);
+        if (enabled < 0)
+            goto done;
+        result = enabled != (grad == GRAD_ON) ? with_grad(grad == GRAD_ON, target, args, kwargs)
+                                              : call_fn(target, args, kwargs);
+    }
+done:
+    Py_DECREF(target);
+    return result;
+}
+
+/* run_call(fn, args, kwargs, grad) -> fn(*args, **kwargs) */
+static PyObject *native_run_call(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
+    (void)m;
+    if (nargs != 4 || !PyTuple_Check(args[1]) || (args[2] != Py_None && !PyDict_Check(args[2]))) {
+        PyErr_SetString(PyExc_TypeError, "run_call(fn, args: tuple, kwargs: dict | None, grad) "
+                        "takes 4 arguments");
+        return NULL;
+    }
+    if (!calls_ready()) {
+        PyErr_SetString(PyExc_RuntimeError, "run_call: call_setup was not called in this interpreter");
+        return NULL;
+    }
+    int grad = -1;
+    if (args[3] != Py_None) {
+        grad = (int)PyLong_AsLong(args[3]);
+        if (grad == -1 && PyErr_Occurred())
+            return NULL;
+    }
+    PyObject *kwargs = args[2] == Py_None || PyDict_GET_SIZE(args[2]) == 0 ? NULL : args[2];
+    return run_call(args[0], args[1], kwargs, grad);
+}
+
+/* 1 when torch.cuda may be in use here (`cuda` is state's _TORCH_CUDA[0]; None
+ * before the Python path first looked torch up): the
+ * Python path then runs the call (it moves to the interpreter's own stream). */
+static int cuda_maybe(PyObject *cuda) {
+    if (cuda == Py_None)
+        return 1;
+    PyObject *v = PyObject_GetAttr(cuda, s_initialized);
+    if (v == NULL) {
+        PyErr_Clear();
+        return 1;
+    }
+    int out = v != Py_False;
+    Py_DECREF(v);
+    return out;
+}
+
+/* 1 when something was written to the interpreter's stdout or stderr (or either is
+ * not the loop's tracked stream): the Python loop's _answer flushes and says so. */
+static int output_written(PyObject *sys_dict) {
+    PyObject *streams[2] = {PyDict_GetItemWithError(sys_dict, s_stdout),
+                            PyDict_GetItemWithError(sys_dict, s_stderr)};
+    for (int i = 0; i < 2; i++) {
+        if (streams[i] == NULL) {
+            PyErr_Clear();
+            return 1;
+        }
+        PyObject *dirty = PyObject_GetAttr(streams[i], s_dirty);
+        if (dirty == NULL) {
+            PyErr_Clear();
+            return 1;
+        }
+        Py_DECREF(dirty);
+        if (dirty != Py_False)
+            return 1;
+    }
+    return 0;
+}
+
+static void consume(ChannelObject *c, record_t *r) {
+    uint32_t len = r->len;
+    memset(r, 0, RECORD_HEAD + round16(len)); /* as take() does */
+    STORE(&c->h->head, c->h->head + RECORD_HEAD + round16(len));
+}
+
+/* The record's bytes as a (kind, tag or slot, bytes) for the Python loop, consumed. */
+static PyObject *hand_back(ChannelObject *c, record_t *r, long kind, unsigned long which) {
+    PyObject *data = PyBytes_FromStringAndSize((char *)r + RECORD_HEAD, r->len);
+    if (data == NULL)
+        return NULL;
+    consume(c, r);
+    return Py_BuildValue("(lkN)", kind, which, data);
+}
+
+/* A scalar result as its binary item (codec.Encoder._item); NULL without an error
+ * for what the Python path encodes. */
+static PyObject *scalar_item(PyObject *v) {
+    unsigned char b[9];
+    if (v == Py_False || v == Py_True) {
+        b[0] = v == Py_True ? 2 : 1;
+        return PyBytes_FromStringAndSize((char *)b, 1);
+    }
+    if (PyLong_CheckExact(v)) {
+        int overflow;
+        long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+        if (overflow || (x == -1 && PyErr_Occurred())) {
+            PyErr_Clear();
+            return NULL;
+        }
+        b[0] = 3;
+        memcpy(b + 1, &x, 8);
+        return PyBytes_FromStringAndSize((char *)b, 9);
+    }
+    if (PyFloat_CheckExact(v)) {
+        double x = PyFloat_AS_DOUBLE(v);
+        b[0] = 4;
+        memcpy(b + 1, &x, 8);
+        return PyBytes_FromStringAndSize((char *)b, 9);
+    }
+    return NULL;
+}
+
+/* Write the binary reply (messages.encode_reply: nothing pinned or unpinned, no
+ * output) into slot s and wake its waiter; 0 when it does not fit the slot. */
+static int put_reply(ChannelObject *c, slot_t *s, uint64_t call, PyObject *item, PyObject *placed) {
+    Py_ssize_t nblocks = PyList_GET_SIZE(placed);
+    Py_ssize_t vlen = item == NULL ? 0 : 1 + PyBytes_GET_SIZE(item);
+    if (nblocks > REPLY_MAX_LIST ||
+        (size_t)(REPLY_HEAD + 8 * nblocks + vlen) > (size_t)c->h->slot_bytes)
+        return 0;
+    unsigned char *p = (unsigned char *)s + SLOT_HEAD;
+    memcpy(p, &call, 8);
+    p[8] = REPLY_TAG;
+    p[9] = item == NULL ? 0 : REPLY_VALUE;
+    uint16_t n[3] = {0, 0, (uint16_t)nblocks};
+    memcpy(p + 10, n, 6);
+    unsigned char *q = p + REPLY_HEAD;
+    for (Py_ssize_t i = 0; i < nblocks; i++, q += 8) {
+        uint64_t v = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(placed, i));
+        memcpy(q, &v, 8);
+    }
+    if (item != NULL) {
+        *q = 0x01; /* codec.FAST_VALUE */
+        memcpy(q + 1, PyBytes_AS_STRING(item), vlen - 1);
+    }
+    s->len = (uint32_t)(REPLY_HEAD + 8 * nblocks + vlen);
+    s->tag = 0;
+    SC_STORE(&s->state, (uint32_t)SLOT_REPLIED);
+    if (SC_LOAD(&s->sleeping))
+        futex_wake(&s->state);
+    return 1;
+}
+
+static void ring_bell(ChannelObject *c, int bell_w) {
+    if (bell_w >= 0 && LOAD((uint32_t *)((char *)c->h + BELL_WORD))) {
+        ssize_t w = write(bell_w, "!", 1); /* full (EAGAIN): readable already */
+        (void)w;
+    }
+}
+
+/* [2, slot, call, result, value, error, watched, placed]: a call whose reply the
+ * Python loop finishes (Loop.finish); watched holds (offset, holder) of the argument
+ * blocks of the peer's arena, as Decoder.received does.  Borrows every argument. */
+static PyObject *finish_list(unsigned long slot, uint64_t call, PyObject *result,
+                             PyObject *value, PyObject *error, PyObject *blocks, PyObject *placed) {
+    PyObject *out = Py_BuildValue("[lkKOOO[]O]", 2L, slot, (unsigned long long)call,
+                                  result ? result : Py_None, value ? value : Py_None,
+                                  error ? error : Py_None, placed);
+    if (out == NULL)
+        return NULL;
+    PyObject *watched = PyList_GET_ITEM(out, 6);
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(blocks); i++) {
+        PyObject *b = PyList_GET_ITEM(blocks, i);
+        if (PyLong_AsLong(PyTuple_GET_ITEM(b, 0)) != SEG_OUTBOUND)
+            continue;
+        PyObject *entry = PyTuple_Pack(2, PyTuple_GET_ITEM(b, 1), PyTuple_GET_ITEM(b, 2));
+        if (entry == NULL || PyList_Append(watched, entry) < 0) {
+            Py_XDECREF(entry);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(entry);
+    }
+    return out;
+}
+
+PyDoc_STRVAR(serve_calls_doc,
+"serve_calls(channel, spin, req_r, bell_w, replicated, args_segment, results_segment,\n"
+"            results_arena, free_result, returned, pin_pending, unpinned, kept_pending,\n"
+"            open_segments, links, cuda, call_plain, use_own_stream, /)\n"
+"    -> None | tuple | list\n\n"
+"The interpreter's serving loop for the common call (see\n"
+"backends/_process_main.Loop.run): serve binary calls of loaded replicated objects\n"
+"until a request needs the Python loop, then hand it back:\n"
+"``(0, tag, data)`` a request taken, not served (its go word may be decided:\n"
+"begin() answers True again); ``(1, slot, data)`` a request to answer unrun\n"
+"(skip); ``[2, slot, call, result, value, error, watched, placed]`` a call that\n"
+"ran, whose reply the Python loop finishes (Loop.finish).  None once the host\n"
+"closed the channel or its request pipe, or died.");
+
+static PyObject *native_serve_calls(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 18) {
+        PyErr_SetString(PyExc_TypeError, "serve_calls takes 18 arguments");
+        return NULL;
+    }
+    PyObject *channel_type = PyObject_GetAttrString(m, "Channel");
+    if (channel_type == NULL)
+        return NULL;
+    int is_channel = PyObject_TypeCheck(args[0], (PyTypeObject *)channel_type);
+    Py_DECREF(channel_type);
+    if (!is_channel) {
+        PyErr_SetString(PyExc_TypeError, "serve_calls: not a Channel");
+        return NULL;
+    }
+    ChannelObject *c = (ChannelObject *)args[0];
+    double spin = PyFloat_AsDouble(args[1]);
+    int req_r = (int)PyLong_AsLong(args[2]), bell_w = (int)PyLong_AsLong(args[3]);
+    if (PyErr_Occurred())
+        return NULL;
+    PyObject *replicated = args[4], *outbound = args[5], *own = args[6], *arena = args[7],
+             *free_result = args[8], *returned = args[9], *pin_pending = args[10],
+             *unpinned = args[11], *kept_pending = args[12], *open_segments = args[13],
+             *links = args[14], *cuda = args[15], *call_plain = args[16],
+             *use_own_stream = args[17];
+    if (!PyDict_Check(replicated) || !PyList_Check(returned) || !PyList_Check(unpinned) ||
+        !PyList_Check(open_segments) || !PyDict_Check(links) || !PyList_Check(cuda) ||
+        PyList_GET_SIZE(cuda) != 1) {
+        PyErr_SetString(PyExc_TypeError, "serve_calls: replicated and links must be dicts, "
+                        "returned, unpinned and open_segments lists, cuda a list of one");
+        return NULL;
+    }
+    PyObject *sys_module = PyImport_AddModule("sys"); /* borrowed */
+    PyObject *sys_dict = sys_module == NULL ? NULL : PyModule_GetDict(sys_module);
+    if (sys_dict == NULL)
+        return NULL;
+    for (;;) {
+        if (check_attached(c) < 0)
+            return NULL;
+        header_t *h = c->h;
+        record_t *r = ring_front(c);
+        if (r == NULL) {
+            PyObject *w = blocking_wait(c, request_ready, NULL, &h->req_seq, &h->req_sleeping,
+                                        -1.0, spin, -1, req_r);
+            if (w == NULL)
+                return NULL;
+            long rc = PyLong_AsLong(w);
+            Py_DECREF(w);
+            if (rc != READY && rc != SLEPT)
+                Py_RETURN_NONE;
+            continue;
+        }
+        uint32_t len = r->len, tag = r->tag, slot = tag & 0xFFFF;
+        const unsigned char *buf = (const unsigned char *)r + RECORD_HEAD;
+        /* The loop's state that the Python loop settles before a request: then it serves it. */
+        int common = !(tag & SPILLED_TAG) && len > 8 && buf[8] == FAST_CALL_TAG &&
+                     slot < h->slots && t_tensor_type != NULL && calls_ready() &&
+                     PyObject_Length(kept_pending) == 0 && PyList_GET_SIZE(open_segments) == 0 &&
+                     PyDict_GET_SIZE(links) == 0;
+        if (PyErr_Occurred())
+            return NULL;
+        if (!common)
+            return hand_back(c, r, 0, tag);
+        slot_t *s = slot_at(c, slot);
+        if (!go_begin(s))
+            return hand_back(c, r, 1, slot);
+        uint64_t call;
+        memcpy(&call, buf, 8);
+        PyObject *read = read_call(buf, len, 8, outbound, own);
+        if (read == NULL)
+            PyErr_Clear(); /* the Python loop reads it again, and answers with why */
+        if (read == NULL || read == Py_None) {
+            Py_XDECREF(read);
+            return hand_back(c, r, 0, tag);
+        }
+        consume(c, r);
+        /* (rid, method, positional, grad, freed, blocks) */
+        PyObject *rid = PyTuple_GET_ITEM(read, 0), *method = PyTuple_GET_ITEM(read, 1),
+                 *grad_obj = PyTuple_GET_ITEM(read, 3), *freed = PyTuple_GET_ITEM(read, 4),
+                 *blocks = Py_NewRef(PyTuple_GET_ITEM(read, 5));
+        PyObject *positional = Py_NewRef(PyTuple_GET_ITEM(read, 2));
+        PyObject *result = NULL, *item = NULL, *placed = PyList_New(0);
+        int tail = 0; /* the Python loop finishes the reply */
+        if (placed == NULL)
+            goto failed;
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(freed); i++) {
+            PyObject *r2 = PyObject_CallOneArg(free_result, PyTuple_GET_ITEM(freed, i));
+            if (r2 == NULL)
+                goto failed;
+            Py_DECREF(r2);
+        }
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(blocks); i++) { /* Decoder._book */
+            PyObject *b = PyList_GET_ITEM(blocks, i);
+            if (PyLong_AsLong(PyTuple_GET_ITEM(b, 0)) == SEG_OUTBOUND)
+                continue;
+            PyObject *entry = PyTuple_Pack(2, PyTuple_GET_ITEM(b, 1), PyTuple_GET_ITEM(b, 2));
+            if (entry == NULL || PyList_Append(returned, entry) < 0) {
+                Py_XDECREF(entry);
+                goto failed;
+            }
+            Py_DECREF(entry);
+            tail = 1; /* the Python loop watches the blocks handed back (_answer) */
+        }
+        PyObject *obj = PyDict_GetItemWithError(replicated, rid);
+        if (obj == NULL && PyErr_Occurred())
+            goto failed;
+        if (obj == NULL || cuda_maybe(PyList_GET_ITEM(cuda, 0))) {
+            /* not loaded (it says why), or CUDA may be in use: state.call_plain */
+            PyObject *cargs[4] = {rid, method, positional, grad_obj};
+            result = PyObject_Vectorcall(call_plain, cargs, 4, NULL);
+        } else {
+            PyObject *fn = method == Py_None ? Py_NewRef(obj) : PyObject_GetAttr(obj, method);
+            if (fn == NULL)
+                goto failed;
+            int grad = grad_obj == Py_None ? -1 : (int)PyLong_AsLong(grad_obj);
+            result = run_call(fn, positional, NULL, grad);
+            Py_DECREF(fn);
+            if (result != NULL && cuda_maybe(PyList_GET_ITEM(cuda, 0))) { /* the call first touched CUDA (_run) */
+                PyObject *r2 = PyObject_CallNoArgs(use_own_stream);
+                if (r2 == NULL)
+                    Py_CLEAR(result);
+                Py_XDECREF(r2);
+            }
+        }
+        Py_CLEAR(read);
+        Py_CLEAR(positional);
+        if (result == NULL)
+            goto failed;
+        if (result != Py_None) {
+            if (Py_TYPE(result) == (PyTypeObject *)t_tensor_type ||
+                Py_TYPE(result) == (PyTypeObject *)t_parameter_type) {
+                item = tensor_item(result, outbound, arena, 0, placed);
+                if (item == NULL)
+                    goto failed;
+                if (item == Py_None)
+                    Py_CLEAR(item);
+            } else {
+                item = scalar_item(result);
+            }
+            if (item == NULL)
+                tail = 1; /* encoded by the Python path (Encoder.encode: a pickle) */
+        }
+        if (!tail) {
+            Py_CLEAR(result);
+            /* A tensor over an argument block that outlived the call: _answer pins it. */
+            for (Py_ssize_t i = 0; i < PyList_GET_SIZE(blocks) && !tail; i++)
+                if (Py_REFCNT(PyTuple_GET_ITEM(PyList_GET_ITEM(blocks, i), 2)) > 1)
+                    tail = 1;
+            if (!tail) {
+                int pending = PyObject_Length(pin_pending);
+                if (pending < 0)
+                    goto failed;
+                tail = pending > 0 || PyList_GET_SIZE(unpinned) > 0 || output_written(sys_dict);
+            }
+        }
+        if (!tail && put_reply(c, s, call, item, placed)) {
+            ring_bell(c, bell_w);
+            Py_XDECREF(item);
+            Py_DECREF(placed);
+            Py_DECREF(blocks);
+            continue;
+        }
+        /* [2, slot, call, result, value, None, watched, placed] for Loop.finish */
+        {
+            PyObject *value = NULL, *out = NULL;
+            if (item != NULL) {
+                value = PyBytes_FromStringAndSize(NULL, 1 + PyBytes_GET_SIZE(item));
+                if (value != NULL) {
+                    PyBytes_AS_STRING(value)[0] = 0x01; /* codec.FAST_VALUE */
+                    memcpy(PyBytes_AS_STRING(value) + 1, PyBytes_AS_STRING(item),
+                           PyBytes_GET_SIZE(item));
+                }
+            }
+            if (item == NULL || value != NULL)
+                out = finish_list(slot, call, result, value, NULL, blocks, placed);
+            Py_XDECREF(value);
+            Py_XDECREF(item);
+            Py_XDECREF(result);
+            Py_DECREF(placed);
+            Py_DECREF(blocks);
+            return out;
+        }
+    failed: /* the call raised (or its reading or encoding did): [2, ..., error, ...] */
+        {
+            PyObject *type, *value, *tb;
+            PyErr_Fetch(&type, &value, &tb);
+            PyErr_NormalizeException(&type, &value, &tb);
+            if (tb != NULL && value != NULL)
+                PyException_SetTraceback(value, tb);
+            Py_XDECREF(type);
+            Py_XDECREF(tb);
+            Py_XDECREF(read);
+            Py_XDECREF(positional);
+            Py_XDECREF(result);
+            Py_XDECREF(item);
+            PyObject *out = NULL;
+            if (placed != NULL && value != NULL)
+                out = finish_list(slot, call, NULL, NULL, value, blocks, placed);
+            Py_XDECREF(value);
+            Py_XDECREF(placed);
+            Py_DECREF(blocks);
+            return out;
+        }
+    }
 }
 
 /* -- host: the books of result blocks ------------------------------------------
@@ -3063,6 +3714,18 @@ static PyMethodDef module_methods[] = {
      "The request CALL_REPLICATED(*args) as the binary call (codec.FAST_CALL), its\n"
      "tensors written as tensor_item writes them; None for a request the Python\n"
      "path encodes (the blocks placed meanwhile are in placed)."},
+    {"call_setup", (PyCFunction)(void (*)(void))native_call_setup, METH_FASTCALL,
+     "call_setup(is_inference, is_grad, set_grad, inference_mode, tracing, hooks,\n"
+     "           module_call, call_impl, /)\n\n"
+     "What run_call and serve_calls need of torch (interp.state._TorchCalls), in this\n"
+     "interpreter."},
+    {"run_call", (PyCFunction)(void (*)(void))native_run_call, METH_FASTCALL,
+     "run_call(fn, args, kwargs, grad, /)\n\n"
+     "fn(*args, **kwargs) under the autograd mode grad (messages.GradMode, or None:\n"
+     "the thread's own), an nn.Module's forward called directly when its call would\n"
+     "call only that (interp.state._run)."},
+    {"serve_calls", (PyCFunction)(void (*)(void))native_serve_calls, METH_FASTCALL,
+     serve_calls_doc},
     {"read_call", (PyCFunction)(void (*)(void))native_read_call, METH_FASTCALL,
      "read_call(data, pos, outbound, own, /) -> (rid, method, positional, grad, freed, blocks) | None\n\n"
      "The binary call (codec.FAST_CALL) at data[pos], its tensors made as tensor_read\n"

@@ -180,7 +180,8 @@ class Loop:
 
             channel, memory = attach(self.channel_fd)
             end = InterpreterEnd(channel, self.req_r, self.rep_w, self.spin, self.bell_w, memory)
-            end.serve_forever(self.serve, self.skip)
+            common = self._common_calls(channel)
+            end.serve_forever(self.serve, self.skip, common, self.finish if common else None)
             sys.stdout.flush()
             sys.stderr.flush()
             return
@@ -195,6 +196,58 @@ class Loop:
             write_frame(self.rep_w, self.serve(data))
         sys.stdout.flush()
         sys.stderr.flush()
+
+    def _common_calls(self, channel):
+        """``common()`` for :meth:`InterpreterEnd.serve_forever`: the extension's
+        serving loop (``multipy._native.serve_calls``), which serves the common call
+        in C, as :meth:`serve` would, and hands every other request back; ``None``
+        without the extension (``MULTIPY_NATIVE=0``: this module's loop serves all)."""
+        from ..interp import state as state_module
+        from ..transport.channel import _native_module
+
+        serve_calls = getattr(_native_module, "serve_calls", None)
+        if serve_calls is None or not isinstance(channel, _native_module.Channel):
+            return None
+        if "torch" in sys.modules:  # what the loop needs of torch, set up before the first call
+            from ..transport.codec import native_tensors
+
+            state_module._torch_cuda()
+            native_tensors()
+        state, results = self.state, self.results
+        spin, req_r, bell_w = float(self.spin), self.req_r, self.bell_w
+        args_segment = self.decoder.outbound
+        torch_cuda, use_own_stream = state_module._TORCH_CUDA, state_module._use_own_stream
+
+        def common():
+            # Read again on each entry: _answer replaces _returned and unpinned.
+            return serve_calls(channel, spin, req_r, bell_w, state.replicated, args_segment,
+                               results.segment, results, self._free_result, self._returned,
+                               self._pin_views.pending, self.unpinned, self._kept.pending,
+                               state.open_segments, self.links._links, torch_cuda,
+                               state.call_plain, use_own_stream)
+        return common
+
+    def finish(self, item: list) -> bytes:
+        """The reply frame of a call that the extension's loop ran (see
+        :meth:`_common_calls`) and left to this loop to answer: its value (encoded
+        already, or ``result`` to encode here) or the error it raised, with the
+        blocks it leaves held, as :meth:`serve` answers.  Empties ``item``."""
+        _, _, call, result, value, error, watched, placed = item
+        item.clear()
+        self.encoder.placed = placed
+        try:
+            try:
+                if error is None and value is None and result is not None:
+                    value = self.encoder.encode(result, "result")
+                del result
+            finally:
+                self.links.done()
+        except BaseException as exc:
+            error = exc
+            del exc
+        if error is not None:
+            error = self._failed(error)
+        return self._answer(call, value, error, watched)
 
     def _map_links(self, args: tuple) -> None:
         """Op.CUDA_LINK: map the host's link buffers and events, and move to this

@@ -349,6 +349,15 @@ class _TorchCalls:
         self.hooks = module  # its global hook dicts, read on every call (never cached)
         self.module_call = module.Module.__call__
         self.call_impl = module.Module._call_impl
+        #: the extension's run_call (the same decisions in C), unless MULTIPY_NATIVE=0
+        self.run = None
+        from ..transport.channel import _native_module
+
+        if _native_module is not None and hasattr(_native_module, "run_call"):
+            _native_module.call_setup(self.is_inference, self.is_grad, self.set_grad,
+                                      self.inference_mode, self.tracing, module,
+                                      self.module_call, self.call_impl)
+            self.run = _native_module.run_call
 
 
 def _run(fn, args: tuple, kwargs: dict, grad_mode):
@@ -356,7 +365,8 @@ def _run(fn, args: tuple, kwargs: dict, grad_mode):
     interpreter's CUDA stream once CUDA is in use.
 
     An ``nn.Module`` whose call would only call its ``forward`` has ``forward``
-    called directly (:func:`_direct_forward`).  The autograd mode is switched
+    called directly (:func:`_direct_forward`; ``multipy._native.run_call`` makes
+    the same decisions in C where the extension is loaded).  The autograd mode is switched
     only when the thread is not in the caller's mode already, with torch's C
     switches, and put back after the call, as ``torch.no_grad()``,
     ``torch.enable_grad()`` and ``torch.inference_mode()`` would.
@@ -373,6 +383,8 @@ def _run(fn, args: tuple, kwargs: dict, grad_mode):
     calls = _TORCH[0]
     if calls is None:
         result = fn(*args, **kwargs)
+    elif calls.run is not None:  # the extension's: the same steps, in C
+        result = calls.run(fn, args, kwargs, grad_mode)
     else:
         if type(fn).__call__ is calls.module_call:
             fn = _direct_forward(fn, calls)

@@ -751,11 +751,18 @@ class InterpreterEnd:
         if bell_w >= 0:
             os.set_blocking(bell_w, False)
 
-    def serve_forever(self, serve, skip=None) -> None:
+    def serve_forever(self, serve, skip=None, common=None, finish=None) -> None:
         """Answer every request with ``serve(payload) -> reply payload`` until the host
         closes the channel or its request pipe, or dies.  A request the host armed
         (:meth:`HostEnd.arm`) and that is taken past its deadline or cancelled is
-        answered with ``skip(payload)`` instead, unrun (when ``skip`` is given)."""
+        answered with ``skip(payload)`` instead, unrun (when ``skip`` is given).
+
+        ``common()`` (with ``finish``; the process backend's loop passes the
+        extension's ``serve_calls``) serves the common call itself, in C, and
+        returns each request it leaves to this loop, in order (see
+        :meth:`_serve_common`)."""
+        if common is not None:
+            return self._serve_common(serve, skip, common, finish)
         ch, spin, req_r, rep_w, bell_w = self.channel, self.spin, self.req_r, self.rep_w, self.bell_w
         take, reply, write = ch.take, ch.reply, os.write
         begin = ch.begin if skip is not None else None
@@ -785,6 +792,39 @@ class InterpreterEnd:
                 except BlockingIOError:
                     pass  # full: readable already
 
+
+    def _serve_common(self, serve, skip, common, finish) -> None:
+        """The loop with the common call served by ``common()`` (``multipy._native.
+        serve_calls``), which answers binary calls until a request needs this loop and
+        then returns it: ``(0, tag, payload)`` a request taken but not served, served
+        here as :meth:`serve_forever` serves any (its go word may be decided already:
+        ``begin`` then says to run it again); ``(1, slot, payload)`` one taken past its
+        deadline or cancelled: ``skip(payload)``; ``[2, slot, ...]`` a call that ran,
+        whose reply ``finish(item)`` makes; ``None`` once the host is gone."""
+        begin = self.channel.begin
+        while True:
+            item = common()
+            if item is None:
+                return
+            kind = item[0]
+            if kind == 0:
+                _, tag, data = item
+                del item
+                if tag & SPILLED:
+                    data = read_frame(self.req_r)
+                    if data is None:
+                        return
+                slot = tag & 0xFFFF
+                out = serve(data) if skip is None or begin(slot) else skip(data)
+            elif kind == 1:
+                slot, data = item[1], item[2]
+                del item
+                out = skip(data) if skip is not None else serve(data)
+            else:
+                slot = item[1]
+                out = finish(item)  # empties the list: no reference to the call's objects
+                del item
+            self.answer(slot, out)
 
     # -- the same steps, for a serving loop of its own (the subinterpreter backend's,
     # which leaves its loop to fetch shared buffers between taking and answering) --
