@@ -184,6 +184,29 @@ def _steps():
         steps.append(("both", "call channel, no waiting: claim, post, take, reply, take_reply, "
                               "release (C)", channel_round))
 
+        # The interpreter's serving loop in C (Loop._common_calls: _native.serve_calls)
+        # serving the same request from the channel, reply written into its slot; a
+        # second, uncommon request (a pickle's first byte) ends it, handed back.
+        common = loop._common_calls(interp_end)
+        if common is not None:
+            stop = CALL_ID.pack(2) + b"\x80"
+
+            def serve_calls():
+                slot = host_end.claim()
+                host_end.post(loop_framed, slot)
+                last = host_end.claim()
+                host_end.post(stop, last)
+                common()
+                host_end.take_reply(slot)
+                host_end.release(slot)
+                host_end.release(last)
+
+            steps.append(("interpreter", "the serving loop in C (_native.serve_calls) of the "
+                                         "request: take, go word, read, call, result item, reply "
+                                         "in the slot; with the host's claim, post, take_reply, "
+                                         "release, and a second request handed back to end it",
+                          serve_calls))
+
     worker = _StubWorker()
     steps.append(("host", "Worker.request bookkeeping (lock, counters, latency; transport "
                           "stubbed)", lambda: worker.request(_CALL_REPLICATED, request_args)))
