@@ -8,6 +8,7 @@ Crash isolation is process-only, so no crash test lives here.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import subprocess
 import sys
@@ -852,18 +853,26 @@ def test_the_binary_forms_of_the_common_call_fall_back_without_encoding_twice(mo
     assert pickled == []  # the fallback is the caller's own pickle, not a second one here
 
 
-def test_a_posted_call_follows_a_running_one_into_the_subinterpreter(tmp_path):
-    # On the channel the subinterpreter takes requests in order from its ring: a
-    # posted call is sent behind the one it runs (as on the process backend), not
-    # held in the dispatcher until that one ends.
+@contextlib.contextmanager
+def _gate_and(tmp_path, name, **options):
+    """One subinterpreter with ``gates.gated`` (runs until ``release`` exists, after
+    creating ``started``) and ``helpers.<name>`` as replicated objects."""
     _needs_channel()
     started, release = str(tmp_path / "started"), str(tmp_path / "release")
-    with InterpreterManager(1, backend="subinterpreter") as m:
+    with InterpreterManager(1, backend="subinterpreter", **options) as m:
         m.register_module_source("helpers", HELPERS)
         m.register_module_source("gates", GATED)
         with m.acquire_one() as s:
             gated = s.create_movable(s.global_("gates", "gated"))
-            echo = s.create_movable(s.global_("helpers", "echo"))
+            other = s.create_movable(s.global_("helpers", name))
+        yield m, gated, other, started, release
+
+
+def test_a_posted_call_follows_a_running_one_into_the_subinterpreter(tmp_path):
+    # On the channel the subinterpreter takes requests in order from its ring: a
+    # posted call is sent behind the one it runs (as on the process backend), not
+    # held in the dispatcher until that one ends.
+    with _gate_and(tmp_path, "echo") as (m, gated, echo, started, release):
         assert echo(0) == 0 and m._workers[0].posted_depth > 1
         first = gated.submit(started, release, 7)
         wait_started(started)
@@ -880,14 +889,7 @@ def test_a_posted_call_follows_a_running_one_into_the_subinterpreter(tmp_path):
 def test_a_posted_call_past_its_timeout_queued_behind_another_is_dropped_at_once(tmp_path):
     # Its caller is told at the deadline, while the call ahead still runs; it never
     # runs, the subinterpreter is kept, and its skip reply is settled unread.
-    _needs_channel()
-    started, release = str(tmp_path / "started"), str(tmp_path / "release")
-    with InterpreterManager(1, backend="subinterpreter", call_timeout=0.3) as m:
-        m.register_module_source("helpers", HELPERS)
-        m.register_module_source("gates", GATED)
-        with m.acquire_one() as s:
-            gated = s.create_movable(s.global_("gates", "gated"))
-            bump = s.create_movable(s.global_("helpers", "bump"))
+    with _gate_and(tmp_path, "bump", call_timeout=0.3) as (m, gated, bump, started, release):
         assert bump(0) == 0  # loaded before the call that times out
         ahead = []
         thread = threading.Thread(
@@ -911,16 +913,9 @@ def test_a_posted_call_past_its_timeout_queued_behind_another_is_dropped_at_once
 
 
 def test_an_acall_cancelled_while_queued_in_the_subinterpreter_never_runs(tmp_path):
-    _needs_channel()
     import asyncio
 
-    started, release = str(tmp_path / "started"), str(tmp_path / "release")
-    with InterpreterManager(1, backend="subinterpreter") as m:
-        m.register_module_source("helpers", HELPERS)
-        m.register_module_source("gates", GATED)
-        with m.acquire_one() as s:
-            gated = s.create_movable(s.global_("gates", "gated"))
-            bump = s.create_movable(s.global_("helpers", "bump"))
+    with _gate_and(tmp_path, "bump") as (m, gated, bump, started, release):
         assert bump(0) == 0
         worker = m._workers[0]
 
