@@ -10,6 +10,7 @@ from __future__ import annotations
 import mmap
 import os
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -553,3 +554,22 @@ def test_a_send_waits_for_a_free_slot_and_fails_once_the_interpreter_is_gone(imp
         os.close(alive_r)
         if alive_w >= 0:
             os.close(alive_w)
+
+
+def test_a_peer_overwriting_the_header_s_geometry_moves_no_bound_or_address(impl):
+    # The header is shared memory: a stray write of the other process to its
+    # geometry words (ring_bytes, slots, slot_bytes at byte 8) must change no
+    # bound or address this side uses; the geometry is read once, when attached.
+    memory = _memory()
+    ch = impl(memory)
+    assert struct.unpack_from("<III", memory, 8) == (RING, SLOTS, SLOT_BYTES)
+    struct.pack_into("<III", memory, 8, 64, 1 << 16, 128)  # a tiny ring, many small slots
+    assert ch.geometry == (RING, SLOTS, SLOT_BYTES)
+    with pytest.raises(IndexError):
+        ch.release(SLOTS)  # still SLOTS slots
+    assert ch.post(b"x" * 100, 1) > 0  # fits the real ring, not a 64-byte one
+    assert ch.take() == (1, b"x" * 100)
+    assert ch.reply(1, b"pong", 7) is True
+    struct.pack_into("<III", memory, 8, RING, SLOTS, SLOT_BYTES)
+    assert ch.take_reply(1) == (7, b"pong")  # written where slot 1 is
+

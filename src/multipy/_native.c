@@ -109,6 +109,10 @@ typedef struct {
     header_t *h;
     char *ring;
     char *slots;
+    /* The geometry, read once when attached: the header is shared memory that the
+     * peer can overwrite, and every bound below is computed from these copies
+     * (as the pure-Python twin keeps its own). */
+    uint32_t ring_bytes, nslots, slot_bytes;
 } ChannelObject;
 
 /* -- primitives ----------------------------------------------------------- */
@@ -190,7 +194,7 @@ static int spin_allowed(int cores) {
 }
 
 static inline slot_t *slot_at(ChannelObject *c, uint32_t i) {
-    return (slot_t *)(c->slots + (size_t)i * (SLOT_HEAD + c->h->slot_bytes));
+    return (slot_t *)(c->slots + (size_t)i * ((size_t)SLOT_HEAD + c->slot_bytes));
 }
 
 /* The record at the consumer's position, skipping wrap padding; NULL if none is committed. */
@@ -198,7 +202,7 @@ static record_t *ring_front(ChannelObject *c) {
     header_t *h = c->h;
     for (;;) {
         uint64_t head = h->head;
-        uint32_t pos = (uint32_t)(head & (h->ring_bytes - 1));
+        uint32_t pos = (uint32_t)(head & (c->ring_bytes - 1));
         record_t *r = (record_t *)(c->ring + pos);
         uint32_t st = LOAD(&r->state);
         if (st == REC_DATA)
@@ -206,7 +210,7 @@ static record_t *ring_front(ChannelObject *c) {
         if (st != REC_PAD)
             return NULL;
         memset(r, 0, RECORD_HEAD);
-        STORE(&h->head, head + (h->ring_bytes - pos));
+        STORE(&h->head, head + (c->ring_bytes - pos));
     }
 }
 
@@ -358,8 +362,8 @@ static int check_attached(ChannelObject *c) {
 }
 
 static int check_slot(ChannelObject *c, unsigned int slot) {
-    if (slot >= c->h->slots) {
-        PyErr_Format(PyExc_IndexError, "slot %u out of range (%u slots)", slot, c->h->slots);
+    if (slot >= c->nslots) {
+        PyErr_Format(PyExc_IndexError, "slot %u out of range (%u slots)", slot, c->nslots);
         return -1;
     }
     return 0;
@@ -386,13 +390,19 @@ static int Channel_init(ChannelObject *self, PyObject *args, PyObject *kw) {
     if (PyObject_GetBuffer(buffer, &self->view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
         return -1;
     header_t *h = (header_t *)self->view.buf;
-    size_t need = HEADER_BYTES;
-    int ok = self->view.len >= HEADER_BYTES && ((uintptr_t)h & 63) == 0 && h->magic == MAGIC &&
-             h->version == VERSION && h->ring_bytes >= 64 &&
-             (h->ring_bytes & (h->ring_bytes - 1)) == 0 && h->slots > 0 && h->slot_bytes % 64 == 0;
+    uint32_t ring_bytes = 0, slots = 0, slot_bytes = 0;
+    int ok = self->view.len >= HEADER_BYTES && ((uintptr_t)h & 63) == 0;
+    if (ok) { /* read once: what is checked is what is used */
+        ring_bytes = h->ring_bytes;
+        slots = h->slots;
+        slot_bytes = h->slot_bytes;
+        ok = h->magic == MAGIC && h->version == VERSION && ring_bytes >= 64 &&
+             (ring_bytes & (ring_bytes - 1)) == 0 && slots > 0 && slot_bytes % 64 == 0;
+    }
     if (ok) {
-        need += (size_t)h->ring_bytes + (size_t)h->slots * (SLOT_HEAD + h->slot_bytes);
-        ok = (size_t)self->view.len >= need;
+        uint64_t need;
+        ok = !__builtin_mul_overflow((uint64_t)slots, (uint64_t)SLOT_HEAD + slot_bytes, &need) &&
+             need + HEADER_BYTES + ring_bytes <= (uint64_t)self->view.len;
     }
     if (!ok) {
         PyBuffer_Release(&self->view);
@@ -401,8 +411,11 @@ static int Channel_init(ChannelObject *self, PyObject *args, PyObject *kw) {
         return -1;
     }
     self->h = h;
+    self->ring_bytes = ring_bytes;
+    self->nslots = slots;
+    self->slot_bytes = slot_bytes;
     self->ring = (char *)h + HEADER_BYTES;
-    self->slots = self->ring + h->ring_bytes;
+    self->slots = self->ring + self->ring_bytes;
     self->attached = 1;
     return 0;
 }
@@ -431,7 +444,7 @@ PyDoc_STRVAR(post_doc,
 static uint64_t ring_post(ChannelObject *self, const void *head_bytes, size_t hlen,
                           const void *data, size_t len, uint32_t tag) {
     header_t *h = self->h;
-    uint64_t cap = h->ring_bytes;
+    uint64_t cap = self->ring_bytes;
     uint32_t rec = RECORD_HEAD + round16((uint32_t)(hlen + len));
     uint64_t t, pad;
     for (;;) {
@@ -474,7 +487,7 @@ static PyObject *Channel_post(ChannelObject *self, PyObject *args) {
         PyBuffer_Release(&data);
         return NULL;
     }
-    uint64_t cap = self->h->ring_bytes;
+    uint64_t cap = self->ring_bytes;
     if ((uint64_t)data.len + RECORD_HEAD > cap / 2) {
         PyBuffer_Release(&data);
         PyErr_Format(PyExc_ValueError, "a message of %zd bytes does not fit this ring "
@@ -535,7 +548,7 @@ PyDoc_STRVAR(claim_doc,
 
 /* A free reply slot, claimed; -1 when every slot is taken. */
 static long claim_slot(ChannelObject *self) {
-    uint32_t n = self->h->slots;
+    uint32_t n = self->nslots;
     uint32_t start = LOAD(&self->h->slot_hint);
     for (uint32_t k = 0; k < n; k++) {
         uint32_t i = (start + k) % n;
@@ -554,7 +567,7 @@ static long claim_slot(ChannelObject *self) {
 static PyObject *Channel_claim(ChannelObject *self, PyObject *unused) {
     if (check_attached(self) < 0)
         return NULL;
-    uint32_t n = self->h->slots;
+    uint32_t n = self->nslots;
     uint32_t start = LOAD(&self->h->slot_hint);
     for (uint32_t k = 0; k < n; k++) {
         uint32_t i = (start + k) % n;
@@ -595,7 +608,7 @@ static PyObject *Channel_reply(ChannelObject *self, PyObject *args) {
         PyBuffer_Release(&data);
         return NULL;
     }
-    if ((size_t)data.len > self->h->slot_bytes) {
+    if ((size_t)data.len > self->slot_bytes) {
         PyBuffer_Release(&data);
         Py_RETURN_FALSE;
     }
@@ -644,8 +657,8 @@ static PyObject *Channel_take_reply(ChannelObject *self, PyObject *arg) {
     if (LOAD(&s->state) != SLOT_REPLIED)
         Py_RETURN_NONE;
     uint32_t len = s->len;
-    if (len > self->h->slot_bytes)
-        len = self->h->slot_bytes; /* a corrupt length never reads past the slot */
+    if (len > self->slot_bytes)
+        len = self->slot_bytes; /* a corrupt length never reads past the slot */
     PyObject *out = Py_BuildValue("(Iy#)", s->tag, (char *)s + SLOT_HEAD, (Py_ssize_t)len);
     if (out == NULL)
         return NULL;
@@ -766,7 +779,7 @@ static PyObject *Channel_close(ChannelObject *self, PyObject *unused) {
     SC_STORE(&h->closed, 1u);
     __atomic_add_fetch(&h->req_seq, 1u, __ATOMIC_SEQ_CST);
     futex_wake(&h->req_seq);
-    for (uint32_t i = 0; i < h->slots; i++)
+    for (uint32_t i = 0; i < self->nslots; i++)
         futex_wake(&slot_at(self, i)->state);
     Py_RETURN_NONE;
 }
@@ -808,7 +821,7 @@ static PyObject *Channel_get_taken(ChannelObject *self, void *unused) {
 static PyObject *Channel_get_geometry(ChannelObject *self, void *unused) {
     if (check_attached(self) < 0)
         return NULL;
-    return Py_BuildValue("(III)", self->h->ring_bytes, self->h->slots, self->h->slot_bytes);
+    return Py_BuildValue("(III)", self->ring_bytes, self->nslots, self->slot_bytes);
 }
 
 static PyMethodDef Channel_methods[] = {
@@ -2381,7 +2394,7 @@ static int put_reply(ChannelObject *c, slot_t *s, uint64_t call, PyObject *item,
     Py_ssize_t nblocks = PyList_GET_SIZE(placed);
     Py_ssize_t vlen = item == NULL ? 0 : 1 + PyBytes_GET_SIZE(item);
     if (nblocks > REPLY_MAX_LIST ||
-        (size_t)(REPLY_HEAD + 8 * nblocks + vlen) > (size_t)c->h->slot_bytes)
+        (size_t)(REPLY_HEAD + 8 * nblocks + vlen) > (size_t)c->slot_bytes)
         return 0;
     unsigned char *p = (unsigned char *)s + SLOT_HEAD;
     memcpy(p, &call, 8);
@@ -2508,7 +2521,7 @@ static PyObject *native_serve_calls(PyObject *m, PyObject *const *args, Py_ssize
         const unsigned char *buf = (const unsigned char *)r + RECORD_HEAD;
         /* The loop's state that the Python loop settles before a request: then it serves it. */
         int common = !(tag & SPILLED_TAG) && len > 8 && buf[8] == FAST_CALL_TAG &&
-                     slot < h->slots && t_tensor_type != NULL && calls_ready() &&
+                     slot < c->nslots && t_tensor_type != NULL && calls_ready() &&
                      PyObject_Length(kept_pending) == 0 && PyList_GET_SIZE(open_segments) == 0 &&
                      PyDict_GET_SIZE(links) == 0;
         if (PyErr_Occurred())
@@ -3254,7 +3267,7 @@ static PyObject *Caller_finish(CallerObject *self, PyObject *const *args, Py_ssi
     if (LOAD(&s->state) != SLOT_REPLIED || (s->tag & SPILLED_TAG))
         return waited;
     uint32_t len = s->len;
-    if (len > c->h->slot_bytes)
+    if (len > c->slot_bytes)
         return waited;
     const unsigned char *p = (const unsigned char *)s + SLOT_HEAD;
     if (len < REPLY_HEAD || p[8] != REPLY_TAG || (p[9] & ~REPLY_VALUE))
