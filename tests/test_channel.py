@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from _wait import wait_for
 from multipy.transport import channel as chan
+from multipy.transport import shm
 from multipy.transport.channel import PyChannel, Wait
 
 try:
@@ -572,4 +573,36 @@ def test_a_peer_overwriting_the_header_s_geometry_moves_no_bound_or_address(impl
     assert ch.reply(1, b"pong", 7) is True
     struct.pack_into("<III", memory, 8, RING, SLOTS, SLOT_BYTES)
     assert ch.take_reply(1) == (7, b"pong")  # written where slot 1 is
+
+
+def _corrupt_record_length(memory, length):
+    """Overwrite the length of the ring's first record (its header at the ring's start)."""
+    struct.pack_into("<I", memory, chan.HEADER_BYTES + 4, length)
+
+
+def test_a_request_record_whose_length_runs_past_the_ring_is_refused(impl):
+    memory = _memory()
+    ch = impl(memory)
+    assert ch.post(b"ping", 3) > 0
+    _corrupt_record_length(memory, RING)  # would read (and zero) the reply slots after it
+    slot_bytes_before = bytes(memory[chan.HEADER_BYTES + RING:])
+    with pytest.raises(ValueError, match="corrupt request record"):
+        ch.take()
+    assert bytes(memory[chan.HEADER_BYTES + RING:]) == slot_bytes_before
+    _corrupt_record_length(memory, RING - chan.RECORD_HEAD)  # exactly the whole ring: fits
+    tag, data = ch.take()
+    assert tag == 3 and len(data) == RING - chan.RECORD_HEAD and data.startswith(b"ping")
+
+
+@pytest.mark.skipif(_native is None or not hasattr(_native, "serve_calls"),
+                    reason="multipy._native (with its serving loop) is not built here")
+def test_the_serving_loop_refuses_a_request_record_whose_length_runs_past_the_ring():
+    memory = _memory()
+    ch = _native.Channel(memory)
+    assert ch.post(b"x" * 40, 0) > 0
+    _corrupt_record_length(memory, RING)  # past the ring, into the reply slots
+    arena = shm.Arena(shm.Segment.create(1 << 16))
+    with pytest.raises(ValueError, match="corrupt request record"):
+        _native.serve_calls(ch, 0.0, -1, -1, {}, None, None, arena, None, [], set(), [],
+                            set(), [], {}, [None], None, None)
 

@@ -214,6 +214,20 @@ static record_t *ring_front(ChannelObject *c) {
     }
 }
 
+/* The length of the committed record r, or -1 when the record would run past the
+ * end of the ring (records never wrap: a length the peer corrupted). */
+static int64_t record_len(ChannelObject *c, record_t *r) {
+    uint32_t len = r->len; /* read once: what is checked is what is used */
+    uint64_t room = (uint64_t)c->ring_bytes - (uint64_t)((char *)r - c->ring);
+    return (uint64_t)RECORD_HEAD + (((uint64_t)len + 15u) & ~(uint64_t)15u) <= room ? (int64_t)len
+                                                                                      : -1;
+}
+
+static void corrupt_record(void) {
+    PyErr_SetString(PyExc_ValueError,
+                    "a corrupt request record: its length runs past the end of the ring");
+}
+
 /* -- waiting -------------------------------------------------------------- */
 
 typedef int (*ready_fn)(ChannelObject *, void *);
@@ -510,7 +524,12 @@ static PyObject *Channel_take(ChannelObject *self, PyObject *unused) {
     record_t *r = ring_front(self);
     if (r == NULL)
         Py_RETURN_NONE;
-    uint32_t len = r->len, tag = r->tag;
+    int64_t n = record_len(self, r);
+    if (n < 0) {
+        corrupt_record();
+        return NULL;
+    }
+    uint32_t len = (uint32_t)n, tag = r->tag;
     PyObject *data = PyBytes_FromStringAndSize((char *)r + RECORD_HEAD, len);
     if (data == NULL)
         return NULL;
@@ -2345,18 +2364,18 @@ static int output_written(PyObject *sys_dict) {
     return 0;
 }
 
-static void consume(ChannelObject *c, record_t *r) {
-    uint32_t len = r->len;
+static void consume(ChannelObject *c, record_t *r, uint32_t len) {
     memset(r, 0, RECORD_HEAD + round16(len)); /* as take() does */
     STORE(&c->h->head, c->h->head + RECORD_HEAD + round16(len));
 }
 
 /* The record's bytes as a (kind, tag or slot, bytes) for the Python loop, consumed. */
-static PyObject *hand_back(ChannelObject *c, record_t *r, long kind, unsigned long which) {
-    PyObject *data = PyBytes_FromStringAndSize((char *)r + RECORD_HEAD, r->len);
+static PyObject *hand_back(ChannelObject *c, record_t *r, uint32_t len, long kind,
+                           unsigned long which) {
+    PyObject *data = PyBytes_FromStringAndSize((char *)r + RECORD_HEAD, len);
     if (data == NULL)
         return NULL;
-    consume(c, r);
+    consume(c, r, len);
     return Py_BuildValue("(lkN)", kind, which, data);
 }
 
@@ -2517,7 +2536,12 @@ static PyObject *native_serve_calls(PyObject *m, PyObject *const *args, Py_ssize
                 Py_RETURN_NONE;
             continue;
         }
-        uint32_t len = r->len, tag = r->tag, slot = tag & 0xFFFF;
+        int64_t n = record_len(c, r);
+        if (n < 0) {
+            corrupt_record();
+            return NULL;
+        }
+        uint32_t len = (uint32_t)n, tag = r->tag, slot = tag & 0xFFFF;
         const unsigned char *buf = (const unsigned char *)r + RECORD_HEAD;
         /* The loop's state that the Python loop settles before a request: then it serves it. */
         int common = !(tag & SPILLED_TAG) && len > 8 && buf[8] == FAST_CALL_TAG &&
@@ -2527,10 +2551,10 @@ static PyObject *native_serve_calls(PyObject *m, PyObject *const *args, Py_ssize
         if (PyErr_Occurred())
             return NULL;
         if (!common)
-            return hand_back(c, r, 0, tag);
+            return hand_back(c, r, len, 0, tag);
         slot_t *s = slot_at(c, slot);
         if (!go_begin(s))
-            return hand_back(c, r, 1, slot);
+            return hand_back(c, r, len, 1, slot);
         uint64_t call;
         memcpy(&call, buf, 8);
         PyObject *read = read_call(buf, len, 8, outbound, own);
@@ -2538,9 +2562,9 @@ static PyObject *native_serve_calls(PyObject *m, PyObject *const *args, Py_ssize
             PyErr_Clear(); /* the Python loop reads it again, and answers with why */
         if (read == NULL || read == Py_None) {
             Py_XDECREF(read);
-            return hand_back(c, r, 0, tag);
+            return hand_back(c, r, len, 0, tag);
         }
-        consume(c, r);
+        consume(c, r, len);
         /* (rid, method, positional, grad, freed, blocks) */
         PyObject *rid = PyTuple_GET_ITEM(read, 0), *method = PyTuple_GET_ITEM(read, 1),
                  *grad_obj = PyTuple_GET_ITEM(read, 3), *freed = PyTuple_GET_ITEM(read, 4),

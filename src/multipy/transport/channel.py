@@ -309,8 +309,10 @@ class PyChannel:
             return None
         m = self._m
         _, n, tag = _RECORD.unpack_from(m, off)
-        data = bytes(m[off + RECORD_HEAD:off + RECORD_HEAD + n])
         rec = RECORD_HEAD + _r16(n)
+        if off + rec > HEADER_BYTES + self._ring_bytes:  # records never wrap: corrupt
+            raise ValueError("a corrupt request record: its length runs past the end of the ring")
+        data = bytes(m[off + RECORD_HEAD:off + RECORD_HEAD + n])
         m[off:off + rec] = bytes(rec)
         _U64.pack_into(m, _HEAD, _U64.unpack_from(m, _HEAD)[0] + rec)
         return tag, data
