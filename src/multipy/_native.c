@@ -2687,6 +2687,8 @@ static PyObject *native_serve_calls(PyObject *m, PyObject *const *args, Py_ssize
             PyObject *out = NULL;
             if (placed != NULL && value != NULL)
                 out = finish_list(slot, call, NULL, NULL, value, blocks, placed);
+            else if (value != NULL) /* no list to hand it back in (out of memory): raise it */
+                PyErr_SetObject((PyObject *)Py_TYPE(value), value);
             Py_XDECREF(value);
             Py_XDECREF(placed);
             Py_DECREF(blocks);
