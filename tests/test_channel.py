@@ -606,3 +606,54 @@ def test_the_serving_loop_refuses_a_request_record_whose_length_runs_past_the_ri
         _native.serve_calls(ch, 0.0, -1, -1, {}, None, None, arena, None, [], set(), [],
                             set(), [], {}, [None], None, None)
 
+
+def _c_caller(memory):
+    """``(channel, worker, Caller)``: the extension's blocking-call ending on a bare
+    channel, with a stand-in for the process worker's books."""
+    from types import SimpleNamespace
+
+    ch = _native.Channel(memory)
+    arena = shm.Arena(shm.Segment.create(1 << 16))
+    worker = SimpleNamespace(_slots={}, _ends={}, _owed={}, _callers={}, _held=None,
+                             _results=None, _args=arena, _decoder=SimpleNamespace(_died=None),
+                             _next_call=0)
+    end = SimpleNamespace(spin=0.0, _skip=0, _backoff=1, cores=-1, alive_fd=-1,
+                          limit=RING // 2 - chan.RECORD_HEAD)
+    return ch, worker, _native.caller(worker, ch, end)
+
+
+@pytest.mark.skipif(_native is None or not hasattr(_native, "caller"),
+                    reason="multipy._native (with Caller) is not built here")
+@pytest.mark.parametrize("corrupt", [None, "length", "counts", "call", "flags"])
+def test_the_c_end_of_a_call_settles_only_a_well_formed_reply(corrupt):
+    # A reply header the interpreter wrote wrong (or a crashed one left half
+    # written) is never read past its slot nor settled in C: it stays in the slot
+    # for the Python path, which calls the interpreter out of step.
+    memory = _memory()
+    ch, worker, caller = _c_caller(memory)
+    slot, call = ch.claim(), 5
+    counted = _native.in_flight()
+    assert ch.post(b"request", slot) and ch.take() == (slot, b"request")  # counted in flight
+    worker._owed[call], worker._slots[call] = [], slot
+    frame = bytearray(_native.pack_reply(call, None, (), (), False, ()))
+    if corrupt == "counts":
+        frame[10:12] = bytes((255, 255))  # more pinned blocks than the reply holds
+    elif corrupt == "call":
+        frame[0] ^= 0xFF  # answers another call
+    elif corrupt == "flags":
+        frame[9] |= 0x80  # a flag nobody knows
+    assert ch.reply(slot, bytes(frame), 0)
+    if corrupt == "length":  # a length past the slot
+        header = chan.HEADER_BYTES + RING + slot * (chan.SLOT_HEAD + SLOT_BYTES)
+        struct.pack_into("<I", memory, header + 8, 1 << 31)
+    got = caller.finish(call, slot, 0.0)
+    try:
+        if corrupt is None:
+            assert got == (None, None)
+            assert not worker._owed and not worker._slots and not ch.ready(slot)
+            assert _native.in_flight() == counted  # no longer in flight
+        else:
+            assert got in READY  # what the wait said: the reply is the Python path's
+            assert ch.ready(slot) and call in worker._owed and worker._slots[call] == slot
+    finally:
+        ch.detach()
