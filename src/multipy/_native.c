@@ -575,6 +575,7 @@ static long claim_slot(ChannelObject *self) {
         slot_t *s = slot_at(self, i);
         if (__atomic_compare_exchange_n(&s->state, &expected, (uint32_t)SLOT_WAITING, 0,
                                         __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+            /* Published to the interpreter by the post that names this slot. */
             __atomic_store_n(&s->go, GO_UNARMED, __ATOMIC_RELAXED);
             STORE(&self->h->slot_hint, (i + 1) % n);
             return (long)i;
@@ -586,21 +587,10 @@ static long claim_slot(ChannelObject *self) {
 static PyObject *Channel_claim(ChannelObject *self, PyObject *unused) {
     if (check_attached(self) < 0)
         return NULL;
-    uint32_t n = self->nslots;
-    uint32_t start = LOAD(&self->h->slot_hint);
-    for (uint32_t k = 0; k < n; k++) {
-        uint32_t i = (start + k) % n;
-        uint32_t expected = SLOT_FREE;
-        slot_t *s = slot_at(self, i);
-        if (__atomic_compare_exchange_n(&s->state, &expected, (uint32_t)SLOT_WAITING, 0,
-                                        __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
-            /* Published to the interpreter by the post that names this slot. */
-            __atomic_store_n(&s->go, GO_UNARMED, __ATOMIC_RELAXED);
-            STORE(&self->h->slot_hint, (i + 1) % n);
-            return PyLong_FromUnsignedLong(i);
-        }
-    }
-    Py_RETURN_NONE;
+    long i = claim_slot(self);
+    if (i < 0)
+        Py_RETURN_NONE;
+    return PyLong_FromLong(i);
 }
 
 PyDoc_STRVAR(release_doc, "release(slot, /)\n\nGive a claimed slot back.");
