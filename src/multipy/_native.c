@@ -514,6 +514,23 @@ static PyObject *Channel_post(ChannelObject *self, PyObject *args) {
     return PyLong_FromUnsignedLongLong(end);
 }
 
+/* Consume the ring's front record r of len bytes.  The whole record is zeroed:
+ * a later record header may land anywhere in it. */
+static void consume(ChannelObject *c, record_t *r, uint32_t len) {
+    memset(r, 0, RECORD_HEAD + round16(len));
+    STORE(&c->h->head, c->h->head + RECORD_HEAD + round16(len));
+}
+
+/* Publish slot s's reply (len bytes written after its head, with tag) and wake
+ * its waiter if it sleeps. */
+static void publish_reply(slot_t *s, uint32_t len, uint32_t tag) {
+    s->len = len;
+    s->tag = tag;
+    SC_STORE(&s->state, (uint32_t)SLOT_REPLIED);
+    if (SC_LOAD(&s->sleeping))
+        futex_wake(&s->state);
+}
+
 PyDoc_STRVAR(take_doc,
 "take() -> (tag, bytes) | None\n\n"
 "The oldest request, or None when the ring is empty.  One consumer only.");
@@ -533,9 +550,7 @@ static PyObject *Channel_take(ChannelObject *self, PyObject *unused) {
     PyObject *data = PyBytes_FromStringAndSize((char *)r + RECORD_HEAD, len);
     if (data == NULL)
         return NULL;
-    /* Zero the whole record: a later record header may land anywhere in it. */
-    memset(r, 0, RECORD_HEAD + round16(len));
-    STORE(&self->h->head, self->h->head + RECORD_HEAD + round16(len));
+    consume(self, r, len);
     PyObject *out = Py_BuildValue("(IN)", tag, data);
     return out;
 }
@@ -623,12 +638,9 @@ static PyObject *Channel_reply(ChannelObject *self, PyObject *args) {
     }
     slot_t *s = slot_at(self, slot);
     memcpy((char *)s + SLOT_HEAD, data.buf, data.len);
-    s->len = (uint32_t)data.len;
-    s->tag = tag;
+    uint32_t len = (uint32_t)data.len;
     PyBuffer_Release(&data);
-    SC_STORE(&s->state, (uint32_t)SLOT_REPLIED);
-    if (SC_LOAD(&s->sleeping))
-        futex_wake(&s->state);
+    publish_reply(s, len, tag);
     Py_RETURN_TRUE;
 }
 
@@ -2058,6 +2070,7 @@ error:
 
 #define SPILLED_TAG (1u << 16) /* channel.py's SPILLED */
 #define FAST_CALL_TAG 0x02     /* codec.FAST_CALL */
+#define FAST_VALUE_TAG 0x01    /* codec.FAST_VALUE */
 #define BELL_WORD 384          /* channel.py's _BELL */
 enum { GRAD_ON = 0, GRAD_OFF = 1, GRAD_INFERENCE = 2 }; /* messages.GradMode */
 
@@ -2221,10 +2234,11 @@ static PyObject *after(PyObject *result, PyObject *exit_fn, PyObject *const *exi
     return result;
 }
 
-/* fn(*args, **kwargs) with gradients enabled or not, the setting put back after. */
-static PyObject *with_grad(int enabled, PyObject *fn, PyObject *args, PyObject *kwargs) {
-    int before = ask_switch(r_is_grad);
-    if (before < 0)
+/* fn(*args, **kwargs) with gradients enabled or not, the setting (`before`, or
+ * asked here when < 0) put back after. */
+static PyObject *with_grad(int enabled, int before, PyObject *fn, PyObject *args,
+                           PyObject *kwargs) {
+    if (before < 0 && (before = ask_switch(r_is_grad)) < 0)
         return NULL;
     PyObject *r = PyObject_CallOneArg(r_set_grad, enabled ? Py_True : Py_False);
     if (r == NULL)
@@ -2263,7 +2277,7 @@ static PyObject *run_call(PyObject *fn, PyObject *args, PyObject *kwargs, int gr
         goto done;
     if (inference) {
         result = grad == GRAD_INFERENCE ? call_fn(target, args, kwargs)
-                                        : with_grad(grad == GRAD_ON, target, args, kwargs);
+                                        : with_grad(grad == GRAD_ON, -1, target, args, kwargs);
     } else if (grad == GRAD_INFERENCE) { /* what `with torch._C._InferenceMode(True):` does */
         PyObject *guard = PyObject_CallOneArg(r_inference_mode, Py_True);
         if (guard == NULL)
@@ -2286,8 +2300,9 @@ static PyObject *run_call(PyObject *fn, PyObject *args, PyObject *kwargs, int gr
         int enabled = ask_switch(r_is_grad);
         if (enabled < 0)
             goto done;
-        result = enabled != (grad == GRAD_ON) ? with_grad(grad == GRAD_ON, target, args, kwargs)
-                                              : call_fn(target, args, kwargs);
+        result = enabled != (grad == GRAD_ON)
+                     ? with_grad(grad == GRAD_ON, enabled, target, args, kwargs)
+                     : call_fn(target, args, kwargs);
     }
 done:
     Py_DECREF(target);
@@ -2354,11 +2369,6 @@ static int output_written(PyObject *sys_dict) {
     return 0;
 }
 
-static void consume(ChannelObject *c, record_t *r, uint32_t len) {
-    memset(r, 0, RECORD_HEAD + round16(len)); /* as take() does */
-    STORE(&c->h->head, c->h->head + RECORD_HEAD + round16(len));
-}
-
 /* The record's bytes as a (kind, tag or slot, bytes) for the Python loop, consumed. */
 static PyObject *hand_back(ChannelObject *c, record_t *r, uint32_t len, long kind,
                            unsigned long which) {
@@ -2417,14 +2427,10 @@ static int put_reply(ChannelObject *c, slot_t *s, uint64_t call, PyObject *item,
         memcpy(q, &v, 8);
     }
     if (item != NULL) {
-        *q = 0x01; /* codec.FAST_VALUE */
+        *q = FAST_VALUE_TAG;
         memcpy(q + 1, PyBytes_AS_STRING(item), vlen - 1);
     }
-    s->len = (uint32_t)(REPLY_HEAD + 8 * nblocks + vlen);
-    s->tag = 0;
-    SC_STORE(&s->state, (uint32_t)SLOT_REPLIED);
-    if (SC_LOAD(&s->sleeping))
-        futex_wake(&s->state);
+    publish_reply(s, (uint32_t)(REPLY_HEAD + 8 * nblocks + vlen), 0);
     return 1;
 }
 
@@ -2647,7 +2653,7 @@ static PyObject *native_serve_calls(PyObject *m, PyObject *const *args, Py_ssize
             if (item != NULL) {
                 value = PyBytes_FromStringAndSize(NULL, 1 + PyBytes_GET_SIZE(item));
                 if (value != NULL) {
-                    PyBytes_AS_STRING(value)[0] = 0x01; /* codec.FAST_VALUE */
+                    PyBytes_AS_STRING(value)[0] = FAST_VALUE_TAG;
                     memcpy(PyBytes_AS_STRING(value) + 1, PyBytes_AS_STRING(item),
                            PyBytes_GET_SIZE(item));
                 }
@@ -3149,9 +3155,6 @@ static PyObject *native_watch_block(PyObject *m, PyObject *const *args, Py_ssize
  * closed, the tensor made over its block, the argument blocks released.  Any
  * other reply is left in its slot for the Python path, which also handles a
  * timeout, a dead interpreter and a detached channel. */
-
-#define SPILLED_TAG (1u << 16)
-#define FAST_VALUE_TAG 0x01
 
 typedef struct {
     PyObject_HEAD
