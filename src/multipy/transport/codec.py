@@ -537,11 +537,12 @@ class Decoder:
         first = data[0] if data else _PICKLE
         if first == FAST_VALUE and _tensor_value is not None and self._died is not None:
             # A result that is one tensor, the common reply: read by the extension,
-            # whose holder tells released or held of its death itself.
+            # whose holder tells released or held of its death itself.  None (not
+            # one whole tensor) is what _tensor_read would say too: read below.
             tensor = _tensor_value(data, self.outbound, self.own, self._died, self._held)
             if tensor is not None:
                 return tensor
-        if first == FAST_VALUE and _tensor_read is not None:
+        elif first == FAST_VALUE and _tensor_read is not None:
             # A result that is one tensor, the common reply: read by the extension,
             # its books kept here (_read_item and _book, inlined).
             read = _tensor_read(data, 1, self.outbound, self.own)
