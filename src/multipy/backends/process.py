@@ -571,7 +571,7 @@ class ProcessWorker(Worker):
                 if reply is not None:
                     self._settle(None, reply, placed)
                 else:
-                    self._release_placed(placed, ())
+                    self._held.release(placed)
         except Exception:
             pass  # the interpreter was stopped (desynchronised or dead): its callers learn it
 
@@ -717,7 +717,7 @@ class ProcessWorker(Worker):
                                 unsent = False
                             if unsent:  # the interpreter died before it took this call
                                 self._forget(call)
-                                self._release_placed(placed, ())
+                                self._held.release(placed)
                                 raise RequestNotSent(self._crashed("before this call reached it"))
                             raise self._crashed("while running a call")
                         posted[5] = False  # not there yet: watched again
@@ -857,7 +857,7 @@ class ProcessWorker(Worker):
             data = encoder.encode_request(int(op), args, drop, freed)
         except BaseException:
             self._freed.extend(freed)  # nothing was sent: report them with the next request
-            self._release_placed(encoder.placed, ())
+            self._held.release(encoder.placed)
             raise
         finally:
             encoder.handles = None  # the session's: kept, they would keep its manager alive
@@ -902,7 +902,7 @@ class ProcessWorker(Worker):
             # Nobody reads the request pipe, or the channel is detached: the
             # interpreter died (or was stopped) and never saw the request.
             self._forget(call)
-            self._release_placed(placed, ())
+            self._held.release(placed)
             raise RequestNotSent(self._crashed("while idle, before this call was sent")) from None
         except BaseException:
             # A signal handler raised during the write, or just after it returned.
@@ -971,7 +971,7 @@ class ProcessWorker(Worker):
             self._unsure.discard(unsure)
             if unsure < answered:
                 placed = self._owed.pop(unsure, ())
-                self._release_placed(placed, ())
+                self._held.release(placed)
 
     def _next_frame(self, deadline, timeout, starting: bool) -> bytes:
         """The next reply frame, waiting until ``deadline`` (monotonic; ``None``: no limit)."""
@@ -1056,11 +1056,6 @@ class ProcessWorker(Worker):
             if error is not None:
                 links.disable(f"interpreter {self.index} could not map them: "
                               f"{error.type_name}: {error.message}")
-
-    def _release_placed(self, placed: list[int], pinned: tuple) -> None:
-        """Free this call's argument blocks, except those the interpreter still uses
-        (``pinned``) and those a host result views (``_held``)."""
-        self._held.release(placed, pinned)
 
     def _desynchronised(self, why) -> TransportError:
         """The reply stream is corrupt: the interpreter cannot be trusted to be in step."""

@@ -681,10 +681,6 @@ class HostEnd:
         False when it started.  Its reply comes either way."""
         return self.channel.cancel(slot)
 
-    def started(self, slot: int) -> bool:
-        """Whether the interpreter started the request armed in ``slot``."""
-        return self.channel.started(slot)
-
     # -- for a completion thread (posted requests) ---------------------------------
     def want_bell(self, wanted: bool = True) -> None:
         """Whether the interpreter rings the bell pipe after each reply.  Set it
