@@ -115,6 +115,13 @@ typedef struct {
     uint32_t ring_bytes, nslots, slot_bytes;
 } ChannelObject;
 
+static destructor channel_dealloc; /* how a Channel is recognised (set by native_exec) */
+
+/* Whether o is a Channel (the type takes no subclasses). */
+static int is_channel(PyObject *o) {
+    return channel_dealloc != NULL && Py_TYPE(o)->tp_dealloc == channel_dealloc;
+}
+
 /* -- primitives ----------------------------------------------------------- */
 
 static inline void cpu_pause(void) {
@@ -2482,16 +2489,12 @@ PyDoc_STRVAR(serve_calls_doc,
 "closed the channel or its request pipe, or died.");
 
 static PyObject *native_serve_calls(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
+    (void)m;
     if (nargs != 18) {
         PyErr_SetString(PyExc_TypeError, "serve_calls takes 18 arguments");
         return NULL;
     }
-    PyObject *channel_type = PyObject_GetAttrString(m, "Channel");
-    if (channel_type == NULL)
-        return NULL;
-    int is_channel = PyObject_TypeCheck(args[0], (PyTypeObject *)channel_type);
-    Py_DECREF(channel_type);
-    if (!is_channel) {
+    if (!is_channel(args[0])) {
         PyErr_SetString(PyExc_TypeError, "serve_calls: not a Channel");
         return NULL;
     }
@@ -3192,7 +3195,6 @@ static int set_long_attr(PyObject *obj, PyObject *name, long n) {
 }
 
 static PyObject *caller_type;
-static destructor channel_dealloc; /* how a Channel is recognised */
 
 /* The blocks of a reply header (u64 little-endian) as offsets: pinned ones join
  * held's pins, unpinned ones leave them (freed unless viewed), then the call's
@@ -3537,7 +3539,7 @@ static PyObject *native_caller(PyObject *m, PyObject *const *args, Py_ssize_t na
         PyErr_SetString(PyExc_TypeError, "caller(worker, channel, end) takes 3 arguments");
         return NULL;
     }
-    if (channel_dealloc == NULL || Py_TYPE(args[1])->tp_dealloc != channel_dealloc) {
+    if (!is_channel(args[1])) {
         PyErr_SetString(PyExc_TypeError, "caller(worker, channel, end): channel is a Channel");
         return NULL;
     }
