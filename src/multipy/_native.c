@@ -3087,6 +3087,24 @@ static PyObject *native_held_blocks(PyObject *m, PyObject *const *args, Py_ssize
  * whose holder reports its death itself: a block of outbound by calling
  * released(offset), a block of own to held (a HeldBlocks).  None for what the
  * decoder reads otherwise. */
+/* Book the block a read result tensor views: a block of the interpreter's results
+ * arena is reported to released at its holder's death, one of the host's own
+ * arguments arena is counted in held (Py_None: neither is booked).  0, or -1 with
+ * an error set. */
+static int book_value(const read_t *r, PyObject *released, PyObject *held) {
+    if (r->seg == SEG_OUTBOUND) {
+        if (released != Py_None)
+            block_report(r->holder, released, r->offset);
+        return 0;
+    }
+    if (held == Py_None)
+        return 0;
+    PyObject *key = PyLong_FromUnsignedLongLong(r->offset);
+    int rc = key == NULL ? -1 : held_add((HeldObject *)held, key, r->holder);
+    Py_XDECREF(key);
+    return rc;
+}
+
 static PyObject *native_tensor_value(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
     (void)m;
     if (nargs != 5) {
@@ -3113,13 +3131,8 @@ static PyObject *native_tensor_value(PyObject *m, PyObject *const *args, Py_ssiz
     int rc = 0;
     if (r.end != len) {
         rc = 1; /* not the whole value: the decoder reads it */
-    } else if (r.seg == SEG_OUTBOUND) {
-        if (released != Py_None)
-            block_report(r.holder, released, r.offset);
-    } else if (held != Py_None) {
-        PyObject *key = PyLong_FromUnsignedLongLong(r.offset);
-        rc = key == NULL ? -1 : held_add((HeldObject *)held, key, r.holder);
-        Py_XDECREF(key);
+    } else {
+        rc = book_value(&r, released, held);
     }
     Py_DECREF(r.holder);
     if (rc != 0) {
@@ -3345,14 +3358,7 @@ static PyObject *Caller_finish(CallerObject *self, PyObject *const *args, Py_ssi
     PyObject *value = Py_None;
     if (!failed && r.tensor != NULL) {
         value = r.tensor;
-        if (r.seg == SEG_OUTBOUND) {
-            if (self->released != Py_None)
-                block_report(r.holder, self->released, r.offset);
-        } else if (self->held != Py_None) {
-            PyObject *off = PyLong_FromUnsignedLongLong(r.offset);
-            failed = off == NULL || held_add((HeldObject *)self->held, off, r.holder) < 0;
-            Py_XDECREF(off);
-        }
+        failed = book_value(&r, self->released, self->held) < 0;
     }
     Py_XDECREF(r.holder);
     if (!failed && self->held != Py_None)
