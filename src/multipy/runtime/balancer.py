@@ -50,27 +50,37 @@ class LoadBalancer:
         none is usable the least loaded of all is returned.
         """
         # A with block, not acquire() and try: no signal (Ctrl-C) can land between them.
-        with self._lock:
-            load, n = self._load, self._limit
-            start = self._start
-            self._start = (start + 1) % n
-            if usable is None and start < n and not load[start]:
-                load[start] = 1  # the usual case: the next in turn is free
-                return start
-            best = None
-            for k in range(n):
-                i = (start + k) % n
-                if usable is not None and not usable(i):
-                    continue
-                if load[i] == 0:
-                    best = i
-                    break
-                if best is None or load[i] < load[best]:
-                    best = i
-            if best is None:
-                best = min(range(n), key=load.__getitem__)
-            load[best] += 1
-            return best
+        # One can land as the block lets the lock go, its count taken: see release.
+        taken = None
+        try:
+            with self._lock:
+                load, n = self._load, self._limit
+                start = self._start
+                self._start = (start + 1) % n
+                if usable is None and start < n and not load[start]:
+                    load[start] = 1  # the usual case: the next in turn is free
+                    taken = start
+                else:
+                    best = None
+                    for k in range(n):
+                        i = (start + k) % n
+                        if usable is not None and not usable(i):
+                            continue
+                        if load[i] == 0:
+                            best = i
+                            break
+                        if best is None or load[i] < load[best]:
+                            best = i
+                    if best is None:
+                        best = min(range(n), key=load.__getitem__)
+                    load[best] += 1
+                    taken = best
+        except BaseException:
+            if taken is not None:  # see release
+                with self._lock:
+                    self._load[taken] -= 1
+            raise
+        return taken
 
     def acquire_idle(self, usable=None, exclude=()) -> int | None:
         """An interpreter nobody uses now (counted until :meth:`release`), or
@@ -97,28 +107,61 @@ class LoadBalancer:
         >>> lb.acquire_room(lambda i: 2), lb.acquire_room(lambda i: 2), lb.acquire_room(lambda i: 2)
         (0, 0, None)
         """
-        with self._lock:
-            load, n = self._load, self._limit
-            start = self._start
-            best = None
-            for k in range(n):
-                i = (start + k) % n
-                if i in exclude or (usable is not None and not usable(i)):
-                    continue
-                if (load[i] < (1 if depth is None else depth(i))
-                        and (best is None or load[i] < load[best])):
-                    best = i
-                    if not load[i]:
-                        break
-            if best is None:
-                return None
-            self._start = (best + 1) % n
-            load[best] += 1
-            return best
+        taken = None
+        try:  # as in acquire: a Ctrl-C as the lock is let go does not keep the count
+            with self._lock:
+                load, n = self._load, self._limit
+                start = self._start
+                best = None
+                for k in range(n):
+                    i = (start + k) % n
+                    if i in exclude or (usable is not None and not usable(i)):
+                        continue
+                    if (load[i] < (1 if depth is None else depth(i))
+                            and (best is None or load[i] < load[best])):
+                        best = i
+                        if not load[i]:
+                            break
+                if best is not None:
+                    self._start = (best + 1) % n
+                    load[best] += 1
+                    taken = best
+        except BaseException:
+            if taken is not None:  # see release
+                with self._lock:
+                    self._load[taken] -= 1
+            raise
+        return taken
 
     def release(self, index: int, *, notify: bool = True) -> None:
-        with self._lock:
-            self._load[index] -= 1
+        """Give back one count of interpreter ``index`` (from :meth:`acquire`,
+        :meth:`acquire_idle` or :meth:`acquire_room`), then run ``on_release``
+        when ``notify``.
+
+        All or nothing: when it raises (a Ctrl-C, handled by CPython right after
+        any call returns, the lock's release included), the count was not given
+        back, so a caller that gives back what it holds on an interrupt gives it
+        back once.  (``on_release``'s own exceptions come after the count was
+        given back: callers that recover from interrupts pass ``notify=False``.)
+
+        >>> lb = LoadBalancer(1)
+        >>> lb.release(lb.acquire()); lb.in_flight(0)
+        0
+        """
+        # CPython handles a signal right after a call returns, and the lock's __exit__
+        # is a call: a KeyboardInterrupt can come out of a with block after it changed
+        # a count.  The except blocks here take such a change back; nothing in them
+        # before it is a call, so no second signal lands first.
+        given = False
+        try:
+            with self._lock:
+                self._load[index] -= 1
+                given = True
+        except BaseException:
+            if given:
+                with self._lock:
+                    self._load[index] += 1
+            raise
         hook = self.on_release
         if notify and hook is not None:
             hook()

@@ -40,7 +40,7 @@ import time
 import types
 from typing import TYPE_CHECKING, Any
 
-from .dispatch import AWAITED, Request
+from .dispatch import AWAITED, Request, _retry
 from .stats import BatchStatistics, quantile
 
 if TYPE_CHECKING:
@@ -169,23 +169,41 @@ class BatchedObj:
         return group
 
     def top_up(self, group: list[Request], pending: collections.deque) -> None:
-        """Move queued requests that can join ``group``'s batch into it."""
+        """Move queued requests that can join ``group``'s batch into it.
+
+        A Ctrl-C (CPython raises it right after any call returns) leaves each
+        request once in ``group`` or in ``pending``: the requests moved so far go
+        back to the front of ``pending``, with the one being started, as retries
+        (their futures may be running already: see ``dispatch._retry``).
+        """
         _, key, _ = group[0].batch
         room = self.max_batch_size - sum(r.batch[2] for r in group)
-        if room > 0 and pending:
-            keep = []
-            for request in pending:
+        size = len(group)
+        i = 0
+        try:
+            # Moved one at a time by indexing and `del`: no call between a request
+            # leaving `pending` and its joining `group`.
+            while room > 0 and i < len(pending):
+                request = pending[i]
                 batch = request.batch
                 if (batch is not None and batch[0] is self and batch[2] <= room
                         and (batch[1] is key or _same(batch[1], key))):
-                    if request.future.set_running_or_notify_cancel():
+                    try:
+                        started = request.future.set_running_or_notify_cancel()
+                    except BaseException:  # its future perhaps started: it goes as a retry
+                        pending[i] = _retry(request)
+                        raise
+                    del pending[i]
+                    if started:  # else cancelled: dropped, never sent
                         group.append(request)
                         room -= batch[2]
-                    continue  # taken, or cancelled (dropped: never sent)
-                keep.append(request)
-            if len(keep) != len(pending):
-                pending.clear()
-                pending.extend(keep)
+                    continue
+                i += 1
+        except BaseException:
+            while len(group) > size:
+                pending.appendleft(_retry(group[-1]))
+                del group[-1]
+            raise
 
     def combine(self, requests: list[Request]) -> tuple:
         """The one call of a batch: tensor arguments concatenated along dim 0."""

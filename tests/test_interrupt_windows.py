@@ -1,0 +1,217 @@
+"""A Ctrl-C inside the load balancer or a batch's top-up changes nothing, or
+changes what its caller is then told.
+
+CPython runs a signal handler (Ctrl-C's ``KeyboardInterrupt``) right after a
+call returns (a lock's ``__exit__`` at the end of a ``with`` block included)
+and when a Python function is entered.  A profile hook raising
+``KeyboardInterrupt`` at those events, inside the function under test, stands
+for a Ctrl-C landing there.  Each test records the points one call passes,
+then interrupts a fresh call at each of them in turn and checks the state the
+interrupted call left behind:
+
+* ``LoadBalancer.acquire``/``acquire_room``/``release``: a call that raises
+  leaves every count as it was (its caller, who holds nothing new or still holds
+  what it tried to give back, then gives back exactly what it holds);
+* ``BatchedObj.top_up``: every request is exactly once in the batch or in the
+  queue, and a request whose future was started is in the batch, or queued as
+  a retry (which does not start its future again).
+
+Manager-level tests of the same windows, with interpreters, are in
+``test_dispatch_interrupts.py``.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import sys
+
+import pytest
+
+from multipy.runtime.balancer import LoadBalancer
+from multipy.runtime.batching import BatchedObj
+from multipy.runtime.dispatch import Request, _Started
+from multipy.transport.messages import Op
+
+
+def _name(event, frame, arg) -> str:
+    if event == "c_return":
+        return f"{getattr(arg, '__name__', '?')} in {frame.f_code.co_name}"
+    return f"{frame.f_code.co_name} from {frame.f_back.f_code.co_name}"
+
+
+def _inside(codes, event, frame) -> bool:
+    """A point at which a signal handler would raise in one of ``codes``: a C
+    call returning there, or a Python function entered from there."""
+    if event == "c_return":
+        return frame.f_code in codes
+    if event == "call":
+        return frame.f_back is not None and frame.f_back.f_code in codes
+    return False
+
+
+def _interrupt_at(n: int, codes, action):
+    """Run ``action()`` with a KeyboardInterrupt raised at its ``n``-th point in
+    ``codes``: ``(point, None)`` when interrupted, ``(None, result)`` when it
+    never got that far."""
+    count = [0]
+    hit = []
+
+    def hook(frame, event, arg):
+        if hit or not _inside(codes, event, frame):
+            return
+        if count[0] == n:
+            hit.append(_name(event, frame, arg))
+            raise KeyboardInterrupt(hit[0])
+        count[0] += 1
+
+    sys.setprofile(hook)
+    try:
+        result = action()
+    except KeyboardInterrupt:
+        return hit[0], None
+    finally:
+        sys.setprofile(None)
+    return None, result
+
+
+def _every_point(codes, make):
+    """``(point, result, state)`` for a fresh ``make() -> (action, state)``
+    interrupted at each point in turn, until one run is not interrupted."""
+    n = 0
+    runs = []
+    while True:
+        action, state = make()
+        point, result = _interrupt_at(n, codes, action)
+        runs.append((point, result, state))
+        if point is None:
+            return runs
+        n += 1
+
+
+# -- the load balancer ---------------------------------------------------------------
+def _busy_balancer():
+    """Three interpreters, loads [1, 2, 0], the next in turn (0) busy: a choice
+    that goes past the usual case."""
+    lb = LoadBalancer(3)
+    for _ in range(3):
+        lb.acquire()
+    lb.acquire()
+    lb.release(2)
+    return lb
+
+
+def _loads(lb):
+    return [lb.in_flight(i) for i in range(3)]
+
+
+_TAKES = {
+    "acquire": lambda lb: lb.acquire(),
+    "acquire with usable": lambda lb: lb.acquire(usable=lambda i: i != 2),
+    "acquire_room": lambda lb: lb.acquire_room(lambda i: 2, lambda i: True),
+    "acquire_idle": lambda lb: lb.acquire_idle(lambda i: True),
+}
+
+
+@pytest.mark.parametrize("how", list(_TAKES))
+def test_a_ctrl_c_in_a_balancer_choice_keeps_no_count(how):
+    take = _TAKES[how]
+    codes = {LoadBalancer.acquire.__code__, LoadBalancer.acquire_room.__code__}
+
+    def make():
+        lb = _busy_balancer()
+        return (lambda: take(lb)), (lb, _loads(lb))
+
+    runs = _every_point(codes, make)
+    assert len(runs) > 1, f"{how} passed no point"
+    for point, index, (lb, before) in runs:
+        after = _loads(lb)
+        if point is not None:
+            assert after == before, f"{how} interrupted at {point} kept a count: {before} -> {after}"
+        else:
+            before[index] += 1
+            assert after == before
+
+
+def test_a_ctrl_c_in_a_release_gives_back_nothing():
+    codes = {LoadBalancer.release.__code__}
+    released = []
+
+    def make():
+        lb = _busy_balancer()
+        lb.on_release = lambda: released.append(1)
+        return (lambda: lb.release(1, notify=False)), (lb, _loads(lb))
+
+    runs = _every_point(codes, make)
+    assert len(runs) > 1
+    for point, _, (lb, before) in runs:
+        after = _loads(lb)
+        if point is not None:
+            assert after == before, f"release interrupted at {point} gave back: {before} -> {after}"
+            lb.release(1, notify=False)  # what the caller does on an interrupt: given back once
+        assert _loads(lb) == [2, 0, 0]
+    assert not released
+
+
+# -- a batch's top-up ----------------------------------------------------------------
+class _Batcher(BatchedObj):
+    """Just what top_up reads of a BatchedObj (no manager)."""
+
+    def __init__(self, max_batch_size: int) -> None:
+        self.max_batch_size = max_batch_size
+
+
+def _request(batcher, key, rows=1):
+    request = Request(Op.CALL_REPLICATED, (0, None, (), {}, 0),
+                      future=concurrent.futures.Future())
+    request.batch = (batcher, key, rows)
+    return request
+
+
+def _line(batcher):
+    """A batch's first request and a queue of requests that can join it or not
+    (another key, too many rows, cancelled)."""
+    first = _request(batcher, "k")
+    first.future.set_running_or_notify_cancel()
+    cancelled = _request(batcher, "k")
+    cancelled.future.cancel()
+    pending = collections.deque([_request(batcher, "k"), _request(batcher, "other"), cancelled,
+                                 _request(batcher, "k", rows=9), _request(batcher, "k"),
+                                 _request(batcher, "k")])
+    return first, pending
+
+
+def _future(request):
+    future = request.future
+    return future.inner if isinstance(future, _Started) else future
+
+
+def test_a_ctrl_c_in_a_top_up_leaves_each_request_once_in_the_batch_or_the_queue():
+    batcher = _Batcher(max_batch_size=3)
+    # (set_running_or_notify_cancel's own: a Ctrl-C as it lets its lock go, the future started)
+    codes = {BatchedObj.top_up.__code__, concurrent.futures.Future.set_running_or_notify_cancel.__code__}
+
+    def make():
+        first, pending = _line(batcher)
+        group = [first]
+        everyone = [first] + list(pending)
+        return (lambda: batcher.top_up(group, pending)), (group, pending, everyone)
+
+    runs = _every_point(codes, make)
+    assert len(runs) > 5, f"top_up passed only {len(runs) - 1} points"
+    for point, _, (group, pending, everyone) in runs:
+        where = collections.Counter(id(_future(r)) for r in list(group) + list(pending))
+        for request in everyone:
+            future = request.future
+            if future.cancelled():
+                assert where[id(future)] <= 1, point
+                continue
+            assert where[id(future)] == 1, (
+                f"interrupted at {point}: a request is {where[id(future)]} times in the batch "
+                f"and the queue")
+            if future.running() and all(_future(r) is not future for r in group):
+                queued = next(r for r in pending if _future(r) is future)
+                assert isinstance(queued.future, _Started), (
+                    f"interrupted at {point}: a started request was queued to be started again")
+        if point is None:
+            assert len(group) == 3 and sum(r.batch[2] for r in group) == 3
