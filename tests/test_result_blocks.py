@@ -130,6 +130,22 @@ def test_a_large_block_waits_for_settle(books):
     assert block not in arena._used and not held.pending
 
 
+def test_a_block_whose_last_view_died_and_that_its_call_pins_is_kept(books):
+    # The interpreter keeps the argument (pinned) that a result viewed and that
+    # died before the call's release: the pins are counted before the deaths are
+    # settled, so the block stays in use (the other order freed it while kept).
+    arena, pins, held = books
+    block = arena.alloc(shm.SMALL + 1)  # larger than a size class: its death waits for settle
+    holder = numpy.zeros(8)
+    held.add(block, holder)
+    del holder
+    gc.collect()
+    held.release([block], [block])
+    assert block in pins and block in arena._used
+    held.release((), (), [block])  # the interpreter let it go
+    assert block not in arena._used
+
+
 @pytest.fixture(scope="module")
 def blocks(manager):
     """``(same, twice, pair)``: replicated functions of a module in every interpreter."""

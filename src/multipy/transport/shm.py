@@ -338,16 +338,21 @@ class HeldBlocksPy:
     def release(self, placed, pinned=(), unpinned=()) -> None:
         """A call ended: the blocks in ``unpinned`` leave the pins (freed unless
         viewed), those in ``pinned`` join them, and the call's ``placed`` blocks
-        are freed unless viewed or pinned."""
+        are freed unless viewed or pinned.
+
+        In the extension's order: the pins change before the deaths recorded so
+        far are settled, so a block whose last view died and that this call pins
+        stays in use."""
         with self._lock:
             views, pins, arena = self._views, self._pins, self._arena
-            views.settle()
             viewed = views.viewed
             for offset in unpinned:
                 pins.discard(offset)
                 if offset not in viewed:
                     arena.free(offset)
             pins.update(pinned)
+            views.settle()
+            viewed = views.viewed
             for offset in placed:
                 if offset not in viewed and offset not in pins:
                     arena.free(offset)
