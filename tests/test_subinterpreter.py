@@ -912,6 +912,46 @@ def test_a_posted_call_past_its_timeout_queued_behind_another_is_dropped_at_once
                  "the dropped call's reply to be settled")
 
 
+def test_a_blocking_call_past_its_timeout_queued_behind_another_fails_at_its_deadline(tmp_path):
+    # As a posted one: its caller is told at the deadline while the call ahead
+    # still runs (past the interrupt's grace period: nothing is interrupted or
+    # given up), and its skip reply is taken by a later send.
+    with _gate_and(tmp_path, "bump", call_timeout=0.3) as (m, gated, bump, started, release):
+        assert bump(0) == 0  # loaded before the call that times out
+        ahead = []
+        thread = threading.Thread(
+            target=lambda: ahead.append(gated.with_timeout(None)(started, release, 7)))
+        thread.start()
+        try:
+            wait_started(started)
+            late = []
+            caller = threading.Thread(target=lambda: late.append(_raised(lambda: bump(100))))
+            caller.start()
+            caller.join(60)
+            assert len(late) == 1 and isinstance(late[0], CallTimeoutError), late
+            assert "dropped without running" in str(late[0])
+            assert thread.is_alive()  # the call ahead still runs: nobody waited for it
+        finally:
+            open(release, "w").close()
+            thread.join(60)
+        assert ahead == [7]
+        assert bump(1) == 1  # the dropped call never ran
+        assert m.statistics().interpreters[0].restarts == 0
+        # Replies come in order: its skip reply came before bump(1)'s, so the next send
+        # takes it (bump(1)'s send may have come before it).
+        assert bump(2) == 3
+        driver = m._workers[0]._driver
+        assert not driver.left and not driver._busy
+
+
+def _raised(call):
+    try:
+        call()
+    except BaseException as exc:  # noqa: BLE001 (what the caller got)
+        return exc
+    return None
+
+
 def test_an_acall_cancelled_while_queued_in_the_subinterpreter_never_runs(tmp_path):
     import asyncio
 

@@ -176,6 +176,9 @@ class _Driver:
         self.posting = 0           # posts between want_bell() and their entry in `posted`
         self.watching = None       # the completions watching the bell now
         self.watch_lock = threading.Lock()
+        # Blocking calls dropped unrun at their deadline (skipped while queued behind
+        # others): their skip replies are taken, unread, by the next send.
+        self.left: list = []
         self.thread = threading.Thread(target=self._run, name=f"multipy-subinterpreter-{self.index}",
                                        daemon=True)
         _watch_exit()
@@ -322,6 +325,29 @@ class _Driver:
         for that call's caller."""
         with self._spill_lock:
             return self.end.spilled(seq, self._spills, _answers)
+
+    def take_left(self) -> None:
+        """Take and discard the replies that came for blocking calls dropped unrun
+        at their deadline (``left``, see ``SubinterpreterWorker._timed_out``):
+        their reply slots are free again.  Before a send (under the worker lock),
+        and while a send waits for a slot."""
+        end = self.end
+        with self.watch_lock:
+            left = self.left
+            i = 0
+            while i < len(left):
+                call = left[i]
+                try:
+                    there = end.ready(call.slot)
+                except ValueError:  # detached: the loop ended, the slots with it
+                    return
+                if not there:
+                    i += 1
+                    continue
+                # Out of the list before the slot is freed: a slot taken twice could
+                # take the reply of the next call given that slot.
+                del left[i]
+                self.take_frame(call)
 
     def interrupt(self, seq: int) -> None:
         try:
@@ -750,7 +776,9 @@ class SubinterpreterWorker(Worker):
                 else:
                     # Under the worker lock: while the channel is full, other senders
                     # wait behind this one.
-                    call.slot, call.posted_to = end.send(header + payload, armed)
+                    if driver.left:
+                        driver.take_left()
+                    call.slot, call.posted_to = end.send(header + payload, armed, driver.take_left)
             except OSError:
                 raise RequestNotSent(self._lost(driver, "while idle, before this call was sent")) from None
         except RequestNotSent:
@@ -868,7 +896,14 @@ class SubinterpreterWorker(Worker):
 
     def _timed_out(self, call: "_Call", timeout: float):
         # The call is cancelled if it has not started, or interrupted where it runs.
-        self._cancel(call)
+        if self._cancel(call):
+            # Skipped unrun, queued behind other calls: its caller is told now, not
+            # once the calls ahead of it end (they may run long past the grace
+            # period); its reply is taken when it comes (_Driver.take_left).
+            driver = call.driver
+            with driver.watch_lock:
+                driver.left.append(call)
+            raise self._dropped(timeout)
         if self._await(call, INTERRUPT_GRACE):
             self._drop_reply(call)
             raise self._dropped(timeout) if call.skipped else self._interrupted(timeout)

@@ -578,21 +578,21 @@ class HostEnd:
             write_frame(self.req_w, payload)
         return end
 
-    def send(self, payload: bytes, armed: bool = False) -> tuple[int, int]:
+    def send(self, payload: bytes, armed: bool = False, make_room=None) -> tuple[int, int]:
         """Claim a reply slot and post ``payload`` naming it: ``(slot, ring position
         past it)`` (see :meth:`taken`); an ``armed`` request can be cancelled until
-        it starts (:meth:`arm`).  Waits while the channel is full and raises
-        :class:`BrokenPipeError` once the interpreter is gone (see :meth:`retry`).
-        (The process backend does these steps itself, recording the slot as soon
-        as it is claimed.)"""
+        it starts (:meth:`arm`).  Waits while the channel is full (``make_room``
+        as for :meth:`retry`) and raises :class:`BrokenPipeError` once the
+        interpreter is gone.  (The process backend does these steps itself,
+        recording the slot as soon as it is claimed.)"""
         slot = self.claim()
         if slot is None:
-            slot = self.retry(self.claim)
+            slot = self.retry(self.claim, make_room)
         if armed:
             self.arm(slot, None)
         position = self.post(payload, slot)
         if not position:
-            position = self.retry(lambda: self.post(payload, slot) or None)
+            position = self.retry(lambda: self.post(payload, slot) or None, make_room)
         return slot, position
 
     def retry(self, attempt, make_room=None):
