@@ -10,6 +10,12 @@ prints the channel's own counters: waits, spins that found the reply, sleeps
 in FUTEX_WAIT, FUTEX_WAKE calls and time spent taking the GIL back.
 
     PYTHONPATH=src python benchmarks/count_switches.py [--threads 1,4,16] [--seconds 2] [--locks]
+    PYTHONPATH=src python benchmarks/count_switches.py --model smallops --threads 4,64 --seconds 4
+
+``--model NAME`` calls an example model (or archive) instead of the no-op, as
+``multipy bench NAME --strategies one_python --max-interpreters 2`` does: two
+interpreters started, the balancer limited to the first, each item a fresh
+copy of the example inputs under ``torch.inference_mode``.
 
 ``--locks`` wraps the worker's lock (held to send) and its reply lock in
 counting wrappers and prints how many acquisitions per call had to wait.
@@ -98,7 +104,7 @@ class CountingLock:
         self.lock.release()
 
 
-def drive(noop, threads: int, seconds: float, worker) -> None:
+def drive(noop, threads: int, seconds: float, worker, what: str = "calls") -> None:
     pid = worker.pid
     counts = [0] * threads
     own = [(0, 0)] * threads
@@ -131,7 +137,7 @@ def drive(noop, threads: int, seconds: float, worker) -> None:
     h = (sum(o[0] for o in own), sum(o[1] for o in own))  # the callers' (they have ended)
     cpu, icpu = time.process_time() - c0, _cpu_seconds(pid) - ic0
     n = max(sum(counts), 1)
-    print(f"{threads:>3} threads: {n / elapsed:9,.0f} calls/s | host {cpu / n * 1e6:5.1f} µs CPU, "
+    print(f"{threads:>3} threads: {n / elapsed:9,.0f} {what}/s | host {cpu / n * 1e6:5.1f} µs CPU, "
           f"callers vol {h[0] / n:5.2f} invol {h[1] / n:5.2f} | "
           f"interpreter {icpu / n * 1e6:5.1f} µs CPU, vol {(i1[0] - i0[0]) / n:5.2f} "
           f"invol {(i1[1] - i0[1]) / n:5.2f}  (per call; load {open('/proc/loadavg').read().split()[0]})")
@@ -155,8 +161,12 @@ def main() -> None:
                         help="seconds a host caller may spin (default: the worker's setting)")
     parser.add_argument("--locks", action="store_true",
                         help="also count the waits for the worker lock and the reply lock")
+    parser.add_argument("--model", default=None,
+                        help="an example name or archive to call instead of the no-op (one_python)")
     args = parser.parse_args()
     print(f"channel: {_channel.NATIVE_WHY}")
+    if args.model is not None:
+        return drive_model(args)
     with InterpreterManager(1, backend="process", num_threads=1) as manager:
         manager.register_module_source(_NOOP_MODULE, _NOOP_SOURCE)
         with manager.acquire_one() as s:
@@ -170,6 +180,21 @@ def main() -> None:
             worker.lock, worker._rx = CountingLock(worker.lock), CountingLock(worker._rx)
         for n in (int(x) for x in args.threads.split(",")):
             drive(noop, n, args.seconds, worker)
+
+
+def drive_model(args) -> None:
+    """The one_python strategy of ``multipy bench``: two interpreters, the first used."""
+    from multipy.bench import _child
+    from multipy.bench.strategies import Fixtures
+    from multipy.bench.targets import resolve_target
+
+    with Fixtures(resolve_target(args.model), max_interpreters=2) as fx:
+        manager, model = fx.replicated(2)
+        manager.debug_limit_interpreters(1)
+        worker = manager._workers[0]
+        item_args = fx.args
+        for n in (int(x) for x in args.threads.split(",")):
+            drive(lambda: _child.run_item(model, item_args), n, args.seconds, worker, "items")
 
 
 if __name__ == "__main__":

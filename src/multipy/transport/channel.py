@@ -76,7 +76,11 @@ RECORD_HEAD = 16
 SLOT_HEAD = 64
 MAGIC = 0x4D504348
 VERSION = 1
-_SLICE = 0.002  # seconds a sleeping waiter goes between looks at the peer's liveness
+# Seconds between looks at the peer's liveness: the watcher among a channel's sleepers
+# (the first to find none) looks every _SLICE, every other sleeper every _QUIET_SLICE; a
+# watcher that finds the peer dead wakes them all (see _native.c, "sleeping callers").
+_SLICE = 0.002
+_QUIET_SLICE = 0.1
 
 # Offsets of the header words (see the layout above and _native.c's header_t).
 _CLOSED, _TAIL, _HEAD, _REQ_SEQ, _REQ_SLEEPING, _SLOT_HINT = 64, 128, 192, 256, 260, 320
@@ -200,6 +204,7 @@ class PyChannel:
         self._m = view
         self._ring_bytes, self._slots, self._slot_bytes = ring, slots, slot_bytes
         self._post_lock = threading.Lock()
+        self._watching = threading.Lock()  # held by the sleeper that watches the peer
         if _futex is None:
             _futex = _Futex()
         self._futex = _futex
@@ -458,29 +463,43 @@ class PyChannel:
         if fd >= 0:
             poller = select.poll()
             poller.register(fd, select.POLLIN)
-        while True:
-            seen = self._u32(word)
-            self._set32(sleeping, 1)
-            try:
+        watcher = False
+        try:
+            while True:
+                seen = self._u32(word)
+                self._set32(sleeping, 1)
+                try:
+                    if ready():
+                        return Wait.READY
+                    if self._u32(_CLOSED):
+                        return Wait.CLOSED
+                    if not watcher:
+                        watcher = self._watching.acquire(False)
+                    left = _SLICE if watcher or poller is None else _QUIET_SLICE
+                    if deadline is not None:
+                        left = min(left, deadline - time.monotonic())
+                        if left <= 0:
+                            return Wait.TIMEOUT
+                    if self._address:
+                        self._futex.wait(self._address + word, seen, left)
+                    else:
+                        time.sleep(min(left, 0.0005))
+                finally:
+                    self._set32(sleeping, 0)
                 if ready():
-                    return Wait.READY
-                if self._u32(_CLOSED):
-                    return Wait.CLOSED
-                left = _SLICE
-                if deadline is not None:
-                    left = min(left, deadline - time.monotonic())
-                    if left <= 0:
-                        return Wait.TIMEOUT
-                if self._address:
-                    self._futex.wait(self._address + word, seen, left)
-                else:
-                    time.sleep(min(left, 0.0005))
-            finally:
-                self._set32(sleeping, 0)
-            if ready():
-                return Wait.SLEPT
-            if poller is not None and poller.poll(0):
-                return Wait.SLEPT if ready() else Wait.DEAD
+                    return Wait.SLEPT
+                if poller is not None and poller.poll(0):
+                    if ready():
+                        return Wait.SLEPT
+                    if watcher:  # the peer died: every sleeper learns it now
+                        for slot in range(self._slots):
+                            off = self._slot_off(slot)
+                            if self._u32(off + 4):  # its sleeping word
+                                self._wake(off)
+                    return Wait.DEAD
+        finally:
+            if watcher:
+                self._watching.release()
 
 
 # -- the process backend's use of a channel (policy) -----------------------------------
