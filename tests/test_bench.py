@@ -223,15 +223,34 @@ def test_bench_overhead_prints_p50_and_p99_over_a_direct_call(cache):
 @pytest.mark.parametrize("native", ["1", "0"])
 def test_bench_dispatch_reports_calls_and_host_cpu_per_thread_count_beside_the_pipe(cache, native, monkeypatch):
     monkeypatch.setenv("MULTIPY_NATIVE", native)
-    proc = run_multipy("bench", "--dispatch", "--threads", "1,3", "--seconds", "0.2", cache=cache)
+    proc = run_multipy("bench", "--dispatch", "--threads", "1,3", "--seconds", "0.4", "--rounds", "2",
+                       cache=cache)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
+    assert "median of 2 interleaved round(s)" in out
     assert "bare os.pipe ping-pong between two Python processes" in out
     assert ("MULTIPY_NATIVE=0" in out) == (native == "0")
     rows = [line for line in out.splitlines() if "no-op interpreter" in line]
     assert [int(line.split()[0]) for line in rows] == [1, 3]
-    assert all("calls/s" in line and "x the pipe ping-pong" in line and "µs/call" in line
-               for line in rows)
+    assert all("calls/s (rounds " in line and "x the pipe ping-pong of the same round" in line
+               and "µs/call" in line for line in rows)
+
+
+def test_dispatch_report_takes_medians_and_compares_each_round_with_its_own_pipe():
+    from multipy.bench.dispatch import Dispatch, DispatchReport, Round, dispatch_lines
+
+    # The pipe swings 10x between rounds; each round's calls follow it.
+    report = DispatchReport([Round([Dispatch(1, 2000, 1.0, 0.01), Dispatch(16, 1000, 1.0, 0.02)], 1000.0),
+                             Round([Dispatch(1, 200, 1.0, 0.001), Dispatch(16, 100, 1.0, 0.002)], 100.0),
+                             Round([Dispatch(1, 600, 1.0, 0.003), Dispatch(16, 300, 1.0, 0.003)], 300.0)],
+                            "native", "process")
+    assert [r.calls_per_s for r in report.rows] == [600.0, 300.0]
+    assert report.pipe_round_trips_per_s == 300.0
+    assert report.ratios(1) == [1.0, 1.0, 1.0]
+    line = dispatch_lines(report)[3]
+    assert line.startswith(" 16 host thread(s) -> 1 no-op interpreter: 300 calls/s (rounds 100-1,000; "
+                           "1.00x the pipe ping-pong of the same round, rounds 1.00-1.00), "
+                           "host CPU 20.0 µs/call")
 
 
 def test_bench_memory_reports_the_extra_pss_as_a_ratio_of_the_weights(cache):

@@ -207,7 +207,8 @@ def _parser() -> argparse.ArgumentParser:
                        "(default: 1,16,64)")
     bench.add_argument("--rounds", type=_positive_int, default=3, metavar="N",
                        help="`bench serve`: rounds over the servers, interleaved; each row is "
-                       "the median of its N windows of --seconds/N s (default: %(default)s)")
+                       "the median of its N windows of --seconds/N s; `--dispatch`: rounds over "
+                       "the thread counts and the pipe ping-pong, the same way (default: %(default)s)")
     bench.add_argument("--peers", default="litserve,mosec", metavar="LIST",
                        help="`bench serve`: peers served beside multipy, from a throwaway venv "
                        "(default: %(default)s; 'none' for none)")
@@ -413,7 +414,8 @@ def _bench_dispatch(args, out, err) -> None:
 
     counts = tuple(args.threads or (1, 4, 16))
     with _status(err, f"dispatching no-op calls from {', '.join(map(str, counts))} host threads"):
-        report = measure_dispatch(threads=counts, seconds=args.seconds, backend=args.backend)
+        report = measure_dispatch(threads=counts, seconds=args.seconds, backend=args.backend,
+                                  rounds=args.rounds)
     for line in dispatch_lines(report):
         out.print(line, highlight=False, soft_wrap=True)
 
