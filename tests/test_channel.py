@@ -439,10 +439,12 @@ def test_sleeping_callers_share_one_look_at_the_peer():
     counts = json.loads(out.stdout)
     assert counts["timeouts"] == [Wait.TIMEOUT] * _SLEEPERS
     assert counts["died"] == [Wait.DEAD] * _SLEEPERS
-    # One watcher: seconds / 2 ms slices; the others a few 100 ms slices each.  Each
-    # sleeper looking every 2 ms would make _SLEEPERS times the watcher's count.
-    watcher = seconds / 0.002
-    assert counts["sleeps"] < 2 * watcher, counts
+    # One watcher, whose slice doubles from 2 ms to 32 ms: 2+4+8+16 ms, then 32 ms
+    # at a time (16 sleeps in 0.4 s); the others 100 ms slices (5 each).  Every
+    # sleeper a watcher would make 6 x 16; a watcher looking every 2 ms, 200.
+    watcher = 4 + (seconds - 0.030) / 0.032
+    others = (_SLEEPERS - 1) * (seconds / 0.1 + 1)
+    assert counts["sleeps"] < 1.5 * (watcher + others) < _SLEEPERS * watcher, counts
     # The watcher woke the others when the peer died.
     assert counts["wakes"] >= _SLEEPERS - 1, counts
 

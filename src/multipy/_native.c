@@ -35,6 +35,7 @@
 #define SLICE_NS 2000000LL /* the watcher among a channel's sleepers looks at the peer's
                               liveness this often (see wait_for) */
 #define QUIET_SLICE_NS 100000000LL /* ... and every other sleeper this often */
+#define WATCH_MAX_NS 32000000LL /* a host watcher's slice doubles from SLICE_NS up to this */
 
 enum { READY = 0, TIMEOUT = 1, DEAD = 2, CLOSED = 3, SLEPT = 4 };
 enum { SLOT_FREE = 0, SLOT_WAITING = 1, SLOT_REPLIED = 2 };
@@ -261,9 +262,12 @@ static int reply_ready(ChannelObject *c, void *arg) {
  * time.  A watcher that finds the peer dead wakes every sleeper of the channel,
  * and each of them sees it at once; close() wakes them too.  (Every sleeper
  * looking every 2 ms cost 64 callers 28 wake-ups per call, whose CPU came out of
- * the interpreters' cores.)  When the watcher leaves, the next sleeper to start a
- * slice takes over; until then a death is noticed within QUIET_SLICE_NS.  The
- * interpreter is the only sleeper on its side: always the watcher. */
+ * the interpreters' cores.)  On the host the watcher's slice doubles while its
+ * wait lasts, up to WATCH_MAX_NS: a short wait looks as often as before, a long
+ * one (its call queued behind many) wakes a few times, not every 2 ms.  When the
+ * watcher leaves, the next sleeper to start a slice takes over; until then a
+ * death is noticed within QUIET_SLICE_NS.  The interpreter is the only sleeper on
+ * its side: always the watcher, every SLICE_NS. */
 
 /* Wake every sleeper on this channel's reply slots (the peer died). */
 static void wake_sleepers(ChannelObject *c) {
@@ -280,6 +284,7 @@ static int sleep_for(ChannelObject *c, ready_fn ready, void *arg, uint32_t *word
                      uint32_t *sleeping, int64_t start, int64_t timeout_ns, int ready_rc,
                      int slept_rc, int fd, int *watcher) {
     header_t *h = c->h;
+    int64_t watch = SLICE_NS; /* the watcher's next slice */
     for (;;) {
         uint32_t seen = SC_LOAD(word);
         SC_STORE(sleeping, 1u);
@@ -296,7 +301,9 @@ static int sleep_for(ChannelObject *c, ready_fn ready, void *arg, uint32_t *word
             *watcher = __atomic_compare_exchange_n(&c->watching, &vacant, 1, 0, __ATOMIC_ACQ_REL,
                                                    __ATOMIC_RELAXED);
         }
-        int64_t slice = fd < 0 ? SLICE_NS : *watcher ? SLICE_NS : QUIET_SLICE_NS;
+        int64_t slice = fd < 0 ? SLICE_NS : *watcher ? watch : QUIET_SLICE_NS;
+        if (*watcher && ready == reply_ready && watch < WATCH_MAX_NS)
+            watch = watch * 2 < WATCH_MAX_NS ? watch * 2 : WATCH_MAX_NS;
         if (timeout_ns >= 0) {
             int64_t left = start + timeout_ns - now_ns();
             if (left <= 0) {

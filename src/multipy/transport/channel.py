@@ -77,10 +77,12 @@ SLOT_HEAD = 64
 MAGIC = 0x4D504348
 VERSION = 1
 # Seconds between looks at the peer's liveness: the watcher among a channel's sleepers
-# (the first to find none) looks every _SLICE, every other sleeper every _QUIET_SLICE; a
+# (the first to find none) looks every _SLICE (on the host, a slice that doubles while
+# its wait lasts, up to _WATCH_MAX), every other sleeper every _QUIET_SLICE; a
 # watcher that finds the peer dead wakes them all (see _native.c, "sleeping callers").
 _SLICE = 0.002
 _QUIET_SLICE = 0.1
+_WATCH_MAX = 0.032  # the host's watcher: its slice doubles from _SLICE up to this
 
 # Offsets of the header words (see the layout above and _native.c's header_t).
 _CLOSED, _TAIL, _HEAD, _REQ_SEQ, _REQ_SLEEPING, _SLOT_HINT = 64, 128, 192, 256, 260, 320
@@ -381,7 +383,8 @@ class PyChannel:
         """Wait for ``slot``'s reply (see the extension's docstring)."""
         self._check()
         off = self._slot_off(slot)
-        return self._wait(lambda: self._u32(off) == _SLOT_REPLIED, off, off + 4, timeout, fd)
+        return self._wait(lambda: self._u32(off) == _SLOT_REPLIED, off, off + 4, timeout, fd,
+                          grow=True)
 
     def ready(self, slot: int, /) -> bool:
         """Whether ``slot`` holds a reply to take (never waits)."""
@@ -455,7 +458,9 @@ class PyChannel:
         if self._address:
             self._futex.wake(self._address + off)
 
-    def _wait(self, ready, word: int, sleeping: int, timeout: float, fd: int) -> int:
+    def _wait(self, ready, word: int, sleeping: int, timeout: float, fd: int,
+              grow: bool = False) -> int:
+        """``grow``: the watcher's slice doubles up to _WATCH_MAX (the host's waits)."""
         if ready():
             return Wait.READY
         deadline = None if timeout < 0 else time.monotonic() + timeout
@@ -464,6 +469,7 @@ class PyChannel:
             poller = select.poll()
             poller.register(fd, select.POLLIN)
         watcher = False
+        watch = _SLICE
         try:
             while True:
                 seen = self._u32(word)
@@ -475,7 +481,9 @@ class PyChannel:
                         return Wait.CLOSED
                     if not watcher:
                         watcher = self._watching.acquire(False)
-                    left = _SLICE if watcher or poller is None else _QUIET_SLICE
+                    left = watch if watcher or poller is None else _QUIET_SLICE
+                    if watcher and grow:
+                        watch = min(watch * 2, _WATCH_MAX)
                     if deadline is not None:
                         left = min(left, deadline - time.monotonic())
                         if left <= 0:
