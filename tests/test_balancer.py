@@ -73,3 +73,24 @@ def test_counts_stay_exact_with_many_threads(take):
     for t in threads:
         t.join()
     assert b._load == [0, 0, 0, 0]
+
+
+def test_the_one_step_version_chooses_as_acquire_does_whatever_the_loads():
+    # With many callers per interpreter the next in turn is seldom free: take_turn
+    # then scans for the first free one, else the least loaded, as acquire() does.
+    if balancing.take_turn is None:
+        pytest.skip("multipy._native is not built here (no C compiler at install time)")
+    import random
+
+    rng = random.Random(7)
+    for _ in range(2000):
+        size = rng.randint(1, 6)
+        loads = [rng.choice((0, 1, 1, 2, 3, 5)) for _ in range(size)]
+        limit = rng.randint(1, size)
+        start = rng.randrange(limit)
+        a, b = LoadBalancer(size), LoadBalancer(size)
+        for lb in (a, b):
+            lb._load, lb._start = list(loads), start
+            lb.set_limit(limit)
+        assert balancing.take_turn(a) == b.acquire(), (loads, limit, start)
+        assert (a._load, a._start) == (b._load, b._start)

@@ -3693,8 +3693,12 @@ static int balancer_strings(void) {
            (s_locked = PyUnicode_InternFromString("locked")) == NULL ? -1 : 0;
 }
 
-/* take_turn(balancer) -> index | None: LoadBalancer.acquire() when the next in
- * turn is free (counted, the turn moved on); None otherwise, nothing changed. */
+/* take_turn(balancer) -> index | None: LoadBalancer.acquire() (counted, the turn
+ * moved on): the next in turn when it is free, else the first free one after it,
+ * else the least loaded (the first of equals from the turn on), as acquire()
+ * chooses; with many callers per interpreter the next in turn is seldom free.
+ * None, nothing changed, while the balancer's lock is held or its fields are not
+ * what acquire() keeps. */
 static PyObject *native_take_turn(PyObject *m, PyObject *balancer) {
     (void)m;
     if (balancer_strings() < 0)
@@ -3722,21 +3726,36 @@ static PyObject *native_take_turn(PyObject *m, PyObject *balancer) {
         out = Py_NewRef(Py_None);
         goto done;
     }
-    PyObject *count = PyList_GET_ITEM(load, start);
-    if (!PyLong_CheckExact(count) || PyLong_AsLong(count) != 0) {
-        PyErr_Clear();
+    if (n > PyList_GET_SIZE(load)) {
         out = Py_NewRef(Py_None);
         goto done;
     }
-    PyObject *one = PyLong_FromLong(1), *next = PyLong_FromLong((start + 1) % n);
-    if (one == NULL || next == NULL || PyObject_SetAttr(balancer, s_start, next) < 0) {
-        Py_XDECREF(one);
+    long best = -1, best_count = 0;
+    for (long k = 0; k < n; k++) {
+        long i = (start + k) % n;
+        PyObject *count = PyList_GET_ITEM(load, i);
+        long v = PyLong_CheckExact(count) ? PyLong_AsLong(count) : -1;
+        if (v < 0) { /* not a count acquire() keeps: its own choice */
+            PyErr_Clear();
+            out = Py_NewRef(Py_None);
+            goto done;
+        }
+        if (v == 0) {
+            best = i, best_count = 0;
+            break;
+        }
+        if (best < 0 || v < best_count)
+            best = i, best_count = v;
+    }
+    PyObject *counted = PyLong_FromLong(best_count + 1), *next = PyLong_FromLong((start + 1) % n);
+    if (counted == NULL || next == NULL || PyObject_SetAttr(balancer, s_start, next) < 0) {
+        Py_XDECREF(counted);
         Py_XDECREF(next);
         goto done;
     }
     Py_DECREF(next);
-    PyList_SetItem(load, start, one); /* steals one */
-    out = PyLong_FromLong(start);
+    PyList_SetItem(load, best, counted); /* steals counted */
+    out = PyLong_FromLong(best);
 done:
     Py_DECREF(load);
     return out;
@@ -3847,8 +3866,9 @@ static PyMethodDef module_methods[] = {
      "HostEnd end, the books it keeps) sent and ended in C: Caller.send, Caller.finish."},
     {"take_turn", native_take_turn, METH_O,
      "take_turn(balancer, /) -> int | None\n\n"
-     "LoadBalancer.acquire() when the next interpreter in turn is free; None (nothing\n"
-     "changed) otherwise, or while the balancer's lock is held."},
+     "LoadBalancer.acquire() in one step: the next interpreter in turn when it is free,\n"
+     "else the first free one, else the least loaded; None (nothing changed) while the\n"
+     "balancer's lock is held."},
     {"give_back", (PyCFunction)(void (*)(void))native_give_back, METH_FASTCALL,
      "give_back(balancer, index, /) -> bool\n\n"
      "LoadBalancer.release(index, notify=False) done here (True), or left to it (False,\n"

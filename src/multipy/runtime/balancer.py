@@ -12,7 +12,7 @@ import threading
 from ..transport.channel import _native_module
 
 #: ``take_turn(balancer) -> index | None`` and ``give_back(balancer, index) -> bool``:
-#: :meth:`LoadBalancer.acquire` in its common case (the next in turn is free) and
+#: :meth:`LoadBalancer.acquire` (without ``usable``: the same choice) and
 #: :meth:`LoadBalancer.release` without its hook, in one C call each, without the
 #: lock (one step under the GIL); ``None``/``False`` (nothing changed) while the
 #: lock is held.  ``None`` without the extension.

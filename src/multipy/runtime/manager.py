@@ -279,7 +279,7 @@ class InterpreterManager:
             if self._closed:
                 raise ManagerClosedError("this InterpreterManager is closed")
             index = take_turn(balancer) if take_turn is not None else None
-            if index is None:  # the next in turn is busy: the balancer's own choice
+            if index is None:  # the balancer's lock is held: its own method
                 index = balancer.acquire()
             worker = self._workers[index]
             if worker.dead_reason is not None or worker.broken is not None or worker.closed:
