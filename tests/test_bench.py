@@ -213,11 +213,12 @@ def test_bench_cli_writes_the_csv_table_and_plot(tmp_path, cache):
 
 
 def test_bench_overhead_prints_p50_and_p99_over_a_direct_call(cache):
-    proc = run_multipy("bench", "--overhead", "--overhead-calls", "200", cache=cache)
+    proc = run_multipy("bench", "--overhead", "--overhead-calls", "200", "--rounds", "2", cache=cache)
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.startswith("overhead ")]
     assert [line.split(":")[0] for line in lines] == ["overhead 1x16", "overhead 1x3x224x224"]
-    assert all("p50" in line and "p99" in line and "µs" in line for line in lines)
+    assert all("p50" in line and "(rounds " in line and "p99" in line and "µs" in line
+               and "(200 calls in 2 interleaved rounds)" in line for line in lines)
 
 
 @pytest.mark.parametrize("native", ["1", "0"])

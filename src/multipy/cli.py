@@ -208,7 +208,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--rounds", type=_positive_int, default=3, metavar="N",
                        help="`bench serve`: rounds over the servers, interleaved; each row is "
                        "the median of its N windows of --seconds/N s; `--dispatch`: rounds over "
-                       "the thread counts and the pipe ping-pong, the same way (default: %(default)s)")
+                       "the thread counts and the pipe ping-pong, the same way; `--overhead`: rounds over the "
+                       "input shapes, direct and through the interpreter (default: %(default)s)")
     bench.add_argument("--peers", default="litserve,mosec", metavar="LIST",
                        help="`bench serve`: peers served beside multipy, from a throwaway venv "
                        "(default: %(default)s; 'none' for none)")
@@ -508,6 +509,7 @@ def _cmd_bench(args) -> int:
 
         with _status(err, f"timing {args.overhead_calls} calls per input shape"):
             rows = measure_overhead(calls=args.overhead_calls, backend=args.backend,
+                                    rounds=min(args.rounds, args.overhead_calls),
                                     device=args.device)
         out.print(overhead_table(rows))
         for line in overhead_lines(rows):
