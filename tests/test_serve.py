@@ -186,6 +186,32 @@ def test_a_request_past_its_deadline_answers_504(client):
     assert "deadline passed before the model's answer" in response.json()["error"]
 
 
+def test_a_request_with_an_earlier_deadline_than_one_running_answers_504(client, manager):
+    """The running requests' deadlines share one timer, set for the earliest: a
+    request whose deadline comes before that of one already running sets it earlier."""
+    _idle(manager)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        sleepy = _model(client, "sleepy")
+        first = pool.submit(_sleep, client, 2.0)  # the default deadline: 30 s
+        _when(lambda: sleepy.running == 1, "the first request to run")
+        second = _sleep(client, 2.0, timeout=0.2)  # on the other interpreter: it would answer 200
+        assert second.status_code == 504, second.text
+        assert first.result().status_code == 200
+
+
+def test_each_running_request_answers_504_at_its_own_deadline(client, manager):
+    """Once the shared timer has cancelled the earliest request, it is set for the
+    next deadline: a later one is still watched."""
+    _idle(manager)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        sleepy = _model(client, "sleepy")
+        first = pool.submit(_sleep, client, 2.0, timeout=0.2)
+        _when(lambda: sleepy.running == 1, "the first request to run")
+        second = _sleep(client, 2.0, timeout=0.6)  # its call would end (200) after 2 s
+        assert first.result().status_code == 504
+        assert second.status_code == 504, second.text
+
+
 def _idle(manager) -> None:
     """Wait for the calls earlier tests left running (a request past its deadline
     answers 504 while its call runs on) to end: they would count as calls here."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import math
 import os
 import time
 from collections.abc import Mapping
@@ -157,6 +158,8 @@ class ServedModel:
         # timeout object per waiting request).
         self._free = slots
         self._line: collections.deque[asyncio.Future] = collections.deque()
+        # The running requests' deadlines, on the loop of the latest request.
+        self._deadlines: _Deadlines | None = None
 
     def metadata(self, *, backend: str) -> dict[str, Any]:
         """The protocol's model metadata: what is known without running the model."""
@@ -187,7 +190,10 @@ class ServedModel:
         try:
             # Past the deadline the call is cancelled: dropped if the library has not
             # sent it yet, else it finishes in its interpreter and its result is dropped.
-            result = await _within(self._call(args), deadline)
+            deadlines = self._deadlines
+            if deadlines is None or deadlines.loop is not asyncio.get_running_loop():
+                deadlines = self._deadlines = _Deadlines(asyncio.get_running_loop())
+            result = await deadlines.run(self._call(args), deadline)
             self._answered += 1
             return result
         except TimeoutError:
@@ -285,32 +291,81 @@ def _remaining(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
-async def _within(awaitable, deadline: float | None):
-    """``await awaitable`` in this task, raising ``TimeoutError`` at ``deadline``
-    (monotonic): a timer cancels the task then, as ``asyncio.timeout`` does, with
-    no objects of its own per request but the timer."""
-    if deadline is None:
-        return await awaitable
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    cancelling = task.cancelling() if hasattr(task, "cancelling") else 0  # Python 3.11+
-    expired: list = []
-    timer = loop.call_at(loop.time() + _remaining(deadline), _cancel, task, expired)
-    try:
-        return await awaitable
-    except asyncio.CancelledError:
-        if not expired:
-            raise
-        if hasattr(task, "uncancel") and task.uncancel() > cancelling:
-            raise  # cancelled from elsewhere too
-        raise TimeoutError from None
-    finally:
-        timer.cancel()
+class _Deadlines:
+    """The deadlines of the requests one model runs on one event loop, watched by
+    one loop timer for the earliest of them, as ``asyncio.timeout`` would watch
+    each with a timer of its own: a request past its deadline has its task
+    cancelled, and :meth:`run` turns that cancellation into ``TimeoutError``.
 
+    A timer per request (made, pushed on the loop's heap, cancelled) cost each
+    request several µs; here a request costs a dict entry.  The timer fires at the
+    earliest deadline it was set for, cancels every request past its own, and is
+    set again for the earliest left; a request with an earlier deadline than the
+    timer's sets it earlier.
 
-def _cancel(task: asyncio.Task, expired: list) -> None:
-    expired.append(True)
-    task.cancel()
+    >>> async def main():
+    ...     deadlines = _Deadlines(asyncio.get_running_loop())
+    ...     try:
+    ...         await deadlines.run(asyncio.sleep(10), time.monotonic() + 0.01)
+    ...     except TimeoutError:
+    ...         return "past its deadline"
+    >>> asyncio.run(main())
+    'past its deadline'
+    """
+
+    __slots__ = ("loop", "running", "expired", "timer", "timer_at")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.running: dict[asyncio.Task, float] = {}  # task -> deadline, on the loop's clock
+        self.expired: dict[asyncio.Task, int] = {}    # task -> its cancelling() before ours
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = math.inf
+
+    async def run(self, awaitable, deadline: float | None):
+        """``await awaitable`` in this task (on :attr:`loop`), raising
+        ``TimeoutError`` at ``deadline`` (a ``time.monotonic()`` instant; ``None``:
+        none)."""
+        if deadline is None:
+            return await awaitable
+        task = asyncio.current_task()
+        at = self.loop.time() + _remaining(deadline)
+        running = self.running
+        running[task] = at
+        if at < self.timer_at:
+            self._arm(at)
+        try:
+            return await awaitable
+        except asyncio.CancelledError:
+            before = self.expired.pop(task, None)
+            if before is None:
+                raise  # not by the deadline
+            if hasattr(task, "uncancel") and task.uncancel() > before:  # Python 3.11+
+                raise  # cancelled from elsewhere too
+            raise TimeoutError from None
+        finally:
+            del running[task]
+            if self.expired:  # cancelled by the deadline, yet it ended otherwise
+                self.expired.pop(task, None)
+
+    def _arm(self, at: float) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer, self.timer_at = self.loop.call_at(at, self._fire), at
+
+    def _fire(self) -> None:
+        """Cancel the requests past their deadline; set the timer for the earliest
+        deadline left."""
+        self.timer, self.timer_at = None, math.inf
+        now, earliest = self.loop.time(), math.inf
+        for task, at in self.running.items():
+            if at > now:
+                earliest = min(earliest, at)
+            elif task not in self.expired and not task.done():
+                self.expired[task] = task.cancelling() if hasattr(task, "cancelling") else 0
+                task.cancel()
+        if earliest < math.inf:
+            self._arm(earliest)
 
 
 class ModelRegistry:
