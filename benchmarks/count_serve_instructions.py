@@ -11,7 +11,9 @@ only this process, and only while the N requests run::
 prints "N instructions per request (host)".  ``--concurrency 64`` keeps 64
 requests in flight, as 64 HTTP connections would: most wait in line for an
 interpreter.  ``--layer infer`` counts
-``ServedModel.infer`` alone (no body decoded or answer encoded).
+``ServedModel.infer`` alone (no body decoded or answer encoded); ``--layer handler``
+the app with the model's call left out (``ServedModel._call`` answers with its first
+input at once: the handler, the body decoded, the answer encoded, the metrics).
 
 Instruction counts do not depend on machine load; wall time under callgrind means
 nothing.  They leave out the kernel, and the wait for the interpreter.
@@ -55,7 +57,7 @@ def _instructions() -> int:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("n", type=int, nargs="?", default=200)
-    parser.add_argument("--layer", choices=("app", "infer"), default="app")
+    parser.add_argument("--layer", choices=("app", "infer", "handler"), default="app")
     parser.add_argument("--concurrency", type=int, default=1,
                         help="requests in flight at once (64: most wait in line for an interpreter)")
     parser.add_argument("--model", default="identity", help="an example model (identity, smallops)")
@@ -91,7 +93,12 @@ def main() -> None:
         async def infer() -> None:
             await model.infer(decoded.args)
 
-        one = request if args.layer == "app" else infer
+        if args.layer == "handler":  # no call through the library: the first input back
+            async def first_input(call_args):
+                return call_args[0]
+
+            model._call = first_input
+        one = infer if args.layer == "infer" else request
 
         async def many(n: int) -> None:
             """``n`` requests, ``args.concurrency`` of them in flight at any time."""

@@ -145,6 +145,36 @@ def test_a_body_streamed_past_the_limit_is_refused_without_a_content_length(clie
     assert "over 65536 bytes" in response.json()["error"]
 
 
+def test_a_body_in_several_asgi_messages_is_read_whole(client):
+    """As an ASGI server hands over a body that arrives in pieces: one
+    ``http.request`` message per piece, ``more_body`` on all but the last."""
+    body, _ = encode_request([("INPUT__0", torch.tensor([1.0, 2.0]))])
+    messages = [{"type": "http.request", "body": body[i:i + 7], "more_body": i + 7 < len(body)}
+                for i in range(0, len(body), 7)]
+    sent = []
+
+    async def receive():
+        return messages.pop(0)
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v2/models/affine/infer",
+             "root_path": "", "headers": [(b"content-type", b"application/json")]}
+    asyncio.run(client.app(scope, receive, send))
+    assert sent[0]["status"] == 200, sent
+    assert torch.equal(decode_response(sent[1]["body"])["OUTPUT__0"], torch.tensor([3.0, 5.0]))
+
+
+def test_infer_paths_of_unknown_models_are_not_remembered(client):
+    """The app remembers the model name of each infer path it parsed, for the
+    served models only: paths naming other models cannot grow it."""
+    for i in range(50):
+        assert _post(client, f"nope{i}", _spec()).status_code == 404
+    assert set(client.app._paths.values()) <= set(client.app.state.registry.names())
+    assert _infer(client, "affine", torch.ones(1)).status_code == 200
+
+
 def test_unknown_routes_and_methods_answer_json_errors(client):
     assert client.get("/v3/nothing").json() == {
         "error": "no route '/v3/nothing'; see /v2/openapi.json"}

@@ -139,10 +139,17 @@ class _App(Starlette):
     def __init__(self, infer: "_Infer", **kwargs) -> None:
         super().__init__(**kwargs)
         self._infer = infer
+        # The infer paths of the served models, parsed once: path -> model name.
+        self._paths: dict[str, str] = {}
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
-            name = _infer_route(scope["path"])
+            path = scope["path"]
+            name = self._paths.get(path)
+            if name is None:
+                name = _infer_route(path)
+                if name is not None and name in self._infer.models:  # (bounded: served models')
+                    self._paths[path] = name
             if name is not None:
                 return await self._infer.serve(scope, receive, send, name)
         await super().__call__(scope, receive, send)
@@ -173,6 +180,7 @@ class _Infer:
     def __init__(self, registry: ModelRegistry, metrics: Metrics) -> None:
         self.registry = registry
         self.metrics = metrics
+        self.models = registry._models  # name -> ServedModel, read without a method call
 
     async def __call__(self, scope, receive, send) -> None:  # as a Starlette route
         await self.serve(scope, receive, send, scope["path_params"]["model_name"])
@@ -193,7 +201,7 @@ class _Infer:
             headers = _error_headers(None)
             body = error_body(f"internal error: {type(exc).__name__}: {exc}")
         finally:
-            if name in self.registry:
+            if name in self.models:
                 self.metrics.request(name, status, time.perf_counter() - started)
         if status != _CLIENT_GONE:
             headers.append((b"content-length", b"%d" % len(body)))
@@ -202,7 +210,7 @@ class _Infer:
 
     async def _answer(self, scope, receive, name: str) -> tuple[int, list, bytes]:
         registry = self.registry
-        model = registry.get(name)
+        model = self.models.get(name) or registry.get(name)  # (get: 404, naming the models)
         options = registry.options
         if registry.draining:
             raise _draining(options.retry_after)
@@ -344,9 +352,15 @@ async def _read_body(receive, declared: int | None, limit: int, *,
     if declared is not None and declared > limit:
         raise PayloadTooLarge(f"the body has {declared} bytes; this server accepts at most "
                               f"{limit} (--max-request-bytes)")
+    message = await receive()
+    if not message.get("more_body", False) and message["type"] == "http.request":
+        body = message.get("body", b"")  # the whole body in one message: the common case
+        if len(body) > limit:
+            raise PayloadTooLarge(f"the body is over {limit} bytes, the most this server "
+                                  "accepts (--max-request-bytes)")
+        return bytearray(body) if writable else body
     chunks, size = [], 0
     while True:
-        message = await receive()
         if message["type"] != "http.request":
             return None  # http.disconnect
         chunk = message.get("body", b"")
@@ -357,6 +371,7 @@ async def _read_body(receive, declared: int | None, limit: int, *,
         chunks.append(chunk)
         if not message.get("more_body", False):
             break
+        message = await receive()
     if writable:
         return bytearray().join(chunks)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)

@@ -168,6 +168,7 @@ _TORCH = {
 }
 _FROM_TORCH = {v: k for k, v in _TORCH.items()}
 _BY_NAME = {d.value: d for d in DataType}  # DataType(text) without Enum's call machinery
+_TEXT = {d: d.value for d in DataType}  # d.value without Enum's property
 # The numpy dtype of each datatype numpy has (BF16 and BYTES: none).
 _NUMPY = {d: torch.empty(0, dtype=t).numpy().dtype for d, t in _TORCH.items()
           if d is not DataType.BF16}
@@ -272,11 +273,19 @@ def decode_request(body: bytes | bytearray, header_length: int | None = None) ->
         raise BadRequest(f"the request is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise BadRequest(f"the request must be a JSON object, got {type(doc).__name__}")
-    inputs = _field(doc, "inputs", list, "the request")
+    # Each field is read with its type checked here; _field (which names the problem)
+    # runs only for a field that is missing or of another type.
+    inputs = doc.get("inputs")
+    if type(inputs) is not list:
+        inputs = _field(doc, "inputs", list, "the request")
     if not inputs:
         raise BadRequest("the request has no inputs")
-    params = _parameters(doc, "the request")
-    request_id = _field(doc, "id", str, "the request", required=False)
+    params = doc.get("parameters")
+    if type(params) is not dict:
+        params = _parameters(doc, "the request")
+    request_id = doc.get("id")
+    if type(request_id) is not str and "id" in doc:
+        request_id = _field(doc, "id", str, "the request")
     decoded, offset = [], 0
     for i, spec in enumerate(inputs):
         item, offset = _decode_input(spec, i, binary, offset)
@@ -285,37 +294,49 @@ def decode_request(body: bytes | bytearray, header_length: int | None = None) ->
         raise BadRequest(f"the body has {len(binary) - offset} bytes of binary data that no "
                          "input claims (check each input's binary_data_size)")
     outputs = []
-    for i, spec in enumerate(_field(doc, "outputs", list, "the request", required=False) or ()):
-        where = f"outputs[{i}]"
-        if not isinstance(spec, dict):
-            raise BadRequest(f"{where} must be an object, got {type(spec).__name__}")
-        binary_flag = _field(_parameters(spec, where), "binary_data", bool, where, required=False)
-        outputs.append(RequestedOutput(_field(spec, "name", str, where), binary_flag))
-    binary_output = _field(params, "binary_data_output", bool, "parameters", required=False)
-    timeout = _field(params, "timeout", (int, float), "parameters", required=False)
-    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
-        raise BadRequest(f"parameters.timeout must be a positive number of microseconds, got {timeout}")
+    if "outputs" in doc:
+        for i, spec in enumerate(_field(doc, "outputs", list, "the request", required=False)
+                                 or ()):
+            where = f"outputs[{i}]"
+            if not isinstance(spec, dict):
+                raise BadRequest(f"{where} must be an object, got {type(spec).__name__}")
+            binary_flag = _field(_parameters(spec, where), "binary_data", bool, where,
+                                 required=False)
+            outputs.append(RequestedOutput(_field(spec, "name", str, where), binary_flag))
+    binary_output = timeout = None
+    if params:
+        binary_output = _field(params, "binary_data_output", bool, "parameters", required=False)
+        timeout = _field(params, "timeout", (int, float), "parameters", required=False)
+        if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+            raise BadRequest(f"parameters.timeout must be a positive number of microseconds, "
+                             f"got {timeout}")
     return InferRequest(request_id, tuple(decoded), tuple(outputs), bool(binary_output),
                         None if timeout is None else timeout / 1e6)
 
 
 def _decode_input(spec: Any, i: int, binary: memoryview, offset: int) -> tuple[InferInput, int]:
-    where = f"inputs[{i}]"
     if not isinstance(spec, dict):
-        raise BadRequest(f"{where} must be an object, got {type(spec).__name__}")
-    name = _field(spec, "name", str, where)
+        raise BadRequest(f"inputs[{i}] must be an object, got {type(spec).__name__}")
+    name = spec.get("name")  # (types checked here; _field names a missing or wrong one)
+    if type(name) is not str:
+        name = _field(spec, "name", str, f"inputs[{i}]")
     where = f"input {name!r}"
-    shape = _field(spec, "shape", list, where)
+    shape = spec.get("shape")
+    if type(shape) is not list:
+        shape = _field(spec, "shape", list, where)
     for d in shape:  # (a loop: a generator in all() costs more than the check)
         if type(d) is not int or d < 0:  # (JSON gives exact ints; true is a bool)
             raise BadRequest(f"{where}: shape must be a list of non-negative integers, got {shape}")
-    text = _field(spec, "datatype", str, where)
+    text = spec.get("datatype")
+    if type(text) is not str:
+        text = _field(spec, "datatype", str, where)
     datatype = _BY_NAME.get(text)
     if datatype is None:
         raise BadRequest(f"{where}: unknown datatype {text!r}; the protocol's datatypes are "
                          f"{', '.join(d.value for d in DataType)}")
     count = math.prod(shape)
-    size = _field(_parameters(spec, where), "binary_data_size", int, where, required=False)
+    size = (None if "parameters" not in spec else
+            _field(_parameters(spec, where), "binary_data_size", int, where, required=False))
     if size is not None:
         if "data" in spec:
             raise BadRequest(f"{where} has both 'data' and parameters.binary_data_size")
@@ -416,7 +437,7 @@ def _bytes_from_binary(chunk: memoryview, count: int, where: str) -> list[bytes]
 
 
 # ---------------------------------------------------------------------------- responses
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)  # (not frozen: see InferInput)
 class Encoded:
     """A body, and the JSON header's length when binary data follows it (send that
     as ``Inference-Header-Content-Length`` and the body as octet-stream)."""
@@ -478,9 +499,15 @@ def encode_response(model_name: str, result: Any, *, request: InferRequest | Non
     if request is not None and request.id is not None:
         doc["id"] = request.id
     outputs, chunks = [], []
-    for name, value, binary in wanted:
-        datatype, shape, body = _tensor_body(name, value, binary, chunks)
-        outputs.append({"name": name, "datatype": datatype.value, "shape": shape, **body})
+    for name, value, binary in wanted:  # (_tensor_body, written out: one dict per output)
+        datatype, shape, flat, raw = _output_value(name, value, binary)
+        if binary:
+            chunks.append(raw)
+            outputs.append({"name": name, "datatype": _TEXT[datatype], "shape": shape,
+                            "parameters": {"binary_data_size": len(raw)}})
+        else:
+            outputs.append({"name": name, "datatype": _TEXT[datatype], "shape": shape,
+                            "data": flat})
     doc["outputs"] = outputs
     header = _dumps(doc)
     if not chunks:
@@ -501,7 +528,9 @@ def _tensor_body(name: str, value: Any, binary: bool, chunks: list) -> tuple:
 def _dumps(doc: dict) -> bytes:
     """``doc`` as JSON, its numpy arrays as lists."""
     body = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
-    if b"null" in body:
+    # (find, not `in`: `in` on bytes first tries its operand as an int, and raises
+    # and clears a TypeError for it, ~2,000 instructions a response)
+    if body.find(b"null") != -1:
         # orjson writes NaN and infinities as null, json as NaN, Infinity and
         # -Infinity, which Python clients (tritonclient among them) read back.  No other
         # value of a body is null: only those bodies, or a name holding "null", come here.
@@ -536,7 +565,7 @@ def _output_value(name: str, value: Any, binary: bool):
 
 def _tensor_value(name: str, value: torch.Tensor, binary: bool):
     try:
-        datatype = DataType.of(value.dtype)
+        datatype = _FROM_TORCH[value.dtype]  # (DataType.of, without its call)
     except KeyError:
         raise InferenceError(f"output {name!r} has dtype {value.dtype}, which the protocol "
                              "lacks") from None
