@@ -146,6 +146,19 @@ def test_a_block_whose_last_view_died_and_that_its_call_pins_is_kept(books):
     assert block not in arena._used
 
 
+def test_a_holder_that_cannot_be_watched_is_not_counted(books):
+    arena, _, held = books
+    block = arena.alloc(64)
+    kept = numpy.zeros(8)
+    held.add(block, kept)
+    with pytest.raises(TypeError):
+        held.add(block, 5)  # no weak reference to an int: its death could not be told
+    del kept
+    gc.collect()
+    held.release([block])  # the one view that was counted died: free
+    assert block not in _settled(held) and block not in arena._used
+
+
 @pytest.fixture(scope="module")
 def blocks(manager):
     """``(same, twice, pair)``: replicated functions of a module in every interpreter."""

@@ -1247,6 +1247,39 @@ typedef struct {
 #error "the codec's binary forms are little-endian; this file writes them natively"
 #endif
 
+/* The binary item of a scalar (codec.Encoder._item: None, bool, an int of 64 bits,
+ * a float; tags 0-4) written into b: its length (1 or 9), or 0, no error set, for
+ * a value the Python path encodes.  One set of rules for calls (pack_call) and
+ * results (scalar_item). */
+static Py_ssize_t scalar_bytes(PyObject *v, unsigned char b[9]) {
+    if (v == Py_None) {
+        b[0] = 0;
+        return 1;
+    }
+    if (v == Py_False || v == Py_True) {
+        b[0] = v == Py_True ? 2 : 1;
+        return 1;
+    }
+    if (PyLong_CheckExact(v)) {
+        int overflow;
+        long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+        if (overflow || (x == -1 && PyErr_Occurred())) {
+            PyErr_Clear();
+            return 0;
+        }
+        b[0] = 3;
+        memcpy(b + 1, &x, 8);
+        return 9;
+    }
+    if (PyFloat_CheckExact(v)) {
+        double x = PyFloat_AS_DOUBLE(v);
+        b[0] = 4;
+        memcpy(b + 1, &x, 8);
+        return 9;
+    }
+    return 0;
+}
+
 /* codec._FAST_DTYPES by code: float32 float64 float16 bfloat16 int64 int32 int16
  * int8 uint8 bool complex64 complex128, as DLPack type codes (kDLInt 0, kDLUInt 1,
  * kDLFloat 2, kDLBfloat 4, kDLComplex 5, kDLBool 6) and bits. */
@@ -1720,25 +1753,9 @@ static PyObject *native_pack_call(PyObject *m, PyObject *const *args, Py_ssize_t
     for (Py_ssize_t i = 0; i < n; i++, made++) {
         PyObject *v = PyTuple_GET_ITEM(positional, i);
         tensors[i] = NULL;
-        if (v == Py_None) {
-            scalars[i][0] = 0;
-            sizes[i] = 1;
-        } else if (v == Py_False || v == Py_True) {
-            scalars[i][0] = v == Py_True ? 2 : 1;
-            sizes[i] = 1;
-        } else if (PyLong_CheckExact(v)) {
-            long long iv = PyLong_AsLongLongAndOverflow(v, &overflow);
-            if (overflow || (iv == -1 && PyErr_Occurred()))
-                goto give_up;
-            scalars[i][0] = 3;
-            memcpy(scalars[i] + 1, &iv, 8);
-            sizes[i] = 9;
-        } else if (PyFloat_CheckExact(v)) {
-            double dv = PyFloat_AS_DOUBLE(v);
-            scalars[i][0] = 4;
-            memcpy(scalars[i] + 1, &dv, 8);
-            sizes[i] = 9;
-        } else {
+        if ((sizes[i] = scalar_bytes(v, scalars[i])) == 0) {
+            if (PyLong_CheckExact(v))
+                goto give_up; /* an int past 64 bits */
             PyObject *item = tensor_item(v, args[2], args[3], reuse, args[5]);
             if (item == NULL)
                 goto cleanup;
@@ -2445,28 +2462,8 @@ static PyObject *hand_back(ChannelObject *c, record_t *r, uint32_t len, long kin
  * for what the Python path encodes. */
 static PyObject *scalar_item(PyObject *v) {
     unsigned char b[9];
-    if (v == Py_False || v == Py_True) {
-        b[0] = v == Py_True ? 2 : 1;
-        return PyBytes_FromStringAndSize((char *)b, 1);
-    }
-    if (PyLong_CheckExact(v)) {
-        int overflow;
-        long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
-        if (overflow || (x == -1 && PyErr_Occurred())) {
-            PyErr_Clear();
-            return NULL;
-        }
-        b[0] = 3;
-        memcpy(b + 1, &x, 8);
-        return PyBytes_FromStringAndSize((char *)b, 9);
-    }
-    if (PyFloat_CheckExact(v)) {
-        double x = PyFloat_AS_DOUBLE(v);
-        b[0] = 4;
-        memcpy(b + 1, &x, 8);
-        return PyBytes_FromStringAndSize((char *)b, 9);
-    }
-    return NULL;
+    Py_ssize_t n = scalar_bytes(v, b);
+    return n ? PyBytes_FromStringAndSize((char *)b, n) : NULL;
 }
 
 /* Write the binary reply (messages.encode_reply: nothing pinned or unpinned, no
@@ -2829,8 +2826,9 @@ static int held_free_unviewed(HeldObject *h, PyObject *key) {
     return held_free(h, key, 0);
 }
 
-/* One holder of the block at `key` died. */
-static int held_drop(HeldObject *h, PyObject *key) {
+/* Take one view off the block at `key`'s count: 1 when it was the last (the count
+ * is gone), 0 when others remain or it had none, -1 with an error set. */
+static int held_uncount(HeldObject *h, PyObject *key) {
     PyObject *n = PyDict_GetItemWithError(h->counts, key);
     if (n == NULL)
         return PyErr_Occurred() ? -1 : 0;
@@ -2841,9 +2839,13 @@ static int held_drop(HeldObject *h, PyObject *key) {
         Py_XDECREF(v);
         return rc;
     }
-    if (PyDict_DelItem(h->counts, key) < 0)
-        return -1;
-    return held_free(h, key, 1);
+    return PyDict_DelItem(h->counts, key) < 0 ? -1 : 1;
+}
+
+/* One holder of the block at `key` died: freed (see held_free) after its last. */
+static int held_drop(HeldObject *h, PyObject *key) {
+    int last = held_uncount(h, key);
+    return last <= 0 ? last : held_free(h, key, 1);
 }
 
 static int held_count(HeldObject *h, PyObject *key) {
@@ -2906,19 +2908,10 @@ static int held_add(HeldObject *h, PyObject *key, PyObject *holder) {
     Py_XDECREF(ref);
     Py_XDECREF(id);
     Py_XDECREF(entry);
-    if (rc < 0) { /* not watched: not counted either */
+    if (rc < 0) { /* not watched: not counted either (nor freed: its call has not ended) */
         SAVE_ERROR(saved);
-        PyObject *n = PyDict_GetItem(h->counts, key);
-        long c = n == NULL ? 0 : PyLong_AsLong(n);
-        if (c <= 1)
-            PyDict_DelItem(h->counts, key);
-        else {
-            PyObject *v = PyLong_FromLong(c - 1);
-            if (v != NULL)
-                PyDict_SetItem(h->counts, key, v);
-            Py_XDECREF(v);
-        }
-        PyErr_Clear();
+        if (held_uncount(h, key) < 0)
+            PyErr_Clear();
         RESTORE_ERROR(saved);
     }
     return rc;
