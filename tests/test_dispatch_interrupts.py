@@ -9,11 +9,10 @@ that the pump, the interpreters' locks and the balancer's counts were given
 back, that whatever the pump had taken is sent after all, and that every kind of
 posted call still gets its answer.
 
-Not covered (no Python code can close them): the instant a non-blocking
+Not covered (no Python code can close it): the instant a non-blocking
 ``acquire()`` of an interpreter's lock returns (its result is lost with the
-exception), and the inside of ``Worker.post`` once entered (the pump that it
-runs once the call is sent included: the dispatcher cannot tell whether a
-``KeyboardInterrupt`` coming out of it came before or after the send).
+exception).  The inside of ``Worker.post`` (and the pump that it runs once the
+call is sent) has its own test in ``test_interrupt_windows.py``.
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ _POST = Worker.post.__code__
 # (event, name) where an interrupt cannot be undone: see the module docstring.
 # (The pump itself is claimed without such a window.)
 _UNCOVERED = {("c_return", "acquire in _post_now"), ("c_return", "acquire in _dispatch"),
-              ("c_return", "acquire in _dispatch_pinned"), ("call", "post")}
+              ("c_return", "acquire in _dispatch_pinned")}
 
 
 def _name(event, frame, arg) -> str:

@@ -27,7 +27,12 @@ import concurrent.futures
 import sys
 
 import pytest
+import torch
 
+from _rows import movable_rows
+from _wait import wait_for
+from multipy.backends.base import Worker
+from multipy.runtime import dispatch
 from multipy.runtime.balancer import LoadBalancer
 from multipy.runtime.batching import BatchedObj
 from multipy.runtime.dispatch import Request, _Started
@@ -215,3 +220,118 @@ def test_a_ctrl_c_in_a_top_up_leaves_each_request_once_in_the_batch_or_the_queue
                     f"interrupted at {point}: a started request was queued to be started again")
         if point is None:
             assert len(group) == 3 and sum(r.batch[2] for r in group) == 3
+
+
+# -- Worker.post, through a manager ----------------------------------------------------
+_WORKER = {Worker.post.__code__, Worker._send_posted.__code__, Worker._now_free.__code__}
+_DISPATCH = dispatch.__file__
+
+
+def _in_post(event, frame) -> bool:
+    """A point in Worker.post's own code (the backend's _post, which sends, not
+    included), or in the dispatcher's pump that it runs once the call is sent."""
+    if event not in ("c_return", "call"):
+        return False
+    if event == "call" and frame.f_code is Worker.post.__code__:
+        return True  # as post is entered: its caller gives the lock back (Worker.let_go_after)
+    here = frame if event == "c_return" else frame.f_back
+    if here is None:
+        return False
+    if here.f_code in _WORKER:
+        return True
+    if here.f_code.co_filename != _DISPATCH:
+        return False
+    outer = here.f_back
+    while outer is not None:  # the pump of on_free, under a post
+        if outer.f_code is Worker._send_posted.__code__:
+            return True
+        outer = outer.f_back
+    return False
+
+
+@pytest.fixture(scope="module")
+def model(manager):
+    return movable_rows(manager)
+
+
+def _counts(manager) -> list[int]:
+    return [manager._balancer.in_flight(i) for i in range(len(manager))]
+
+
+def _nothing_stranded(manager, point, counts) -> None:
+    dispatcher = manager._dispatcher
+    wait_for(lambda: not dispatcher._pumping, f"the pump to be given back after {point}")
+    wait_for(lambda: dispatcher._empty and not dispatcher._retries and not dispatcher._pending,
+             f"what the pump took to be sent after {point}")
+    for worker in manager._workers:
+        wait_for(lambda: not worker.lock.locked() and worker.posted_in_flight == 0,
+                 f"interpreter {worker.index}'s lock and calls in flight after {point}")
+    wait_for(lambda: _counts(manager) == counts,
+             f"the balancer's counts to return to {counts} after {point} (not {_counts(manager)})")
+
+
+@pytest.mark.parametrize("timeout", [None, 60.0])
+def test_a_ctrl_c_inside_a_post_ends_the_call_once(manager, model, timeout, monkeypatch):
+    # Before the send, the call fails with the interrupt (its future holds it);
+    # after it, the interrupt reaches the caller and the call ends as usual: either
+    # way once, with the interpreter's lock, the balancer's count and the count of
+    # calls in flight given back (once: twice would show in the counts).
+    calls = []
+    monkeypatch.setattr(manager, "_call_timeout", timeout)  # a deadline timer per call
+
+    def action():
+        future = model.submit(torch.ones(1))
+        calls.append(future)
+        return future
+
+    seen = []
+
+    def record(frame, event, arg):
+        if _in_post(event, frame):
+            seen.append(event)
+
+    sys.setprofile(record)
+    try:
+        action()
+    finally:
+        sys.setprofile(None)
+    calls.pop().result(timeout=60)
+    assert seen, "the call passed no point of Worker.post"
+    counts = _counts(manager)
+    reported = []
+    hook, sys.unraisablehook = sys.unraisablehook, reported.append  # the completion thread's
+    try:
+        interrupted = 0
+        for n in range(len(seen)):
+            hit = []
+
+            def interrupt(frame, event, arg, n=n, count=[0]):  # noqa: B006 (one count per run)
+                if hit or not _in_post(event, frame):
+                    return
+                if count[0] == n:
+                    hit.append(_name(event, frame, arg) if event == "c_return"
+                               else frame.f_code.co_name)
+                    raise KeyboardInterrupt(hit[0])
+                count[0] += 1
+
+            sys.setprofile(interrupt)
+            try:
+                action()
+            except KeyboardInterrupt:
+                interrupted += 1
+            finally:
+                sys.setprofile(None)
+            point = hit[0] if hit else None
+            for future in calls:  # interrupted before the send: the future holds the interrupt
+                try:
+                    assert torch.equal(future.result(timeout=60), torch.full((1,), 3.0)), point
+                except KeyboardInterrupt as exc:
+                    assert str(exc) == point
+            calls.clear()
+            _nothing_stranded(manager, point, counts)
+            assert [model(torch.ones(1)) for _ in range(3)] == [torch.full((1,), 3.0)] * 3
+            assert torch.equal(model.submit(torch.ones(1)).result(timeout=60), torch.full((1,), 3.0))
+        assert interrupted, f"no point was interrupted among {seen}"
+    finally:
+        sys.unraisablehook = hook
+    assert not reported, [r.exc_value for r in reported]

@@ -508,26 +508,47 @@ class Worker:
         the error raised here instead: :class:`RequestNotSent` when the
         interpreter was found dead (the request may go to another one).
         """
-        if self.closed or not self._started:
+        try:
+            if self.closed or not self._started:
+                raise (ManagerClosedError("the interpreter manager is closed") if self.closed
+                       else RequestNotSent(InterpreterCrashedError(
+                           f"interpreter {self.index} is restarting", index=self.index)))
+            if (timeout is not None and materializes is not None
+                    and materializes not in self.materialized and op != Op.MATERIALIZE):
+                # Loading is not bounded by a call's timeout (as in request): the object is
+                # loaded first by a posted request of its own, then the call is sent from
+                # the completion thread, the interpreter still held.
+                # (It holds the lock until the call is sent: nothing else may load it meanwhile.)
+                load = _PostedCall(self, done, materializes, None)
+                load.then = lambda: self._send_posted(op, args + (None,), completions, done,
+                                                      timeout, handles, materializes, load.started)
+                self._send_posted(Op.MATERIALIZE, (materializes, recipe), completions, done, None,
+                                  None, materializes, None, call=load)
+                return None
+            if materializes is not None:
+                args = args + ((None if materializes in self.materialized else recipe),)
+            return self._send_posted(op, args, completions, done, timeout, handles, materializes,
+                                     None)
+        except BaseException as exc:
+            if not hasattr(exc, "multipy_sent"):  # nothing sent, the lock not given back yet
+                exc.multipy_sent = False
+                self.lock.release()
+            raise
+
+    def let_go_after(self, error: BaseException) -> bool:
+        """After :meth:`post` raised ``error``: whether the request was sent anyway
+        (then it ends through its ``done``, as any sent call: its sender must not
+        end it as well); if not, the lock is given back here unless post did.
+
+        CPython raises a Ctrl-C (``KeyboardInterrupt``) right after any call
+        returns and as a Python function is entered: as :meth:`post` is entered,
+        it can do nothing about the lock its caller handed it; from there on, it
+        marks what it raises."""
+        sent = getattr(error, "multipy_sent", None)
+        if sent is None:
+            error.multipy_sent = False
             self.lock.release()
-            raise (ManagerClosedError("the interpreter manager is closed") if self.closed
-                   else RequestNotSent(InterpreterCrashedError(
-                       f"interpreter {self.index} is restarting", index=self.index)))
-        if (timeout is not None and materializes is not None
-                and materializes not in self.materialized and op != Op.MATERIALIZE):
-            # Loading is not bounded by a call's timeout (as in request): the object is
-            # loaded first by a posted request of its own, then the call is sent from
-            # the completion thread, the interpreter still held.
-            # (It holds the lock until the call is sent: nothing else may load it meanwhile.)
-            load = _PostedCall(self, done, materializes, None)
-            load.then = lambda: self._send_posted(op, args + (None,), completions, done,
-                                                  timeout, handles, materializes, load.started)
-            self._send_posted(Op.MATERIALIZE, (materializes, recipe), completions, done, None,
-                              None, materializes, None, call=load)
-            return
-        if materializes is not None:
-            args = args + ((None if materializes in self.materialized else recipe),)
-        return self._send_posted(op, args, completions, done, timeout, handles, materializes, None)
+        return bool(sent)
 
     def _send_posted(self, op: Op, full: tuple, completions, done, timeout, handles, materializes,
                      started: float | None, call: "_PostedCall | None" = None):
@@ -535,41 +556,69 @@ class Worker:
         released and the error raised.  A call queued in the interpreter
         (:meth:`_pipelines`) releases the lock once sent.  Returns what the
         backend's ``_post`` returned (for :meth:`cancel_posted`)."""
-        if call is None:
-            call = _PostedCall(self, done, materializes, timeout)
-            if started is not None:
-                call.started = started  # the call's latency counts from its load
-            call.holds = not self._pipelines()
-        # A call queued behind others may be dropped unrun at its deadline: it must not
-        # carry the releases of other objects (they would be lost with it).
-        drop = drain(self.drops) if self.drops and (call.holds or timeout is None) else ()
-        with self._tally:  # before the send: its completion may run before _post returns
-            self.posted_in_flight += 1
-        call.counted = True
+        drop = ()
         try:
+            if call is None:
+                call = _PostedCall(self, done, materializes, timeout)
+                if started is not None:
+                    call.started = started  # the call's latency counts from its load
+                call.holds = not self._pipelines()
+            # A call queued behind others may be dropped unrun at its deadline: it must
+            # not carry the releases of other objects (they would be lost with it).
+            if self.drops and (call.holds or timeout is None):
+                drop = drain(self.drops)
+            # Counted before the send (its completion may run before _post returns);
+            # `counted` first: no signal is handled between it and the count.
+            call.counted = True
+            with self._tally:
+                self.posted_in_flight += 1
+            if timeout is not None and type(self)._post is not Worker._post:
+                # Armed before the send, so that nothing is left to arm once it is sent
+                # (the generic _post's round trip enforces the timeout itself).
+                call.completions = completions
+                call.timer = completions.call_at(time.monotonic() + timeout, call.expire)
             posted = self._post(op, full, drop, timeout, handles, completions, call.finish)
-            with call.lock:  # a completion may already have fired: see _PostedCall.finish
-                call.posted, early = posted, call.early
-            if early is not None:
-                completions.call_soon(lambda: call.finish(early))
-        except BaseException:
-            call.finished = True  # a completion it registered before failing must not run
-            if call.counted:
-                call.counted = False
-                with self._tally:
-                    self.posted_in_flight -= 1
+        except BaseException as exc:
+            if call is not None:
+                # Its timer, and a completion it registered before failing, must not run.
+                call.finished = True
+                if call.counted:
+                    call.counted = False
+                    with self._tally:
+                        self.posted_in_flight -= 1
             self.drops.extend(drop)  # nothing or something was sent: dropping twice is harmless
             self.failures += 1
+            exc.multipy_sent = False  # (the lock given back: see post)
             self.lock.release()
             self._now_free()
             raise
-        if timeout is not None and not isinstance(call.posted, _Fallback):
-            call.completions = completions
-            call.timer = completions.call_at(time.monotonic() + timeout, call.expire)
-        if not call.holds:
-            self.lock.release()  # sent: the next request may follow it into the interpreter
-            self._now_free()
-        return call.posted
+        # Sent: the call ends once, through call.finish, whatever is raised below (a
+        # Ctrl-C, which CPython raises right after any call returns; an error of the
+        # on_free hook, which sends the next request).
+        released = False
+        try:
+            with call.lock:  # a completion may already have fired: see _PostedCall.finish
+                call.posted = posted
+                early = call.early
+            if early is not None:
+                completions.call_soon(call.replay)
+            if not call.holds:
+                released = True  # (no signal is handled between here and the release)
+                self.lock.release()  # the next request may follow it into the interpreter
+                self._now_free()
+        except BaseException as exc:
+            # What is left is done now, and the exception goes on marked as sent: its
+            # sender must not end the call as well (see let_go_after).
+            with call.lock:
+                call.posted = posted
+            completions.call_soon(call.replay)  # (a no-op unless a completion fired early)
+            if not call.holds:
+                if not released:
+                    self.lock.release()
+                completions.call_soon(self._now_free)
+            exc.multipy_sent = True
+            raise
+        return posted
 
     def _post(self, op: Op, args: tuple, drop: tuple, timeout: float | None, handles,
               completions, finish: Callable[[str], None]):
@@ -785,9 +834,20 @@ class _PostedCall:
         else:
             self._end(value, None)
 
+    def replay(self) -> None:
+        """On the completion thread: run the completion that fired before post()
+        stored what _post returned (``early``), once; nothing otherwise."""
+        with self.lock:
+            event, self.early = self.early, None
+        if event is not None:
+            self.finish(event)
+
     def expire(self) -> None:
         """On the completion thread, at the deadline: stop the call."""
         if self.finished:
+            return
+        if self.posted is None:  # armed before the send, which has not stored its handle yet
+            self.timer = self.completions.call_at(time.monotonic() + 0.001, self.expire)
             return
         try:
             error = self.worker._expire(self.posted, self.timeout)

@@ -558,7 +558,10 @@ class Dispatcher:
         except RequestNotSent as not_sent:
             # The interpreter was found dead before anything was sent (and is restarting).
             self._not_sent(index, group, not_sent)
-        except BaseException as exc:  # nothing was sent: an argument that cannot cross...
+        except BaseException as exc:
+            if worker.let_go_after(exc):  # sent, then a Ctrl-C: its done() gives all back
+                raise
+            # Nothing was sent: an argument that cannot cross, a Ctrl-C...
             if group.balanced:
                 self._balancer.release(index, notify=False)
             self._finish(group, None, exc)
