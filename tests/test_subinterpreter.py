@@ -974,3 +974,47 @@ def test_an_acall_cancelled_while_queued_in_the_subinterpreter_never_runs(tmp_pa
 
         asyncio.run(main())
         assert bump(1) == 1  # the cancelled call never ran
+
+
+_SECOND_INTERPRETER = '''
+import sys
+sys.path[:0] = PATHS
+from multipy import _native
+from multipy.runtime.balancer import LoadBalancer
+
+balancer = LoadBalancer(1)
+assert _native.take_turn(balancer) is None          # declined: the Python path serves
+assert _native.give_back(balancer, 0) is False
+assert balancer.acquire() == 0 and balancer.in_flight(0) == 1
+for call in (lambda: _native.held_blocks(object(), set()),  # (refused before the arena is read)
+             lambda: _native.call_setup(*[None] * 8)):
+    try:
+        call()
+    except RuntimeError as exc:
+        assert "first interpreter of this process" in str(exc), exc
+    else:
+        raise AssertionError("a second interpreter used the first one's cached objects")
+'''
+
+
+def test_a_second_interpreter_never_shares_the_extensions_cached_objects():
+    # The extension's caches (types it makes, interned names) belong to the first
+    # interpreter that filled them: in another one the functions that fill them
+    # refuse, and the balancer's one-step versions decline.
+    from multipy.runtime.balancer import LoadBalancer
+    from multipy.transport.channel import _native_module
+
+    if _native_module is None:
+        pytest.skip("multipy._native is not loaded (MULTIPY_NATIVE=0, or not built)")
+    import _interpreters
+
+    balancer = LoadBalancer(1)
+    assert _native_module.take_turn(balancer) == 0  # this interpreter fills the caches first
+    assert _native_module.give_back(balancer, 0) is True
+    iid = _interpreters.create()
+    try:
+        failed = _interpreters.exec(iid, f"PATHS = {list(sys.path)!r}\n" + _SECOND_INTERPRETER)
+    finally:
+        _interpreters.destroy(iid)
+    assert failed is None, failed.formatted if hasattr(failed, "formatted") else failed
+    assert _native_module.take_turn(balancer) == 0  # still served here

@@ -121,6 +121,52 @@ typedef struct {
 
 static destructor channel_dealloc; /* how a Channel is recognised (set by native_exec) */
 
+/* -- one interpreter's objects --------------------------------------------------
+ *
+ * The module loads in isolated subinterpreters too (Py_MOD_PER_INTERPRETER_GIL_SUPPORTED:
+ * the subinterpreter backend's serving loops use Channel there), and its static
+ * state is shared by every interpreter of the process.  It is of two kinds:
+ *
+ * - C values meant for the whole process, read and written with atomics or set
+ *   once to the same value: spinners, g_inflight, g_busy (who may spin),
+ *   counting/counters (diagnostics), channel_dealloc (a function's address), and
+ *   t_api (torch's C table, read only where torch was set up).
+ * - Python objects cached on first use: the types this module makes, interned
+ *   names and torch's functions (t_* and s_* of tensor_setup, r_* and s_* of
+ *   call_setup, held_type and s_free of held_blocks, caller_type and its names,
+ *   the balancer's names of take_turn/give_back).  An object belongs to the
+ *   interpreter that made it: under another interpreter's GIL its reference
+ *   counts would race, and it dies with its interpreter.
+ *
+ * So only the first interpreter that fills such a cache (cache_owner) uses them.
+ * In another one the functions that fill them (tensor_setup, call_setup,
+ * held_blocks, caller) raise RuntimeError, take_turn and give_back decline (the
+ * Python path serves), and the functions that read t_* or r_* are reached only
+ * through codec.native_tensors() or interp.state, after a setup of that same
+ * interpreter succeeded (run_call and serve_calls check r_interp themselves).
+ * A subinterpreter's serving loop uses only Channel, which caches nothing.
+ * Today one interpreter per process runs these functions (the host's main one,
+ * or a process interpreter's); the guard keeps a second one from sharing them. */
+static PyInterpreterState *cache_owner;
+
+/* Whether this interpreter may use the cached objects (the first to ask owns them). */
+static int cache_here(void) {
+    PyInterpreterState *here = PyInterpreterState_Get(), *owner = NULL;
+    if (__atomic_compare_exchange_n(&cache_owner, &owner, here, 0, __ATOMIC_ACQ_REL,
+                                    __ATOMIC_ACQUIRE))
+        return 1;
+    return owner == here; /* the failed exchange read the owner */
+}
+
+/* NULL with a RuntimeError: `what` is used in another interpreter of this process. */
+static PyObject *not_here(const char *what) {
+    PyErr_Format(PyExc_RuntimeError,
+                 "multipy._native.%s serves only the first interpreter of this process that "
+                 "used the extension's cached objects; this interpreter uses the Python path "
+                 "(MULTIPY_NATIVE=0)", what);
+    return NULL;
+}
+
 /* Whether o is a Channel (the type takes no subclasses). */
 static int is_channel(PyObject *o) {
     return channel_dealloc != NULL && Py_TYPE(o)->tp_dealloc == channel_dealloc;
@@ -1398,6 +1444,8 @@ static PyObject *native_tensor_setup(PyObject *m, PyObject *const *args, Py_ssiz
                         "tensor_setup(tensor_type, parameter_type, api, to_dlpack, from_dlpack)");
         return NULL;
     }
+    if (!cache_here())
+        return not_here("tensor_setup");
     const DLPackExchangeAPI *api = NULL;
     if (args[2] != Py_None) {
         api = PyCapsule_GetPointer(args[2], "dlpack_exchange_api");
@@ -2167,6 +2215,8 @@ static PyObject *native_call_setup(PyObject *m, PyObject *const *args, Py_ssize_
                         "inference_mode, tracing, hooks, module_call, call_impl) takes 8 arguments");
         return NULL;
     }
+    if (!cache_here())
+        return not_here("call_setup");
     if (s_dunder_call == NULL) {
 #define INTERN(var, text) if ((var = PyUnicode_InternFromString(text)) == NULL) return NULL
         INTERN(s_dunder_call, "__call__");
@@ -3097,6 +3147,8 @@ static PyObject *native_held_blocks(PyObject *m, PyObject *const *args, Py_ssize
         PyErr_SetString(PyExc_TypeError, "held_blocks(arena, pins): pins is a set");
         return NULL;
     }
+    if (!cache_here())
+        return not_here("held_blocks");
     if (held_type == NULL) {
         if ((s_free = PyUnicode_InternFromString("free")) == NULL)
             return NULL;
@@ -3597,6 +3649,8 @@ static PyObject *native_caller(PyObject *m, PyObject *const *args, Py_ssize_t na
         PyErr_SetString(PyExc_TypeError, "caller(worker, channel, end): channel is a Channel");
         return NULL;
     }
+    if (!cache_here())
+        return not_here("caller");
     if (caller_type == NULL) {
         if ((s_spin = PyUnicode_InternFromString("spin")) == NULL ||
             (s_skip = PyUnicode_InternFromString("_skip")) == NULL ||
@@ -3694,6 +3748,8 @@ static int balancer_strings(void) {
  * what acquire() keeps. */
 static PyObject *native_take_turn(PyObject *m, PyObject *balancer) {
     (void)m;
+    if (!cache_here())
+        Py_RETURN_NONE; /* another interpreter's names: the Python path */
     if (balancer_strings() < 0)
         return NULL;
     int busy = balancer_busy(balancer);
@@ -3763,6 +3819,8 @@ static PyObject *native_give_back(PyObject *m, PyObject *const *args, Py_ssize_t
         PyErr_SetString(PyExc_TypeError, "give_back(balancer, index) takes 2 arguments");
         return NULL;
     }
+    if (!cache_here())
+        Py_RETURN_FALSE; /* another interpreter's names: the Python path */
     if (balancer_strings() < 0)
         return NULL;
     int busy = balancer_busy(args[0]);
