@@ -151,7 +151,10 @@ static PyInterpreterState *cache_owner;
 
 /* Whether this interpreter may use the cached objects (the first to ask owns them). */
 static int cache_here(void) {
-    PyInterpreterState *here = PyInterpreterState_Get(), *owner = NULL;
+    PyInterpreterState *here = PyInterpreterState_Get();
+    PyInterpreterState *owner = __atomic_load_n(&cache_owner, __ATOMIC_ACQUIRE);
+    if (owner != NULL) /* the usual case: a plain read */
+        return owner == here;
     if (__atomic_compare_exchange_n(&cache_owner, &owner, here, 0, __ATOMIC_ACQ_REL,
                                     __ATOMIC_ACQUIRE))
         return 1;
