@@ -21,6 +21,8 @@ import time
 
 import pytest
 
+from _wait import wait_for
+
 _ARMED = threading.Event()  # the next SIGUSR1 raises KeyboardInterrupt; later ones do nothing
 
 
@@ -103,3 +105,24 @@ def sigusr1_raises_keyboard_interrupt():
     """Module fixture (import it into a test module): SIGUSR1 interrupts while the module runs."""
     with sigusr1_interrupts():
         yield
+
+
+def balancer_counts(manager) -> list[int]:
+    """The load balancer's count of users of each interpreter."""
+    return [manager._balancer.in_flight(i) for i in range(len(manager))]
+
+
+def assert_nothing_stranded(manager, point, counts) -> None:
+    """After an interrupt at ``point``: the dispatcher's pump and queues, every
+    interpreter's lock and posted calls in flight, and the balancer's counts
+    (back to ``counts``) were given back."""
+    dispatcher = manager._dispatcher
+    wait_for(lambda: not dispatcher._pumping, f"the pump to be given back after {point}")
+    wait_for(lambda: dispatcher._empty and not dispatcher._retries and not dispatcher._pending,
+             f"what the pump took to be sent after {point}")
+    for worker in manager._workers:
+        wait_for(lambda: not worker.lock.locked() and worker.posted_in_flight == 0,
+                 f"interpreter {worker.index}'s lock and calls in flight after {point}")
+    wait_for(lambda: balancer_counts(manager) == counts,
+             f"the balancer's counts to return to {counts} after {point} "
+             f"(not {balancer_counts(manager)})")

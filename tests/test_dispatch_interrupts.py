@@ -22,8 +22,8 @@ import sys
 import pytest
 import torch
 
+from _interrupting import assert_nothing_stranded, balancer_counts
 from _rows import movable_rows
-from _wait import wait_for
 from multipy.backends.base import Worker
 from multipy.runtime import dispatch
 
@@ -105,22 +105,6 @@ def _interrupt_at(n: int, action) -> tuple[str, str] | None:
     return hit[0] if hit else None
 
 
-def _assert_nothing_stranded(manager, point, counts) -> None:
-    dispatcher = manager._dispatcher
-    wait_for(lambda: not dispatcher._pumping, f"the pump to be given back after {point}")
-    wait_for(lambda: dispatcher._empty and not dispatcher._retries and not dispatcher._pending,
-             f"what the pump took to be sent after {point}")
-    for worker in manager._workers:
-        wait_for(lambda: not worker.lock.locked(),
-                 f"interpreter {worker.index}'s lock after {point}")
-    wait_for(lambda: _counts(manager) == counts,
-             f"the balancer's counts to return to {counts} after {point}")
-
-
-def _counts(manager) -> list[int]:
-    return [manager._balancer.in_flight(i) for i in range(len(manager))]
-
-
 @pytest.fixture(scope="module")
 def model(manager):
     return movable_rows(manager)
@@ -152,7 +136,7 @@ def test_a_ctrl_c_anywhere_in_the_dispatcher_strands_nothing(manager, model, ses
     posts = _posts(model, session)
     action = posts[kind]
     points = _points(action)
-    counts = _counts(manager)  # the session holds a count of its own
+    counts = balancer_counts(manager)  # the session holds a count of its own
     assert points, "the call passed no point of the dispatcher"
     interrupted = []
     for n in range(len(points)):
@@ -161,7 +145,7 @@ def test_a_ctrl_c_anywhere_in_the_dispatcher_strands_nothing(manager, model, ses
             continue
         if point not in _UNCOVERED:
             interrupted.append(point)
-        _assert_nothing_stranded(manager, point, counts)
+        assert_nothing_stranded(manager, point, counts)
         for name, post in posts.items():
             assert torch.equal(_answer(post()), torch.full((1,), 3.0)), (point, name)
     assert interrupted, f"no point was interrupted among {points}"

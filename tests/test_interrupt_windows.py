@@ -29,8 +29,8 @@ import sys
 import pytest
 import torch
 
+from _interrupting import assert_nothing_stranded, balancer_counts
 from _rows import movable_rows
-from _wait import wait_for
 from multipy.backends.base import Worker
 from multipy.runtime import dispatch
 from multipy.runtime.balancer import LoadBalancer
@@ -254,22 +254,6 @@ def model(manager):
     return movable_rows(manager)
 
 
-def _counts(manager) -> list[int]:
-    return [manager._balancer.in_flight(i) for i in range(len(manager))]
-
-
-def _nothing_stranded(manager, point, counts) -> None:
-    dispatcher = manager._dispatcher
-    wait_for(lambda: not dispatcher._pumping, f"the pump to be given back after {point}")
-    wait_for(lambda: dispatcher._empty and not dispatcher._retries and not dispatcher._pending,
-             f"what the pump took to be sent after {point}")
-    for worker in manager._workers:
-        wait_for(lambda: not worker.lock.locked() and worker.posted_in_flight == 0,
-                 f"interpreter {worker.index}'s lock and calls in flight after {point}")
-    wait_for(lambda: _counts(manager) == counts,
-             f"the balancer's counts to return to {counts} after {point} (not {_counts(manager)})")
-
-
 @pytest.mark.parametrize("timeout", [None, 60.0])
 def test_a_ctrl_c_inside_a_post_ends_the_call_once(manager, model, timeout, monkeypatch):
     # Before the send, the call fails with the interrupt (its future holds it);
@@ -297,7 +281,7 @@ def test_a_ctrl_c_inside_a_post_ends_the_call_once(manager, model, timeout, monk
         sys.setprofile(None)
     calls.pop().result(timeout=60)
     assert seen, "the call passed no point of Worker.post"
-    counts = _counts(manager)
+    counts = balancer_counts(manager)
     reported = []
     hook, sys.unraisablehook = sys.unraisablehook, reported.append  # the completion thread's
     try:
@@ -328,7 +312,7 @@ def test_a_ctrl_c_inside_a_post_ends_the_call_once(manager, model, timeout, monk
                 except KeyboardInterrupt as exc:
                     assert str(exc) == point
             calls.clear()
-            _nothing_stranded(manager, point, counts)
+            assert_nothing_stranded(manager, point, counts)
             assert [model(torch.ones(1)) for _ in range(3)] == [torch.full((1,), 3.0)] * 3
             assert torch.equal(model.submit(torch.ones(1)).result(timeout=60), torch.full((1,), 3.0))
         assert interrupted, f"no point was interrupted among {seen}"

@@ -886,9 +886,12 @@ def test_a_posted_call_follows_a_running_one_into_the_subinterpreter(tmp_path):
         wait_for(lambda: not worker._driver.posted, "the posted calls to be forgotten")
 
 
-def test_a_posted_call_past_its_timeout_queued_behind_another_is_dropped_at_once(tmp_path):
-    # Its caller is told at the deadline, while the call ahead still runs; it never
-    # runs, the subinterpreter is kept, and its skip reply is settled unread.
+@pytest.mark.parametrize("how", ["posted", "blocking"])
+def test_a_call_past_its_timeout_queued_behind_another_is_dropped_at_once(tmp_path, how):
+    # Its caller is told at the deadline, while the call ahead still runs (past the
+    # interrupt's grace period: nothing is interrupted or given up); it never runs,
+    # the subinterpreter is kept, and its skip reply is settled unread (by the bell
+    # watch for a posted call, by a later send for a blocking one).
     with _gate_and(tmp_path, "bump", call_timeout=0.3) as (m, gated, bump, started, release):
         assert bump(0) == 0  # loaded before the call that times out
         ahead = []
@@ -897,39 +900,11 @@ def test_a_posted_call_past_its_timeout_queued_behind_another_is_dropped_at_once
         thread.start()
         try:
             wait_started(started)
-            late = bump.submit(100)  # sent behind the running call
             with pytest.raises(CallTimeoutError, match="dropped without running"):
-                late.result(timeout=60)
-            assert thread.is_alive()  # the call ahead still runs: nobody waited for it
-        finally:
-            open(release, "w").close()
-            thread.join(60)
-        assert ahead == [7]
-        assert bump(1) == 1  # the dropped call never ran
-        assert m.statistics().interpreters[0].restarts == 0
-        worker = m._workers[0]
-        wait_for(lambda: not worker._driver.posted and not worker._driver._busy,
-                 "the dropped call's reply to be settled")
-
-
-def test_a_blocking_call_past_its_timeout_queued_behind_another_fails_at_its_deadline(tmp_path):
-    # As a posted one: its caller is told at the deadline while the call ahead
-    # still runs (past the interrupt's grace period: nothing is interrupted or
-    # given up), and its skip reply is taken by a later send.
-    with _gate_and(tmp_path, "bump", call_timeout=0.3) as (m, gated, bump, started, release):
-        assert bump(0) == 0  # loaded before the call that times out
-        ahead = []
-        thread = threading.Thread(
-            target=lambda: ahead.append(gated.with_timeout(None)(started, release, 7)))
-        thread.start()
-        try:
-            wait_started(started)
-            late = []
-            caller = threading.Thread(target=lambda: late.append(_raised(lambda: bump(100))))
-            caller.start()
-            caller.join(60)
-            assert len(late) == 1 and isinstance(late[0], CallTimeoutError), late
-            assert "dropped without running" in str(late[0])
+                if how == "posted":
+                    bump.submit(100).result(timeout=60)  # sent behind the running call
+                else:
+                    bump(100)
             assert thread.is_alive()  # the call ahead still runs: nobody waited for it
         finally:
             open(release, "w").close()
@@ -941,15 +916,8 @@ def test_a_blocking_call_past_its_timeout_queued_behind_another_fails_at_its_dea
         # takes it (bump(1)'s send may have come before it).
         assert bump(2) == 3
         driver = m._workers[0]._driver
-        assert not driver.left and not driver._busy
-
-
-def _raised(call):
-    try:
-        call()
-    except BaseException as exc:  # noqa: BLE001 (what the caller got)
-        return exc
-    return None
+        wait_for(lambda: not driver.posted and not driver.left and not driver._busy,
+                 "the dropped call's reply to be settled")
 
 
 def test_an_acall_cancelled_while_queued_in_the_subinterpreter_never_runs(tmp_path):
