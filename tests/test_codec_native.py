@@ -21,6 +21,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from _tensors import same, scalars, tensor_bytes, tensors
 from multipy.errors import TransportError
 from multipy.transport import codec
 from multipy.transport.codec import FAST_VALUE, Decoder, Encoder
@@ -31,9 +32,6 @@ if native is None or not hasattr(native, "tensor_item"):
     pytest.skip("the C extension is not loaded here (MULTIPY_NATIVE=0, or not built): "
                 "only the Python path runs", allow_module_level=True)
 
-DTYPES = [torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
-          torch.float16, torch.bfloat16, torch.float32, torch.float64,
-          torch.complex64, torch.complex128]
 HAS_EXCHANGE_API = getattr(torch.Tensor, "__dlpack_c_exchange_api__", None) is not None
 _ITEM = slice(1, None)  # a FAST_VALUE message's item
 
@@ -73,45 +71,6 @@ def python_path():
             codec._tensor_item, codec._tensor_read, codec._c_read_call, codec._c_pack_call = saved
 
     return _Off()
-
-
-def same(a, b) -> bool:
-    """Same dtype, shape and bytes; the received tensor never requires grad."""
-    a = a.detach().resolve_conj().resolve_neg()
-    return (type(b) is torch.Tensor and a.dtype == b.dtype and a.shape == b.shape
-            and not b.requires_grad and b.is_contiguous()
-            and (a.numel() == 0 or torch.equal(_bytes(a), _bytes(b))))
-
-
-def _bytes(t):
-    """``t``'s values as bytes (a fresh row-major copy: NaNs compare equal)."""
-    return torch.empty(t.shape, dtype=t.dtype).copy_(t).reshape(-1).view(torch.uint8)
-
-
-@st.composite
-def tensors(draw):
-    dtype = draw(st.sampled_from(DTYPES))
-    shape = tuple(draw(st.lists(st.integers(0, 4), max_size=4)))
-    t = torch.randint(-50, 100, shape).to(dtype)
-    if dtype.is_complex:
-        t = t + 1j * torch.randint(-50, 100, shape).to(dtype)
-    how = draw(st.sampled_from(["plain", "transposed", "sliced", "offset", "grad", "parameter",
-                                "conj", "neg"]))
-    if how == "transposed" and t.dim() >= 2:
-        t = t.transpose(0, 1)
-    elif how == "sliced" and t.dim() >= 1 and t.shape[0] > 1:
-        t = t[::2]
-    elif how == "offset" and t.dim() >= 1 and t.shape[0] > 1:
-        t = t[1:]  # contiguous, but not where its storage starts
-    elif how == "grad" and (dtype.is_floating_point or dtype.is_complex):
-        t = t.clone().requires_grad_(True)
-    elif how == "parameter" and (dtype.is_floating_point or dtype.is_complex):
-        t = torch.nn.Parameter(t.clone())
-    elif how == "conj" and dtype.is_complex:
-        t = t.conj()  # the conjugate bit: the bytes are not the values
-    elif how == "neg" and dtype.is_complex:
-        t = t.conj().imag  # a float view with the negative bit
-    return t
 
 
 settings_ = settings(max_examples=200, deadline=None,
@@ -293,7 +252,7 @@ def test_a_corrupt_item_reads_as_the_python_path_reads_it(ends, t, at, byte, cut
             assert isinstance(got, torch.Tensor) and got.dtype == expected.dtype
             assert got.shape == expected.shape
             if got.numel():
-                assert torch.equal(_bytes(got), _bytes(expected))
+                assert torch.equal(tensor_bytes(got), tensor_bytes(expected))
         else:
             assert got == expected or (got != got and expected != expected)
     finally:
@@ -330,8 +289,6 @@ def test_the_block_comes_from_its_size_class_as_arena_alloc_takes_it(ends):
     args.free(first)
 
 
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-(1 << 63), (1 << 63) - 1),
-                    st.floats(allow_nan=False))
 call_args = st.lists(st.one_of(scalars, tensors()), max_size=4)
 
 
@@ -392,7 +349,7 @@ def test_a_corrupt_call_reads_as_the_python_path_reads_it(ends, values, at, byte
                 if isinstance(x, torch.Tensor):
                     assert x.dtype == y.dtype and x.shape == y.shape
                     if x.numel():
-                        assert torch.equal(_bytes(x), _bytes(y))
+                        assert torch.equal(tensor_bytes(x), tensor_bytes(y))
                 else:
                     assert type(x) is type(y) and (x == y or x != x)
     finally:
