@@ -582,6 +582,8 @@ class Worker:
             if call is not None:
                 # Its timer, and a completion it registered before failing, must not run.
                 call.finished = True
+                if call.timer is not None:
+                    call.timer[2] = None  # Completions.cancel: nothing kept until the deadline
                 if call.counted:
                     call.counted = False
                     with self._tally:
