@@ -3096,11 +3096,14 @@ static int Held_clear(HeldObject *self) {
     return 0;
 }
 
-static void Held_dealloc(HeldObject *self) {
+/* The deallocator of this module's garbage-collected heap types (HeldBlocks,
+ * Caller): untracked, its references dropped by its tp_clear, freed, and its
+ * type's reference given back (each instance of a heap type holds one). */
+static void gc_dealloc(PyObject *self) {
     PyTypeObject *tp = Py_TYPE(self);
     PyObject_GC_UnTrack(self);
-    Held_clear(self);
-    tp->tp_free((PyObject *)self);
+    tp->tp_clear(self);
+    tp->tp_free(self);
     Py_DECREF(tp);
 }
 
@@ -3129,7 +3132,7 @@ static PyGetSetDef Held_getset[] = {
 static PyType_Slot Held_slots[] = {
     {Py_tp_doc, (void *)"The host's books of its argument blocks that result tensors view "
                         "(see multipy.transport.shm.held_blocks)."},
-    {Py_tp_dealloc, (void *)Held_dealloc},
+    {Py_tp_dealloc, (void *)gc_dealloc},
     {Py_tp_traverse, (void *)Held_traverse},
     {Py_tp_clear, (void *)Held_clear},
     {Py_tp_methods, Held_methods},
@@ -3606,14 +3609,6 @@ static int Caller_clear(CallerObject *self) {
     return 0;
 }
 
-static void Caller_dealloc(CallerObject *self) {
-    PyTypeObject *tp = Py_TYPE(self);
-    PyObject_GC_UnTrack(self);
-    Caller_clear(self);
-    tp->tp_free((PyObject *)self);
-    Py_DECREF(tp);
-}
-
 static PyMethodDef Caller_methods[] = {
     {"send", (PyCFunction)(void (*)(void))Caller_send, METH_FASTCALL,
      "send(op, args, freed, timeout, /) -> (call, placed, op, timeout) | None\n\n"
@@ -3629,7 +3624,7 @@ static PyMethodDef Caller_methods[] = {
 
 static PyType_Slot Caller_slots[] = {
     {Py_tp_doc, (void *)"The end of a blocking call on one channel, in C (see caller())."},
-    {Py_tp_dealloc, (void *)Caller_dealloc},
+    {Py_tp_dealloc, (void *)gc_dealloc},
     {Py_tp_traverse, (void *)Caller_traverse},
     {Py_tp_clear, (void *)Caller_clear},
     {Py_tp_methods, Caller_methods},
