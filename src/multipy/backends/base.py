@@ -889,7 +889,11 @@ class _PostedCall:
         self.posted = None
         if self.holds:
             worker.lock.release()
-        self.done(value, error)  # the dispatcher sends the next request from here
+        # Let go of the caller's done before calling it: what it holds (the
+        # dispatcher's request, whose ``sent`` names this call) must not keep a
+        # reference cycle, and the result in it, alive until a collection.
+        done, self.done = self.done, None
+        done(value, error)  # the dispatcher sends the next request from here
 
 class _Fallback:
     """The outcome of a posted round trip run by :class:`_Helper`."""

@@ -592,6 +592,7 @@ class Dispatcher:
     def _done(self, index: int, group: _Group, value, error) -> None:
         """On the completion thread, after the worker freed the interpreter."""
         requests = group.requests
+        requests[0].sent = None  # ended: nothing to cancel (and no cycle through its handle)
         if isinstance(error, RequestNotSent):
             # Queued in an interpreter that died before it took it: to its replacement.
             self._not_sent(index, group, error)
