@@ -760,3 +760,63 @@ def test_the_c_end_of_a_call_settles_only_a_well_formed_reply(corrupt):
             assert ch.ready(slot) and call in worker._owed and worker._slots[call] == slot
     finally:
         ch.detach()
+
+
+class _Entry:
+    """A posted call as BellWatch sees it."""
+
+    def __init__(self, slot, completions, log):
+        self.slot, self.completions, self.handed = slot, completions, False
+        self.finish = lambda event: log.append((slot, event, threading.current_thread().name))
+
+
+def test_one_bell_watch_hands_each_reply_to_its_own_completions_in_turn(impl):
+    from multipy.backends.completions import Completions
+
+    ch = impl(_memory())
+    bell_r, bell_w = os.pipe()
+    os.set_blocking(bell_r, False)
+    alive_r, alive_w = os.pipe()
+    end = chan.HostEnd(ch, -1, lambda: None, alive_r, 0.0, bell_r)
+    first, second = Completions("bell-first"), Completions("bell-second")
+    log: list = []
+    watch = chan.BellWatch(end, lambda entry: entry.slot)
+    try:
+        entries = []
+        for completions in (first, second, first):
+            slot = ch.claim()
+            entry = _Entry(slot, completions, log)
+            with watch.lock:
+                watch.posted[slot] = entry
+            assert ch.post(b"req", slot)
+            entries.append(entry)
+        watch.watch()
+        assert watch.watching is first  # the oldest call's completions watch the bell
+        for entry in entries[:2]:  # the interpreter answers two, rings once
+            assert ch.take() == (entry.slot, b"req")
+            assert ch.reply(entry.slot, b"rep", 0)
+        os.write(bell_w, b"\0")
+        wait_for(lambda: len(log) == 2, "the two answered calls to be handed over")
+        assert sorted(log) == sorted([(entries[0].slot, "ready", "bell-first"),
+                                      (entries[1].slot, "ready", "bell-second")])
+        assert not entries[2].handed  # not answered: still watched
+        with watch.lock:
+            del watch.posted[entries[0].slot], watch.posted[entries[1].slot]
+        assert ch.take() == (entries[2].slot, b"req")
+        assert ch.reply(entries[2].slot, b"rep", 0)
+        os.write(bell_w, b"\0")
+        wait_for(lambda: len(log) == 3, "the third call to be handed over")
+        assert log[2] == (entries[2].slot, "ready", "bell-first")
+        # A retired watch (its generation over) hands nothing over any more.
+        later = _Entry(ch.claim(), first, log)
+        with watch.lock:
+            watch.posted.clear()
+            watch.posted[later.slot] = later
+        watch.retired = True
+        watch.watch()
+        assert watch.watching is None and not later.handed
+    finally:
+        first.close()
+        second.close()
+        for fd in (bell_r, bell_w, alive_r, alive_w):
+            os.close(fd)

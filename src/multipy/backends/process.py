@@ -259,11 +259,13 @@ class ProcessWorker(Worker):
         self._owed: dict[int, list[int]] = {}  # call id -> argument blocks, reply not read yet
         self._unsure: set[int] = set()  # owed calls whose write was interrupted: sent or not?
         self._callers = {}               # owed calls whose blocking caller waits: id -> thread
-        self._posted: dict[int, list] = {}   # owed calls a completion thread collects, in send order
-        self._bell_watch = None           # the completions watching the bell now (channel)
-        self._watch_lock = threading.Lock()
-        self._stash: dict[int, object] = {}  # replies read for a caller not back yet
         self._slots: dict[int, int] = {}  # channel: call id -> its reply slot
+        # Owed calls a completion context collects, in send order (call id -> _Posted);
+        # on the channel, those of the one watch of its bell (changed under its lock).
+        self._bells = None if channel is None else _channel.BellWatch(
+            self._end, lambda posted, slots=self._slots: slots.get(posted.call))
+        self._posted: dict[int, _Posted] = {} if channel is None else self._bells.posted
+        self._stash: dict[int, object] = {}  # replies read for a caller not back yet
         self._ends: dict[int, int] = {}   # channel: call id -> ring position past it
         self._left: set[int] = set()      # channel: owed calls whose caller left
         self._exit = None                 # (exitcode,) once the process is known dead
@@ -595,113 +597,32 @@ class ProcessWorker(Worker):
             return self._settle(op, reply, placed)
 
     # -- posted requests (Worker.post): the completion thread reads the reply ----
-    # A posted call is the list [op, call, placed, completions, finish, handed, outcome,
-    # timeout]: ``handed`` once its finish was scheduled, ``outcome`` an error decided
-    # for it by another thread (its interpreter was replaced before it was collected).
     def _post(self, op, args, drop, timeout, handles, completions, finish):
         end = self._end
-        posted = [op, None, None, completions, finish, False, None, timeout]
+        posted = _Posted(op, completions, finish, timeout)
         call, placed = self._send(op, args, drop, timeout, handles, posted)
-        posted[1], posted[2] = call, placed
+        posted.call, posted.placed = call, placed
         if end is not None:
-            self._watch_bell()
+            self._bells.watch()  # one watch of the bell hands every posted reply over
         else:
             self._arm(posted)
         return posted
 
-    def _watch_bell(self) -> None:
-        """Have one completion context watch the bell for every posted call in flight
-        on the channel: that of the oldest call not handed to its finish yet (replies
-        come in request order).  Several calls share one bell, so exactly one watch is
-        armed at a time; it hands each call whose reply came to its own completions."""
-        with self._watch_lock:
-            if self._bell_watch is not None:
-                return  # armed: it hands over the calls in order
-            for oldest in self._posted.values():
-                if not oldest[5]:
-                    break
-            else:
-                return
-            completions = self._bell_watch = oldest[3]
-        end = self._end  # this generation's (a restart makes a new one)
-        here = getattr(completions, "here", None)  # a loop's: watch() only on its thread
-        if here is not None and not here():
-            completions.call_soon(lambda: self._arm_bell(completions, end))
-        else:
-            self._arm_bell(completions, end)
-
-    def _arm_bell(self, completions, end) -> None:
-        if end is not self._end:
-            return  # this generation is over; its calls were given their outcome
-        # Not emptied here (drain=False): every reply published since the bell was
-        # last emptied (in _on_bell or _collect, before they looked at the slots) left
-        # a ring in it, so the look or the watch after it cannot miss one.  A ring left
-        # over from a reply handled already wakes _on_bell once for nothing.
-        end.watch_bell(completions, self._any_reply,
-                       lambda event: self._on_bell(completions, end, event), drain=False)
-
-    def _any_reply(self) -> bool:
-        """Whether a posted call not handed over yet has its reply in its slot."""
-        end, slots = self._end, self._slots
-        try:
-            for posted in list(self._posted.values()):
-                if not posted[5]:
-                    slot = slots.get(posted[1])
-                    if slot is None or end.ready(slot):
-                        return True
-        except (ValueError, RuntimeError):  # detached, or changed meanwhile: look again
-            return True
-        return False
-
-    def _on_bell(self, completions, end, event: str) -> None:
-        """The bell rang (or the interpreter died, or the completions stopped):
-        hand each posted call whose reply is there to its finish, then re-arm."""
-        if end is not self._end:
-            return  # this generation is over; its calls were given their outcome
-        with self._watch_lock:
-            self._bell_watch = None
-        gone = event != READY or end.bell_closed
-        if not gone:
-            end.drain_bell()
-            gone = end.bell_closed
-        ready = []
-        try:
-            for posted in list(self._posted.values()):
-                if posted[5]:
-                    continue
-                slot = self._slots.get(posted[1])
-                if gone or slot is None or end.ready(slot):
-                    posted[5] = True
-                    ready.append(posted)
-        except (ValueError, RuntimeError):  # detached: every call is over
-            for posted in list(self._posted.values()):
-                if not posted[5]:
-                    posted[5] = True
-                    ready.append(posted)
-        for posted in ready:
-            finish = posted[4]
-            if posted[3] is completions:
-                finish(event)
-            else:
-                posted[3].call_soon(lambda finish=finish: finish(READY))
-        if not gone:
-            self._watch_bell()
-
     def _arm(self, posted) -> None:
         """Have the completion thread run ``finish`` once the reply can be read (pipes)."""
-        call, completions, finish = posted[1], posted[3], posted[4]
+        call, completions, finish = posted.call, posted.completions, posted.finish
         if call in self._stash or self._reader.buffered:
             completions.call_soon(lambda: finish(READY))
         else:
             completions.watch(self._rep_r, finish)
 
     def _collect(self, posted):
-        op, call, placed = posted[0], posted[1], posted[2]
+        op, call, placed = posted.op, posted.call, posted.placed
         end = self._end
         try:
             with self._rx:
-                if posted[6] is not None:
-                    raise posted[6]
+                if posted.outcome is not None:
+                    raise posted.outcome
                 if end is not None:
                     slot = self._slots.get(call)
                     try:
@@ -720,8 +641,8 @@ class ProcessWorker(Worker):
                                 self._held.release(placed)
                                 raise RequestNotSent(self._crashed("before this call reached it"))
                             raise self._crashed("while running a call")
-                        posted[5] = False  # not there yet: watched again
-                        self._watch_bell()
+                        posted.handed = False  # not there yet: watched again
+                        self._bells.watch()
                         return PENDING
                     if self._left:
                         self._sweep(call)
@@ -736,7 +657,7 @@ class ProcessWorker(Worker):
                             return PENDING
                         reply = self._match(call, self._read_frame(False))
                 if end is not None:
-                    with self._watch_lock:
+                    with self._bells.lock:
                         self._posted.pop(call, None)
                         if not self._posted:
                             end.want_bell(False)
@@ -757,7 +678,8 @@ class ProcessWorker(Worker):
         from ..errors import InterpreterCrashedError
 
         with self._rx:
-            left, self._posted = list(self._posted.values()), {}
+            left = list(self._posted.values())
+            self._posted.clear()
             end = self._end
             for posted in left:
                 if self.closed:
@@ -768,14 +690,14 @@ class ProcessWorker(Worker):
                         f"interpreter {self.index} was restarted before the reply to this call "
                         "was read", index=self.index)
                 try:
-                    if not end.taken(self._ends[posted[1]]):
+                    if not end.taken(self._ends[posted.call]):
                         error = RequestNotSent(error)
                 except (KeyError, ValueError):
                     pass
-                posted[6] = error
+                posted.outcome = error
         for posted in left:
-            posted[5] = True
-            posted[3].call_soon(lambda finish=posted[4]: finish(READY))
+            posted.handed = True
+            posted.completions.call_soon(lambda finish=posted.finish: finish(READY))
 
     def cancel_posted(self, posted) -> None:
         """The caller of a posted call queued on the channel gave up on it (an
@@ -783,11 +705,11 @@ class ProcessWorker(Worker):
         already (see :meth:`HostEnd.arm`).  Either way its reply, when it comes,
         is collected as usual and dropped by its caller."""
         end = self._end
-        if end is None or not isinstance(posted, list):
+        if end is None or not isinstance(posted, _Posted):
             return
         with self._rx:
-            slot = self._slots.get(posted[1])
-            if posted[1] in self._posted and slot is not None:
+            slot = self._slots.get(posted.call)
+            if posted.call in self._posted and slot is not None:
                 try:
                     end.cancel(slot)
                 except ValueError:  # detached: over
@@ -799,7 +721,7 @@ class ProcessWorker(Worker):
         if posted is None:
             return
         with self._rx:
-            call = posted[1]
+            call = posted.call
             if self._posted.pop(call, None) is not None and call in self._owed \
                     and self._end is not None:
                 self._left.add(call)
@@ -811,9 +733,9 @@ class ProcessWorker(Worker):
         channel is dropped unrun (the interpreter skips it when its turn comes:
         see :meth:`HostEnd.arm`) and the interpreter keeps running; a call that
         started is stopped the old way, by killing the interpreter."""
-        call = posted[1]
+        call = posted.call
         end = self._end
-        if end is not None and posted[6] is None:
+        if end is not None and posted.outcome is None:
             with self._rx:
                 slot = self._slots.get(call)
                 if call in self._posted and slot is not None:
@@ -873,11 +795,11 @@ class ProcessWorker(Worker):
             if end is None:
                 self._posted[call] = posted
             else:
-                with self._watch_lock:  # against _collect clearing the bell meanwhile
+                with self._bells.lock:  # against _collect clearing the bell meanwhile
                     self._posted[call] = posted
                     end.want_bell()  # before the request is published: its reply rings
-                if posted[7] is not None:
-                    deadline = time.monotonic() + posted[7]
+                if posted.timeout is not None:
+                    deadline = time.monotonic() + posted.timeout
         payload = _pack_id(call) + data  # messages.stamp, without the call
         end = self._end
         try:
@@ -1156,6 +1078,8 @@ class ProcessWorker(Worker):
             self._drain(_CALLERS_LEAVE)
         if self._posted and self._end is not None:
             self._fail_posted()
+        if self._bells is not None:
+            self._bells.retired = True  # its calls have their outcome: no more watches
         self._process = None
         if self._end is not None:
             self._end.close()  # wakes the interpreter, which exits
@@ -1183,6 +1107,24 @@ class ProcessWorker(Worker):
         self._results.close()
         self._links.close()
         process.close()
+
+
+class _Posted:
+    """A posted call in flight (:meth:`ProcessWorker._post`) until it is collected:
+    ``handed`` once the bell watch scheduled its finish, ``outcome`` an error decided
+    for it by another thread (its interpreter was replaced before it was collected)."""
+
+    __slots__ = ("op", "call", "placed", "completions", "finish", "handed", "outcome", "timeout")
+
+    def __init__(self, op, completions, finish, timeout) -> None:
+        self.op = op
+        self.call = None
+        self.placed = None
+        self.completions = completions
+        self.finish = finish
+        self.handed = False
+        self.outcome = None
+        self.timeout = timeout
 
 
 def _worker_entry(config, fds, check_fork):

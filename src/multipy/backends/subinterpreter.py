@@ -170,12 +170,14 @@ class _Driver:
         self._host_open = True
         self.abandoned: str | None = None  # why the worker gave this subinterpreter up
         # Posted calls on the channel (several in flight, queued in the ring) share
-        # the bell: one watch at a time hands each reply to its call (see
-        # SubinterpreterWorker._watch_bell).
-        self.posted: dict = {}     # call number -> _Posted, until its reply is taken
+        # the bell: one watch at a time hands each reply to its call (its hand-over
+        # set by the worker: SubinterpreterWorker._hand_over).
+        self.bells = None if self.end is None else _channel.BellWatch(
+            self.end, lambda posted: posted.call.slot, SubinterpreterWorker._hand_over)
+        # call number -> _Posted, until its reply is taken (the bell watch's, on the channel)
+        self.posted: dict = {} if self.bells is None else self.bells.posted
         self.posting = 0           # posts between want_bell() and their entry in `posted`
-        self.watching = None       # the completions watching the bell now
-        self.watch_lock = threading.Lock()
+        self.watch_lock = threading.Lock() if self.bells is None else self.bells.lock
         # Blocking calls dropped unrun at their deadline (skipped while queued behind
         # others): their skip replies are taken, unread, by the next send.
         self.left: list = []
@@ -565,7 +567,7 @@ class SubinterpreterWorker(Worker):
             driver.posting -= 1
             driver.posted[call.seq] = posted
         try:
-            self._watch_bell(driver)
+            driver.bells.watch()
         except BaseException:  # (the completions closed): the reply would never be read
             self._forget(driver, call)
             self._give_up(driver, "interrupted")
@@ -573,7 +575,8 @@ class SubinterpreterWorker(Worker):
             raise
         return posted
 
-    def _forget(self, driver: _Driver, call: "_Call | None") -> None:
+    @staticmethod
+    def _forget(driver: _Driver, call: "_Call | None") -> None:
         """``call``'s reply was taken (or, for ``None``, a post failed to send):
         the bell is cleared once no posted call is in flight (a blocking caller
         waits on its slot; rings would cost the subinterpreter a system call)."""
@@ -585,65 +588,20 @@ class SubinterpreterWorker(Worker):
             if not driver.posted and not driver.posting and driver.end is not None:
                 driver.end.want_bell(False)
 
-    def _watch_bell(self, driver: _Driver) -> None:
-        """Have one completion context watch the bell for every posted call in
-        flight on ``driver``: that of the oldest not handed to its finish yet."""
-        with driver.watch_lock:
-            if driver.watching is not None:
-                return  # armed: it hands over the calls in order
-            for oldest in driver.posted.values():
-                if not oldest.handed:
-                    break
-            else:
-                return
-            completions = driver.watching = oldest.completions
-        # Not emptied first (drain=False): each reply published since _on_bell or
-        # _collect last emptied it left a ring, so the watch cannot miss one.
-        driver.end.watch_bell(completions, lambda: self._any_reply(driver),
-                              lambda event: self._on_bell(driver, completions, event),
-                              drain=False)
+    @staticmethod
+    def _hand_over(posted: "_Posted", completions, event: str, gone: bool) -> None:
+        """The bell watch's hand-over (transport.channel.BellWatch): a call dropped at
+        its deadline has its reply taken and discarded here, the others go to their
+        finish."""
+        if posted.dropped:
+            SubinterpreterWorker._settle_dropped(posted, gone)
+        elif posted.completions is completions:
+            posted.finish(event)
+        else:
+            posted.completions.call_soon(lambda finish=posted.finish: finish(READY))
 
     @staticmethod
-    def _any_reply(driver: _Driver) -> bool:
-        end = driver.end
-        try:
-            return any(not p.handed and end.ready(p.call.slot) for p in list(driver.posted.values()))
-        except (ValueError, RuntimeError):  # detached (over), or changed meanwhile: look
-            return True
-
-    def _on_bell(self, driver: _Driver, completions, event: str) -> None:
-        """The bell rang (or the subinterpreter ended, or the completions stopped):
-        hand each posted call whose reply is there to its finish (a call dropped
-        at its deadline: its reply is taken and discarded), then watch again."""
-        with driver.watch_lock:
-            driver.watching = None
-        end = driver.end
-        gone = event != READY or end.bell_closed
-        if not gone:
-            end.drain_bell()
-            gone = end.bell_closed
-        ready = []
-        for posted in list(driver.posted.values()):
-            if posted.handed:
-                continue
-            try:
-                there = gone or end.ready(posted.call.slot)
-            except ValueError:  # detached: the driver stopped
-                there = True
-            if there:
-                posted.handed = True
-                ready.append(posted)
-        for posted in ready:
-            if posted.dropped:
-                self._settle_dropped(posted, gone)
-            elif posted.completions is completions:
-                posted.finish(event)
-            else:
-                posted.completions.call_soon(lambda finish=posted.finish: finish(READY))
-        if not gone:
-            self._watch_bell(driver)
-
-    def _settle_dropped(self, posted: "_Posted", gone: bool) -> None:
+    def _settle_dropped(posted: "_Posted", gone: bool) -> None:
         """Take and discard the reply of a posted call whose caller was told at
         its deadline that it was dropped unrun (see :meth:`_expire`)."""
         call = posted.call
@@ -652,11 +610,11 @@ class SubinterpreterWorker(Worker):
             try:
                 if driver.take_frame(call) is None and not gone and not driver.end.bell_closed:
                     posted.handed = False  # not there after all: watched again
-                    self._watch_bell(driver)
+                    driver.bells.watch()
                     return
             except (ValueError, TransportError):  # detached, or the streams broke: over
                 pass
-            self._forget(driver, call)
+            SubinterpreterWorker._forget(driver, call)
             driver.leave()
         except BaseException:
             driver.leave()
@@ -672,7 +630,7 @@ class SubinterpreterWorker(Worker):
                 end.drain_bell()
                 if not end.bell_closed and not end.channel.closed:
                     posted.handed = False  # not there yet: watched again
-                    self._watch_bell(driver)
+                    driver.bells.watch()
                     return PENDING
             self._forget(driver, call)
             call.frame = frame  # None: the interpreter's loop ended

@@ -762,6 +762,121 @@ class HostEnd:
         self.memory = None
 
 
+class BellWatch:
+    """The one watch of a :class:`HostEnd`'s bell for the posted calls in flight on it.
+
+    Every posted call's reply rings the same bell (see :meth:`HostEnd.want_bell`),
+    so exactly one completion context watches it at a time: that of the oldest
+    call not handed over yet (replies come in request order).  When the bell
+    rings (or the interpreter dies, or the completions stop), each call whose
+    reply is in its slot is handed to its own completions, and the watch is armed
+    again for the calls still waiting.  The process and subinterpreter backends
+    keep one per channel (per interpreter generation).
+
+    ``posted`` (call key -> entry, in send order; changed under ``lock``) holds
+    the calls a completion context collects.  An entry has ``handed`` (given to
+    its finish already), ``completions`` and ``finish(event)``.  ``slot_of(entry)``
+    is its reply slot, or ``None`` when it has none any more (handed over at once).
+    ``hand(entry, completions, event, gone)``, when given, replaces the default
+    hand-over (``entry.finish`` on its own completions: at once when that is the
+    watching one, else through its ``call_soon``); ``gone``: the interpreter is gone.
+    :attr:`retired` (set once the generation is over and its calls have their
+    outcome) stops the watch.
+
+    >>> watch = BellWatch(end, lambda entry: entry.slot)      # doctest: +SKIP
+    >>> with watch.lock:                                      # doctest: +SKIP
+    ...     watch.posted[call] = entry
+    >>> watch.watch()                                         # doctest: +SKIP
+    """
+
+    def __init__(self, end: HostEnd, slot_of, hand=None) -> None:
+        self.end = end
+        self.posted: dict = {}
+        self.lock = threading.Lock()
+        self.watching = None   # the completions watching the bell now
+        self.retired = False
+        self._slot_of = slot_of
+        self._hand = hand if hand is not None else _hand_over
+
+    def watch(self) -> None:
+        """Have the completions of the oldest call not handed over yet watch the
+        bell, unless one watches it already (it hands the calls over in order)."""
+        with self.lock:
+            if self.watching is not None or self.retired:
+                return
+            for oldest in self.posted.values():
+                if not oldest.handed:
+                    break
+            else:
+                return
+            completions = self.watching = oldest.completions
+        here = getattr(completions, "here", None)  # a loop's: watch() only on its thread
+        if here is not None and not here():
+            completions.call_soon(lambda: self._arm(completions))
+        else:
+            self._arm(completions)
+
+    def _arm(self, completions) -> None:
+        if self.retired:
+            return  # this generation is over; its calls were given their outcome
+        # Not emptied here (drain=False): every reply published since the bell was
+        # last emptied (in on_bell or by a collect, before they looked at the slots)
+        # left a ring in it, so the look or the watch after it cannot miss one.  A
+        # ring left over from a reply handled already wakes on_bell once for nothing.
+        self.end.watch_bell(completions, self.any_reply,
+                            lambda event: self.on_bell(completions, event), drain=False)
+
+    def _ready(self, entry) -> bool:
+        slot = self._slot_of(entry)
+        return slot is None or self.end.ready(slot)
+
+    def any_reply(self) -> bool:
+        """Whether a call not handed over yet has its reply in its slot."""
+        try:
+            return any(not entry.handed and self._ready(entry) for entry in list(self.posted.values()))
+        except (ValueError, RuntimeError):  # detached, or changed meanwhile: look again
+            return True
+
+    def on_bell(self, completions, event: str) -> None:
+        """The bell rang (or the interpreter died, or ``completions`` stopped: ``event``
+        is then not ``"ready"``): hand each call whose reply is there over, then
+        watch again."""
+        if self.retired:
+            return  # this generation is over; its calls were given their outcome
+        with self.lock:
+            self.watching = None
+        end = self.end
+        gone = event != _BELL_READY or end.bell_closed
+        if not gone:
+            end.drain_bell()
+            gone = end.bell_closed
+        ready = []
+        try:
+            for entry in list(self.posted.values()):
+                if not entry.handed and (gone or self._ready(entry)):
+                    entry.handed = True
+                    ready.append(entry)
+        except (ValueError, RuntimeError):  # detached: every call is over
+            gone = True
+            for entry in list(self.posted.values()):
+                if not entry.handed:
+                    entry.handed = True
+                    ready.append(entry)
+        hand = self._hand
+        for entry in ready:
+            hand(entry, completions, event, gone)
+        if not gone:
+            self.watch()
+
+
+def _hand_over(entry, completions, event: str, gone: bool) -> None:
+    """:class:`BellWatch`'s default hand-over: the call's finish on its own completions."""
+    if entry.completions is completions:
+        entry.finish(event)
+    else:
+        entry.completions.call_soon(lambda finish=entry.finish: finish(_BELL_READY))
+
+
 class InterpreterEnd:
     """The interpreter's side: take requests in order, answer each in its slot."""
 
