@@ -9,7 +9,11 @@ it: the caller, the completion thread), and only while the N calls run::
         --callgrind-out-file=/tmp/cg.%p python benchmarks/count_posted_instructions.py 300 \\
         [--mode acall|submit] [--concurrency 64]
 
-prints "N instructions per posted call (host)".
+prints "N instructions per posted call (host)".  ``--calls`` runs without
+callgrind and prints the Python function calls per posted call instead (cProfile
+on the calling thread and on the manager's completion thread: counts, not times)::
+
+    python benchmarks/count_posted_instructions.py 2000 --calls [--mode ...] [--top 20]
 
 * ``acall``: one asyncio event loop, ``--concurrency`` tasks each awaiting
   ``model.acall(x)`` in turn (uvloop when installed, as ``multipy serve`` runs);
@@ -24,7 +28,10 @@ import asyncio
 import collections
 import os
 import re
+import cProfile
+import pstats
 import subprocess
+import threading
 
 import torch
 
@@ -58,7 +65,29 @@ def main() -> None:
     parser.add_argument("--mode", choices=("acall", "submit"), default="acall")
     parser.add_argument("--concurrency", type=int, default=1, help="posted calls in flight at once")
     parser.add_argument("--interpreters", type=int, default=1)
+    parser.add_argument("--calls", action="store_true",
+                        help="count Python function calls per posted call (no callgrind)")
+    parser.add_argument("--top", type=int, default=0, help="with --calls: the K most called")
     args = parser.parse_args()
+    profiles = {"caller": cProfile.Profile(), "completion": cProfile.Profile()}
+
+    def measure(on: bool) -> None:
+        """Start (stop) counting: callgrind, or the two threads' profiles."""
+        if not args.calls:
+            if not on:
+                counts.append(_instructions())
+            _callgrind(on)
+            return
+        switched = threading.Event()
+        completion = profiles["completion"]
+        manager._completions.call_soon(
+            lambda: ((completion.enable() if on else completion.disable()), switched.set()))
+        switched.wait()
+        if on:
+            profiles["caller"].enable()
+        else:
+            profiles["caller"].disable()
+
     x = torch.randn(1, 16)
     counts: list[int] = []
     with InterpreterManager(args.interpreters, backend="process", num_threads=1,
@@ -79,10 +108,9 @@ def main() -> None:
 
             async def run() -> None:
                 await many(100)  # warm-up: every path taken once
-                _callgrind(True)
+                measure(True)
                 await many(args.n)
-                counts.append(_instructions())
-                _callgrind(False)
+                measure(False)
 
             _loop(run())
         else:
@@ -96,10 +124,17 @@ def main() -> None:
                     assert future.result().shape == x.shape
 
             many(100)
-            _callgrind(True)
+            measure(True)
             many(args.n)
-            counts.append(_instructions())
-            _callgrind(False)
+            measure(False)
+    if args.calls:
+        for name, profile in profiles.items():
+            stats = pstats.Stats(profile)
+            print(f"{name} thread: {stats.total_calls / args.n:.1f} Python calls per posted call")
+            rows = sorted(((v[1], f) for f, v in stats.stats.items()), reverse=True)[:args.top]
+            for c, f in rows:
+                print(f"  {c / args.n:6.2f} {f[0].split('multipy/')[-1]}:{f[1]} {f[2]}")
+        return
     print(f"{counts[0] / args.n:,.0f} instructions per posted call (host; {args.mode}, "
           f"{args.concurrency} in flight, {args.interpreters} interpreter(s))")
 

@@ -762,6 +762,48 @@ def test_the_c_end_of_a_call_settles_only_a_well_formed_reply(corrupt):
         ch.detach()
 
 
+@pytest.mark.skipif(_native is None or not hasattr(_native, "caller"),
+                    reason="multipy._native (with Caller) is not built here")
+@pytest.mark.parametrize("corrupt", [None, "length", "counts", "call", "flags"])
+def test_the_c_collect_of_a_posted_call_settles_only_a_well_formed_reply(corrupt):
+    # The completion side's C step: it never waits, settles the common reply
+    # (books, the posted entry and, with no posted call left, the bell word) and
+    # leaves anything else in its slot for the Python path.
+    memory = _memory()
+    ch, worker, caller = _c_caller(memory)
+    posted, entry = {}, object()
+    try:
+        sent = caller.post((0, None, (3,), {}, 0, None), (), entry, posted, -1)
+        assert sent is not None
+        call, placed = sent
+        slot = worker._slots[call]
+        assert posted == {call: entry} and worker._owed[call] == placed
+        assert struct.unpack_from("<I", memory, chan._BELL)[0] == 1  # its reply rings
+        assert caller.collect(call, slot, posted) is None  # not answered: nothing settled
+        assert ch.take()[0] == slot
+        frame = bytearray(_native.pack_reply(call, None, (), (), False, ()))
+        if corrupt == "counts":
+            frame[10:12] = bytes((255, 255))
+        elif corrupt == "call":
+            frame[0] ^= 0xFF
+        elif corrupt == "flags":
+            frame[9] |= 0x80
+        assert ch.reply(slot, bytes(frame), 0)
+        if corrupt == "length":
+            header = chan.HEADER_BYTES + RING + slot * (chan.SLOT_HEAD + SLOT_BYTES)
+            struct.pack_into("<I", memory, header + 8, 1 << 31)
+        got = caller.collect(call, slot, posted)
+        if corrupt is None:
+            assert got == (None, None)
+            assert not posted and not worker._owed and not worker._slots and not ch.ready(slot)
+            assert struct.unpack_from("<I", memory, chan._BELL)[0] == 0  # none left: no rings
+        else:
+            assert got is None
+            assert ch.ready(slot) and posted == {call: entry} and worker._slots[call] == slot
+    finally:
+        ch.detach()
+
+
 class _Entry:
     """A posted call as BellWatch sees it."""
 

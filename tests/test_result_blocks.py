@@ -249,3 +249,40 @@ def test_a_corrupt_reply_is_a_transport_error_and_leaves_the_manager_usable(mana
     gc.collect()
     same(x)
     _no_block_held(manager)
+
+
+def test_a_corrupt_posted_reply_fails_only_its_own_call(backend):
+    # Posted calls are collected by the completion thread (in C for the common
+    # reply): a corrupt one is a TransportError for its own future; the calls
+    # posted before it get their own answers, those after it their own answers or
+    # (its interpreter restarted under them) an error of their own.  One
+    # interpreter, so that the corrupting call's reply is the one corrupted.
+    if backend != "process":
+        pytest.skip("only the process backend reads replies from bytes")
+    with multipy.InterpreterManager(1, backend="process") as manager:
+        manager.register_module_source("_result_blocks", _SOURCE)
+        with manager.acquire_one() as s:
+            same, twice, corrupt = (s.create_movable(s.global_("_result_blocks", name))
+                                    for name in ("same", "twice", "corrupt"))
+        xs = [torch.full((1, 16), float(i)) for i in range(6)]
+        for kind in ("call", "flags", "counts", "dtype", "length"):
+            for x in xs:  # loaded and answered by the interpreter serving now
+                assert torch.equal(twice(x), x * 2) and torch.equal(corrupt("none", x), x)
+            before = [twice.submit(x) for x in xs[:3]]
+            bad = corrupt.submit(kind, xs[0])
+            after = [twice.submit(x) for x in xs[3:]]
+            with pytest.raises(multipy.TransportError):
+                bad.result(timeout=60)
+            for x, future in zip(xs[:3], before):
+                assert torch.equal(future.result(timeout=60), x * 2)
+            for x, future in zip(xs[3:], after):
+                try:
+                    assert torch.equal(future.result(timeout=60), x * 2)
+                except multipy.InterpreterCrashedError:
+                    assert kind != "dtype"  # (a corrupt value leaves the interpreter in step)
+            wait_for(lambda: manager._workers[0].available, "the interpreter to be back")
+            assert all(torch.equal(f.result(timeout=60), x * 2)
+                       for x, f in [(x, twice.submit(x)) for x in xs])
+            gc.collect()
+            same(xs[0])
+            _no_block_held(manager)

@@ -816,6 +816,14 @@ PyDoc_STRVAR(arm_doc,
 "or past ``deadline_ns`` (time.monotonic_ns(); < 0: no deadline), and let cancel()\n"
 "skip it until then.");
 
+/* Arm a claimed slot's go word (deadline in ns on CLOCK_MONOTONIC, < 0: none);
+ * published to the interpreter by the post that follows. */
+static void arm_slot(slot_t *s, long long deadline) {
+    uint64_t go = deadline < 0 ? GO_NO_DEADLINE
+                  : (uint64_t)deadline <= GO_SKIPPED ? GO_SKIPPED + 1 : (uint64_t)deadline;
+    __atomic_store_n(&s->go, go, __ATOMIC_RELAXED);
+}
+
 static PyObject *Channel_arm(ChannelObject *self, PyObject *args) {
     unsigned int slot;
     long long deadline;
@@ -823,10 +831,7 @@ static PyObject *Channel_arm(ChannelObject *self, PyObject *args) {
         return NULL;
     if (check_attached(self) < 0 || check_slot(self, slot) < 0)
         return NULL;
-    uint64_t go = deadline < 0 ? GO_NO_DEADLINE
-                  : (uint64_t)deadline <= GO_SKIPPED ? GO_SKIPPED + 1 : (uint64_t)deadline;
-    /* Published to the interpreter by the post that follows. */
-    __atomic_store_n(&slot_at(self, slot)->go, go, __ATOMIC_RELAXED);
+    arm_slot(slot_at(self, slot), deadline);
     Py_RETURN_NONE;
 }
 
@@ -3350,6 +3355,102 @@ static int held_end_call(HeldObject *h, PyObject *placed, const unsigned char *p
     return 0;
 }
 
+/* The reply in slot s, when it is the common one answering call (in the slot,
+ * binary, no output to pump, its value none or one tensor): settled here (the
+ * slot given back, the call's books closed, the tensor made over its block, the
+ * argument blocks released) and *out = (value, None): returns 1.  0 when it is
+ * not there or not the common one (left in its slot for the Python path), -1 on
+ * an error.  posted: the worker's posted calls (call id -> entry), or NULL: a
+ * posted call's entry leaves them too, and the bell word is cleared once none is
+ * left, in this same step (see Caller.unwant_bell). */
+static int settle_common(CallerObject *self, slot_t *s, unsigned long long call, PyObject *posted,
+                         PyObject **out) {
+    ChannelObject *c = self->channel;
+    if (LOAD(&s->state) != SLOT_REPLIED || (s->tag & SPILLED_TAG))
+        return 0;
+    uint32_t len = s->len;
+    if (len > c->slot_bytes)
+        return 0;
+    const unsigned char *p = (const unsigned char *)s + SLOT_HEAD;
+    if (len < REPLY_HEAD || p[8] != REPLY_TAG || (p[9] & ~REPLY_VALUE))
+        return 0; /* not binary, or output to pump, or malformed: Python's */
+    uint64_t id;
+    uint16_t n[3];
+    memcpy(&id, p, 8);
+    memcpy(n, p + 10, 6);
+    Py_ssize_t pos = REPLY_HEAD + 8 * ((Py_ssize_t)n[0] + n[1] + n[2]);
+    int has_value = (p[9] & REPLY_VALUE) != 0;
+    if (id != call || pos > (Py_ssize_t)len || (has_value ? pos >= (Py_ssize_t)len : pos != (Py_ssize_t)len))
+        return 0;
+    PyObject *key = PyLong_FromUnsignedLongLong(call);
+    if (key == NULL)
+        return -1;
+    int owed = PyDict_Contains(self->owed, key);
+    if (owed <= 0) {
+        Py_DECREF(key);
+        return owed;
+    }
+    read_t r = {NULL, NULL, 0, 0, 0};
+    if (has_value) {
+        if (p[pos] != FAST_VALUE_TAG) {
+            Py_DECREF(key);
+            return 0;
+        }
+        int got = tensor_at(p + pos, (Py_ssize_t)len - pos, 1, self->outbound, self->own, &r);
+        if (got <= 0 || r.end != (Py_ssize_t)len - pos) {
+            if (got > 0) {
+                Py_DECREF(r.tensor);
+                Py_DECREF(r.holder);
+            }
+            Py_DECREF(key);
+            return got < 0 ? -1 : 0; /* a scalar, several items...: the decoder's */
+        }
+    }
+    /* Ours: settle it.  No signal handler runs from here to the return, so the
+     * call's books close together with the slot.  The slot is given back last:
+     * its header is read until then (a collection run by an allocation here may
+     * let another thread claim a free slot and the interpreter answer in it). */
+    PyObject *placed = PyDict_GetItemWithError(self->owed, key);
+    Py_XINCREF(placed);
+    int failed = placed == NULL || PyDict_DelItem(self->owed, key) < 0;
+    if (!failed && PyDict_DelItem(self->slots, key) < 0)
+        PyErr_Clear(); /* (not recorded: nothing to forget) */
+    if (!failed && PyDict_DelItem(self->ends, key) < 0)
+        PyErr_Clear();
+    if (!failed && posted != NULL) {
+        if (PyDict_DelItem(posted, key) < 0)
+            PyErr_Clear();
+        if (PyDict_GET_SIZE(posted) == 0) /* no posted call left: no more rings */
+            STORE((uint32_t *)((char *)c->h + BELL_WORD), 0u);
+    }
+    Py_DECREF(key);
+    PyObject *value = Py_None;
+    if (!failed && r.tensor != NULL) {
+        value = r.tensor;
+        failed = book_value(&r, self->released, self->held) < 0;
+    }
+    Py_XDECREF(r.holder);
+    if (!failed && self->held != Py_None)
+        failed = held_end_call((HeldObject *)self->held, placed, p + REPLY_HEAD, n[0],
+                               p + REPLY_HEAD + 8 * n[0], n[1]) < 0;
+    Py_XDECREF(placed);
+    STORE(&s->state, (uint32_t)SLOT_FREE); /* take_reply and release, in one */
+    count_inflight(c, -1);
+    if (failed) {
+        Py_XDECREF(r.tensor);
+        return -1;
+    }
+    PyObject *pair = PyTuple_New(2);
+    if (pair == NULL) {
+        Py_XDECREF(r.tensor);
+        return -1;
+    }
+    PyTuple_SET_ITEM(pair, 0, value == Py_None ? Py_NewRef(Py_None) : value);
+    PyTuple_SET_ITEM(pair, 1, Py_NewRef(Py_None));
+    *out = pair;
+    return 1;
+}
+
 /* finish(call, slot, timeout) -> (value, None) | int
  *
  * (value, None): the common reply, settled.  An int: what the wait said
@@ -3403,91 +3504,12 @@ static PyObject *Caller_finish(CallerObject *self, PyObject *const *args, Py_ssi
         PyErr_Clear(); /* detached meanwhile: the Python path says so */
         return waited;
     }
-    /* The reply is in the slot: is it the common one? */
-    if (LOAD(&s->state) != SLOT_REPLIED || (s->tag & SPILLED_TAG))
+    PyObject *out = NULL;
+    int settled = settle_common(self, s, call, NULL, &out);
+    if (settled == 0)
         return waited;
-    uint32_t len = s->len;
-    if (len > c->slot_bytes)
-        return waited;
-    const unsigned char *p = (const unsigned char *)s + SLOT_HEAD;
-    if (len < REPLY_HEAD || p[8] != REPLY_TAG || (p[9] & ~REPLY_VALUE))
-        return waited; /* not binary, or output to pump, or malformed: Python's */
-    uint64_t id;
-    uint16_t n[3];
-    memcpy(&id, p, 8);
-    memcpy(n, p + 10, 6);
-    Py_ssize_t pos = REPLY_HEAD + 8 * ((Py_ssize_t)n[0] + n[1] + n[2]);
-    int has_value = (p[9] & REPLY_VALUE) != 0;
-    if (id != call || pos > (Py_ssize_t)len || (has_value ? pos >= (Py_ssize_t)len : pos != (Py_ssize_t)len))
-        return waited;
-    PyObject *key = PyLong_FromUnsignedLongLong(call);
-    if (key == NULL)
-        goto error;
-    int owed = PyDict_Contains(self->owed, key);
-    if (owed <= 0) {
-        Py_DECREF(key);
-        if (owed < 0)
-            goto error;
-        return waited;
-    }
-    read_t r = {NULL, NULL, 0, 0, 0};
-    if (has_value) {
-        if (p[pos] != FAST_VALUE_TAG) {
-            Py_DECREF(key);
-            return waited;
-        }
-        int got = tensor_at(p + pos, (Py_ssize_t)len - pos, 1, self->outbound, self->own, &r);
-        if (got <= 0 || r.end != (Py_ssize_t)len - pos) {
-            if (got > 0) {
-                Py_DECREF(r.tensor);
-                Py_DECREF(r.holder);
-            }
-            Py_DECREF(key);
-            if (got < 0)
-                goto error;
-            return waited; /* a scalar, several items...: the decoder's */
-        }
-    }
     Py_DECREF(waited);
-    /* Ours: settle it.  No signal handler runs from here to the return, so the
-     * call's books close together with the slot.  The slot is given back last:
-     * its header is read until then (a collection run by an allocation here may
-     * let another thread claim a free slot and the interpreter answer in it). */
-    PyObject *placed = PyDict_GetItemWithError(self->owed, key);
-    Py_XINCREF(placed);
-    int failed = placed == NULL || PyDict_DelItem(self->owed, key) < 0;
-    if (!failed && PyDict_DelItem(self->slots, key) < 0)
-        PyErr_Clear(); /* (not recorded: nothing to forget) */
-    if (!failed && PyDict_DelItem(self->ends, key) < 0)
-        PyErr_Clear();
-    Py_DECREF(key);
-    PyObject *value = Py_None;
-    if (!failed && r.tensor != NULL) {
-        value = r.tensor;
-        failed = book_value(&r, self->released, self->held) < 0;
-    }
-    Py_XDECREF(r.holder);
-    if (!failed && self->held != Py_None)
-        failed = held_end_call((HeldObject *)self->held, placed, p + REPLY_HEAD, n[0],
-                               p + REPLY_HEAD + 8 * n[0], n[1]) < 0;
-    Py_XDECREF(placed);
-    STORE(&s->state, (uint32_t)SLOT_FREE); /* take_reply and release, in one */
-    count_inflight(c, -1);
-    if (failed) {
-        Py_XDECREF(r.tensor);
-        return NULL;
-    }
-    PyObject *out = PyTuple_New(2);
-    if (out == NULL) {
-        Py_XDECREF(r.tensor);
-        return NULL;
-    }
-    PyTuple_SET_ITEM(out, 0, value == Py_None ? Py_NewRef(Py_None) : value);
-    PyTuple_SET_ITEM(out, 1, Py_NewRef(Py_None));
-    return out;
-error:
-    Py_DECREF(waited);
-    return NULL;
+    return settled > 0 ? out : NULL;
 }
 
 
@@ -3510,27 +3532,24 @@ static int set_item_ull(PyObject *dict, PyObject *key, unsigned long long v) {
     return rc;
 }
 
-/* send(op, args, freed, timeout) -> (call, placed, op, timeout) | None
- *
- * The common blocking call CALL_REPLICATED(*args) sent under the worker lock: the
- * binary call written (pack_call), a reply slot claimed, the request posted with
- * its call id (worker._next_call + 1), and the call's books kept (owed, callers,
- * slots, ends, _next_call) in the same step, so that no signal handler can run
- * between the post and the books.  None, with nothing sent or kept, for what the
- * Python path sends (a request pack_call leaves to it, one too big for the ring,
- * no free slot, no room in the ring, a detached channel). */
-static PyObject *Caller_send(CallerObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "send(op, args, freed, timeout) takes 4 arguments");
-        return NULL;
-    }
+/* Send the call (args: the call's arguments, freed: the released blocks it
+ * reports) the way send() and post() do: the binary call written (pack_call), a
+ * reply slot claimed (armed with deadline for a posted call: entry not NULL), the
+ * request posted with its call id (worker._next_call + 1), and the call's books
+ * kept in the same step (owed, slots, ends, _next_call; callers for a blocking
+ * call, posted[call] = entry for a posted one, whose reply rings the bell).
+ * Returns the call id and sets *placed_out (new references), Py_None (new) for
+ * what the Python path sends, NULL on an error. */
+static PyObject *caller_post(CallerObject *self, PyObject *call_args, PyObject *freed,
+                             PyObject *entry, PyObject *posted, long long deadline,
+                             PyObject **placed_out) {
     ChannelObject *c = self->channel;
     if (!c->attached || c->detach_pending)
         Py_RETURN_NONE;
     PyObject *placed = PyList_New(0);
     if (placed == NULL)
         return NULL;
-    PyObject *pack_args[6] = {args[1], args[2], self->outbound, self->arena, Py_True, placed};
+    PyObject *pack_args[6] = {call_args, freed, self->outbound, self->arena, Py_True, placed};
     PyObject *data = native_pack_call(NULL, pack_args, 6);
     PyObject *out = NULL, *key = NULL;
     if (data == NULL || data == Py_None)
@@ -3548,6 +3567,11 @@ static PyObject *Caller_send(CallerObject *self, PyObject *const *args, Py_ssize
     long slot = claim_slot(c);
     if (slot < 0)
         goto give_up;
+    if (entry != NULL) {
+        arm_slot(slot_at(c, (uint32_t)slot), deadline);
+        /* Before the request is published (the post is a full barrier): its reply rings. */
+        STORE((uint32_t *)((char *)c->h + BELL_WORD), 1u);
+    }
     uint64_t id = call;
     uint64_t end = ring_post(c, &id, 8, PyBytes_AS_STRING(data), (size_t)len, (uint32_t)slot);
     if (end == 0) {
@@ -3557,12 +3581,14 @@ static PyObject *Caller_send(CallerObject *self, PyObject *const *args, Py_ssize
     /* Sent: the books, in this same step. */
     Py_CLEAR(data);
     if (PyDict_SetItem(self->owed, key, placed) < 0 ||
-        set_item_ull(self->callers, key, PyThread_get_thread_ident()) < 0 ||
+        (entry == NULL ? set_item_ull(self->callers, key, PyThread_get_thread_ident())
+                       : PyDict_SetItem(posted, key, entry)) < 0 ||
         set_item_ull(self->slots, key, (unsigned long long)slot) < 0 ||
         set_item_ull(self->ends, key, end) < 0 ||
         PyObject_SetAttr(self->worker, s_next_call, key) < 0)
         goto done;
-    out = PyTuple_Pack(4, key, placed, args[0], args[3]);
+    out = Py_NewRef(key);
+    *placed_out = Py_NewRef(placed);
     goto done;
 give_up:
     if (PyList_GET_SIZE(placed) > 0)
@@ -3574,6 +3600,91 @@ done:
     Py_XDECREF(key);
     Py_DECREF(placed);
     return out;
+}
+
+/* send(op, args, freed, timeout) -> (call, placed, op, timeout) | None
+ *
+ * The common blocking call CALL_REPLICATED(*args) sent under the worker lock
+ * (caller_post), its books kept in the same step, so that no signal handler can
+ * run between the post and the books.  None, with nothing sent or kept, for what
+ * the Python path sends (a request pack_call leaves to it, one too big for the
+ * ring, no free slot, no room in the ring, a detached channel). */
+static PyObject *Caller_send(CallerObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "send(op, args, freed, timeout) takes 4 arguments");
+        return NULL;
+    }
+    PyObject *placed = NULL;
+    PyObject *key = caller_post(self, args[1], args[2], NULL, NULL, -1, &placed);
+    if (key == NULL || key == Py_None)
+        return key;
+    PyObject *out = PyTuple_Pack(4, key, placed, args[0], args[3]);
+    Py_DECREF(key);
+    Py_DECREF(placed);
+    return out;
+}
+
+/* -- host: posted calls, sent and settled in C ----------------------------------
+ *
+ * A posted call (submit, acall, a batch, a served request) is sent by whichever
+ * thread dispatches it and collected by a completion context once the bell says
+ * its reply is there.  Its common case takes one C call each way, as a blocking
+ * call's does: post() sends it and keeps its books (caller_post), collect()
+ * settles its common reply (settle_common) without waiting.  The worker's dict of
+ * posted calls and the bell word change together in these calls (and in
+ * unwant_bell for the Python path), so no thread can clear the bell between
+ * another's post and its reply. */
+
+/* post(args, freed, entry, posted, deadline_ns) -> (call, placed) | None */
+static PyObject *Caller_post(CallerObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5 || !PyDict_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "post(args, freed, entry, posted, deadline_ns) takes 5 arguments, posted a dict");
+        return NULL;
+    }
+    long long deadline = PyLong_AsLongLong(args[4]);
+    if (deadline == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *placed = NULL;
+    PyObject *key = caller_post(self, args[0], args[1], args[2], args[3], deadline, &placed);
+    if (key == NULL || key == Py_None)
+        return key;
+    PyObject *out = PyTuple_Pack(2, key, placed);
+    Py_DECREF(key);
+    Py_DECREF(placed);
+    return out;
+}
+
+/* collect(call, slot, posted) -> (value, None) | None */
+static PyObject *Caller_collect(CallerObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3 || !PyDict_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "collect(call, slot, posted) takes 3 arguments, posted a dict");
+        return NULL;
+    }
+    ChannelObject *c = self->channel;
+    unsigned long long call = PyLong_AsUnsignedLongLong(args[0]);
+    unsigned long slot = PyLong_AsUnsignedLong(args[1]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (!c->attached || c->detach_pending || slot >= c->nslots)
+        Py_RETURN_NONE; /* the Python path says what happened */
+    PyObject *out = NULL;
+    int settled = settle_common(self, slot_at(c, (unsigned int)slot), call, args[2], &out);
+    if (settled == 0)
+        Py_RETURN_NONE;
+    return settled > 0 ? out : NULL;
+}
+
+/* unwant_bell(posted) -> None */
+static PyObject *Caller_unwant_bell(CallerObject *self, PyObject *posted) {
+    if (!PyDict_Check(posted)) {
+        PyErr_SetString(PyExc_TypeError, "unwant_bell(posted): posted is a dict");
+        return NULL;
+    }
+    ChannelObject *c = self->channel;
+    if (c->attached && PyDict_GET_SIZE(posted) == 0)
+        STORE((uint32_t *)((char *)c->h + BELL_WORD), 0u);
+    Py_RETURN_NONE;
 }
 
 static int Caller_traverse(CallerObject *self, visitproc visit, void *arg) {
@@ -3619,6 +3730,21 @@ static PyMethodDef Caller_methods[] = {
      "Wait for the reply to call in slot (timeout in seconds, < 0: none; the GIL\n"
      "released once) and settle it when it is the common one: (value, None).  Else\n"
      "what the wait said (transport.channel.Wait), the reply, if any, left in its slot."},
+    {"post", (PyCFunction)(void (*)(void))Caller_post, METH_FASTCALL,
+     "post(args, freed, entry, posted, deadline_ns, /) -> (call, placed) | None\n\n"
+     "Send the common posted call CALL_REPLICATED(*args) (the worker lock held), its\n"
+     "slot armed with deadline_ns (CLOCK_MONOTONIC, < 0: none) and its reply ringing\n"
+     "the bell, and keep its books (posted[call] = entry); None, with nothing sent,\n"
+     "for what the Python path sends."},
+    {"collect", (PyCFunction)(void (*)(void))Caller_collect, METH_FASTCALL,
+     "collect(call, slot, posted, /) -> (value, None) | None\n\n"
+     "Settle the reply to the posted call in slot when it is there and the common one\n"
+     "(its books closed, posted[call] removed, the bell cleared once posted is empty),\n"
+     "without waiting; None, the reply (if any) left in its slot, otherwise."},
+    {"unwant_bell", (PyCFunction)Caller_unwant_bell, METH_O,
+     "unwant_bell(posted, /) -> None\n\n"
+     "Clear the bell word if no posted call is left in posted (one step: never\n"
+     "between another thread's post() and its publication)."},
     {NULL, NULL, 0, NULL},
 };
 

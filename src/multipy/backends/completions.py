@@ -193,8 +193,8 @@ class Completions:
                     continue
                 for fd, _ in events:
                     if fd == wake_r:
-                        try:
-                            while os.read(wake_r, 4096):
+                        try:  # emptied once a read comes back short (no read to raise)
+                            while len(os.read(wake_r, 4096)) == 4096:
                                 pass
                         except BlockingIOError:
                             pass

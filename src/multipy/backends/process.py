@@ -598,12 +598,32 @@ class ProcessWorker(Worker):
 
     # -- posted requests (Worker.post): the completion thread reads the reply ----
     def _post(self, op, args, drop, timeout, handles, completions, finish):
-        end = self._end
         posted = _Posted(op, completions, finish, timeout)
+        caller = self._caller
+        if caller is not None and op is _CALL_REPLICATED and not drop and handles is None:
+            links = self._links
+            if not (links._links or links._wanted):  # links.active, inlined
+                # The common call: sent by the extension, its books kept there too
+                # (as _send_call's blocking one; its slot armed with its deadline).
+                freed = self._decoder.released_offsets() if self._freed else ()
+                held = self._held
+                if held.pending:  # arguments whose last host view died: reuse their blocks
+                    held.settle()
+                deadline = -1 if timeout is None else int((time.monotonic() + timeout) * 1e9)
+                try:
+                    sent = caller.post(args, freed, posted, self._posted, deadline)
+                except BaseException:
+                    self._freed.extend(freed)  # nothing was sent: reported with the next one
+                    raise
+                if sent is not None:
+                    posted.call, posted.placed = sent
+                    self._bells.watch()  # one watch of the bell hands every posted reply over
+                    return posted
+                self._freed.extend(freed)  # the Python path below sends them
         call, placed = self._send(op, args, drop, timeout, handles, posted)
         posted.call, posted.placed = call, placed
-        if end is not None:
-            self._bells.watch()  # one watch of the bell hands every posted reply over
+        if self._end is not None:
+            self._bells.watch()
         else:
             self._arm(posted)
         return posted
@@ -618,6 +638,18 @@ class ProcessWorker(Worker):
 
     def _collect(self, posted):
         op, call, placed = posted.op, posted.call, posted.placed
+        caller = self._caller
+        if caller is not None and posted.outcome is None and not self._left \
+                and not self._links._links:  # (CUDA link buffers: marked read by _settle)
+            slot = self._slots.get(call)
+            if slot is not None:
+                # The common reply, settled by the extension (its books, the posted
+                # call's entry and, once none is left, the bell with it).
+                got = caller.collect(call, slot, self._posted)
+                if got is not None:
+                    if self._draining and not self._posted:
+                        self._notify_drained()
+                    return got
         end = self._end
         try:
             with self._rx:
@@ -659,7 +691,9 @@ class ProcessWorker(Worker):
                 if end is not None:
                     with self._bells.lock:
                         self._posted.pop(call, None)
-                        if not self._posted:
+                        if caller is not None:  # in one step against the extension's post
+                            caller.unwant_bell(self._posted)
+                        elif not self._posted:
                             end.want_bell(False)
                 else:
                     self._posted.pop(call, None)

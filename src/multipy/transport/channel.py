@@ -742,14 +742,17 @@ class HostEnd:
         (the interpreter died: it held the only write end)."""
         while True:
             try:
-                if not os.read(self.bell_r, 4096):
-                    self.bell_closed = True
-                    return
+                rung = len(os.read(self.bell_r, 4096))
             except BlockingIOError:
                 return
             except OSError:  # closed by the host: this generation is over
                 self.bell_closed = True
                 return
+            if not rung:
+                self.bell_closed = True
+                return
+            if rung < 4096:
+                return  # emptied (no second read just to raise BlockingIOError)
 
     def stop(self) -> None:
         """Mark the channel closed: the interpreter and every waiting caller wake up."""
