@@ -91,7 +91,7 @@ def main() -> None:
     x = torch.randn(1, 16)
     counts: list[int] = []
     with InterpreterManager(args.interpreters, backend="process", num_threads=1,
-                            start_timeout=600, call_timeout=600) as manager:
+                            start_timeout=600) as manager:
         model = manager.load_package(example_archive("identity")).load_pickle("model", "model.pkl")
 
         if args.mode == "acall":

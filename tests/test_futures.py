@@ -352,3 +352,39 @@ def test_a_posted_call_leaves_no_reference_cycle_behind(rows_model):
             assert gc.collect() == 0, f"{name}: the call left cyclic garbage"
         finally:
             gc.enable()
+
+
+def test_ten_thousand_posted_calls_from_threads_and_loops_each_get_their_own_answer(rows_model):
+    # Threads submitting futures and threads each running an event loop of acall
+    # tasks, all at once: every call's answer is its own input's (x * 2 + 1),
+    # whichever thread sent it, queued it or collected its reply.
+    def submitter(base: int, n: int) -> list:
+        wrong, window = [], []
+        for i in range(base, base + n):
+            window.append((i, rows_model.submit(torch.full((1,), float(i)))))
+            if len(window) >= 32:
+                j, future = window.pop(0)
+                if future.result(timeout=120).item() != j * 2 + 1:
+                    wrong.append(j)
+        wrong.extend(j for j, f in window if f.result(timeout=120).item() != j * 2 + 1)
+        return wrong
+
+    def looper(base: int, n: int) -> list:
+        async def main():
+            wrong, left = [], list(range(base, base + n))
+
+            async def task():
+                while left:
+                    i = left.pop()
+                    if (await rows_model.acall(torch.full((1,), float(i)))).item() != i * 2 + 1:
+                        wrong.append(i)
+
+            await asyncio.gather(*(task() for _ in range(64)))
+            return wrong
+
+        return asyncio.run(main())
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        jobs = [pool.submit(submitter, k * 1500, 1500) for k in range(4)]
+        jobs += [pool.submit(looper, 6000 + k * 2000, 2000) for k in range(2)]
+        assert [job.result(timeout=600) for job in jobs] == [[]] * 6

@@ -413,7 +413,12 @@ class ProcessWorker(Worker):
 
     @property
     def posted_depth(self) -> int:
-        return PIPELINE_DEPTH if self._pipelines() else 1
+        # _pipelines() and links.active, inlined: asked for every interpreter the
+        # dispatcher looks at, several times per posted call when they are all busy.
+        links = self._links
+        if self._end is None or links._links or links._wanted:
+            return 1
+        return PIPELINE_DEPTH
 
     def _drain(self, timeout: float) -> bool:
         """Wait up to ``timeout`` for the calls in flight without the lock (blocking

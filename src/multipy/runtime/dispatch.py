@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..backends.base import MAX_SENDS, RequestNotSent
 from ..backends.completions import LoopCompletions
+from .balancer import take_turn
 from ..errors import ManagerClosedError
 from ..transport.messages import Op
 
@@ -176,7 +177,7 @@ class Dispatcher:
         that can take it (as :meth:`_dispatch` would, without queueing it);
         ``False`` when none can, and it is queued instead."""
         balancer = self._balancer
-        index = balancer.acquire_idle(self._usable)
+        index = self._take_idle()
         if index is None:
             index = balancer.acquire_room(self._depth, self._usable)
             if index is None:
@@ -205,7 +206,20 @@ class Dispatcher:
         nothing waits in the queue (so the call takes no one's turn); else ``None``."""
         if not self._empty:
             return None
-        return self._balancer.acquire_idle(self._usable)
+        return self._take_idle()
+
+    def _take_idle(self) -> int | None:
+        """An idle usable interpreter, counted in the balancer, or ``None``: the next
+        in turn when it is idle (the balancer's common turn, one C step), else the
+        balancer's scan."""
+        balancer = self._balancer
+        if take_turn is not None:
+            index = take_turn(balancer)
+            if index is not None:
+                if self._usable(index):
+                    return index
+                balancer.release(index, notify=False)  # down (restarting): the scan's choice
+        return balancer.acquire_idle(self._usable)
 
     async def submit_async(self, request: Request, *, on_loop: bool = False) -> Any:
         """Queue ``request`` and await its result on the running event loop.
