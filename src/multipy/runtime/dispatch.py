@@ -50,6 +50,7 @@ import concurrent.futures
 import threading
 import time
 import weakref
+from _thread import get_ident
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..backends.base import MAX_SENDS, RequestNotSent
@@ -145,6 +146,7 @@ class Dispatcher:
         # lock held through the pump, so that a Ctrl-C cannot strand it.
         self._pump_guard = threading.Lock()
         self._pumping = False
+        self._pumper = None        # the thread pumping now (get_ident), while it does
         self._again = False
         self._timer = None         # (deadline, handle) of the batching deadline armed
         self._next_due = _NEVER    # earliest batching deadline in the queue (perf_counter)
@@ -255,8 +257,13 @@ class Dispatcher:
 
     def pump(self) -> None:
         """Send what can be sent now.  Cheap when nothing waits; safe from any thread
-        and reentrant: a thread finding the pump busy leaves the work to its holder."""
-        if not self._empty:
+        and reentrant: a thread finding the pump busy leaves the work to its holder.
+
+        The pump's own thread, called back from inside its pass (a posted call it
+        sent freed the worker's lock: ``Worker.on_free``), does nothing: the pass
+        goes on to the next request anyway, and a second pass would only find the
+        interpreters as busy as the first left them."""
+        if not self._empty and self._pumper != get_ident():
             self._run()
 
     def _run(self) -> None:
@@ -281,6 +288,7 @@ class Dispatcher:
                         if self._pumping:
                             return  # its holder sees _again and runs once more
                         mine = self._pumping = True
+                    self._pumper = get_ident()
                     self._again = False
                     if not self._closed:
                         self._dispatch()
@@ -292,6 +300,7 @@ class Dispatcher:
                         # no call here, so a signal handler cannot leave the pump claimed.
                         self._empty = not (self._incoming or self._pending or self._retries
                                            or self._n_pinned)
+                        self._pumper = None
                         self._pumping = False
                 _fail_closed(left)
             except BaseException:
@@ -358,18 +367,18 @@ class Dispatcher:
         while pending:
             index = worker = group = None
             try:  # see _let_go: what is held here is given back if a Ctrl-C lands
-                index = balancer.acquire_idle(self._usable, tried)
-                if index is None:
-                    # Every interpreter is busy: one that queues calls and has room takes the
-                    # next request behind its current call.  A batchable request waits for
-                    # an idle interpreter instead, gathering the requests that arrive
-                    # meanwhile (sent behind a call at once, batches came out a third
-                    # smaller: docs/async-and-batching.md).
-                    if pending[0].batch is not None:
-                        break
+                if pending[0].batch is None:
+                    # An idle interpreter if there is one (acquire_room takes the first
+                    # idle one in turn, as acquire_idle does), else one that queues
+                    # calls and has room: it takes the request behind its current call.
                     index = balancer.acquire_room(self._depth, self._usable, tried)
-                    if index is None:
-                        break
+                else:
+                    # A batchable request waits for an idle interpreter, gathering the
+                    # requests that arrive meanwhile (sent behind a call at once,
+                    # batches came out a third smaller: docs/async-and-batching.md).
+                    index = balancer.acquire_idle(self._usable, tried)
+                if index is None:
+                    break
                 worker = self._workers[index]
                 if not worker.lock.acquire(blocking=False):
                     # Held outside the balancer (a pinned session, a restart): its release pumps.
