@@ -787,12 +787,17 @@ class _PostedCall:
     lock until then (one posted request at a time on that interpreter)."""
 
     __slots__ = ("worker", "done", "materializes", "timeout", "posted", "timer", "finished",
-                 "started", "lock", "early", "then", "holds", "completions", "counted")
+                 "started", "lock", "early", "then", "holds", "completions", "counted",
+                 "materialized")
 
     def __init__(self, worker: Worker, done, materializes, timeout) -> None:
         self.worker = worker
         self.done = done
         self.materializes = materializes
+        # The replicated ids loaded in the generation it is sent to (made under the
+        # worker's lock): a reply read after a restart must not mark the object
+        # loaded in the replacement, which would then get calls without its recipe.
+        self.materialized = worker.materialized
         self.timeout = timeout
         self.posted = None
         self.timer = None
@@ -830,7 +835,7 @@ class _PostedCall:
             if error is not None:
                 raise rebuild_exception(error)
             if self.materializes is not None:
-                worker.materialized.add(self.materializes)
+                self.materialized.add(self.materializes)
         except BaseException as exc:
             self._end(None, exc)
         else:

@@ -55,7 +55,6 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..backends.base import MAX_SENDS, RequestNotSent
 from ..backends.completions import LoopCompletions
-from .balancer import take_turn
 from ..errors import ManagerClosedError
 from ..transport.messages import Op
 
@@ -211,17 +210,8 @@ class Dispatcher:
         return self._take_idle()
 
     def _take_idle(self) -> int | None:
-        """An idle usable interpreter, counted in the balancer, or ``None``: the next
-        in turn when it is idle (the balancer's common turn, one C step), else the
-        balancer's scan."""
-        balancer = self._balancer
-        if take_turn is not None:
-            index = take_turn(balancer)
-            if index is not None:
-                if self._usable(index):
-                    return index
-                balancer.release(index, notify=False)  # down (restarting): the scan's choice
-        return balancer.acquire_idle(self._usable)
+        """An idle usable interpreter, counted in the balancer, or ``None``."""
+        return self._balancer.acquire_idle(self._usable)
 
     async def submit_async(self, request: Request, *, on_loop: bool = False) -> Any:
         """Queue ``request`` and await its result on the running event loop.
