@@ -46,9 +46,11 @@ def serve(registry: ModelRegistry, *, host: str = "127.0.0.1", port: int = 8000,
     >>> serve(ModelRegistry.open({"simple": "simple.pt"}), port=8000)  # doctest: +SKIP
     """
     app = build_app(registry)
+    # proxy_headers off: uvicorn's X-Forwarded-* middleware would run for every request
+    # to rewrite the client address and scheme, which this app never reads.
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                             timeout_graceful_shutdown=registry.options.drain_timeout,
-                            access_log=False)
+                            access_log=False, proxy_headers=False)
     server = _Server(config, registry)
     # uvicorn re-raises the signal it caught once it has shut down; a no-op handler
     # turns that into a normal return, so a drained server exits 0.
