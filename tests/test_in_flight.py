@@ -126,6 +126,27 @@ def test_calls_from_other_threads_are_sent_while_one_runs(manager, run):
     assert not worker._owed
 
 
+def test_a_hundred_callers_of_one_interpreter_are_all_sent_at_once(manager, run):
+    # Each waits on a reply slot of its own.  With one slot too few, a caller waited
+    # for one while holding the worker lock, and every caller behind it waited too.
+    if not chan.NATIVE:
+        pytest.skip("on the pipes a call holds its interpreter until its reply")
+    worker = _worker(manager)
+    callers = 100
+    gate, held, held_result = _held_call(run, "held")
+    try:
+        threads, results = _in_threads([lambda i=i: run("echo", i) for i in range(callers)])
+        wait_for(lambda: len(worker._owed) == callers + 1,
+                 f"the {callers} calls to be in flight beside the held one", 30)
+    finally:
+        _release(gate)
+        gate.close()
+    _join(threads + [held])
+    assert held_result == ["held"]
+    assert results == list(range(callers))
+    assert not worker._owed
+
+
 @settings(max_examples=6, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(sizes=st.lists(st.lists(st.sampled_from([0, 1, 200, 5_000, 70_000, 200_000]),

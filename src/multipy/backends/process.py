@@ -897,7 +897,7 @@ class ProcessWorker(Worker):
     def _settle_left(self) -> None:
         """Every reply slot is taken or the ring is full (see HostEnd.retry): settle
         what callers who left still hold.  Under the worker lock, so other senders
-        wait behind it; rare (64 calls in flight)."""
+        wait behind it; rare (channel.SLOTS calls in flight)."""
         with self._rx:
             if self._left:
                 self._sweep(0)

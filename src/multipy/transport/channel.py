@@ -517,9 +517,11 @@ class PyChannel:
 SPILLED = 1 << 16
 #: Geometry of a process interpreter's channel: a request or reply of up to 64 KiB
 #: (the common call is well under 1 KiB) stays in shared memory.
-#: One slot per request in flight: 64 callers of one interpreter wait each on its own
-#: (slot pages are touched only as far as replies reach).
-RING_BYTES, SLOTS, SLOT_BYTES = 1 << 18, 64, (1 << 16) - SLOT_HEAD
+#: One slot per request in flight: 256 callers of one interpreter wait each on its own
+#: (the memfd is sparse: a slot's pages are touched only as far as its replies reach,
+#: one page for a small reply).  With 64, a 65th caller waited for a slot under the
+#: worker lock, and 100 host threads on one interpreter made a third of 64's calls.
+RING_BYTES, SLOTS, SLOT_BYTES = 1 << 18, 256, (1 << 16) - SLOT_HEAD
 
 
 def create(name: str) -> tuple[int, object]:
@@ -625,7 +627,7 @@ class HostEnd:
     def retry(self, attempt, make_room=None):
         """``attempt()`` (a :meth:`claim`, or a post returning ``None`` for no room)
         until it returns something other than ``None``: every reply slot is taken
-        or the ring is full (rare: 64 calls in flight, or big requests queued).
+        or the ring is full (rare: 256 calls in flight, or big requests queued).
         Before each new try ``make_room()`` runs, if given (it may settle slots
         of callers who left), then the calls in flight get a moment (the GIL
         released) to take their replies.  Raises :class:`BrokenPipeError` once
