@@ -256,10 +256,10 @@ def model(manager):
 
 @pytest.mark.parametrize("timeout", [None, 60.0])
 def test_a_ctrl_c_inside_a_post_ends_the_call_once(manager, model, timeout, monkeypatch):
-    # Before the send, the call fails with the interrupt (its future holds it);
-    # after it, the interrupt reaches the caller and the call ends as usual: either
-    # way once, with the interpreter's lock, the balancer's count and the count of
-    # calls in flight given back (once: twice would show in the counts).
+    # The interrupt reaches the caller.  Before the send, the call fails with it
+    # (its future holds it); after it, the call ends as usual: either way once, with
+    # the interpreter's lock, the balancer's count and the count of calls in flight
+    # given back (once: twice would show in the counts).
     calls = []
     monkeypatch.setattr(manager, "_call_timeout", timeout)  # a deadline timer per call
 
@@ -306,16 +306,14 @@ def test_a_ctrl_c_inside_a_post_ends_the_call_once(manager, model, timeout, monk
             finally:
                 sys.setprofile(None)
             point = hit[0] if hit else None
-            for future in calls:  # interrupted before the send: the future holds the interrupt
-                try:
-                    assert torch.equal(future.result(timeout=60), torch.full((1,), 3.0)), point
-                except KeyboardInterrupt as exc:
-                    assert str(exc) == point
+            assert not calls or point is None, f"the interrupt at {point} never reached the caller"
+            for future in calls:  # not interrupted: its answer
+                assert torch.equal(future.result(timeout=60), torch.full((1,), 3.0))
             calls.clear()
             assert_nothing_stranded(manager, point, counts)
             assert [model(torch.ones(1)) for _ in range(3)] == [torch.full((1,), 3.0)] * 3
             assert torch.equal(model.submit(torch.ones(1)).result(timeout=60), torch.full((1,), 3.0))
-        assert interrupted, f"no point was interrupted among {seen}"
+        assert interrupted == len(seen), f"{interrupted} of {len(seen)} points were interrupted"
     finally:
         sys.unraisablehook = hook
     assert not reported, [r.exc_value for r in reported]

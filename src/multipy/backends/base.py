@@ -854,7 +854,7 @@ class _PostedCall:
         if self.finished:
             return
         if self.posted is None:  # armed before the send, which has not stored its handle yet
-            self.timer = self.completions.call_at(time.monotonic() + 0.001, self.expire)
+            self.timer = self.completions.call_at(time.monotonic() + 0.005, self.expire)
             return
         try:
             error = self.worker._expire(self.posted, self.timeout)

@@ -578,6 +578,8 @@ class Dispatcher:
             if group.balanced:
                 self._balancer.release(index, notify=False)
             self._finish(group, None, exc)
+            if not isinstance(exc, Exception):  # a Ctrl-C also reaches the thread it hit
+                raise
         else:  # sent: from here its done() gives everything back, whatever happens here
             if handle is not None and len(requests) == 1:
                 first.sent = (worker, handle)
