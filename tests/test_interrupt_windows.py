@@ -36,6 +36,7 @@ from multipy.runtime import dispatch
 from multipy.runtime.balancer import LoadBalancer
 from multipy.runtime.batching import BatchedObj
 from multipy.runtime.dispatch import Request, _Started
+from multipy.transport import channel
 from multipy.transport.messages import Op
 
 
@@ -220,6 +221,87 @@ def test_a_ctrl_c_in_a_top_up_leaves_each_request_once_in_the_batch_or_the_queue
                     f"interrupted at {point}: a started request was queued to be started again")
         if point is None:
             assert len(group) == 3 and sum(r.batch[2] for r in group) == 3
+
+
+# -- the bell watch of the posted calls ------------------------------------------------
+class _BellEnd:
+    """A HostEnd as BellWatch sees it: replies in the slots of ``answered``; counts
+    the watches armed."""
+
+    bell_closed = False
+
+    def __init__(self, answered=()):
+        self.answered = set(answered)
+        self.armed = 0
+
+    def watch_bell(self, completions, replied, callback, drain=True):
+        self.armed += 1
+
+    def ready(self, slot):
+        return slot in self.answered
+
+    def drain_bell(self):
+        pass
+
+
+class _Posted:
+    """A posted call as BellWatch sees it; ``finished`` counts its finishes."""
+
+    def __init__(self, slot, completions):
+        self.slot, self.completions, self.handed, self.finished = slot, completions, False, 0
+
+    def finish(self, event):
+        self.finished += 1
+
+
+_BELL_CODES = {channel.BellWatch.watch.__code__, channel.BellWatch._arm.__code__,
+               channel.BellWatch.on_bell.__code__, channel._hand_over.__code__}
+
+
+def _bell_watch(answered):
+    completions = object()
+    watch = channel.BellWatch(_BellEnd(answered), lambda entry: entry.slot)
+    for slot in range(3):
+        watch.posted[slot] = _Posted(slot, completions)
+    return watch, completions
+
+
+def test_a_ctrl_c_in_a_bell_watch_leaves_it_armed_or_not_marked():
+    def make():
+        watch, _ = _bell_watch(())
+        return watch.watch, watch
+
+    runs = _every_point(_BELL_CODES, make)
+    assert len(runs) > 1
+    for point, _, watch in runs:
+        # Marked watching only with a watch armed: else no reply would be handed over.
+        assert watch.end.armed or watch.watching is None, point
+        watch.watch()  # the next post's
+        assert watch.end.armed and watch.watching is not None, point
+
+
+def test_a_ctrl_c_in_a_bell_hand_over_still_finishes_the_others_and_watches_again():
+    def make():
+        watch, completions = _bell_watch((0, 1))
+        watch.watch()
+        return (lambda: watch.on_bell(completions, "ready")), (watch, completions)
+
+    runs = _every_point(_BELL_CODES, make)
+    assert len(runs) > 3
+    for point, _, (watch, completions) in runs:
+        if watch.watching is None:
+            watch.watch()
+        assert watch.watching is completions, point  # call 2 is still watched
+        if point is not None:
+            watch.on_bell(completions, "ready")  # the bell rings again (or the watch's left-over ring)
+        entries = list(watch.posted.values())
+        # Each answered call finished once, but one whose own hand-over raised as
+        # it began; the unanswered one waits, watched.
+        unfinished = [e.slot for e in entries[:2] if e.finished != 1]
+        own = point is not None and point.split()[0] in ("_hand_over", "finish")
+        assert len(unfinished) == (1 if own else 0), (point, unfinished)
+        assert all(e.finished <= 1 for e in entries), point
+        assert not entries[2].handed and not entries[2].finished, point
 
 
 # -- Worker.post, through a manager ----------------------------------------------------

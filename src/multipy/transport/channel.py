@@ -805,21 +805,41 @@ class BellWatch:
 
     def watch(self) -> None:
         """Have the completions of the oldest call not handed over yet watch the
-        bell, unless one watches it already (it hands the calls over in order)."""
-        with self.lock:
-            if self.watching is not None or self.retired:
-                return
-            for oldest in self.posted.values():
-                if not oldest.handed:
-                    break
+        bell, unless one watches it already (it hands the calls over in order).
+
+        A raise anywhere in it (a Ctrl-C as its lock lets go included) leaves the
+        bell watched, or :attr:`watching` clear so that the next call watches it:
+        never marked watched with no watch armed (the replies would wait forever).
+        At worst it is watched twice, which wakes :meth:`on_bell` once for nothing."""
+        completions = None
+        armed = False
+        try:
+            with self.lock:
+                if self.watching is not None or self.retired:
+                    return
+                for oldest in self.posted.values():
+                    if not oldest.handed:
+                        break
+                else:
+                    return
+                completions = self.watching = oldest.completions
+            here = getattr(completions, "here", None)  # a loop's: watch() only on its thread
+            if here is not None and not here():
+                completions.call_soon(lambda: self._arm(completions))
             else:
-                return
-            completions = self.watching = oldest.completions
-        here = getattr(completions, "here", None)  # a loop's: watch() only on its thread
-        if here is not None and not here():
-            completions.call_soon(lambda: self._arm(completions))
-        else:
-            self._arm(completions)
+                self._arm(completions)
+            armed = True
+        except BaseException:
+            if not armed:
+                self._unwatch(completions)
+            raise
+
+    def _unwatch(self, completions) -> None:
+        """No watch armed for ``completions`` after all: the next :meth:`watch` arms one."""
+        if completions is not None:
+            with self.lock:
+                if self.watching is completions:
+                    self.watching = None
 
     def _arm(self, completions) -> None:
         if self.retired:
@@ -828,8 +848,15 @@ class BellWatch:
         # last emptied (in on_bell or by a collect, before they looked at the slots)
         # left a ring in it, so the look or the watch after it cannot miss one.  A
         # ring left over from a reply handled already wakes on_bell once for nothing.
-        self.end.watch_bell(completions, self.any_reply,
-                            lambda event: self.on_bell(completions, event), drain=False)
+        armed = False
+        try:
+            self.end.watch_bell(completions, self.any_reply,
+                                lambda event: self.on_bell(completions, event), drain=False)
+            armed = True
+        except BaseException:
+            if not armed:
+                self._unwatch(completions)
+            raise
 
     def _ready(self, entry) -> bool:
         slot = self._slot_of(entry)
@@ -845,33 +872,60 @@ class BellWatch:
     def on_bell(self, completions, event: str) -> None:
         """The bell rang (or the interpreter died, or ``completions`` stopped: ``event``
         is then not ``"ready"``): hand each call whose reply is there over, then
-        watch again."""
+        watch again.
+
+        A raise anywhere in it (a Ctrl-C, or a hand-over that fails) still hands
+        over every call it took and watches the bell again; the first error is
+        raised after that."""
         if self.retired:
             return  # this generation is over; its calls were given their outcome
-        with self.lock:
-            self.watching = None
-        end = self.end
-        gone = event != _BELL_READY or end.bell_closed
-        if not gone:
-            end.drain_bell()
-            gone = end.bell_closed
-        ready = []
+        ready: list = []
+        gone = False  # until known: watch again (a watch sees a dead interpreter at once)
         try:
-            for entry in list(self.posted.values()):
-                if not entry.handed and (gone or self._ready(entry)):
-                    entry.handed = True
-                    ready.append(entry)
-        except (ValueError, RuntimeError):  # detached: every call is over
-            gone = True
-            for entry in list(self.posted.values()):
-                if not entry.handed:
-                    entry.handed = True
-                    ready.append(entry)
-        hand = self._hand
-        for entry in ready:
-            hand(entry, completions, event, gone)
-        if not gone:
-            self.watch()
+            with self.lock:
+                self.watching = None
+            end = self.end
+            gone = event != _BELL_READY or end.bell_closed
+            if not gone:
+                end.drain_bell()
+                gone = end.bell_closed
+            try:
+                for entry in list(self.posted.values()):
+                    if not entry.handed and (gone or self._ready(entry)):
+                        ready.append(entry)  # before it is marked: a raise between still hands it
+                        entry.handed = True
+            except (ValueError, RuntimeError):  # detached: every call is over
+                gone = True
+                for entry in list(self.posted.values()):
+                    if not entry.handed:
+                        ready.append(entry)
+                        entry.handed = True
+        except BaseException:
+            self._unwatch(completions)  # raised before it was cleared: the watch below arms again
+            raise
+        finally:
+            # Every call taken is handed over, even past one that raises (inline: a
+            # Ctrl-C can land as a function is entered), then the bell watched again.
+            error = None
+            hand = self._hand
+            for entry in ready:
+                entry.handed = True
+                try:
+                    hand(entry, completions, event, gone)
+                except BaseException as exc:
+                    if error is None:
+                        error = exc
+            if not gone:
+                try:
+                    self.watch()
+                except BaseException as exc:
+                    if error is None:
+                        error = exc
+            if error is not None:
+                try:
+                    raise error
+                finally:
+                    error = None  # no cycle through the traceback's frame
 
 
 def _hand_over(entry, completions, event: str, gone: bool) -> None:
