@@ -25,13 +25,14 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import sys
+import threading
 
 import pytest
 import torch
 
 from _interrupting import assert_nothing_stranded, balancer_counts
 from _rows import movable_rows
-from multipy.backends.base import Worker
+from multipy.backends.base import Worker, _PostedCall
 from multipy.runtime import dispatch
 from multipy.runtime.balancer import LoadBalancer
 from multipy.runtime.batching import BatchedObj
@@ -302,6 +303,46 @@ def test_a_ctrl_c_in_a_bell_hand_over_still_finishes_the_others_and_watches_agai
         assert len(unfinished) == (1 if own else 0), (point, unfinished)
         assert all(e.finished <= 1 for e in entries), point
         assert not entries[2].handed and not entries[2].finished, point
+
+
+# -- a first load's call ---------------------------------------------------------------
+class _LoadingWorker:
+    """A Worker as a first load's _PostedCall sees it: its lock held by the load."""
+
+    materialized = frozenset()
+    let_go_after = Worker.let_go_after
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.lock.acquire()
+        self._tally = threading.Lock()
+
+
+@pytest.mark.parametrize("sent", [True, False, None], ids=["sent", "not sent", "unmarked"])
+def test_a_first_load_whose_call_raises_ends_the_call_once(sent):
+    """The load succeeded; sending the call raised.  Sent anyway: the exception goes
+    on and the call ends through its own finish only.  Not sent: the call ends
+    with the error, once, and the interpreter's lock is free."""
+    worker = _LoadingWorker()
+    ended = []
+    load = _PostedCall(worker, lambda value, error: ended.append(error), "obj", None)
+    error = KeyboardInterrupt("as the call was sent")
+    if sent is not None:
+        error.multipy_sent = sent
+
+    def send_the_call():
+        if sent is False:
+            worker.lock.release()  # what _send_posted does before it marks one not sent
+        raise error
+
+    load.then = send_the_call
+    if sent:
+        with pytest.raises(KeyboardInterrupt):
+            load._end(None, None)
+        assert ended == [] and worker.lock.locked()  # the sent call holds it until its reply
+    else:
+        load._end(None, None)
+        assert ended == [error] and not worker.lock.locked()
 
 
 # -- Worker.post, through a manager ----------------------------------------------------

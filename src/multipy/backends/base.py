@@ -882,10 +882,13 @@ class _PostedCall:
             then, self.then, self.posted = self.then, None, None
             try:
                 then()
-            except RequestNotSent as not_sent:  # not sent; _send_posted released the lock
-                self.done(None, not_sent.error)
             except BaseException as exc:
-                self.done(None, exc)
+                # Sent anyway (a Ctrl-C or an on_free error after the send): the call
+                # ends once, through its own finish.  Not sent: the lock given back
+                # (by _send_posted, or here when it raised before that ran).
+                if worker.let_go_after(exc):
+                    raise
+                self.done(None, exc.error if isinstance(exc, RequestNotSent) else exc)
             return
         if error is not None:
             with worker._tally:
