@@ -21,6 +21,7 @@ from _rows import hold_every_interpreter, logged, movable_rows, open_gate
 from _wait import wait_for
 from multipy.backends.base import Worker
 from multipy.errors import RemoteTraceback
+from multipy.runtime.timeouts import LONGEST
 
 INTERPRETERS = 2
 
@@ -256,6 +257,16 @@ def test_a_posted_call_past_call_timeout_raises_and_the_interpreter_serves_again
             stuck.result(timeout=60)
         open_gate(gate_path)  # an abandoned thread-backend interpreter can finish and exit
         assert torch.equal(rows_model.submit(torch.ones(1)).result(timeout=60), torch.full((1,), 3.0))
+
+
+@pytest.mark.parametrize("seconds", [LONGEST, 1e10], ids=["longest", "1e10"])
+def test_a_call_timeout_of_centuries_bounds_nothing_and_every_path_takes_it(backend, seconds):
+    # Past LONGEST: no timeout (a deadline would not fit a 64-bit nanosecond count).
+    with multipy.InterpreterManager(1, backend=backend, call_timeout=seconds) as manager:
+        rows_model = movable_rows(manager)
+        assert torch.equal(rows_model(torch.ones(1)), torch.full((1,), 3.0))
+        assert torch.equal(rows_model.submit(torch.ones(1)).result(timeout=60), torch.full((1,), 3.0))
+        assert torch.equal(asyncio.run(rows_model.acall(torch.ones(1))), torch.full((1,), 3.0))
 
 
 def test_acall_does_not_keep_a_finished_event_loop_alive(rows_model):

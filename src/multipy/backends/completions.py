@@ -186,7 +186,9 @@ class Completions:
             while not self._closed:
                 timeout = -1.0
                 if self._timers:
-                    timeout = max(0.0, self._timers[0][0] - time.monotonic())
+                    # At most a day a wait (epoll's timeout is an int of ms): a
+                    # timer further away is looked at again then.
+                    timeout = min(max(0.0, self._timers[0][0] - time.monotonic()), 86400.0)
                 try:
                     events = epoll.poll(timeout)
                 except InterruptedError:

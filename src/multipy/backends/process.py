@@ -614,7 +614,7 @@ class ProcessWorker(Worker):
                 held = self._held
                 if held.pending:  # arguments whose last host view died: reuse their blocks
                     held.settle()
-                deadline = -1 if timeout is None else int((time.monotonic() + timeout) * 1e9)
+                deadline = -1 if timeout is None else _channel.deadline_ns(time.monotonic() + timeout)
                 try:
                     sent = caller.post(args, freed, posted, self._posted, deadline)
                 except BaseException:

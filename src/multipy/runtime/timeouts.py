@@ -1,7 +1,8 @@
 """Checking the timeouts a user gives (``call_timeout=``, ``with_timeout(t)``).
 
 A timeout is a positive number of seconds; ``None`` and ``float("inf")`` mean
-no timeout.  Anything else is refused where it is given, with the parameter's
+no timeout, and so does one past :data:`LONGEST` (about 146 years: a deadline,
+now plus the timeout, must fit the clocks' 64-bit nanosecond counts).  Anything else is refused where it is given, with the parameter's
 name, before any request is written: a bad value found after the write would
 leave a reply behind (see ``docs/failure-model.md``).
 """
@@ -10,6 +11,13 @@ from __future__ import annotations
 
 import math
 import numbers
+import threading
+
+
+#: The longest timeout kept (seconds); a longer one is no timeout.  Half of what a
+#: wait takes at most (``threading.TIMEOUT_MAX``, 2**63 ns), so that a deadline
+#: (``time.monotonic()`` plus the timeout) fits it too.
+LONGEST = threading.TIMEOUT_MAX / 2
 
 
 def check_timeout(value, name: str, /) -> float | None:
@@ -17,6 +25,7 @@ def check_timeout(value, name: str, /) -> float | None:
 
     >>> check_timeout(0.5, "call_timeout"), check_timeout(float("inf"), "call_timeout")
     (0.5, None)
+    >>> check_timeout(1e10, "call_timeout")   # past LONGEST: none
     >>> check_timeout(0, "call_timeout")
     Traceback (most recent call last):
     ...
@@ -31,7 +40,7 @@ def check_timeout(value, name: str, /) -> float | None:
     if math.isnan(seconds) or seconds <= 0:
         raise ValueError(f"{name} must be a positive number of seconds (or None for no "
                          f"timeout), got {value!r}")
-    return None if math.isinf(seconds) else seconds
+    return None if seconds > LONGEST else seconds
 
 
 #: What ``with_timeout(None)`` / ``with_timeout(inf)`` pass on: no timeout, even

@@ -702,7 +702,7 @@ class HostEnd:
         ``deadline`` (``time.monotonic``, the same clock in every process; ``None``:
         no deadline) or after :meth:`cancel`; otherwise it starts it.  One
         compare-and-swap decides which, so it is never both and never neither."""
-        self.channel.arm(slot, -1 if deadline is None else int(deadline * 1e9))
+        self.channel.arm(slot, deadline_ns(deadline))
 
     def cancel(self, slot: int) -> bool:
         """Have the request armed in ``slot`` (:meth:`arm`) skipped unless it started:
@@ -926,6 +926,22 @@ class BellWatch:
                     raise error
                 finally:
                     error = None  # no cycle through the traceback's frame
+
+
+def deadline_ns(deadline: float | None) -> int:
+    """``deadline`` (``time.monotonic`` seconds; ``None``: none) as the channel's
+    deadlines are given (nanoseconds, a signed 64-bit count): ``-1``, no deadline,
+    for ``None`` and for one past what that count holds (centuries away).
+
+    >>> deadline_ns(1.5), deadline_ns(None), deadline_ns(1e300)
+    (1500000000, -1, -1)
+    """
+    if deadline is None or not deadline < _DEADLINE_MAX_S:
+        return -1
+    return int(deadline * 1e9)
+
+
+_DEADLINE_MAX_S = ((1 << 63) - 1) / 1e9  # the last second a signed 64-bit ns count holds, about
 
 
 def _hand_over(entry, completions, event: str, gone: bool) -> None:
