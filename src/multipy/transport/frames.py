@@ -166,7 +166,7 @@ def block_readable(poller: "select.poll", timeout: float | None) -> bool:
         left = deadline - time.monotonic()
         if left <= 0:
             return bool(poller.poll(0))
-        if poller.poll(max(1, int(left * 1000))):
+        if poller.poll(max(1, int(min(left, 86400.0) * 1000))):  # (an int of ms: a day at most)
             return True
 
 
