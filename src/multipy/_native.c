@@ -3749,7 +3749,7 @@ static PyMethodDef Caller_methods[] = {
 };
 
 static PyType_Slot Caller_slots[] = {
-    {Py_tp_doc, (void *)"The end of a blocking call on one channel, in C (see caller())."},
+    {Py_tp_doc, (void *)"The host's end of the common calls on one channel, blocking (send, finish) and posted (post, collect, unwant_bell), in C (see caller())."},
     {Py_tp_dealloc, (void *)gc_dealloc},
     {Py_tp_traverse, (void *)Caller_traverse},
     {Py_tp_clear, (void *)Caller_clear},
@@ -4037,8 +4037,10 @@ static PyMethodDef module_methods[] = {
      "(a HeldBlocks) for one of own.  None for a value the decoder reads."},
     {"caller", (PyCFunction)(void (*)(void))native_caller, METH_FASTCALL,
      "caller(worker, channel, end, /) -> Caller\n\n"
-     "The blocking calls of one generation of a process worker (its channel, its\n"
-     "HostEnd end, the books it keeps) sent and ended in C: Caller.send, Caller.finish."},
+     "The common calls of one generation of a process worker (its channel, its\n"
+     "HostEnd end, the books it keeps) sent and ended in C: blocking ones by\n"
+     "Caller.send and Caller.finish; posted ones by Caller.post, their replies read\n"
+     "by Caller.collect, the bell given up by Caller.unwant_bell."},
     {"take_turn", native_take_turn, METH_O,
      "take_turn(balancer, /) -> int | None\n\n"
      "LoadBalancer.acquire() in one step: the next interpreter in turn when it is free,\n"
