@@ -26,29 +26,15 @@ nothing.  They leave out the kernel, and the wait for the interpreter.
 import argparse
 import asyncio
 import collections
-import os
-import re
 import cProfile
 import pstats
-import subprocess
 import threading
 
 import torch
 
+from _callgrind import collect, instructions
 from multipy.bench.targets import example_archive
 from multipy.runtime import InterpreterManager
-
-
-def _callgrind(on: bool) -> None:
-    subprocess.run(["callgrind_control", "-i", "on" if on else "off", str(os.getpid())],
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def _instructions() -> int:
-    """Instructions counted so far, all threads of this process together."""
-    out = subprocess.run(["callgrind_control", "-e", str(os.getpid())], capture_output=True,
-                         text=True, check=True).stdout
-    return sum(int(m.replace(",", "")) for m in re.findall(r"^\s*Th\s+\d+\s+([\d,]+)", out, re.M))
 
 
 def _loop(coro):
@@ -75,8 +61,8 @@ def main() -> None:
         """Start (stop) counting: callgrind, or the two threads' profiles."""
         if not args.calls:
             if not on:
-                counts.append(_instructions())
-            _callgrind(on)
+                counts.append(instructions())
+            collect(on)
             return
         switched = threading.Event()
         completion = profiles["completion"]

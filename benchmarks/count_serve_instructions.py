@@ -30,28 +30,15 @@ those counts depend little on machine load (the channel's counters,
 import argparse
 import asyncio
 import os
-import re
-import subprocess
 import sys
 import time
 
 import torch
 
+from _callgrind import collect, instructions
 from multipy.bench.targets import example_archive
 from multipy.serve import ModelRegistry, build_app
 from multipy.serve.protocol import decode_request, encode_request
-
-
-def _callgrind(on: bool) -> None:
-    subprocess.run(["callgrind_control", "-i", "on" if on else "off", str(os.getpid())],
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def _instructions() -> int:
-    """Instructions counted so far, all threads of this process together."""
-    out = subprocess.run(["callgrind_control", "-e", str(os.getpid())], capture_output=True,
-                         text=True, check=True).stdout
-    return sum(int(m.replace(",", "")) for m in re.findall(r"^\s*Th\s+\d+\s+([\d,]+)", out, re.M))
 
 
 def main() -> None:
@@ -117,10 +104,10 @@ def main() -> None:
 
         async def run() -> None:
             await many(100)  # warm up: the model loaded, every path taken once
-            _callgrind(True)
+            collect(True)
             await many(args.n)
-            counts.append(_instructions())
-            _callgrind(False)
+            counts.append(instructions())
+            collect(False)
 
         counts: list[int] = []
         try:
