@@ -178,7 +178,7 @@ class Dispatcher:
         that can take it (as :meth:`_dispatch` would, without queueing it);
         ``False`` when none can, and it is queued instead."""
         balancer = self._balancer
-        index = self._take_idle()
+        index = balancer.acquire_idle(self._usable)
         if index is None:
             index = balancer.acquire_room(self._depth, self._usable)
             if index is None:
@@ -207,10 +207,6 @@ class Dispatcher:
         nothing waits in the queue (so the call takes no one's turn); else ``None``."""
         if not self._empty:
             return None
-        return self._take_idle()
-
-    def _take_idle(self) -> int | None:
-        """An idle usable interpreter, counted in the balancer, or ``None``."""
         return self._balancer.acquire_idle(self._usable)
 
     async def submit_async(self, request: Request, *, on_loop: bool = False) -> Any:
