@@ -378,6 +378,7 @@ def model(manager):
 
 
 _TRIES = 10  # runs to reach one point of a post whose path varies by a point
+_RECORDINGS = 5  # posts recorded to find the usual (shortest) path
 
 
 @pytest.mark.parametrize("timeout", [None, 60.0])
@@ -394,18 +395,25 @@ def test_a_ctrl_c_inside_a_post_ends_the_call_once(manager, model, timeout, monk
         calls.append(future)
         return future
 
-    seen = []
+    # The path recorded is the shortest of a few posts: a post that took a longer
+    # branch once (a reply read before its send returned) would name a point that
+    # the usual path never reaches.
+    paths = []
+    for _ in range(_RECORDINGS):
+        path = []
 
-    def record(frame, event, arg):
-        if _in_post(event, frame):
-            seen.append(event)
+        def record(frame, event, arg, path=path):
+            if _in_post(event, frame):
+                path.append(event)
 
-    sys.setprofile(record)
-    try:
-        action()
-    finally:
-        sys.setprofile(None)
-    calls.pop().result(timeout=60)
+        sys.setprofile(record)
+        try:
+            action()
+        finally:
+            sys.setprofile(None)
+        calls.pop().result(timeout=60)
+        paths.append(path)
+    seen = min(paths, key=len)
     assert seen, "the call passed no point of Worker.post"
     counts = balancer_counts(manager)
     reported = []
