@@ -248,6 +248,41 @@ def test_an_interpreter_killed_under_concurrent_acalls_fails_only_its_calls(
     assert_usable(manager)
 
 
+def test_a_call_whose_interpreter_died_right_after_loading_its_object_runs_in_the_replacement(
+        backend):
+    # With a timeout, a posted call's object is loaded by a request of its own first,
+    # then the call is sent.  The interpreter dies in between (after answering the
+    # load, before the call reaches it): the call never ran, so it goes to the
+    # replacement (which loads the object again) instead of failing.
+    if backend != "process":
+        pytest.skip(f"the {backend} backend has no crash isolation: killing an interpreter "
+                    "ends the host")
+    import select
+
+    from _wait import gone
+
+    with multipy.InterpreterManager(1, backend=backend, call_timeout=60) as manager:
+        model = movable_rows(manager)  # not loaded yet
+        worker = manager._workers[0]
+        release = threading.Event()
+        manager._completions.call_soon(lambda: release.wait(60))  # reads no reply till then
+        future = model.submit(torch.ones(1))
+        if worker._end is not None:
+            wait_for(lambda: worker._posted and all(worker._end.ready(worker._slots[call])
+                                                   for call in worker._posted),
+                     "the load's reply to be written")
+        else:
+            wait_for(lambda: select.select([worker._rep_r], [], [], 0)[0],
+                     "the load's reply to be written")
+        pid = worker.pid
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: gone(pid), "the interpreter to die")
+        release.set()
+        assert torch.equal(future.result(timeout=60), torch.full((1,), 3.0))
+        assert worker.pid != pid
+        assert torch.equal(model.submit(torch.ones(1)).result(timeout=60), torch.full((1,), 3.0))
+
+
 def test_a_posted_call_past_call_timeout_raises_and_the_interpreter_serves_again(backend, tmp_path):
     gate_path = str(tmp_path / "gate")
     with multipy.InterpreterManager(1, backend=backend, call_timeout=0.5) as manager:

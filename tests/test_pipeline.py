@@ -14,6 +14,7 @@ call is in flight at a time and the same tests hold.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import signal
 import threading
@@ -132,6 +133,41 @@ def test_an_interpreter_killed_with_calls_queued_fails_only_the_running_one(
     lines = logged(log)
     assert [line[0] for line in lines] == ["running"] + [f"queued{i}" for i in range(len(queued))]
     assert all(int(line[1]) != victim for line in lines[1:])
+    assert_usable(manager)
+
+
+def test_a_reply_read_after_a_restart_began_leaves_the_replacement_the_recipe(
+        rows_model, manager, backend, assert_usable):
+    """A posted call answered by an interpreter that is then killed, its reply read
+    only once the replacement's books exist: the call counts as loaded in the dead
+    interpreter, not in the replacement.  The calls that reach the replacement (one
+    that waited in the dispatcher through the restart, a blocking one resent there,
+    later ones) carry the object's recipe and get their answers."""
+    worker = manager._workers[0]
+    if backend != "process" or worker._end is None:
+        pytest.skip("needs a crash-isolated interpreter whose posted calls leave its lock "
+                    "once sent (the process backend on the call channel)")
+    x = torch.ones(1)
+    assert torch.equal(rows_model(x), torch.full((1,), 3.0))  # loaded in this generation
+    generation = worker.generation
+    # The completion thread, which reads posted replies, is held until the restart began.
+    release = threading.Event()
+    manager._completions.call_soon(lambda: release.wait(60))
+    answered = rows_model.submit(x)
+    wait_for(lambda: worker._posted and all(worker._end.ready(worker._slots[call])
+                                           for call in worker._posted),
+             "the posted call's reply to be written")
+    os.kill(worker.pid, signal.SIGKILL)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        # A blocking call finds the interpreter dead: it restarts it, then is sent again.
+        resent = pool.submit(rows_model, x)
+        wait_for(lambda: worker.generation == generation + 1, "the restart to begin")
+        waited = rows_model.submit(x)  # waits in the dispatcher through the restart
+        release.set()
+        assert torch.equal(answered.result(timeout=60), torch.full((1,), 3.0))
+        assert torch.equal(resent.result(timeout=60), torch.full((1,), 3.0))
+    assert torch.equal(waited.result(timeout=60), torch.full((1,), 3.0))
+    assert torch.equal(rows_model.submit(x).result(timeout=60), torch.full((1,), 3.0))
     assert_usable(manager)
 
 

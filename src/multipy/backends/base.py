@@ -885,10 +885,12 @@ class _PostedCall:
             except BaseException as exc:
                 # Sent anyway (a Ctrl-C or an on_free error after the send): the call
                 # ends once, through its own finish.  Not sent: the lock given back
-                # (by _send_posted, or here when it raised before that ran).
+                # (by _send_posted, or here when it raised before that ran).  The
+                # interpreter found dead after the load (RequestNotSent): the call
+                # never ran, and its sender may send it to the replacement.
                 if worker.let_go_after(exc):
                     raise
-                self.done(None, exc.error if isinstance(exc, RequestNotSent) else exc)
+                self.done(None, exc)
             return
         if error is not None:
             with worker._tally:
