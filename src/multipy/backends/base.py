@@ -607,7 +607,9 @@ class Worker:
             if not call.holds:
                 released = True  # (no signal is handled between here and the release)
                 self.lock.release()  # the next request may follow it into the interpreter
-                self._now_free()
+                hook = self.on_free  # _now_free, written out
+                if hook is not None:
+                    hook()
         except BaseException as exc:
             # What is left is done now, and the exception goes on marked as sent: its
             # sender must not end the call as well (see let_go_after).
@@ -804,8 +806,10 @@ class _PostedCall:
         self.finished = False
         self.started = time.perf_counter()
         # A fast reply can fire before post() has stored what _post returned: the
-        # event is kept in `early` and post() replays it.
-        self.lock = threading.Lock()
+        # event is kept in `early` and post() replays it.  The worker's counters'
+        # lock guards that hand-off (held for a line, never with another lock): no
+        # lock made per call.
+        self.lock = worker._tally
         self.early = None
         # A first load's: sends the call itself once the load succeeded (lock still held).
         self.then = None
@@ -895,7 +899,11 @@ class _PostedCall:
         if error is not None:
             with worker._tally:
                 worker.failures += 1
-        worker._count(self.started)
+        worker.calls += 1  # worker._count(self.started), written out (once per call)
+        lat = worker.latencies
+        lat.append(time.perf_counter() - self.started)
+        if len(lat) > 4096:
+            del lat[:2048]
         self.posted = None
         if self.holds:
             worker.lock.release()

@@ -55,6 +55,7 @@ READY = "ready"      # the watched descriptor became readable
 CLOSED = "closed"    # the completion thread stopped before it did
 
 _names = itertools.count()
+_ONESHOT_IN = select.EPOLLIN | select.EPOLLONESHOT
 
 
 class Completions:
@@ -69,11 +70,18 @@ class Completions:
     >>> c.close()
     """
 
+    #: What :meth:`LoopCompletions.here` is for a loop: ``None``, any thread may watch.
+    here = None
+
     def __init__(self, name: str | None = None) -> None:
         self.name = name or f"multipy-completion-{next(_names)}"
         self._lock = threading.Lock()
         self._calls: collections.deque = collections.deque()
         self._watches: dict[int, Callable[[str], None]] = {}
+        # Descriptors registered with the epoll (a one-shot registration stays there,
+        # disarmed, once it fired): re-armed with modify, never register's
+        # FileExistsError (an exception per watch costs more than the rest of it).
+        self._registered: set[int] = set()
         self._timers: list = []
         self._sequence = itertools.count()
         self._thread: threading.Thread | None = None
@@ -86,17 +94,28 @@ class Completions:
         """Call ``callback(READY)`` on the completion thread once ``fd`` is
         readable (one shot), or ``callback(CLOSED)`` if the thread stops first."""
         with self._lock:
-            self._start_locked()
+            if self._thread is None or self._closed:  # (once per posted call: no call else)
+                self._start_locked()
             self._watches[fd] = callback
-            try:
-                self._epoll.register(fd, select.EPOLLIN | select.EPOLLONESHOT)
-            except FileExistsError:  # watched before: re-arm the one-shot registration
-                self._epoll.modify(fd, select.EPOLLIN | select.EPOLLONESHOT)
+            epoll = self._epoll
+            if fd in self._registered:  # watched before: re-arm the one-shot registration
+                try:
+                    epoll.modify(fd, _ONESHOT_IN)
+                except FileNotFoundError:  # closed since (the epoll forgot it), maybe reused
+                    epoll.register(fd, _ONESHOT_IN)
+            else:
+                try:
+                    epoll.register(fd, _ONESHOT_IN)
+                except FileExistsError:
+                    epoll.modify(fd, _ONESHOT_IN)
+                self._registered.add(fd)
 
     def unwatch(self, fd: int, /) -> None:
         """Forget a :meth:`watch` of ``fd`` (before closing it): its callback will not run."""
         with self._lock:
-            if self._watches.pop(fd, None) is not None and self._epoll is not None:
+            self._watches.pop(fd, None)
+            if fd in self._registered:
+                self._registered.discard(fd)
                 try:
                     self._epoll.unregister(fd)
                 except OSError:

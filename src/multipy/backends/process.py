@@ -409,7 +409,10 @@ class ProcessWorker(Worker):
     def _pipelines(self) -> bool:
         # Not while CUDA link buffers are in use: the next call would reuse the buffers
         # the one before it reads.
-        return self._end is not None and PIPELINE_DEPTH > 1 and not self._links.active
+        # (links.active, inlined: asked once per posted call.)
+        links = self._links
+        return (self._end is not None and PIPELINE_DEPTH > 1
+                and not (links._links or links._wanted))
 
     @property
     def posted_depth(self) -> int:

@@ -115,13 +115,16 @@ class LoadBalancer:
                 best = None
                 for k in range(n):
                     i = (start + k) % n
-                    if i in exclude or (usable is not None and not usable(i)):
+                    held = load[i]
+                    # The cheap tests first: usable() and depth() are Python calls,
+                    # asked only of an interpreter that would be taken.
+                    if (held and (depth is None or held >= depth(i))
+                            or best is not None and held >= load[best] or i in exclude
+                            or usable is not None and not usable(i)):
                         continue
-                    if (load[i] < (1 if depth is None else depth(i))
-                            and (best is None or load[i] < load[best])):
-                        best = i
-                        if not load[i]:
-                            break
+                    best = i
+                    if not held:
+                        break
                 if best is not None:
                     self._start = (best + 1) % n
                     load[best] += 1

@@ -51,6 +51,7 @@ import threading
 import time
 import weakref
 from _thread import get_ident
+from functools import partial
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..backends.base import MAX_SENDS, RequestNotSent
@@ -178,7 +179,7 @@ class Dispatcher:
         that can take it (as :meth:`_dispatch` would, without queueing it);
         ``False`` when none can, and it is queued instead."""
         balancer = self._balancer
-        index = balancer.acquire_idle(self._usable)
+        index = balancer.acquire_room(None, self._usable)  # acquire_idle, one call less
         if index is None:
             index = balancer.acquire_room(self._depth, self._usable)
             if index is None:
@@ -224,7 +225,9 @@ class Dispatcher:
         """
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
-        bridge = _bridge(loop)
+        bridge = _last_bridge
+        if bridge is None or bridge.loop_ref() is not loop:
+            bridge = _bridge(loop)
         request.future = _LoopFuture(waiter, bridge, self._on_loop(loop) if on_loop else None)
         self.submit(request)
         try:
@@ -541,7 +544,8 @@ class Dispatcher:
             else:
                 op, args = first.batch[0].combine(requests)
             completions = self._completions
-            on_loop = getattr(first.future, "on_loop", None)
+            future = first.future
+            on_loop = future.on_loop if type(future) is _LoopFuture else None
             if (on_loop is not None and on_loop.here()
                     and (len(requests) == 1
                          or all(getattr(r.future, "on_loop", None) is on_loop for r in requests))):
@@ -561,7 +565,7 @@ class Dispatcher:
         group.handed = True
         try:
             handle = worker.post(op, args, completions=completions,
-                                 done=lambda value, error: self._done(index, group, value, error),
+                                 done=partial(self._done, index, group),
                                  timeout=first.timeout, handles=first.handles,
                                  materializes=first.materializes, recipe=first.recipe)
         except RequestNotSent as not_sent:
@@ -619,7 +623,7 @@ class Dispatcher:
         else:
             self.pump()
         if len(requests) == 1:
-            self._finish(group, value, error)
+            _resolve(requests[0], value, error)
         elif rows is not None:
             requests[0].batch[0].deliver(requests, value, rows)
 
@@ -693,7 +697,9 @@ def _resolve(request: Request, value, error) -> None:
         except BaseException as exc:
             value, error = None, exc
     future = request.future
-    if error is None:
+    if type(future) is _LoopFuture:  # its set_result / set_exception, written out
+        future.bridge.deliver(future.waiter, value, error)
+    elif error is None:
         future.set_result(value)
     else:
         future.set_exception(error)
@@ -740,6 +746,7 @@ class _Bridge:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = weakref.ref(loop)  # weak: the bridge is the loop's value in _bridges
+        self.loop_ref = self._loop
         self._lock = threading.Lock()
         self._ready: list = []
 
@@ -777,13 +784,19 @@ class _Bridge:
 
 _bridges: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Bridge]" = weakref.WeakKeyDictionary()
 _bridges_lock = threading.Lock()
+# The bridge of the loop that awaited last: most programs run one loop, and its
+# bridge is then found without the weak dictionary's Python-level lookup.  (Its
+# loop is held weakly: a later loop, even one at the same address, is told apart.)
+_last_bridge: "_Bridge | None" = None
 
 
 def _bridge(loop: asyncio.AbstractEventLoop) -> _Bridge:
+    global _last_bridge
     bridge = _bridges.get(loop)
     if bridge is None:
         with _bridges_lock:
             bridge = _bridges.get(loop)
             if bridge is None:
                 bridge = _bridges[loop] = _Bridge(loop)
+    _last_bridge = bridge
     return bridge

@@ -261,11 +261,16 @@ class InterpreterManager:
         thread so that it runs under the caller's autograd mode (or ``grad_mode``, a
         :class:`~multipy.transport.messages.GradMode`, when given); ``future`` as for
         :class:`~.dispatch.Request`."""
-        self._check_open()
+        if self._closed:  # _check_open and timeouts.effective, written out (once per call)
+            raise ManagerClosedError("this InterpreterManager is closed")
         if grad_mode is None:
             grad_mode = caller_grad_mode()
-        return Request(Op.CALL_REPLICATED, (replicated._id, method, args, kwargs, grad_mode),
-                       timeout=effective(timeout, self._call_timeout),
+        if timeout is None:
+            timeout = self._call_timeout
+        elif timeout == NO_TIMEOUT:
+            timeout = None
+        return Request(_CALL_REPLICATED, (replicated._id, method, args, kwargs, grad_mode),
+                       timeout=timeout,
                        materializes=replicated._id, recipe=replicated._recipe, future=future)
 
     def _call_replicated(self, replicated: ReplicatedObj, method: str | None, args: tuple,

@@ -68,6 +68,7 @@ import select
 import struct
 import threading
 import time
+from functools import partial
 
 from .frames import read_frame
 
@@ -735,7 +736,7 @@ class HostEnd:
         if drain:
             self.drain_bell()
         if self.bell_closed or replied():
-            completions.call_soon(lambda: callback(_BELL_READY))
+            completions.call_soon(partial(callback, _BELL_READY))
         else:
             completions.watch(self.bell_r, callback)
 
@@ -850,24 +851,26 @@ class BellWatch:
         # ring left over from a reply handled already wakes on_bell once for nothing.
         armed = False
         try:
-            self.end.watch_bell(completions, self.any_reply,
-                                lambda event: self.on_bell(completions, event), drain=False)
+            self.end.watch_bell(completions, self.any_reply, partial(self.on_bell, completions),
+                                drain=False)
             armed = True
         except BaseException:
             if not armed:
                 self._unwatch(completions)
             raise
 
-    def _ready(self, entry) -> bool:
-        slot = self._slot_of(entry)
-        return slot is None or self.end.ready(slot)
-
     def any_reply(self) -> bool:
         """Whether a call not handed over yet has its reply in its slot."""
+        slot_of, ready = self._slot_of, self.end.ready
         try:
-            return any(not entry.handed and self._ready(entry) for entry in list(self.posted.values()))
+            for entry in list(self.posted.values()):
+                if not entry.handed:
+                    slot = slot_of(entry)
+                    if slot is None or ready(slot):
+                        return True
         except (ValueError, RuntimeError):  # detached, or changed meanwhile: look again
             return True
+        return False
 
     def on_bell(self, completions, event: str) -> None:
         """The bell rang (or the interpreter died, or ``completions`` stopped: ``event``
@@ -889,9 +892,11 @@ class BellWatch:
             if not gone:
                 end.drain_bell()
                 gone = end.bell_closed
+            slot_of, replied = self._slot_of, end.ready
             try:
                 for entry in list(self.posted.values()):
-                    if not entry.handed and (gone or self._ready(entry)):
+                    if not entry.handed and (gone or (slot := slot_of(entry)) is None
+                                             or replied(slot)):
                         ready.append(entry)  # before it is marked: a raise between still hands it
                         entry.handed = True
             except (ValueError, RuntimeError):  # detached: every call is over
