@@ -100,6 +100,32 @@ def test_a_completion_callback_that_raises_is_reported_and_later_ones_still_run(
     assert "ValueError: a bug in a completion" in err
 
 
+def test_a_descriptor_watched_again_after_it_was_closed_and_its_number_reused(completions):
+    # The completion thread re-arms a descriptor it watched before (a one-shot
+    # registration stays in its epoll once it fired); one closed meanwhile left the
+    # epoll, and the same number may now be another pipe: it is watched all the same.
+    import os
+
+    def watched(fd: int, w: int) -> bool:
+        got = threading.Event()
+        completions.watch(fd, lambda event: got.set() if event == "ready" else None)
+        os.write(w, b"x")
+        fired = got.wait(60)
+        os.read(fd, 1)
+        return fired
+
+    r, w = os.pipe()
+    r2, w2 = os.pipe()
+    try:
+        assert watched(r, w) and watched(r, w)  # the second time: re-armed
+        os.close(r)  # the epoll forgets it ...
+        os.dup2(r2, r)  # ... and the number is another pipe's now
+        assert watched(r, w2), "a reused descriptor number was never watched"
+    finally:
+        for fd in (r, w, r2, w2):
+            os.close(fd)
+
+
 # -- the queues, the pump and "nothing queued", under any order of events ----------
 
 
