@@ -806,10 +806,10 @@ class _PostedCall:
         self.finished = False
         self.started = time.perf_counter()
         # A fast reply can fire before post() has stored what _post returned: the
-        # event is kept in `early` and post() replays it.  The worker's counters'
-        # lock guards that hand-off (held for a line, never with another lock): no
-        # lock made per call.
-        self.lock = worker._tally
+        # event is kept in `early` and post() replays it.  (Its own lock: one shared
+        # with the worker's counters made the sender wait for the completion thread
+        # more often, which then found the reply before post() had stored its handle.)
+        self.lock = threading.Lock()
         self.early = None
         # A first load's: sends the call itself once the load succeeded (lock still held).
         self.then = None
