@@ -3457,16 +3457,27 @@ static int settle_common(CallerObject *self, slot_t *s, unsigned long long call,
  * (transport.channel.Wait) when the reply is not settled here: READY or SLEPT (it
  * is in the slot, for the Python path), TIMEOUT, DEAD or CLOSED.  ValueError when
  * the channel is detached. */
+static PyObject *caller_finish(CallerObject *self, unsigned long long call, unsigned long slot,
+                               double timeout);
+
 static PyObject *Caller_finish(CallerObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 3) {
         PyErr_SetString(PyExc_TypeError, "finish(call, slot, timeout) takes 3 arguments");
         return NULL;
     }
-    ChannelObject *c = self->channel;
     unsigned long long call = PyLong_AsUnsignedLongLong(args[0]);
     unsigned long slot = PyLong_AsUnsignedLong(args[1]);
     double timeout = PyFloat_AsDouble(args[2]);
-    if (PyErr_Occurred() || check_attached(c) < 0 || check_slot(c, (unsigned int)slot) < 0)
+    if (PyErr_Occurred())
+        return NULL;
+    return caller_finish(self, call, slot, timeout);
+}
+
+/* Caller.finish, its arguments read (timeout < 0: none). */
+static PyObject *caller_finish(CallerObject *self, unsigned long long call, unsigned long slot,
+                               double timeout) {
+    ChannelObject *c = self->channel;
+    if (check_attached(c) < 0 || check_slot(c, (unsigned int)slot) < 0)
         return NULL;
     slot_t *s = slot_at(c, (unsigned int)slot);
     /* HostEnd.wait's adaptive spin, on the HostEnd's own state */
@@ -3542,7 +3553,7 @@ static int set_item_ull(PyObject *dict, PyObject *key, unsigned long long v) {
  * what the Python path sends, NULL on an error. */
 static PyObject *caller_post(CallerObject *self, PyObject *call_args, PyObject *freed,
                              PyObject *entry, PyObject *posted, long long deadline,
-                             PyObject **placed_out) {
+                             PyObject **placed_out, long *slot_out) {
     ChannelObject *c = self->channel;
     if (!c->attached || c->detach_pending)
         Py_RETURN_NONE;
@@ -3589,6 +3600,8 @@ static PyObject *caller_post(CallerObject *self, PyObject *call_args, PyObject *
         goto done;
     out = Py_NewRef(key);
     *placed_out = Py_NewRef(placed);
+    if (slot_out != NULL)
+        *slot_out = slot;
     goto done;
 give_up:
     if (PyList_GET_SIZE(placed) > 0)
@@ -3615,7 +3628,7 @@ static PyObject *Caller_send(CallerObject *self, PyObject *const *args, Py_ssize
         return NULL;
     }
     PyObject *placed = NULL;
-    PyObject *key = caller_post(self, args[1], args[2], NULL, NULL, -1, &placed);
+    PyObject *key = caller_post(self, args[1], args[2], NULL, NULL, -1, &placed, NULL);
     if (key == NULL || key == Py_None)
         return key;
     PyObject *out = PyTuple_Pack(4, key, placed, args[0], args[3]);
@@ -3646,7 +3659,7 @@ static PyObject *Caller_post(CallerObject *self, PyObject *const *args, Py_ssize
     if (deadline == -1 && PyErr_Occurred())
         return NULL;
     PyObject *placed = NULL;
-    PyObject *key = caller_post(self, args[0], args[1], args[2], args[3], deadline, &placed);
+    PyObject *key = caller_post(self, args[0], args[1], args[2], args[3], deadline, &placed, NULL);
     if (key == NULL || key == Py_None)
         return key;
     PyObject *out = PyTuple_Pack(2, key, placed);
@@ -3972,6 +3985,580 @@ static PyObject *native_give_back(PyObject *m, PyObject *const *args, Py_ssize_t
     return out;
 }
 
+/* -- host: the whole blocking call ----------------------------------------------
+ *
+ * ReplicatedObj.__call__ in one C call (call_replicated): the balancer's turn
+ * taken (take_turn), the worker's lock, the common call sent (caller_post) and
+ * its books kept, the lock given back, the reply awaited and settled
+ * (caller_finish), the worker's statistics kept (calls, latencies), the turn
+ * given back (give_back).  Only what runtime.manager._call_replicated and
+ * backends.base.Worker._request_in_flight do in their common case, through the
+ * worker protocol (a worker's Caller is its ``_caller``, None for backends
+ * without one); anything else goes back to them at the step it was reached:
+ *
+ * - before anything is taken (a closed manager, the balancer's lock held, the
+ *   extension loaded by another interpreter): _call_replicated from the start;
+ * - the turn taken, nothing sent (no Caller, a first load, links, drops, a
+ *   request pack_call leaves to Python): _call_replicated with that index;
+ * - after the send, or when taking the lock or sending raised: the worker's
+ *   _request_in_flight resumes the call (sent=...) as if it had made it, and
+ *   the turn is given back here, whatever it returns or raises.
+ *
+ * C code runs no signal handler until it calls Python code or waits, so the
+ * common call has no window in which a Ctrl-C strands a count or a reply: the
+ * wait and the lock are the only places one lands, and the hooks. */
+
+static PyObject *s_manager, *s_rid, *s_closed_m, *s_balancer, *s_workers, *s_call_timeout,
+    *s_dispatcher, *s_empty, *s_dead_reason, *s_broken, *s_closed, *s_caller, *s_wlock,
+    *s_started, *s_materialized, *s_drops, *s_links, *s_links_in, *s_wanted, *s_freed,
+    *s_decoder, *s_watched, *s_offset, *s_popleft, *s_extend, *s_left, *s_on_free,
+    *s_on_release, *s_calls, *s_latencies, *s_draining, *s_notify_drained, *s_acquire,
+    *s_release, *s_call_replicated, *s_request_in_flight, *s_torch, *s_is_inference_name,
+    *s_is_grad_name, *s_recipe;
+static PyObject *resume_kwnames; /* ("timeout", "materializes", "recipe", "sent") */
+static PyObject *g_is_inference, *g_is_grad; /* torch's, once torch is imported */
+
+static int whole_call_strings(void) {
+    if (resume_kwnames != NULL)
+        return 0;
+#define S(var, text) if ((var = PyUnicode_InternFromString(text)) == NULL) return -1
+    S(s_manager, "_manager"); S(s_rid, "_id"); S(s_recipe, "_recipe"); S(s_closed_m, "_closed");
+    S(s_balancer, "_balancer"); S(s_workers, "_workers"); S(s_call_timeout, "_call_timeout");
+    S(s_dispatcher, "_dispatcher"); S(s_empty, "_empty"); S(s_dead_reason, "dead_reason");
+    S(s_broken, "broken"); S(s_closed, "closed"); S(s_caller, "_caller"); S(s_wlock, "lock");
+    S(s_started, "_started"); S(s_materialized, "materialized"); S(s_drops, "drops");
+    S(s_links, "_links"); S(s_links_in, "_links"); S(s_wanted, "_wanted"); S(s_freed, "_freed");
+    S(s_decoder, "_decoder"); S(s_watched, "_watched"); S(s_offset, "offset");
+    S(s_popleft, "popleft"); S(s_extend, "extend"); S(s_left, "_left"); S(s_on_free, "on_free");
+    S(s_on_release, "on_release"); S(s_calls, "calls"); S(s_latencies, "latencies");
+    S(s_draining, "_draining"); S(s_notify_drained, "_notify_drained"); S(s_acquire, "acquire");
+    S(s_release, "release"); S(s_call_replicated, "_call_replicated");
+    S(s_request_in_flight, "_request_in_flight"); S(s_torch, "torch");
+    S(s_is_inference_name, "is_inference_mode_enabled"); S(s_is_grad_name, "is_grad_enabled");
+#undef S
+    resume_kwnames = Py_BuildValue("(ssss)", "timeout", "materializes", "recipe", "sent");
+    return resume_kwnames == NULL ? -1 : 0;
+}
+
+/* The exception being raised, normalized with its traceback, cleared (NULL: none). */
+static PyObject *fetch_error(void) {
+#if PY_VERSION_HEX >= 0x030C0000
+    return PyErr_GetRaisedException();
+#else
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    if (t == NULL)
+        return NULL;
+    PyErr_NormalizeException(&t, &v, &tb);
+    if (tb != NULL && v != NULL)
+        PyException_SetTraceback(v, tb);
+    Py_XDECREF(tb);
+    Py_DECREF(t);
+    return v;
+#endif
+}
+
+/* Raise exc again (steals it). */
+static void restore_error(PyObject *exc) {
+#if PY_VERSION_HEX >= 0x030C0000
+    PyErr_SetRaisedException(exc);
+#else
+    PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(exc)), exc, PyException_GetTraceback(exc));
+#endif
+}
+
+/* session.caller_grad_mode: GradMode's GRAD 0, NO_GRAD 1, INFERENCE 2 (new
+ * references), None while torch is not imported in the host. */
+static PyObject *grad_mode(void) {
+    if (g_is_grad == NULL) {
+        PyObject *torch = PyImport_GetModule(s_torch);
+        if (torch == NULL)
+            return PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
+        PyObject *inf = PyObject_GetAttr(torch, s_is_inference_name);
+        PyObject *grad = inf == NULL ? NULL : PyObject_GetAttr(torch, s_is_grad_name);
+        Py_DECREF(torch);
+        if (grad == NULL) { /* not (yet) imported */
+            Py_XDECREF(inf);
+            PyErr_Clear();
+            Py_RETURN_NONE;
+        }
+        g_is_inference = inf;
+        g_is_grad = grad;
+    }
+    PyObject *r = PyObject_CallNoArgs(g_is_inference);
+    int on = r == NULL ? -1 : PyObject_IsTrue(r);
+    Py_XDECREF(r);
+    if (on != 0)
+        return on < 0 ? NULL : PyLong_FromLong(2);
+    r = PyObject_CallNoArgs(g_is_grad);
+    on = r == NULL ? -1 : PyObject_IsTrue(r);
+    Py_XDECREF(r);
+    return on < 0 ? NULL : PyLong_FromLong(on ? 0 : 1);
+}
+
+/* An attribute's truth (-1: an error). */
+static int attr_true(PyObject *obj, PyObject *name) {
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL)
+        return -1;
+    int t = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    return t;
+}
+
+/* Whether hook must run: the dispatcher's pump does nothing while its queue is
+ * empty (Dispatcher.pump's first test), so it is not called then. */
+static int hook_needed(PyObject *hook, PyObject *dispatcher) {
+    if (hook == Py_None)
+        return 0;
+    if (dispatcher != NULL && PyMethod_Check(hook) && PyMethod_GET_SELF(hook) == dispatcher) {
+        PyObject *empty = PyObject_GetAttr(dispatcher, s_empty);
+        if (empty == NULL)
+            return -1;
+        Py_DECREF(empty);
+        return empty != Py_True;
+    }
+    return 1;
+}
+
+static int run_hook(PyObject *owner, PyObject *name, PyObject *dispatcher) {
+    PyObject *hook = PyObject_GetAttr(owner, name);
+    if (hook == NULL)
+        return -1;
+    int needed = hook_needed(hook, dispatcher);
+    PyObject *r = needed > 0 ? PyObject_CallNoArgs(hook) : NULL;
+    Py_DECREF(hook);
+    if (needed <= 0)
+        return needed;
+    Py_XDECREF(r);
+    return r == NULL ? -1 : 0;
+}
+
+/* Decoder.released_offsets on the worker's _freed (ints, or BlockRefs whose
+ * offset leaves decoder._watched when it is theirs). */
+static PyObject *released_offsets(PyObject *worker, PyObject *freed) {
+    PyObject *out = PyList_New(0), *watched = NULL;
+    if (out == NULL)
+        return NULL;
+    while (PyObject_Length(freed) > 0) {
+        PyObject *item = PyObject_CallMethodNoArgs(freed, s_popleft);
+        if (item == NULL) {
+            if (PyErr_ExceptionMatches(PyExc_IndexError)) { /* another thread took the last */
+                PyErr_Clear();
+                break;
+            }
+            goto error;
+        }
+        if (!PyLong_CheckExact(item)) {
+            PyObject *offset = PyObject_GetAttr(item, s_offset);
+            if (offset == NULL) {
+                Py_DECREF(item);
+                goto error;
+            }
+            if (watched == NULL) {
+                PyObject *decoder = PyObject_GetAttr(worker, s_decoder);
+                watched = decoder == NULL ? NULL : PyObject_GetAttr(decoder, s_watched);
+                Py_XDECREF(decoder);
+                if (watched == NULL) {
+                    Py_DECREF(item);
+                    Py_DECREF(offset);
+                    goto error;
+                }
+            }
+            PyObject *ref = PyDict_Check(watched) ? PyDict_GetItemWithError(watched, offset) : NULL;
+            if (ref == item && PyDict_DelItem(watched, offset) < 0)
+                PyErr_Clear();
+            Py_DECREF(item);
+            item = offset;
+        }
+        int rc = PyList_Append(out, item);
+        Py_DECREF(item);
+        if (rc < 0 || PyErr_Occurred())
+            goto error;
+    }
+    if (PyErr_Occurred())
+        goto error;
+    Py_XDECREF(watched);
+    Py_SETREF(out, PyList_AsTuple(out));
+    return out;
+error:
+    Py_XDECREF(watched);
+    Py_DECREF(out);
+    return NULL;
+}
+
+/* worker.calls += 1 and worker.latencies gets the call's time (Worker._request_in_flight's). */
+static int count_call(PyObject *worker, int64_t started_ns, int calls) {
+    if (calls) {
+        PyObject *n = PyObject_GetAttr(worker, s_calls), *n1 = NULL;
+        if (n != NULL) {
+            PyObject *one = PyLong_FromLong(1);
+            n1 = one == NULL ? NULL : PyNumber_Add(n, one);
+            Py_XDECREF(one);
+        }
+        Py_XDECREF(n);
+        int rc = n1 == NULL ? -1 : PyObject_SetAttr(worker, s_calls, n1);
+        Py_XDECREF(n1);
+        if (rc < 0)
+            return -1;
+    }
+    if (started_ns < 0)
+        return 0;
+    PyObject *lat = PyObject_GetAttr(worker, s_latencies);
+    if (lat == NULL)
+        return -1;
+    PyObject *took = PyFloat_FromDouble((double)(now_ns() - started_ns) / 1e9);
+    int rc = took == NULL ? -1 : PyList_Check(lat) ? PyList_Append(lat, took) : -1;
+    if (rc < 0 && !PyErr_Occurred())
+        PyErr_SetString(PyExc_TypeError, "a worker's latencies are a list");
+    if (rc == 0 && PyList_GET_SIZE(lat) > 4096)
+        rc = PyList_SetSlice(lat, 0, 2048, NULL);
+    Py_XDECREF(took);
+    Py_DECREF(lat);
+    return rc;
+}
+
+/* _call_replicated(obj, None, args, kwargs, None[, index]): the Python path. */
+static PyObject *python_call(PyObject *manager, PyObject *obj, PyObject *args, PyObject *kwargs,
+                             PyObject *index) {
+    PyObject *vec[7] = {manager, obj, Py_None, args, kwargs, Py_None, index};
+    return PyObject_VectorcallMethod(s_call_replicated, vec, index == NULL ? 6 : 7, NULL);
+}
+
+/* Give the turn back (LoadBalancer.release with its hook), an error being raised
+ * or not: like a finally block, an error of its own replaces the one raised. */
+static int give_turn_back(PyObject *balancer, PyObject *index, PyObject *dispatcher) {
+    PyObject *pending = fetch_error();
+    PyObject *av[2] = {balancer, index};
+    PyObject *given = native_give_back(NULL, av, 2);
+    int rc;
+    if (given == Py_True) {
+        rc = run_hook(balancer, s_on_release, dispatcher);
+    } else if (given == Py_False) {
+        PyObject *r = PyObject_CallMethodOneArg(balancer, s_release, index);
+        rc = r == NULL ? -1 : 0;
+        Py_XDECREF(r);
+    } else {
+        rc = -1;
+    }
+    Py_XDECREF(given);
+    if (rc < 0) {
+        if (pending != NULL) { /* as a finally block's error: the first one is its context */
+            PyObject *now = fetch_error();
+            if (now != NULL)
+                PyException_SetContext(now, pending); /* steals pending */
+            else
+                Py_DECREF(pending);
+            if (now != NULL)
+                restore_error(now);
+        }
+        return -1;
+    }
+    if (pending != NULL) {
+        restore_error(pending);
+        return -1;
+    }
+    return 0;
+}
+
+/* call_replicated(obj, args, kwargs, op) -> value: ReplicatedObj.__call__ (see above). */
+static PyObject *native_call_replicated(PyObject *m, PyObject *const *a, Py_ssize_t nargs) {
+    (void)m;
+    if (nargs != 4 || !PyTuple_CheckExact(a[1]) || !PyDict_Check(a[2])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "call_replicated(obj, args, kwargs, op) takes 4 arguments, args a tuple, "
+                        "kwargs a dict");
+        return NULL;
+    }
+    PyObject *obj = a[0], *args = a[1], *kwargs = a[2], *op = a[3];
+    if (whole_call_strings() < 0 || balancer_strings() < 0)
+        return NULL;
+    PyObject *manager = PyObject_GetAttr(obj, s_manager);
+    if (manager == NULL)
+        return NULL;
+    PyObject *out = NULL, *balancer = NULL, *index = NULL, *workers = NULL, *worker = NULL,
+             *dispatcher = NULL, *lock = NULL, *rid = NULL, *grad = NULL, *timeout = NULL,
+             *materialized = NULL, *freed = NULL, *freed_q = NULL, *full = NULL, *key = NULL,
+             *placed = NULL, *waited = NULL, *ticket = NULL, *got = NULL;
+    CallerObject *caller = NULL;
+    int locked = 0;
+    long slot = -1;
+    unsigned long long since = 0;
+    int64_t started = -1;
+    if (!cache_here())
+        goto from_start;
+    PyObject *closed = PyObject_GetAttr(manager, s_closed_m);
+    if (closed == NULL)
+        goto done;
+    Py_DECREF(closed);
+    if (closed != Py_False)
+        goto from_start;
+    if ((balancer = PyObject_GetAttr(manager, s_balancer)) == NULL)
+        goto done;
+    if ((index = native_take_turn(NULL, balancer)) == NULL)
+        goto done;
+    if (index == Py_None) {
+        Py_CLEAR(index);
+        goto from_start;
+    }
+    /* The turn is taken: from here every way out gives it back. */
+    if ((dispatcher = PyObject_GetAttr(manager, s_dispatcher)) == NULL ||
+        (workers = PyObject_GetAttr(manager, s_workers)) == NULL ||
+        (worker = PyObject_GetItem(workers, index)) == NULL)
+        goto give_back_turn;
+    PyObject *v = PyObject_GetAttr(worker, s_dead_reason);
+    int down = v == NULL ? -1 : v != Py_None;
+    Py_XDECREF(v);
+    if (!down) {
+        v = PyObject_GetAttr(worker, s_broken);
+        down = v == NULL ? -1 : v != Py_None;
+        Py_XDECREF(v);
+    }
+    if (!down)
+        down = attr_true(worker, s_closed);
+    if (down < 0)
+        goto give_back_turn;
+    if (down) { /* another one if any: the Python path's choice, the turn given back first */
+        if (give_turn_back(balancer, index, dispatcher) < 0)
+            goto done;
+        Py_CLEAR(index);
+        goto from_start;
+    }
+    v = PyObject_GetAttr(worker, s_caller);
+    if (v == NULL)
+        goto give_back_turn;
+    int native = caller_type != NULL && Py_TYPE(v) == (PyTypeObject *)caller_type;
+    Py_DECREF(v);
+    if (!native)
+        goto with_index; /* a backend without the extension's call, or the pipes */
+    if ((rid = PyObject_GetAttr(obj, s_rid)) == NULL ||
+        (timeout = PyObject_GetAttr(manager, s_call_timeout)) == NULL ||
+        (grad = grad_mode()) == NULL || (lock = PyObject_GetAttr(worker, s_wlock)) == NULL)
+        goto give_back_turn;
+    double seconds = -1.0;
+    if (timeout != Py_None && ((seconds = PyFloat_AsDouble(timeout)) == -1.0 && PyErr_Occurred()))
+        goto give_back_turn;
+    started = now_ns();
+    PyObject *r = PyObject_CallMethodNoArgs(lock, s_acquire);
+    if (r == NULL) /* a signal handler raised while waiting for it: the Python path's books */
+        goto resume;
+    Py_DECREF(r);
+    locked = 1;
+    /* Under the lock, what Worker._request_in_flight and ProcessWorker._send_call
+     * look at; anything but the common call is theirs. */
+    int common = attr_true(worker, s_closed);
+    if (common == 0)
+        common = attr_true(worker, s_started);
+    else
+        common = common < 0 ? -1 : 0;
+    if (common > 0) {
+        v = PyObject_GetAttr(worker, s_caller); /* this generation's */
+        if (v == NULL)
+            common = -1;
+        else if (Py_TYPE(v) != (PyTypeObject *)caller_type)
+            Py_DECREF(v), common = 0;
+        else
+            caller = (CallerObject *)v;
+    }
+    if (common > 0) {
+        materialized = PyObject_GetAttr(worker, s_materialized);
+        common = materialized == NULL ? -1 : PySet_Check(materialized)
+                                                 ? PySet_Contains(materialized, rid) : 0;
+    }
+    if (common > 0) {
+        PyObject *drops = PyObject_GetAttr(worker, s_drops);
+        Py_ssize_t n = drops == NULL ? -1 : PyObject_Length(drops);
+        Py_XDECREF(drops);
+        common = n < 0 ? -1 : n == 0;
+    }
+    if (common > 0) {
+        PyObject *links = PyObject_GetAttr(worker, s_links);
+        int active = links == NULL ? -1 : attr_true(links, s_links_in);
+        if (active == 0)
+            active = attr_true(links, s_wanted);
+        Py_XDECREF(links);
+        common = active < 0 ? -1 : !active;
+    }
+    if (common < 0)
+        goto unlock_give_back;
+    if (!common)
+        goto unlock_with_index;
+    /* The call: freed blocks reported, pending argument blocks settled, sent. */
+    if ((freed_q = PyObject_GetAttr(worker, s_freed)) == NULL)
+        goto unlock_give_back;
+    Py_ssize_t nfreed = PyObject_Length(freed_q);
+    if (nfreed < 0)
+        goto unlock_give_back;
+    freed = nfreed ? released_offsets(worker, freed_q) : PyTuple_New(0);
+    if (freed == NULL)
+        goto unlock_give_back;
+    if (caller->held != Py_None && PyList_GET_SIZE(((HeldObject *)caller->held)->pending) > 0 &&
+        held_settle((HeldObject *)caller->held) < 0)
+        goto unsent;
+    if ((full = PyTuple_Pack(6, rid, Py_None, args, kwargs, grad, Py_None)) == NULL)
+        goto unsent;
+    PyObject *next = PyObject_GetAttr(worker, s_next_call);
+    if (next == NULL)
+        goto unsent;
+    since = PyLong_AsUnsignedLongLong(next);
+    Py_DECREF(next);
+    if (PyErr_Occurred())
+        goto unsent;
+    key = caller_post(caller, full, freed, NULL, NULL, -1, &placed, &slot);
+    if (key == NULL)
+        goto unsent;
+    if (key == Py_None) { /* not the common call after all: the Python path sends it */
+        Py_CLEAR(key);
+        PyObject *r2 = PyObject_CallMethodOneArg(freed_q, s_extend, freed);
+        if (r2 == NULL)
+            goto unlock_give_back;
+        Py_DECREF(r2);
+        goto unlock_with_index;
+    }
+    /* Sent: counted, the lock given back, the worker's hook (its dispatcher's pump). */
+    ticket = PyTuple_Pack(4, key, placed, op, timeout);
+    if (ticket == NULL) { /* (no memory left: the call stays owed, its reply unread) */
+        PyErr_WriteUnraisable(worker);
+        PyErr_NoMemory();
+    }
+    if (ticket == NULL || count_call(worker, -1, 1) < 0)
+        goto unlock_resume;
+    locked = 0;
+    if ((r = PyObject_CallMethodNoArgs(lock, s_release)) == NULL)
+        goto resume;
+    Py_DECREF(r);
+    if (run_hook(worker, s_on_free, dispatcher) < 0)
+        goto resume;
+    if (attr_true(worker, s_left) != 0)
+        goto resume; /* callers who left (or an error): _await_call sweeps their replies */
+    got = caller_finish(caller, PyLong_AsUnsignedLongLong(key), (unsigned long)slot, seconds);
+    if (got == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_ValueError))
+            goto resume;
+        PyErr_Clear(); /* detached: this generation is over */
+        waited = PyLong_FromLong(CLOSED);
+        goto resume;
+    }
+    if (!PyTuple_CheckExact(got)) {
+        waited = got;
+        got = NULL;
+        goto resume;
+    }
+    /* The common reply, settled: the caller leaves the books. */
+    if (PyDict_DelItem(caller->callers, key) < 0)
+        PyErr_Clear();
+    int draining = PyDict_GET_SIZE(caller->callers) ? 0 : attr_true(worker, s_draining);
+    if (draining > 0) {
+        PyObject *r3 = PyObject_CallMethodNoArgs(worker, s_notify_drained);
+        Py_XDECREF(r3);
+        if (r3 == NULL)
+            draining = -1;
+    }
+    if (draining < 0 || PySet_Add(materialized, rid) < 0 || count_call(worker, started, 0) < 0) {
+        Py_CLEAR(got);
+        goto give_back_turn; /* (errors of the books, after the call ended) */
+    }
+    out = Py_NewRef(PyTuple_GET_ITEM(got, 0));
+    goto give_back_turn;
+
+unsent: /* the send raised, nothing sent: the freed blocks go with the next call */
+    {
+        PyObject *exc = fetch_error();
+        if (freed != NULL) {
+            PyObject *r2 = PyObject_CallMethodOneArg(freed_q, s_extend, freed);
+            if (r2 == NULL)
+                PyErr_WriteUnraisable(worker);
+            Py_XDECREF(r2);
+        }
+        if (count_call(worker, -1, 1) < 0)
+            PyErr_WriteUnraisable(worker);
+        restore_error(exc);
+    }
+unlock_resume:
+    {
+        PyObject *exc = fetch_error();
+        locked = 0;
+        PyObject *r2 = PyObject_CallMethodNoArgs(lock, s_release);
+        if (r2 == NULL)
+            PyErr_WriteUnraisable(lock);
+        Py_XDECREF(r2);
+        restore_error(exc);
+    }
+resume:
+    /* Worker._request_in_flight from where this call is: sent (ticket) or not
+     * (None), waited says what the wait said or what was raised (None: not waited). */
+    {
+        if (waited == NULL) {
+            waited = fetch_error();
+            if (waited == NULL)
+                waited = Py_NewRef(Py_None);
+        }
+        PyObject *since_o = key == NULL ? Py_NewRef(Py_None) : PyLong_FromUnsignedLongLong(since);
+        PyObject *started_o = PyFloat_FromDouble((double)started / 1e9);
+        PyObject *sent = since_o == NULL || started_o == NULL ? NULL
+            : PyTuple_Pack(5, started_o, since_o, materialized == NULL ? Py_None : materialized,
+                           ticket == NULL ? Py_None : ticket, waited);
+        Py_XDECREF(since_o);
+        Py_XDECREF(started_o);
+        PyObject *call_args = sent == NULL ? NULL : PyTuple_Pack(5, rid, Py_None, args, kwargs, grad);
+        PyObject *recipe = call_args == NULL ? NULL : PyObject_GetAttr(obj, s_recipe);
+        if (recipe != NULL) {
+            PyObject *vec[7] = {worker, op, call_args, timeout, rid, recipe, sent};
+            out = PyObject_VectorcallMethod(s_request_in_flight, vec, 3, resume_kwnames);
+        }
+        Py_XDECREF(recipe);
+        Py_XDECREF(call_args);
+        Py_XDECREF(sent);
+        goto give_back_turn;
+    }
+unlock_give_back:
+unlock_with_index:
+    {
+        PyObject *exc = fetch_error();
+        locked = 0;
+        PyObject *r2 = PyObject_CallMethodNoArgs(lock, s_release);
+        if (r2 == NULL)
+            PyErr_WriteUnraisable(lock);
+        Py_XDECREF(r2);
+        if (exc != NULL) {
+            restore_error(exc);
+            goto give_back_turn;
+        }
+    }
+with_index: /* the turn taken, nothing else: the Python path, which gives it back */
+    out = python_call(manager, obj, args, kwargs, index);
+    goto done;
+give_back_turn:
+    if (give_turn_back(balancer, index, dispatcher) < 0)
+        Py_CLEAR(out);
+    goto done;
+from_start:
+    out = python_call(manager, obj, args, kwargs, NULL);
+done:
+    (void)locked;
+    Py_XDECREF(got);
+    Py_XDECREF(waited);
+    Py_XDECREF(ticket);
+    Py_XDECREF(placed);
+    Py_XDECREF(key);
+    Py_XDECREF(full);
+    Py_XDECREF(freed);
+    Py_XDECREF(freed_q);
+    Py_XDECREF(materialized);
+    Py_XDECREF((PyObject *)caller);
+    Py_XDECREF(lock);
+    Py_XDECREF(timeout);
+    Py_XDECREF(grad);
+    Py_XDECREF(rid);
+    Py_XDECREF(worker);
+    Py_XDECREF(workers);
+    Py_XDECREF(dispatcher);
+    Py_XDECREF(index);
+    Py_XDECREF(balancer);
+    Py_DECREF(manager);
+    return out;
+}
+
 static PyMethodDef module_methods[] = {
     {"spinners", native_spinners, METH_NOARGS, "Host threads of this process spinning now."},
     {"in_flight", native_in_flight, METH_NOARGS,
@@ -4050,6 +4637,12 @@ static PyMethodDef module_methods[] = {
      "give_back(balancer, index, /) -> bool\n\n"
      "LoadBalancer.release(index, notify=False) done here (True), or left to it (False,\n"
      "while the balancer's lock is held)."},
+    {"call_replicated", (PyCFunction)(void (*)(void))native_call_replicated, METH_FASTCALL,
+     "call_replicated(obj, args, kwargs, op, /) -> value\n\n"
+     "ReplicatedObj.__call__(obj, *args, **kwargs) (op: Op.CALL_REPLICATED): the\n"
+     "common blocking call in one C call (the balancer's turn, the worker's lock, the\n"
+     "send, the wait, the statistics); anything else by the manager's and the\n"
+     "worker's Python path, from the step it was reached."},
     {"watch_block", (PyCFunction)(void (*)(void))native_watch_block, METH_FASTCALL,
      "watch_block(holder, offset, book, /) -> bool\n\n"
      "Make a TensorBlock call book(offset) when it dies; False for another holder."},

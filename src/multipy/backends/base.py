@@ -168,9 +168,10 @@ class Worker:
         for :meth:`_await_call`.  Raises :class:`RequestNotSent` as ``_roundtrip`` does."""
         raise NotImplementedError
 
-    def _await_call(self, ticket) -> tuple:
+    def _await_call(self, ticket, waited=None) -> tuple:
         """(Pipelined backends.)  Wait, without ``lock``, for the reply of a sent
-        request: ``(value, RemoteException | None)``; raises as ``_roundtrip`` does."""
+        request: ``(value, RemoteException | None)``; raises as ``_roundtrip`` does.
+        ``waited`` is ``None`` but for a call the extension sent (see ``_caller``)."""
         raise NotImplementedError
 
     def _drain(self, timeout: float) -> bool:
@@ -179,6 +180,12 @@ class Worker:
 
     #: (Pipelined backends.)  Id of the last request sent; read under ``lock``.
     _next_call = 0
+
+    #: (Pipelined backends.)  The extension's ``Caller`` of this generation, or
+    #: ``None``: where it is one, a replicated object's blocking call is made in one C
+    #: call (``_native.call_replicated``), which hands anything but the common call
+    #: back to :meth:`_request_in_flight` (its ``sent``) or to the manager.
+    _caller = None
 
     #: Whether :meth:`_request_in_flight` counts its callers in :data:`in_calls`
     #: (a backend whose waits do not read it turns this off).
@@ -395,10 +402,20 @@ class Worker:
 
     def _request_in_flight(self, op: Op, args: tuple = (), *, timeout: float | None = None,
                            handles: tuple | None = None, materializes: int | None = None,
-                           recipe: tuple | None = None, resend: bool = True) -> Any:
+                           recipe: tuple | None = None, resend: bool = True,
+                           sent: tuple | None = None) -> Any:
         """:meth:`request` for a backend with several requests in flight: the lock
-        only around the send."""
-        started = _clock()
+        only around the send.
+
+        ``sent``: the first attempt was made by the extension's whole call
+        (``_native.call_replicated``), which hands the rest over here:
+        ``(started, since, materialized, ticket, waited)``, the call's start
+        (``perf_counter``), ``since`` and ``materialized`` as read under the lock,
+        ``ticket`` what :meth:`_send_call` would have returned (``None``: nothing
+        was sent, ``waited`` is what taking the lock or sending raised), ``waited``
+        what its wait said (an int of :class:`~multipy.transport.channel.Wait`, the
+        exception it raised, or ``None``: not waited yet)."""
+        started = _clock() if sent is None else sent[0]
         lock = self.lock
         since = None  # the last call id sent before this one (see _abandon)
         counted = self.counts_callers  # decided once: a restart may change it meanwhile
@@ -409,39 +426,46 @@ class Worker:
             # replacement, and to the next one while each dies before its turn.
             for attempt in _SENDS:
                 try:
-                    with lock:  # not acquire() and try: a signal could land between them
-                        if self.closed:
-                            raise ManagerClosedError("the interpreter manager is closed")
-                        if not attempt:
-                            self.calls += 1  # counted under the lock: exact with many threads
-                        if not self._started:
-                            self._ensure_started_locked()
-                        materialized = self.materialized  # this generation's
-                        full = args
-                        if materializes is not None:
-                            if materializes not in materialized:
-                                if timeout is not None and op != Op.MATERIALIZE:
-                                    # Loading is not bounded by a call's timeout: load first.
-                                    self._checked(Op.MATERIALIZE, (materializes, recipe), None)
-                                    materialized.add(materializes)
-                                    full = args + (None,)
+                    if sent is not None:  # the extension made this attempt (see above)
+                        _, since, materialized, ticket, waited = sent
+                        sent = None
+                        if ticket is None:
+                            raise waited
+                    else:
+                        with lock:  # not acquire() and try: a signal could land between them
+                            if self.closed:
+                                raise ManagerClosedError("the interpreter manager is closed")
+                            if not attempt:
+                                self.calls += 1  # counted under the lock: exact with many threads
+                            if not self._started:
+                                self._ensure_started_locked()
+                            materialized = self.materialized  # this generation's
+                            full = args
+                            if materializes is not None:
+                                if materializes not in materialized:
+                                    if timeout is not None and op != Op.MATERIALIZE:
+                                        # Loading is not bounded by a call's timeout: load first.
+                                        self._checked(Op.MATERIALIZE, (materializes, recipe), None)
+                                        materialized.add(materializes)
+                                        full = args + (None,)
+                                    else:
+                                        # Every call carries the recipe until one has loaded it
+                                        # (a call in flight may be loading it now).
+                                        full = args + (recipe,)
                                 else:
-                                    # Every call carries the recipe until one has loaded it
-                                    # (a call in flight may be loading it now).
-                                    full = args + (recipe,)
-                            else:
-                                full = args + (None,)
-                        drop = drain(self.drops) if self.drops else ()
-                        since = self._next_call
-                        try:
-                            ticket = self._send_call(op, full, drop, timeout, handles)
-                        except TransportError:
-                            self.drops.extend(drop)  # nothing or something was sent: dropping twice is harmless
-                            raise
-                    hook = self.on_free  # _now_free, inlined (once per call)
-                    if hook is not None:
-                        hook()
-                    value, error = self._await_call(ticket)
+                                    full = args + (None,)
+                            drop = drain(self.drops) if self.drops else ()
+                            since = self._next_call
+                            try:
+                                ticket = self._send_call(op, full, drop, timeout, handles)
+                            except TransportError:
+                                self.drops.extend(drop)  # nothing or something was sent: dropping twice is harmless
+                                raise
+                        hook = self.on_free  # _now_free, inlined (once per call)
+                        if hook is not None:
+                            hook()
+                        waited = None
+                    value, error = self._await_call(ticket, waited)
                 except RequestNotSent as not_sent:
                     if attempt == MAX_SENDS - 1 or not resend or self.closed:  # closed: its error says so
                         raise not_sent.error from None

@@ -378,18 +378,25 @@ class ProcessWorker(Worker):
             return (None, self._finish(call, placed, op, timeout, False), op, timeout)
         return (call, placed, op, timeout)
 
-    def _await_call(self, ticket):
+    def _await_call(self, ticket, waited=None):
+        """The reply to the call of ``ticket``; ``waited``: what the extension's wait
+        for it already said (an int) or raised (see Worker._request_in_flight's ``sent``)."""
         call, placed, op, timeout = ticket
         if call is None:
             return placed
         caller = self._caller
-        if caller is None or self._left:  # (callers who left: _channel_reply sweeps them)
+        if waited is None and (caller is None or self._left):  # (callers who left: _channel_reply sweeps them)
             return self._finish(call, placed, op, timeout, False)
         # The extension waits and, for the common reply, settles it: (value, None).
         # Anything else (an error, output to pump, a spilled or pickled reply, a
         # timeout, a dead interpreter) is _finish's, told what the wait said.
         try:
-            got = caller.finish(call, self._slots[call], -1.0 if timeout is None else timeout)
+            if waited is None:
+                got = caller.finish(call, self._slots[call], -1.0 if timeout is None else timeout)
+            elif type(waited) is int:
+                got = waited
+            else:
+                raise waited
         except ValueError:  # detached: this generation is over
             got = _CLOSED
         except BaseException:  # a signal handler raised while waiting: the call stays owed

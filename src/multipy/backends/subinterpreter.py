@@ -455,7 +455,7 @@ class SubinterpreterWorker(Worker):
         self._unawaited[threading.get_ident()] = call
         return call, timeout
 
-    def _await_call(self, ticket):
+    def _await_call(self, ticket, waited=None):
         call, timeout = ticket
         del self._unawaited[threading.get_ident()]
         return self._finish(call, timeout)

@@ -16,6 +16,7 @@ import os
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from ..transport.channel import _native_module
 from ..transport.messages import Drop, Op, Recipe
 from .dispatch import AWAITED
 from .session import InterpreterSession
@@ -29,6 +30,11 @@ if TYPE_CHECKING:
 
 _ids = itertools.count(1)
 _REPLICATED = int(Drop.REPLICATED)
+_CALL = Op.CALL_REPLICATED
+#: ``call_replicated(obj, args, kwargs, op)``: :meth:`ReplicatedObj.__call__` in one C
+#: call (the manager's ``_call_replicated`` and the worker's request, in their common
+#: case; the rest handed back to them); ``None`` without the extension.
+_call_replicated = getattr(_native_module, "call_replicated", None)
 
 
 def _release(workers, rid: int, fd: int | None) -> None:
@@ -67,8 +73,12 @@ class ReplicatedObj:
         self._recipe = recipe
         self._finalizer = weakref.finalize(self, _release, manager._workers, self._id, segment_fd)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._manager._call_replicated(self, None, args, kwargs, None)
+    if _call_replicated is not None:
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            return _call_replicated(self, args, kwargs, _CALL)
+    else:
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            return self._manager._call_replicated(self, None, args, kwargs, None)
 
     def submit(self, *args: Any, **kwargs: Any) -> "concurrent.futures.Future":
         """Call the object without waiting: a :class:`concurrent.futures.Future`
