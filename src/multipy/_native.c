@@ -3302,8 +3302,33 @@ static PyObject *s_next_call;
 
 static PyObject *s_spin, *s_skip, *s_backoff;
 
+/* obj.name, for a plain instance attribute: read from the instance's __dict__
+ * without looking at its type first (a getattr's type lookup costs more than the
+ * dict's); anything else (a class attribute, a property, no __dict__) by getattr.
+ * The attributes read so are plain instance attributes that no class of theirs
+ * defines as a descriptor. */
+static PyObject *iattr(PyObject *obj, PyObject *name) {
+    PyObject **dict = _PyObject_GetDictPtr(obj);
+    if (dict != NULL && *dict != NULL) {
+        PyObject *v = PyDict_GetItemWithError(*dict, name);
+        if (v != NULL)
+            return Py_NewRef(v);
+        if (PyErr_Occurred())
+            return NULL;
+    }
+    return PyObject_GetAttr(obj, name);
+}
+
+/* obj.name = v, into the instance's __dict__ when the attribute is there already. */
+static int iset(PyObject *obj, PyObject *name, PyObject *v) {
+    PyObject **dict = _PyObject_GetDictPtr(obj);
+    if (dict != NULL && *dict != NULL && PyDict_GetItemWithError(*dict, name) != NULL)
+        return PyDict_SetItem(*dict, name, v);
+    return PyErr_Occurred() ? -1 : PyObject_SetAttr(obj, name, v);
+}
+
 static long long_attr(PyObject *obj, PyObject *name) {
-    PyObject *v = PyObject_GetAttr(obj, name);
+    PyObject *v = iattr(obj, name);
     if (v == NULL)
         return -1;
     long n = PyLong_AsLong(v);
@@ -3313,7 +3338,7 @@ static long long_attr(PyObject *obj, PyObject *name) {
 
 static int set_long_attr(PyObject *obj, PyObject *name, long n) {
     PyObject *v = PyLong_FromLong(n);
-    int rc = v == NULL ? -1 : PyObject_SetAttr(obj, name, v);
+    int rc = v == NULL ? -1 : iset(obj, name, v);
     Py_XDECREF(v);
     return rc;
 }
@@ -3481,7 +3506,7 @@ static PyObject *caller_finish(CallerObject *self, unsigned long long call, unsi
         return NULL;
     slot_t *s = slot_at(c, (unsigned int)slot);
     /* HostEnd.wait's adaptive spin, on the HostEnd's own state */
-    PyObject *spin_obj = PyObject_GetAttr(self->end, s_spin);
+    PyObject *spin_obj = iattr(self->end, s_spin);
     double spin = spin_obj == NULL ? -1.0 : PyFloat_AsDouble(spin_obj);
     Py_XDECREF(spin_obj);
     long skip = spin > 0 ? long_attr(self->end, s_skip) : 0;
@@ -3568,7 +3593,7 @@ static PyObject *caller_post(CallerObject *self, PyObject *call_args, PyObject *
     Py_ssize_t len = PyBytes_GET_SIZE(data);
     if (len + 8 > self->limit)
         goto give_up;
-    PyObject *next = PyObject_GetAttr(self->worker, s_next_call);
+    PyObject *next = iattr(self->worker, s_next_call);
     if (next == NULL)
         goto give_up;
     unsigned long long call = PyLong_AsUnsignedLongLong(next) + 1;
@@ -3596,7 +3621,7 @@ static PyObject *caller_post(CallerObject *self, PyObject *call_args, PyObject *
                        : PyDict_SetItem(posted, key, entry)) < 0 ||
         set_item_ull(self->slots, key, (unsigned long long)slot) < 0 ||
         set_item_ull(self->ends, key, end) < 0 ||
-        PyObject_SetAttr(self->worker, s_next_call, key) < 0)
+        iset(self->worker, s_next_call, key) < 0)
         goto done;
     out = Py_NewRef(key);
     *placed_out = Py_NewRef(placed);
@@ -3855,7 +3880,7 @@ error:
 static PyObject *s_lock, *s_load, *s_limit, *s_start, *s_locked;
 
 static int balancer_busy(PyObject *balancer) {
-    PyObject *lock = PyObject_GetAttr(balancer, s_lock);
+    PyObject *lock = iattr(balancer, s_lock);
     if (lock == NULL)
         return -1;
     PyObject *locked = PyObject_CallMethodNoArgs(lock, s_locked);
@@ -3892,15 +3917,15 @@ static PyObject *native_take_turn(PyObject *m, PyObject *balancer) {
     int busy = balancer_busy(balancer);
     if (busy != 0)
         return busy < 0 ? NULL : Py_NewRef(Py_None);
-    PyObject *load = PyObject_GetAttr(balancer, s_load), *v = NULL;
+    PyObject *load = iattr(balancer, s_load), *v = NULL;
     if (load == NULL)
         return NULL;
     long n = -1, start = -1;
-    if ((v = PyObject_GetAttr(balancer, s_limit)) != NULL) {
+    if ((v = iattr(balancer, s_limit)) != NULL) {
         n = PyLong_AsLong(v);
         Py_DECREF(v);
     }
-    if (!PyErr_Occurred() && (v = PyObject_GetAttr(balancer, s_start)) != NULL) {
+    if (!PyErr_Occurred() && (v = iattr(balancer, s_start)) != NULL) {
         start = PyLong_AsLong(v);
         Py_DECREF(v);
     }
@@ -3934,7 +3959,7 @@ static PyObject *native_take_turn(PyObject *m, PyObject *balancer) {
             best = i, best_count = v;
     }
     PyObject *counted = PyLong_FromLong(best_count + 1), *next = PyLong_FromLong((start + 1) % n);
-    if (counted == NULL || next == NULL || PyObject_SetAttr(balancer, s_start, next) < 0) {
+    if (counted == NULL || next == NULL || iset(balancer, s_start, next) < 0) {
         Py_XDECREF(counted);
         Py_XDECREF(next);
         goto done;
@@ -3966,7 +3991,7 @@ static PyObject *native_give_back(PyObject *m, PyObject *const *args, Py_ssize_t
     Py_ssize_t index = PyLong_AsSsize_t(args[1]);
     if (index == -1 && PyErr_Occurred())
         return NULL;
-    PyObject *load = PyObject_GetAttr(args[0], s_load);
+    PyObject *load = iattr(args[0], s_load);
     if (load == NULL)
         return NULL;
     PyObject *out = NULL;
@@ -4098,7 +4123,7 @@ static PyObject *grad_mode(void) {
 
 /* An attribute's truth (-1: an error). */
 static int attr_true(PyObject *obj, PyObject *name) {
-    PyObject *v = PyObject_GetAttr(obj, name);
+    PyObject *v = iattr(obj, name);
     if (v == NULL)
         return -1;
     int t = PyObject_IsTrue(v);
@@ -4112,7 +4137,7 @@ static int hook_needed(PyObject *hook, PyObject *dispatcher) {
     if (hook == Py_None)
         return 0;
     if (dispatcher != NULL && PyMethod_Check(hook) && PyMethod_GET_SELF(hook) == dispatcher) {
-        PyObject *empty = PyObject_GetAttr(dispatcher, s_empty);
+        PyObject *empty = iattr(dispatcher, s_empty);
         if (empty == NULL)
             return -1;
         Py_DECREF(empty);
@@ -4122,7 +4147,7 @@ static int hook_needed(PyObject *hook, PyObject *dispatcher) {
 }
 
 static int run_hook(PyObject *owner, PyObject *name, PyObject *dispatcher) {
-    PyObject *hook = PyObject_GetAttr(owner, name);
+    PyObject *hook = iattr(owner, name);
     if (hook == NULL)
         return -1;
     int needed = hook_needed(hook, dispatcher);
@@ -4156,8 +4181,8 @@ static PyObject *released_offsets(PyObject *worker, PyObject *freed) {
                 goto error;
             }
             if (watched == NULL) {
-                PyObject *decoder = PyObject_GetAttr(worker, s_decoder);
-                watched = decoder == NULL ? NULL : PyObject_GetAttr(decoder, s_watched);
+                PyObject *decoder = iattr(worker, s_decoder);
+                watched = decoder == NULL ? NULL : iattr(decoder, s_watched);
                 Py_XDECREF(decoder);
                 if (watched == NULL) {
                     Py_DECREF(item);
@@ -4190,21 +4215,21 @@ error:
 /* worker.calls += 1 and worker.latencies gets the call's time (Worker._request_in_flight's). */
 static int count_call(PyObject *worker, int64_t started_ns, int calls) {
     if (calls) {
-        PyObject *n = PyObject_GetAttr(worker, s_calls), *n1 = NULL;
+        PyObject *n = iattr(worker, s_calls), *n1 = NULL;
         if (n != NULL) {
             PyObject *one = PyLong_FromLong(1);
             n1 = one == NULL ? NULL : PyNumber_Add(n, one);
             Py_XDECREF(one);
         }
         Py_XDECREF(n);
-        int rc = n1 == NULL ? -1 : PyObject_SetAttr(worker, s_calls, n1);
+        int rc = n1 == NULL ? -1 : iset(worker, s_calls, n1);
         Py_XDECREF(n1);
         if (rc < 0)
             return -1;
     }
     if (started_ns < 0)
         return 0;
-    PyObject *lat = PyObject_GetAttr(worker, s_latencies);
+    PyObject *lat = iattr(worker, s_latencies);
     if (lat == NULL)
         return -1;
     PyObject *took = PyFloat_FromDouble((double)(now_ns() - started_ns) / 1e9);
@@ -4273,7 +4298,7 @@ static PyObject *native_call_replicated(PyObject *m, PyObject *const *a, Py_ssiz
     PyObject *obj = a[0], *args = a[1], *kwargs = a[2], *op = a[3];
     if (whole_call_strings() < 0 || balancer_strings() < 0)
         return NULL;
-    PyObject *manager = PyObject_GetAttr(obj, s_manager);
+    PyObject *manager = iattr(obj, s_manager);
     if (manager == NULL)
         return NULL;
     PyObject *out = NULL, *balancer = NULL, *index = NULL, *workers = NULL, *worker = NULL,
@@ -4287,13 +4312,13 @@ static PyObject *native_call_replicated(PyObject *m, PyObject *const *a, Py_ssiz
     int64_t started = -1;
     if (!cache_here())
         goto from_start;
-    PyObject *closed = PyObject_GetAttr(manager, s_closed_m);
+    PyObject *closed = iattr(manager, s_closed_m);
     if (closed == NULL)
         goto done;
     Py_DECREF(closed);
     if (closed != Py_False)
         goto from_start;
-    if ((balancer = PyObject_GetAttr(manager, s_balancer)) == NULL)
+    if ((balancer = iattr(manager, s_balancer)) == NULL)
         goto done;
     if ((index = native_take_turn(NULL, balancer)) == NULL)
         goto done;
@@ -4302,15 +4327,15 @@ static PyObject *native_call_replicated(PyObject *m, PyObject *const *a, Py_ssiz
         goto from_start;
     }
     /* The turn is taken: from here every way out gives it back. */
-    if ((dispatcher = PyObject_GetAttr(manager, s_dispatcher)) == NULL ||
-        (workers = PyObject_GetAttr(manager, s_workers)) == NULL ||
+    if ((dispatcher = iattr(manager, s_dispatcher)) == NULL ||
+        (workers = iattr(manager, s_workers)) == NULL ||
         (worker = PyObject_GetItem(workers, index)) == NULL)
         goto give_back_turn;
-    PyObject *v = PyObject_GetAttr(worker, s_dead_reason);
+    PyObject *v = iattr(worker, s_dead_reason);
     int down = v == NULL ? -1 : v != Py_None;
     Py_XDECREF(v);
     if (!down) {
-        v = PyObject_GetAttr(worker, s_broken);
+        v = iattr(worker, s_broken);
         down = v == NULL ? -1 : v != Py_None;
         Py_XDECREF(v);
     }
@@ -4324,16 +4349,16 @@ static PyObject *native_call_replicated(PyObject *m, PyObject *const *a, Py_ssiz
         Py_CLEAR(index);
         goto from_start;
     }
-    v = PyObject_GetAttr(worker, s_caller);
+    v = iattr(worker, s_caller);
     if (v == NULL)
         goto give_back_turn;
     int native = caller_type != NULL && Py_TYPE(v) == (PyTypeObject *)caller_type;
     Py_DECREF(v);
     if (!native)
         goto with_index; /* a backend without the extension's call, or the pipes */
-    if ((rid = PyObject_GetAttr(obj, s_rid)) == NULL ||
-        (timeout = PyObject_GetAttr(manager, s_call_timeout)) == NULL ||
-        (grad = grad_mode()) == NULL || (lock = PyObject_GetAttr(worker, s_wlock)) == NULL)
+    if ((rid = iattr(obj, s_rid)) == NULL ||
+        (timeout = iattr(manager, s_call_timeout)) == NULL ||
+        (grad = grad_mode()) == NULL || (lock = iattr(worker, s_wlock)) == NULL)
         goto give_back_turn;
     double seconds = -1.0;
     if (timeout != Py_None && ((seconds = PyFloat_AsDouble(timeout)) == -1.0 && PyErr_Occurred()))
@@ -4352,7 +4377,7 @@ static PyObject *native_call_replicated(PyObject *m, PyObject *const *a, Py_ssiz
     else
         common = common < 0 ? -1 : 0;
     if (common > 0) {
-        v = PyObject_GetAttr(worker, s_caller); /* this generation's */
+        v = iattr(worker, s_caller); /* this generation's */
         if (v == NULL)
             common = -1;
         else if (Py_TYPE(v) != (PyTypeObject *)caller_type)
@@ -4361,18 +4386,18 @@ static PyObject *native_call_replicated(PyObject *m, PyObject *const *a, Py_ssiz
             caller = (CallerObject *)v;
     }
     if (common > 0) {
-        materialized = PyObject_GetAttr(worker, s_materialized);
+        materialized = iattr(worker, s_materialized);
         common = materialized == NULL ? -1 : PySet_Check(materialized)
                                                  ? PySet_Contains(materialized, rid) : 0;
     }
     if (common > 0) {
-        PyObject *drops = PyObject_GetAttr(worker, s_drops);
+        PyObject *drops = iattr(worker, s_drops);
         Py_ssize_t n = drops == NULL ? -1 : PyObject_Length(drops);
         Py_XDECREF(drops);
         common = n < 0 ? -1 : n == 0;
     }
     if (common > 0) {
-        PyObject *links = PyObject_GetAttr(worker, s_links);
+        PyObject *links = iattr(worker, s_links);
         int active = links == NULL ? -1 : attr_true(links, s_links_in);
         if (active == 0)
             active = attr_true(links, s_wanted);
@@ -4384,7 +4409,7 @@ static PyObject *native_call_replicated(PyObject *m, PyObject *const *a, Py_ssiz
     if (!common)
         goto unlock_with_index;
     /* The call: freed blocks reported, pending argument blocks settled, sent. */
-    if ((freed_q = PyObject_GetAttr(worker, s_freed)) == NULL)
+    if ((freed_q = iattr(worker, s_freed)) == NULL)
         goto unlock_give_back;
     Py_ssize_t nfreed = PyObject_Length(freed_q);
     if (nfreed < 0)
@@ -4397,7 +4422,7 @@ static PyObject *native_call_replicated(PyObject *m, PyObject *const *a, Py_ssiz
         goto unsent;
     if ((full = PyTuple_Pack(6, rid, Py_None, args, kwargs, grad, Py_None)) == NULL)
         goto unsent;
-    PyObject *next = PyObject_GetAttr(worker, s_next_call);
+    PyObject *next = iattr(worker, s_next_call);
     if (next == NULL)
         goto unsent;
     since = PyLong_AsUnsignedLongLong(next);
@@ -4501,7 +4526,7 @@ resume:
         Py_XDECREF(since_o);
         Py_XDECREF(started_o);
         PyObject *call_args = sent == NULL ? NULL : PyTuple_Pack(5, rid, Py_None, args, kwargs, grad);
-        PyObject *recipe = call_args == NULL ? NULL : PyObject_GetAttr(obj, s_recipe);
+        PyObject *recipe = call_args == NULL ? NULL : iattr(obj, s_recipe);
         if (recipe != NULL) {
             PyObject *vec[7] = {worker, op, call_args, timeout, rid, recipe, sent};
             out = PyObject_VectorcallMethod(s_request_in_flight, vec, 3, resume_kwnames);
