@@ -9,11 +9,15 @@ runs without the extension (``MULTIPY_NATIVE=0``, the thread backend)."""
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 import pytest
 import torch
 
+from _interrupting import (balancer_counts, interrupted_while_waiting,  # noqa: F401 (a fixture)
+                           sigusr1_raises_keyboard_interrupt)
+from _wait import wait_for
 from multipy.runtime import replicated
 
 INTERPRETERS = 2
@@ -28,6 +32,24 @@ def echo_or_raise(x):
         raise ValueError(f"negative entry in {x.tolist()}")
     return x + 0
 '''
+
+
+# The interpreter's side of the gate (see _interrupting.Gate), with its directory
+# written in: the call itself carries only a tensor, as the common call does.
+_GATE = '''
+import os
+
+DIRECTORY = {directory!r}
+
+
+def gated(x):
+    with open(os.path.join(DIRECTORY, "started"), "w") as f:
+        f.write("s")
+    with open(os.path.join(DIRECTORY, "release")) as f:
+        f.read()
+    return x + 0
+'''
+_gates = itertools.count()
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +147,38 @@ def test_the_common_call_never_takes_the_python_path(manager, model, monkeypatch
         model("not a tensor")
     assert len(taken) == 1 and len(taken[0]) == 1
     assert _totals(manager)[2] == 0
+
+
+def test_a_caller_interrupted_while_the_c_call_waits_leaves_nothing_behind(manager, model,
+                                                                            monkeypatch):
+    if not _native_here(manager):
+        pytest.skip(f"the {manager.backend} backend (or MULTIPY_NATIVE=0) has no Caller: "
+                    "tests/test_interrupts.py covers the Python path")
+    counts = balancer_counts(manager)
+    failures = _totals(manager)[1]
+    taken: list = []
+    python_path = manager._call_replicated
+
+    def call(directory):
+        name = f"whole_call_gate_{next(_gates)}"
+        manager.register_module_source(name, _GATE.format(directory=directory))
+        with manager.acquire_one() as s:
+            gated = s.create_movable(s.global_(name, "gated"))
+        gated.load_everywhere()
+        monkeypatch.setattr(manager, "_call_replicated",
+                            lambda *args: taken.append(args) or python_path(*args))
+        gated(torch.ones(2))  # waits in the interpreter until the caller has left
+
+    interrupted_while_waiting(call)
+    monkeypatch.undo()
+    assert taken == []  # the interrupted call was the C path's
+    for worker in manager._workers:
+        assert not worker._callers, "the interrupted caller is still counted as waiting"
+    assert balancer_counts(manager) == counts
+    assert _totals(manager)[1] == failures + 1
+    for i in range(8):  # the next call on its interpreter settles the reply left behind
+        x = torch.full((2,), float(i))
+        assert torch.equal(model(x), x)
+    for worker in manager._workers:
+        wait_for(lambda: not worker._owed and not worker._left,
+                 "the interrupted call's reply to be settled")
