@@ -4306,7 +4306,6 @@ static PyObject *native_call_replicated(PyObject *m, PyObject *const *a, Py_ssiz
              *materialized = NULL, *freed = NULL, *freed_q = NULL, *full = NULL, *key = NULL,
              *placed = NULL, *waited = NULL, *ticket = NULL, *got = NULL;
     CallerObject *caller = NULL;
-    int locked = 0;
     long slot = -1;
     unsigned long long since = 0;
     int64_t started = -1;
@@ -4368,7 +4367,6 @@ static PyObject *native_call_replicated(PyObject *m, PyObject *const *a, Py_ssiz
     if (r == NULL) /* a signal handler raised while waiting for it: the Python path's books */
         goto resume;
     Py_DECREF(r);
-    locked = 1;
     /* Under the lock, what Worker._request_in_flight and ProcessWorker._send_call
      * look at; anything but the common call is theirs. */
     int common = attr_true(worker, s_closed);
@@ -4448,7 +4446,6 @@ static PyObject *native_call_replicated(PyObject *m, PyObject *const *a, Py_ssiz
     }
     if (ticket == NULL || count_call(worker, -1, 1) < 0)
         goto unlock_resume;
-    locked = 0;
     if ((r = PyObject_CallMethodNoArgs(lock, s_release)) == NULL)
         goto resume;
     Py_DECREF(r);
@@ -4502,7 +4499,6 @@ unsent: /* the send raised, nothing sent: the freed blocks go with the next call
 unlock_resume:
     {
         PyObject *exc = fetch_error();
-        locked = 0;
         PyObject *r2 = PyObject_CallMethodNoArgs(lock, s_release);
         if (r2 == NULL)
             PyErr_WriteUnraisable(lock);
@@ -4540,7 +4536,6 @@ unlock_give_back:
 unlock_with_index:
     {
         PyObject *exc = fetch_error();
-        locked = 0;
         PyObject *r2 = PyObject_CallMethodNoArgs(lock, s_release);
         if (r2 == NULL)
             PyErr_WriteUnraisable(lock);
@@ -4560,7 +4555,6 @@ give_back_turn:
 from_start:
     out = python_call(manager, obj, args, kwargs, NULL);
 done:
-    (void)locked;
     Py_XDECREF(got);
     Py_XDECREF(waited);
     Py_XDECREF(ticket);
