@@ -94,3 +94,41 @@ def test_the_one_step_version_chooses_as_acquire_does_whatever_the_loads():
             lb.set_limit(limit)
         assert balancing.take_turn(a) == b.acquire(), (loads, limit, start)
         assert (a._load, a._start) == (b._load, b._start)
+
+
+def test_of_several_idle_interpreters_the_one_that_went_idle_last_is_taken_first(take):
+    # One request at a time: the interpreter that answered the last one is still
+    # spinning, the next in turn has slept since the request before; so the same
+    # one is taken again, whichever way the count was given back.
+    acquire, release = take
+    b = LoadBalancer(3)
+    for _ in range(4):
+        index = b.acquire_idle()
+        assert index == 0
+        release(b, index)
+    assert b.acquire_room(lambda i: 2) == 0
+    # Busy, excluded or not usable: the first idle one in turn, as before.
+    assert b.acquire_idle() == 1
+    release(b, 0)
+    assert b.acquire_idle(exclude={0}) == 2
+    assert b.acquire_idle(usable=lambda i: i != 0) is None  # 1 and 2 busy, 0 not usable
+    release(b, 2)
+    assert b.acquire_idle() == 2  # the last to go idle, though 0 is idle too
+    release(b, 1)
+    b.release(2)
+    b.set_limit(1)  # 1 went idle last but is past the limit
+    assert b.acquire_idle() == 0
+    assert b._load == [1, 0, 0]
+
+
+def test_giving_back_in_one_step_marks_the_warm_interpreter_as_release_does():
+    if balancing.give_back is None:
+        pytest.skip("multipy._native is not built here (no C compiler at install time)")
+    a, b = LoadBalancer(2), LoadBalancer(2)
+    for lb in (a, b):
+        lb._load = [2, 1]
+    assert balancing.give_back(a, 0) and a._warm is None  # still busy: not idle
+    b.release(0, notify=False)
+    assert balancing.give_back(a, 1) and a._warm == 1
+    b.release(1, notify=False)
+    assert (a._load, a._warm) == (b._load, b._warm) == ([1, 0], 1)

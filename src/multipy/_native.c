@@ -3877,7 +3877,7 @@ error:
  * (a scan, a posted call's choice), these decline and the caller takes the
  * Python method. */
 
-static PyObject *s_lock, *s_load, *s_limit, *s_start, *s_locked;
+static PyObject *s_lock, *s_load, *s_limit, *s_start, *s_locked, *s_warm;
 
 static int balancer_busy(PyObject *balancer) {
     PyObject *lock = iattr(balancer, s_lock);
@@ -3899,6 +3899,7 @@ static int balancer_strings(void) {
            (s_load = PyUnicode_InternFromString("_load")) == NULL ||
            (s_limit = PyUnicode_InternFromString("_limit")) == NULL ||
            (s_start = PyUnicode_InternFromString("_start")) == NULL ||
+           (s_warm = PyUnicode_InternFromString("_warm")) == NULL ||
            (s_locked = PyUnicode_InternFromString("locked")) == NULL ? -1 : 0;
 }
 
@@ -4001,6 +4002,10 @@ static PyObject *native_give_back(PyObject *m, PyObject *const *args, Py_ssize_t
     } else {
         long c = PyLong_AsLong(PyList_GET_ITEM(load, index));
         PyObject *v = c == -1 && PyErr_Occurred() ? NULL : PyLong_FromLong(c - 1);
+        /* release(): the interpreter that went idle last is the warm one (set first:
+         * on failure nothing changed but that hint) */
+        if (v != NULL && c == 1 && PyObject_SetAttr(args[0], s_warm, args[1]) < 0)
+            Py_CLEAR(v);
         if (v != NULL) {
             PyList_SetItem(load, index, v); /* steals v */
             out = Py_NewRef(Py_True);

@@ -35,6 +35,11 @@ class LoadBalancer:
         self._limit = n
         self._lock = threading.Lock()
         self._start = 0
+        # The interpreter whose count went to 0 last (None: none yet).  One request
+        # at a time, it is still spinning for its next request when that comes;
+        # the next in turn went idle a request earlier and sleeps by then (a
+        # wake-up on both sides per request).  acquire_room takes it first.
+        self._warm = None
         # Called after a release (any thread): the dispatcher of posted requests
         # sends queued ones to the interpreter that became free.
         self.on_release = None
@@ -96,7 +101,9 @@ class LoadBalancer:
     def acquire_room(self, depth, usable=None, exclude=()) -> int | None:
         """The least loaded interpreter with room for one more call in flight
         (fewer than ``depth(index)``, or than 1 where ``depth`` is ``None``;
-        counted until :meth:`release`), or ``None``.
+        counted until :meth:`release`), or ``None``.  Of several idle ones, the
+        one that went idle last (it may still be spinning, awake), else the
+        first in turn.
 
         "Idle" (:meth:`acquire_idle`) means nothing in flight; "room" means the
         interpreter queues calls and its queue is not full: a posted call sent
@@ -106,14 +113,20 @@ class LoadBalancer:
         >>> lb = LoadBalancer(1)
         >>> lb.acquire_room(lambda i: 2), lb.acquire_room(lambda i: 2), lb.acquire_room(lambda i: 2)
         (0, 0, None)
+        >>> lb = LoadBalancer(2)
+        >>> lb.release(lb.acquire_idle()); lb.acquire_idle()  # 0 went idle last: 0 again
+        0
         """
         taken = None
         try:  # as in acquire: a Ctrl-C as the lock is let go does not keep the count
             with self._lock:
                 load, n = self._load, self._limit
                 start = self._start
-                best = None
-                for k in range(n):
+                best = self._warm
+                if (best is not None and (best >= n or load[best] or best in exclude
+                                          or (usable is not None and not usable(best)))):
+                    best = None
+                for k in range(n if best is None else 0):
                     i = (start + k) % n
                     held = load[i]
                     # The cheap tests first: usable() and depth() are Python calls,
@@ -158,7 +171,10 @@ class LoadBalancer:
         given = False
         try:
             with self._lock:
-                self._load[index] -= 1
+                load = self._load
+                load[index] -= 1
+                if not load[index]:
+                    self._warm = index  # (a hint: left as is if taken back below)
                 given = True
         except BaseException:
             if given:
