@@ -139,6 +139,39 @@ def test_bad_input_gets_its_status_and_a_json_error(client, model, body, headers
                        torch.tensor([3.0]))  # nothing lost for the next request
 
 
+_BINARY_BODY, _BINARY_HEADER = encode_request([("INPUT__0", torch.tensor([1.0, 2.0]))],
+                                              binary=True, binary_output=True)
+_CASES = [  # (model, body, headers): every answer of the infer handler
+    ("affine", _spec(), {}),
+    ("affine", _BINARY_BODY, {"Inference-Header-Content-Length": str(_BINARY_HEADER)}),
+    ("affine", _spec(), {"Content-Type": "application/json"}),
+    ("affine", b"{not json", {}),
+    ("affine", _spec(datatype="FP128"), {}),
+    ("affine", _spec(shape=[3]), {}),
+    ("affine", _spec(data=[True, False]), {}),
+    ("affine", _spec(), {"Inference-Header-Content-Length": "many"}),
+    ("affine", _BINARY_BODY, {"Inference-Header-Content-Length": "100000"}),
+    ("weights", _spec(shape=[5], data=[1.0] * 5), {}),
+    ("sleepy", _spec(), {}),
+    ("nope", _spec(), {}),
+    ("affine", b"[" + b"0," * 40_000 + b"0]", {}),
+]
+
+
+@pytest.mark.parametrize("model, body, headers", _CASES)
+def test_the_direct_infer_route_answers_as_starlettes_route_does(client, model, body, headers):
+    """Infer requests skip Starlette's routing (the app's own dispatch, for speed),
+    except under a root_path: both ways give the same status, headers and body."""
+    routed = TestClient(client.app, root_path="/api")  # (no `with`: the lifespan is client's)
+    direct = client.post(f"/v2/models/{model}/infer", content=body, headers=headers)
+    through = routed.post(f"/api/v2/models/{model}/infer", content=body, headers=headers)
+    assert through.request.url.path.startswith("/api/")
+    assert (direct.status_code, direct.content) == (through.status_code, through.content)
+    assert direct.headers == through.headers
+    if direct.status_code != 200:
+        assert "error" in direct.json() and "Traceback" not in direct.text
+
+
 def test_a_body_streamed_past_the_limit_is_refused_without_a_content_length(client):
     response = client.post("/v2/models/affine/infer", content=iter([b"x" * 50_000] * 2))
     assert response.status_code == 413

@@ -186,10 +186,59 @@ class _Infer:
         await self.serve(scope, receive, send, scope["path_params"]["model_name"])
 
     async def serve(self, scope, receive, send, name: str) -> None:
+        # One coroutine from the request to the answer but for the model's call (each
+        # coroutine more is created, run and resumed per request); helpers only for
+        # what is not the common case.
         started = time.perf_counter()
+        model = self.models.get(name)
         status = 500
         try:
-            status, headers, body = await self._answer(scope, receive, name)
+            registry = self.registry
+            if model is None:
+                registry.get(name)  # raises ModelNotFound (404), naming the models
+            options = registry.options
+            if registry.draining:
+                raise _draining(options.retry_after)
+            header_length, declared = _headers(scope["headers"])
+            limit = options.max_request_bytes
+            if declared is not None and declared > limit:
+                raise _too_large(declared, limit)
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                body = message.get("body", b"")  # the whole body in one message: the common case
+                if len(body) > limit:
+                    raise _too_large(None, limit)
+                if header_length is not None:  # binary tensors view it in place
+                    body = bytearray(body)
+            else:
+                body = await _read_body(receive, message, limit, writable=header_length is not None)
+            if body is None:
+                status = _CLIENT_GONE
+            else:
+                if len(body) > _OFFLOAD_BYTES:
+                    decoded = await asyncio.to_thread(decode_request, body, header_length)
+                else:
+                    decoded = decode_request(body, header_length)
+                timeout = options.request_timeout
+                if decoded.timeout is not None:
+                    timeout = min(timeout, decoded.timeout)
+                infer = model.infer(decoded.args, deadline=time.monotonic() + timeout)
+                if model.busy():  # it waits in line: drop it if its client leaves meanwhile
+                    result = await _unless_gone(infer, receive)
+                else:  # runs at once: nothing to drop if the client leaves
+                    result = await infer
+                if result is _GONE:
+                    status = _CLIENT_GONE
+                else:
+                    encoded = encode_response(name, result, request=decoded, model_version="1",
+                                              declared=model.output_names)
+                    body = encoded.body
+                    if encoded.header_length is None:
+                        headers = [(b"content-type", b"application/json")]
+                    else:
+                        headers = [(b"content-type", b"application/octet-stream"),
+                                   (_HEADER_LENGTH, b"%d" % encoded.header_length)]
+                    status = 200
         except InferenceError as exc:
             status = exc.status
             headers, body = _error_headers(exc.retry_after), error_body(exc.message)
@@ -201,44 +250,12 @@ class _Infer:
             headers = _error_headers(None)
             body = error_body(f"internal error: {type(exc).__name__}: {exc}")
         finally:
-            if name in self.models:
+            if model is not None:
                 self.metrics.request(name, status, time.perf_counter() - started)
         if status != _CLIENT_GONE:
             headers.append((b"content-length", b"%d" % len(body)))
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": body})
-
-    async def _answer(self, scope, receive, name: str) -> tuple[int, list, bytes]:
-        registry = self.registry
-        model = self.models.get(name) or registry.get(name)  # (get: 404, naming the models)
-        options = registry.options
-        if registry.draining:
-            raise _draining(options.retry_after)
-        header_length, declared = _headers(scope["headers"])
-        body = await _read_body(receive, declared, options.max_request_bytes,
-                                writable=header_length is not None)
-        if body is None:
-            return _CLIENT_GONE, [], b""
-        if len(body) > _OFFLOAD_BYTES:
-            decoded = await asyncio.to_thread(decode_request, body, header_length)
-        else:
-            decoded = decode_request(body, header_length)
-        timeout = options.request_timeout
-        if decoded.timeout is not None:
-            timeout = min(timeout, decoded.timeout)
-        infer = model.infer(decoded.args, deadline=time.monotonic() + timeout)
-        if model.busy():  # it waits in line: drop it if its client leaves meanwhile
-            result = await _unless_gone(infer, receive)
-            if result is _GONE:
-                return _CLIENT_GONE, [], b""
-        else:  # runs at once: nothing to drop if the client leaves
-            result = await infer
-        encoded = encode_response(name, result, request=decoded, model_version="1",
-                                  declared=model.output_names)
-        if encoded.header_length is None:
-            return 200, [(b"content-type", b"application/json")], encoded.body
-        return 200, [(b"content-type", b"application/octet-stream"),
-                     (HEADER_LENGTH.lower().encode(), b"%d" % encoded.header_length)], encoded.body
 
 
 _GONE = object()
@@ -345,20 +362,19 @@ def _headers(headers) -> tuple[int | None, int | None]:
     return header_length, declared
 
 
-async def _read_body(receive, declared: int | None, limit: int, *,
+def _too_large(declared: int | None, limit: int) -> PayloadTooLarge:
+    if declared is not None:
+        return PayloadTooLarge(f"the body has {declared} bytes; this server accepts at most "
+                               f"{limit} (--max-request-bytes)")
+    return PayloadTooLarge(f"the body is over {limit} bytes, the most this server accepts "
+                           "(--max-request-bytes)")
+
+
+async def _read_body(receive, message: dict, limit: int, *,
                      writable: bool) -> bytes | bytearray | None:
-    """The request body, or ``None`` when the client disconnected first.  Binary
-    tensors view a ``writable`` body in place, so it comes as a bytearray."""
-    if declared is not None and declared > limit:
-        raise PayloadTooLarge(f"the body has {declared} bytes; this server accepts at most "
-                              f"{limit} (--max-request-bytes)")
-    message = await receive()
-    if not message.get("more_body", False) and message["type"] == "http.request":
-        body = message.get("body", b"")  # the whole body in one message: the common case
-        if len(body) > limit:
-            raise PayloadTooLarge(f"the body is over {limit} bytes, the most this server "
-                                  "accepts (--max-request-bytes)")
-        return bytearray(body) if writable else body
+    """The request body from ``message`` (the first ``receive()``d) on, or ``None``
+    when the client disconnected first.  Binary tensors view a ``writable`` body
+    in place, so it comes as a bytearray."""
     chunks, size = [], 0
     while True:
         if message["type"] != "http.request":
@@ -366,8 +382,7 @@ async def _read_body(receive, declared: int | None, limit: int, *,
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise PayloadTooLarge(f"the body is over {limit} bytes, the most this server "
-                                  "accepts (--max-request-bytes)")
+            raise _too_large(None, limit)
         chunks.append(chunk)
         if not message.get("more_body", False):
             break

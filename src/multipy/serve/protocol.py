@@ -168,6 +168,7 @@ _TORCH = {
 }
 _FROM_TORCH = {v: k for k, v in _TORCH.items()}
 _BY_NAME = {d.value: d for d in DataType}  # DataType(text) without Enum's call machinery
+_BYTES, _BF16 = DataType.BYTES, DataType.BF16  # (an enum's attribute: a metaclass lookup per use)
 _TEXT = {d: d.value for d in DataType}  # d.value without Enum's property
 # The numpy dtype of each datatype numpy has (BF16 and BYTES: none).
 _NUMPY = {d: torch.empty(0, dtype=t).numpy().dtype for d, t in _TORCH.items()
@@ -220,7 +221,7 @@ class InferRequest:
     @property
     def args(self) -> tuple:
         """The model's positional arguments, in request order."""
-        return tuple(i.data for i in self.inputs)
+        return tuple([i.data for i in self.inputs])  # (a list, not a generator: cheaper)
 
 
 def _field(obj: Mapping, key: str, kind, where: str, *, required: bool = True):
@@ -241,6 +242,9 @@ def _field(obj: Mapping, key: str, kind, where: str, *, required: bool = True):
 def _article(name: str) -> str:
     return {"dict": "an object", "list": "a list", "str": "a string", "int": "an integer",
             "float": "a number", "bool": "true or false"}.get(name, f"a {name}")
+
+
+_NO_PARAMETERS: Mapping = {}  # (read only)
 
 
 def _parameters(obj: Mapping, where: str) -> Mapping:
@@ -280,7 +284,7 @@ def decode_request(body: bytes | bytearray, header_length: int | None = None) ->
         inputs = _field(doc, "inputs", list, "the request")
     if not inputs:
         raise BadRequest("the request has no inputs")
-    params = doc.get("parameters")
+    params = doc.get("parameters", _NO_PARAMETERS)
     if type(params) is not dict:
         params = _parameters(doc, "the request")
     request_id = doc.get("id")
@@ -320,38 +324,44 @@ def _decode_input(spec: Any, i: int, binary: memoryview, offset: int) -> tuple[I
     name = spec.get("name")  # (types checked here; _field names a missing or wrong one)
     if type(name) is not str:
         name = _field(spec, "name", str, f"inputs[{i}]")
-    where = f"input {name!r}"
     shape = spec.get("shape")
     if type(shape) is not list:
-        shape = _field(spec, "shape", list, where)
+        shape = _field(spec, "shape", list, _where(name))
     for d in shape:  # (a loop: a generator in all() costs more than the check)
         if type(d) is not int or d < 0:  # (JSON gives exact ints; true is a bool)
-            raise BadRequest(f"{where}: shape must be a list of non-negative integers, got {shape}")
+            raise BadRequest(f"{_where(name)}: shape must be a list of non-negative integers, "
+                             f"got {shape}")
     text = spec.get("datatype")
     if type(text) is not str:
-        text = _field(spec, "datatype", str, where)
+        text = _field(spec, "datatype", str, _where(name))
     datatype = _BY_NAME.get(text)
     if datatype is None:
-        raise BadRequest(f"{where}: unknown datatype {text!r}; the protocol's datatypes are "
-                         f"{', '.join(d.value for d in DataType)}")
+        raise BadRequest(f"{_where(name)}: unknown datatype {text!r}; the protocol's datatypes "
+                         f"are {', '.join(d.value for d in DataType)}")
     count = math.prod(shape)
-    size = (None if "parameters" not in spec else
-            _field(_parameters(spec, where), "binary_data_size", int, where, required=False))
-    if size is not None:
-        if "data" in spec:
-            raise BadRequest(f"{where} has both 'data' and parameters.binary_data_size")
-        if size < 0 or offset + size > len(binary):
-            raise BadRequest(f"{where}: binary_data_size {size} runs past the end of the body "
-                             f"({len(binary) - offset} bytes left)")
-        chunk = binary[offset:offset + size]
-        data = (_bytes_from_binary(chunk, count, where) if datatype is DataType.BYTES
-                else _tensor_from_binary(chunk, datatype, shape, where))
-        return InferInput(name, datatype, tuple(shape), data), offset + size
+    if "parameters" in spec:
+        where = _where(name)
+        size = _field(_parameters(spec, where), "binary_data_size", int, where, required=False)
+        if size is not None:
+            if "data" in spec:
+                raise BadRequest(f"{where} has both 'data' and parameters.binary_data_size")
+            if size < 0 or offset + size > len(binary):
+                raise BadRequest(f"{where}: binary_data_size {size} runs past the end of the "
+                                 f"body ({len(binary) - offset} bytes left)")
+            chunk = binary[offset:offset + size]
+            data = (_bytes_from_binary(chunk, count, where) if datatype is _BYTES
+                    else _tensor_from_binary(chunk, datatype, shape, where))
+            return InferInput(name, datatype, tuple(shape), data), offset + size
     if "data" not in spec:
-        raise BadRequest(f"{where} has neither 'data' nor parameters.binary_data_size")
-    data = (_bytes_from_json(spec["data"], count, where) if datatype is DataType.BYTES
-            else _tensor_from_json(spec["data"], datatype, shape, where))
+        raise BadRequest(f"{_where(name)} has neither 'data' nor parameters.binary_data_size")
+    data = (_bytes_from_json(spec["data"], count, _where(name)) if datatype is _BYTES
+            else _tensor_from_json(spec["data"], datatype, shape, count, name))
     return InferInput(name, datatype, tuple(shape), data), offset
+
+
+def _where(name: str) -> str:
+    """How error messages name an input (made only for a message: it costs a repr)."""
+    return f"input {name!r}"
 
 
 def _tensor_from_binary(chunk: memoryview, datatype: DataType, shape: list[int], where: str):
@@ -372,25 +382,29 @@ def _tensor_from_binary(chunk: memoryview, datatype: DataType, shape: list[int],
     return tensor.reshape(shape)
 
 
-def _tensor_from_json(data: Any, datatype: DataType, shape: list[int], where: str):
+def _tensor_from_json(data: Any, datatype: DataType, shape: list[int], count: int, name: str):
+    """The tensor of a JSON input's ``data`` (``count`` elements, ``math.prod(shape)``)."""
     try:
         array = np.asarray(data)
     except ValueError:
-        raise BadRequest(f"{where}: data is ragged (nested lists of different lengths)") from None
-    count = math.prod(shape)
-    if array.size != count:
-        raise BadRequest(f"{where}: data has {array.size} elements but shape {shape} needs {count}")
-    if array.size:
-        kinds = _JSON_KINDS.get(datatype, "iu")
-        if array.dtype.kind not in kinds:
-            raise BadRequest(f"{where}: data for {datatype.value} must be "
-                             f"{_kind_words(kinds)}, got {_kind_words(array.dtype.kind)}")
+        raise BadRequest(f"{_where(name)}: data is ragged (nested lists of different lengths)"
+                         ) from None
+    size = array.size
+    if size != count:
+        raise BadRequest(f"{_where(name)}: data has {size} elements but shape {shape} needs "
+                         f"{count}")
+    if size:
+        kinds, kind = _JSON_KINDS.get(datatype, "iu"), array.dtype.kind
+        if kind not in kinds:
+            raise BadRequest(f"{_where(name)}: data for {datatype.value} must be "
+                             f"{_kind_words(kinds)}, got {_kind_words(kind)}")
         if datatype in _INTEGERS:
             info = torch.iinfo(datatype.torch_dtype)
             low, high = array.min(), array.max()
             if low < info.min or high > info.max:
-                raise BadRequest(f"{where}: values from {low} to {high} do not fit {datatype.value}")
-    if datatype is DataType.BF16:
+                raise BadRequest(f"{_where(name)}: values from {low} to {high} do not fit "
+                                 f"{datatype.value}")
+    if datatype is _BF16:
         return torch.tensor(array.astype(np.float32).reshape(shape), dtype=torch.bfloat16)
     # Shaped by numpy, then viewed by torch: a torch reshape goes through its
     # dispatcher (several thousand instructions more for a small tensor).

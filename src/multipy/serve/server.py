@@ -47,10 +47,12 @@ def serve(registry: ModelRegistry, *, host: str = "127.0.0.1", port: int = 8000,
     """
     app = build_app(registry)
     # proxy_headers off: uvicorn's X-Forwarded-* middleware would run for every request
-    # to rewrite the client address and scheme, which this app never reads.
+    # to rewrite the client address and scheme, which this app never reads.  No
+    # "server: uvicorn" header: uvicorn checks every header of every response with two
+    # regular expressions, and this one tells clients nothing they need.
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                             timeout_graceful_shutdown=registry.options.drain_timeout,
-                            access_log=False, proxy_headers=False)
+                            access_log=False, proxy_headers=False, server_header=False)
     server = _Server(config, registry)
     # uvicorn re-raises the signal it caught once it has shut down; a no-op handler
     # turns that into a normal return, so a drained server exits 0.
