@@ -8,6 +8,8 @@ and prints them per request::
 
     python benchmarks/count_http_instructions.py multipy 10
     python benchmarks/count_http_instructions.py echo 10
+    python benchmarks/count_http_instructions.py multipy 10 --keep /tmp/cg.out
+    callgrind_annotate --inclusive=yes /tmp/cg.out | less     # where they go
 
 Unlike ``count_serve_instructions.py`` (the app called in process), this counts
 uvicorn's HTTP parsing and writing and the event loop's wake-ups too: with the
@@ -61,6 +63,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("server", choices=("multipy", "echo"))
     parser.add_argument("seconds", type=int, nargs="?", default=10)
+    parser.add_argument("--keep", metavar="FILE", help="write the measured window's callgrind "
+                        "data to FILE (for callgrind_annotate --inclusive=yes FILE)")
+    parser.add_argument("--interpreters", type=int, default=2)
     args = parser.parse_args()
     for tool in ("valgrind", "callgrind_control", "wrk"):
         if shutil.which(tool) is None:
@@ -79,7 +84,7 @@ def main() -> None:
                 f.write(_ECHO_APP)
             command, url = [app, str(port)], f"http://127.0.0.1:{port}/echo"
         else:
-            command = ["-m", "multipy", "serve", f"model={archive}", "--interpreters", "2",
+            command = ["-m", "multipy", "serve", f"model={archive}", "--interpreters", str(args.interpreters),
                        "--port", str(port)]
             url = f"http://127.0.0.1:{port}/v2/models/model/infer"
         server = subprocess.Popen(
@@ -100,6 +105,13 @@ def main() -> None:
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             n = _wrk(url, script, args.seconds)
             count = _instructions(server.pid)
+            if args.keep:
+                subprocess.run(["callgrind_control", "-i", "off", str(server.pid)], check=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                subprocess.run(["callgrind_control", "-d", str(server.pid)], check=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                dumps = sorted(f for f in os.listdir(tmp) if f.startswith(f"cg.{server.pid}."))
+                shutil.copy(os.path.join(tmp, dumps[-1]), args.keep)
         finally:
             os.killpg(server.pid, signal.SIGINT)
             try:
