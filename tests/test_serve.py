@@ -282,6 +282,26 @@ def _idle(manager) -> None:
           "the interpreters to be idle")
 
 
+def test_one_request_at_a_time_goes_to_the_interpreter_that_answered_the_last(client, manager):
+    """Of idle interpreters, the one that went idle last takes the next request (it may
+    still be polling for one; the others sleep): one at a time, one interpreter serves
+    them all.  Requests that overlap still go to every interpreter."""
+    _idle(manager)
+    before = [i.calls for i in manager.statistics().interpreters]
+    for _ in range(6):
+        assert _infer(client, "affine", torch.ones(1)).status_code == 200
+    calls = [i.calls - b for i, b in zip(manager.statistics().interpreters, before)]
+    assert sorted(calls) == [0] * (INTERPRETERS - 1) + [6], calls
+    before = [i.calls for i in manager.statistics().interpreters]
+    sleepy = _model(client, "sleepy")
+    with concurrent.futures.ThreadPoolExecutor(INTERPRETERS) as pool:
+        running = [pool.submit(_sleep, client, 0.5) for _ in range(INTERPRETERS)]
+        _when(lambda: sleepy.running == INTERPRETERS, "a request on each interpreter")
+        assert [r.result().status_code for r in running] == [200] * INTERPRETERS
+    calls = [i.calls - b for i, b in zip(manager.statistics().interpreters, before)]
+    assert calls == [1] * INTERPRETERS, calls
+
+
 def _fill(pool, client, model, seconds: float) -> list:
     """Take every slot of ``model`` with a request sleeping ``seconds``."""
     running = [pool.submit(_sleep, client, seconds) for _ in range(model.slots)]
