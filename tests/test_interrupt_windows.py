@@ -32,13 +32,15 @@ import torch
 
 from _interrupting import assert_nothing_stranded, balancer_counts
 from _rows import movable_rows
+from multipy.backends import base
 from multipy.backends.base import Worker, _PostedCall
 from multipy.runtime import dispatch
 from multipy.runtime.balancer import LoadBalancer
 from multipy.runtime.batching import BatchedObj
 from multipy.runtime.dispatch import Request, _Started
+from multipy.runtime.manager import InterpreterManager
 from multipy.transport import channel
-from multipy.transport.messages import Op
+from multipy.transport.messages import Drop, Op
 
 
 def _name(event, frame, arg) -> str:
@@ -457,3 +459,92 @@ def test_a_ctrl_c_inside_a_post_ends_the_call_once(manager, model, timeout, monk
     finally:
         sys.unraisablehook = hook
     assert not reported, [r.exc_value for r in reported]
+
+
+# -- a blocking call -----------------------------------------------------------------
+_BLOCKING = {InterpreterManager._call_replicated.__code__}
+
+
+@pytest.mark.parametrize("down", [False, True], ids=["common", "first choice down"])
+def test_a_ctrl_c_anywhere_in_a_blocking_call_keeps_no_count(manager, model, down, monkeypatch):
+    # The manager's blocking call takes a count in the balancer (the extension's
+    # take_turn, or LoadBalancer.acquire), skips an interpreter that is down, and
+    # gives the count back.  Interrupted at any point, it leaves every count as it
+    # was, and queued posted calls are still sent.
+    x = torch.ones(1)
+
+    def call():
+        return manager._call_replicated(model, None, (x,), {}, None)
+
+    counts = balancer_counts(manager)
+    if down:  # interpreter 0 looks down (restarting): each call moves on to another one
+        monkeypatch.setattr(manager._workers[0], "dead_reason", "down for this test")
+
+    def make():
+        manager._balancer._start = 0  # interpreter 0 first in turn
+        return call, None
+
+    runs = _every_point(_BLOCKING, make)
+    assert len(runs) > 2, f"the blocking call passed only {len(runs) - 1} points"
+    for point, result, _ in runs:
+        if point is None:
+            assert torch.equal(result, torch.full((1,), 3.0))
+        assert_nothing_stranded(manager, point, counts)
+    assert torch.equal(model.submit(x).result(timeout=60), torch.full((1,), 3.0))
+
+
+# -- the releases a request carries ------------------------------------------------------
+def test_a_ctrl_c_in_drain_takes_nothing():
+    items = [(0, i) for i in range(5)]
+
+    def make():
+        queue = collections.deque(items)
+        return (lambda: base.drain(queue)), queue
+
+    runs = _every_point({base.drain.__code__}, make)
+    assert len(runs) > 1
+    for point, taken, queue in runs:
+        if point is None:
+            assert list(taken) == items and not queue
+        else:
+            assert list(queue) == items, f"interrupted at {point}, drain took {items[len(queue):]}"
+
+
+_REQUEST = {Worker.request.__code__, Worker._request_in_flight.__code__, Worker._checked.__code__,
+            base.drain.__code__}
+
+
+def test_a_ctrl_c_in_a_blocking_request_loses_no_release(manager, model, monkeypatch):
+    # A request carries the releases queued on its worker (objects the host dropped):
+    # interrupted anywhere, each release is sent with it or still queued, never lost.
+    worker = manager._workers[0]
+    model(torch.ones(1))  # loaded (no load request in the way)
+    sent = []
+    for name in ("_send_call", "_roundtrip"):
+        original = getattr(worker, name)
+
+        def sending(op, args, drop, *rest, original=original):
+            sent.extend(drop)
+            return original(op, args, drop, *rest)
+
+        monkeypatch.setattr(worker, name, sending)
+    releases = [(int(Drop.REPLICATED), -i) for i in range(1, 4)]  # ids nobody has: harmless
+
+    call = lambda: worker.request(Op.CALL_REPLICATED, (model._id, None, (torch.ones(1),), {}, 0),  # noqa: E731
+                                  materializes=model._id, recipe=model._recipe)
+    n = 0
+    while True:
+        sent.clear()
+        worker.drops.clear()
+        worker.drops.extend(releases)
+        point, result = _interrupt_at(n, _REQUEST, call)
+        kept = list(worker.drops) + sent
+        assert all(r in kept for r in releases), (
+            f"interrupted at {point}: releases lost: {[r for r in releases if r not in kept]}")
+        if point is None:
+            assert torch.equal(result, torch.full((1,), 3.0))
+            break
+        n += 1
+    assert n > 3, f"the request passed only {n} points"
+    worker.drops.clear()
+    assert torch.equal(model(torch.ones(1)), torch.full((1,), 3.0))

@@ -43,7 +43,7 @@ import time
 from typing import Any, Callable
 
 from ..errors import (InterpreterCrashedError, InterpreterError, InterpreterStartError,
-                      ManagerClosedError, RemoteTraceback, TransportError)
+                      ManagerClosedError, RemoteTraceback)
 from ..transport.messages import Op, RemoteException
 from .completions import CLOSED as _CLOSED
 
@@ -458,8 +458,10 @@ class Worker:
                             since = self._next_call
                             try:
                                 ticket = self._send_call(op, full, drop, timeout, handles)
-                            except TransportError:
-                                self.drops.extend(drop)  # nothing or something was sent: dropping twice is harmless
+                            except BaseException:
+                                # Nothing or something was sent (a Ctrl-C as the send was
+                                # entered or returned): dropping twice is harmless.
+                                self.drops.extend(drop)
                                 raise
                         hook = self.on_free  # _now_free, inlined (once per call)
                         if hook is not None:
@@ -502,8 +504,10 @@ class Worker:
         drop = drain(self.drops) if self.drops else ()
         try:
             value, error = self._roundtrip(op, args, drop, timeout, handles)
-        except TransportError:
-            self.drops.extend(drop)  # nothing or something was sent: dropping twice is harmless
+        except BaseException:
+            # Nothing or something was sent (or a Ctrl-C came while waiting for the
+            # reply): dropping twice is harmless.
+            self.drops.extend(drop)
             raise
         if error is not None:
             raise rebuild_exception(error)
@@ -736,13 +740,26 @@ class Backend:
 
 
 def drain(queue: collections.deque) -> tuple:
-    """Take everything from ``queue`` (appended to from any thread)."""
+    """Take everything from ``queue`` (appended to from any thread).
+
+    A Ctrl-C takes nothing: CPython raises it right after a call returns (and at
+    a loop's jump back), so ``out.append(queue.popleft())`` in a loop could take
+    items and drop them with the exception.  Here ``popleft`` runs from C, inside
+    the list's ``+=`` (an operator, not a call: no signal handler runs there),
+    and nothing after it calls anything before the items are returned.
+
+    >>> q = collections.deque([1, 2]); drain(q), q
+    ((1, 2), deque([]))
+    """
     out = []
     try:
-        while True:
-            out.append(queue.popleft())
-    except IndexError:
-        return tuple(out)
+        out += iter(queue.popleft, _NOTHING)
+    except IndexError:  # emptied (its last popleft)
+        pass
+    return (*out,)
+
+
+_NOTHING = object()  # never queued: the sentinel of drain's iter
 
 
 def rebuild_exception(error: RemoteException) -> BaseException:

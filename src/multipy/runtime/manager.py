@@ -283,32 +283,42 @@ class InterpreterManager:
         if index is None:
             if self._closed:
                 raise ManagerClosedError("this InterpreterManager is closed")
-            index = take_turn(balancer) if take_turn is not None else None
+            # take_turn runs from C inside the list display: CPython raises a Ctrl-C
+            # right after a call returns, and `index = take_turn(balancer)` would drop
+            # the index with its count taken; here nothing runs between the two.
+            index = [*map(take_turn, (balancer,))][0] if take_turn is not None else None
             if index is None:  # the balancer's lock is held: its own method
                 index = balancer.acquire()
-            worker = self._workers[index]
-            if worker.dead_reason is not None or worker.broken is not None or worker.closed:
-                balancer.release(index)  # down (crashed, restarting): another one if any
-                index = balancer.acquire(usable=self._available)
-                worker = self._workers[index]
+            chosen = True
         else:
-            worker = self._workers[index]
-            if self._closed:  # closed after the caller took the interpreter: give it back
-                balancer.release(index)
-                raise ManagerClosedError("this InterpreterManager is closed")
-        if timeout is None:
-            timeout = self._call_timeout
-        elif timeout == NO_TIMEOUT:
-            timeout = None
+            chosen = False
+        # From here the count of `index` is this call's: given back in the finally,
+        # whatever is raised (a Ctrl-C included).
         try:
+            worker = self._workers[index]
+            if chosen:
+                if worker.dead_reason is not None or worker.broken is not None or worker.closed:
+                    # Down (crashed, restarting): another one if any.  release is all
+                    # or nothing (on a raise the count is still this call's).
+                    balancer.release(index, notify=False)
+                    index = None
+                    index = balancer.acquire(usable=self._available)
+                    worker = self._workers[index]
+            elif self._closed:  # closed after the caller took the interpreter: give it back
+                raise ManagerClosedError("this InterpreterManager is closed")
+            if timeout is None:
+                timeout = self._call_timeout
+            elif timeout == NO_TIMEOUT:
+                timeout = None
             return worker.request(
                 _CALL_REPLICATED, (replicated._id, method, args, kwargs, caller_grad_mode()),
                 timeout=timeout, materializes=replicated._id, recipe=replicated._recipe)
         finally:
-            if give_back is None or not give_back(balancer, index):
-                balancer.release(index)
-            elif balancer.on_release is not None:  # release's hook, as it would run it
-                balancer.on_release()
+            if index is not None:
+                if give_back is None or not give_back(balancer, index):
+                    balancer.release(index)
+                elif balancer.on_release is not None:  # release's hook, as it would run it
+                    balancer.on_release()
 
 
 MAX_INTERPRETERS = 256
