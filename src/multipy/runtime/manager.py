@@ -316,8 +316,14 @@ class InterpreterManager:
         finally:
             if index is not None:
                 if give_back is None or not give_back(balancer, index):
-                    balancer.release(index)
-                elif balancer.on_release is not None:  # release's hook, as it would run it
+                    try:
+                        balancer.release(index, notify=False)
+                    except BaseException:
+                        # A Ctrl-C as release was entered: nothing was given back
+                        # (release is all or nothing), so once more, then it goes on.
+                        balancer.release(index, notify=False)
+                        raise
+                if balancer.on_release is not None:  # release's hook, as it would run it
                     balancer.on_release()
 
 
