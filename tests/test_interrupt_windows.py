@@ -30,6 +30,7 @@ import threading
 import pytest
 import torch
 
+import multipy
 from _interrupting import assert_nothing_stranded, balancer_counts
 from _rows import movable_rows
 from multipy.backends import base
@@ -548,3 +549,43 @@ def test_a_ctrl_c_in_a_blocking_request_loses_no_release(manager, model, monkeyp
     assert n > 3, f"the request passed only {n} points"
     worker.drops.clear()
     assert torch.equal(model(torch.ones(1)), torch.full((1,), 3.0))
+
+
+def test_a_ctrl_c_as_a_blocking_call_is_sent_reports_each_freed_block_once(backend):
+    # A request reports the result blocks whose host tensors died (the interpreter
+    # frees them): interrupted as it is sent, each is reported by the request that
+    # went out, or kept for the next one if none did; never both (a block reported
+    # twice would be freed again after the interpreter reused it for a new result).
+    from multipy.backends.process import ProcessWorker
+
+    if backend != "process":
+        pytest.skip("the blocking call sent in C is the process backend's")
+    with multipy.InterpreterManager(1, backend=backend) as manager:
+        worker = manager._workers[0]
+        if worker._caller is None:
+            pytest.skip("the blocking call is sent in C on the call channel only")
+        model = movable_rows(manager)
+        model(torch.ones(1))  # loaded: the request below is the common call
+        blocks = [1 << 40, (1 << 40) + 64]  # offsets no arena has: the interpreter ignores them
+        call = lambda: worker.request(  # noqa: E731
+            Op.CALL_REPLICATED, (model._id, None, (torch.ones(1),), {}, 0),
+            materializes=model._id, recipe=model._recipe)
+        n = 0
+        points = []
+        while True:
+            worker._freed.clear()
+            worker._freed.extend(blocks)
+            before = worker._next_call
+            point, result = _interrupt_at(n, {ProcessWorker._send_call.__code__}, call)
+            kept = [b for b in blocks if b in worker._freed]
+            if point is None:
+                assert torch.equal(result, torch.full((1,), 3.0)) and not kept
+                break
+            sent = worker._next_call != before
+            points.append((point, sent))
+            assert kept == ([] if sent else blocks), (
+                f"interrupted at {point} ({'sent' if sent else 'not sent'}): kept {kept} "
+                "for the next request")
+            n += 1
+        assert ("send in _send_call", True) in points, points  # the common call, sent in C
+        assert torch.equal(model(torch.ones(1)), torch.full((1,), 3.0))

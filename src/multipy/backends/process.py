@@ -365,10 +365,14 @@ class ProcessWorker(Worker):
                 held = self._held
                 if held.pending:  # arguments whose last host view died: reuse their blocks
                     held.settle()
+                since = self._next_call  # moved on by the send
                 try:
                     ticket = caller.send(op, args, freed, timeout)
                 except BaseException:
-                    self._freed.extend(freed)  # nothing was sent: reported with the next one
+                    # Not sent: reported with the next one.  Sent, then a Ctrl-C as send
+                    # returned: reported already (twice would free blocks reused since).
+                    if self._next_call == since:
+                        self._freed.extend(freed)
                     raise
                 if ticket is not None:
                     return ticket
