@@ -265,7 +265,10 @@ def test_a_call_whose_interpreter_died_right_after_loading_its_object_runs_in_th
         model = movable_rows(manager)  # not loaded yet
         worker = manager._workers[0]
         release = threading.Event()
-        manager._completions.call_soon(lambda: release.wait(60))  # reads no reply till then
+        held = threading.Event()
+        # The completion thread, which reads posted replies, reads none until released.
+        manager._completions.call_soon(lambda: (held.set(), release.wait(60)))
+        wait_for(held.is_set, "the completion thread to be held")
         future = model.submit(torch.ones(1))
         if worker._end is not None:
             wait_for(lambda: worker._posted and all(worker._end.ready(worker._slots[call])

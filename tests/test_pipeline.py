@@ -152,7 +152,9 @@ def test_a_reply_read_after_a_restart_began_leaves_the_replacement_the_recipe(
     generation = worker.generation
     # The completion thread, which reads posted replies, is held until the restart began.
     release = threading.Event()
-    manager._completions.call_soon(lambda: release.wait(60))
+    held = threading.Event()
+    manager._completions.call_soon(lambda: (held.set(), release.wait(60)))
+    wait_for(held.is_set, "the completion thread to be held")
     answered = rows_model.submit(x)
     wait_for(lambda: worker._posted and all(worker._end.ready(worker._slots[call])
                                            for call in worker._posted),
