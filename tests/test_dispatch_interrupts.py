@@ -149,3 +149,41 @@ def test_a_ctrl_c_anywhere_in_the_dispatcher_strands_nothing(manager, model, ses
         for name, post in posts.items():
             assert torch.equal(_answer(post()), torch.full((1,), 3.0)), (point, name)
     assert interrupted, f"no point was interrupted among {points}"
+
+
+def test_a_ctrl_c_before_a_batch_is_sent_fails_only_the_interrupted_callers_request(
+        manager, model, monkeypatch):
+    # The thread that submits a batchable request sends the batch it joins (its own
+    # request with the ones other threads queued).  A Ctrl-C there before the batch
+    # is sent reaches that thread and fails its own request; the other callers'
+    # requests go back to the queue and get their answers.
+    dispatcher = manager._dispatcher
+    batched = model.batched(max_batch_size=8, max_delay_ms=0)
+    counts = balancer_counts(manager)
+    xs = [torch.full((1,), float(i)) for i in range(4)]
+    others = [batched._request((x,), {}) for x in xs[:3]]
+    own = batched._request((xs[3],), {})
+    interrupted = []
+
+    def interrupting(post):
+        def once(*args, **kwargs):  # a Ctrl-C as Worker.post is entered (nothing sent)
+            if not interrupted:
+                interrupted.append(args)
+                raise KeyboardInterrupt("as the batch was sent")
+            return post(*args, **kwargs)
+        return once
+
+    for worker in manager._workers:
+        monkeypatch.setattr(worker, "post", interrupting(worker.post))
+    # Queued by other threads (their pumps found it busy): the next pump pass sends them.
+    dispatcher._incoming.extend(others)
+    dispatcher._empty = False
+    with pytest.raises(KeyboardInterrupt):
+        dispatcher.submit(own)
+    assert len(interrupted) == 1 and batched.statistics().batch_sizes == {4: 1}  # one batch of the four
+    # (exception(), not result(): a KeyboardInterrupt raised here would stop pytest)
+    assert isinstance(own.future.exception(timeout=60), KeyboardInterrupt)
+    for x, request in zip(xs, others):
+        assert request.future.exception(timeout=60) is None
+        assert torch.equal(request.future.result(), x * 2 + 1)
+    assert_nothing_stranded(manager, "the batch's post", counts)

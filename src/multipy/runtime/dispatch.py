@@ -147,6 +147,7 @@ class Dispatcher:
         self._pump_guard = threading.Lock()
         self._pumping = False
         self._pumper = None        # the thread pumping now (get_ident), while it does
+        self._submitter = None     # (thread, request) of the submit running the pump: see submit
         self._again = False
         self._timer = None         # (deadline, handle) of the batching deadline armed
         self._next_due = _NEVER    # earliest batching deadline in the queue (perf_counter)
@@ -168,10 +169,16 @@ class Dispatcher:
         self._incoming.append(request)
         self._empty = False
         try:
+            # Whose request this pump pass carries: a batch interrupted (Ctrl-C) before
+            # its send fails this one only (see _post).  One name for every thread: a
+            # pass run by another thread than the one named leaves every request queued.
+            self._submitter = (get_ident(), request)
             self._run()
         except BaseException:  # a Ctrl-C before the pump ran: the completion thread pumps
+            self._submitter = None
             self._completions.call_soon(self.pump)
             raise
+        self._submitter = None  # (its future and result are not kept alive here)
         return request.future
 
     def _post_now(self, request: Request) -> bool:
@@ -577,9 +584,21 @@ class Dispatcher:
             # Nothing was sent: an argument that cannot cross, a Ctrl-C...
             if group.balanced:
                 self._balancer.release(index, notify=False)
-            self._finish(group, None, exc)
-            if not isinstance(exc, Exception):  # a Ctrl-C also reaches the thread it hit
-                raise
+            if isinstance(exc, Exception):
+                self._finish(group, None, exc)
+                return
+            # A Ctrl-C reaches the thread it hit and fails that thread's own request;
+            # the other callers' requests of a batch go back to the queue, each alone.
+            submitter = self._submitter
+            own = submitter[1] if submitter is not None and submitter[0] == get_ident() else None
+            if len(requests) > 1:
+                self._retries.extend([_retry(r) for r in requests if r is not own])
+                self._empty = False
+                if own is not None and own in requests:
+                    _resolve(own, None, exc)
+            else:
+                self._finish(group, None, exc)
+            raise
         else:  # sent: from here its done() gives everything back, whatever happens here
             if handle is not None and len(requests) == 1:
                 first.sent = (worker, handle)
