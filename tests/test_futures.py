@@ -248,6 +248,12 @@ def test_an_interpreter_killed_under_concurrent_acalls_fails_only_its_calls(
     assert_usable(manager)
 
 
+def _asleep(pid: int) -> bool:
+    """The process waits in a system call (state S): not in the middle of a write."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "S"
+
+
 def test_a_call_whose_interpreter_died_right_after_loading_its_object_runs_in_the_replacement(
         backend):
     # With a timeout, a posted call's object is loaded by a request of its own first,
@@ -274,8 +280,8 @@ def test_a_call_whose_interpreter_died_right_after_loading_its_object_runs_in_th
             wait_for(lambda: worker._posted and all(worker._end.ready(worker._slots[call])
                                                    for call in worker._posted),
                      "the load's reply to be written")
-        else:
-            wait_for(lambda: select.select([worker._rep_r], [], [], 0)[0],
+        else:  # readable, and the interpreter asleep on its next request: all of it written
+            wait_for(lambda: select.select([worker._rep_r], [], [], 0)[0] and _asleep(worker.pid),
                      "the load's reply to be written")
         pid = worker.pid
         os.kill(pid, signal.SIGKILL)

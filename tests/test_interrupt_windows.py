@@ -33,6 +33,7 @@ import torch
 import multipy
 from _interrupting import assert_nothing_stranded, balancer_counts
 from _rows import movable_rows
+from _wait import wait_for
 from multipy.backends import base
 from multipy.backends.base import Worker, _PostedCall
 from multipy.runtime import dispatch
@@ -589,3 +590,47 @@ def test_a_ctrl_c_as_a_blocking_call_is_sent_reports_each_freed_block_once(backe
             n += 1
         assert ("send in _send_call", True) in points, points  # the common call, sent in C
         assert torch.equal(model(torch.ones(1)), torch.full((1,), 3.0))
+
+
+def test_a_ctrl_c_as_a_posted_call_is_sent_reports_each_freed_block_once(backend):
+    # The same for a posted call sent in C: a block is reported by the call that went
+    # out or kept for the next one, never both; and a call that went out ends as one
+    # interrupted after its send (its future gets its answer, nothing stays in flight).
+    from multipy.backends.process import ProcessWorker
+
+    if backend != "process":
+        pytest.skip("the posted call sent in C is the process backend's")
+    manager = multipy.InterpreterManager(1, backend=backend)
+    try:
+        worker = manager._workers[0]
+        if worker._caller is None:
+            pytest.skip("the posted call is sent in C on the call channel only")
+        model = movable_rows(manager)
+        model(torch.ones(1))  # loaded: the request below is the common call
+        blocks = [1 << 40, (1 << 40) + 64]  # offsets no arena has: the interpreter ignores them
+        n = 0
+        points = []
+        while True:
+            wait_for(lambda: not worker.lock.locked(), "the interpreter to be free")
+            worker._freed.clear()
+            worker._freed.extend(blocks)
+            before = worker._next_call
+            point, future = _interrupt_at(n, {ProcessWorker._post.__code__},
+                                          lambda: model.submit(torch.ones(1)))
+            kept = [b for b in blocks if b in worker._freed]
+            if point is None:
+                assert torch.equal(future.result(timeout=60), torch.full((1,), 3.0)) and not kept
+                break
+            sent = worker._next_call != before
+            points.append((point, sent))
+            assert kept == ([] if sent else blocks), (
+                f"interrupted at {point} ({'sent' if sent else 'not sent'}): kept {kept} "
+                "for the next request")
+            if sent:
+                wait_for(lambda: not worker._posted and worker.posted_in_flight == 0,
+                         f"the call sent before the interrupt at {point} to end")
+            n += 1
+        assert ("post in _post", True) in points, points  # the common call, sent in C
+        assert_nothing_stranded(manager, "the posts", [0])
+    finally:
+        manager.close()

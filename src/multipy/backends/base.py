@@ -607,6 +607,18 @@ class Worker:
                 call.timer = completions.call_at(time.monotonic() + timeout, call.expire)
             posted = self._post(op, full, drop, timeout, handles, completions, call.finish)
         except BaseException as exc:
+            posted = getattr(exc, "multipy_posted", None)
+            if posted is not None:
+                # Sent by the backend, then interrupted inside _post (a Ctrl-C as its
+                # send returned): it ends through call.finish, as below.
+                with call.lock:
+                    call.posted = posted
+                completions.call_soon(call.replay)  # (a no-op unless a completion fired early)
+                if not call.holds:
+                    self.lock.release()
+                    completions.call_soon(self._now_free)
+                exc.multipy_sent = True
+                raise
             if call is not None:
                 # Its timer, and a completion it registered before failing, must not run.
                 call.finished = True

@@ -629,22 +629,41 @@ class ProcessWorker(Worker):
                 if held.pending:  # arguments whose last host view died: reuse their blocks
                     held.settle()
                 deadline = -1 if timeout is None else _channel.deadline_ns(time.monotonic() + timeout)
+                since = self._next_call  # moved on by the post
                 try:
                     sent = caller.post(args, freed, posted, self._posted, deadline)
-                except BaseException:
-                    self._freed.extend(freed)  # nothing was sent: reported with the next one
+                    if sent is not None:
+                        posted.call, posted.placed = sent
+                        self._bells.watch()  # one watch of the bell hands every posted reply over
+                        return posted
+                except BaseException as exc:
+                    if self._next_call == since:  # not sent: reported with the next one
+                        self._freed.extend(freed)
+                        raise
+                    # Sent, its books kept (in C), then a Ctrl-C as post returned or the
+                    # watch was entered: its freed blocks are reported (twice would free
+                    # reused blocks), its reply watched, and its sender ends it as a
+                    # call interrupted after its send (see Worker._send_posted).
+                    call = self._next_call
+                    posted.call, posted.placed = call, self._owed.get(call, posted.placed)
+                    exc.multipy_posted = posted
+                    self._bells.watch()
                     raise
-                if sent is not None:
-                    posted.call, posted.placed = sent
-                    self._bells.watch()  # one watch of the bell hands every posted reply over
-                    return posted
                 self._freed.extend(freed)  # the Python path below sends them
         call, placed = self._send(op, args, drop, timeout, handles, posted)
         posted.call, posted.placed = call, placed
-        if self._end is not None:
-            self._bells.watch()
-        else:
-            self._arm(posted)
+        try:
+            if self._end is not None:
+                self._bells.watch()
+            else:
+                self._arm(posted)
+        except BaseException as exc:  # a Ctrl-C as the watch was entered: sent all the same
+            exc.multipy_posted = posted
+            if self._end is not None:
+                self._bells.watch()
+            else:
+                self._arm(posted)
+            raise
         return posted
 
     def _arm(self, posted) -> None:
