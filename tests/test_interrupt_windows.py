@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import gc
 import sys
 import threading
 
@@ -76,6 +77,10 @@ def _interrupt_at(n: int, codes, action):
             raise KeyboardInterrupt(hit[0])
         count[0] += 1
 
+    # No collection meanwhile: a weakref callback it runs would count as a point, and
+    # the KeyboardInterrupt raised there would be swallowed as unraisable.
+    collecting = gc.isenabled()
+    gc.disable()
     sys.setprofile(hook)
     try:
         result = action()
@@ -83,6 +88,8 @@ def _interrupt_at(n: int, codes, action):
         return hit[0], None
     finally:
         sys.setprofile(None)
+        if collecting:
+            gc.enable()
     return None, result
 
 
