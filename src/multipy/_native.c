@@ -4291,6 +4291,17 @@ static int give_turn_back(PyObject *balancer, PyObject *index, PyObject *dispatc
     return 0;
 }
 
+/* Give the worker's lock back, the error being raised (if any) kept as it is. */
+static void release_keeping_error(PyObject *lock) {
+    PyObject *exc = fetch_error();
+    PyObject *r = PyObject_CallMethodNoArgs(lock, s_release);
+    if (r == NULL)
+        PyErr_WriteUnraisable(lock);
+    Py_XDECREF(r);
+    if (exc != NULL)
+        restore_error(exc);
+}
+
 /* call_replicated(obj, args, kwargs, op) -> value: ReplicatedObj.__call__ (see above). */
 static PyObject *native_call_replicated(PyObject *m, PyObject *const *a, Py_ssize_t nargs) {
     (void)m;
@@ -4502,14 +4513,7 @@ unsent: /* the send raised, nothing sent: the freed blocks go with the next call
         restore_error(exc);
     }
 unlock_resume:
-    {
-        PyObject *exc = fetch_error();
-        PyObject *r2 = PyObject_CallMethodNoArgs(lock, s_release);
-        if (r2 == NULL)
-            PyErr_WriteUnraisable(lock);
-        Py_XDECREF(r2);
-        restore_error(exc);
-    }
+    release_keeping_error(lock);
 resume:
     /* Worker._request_in_flight from where this call is: sent (ticket) or not
      * (None), waited says what the wait said or what was raised (None: not waited). */
@@ -4539,17 +4543,9 @@ resume:
     }
 unlock_give_back:
 unlock_with_index:
-    {
-        PyObject *exc = fetch_error();
-        PyObject *r2 = PyObject_CallMethodNoArgs(lock, s_release);
-        if (r2 == NULL)
-            PyErr_WriteUnraisable(lock);
-        Py_XDECREF(r2);
-        if (exc != NULL) {
-            restore_error(exc);
-            goto give_back_turn;
-        }
-    }
+    release_keeping_error(lock);
+    if (PyErr_Occurred())
+        goto give_back_turn;
 with_index: /* the turn taken, nothing else: the Python path, which gives it back */
     out = python_call(manager, obj, args, kwargs, index);
     goto done;
