@@ -315,14 +315,19 @@ class InterpreterManager:
                 timeout=timeout, materializes=replicated._id, recipe=replicated._recipe)
         finally:
             if index is not None:
-                if give_back is None or not give_back(balancer, index):
-                    try:
-                        balancer.release(index, notify=False)
-                    except BaseException:
-                        # A Ctrl-C as release was entered: nothing was given back
-                        # (release is all or nothing), so once more, then it goes on.
-                        balancer.release(index, notify=False)
-                        raise
+                gave = False
+                try:
+                    if give_back is not None:  # from C inside the display, as take_turn
+                        gave = [*map(give_back, (balancer,), (index,))][0]
+                finally:
+                    if not gave:  # declined (its lock busy), or a Ctrl-C before it ran
+                        try:
+                            balancer.release(index, notify=False)
+                        except BaseException:
+                            # A Ctrl-C as release was entered: nothing was given back
+                            # (release is all or nothing), so once more, then it goes on.
+                            balancer.release(index, notify=False)
+                            raise
                 if balancer.on_release is not None:  # release's hook, as it would run it
                     balancer.on_release()
 
