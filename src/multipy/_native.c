@@ -4302,6 +4302,28 @@ static void release_keeping_error(PyObject *lock) {
         restore_error(exc);
 }
 
+/* A short look for the reply with the GIL held, before the wait lets it go.  A
+ * call that comes back within REPLY_LOOK_NS (a light model's) is then settled
+ * without a GIL hand-off; with many host threads on one interpreter, a caller that
+ * waits at once finds every spinning place taken and sleeps (a futex round trip
+ * and a context switch each way) where a few µs later its reply was there. */
+#define REPLY_LOOK_NS 4000
+static void reply_look(ChannelObject *c, unsigned long slot) {
+    if (!c->attached || c->detach_pending || slot >= c->nslots)
+        return; /* caller_finish says why */
+    slot_t *s = slot_at(c, (unsigned int)slot);
+    if (reply_ready(c, s))
+        return;
+    int64_t until = now_ns() + REPLY_LOOK_NS;
+    do {
+        for (int i = 0; i < 32; i++) {
+            if (reply_ready(c, s))
+                return;
+            cpu_pause();
+        }
+    } while (now_ns() < until);
+}
+
 /* call_replicated(obj, args, kwargs, op) -> value: ReplicatedObj.__call__ (see above). */
 static PyObject *native_call_replicated(PyObject *m, PyObject *const *a, Py_ssize_t nargs) {
     (void)m;
@@ -4469,6 +4491,7 @@ static PyObject *native_call_replicated(PyObject *m, PyObject *const *a, Py_ssiz
         goto resume;
     if (attr_true(worker, s_left) != 0)
         goto resume; /* callers who left (or an error): _await_call sweeps their replies */
+    reply_look(caller->channel, (unsigned long)slot);
     got = caller_finish(caller, PyLong_AsUnsignedLongLong(key), (unsigned long)slot, seconds);
     if (got == NULL) {
         if (!PyErr_ExceptionMatches(PyExc_ValueError))
