@@ -285,8 +285,10 @@ def test_a_call_whose_interpreter_died_right_after_loading_its_object_runs_in_th
             # (the fork server, for an instant), the write goes through and the call
             # counts as run.  A call known not sent must never fail.
             assert worker._end is None and "before this call was sent" not in str(exc), exc
-        assert killed and worker.pid != killed[0]
+        assert killed
+        # The replacement serves (a call that failed may have come back before it started).
         assert torch.equal(model.submit(torch.ones(1)).result(timeout=60), torch.full((1,), 3.0))
+        assert worker.pid != killed[0]
 
 
 def test_a_posted_call_past_call_timeout_raises_and_the_interpreter_serves_again(backend, tmp_path):
