@@ -764,13 +764,12 @@ class _Bridge:
     once per run of results (``call_soon_threadsafe`` writes to the loop's pipe)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = weakref.ref(loop)  # weak: the bridge is the loop's value in _bridges
-        self.loop_ref = self._loop
+        self.loop_ref = weakref.ref(loop)  # weak: the bridge is the loop's value in _bridges
         self._lock = threading.Lock()
         self._ready: list = []
 
     def deliver(self, waiter: asyncio.Future, value, error) -> None:
-        loop = self._loop()
+        loop = self.loop_ref()
         if loop is None:
             return  # the loop is gone, and every task that awaited on it
         if asyncio._get_running_loop() is loop:  # on the loop's thread: no wake-up
