@@ -952,11 +952,7 @@ class _PostedCall:
         if error is not None:
             with worker._tally:
                 worker.failures += 1
-        worker.calls += 1  # worker._count(self.started), written out (once per call)
-        lat = worker.latencies
-        lat.append(time.perf_counter() - self.started)
-        if len(lat) > 4096:
-            del lat[:2048]
+        worker._count(self.started)
         self.posted = None
         if self.holds:
             worker.lock.release()
