@@ -343,7 +343,8 @@ class Worker:
     # -- the hot path -------------------------------------------------------
     def request(self, op: Op, args: tuple = (), *, timeout: float | None = None,
                 handles: tuple | None = None, materializes: int | None = None,
-                recipe: tuple | None = None, resend: bool = True) -> Any:
+                recipe: tuple | None = None, resend: bool = True,
+                unloads: int | None = None) -> Any:
         """Run one operation in the interpreter and return its value.
 
         Raises the interpreter's exception (rebuilt in the host), or
@@ -356,7 +357,9 @@ class Worker:
         never counted against the call's timeout.  When the interpreter
         turns out to have died before the request reached it, the request goes
         to its replacement if ``resend`` (False for requests naming objects of
-        the dead one).
+        the dead one).  ``unloads`` names a replicated object the request drops
+        there (``Op.UNLOAD``): it is marked not loaded in the same hold of the lock
+        as the send (see :meth:`_forget_loaded`).
 
         A backend that keeps several requests in flight replaces this method with
         :meth:`_request_in_flight`: the lock is held only while the request is
@@ -380,6 +383,8 @@ class Worker:
                         full = args
                         if materializes is not None:
                             full = args + ((None if materializes in self.materialized else recipe),)
+                        if unloads is not None:
+                            self._forget_loaded(unloads)
                         value = self._checked(op, full, timeout, handles)
                     except RequestNotSent as not_sent:
                         if attempt == MAX_SENDS - 1 or not resend or self.closed:  # closed: its error says so
@@ -403,7 +408,7 @@ class Worker:
     def _request_in_flight(self, op: Op, args: tuple = (), *, timeout: float | None = None,
                            handles: tuple | None = None, materializes: int | None = None,
                            recipe: tuple | None = None, resend: bool = True,
-                           sent: tuple | None = None) -> Any:
+                           sent: tuple | None = None, unloads: int | None = None) -> Any:
         """:meth:`request` for a backend with several requests in flight: the lock
         only around the send.
 
@@ -455,6 +460,8 @@ class Worker:
                                 else:
                                     full = args + (None,)
                             drop = drain(self.drops) if self.drops else ()
+                            if unloads is not None:
+                                self._forget_loaded(unloads)
                             since = self._next_call
                             try:
                                 ticket = self._send_call(op, full, drop, timeout, handles)
@@ -492,6 +499,15 @@ class Worker:
             lat.append(_clock() - started)
             if len(lat) > 4096:
                 del lat[:2048]
+
+    def _forget_loaded(self, rid: int) -> None:
+        """Mark replicated object ``rid`` not loaded here, under the lock, just before
+        the request that unloads it is sent: every call sent after it carries the
+        object's recipe (and loads it again if it runs after the unload), every call
+        sent before it runs before it.  A fresh set, not a discard: a call sent
+        before the unload adds its object to the set it was sent with when its reply
+        comes, which must not mark ``rid`` loaded again after the unload."""
+        self.materialized = self.materialized - {rid}
 
     def _count(self, started: float) -> None:
         self.calls += 1

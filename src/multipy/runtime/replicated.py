@@ -210,13 +210,26 @@ class ReplicatedObj:
         return self
 
     def unload(self, interpreter: "Interpreter | None" = None) -> None:
-        """Drop the object from one interpreter, or from all of them."""
+        """Drop the object from one interpreter, or from all of them.
+
+        Calls already sent to an interpreter run before the unload there and
+        return their results; calls sent during or after it carry the object's
+        recipe and load it again where they run, as a first call does.  So
+        ``unload()`` never makes a call fail; an object that keeps being called
+        is loaded again by those calls.
+
+        >>> model.unload(manager.all_instances()[0])   # doctest: +SKIP
+        >>> model.loaded_in()                          # doctest: +SKIP
+        [1]
+        """
         workers = ([self._manager._workers[self._own(interpreter).index]]
                    if interpreter is not None else self._manager._workers)
         for worker in workers:
             if self._id in worker.materialized:
-                worker.request(Op.UNLOAD, (self._id,))
-                worker.materialized.discard(self._id)
+                # Marked not loaded under the worker's lock as the request is sent
+                # (not after its reply: a call sent in between would go without the
+                # recipe and find the object gone).
+                worker.request(Op.UNLOAD, (self._id,), unloads=self._id)
 
     def _own(self, interpreter: "Interpreter") -> "Interpreter":
         """``interpreter``, checked to be one of this object's manager."""

@@ -1,0 +1,127 @@
+"""Calls racing with what changes an interpreter under them: an unload of the
+object they call, a restart that outlasts the wait for the calls in flight.
+
+A call made while its object is being unloaded returns its answer (the call
+sent before the unload runs before it; one sent after it loads the object
+again), never a ``LookupError`` from inside the interpreter.  A blocking caller
+that outlives its interpreter's restart (the restart stops waiting for it)
+fails with :class:`~multipy.errors.InterpreterCrashedError` and never touches
+the replacement's calls.
+
+One interpreter per manager: every call goes to the interpreter under test.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import pytest
+import torch
+
+from _rows import logged, movable_rows, open_gate
+from _wait import wait_for
+from multipy.errors import InterpreterCrashedError
+from multipy.transport.messages import Op
+
+INTERPRETERS = 1
+
+
+@pytest.fixture(scope="module")
+def model(manager):
+    return movable_rows(manager)
+
+
+def _after_unload(worker, then):
+    """Wrap ``worker.request``: right after an UNLOAD request returns, and before
+    ``unload()`` goes on, run ``then()`` (a call made in that instant)."""
+    request = worker.request
+    ran = []
+
+    def wrapped(op, *args, **kwargs):
+        out = request(op, *args, **kwargs)
+        if op == Op.UNLOAD:
+            ran.append(then())
+        return out
+
+    worker.request = wrapped
+    return ran
+
+
+def test_a_call_made_as_an_unload_ends_loads_the_object_again(manager, model):
+    worker = manager._workers[0]
+    x = torch.arange(3.0)
+    assert torch.equal(model(x), x * 2 + 1)  # loaded
+    assert model.loaded_in() == [0]
+    ran = _after_unload(worker, lambda: model(x))
+    try:
+        model.unload()
+    finally:
+        del worker.request
+    assert len(ran) == 1 and torch.equal(ran[0], x * 2 + 1)
+    assert model.loaded_in() == [0]  # loaded again by that call
+    assert torch.equal(model(x), x * 2 + 1)
+
+
+def test_a_posted_call_made_as_an_unload_ends_loads_the_object_again(manager, model):
+    worker = manager._workers[0]
+    x = torch.arange(4.0)
+    assert torch.equal(model.submit(x).result(60), x * 2 + 1)
+    ran = _after_unload(worker, lambda: model.submit(x))
+    try:
+        model.unload()
+    finally:
+        del worker.request
+    assert torch.equal(ran[0].result(60), x * 2 + 1)
+    assert torch.equal(model.submit(x).result(60), x * 2 + 1)
+
+
+def test_a_call_sent_while_the_unload_is_in_flight_gets_its_answer(manager, backend, model):
+    """(Process backend: the unload's reply is awaited without the worker's lock,
+    so calls are sent behind it meanwhile.)"""
+    if backend != "process":
+        pytest.skip("only the process backend awaits a reply without the worker's lock")
+    worker = manager._workers[0]
+    x = torch.arange(5.0)
+    assert torch.equal(model(x), x * 2 + 1)
+    await_call = worker._await_call
+    sent = []
+
+    def wrapped(ticket, waited=None):
+        if ticket[2] == Op.UNLOAD and not sent:
+            sent.append(model.submit(x))  # sent behind the unload, before its reply is read
+        return await_call(ticket, waited)
+
+    worker._await_call = wrapped
+    try:
+        model.unload()
+    finally:
+        del worker._await_call
+    assert torch.equal(sent[0].result(60), x * 2 + 1)
+    assert torch.equal(model(x), x * 2 + 1)
+
+
+def test_a_call_in_flight_across_an_unload_does_not_mark_the_object_loaded_again(
+        manager, model, gate):
+    """A call sent before the unload whose reply is read after it: the object stays
+    marked unloaded, so the next call carries its recipe."""
+    worker = manager._workers[0]
+    if worker.posted_depth == 1:
+        pytest.skip("a posted call holds the interpreter until its reply: nothing is sent behind it")
+    gate_path, log = gate
+    x = torch.arange(2.0)
+    assert torch.equal(model(x), x * 2 + 1)  # loaded
+    held = model.submit(x, gate=gate_path, log=log)
+    wait_for(lambda: len(logged(log)) == 1, "the gated call to start")
+    before = worker._next_call
+    unloading = threading.Thread(target=model.unload)
+    unloading.start()
+    try:
+        wait_for(lambda: worker._next_call > before, "the unload to be sent")
+    finally:
+        open_gate(gate_path)
+        unloading.join(60)
+    assert torch.equal(held.result(60), x * 2 + 1)
+    assert model.loaded_in() == []
+    assert torch.equal(model(x), x * 2 + 1)
