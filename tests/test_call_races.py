@@ -125,3 +125,75 @@ def test_a_call_in_flight_across_an_unload_does_not_mark_the_object_loaded_again
     assert torch.equal(held.result(60), x * 2 + 1)
     assert model.loaded_in() == []
     assert torch.equal(model(x), x * 2 + 1)
+
+
+def test_a_caller_that_outlives_the_restart_wait_fails_and_leaves_the_replacement_alone(
+        manager, backend, model, gate, monkeypatch):
+    """A blocking caller held between its send and its wait (here: in the worker's
+    free hook) while its interpreter dies and is replaced, the restart having
+    stopped waiting for it: it fails with InterpreterCrashedError (or returns its
+    own answer where it was read before), and the replacement's call with the
+    same place in its books gets its own answer from a replacement left running."""
+    if backend != "process":
+        pytest.skip("only the process backend waits for replies without the worker's lock")
+    from multipy.backends import process
+
+    monkeypatch.setattr(process, "_CALLERS_LEAVE", 0.05)  # the restart's wait, shortened
+    worker = manager._workers[0]
+    x = torch.arange(3.0)
+    assert torch.equal(model(x), x * 2 + 1)  # loaded
+    hook = worker.on_free
+    held, go, stale = threading.Event(), threading.Event(), []
+    ident = []
+
+    def hold_once():
+        if threading.get_ident() in ident and not held.is_set():
+            held.set()
+            go.wait(60)
+        if hook is not None:
+            hook()
+
+    def call():
+        ident.append(threading.get_ident())
+        try:
+            stale.append(model(x))
+        except BaseException as exc:
+            stale.append(exc)
+
+    worker.on_free = hold_once
+    caller = threading.Thread(target=call)
+    try:
+        caller.start()
+        assert held.wait(60), "the caller never sent its call"
+        call_id, generation, pid = worker._next_call, worker.generation, worker.pid
+        worker.on_free = hook
+        os.kill(pid, signal.SIGKILL)
+        try:
+            model(x)  # finds it dead: resent to the replacement, or fails with the crash
+        except InterpreterCrashedError:
+            pass
+        wait_for(lambda: worker.generation > generation and worker.available,
+                 "the interpreter to be replaced")
+        # The replacement's books up to the held caller's call id (where ids start
+        # again each generation), then a call in flight there.
+        while worker._next_call < call_id - 1:
+            model(x)
+        gate_path, log = gate
+        answer = []
+        in_flight = threading.Thread(
+            target=lambda: answer.append(model(x + 10, gate=gate_path, log=log)))
+        in_flight.start()
+        wait_for(lambda: len(logged(log)) == 1, "the replacement's call to start")
+        replacement = worker.pid
+        go.set()
+        caller.join(60)
+        assert not caller.is_alive()
+    finally:
+        worker.on_free = hook
+        go.set()
+        open_gate(gate[0])
+    in_flight.join(60)
+    assert isinstance(stale[0], InterpreterCrashedError) or torch.equal(stale[0], x * 2 + 1), stale
+    assert len(answer) == 1 and torch.equal(answer[0], (x + 10) * 2 + 1)
+    assert worker.pid == replacement and worker.generation == generation + 1
+    assert torch.equal(model(x), x * 2 + 1)

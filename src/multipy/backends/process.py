@@ -209,6 +209,14 @@ class ProcessWorker(Worker):
 
     def _launch(self) -> None:
         self._terminate(kill=True)
+        # The new generation's books are made under _rx, where a blocking caller of
+        # the last one reads them: one that outlived the restart's wait for it (see
+        # _terminate) finds them all of one generation, and its own gone (call ids
+        # are never reused: see _outlived).
+        with self._rx:
+            self._begin_generation()
+
+    def _begin_generation(self) -> None:
         req_r, self._req_w = os.pipe()
         self._rep_r, rep_w = os.pipe()
         out_r, out_w = os.pipe()
@@ -254,7 +262,8 @@ class ProcessWorker(Worker):
         # Only the pipes' wait asks whether a caller is alone (base.in_calls); on the
         # channel the extension counts the calls in flight itself.
         self.counts_callers = channel is None
-        self._next_call = 0
+        # (_next_call goes on from the last generation's: a call id names one call
+        # over the worker's life, so a late caller never finds its id in new books.)
         # In-flight bookkeeping of this generation (see _send and _finish).
         self._owed: dict[int, list[int]] = {}  # call id -> argument blocks, reply not read yet
         self._unsure: set[int] = set()  # owed calls whose write was interrupted: sent or not?
@@ -396,7 +405,9 @@ class ProcessWorker(Worker):
         # timeout, a dead interpreter) is _finish's, told what the wait said.
         try:
             if waited is None:
-                got = caller.finish(call, self._slots[call], -1.0 if timeout is None else timeout)
+                slot = self._slots.get(call)  # None: its generation is over (_channel_reply says so)
+                got = _CLOSED if slot is None else caller.finish(
+                    call, slot, -1.0 if timeout is None else timeout)
             elif type(waited) is int:
                 got = waited
             else:
@@ -497,7 +508,9 @@ class ProcessWorker(Worker):
         """:meth:`_finish` on the call channel: wait on this call's own reply slot
         (``waited``: what a first wait said, see :meth:`_await_call`)."""
         end = self._end
-        slot = self._slots[call]
+        slot = self._slots.get(call)
+        if slot is None:  # not in this generation's books: its own is over
+            raise self._outlived()
         deadline = None if timeout is None else time.monotonic() + timeout
         wait = end.wait
         while True:
@@ -511,6 +524,8 @@ class ProcessWorker(Worker):
                 except ValueError:  # detached: this generation is over
                     rc = _CLOSED
             with self._rx:
+                if self._end is not end:  # replaced while it waited
+                    raise self._outlived()
                 try:
                     reply = self._take_reply(call, slot)
                 except ValueError:  # detached
@@ -531,6 +546,19 @@ class ProcessWorker(Worker):
                         self._owed.pop(call, None)
                         raise RequestNotSent(self._crashed("before this call reached it"))
                     raise self._crashed("while starting" if starting else "while running a call")
+
+    def _outlived(self):
+        """The error of a blocking caller back after its interpreter was replaced: the
+        restart stopped waiting for it (:data:`_CALLERS_LEAVE`, twice) and the
+        generation it sent its call to is over, its books gone.  Nothing of the
+        replacement is touched (its slots and call ids are not this call's)."""
+        from ..errors import InterpreterCrashedError
+
+        return InterpreterCrashedError(
+            f"interpreter {self.index} was restarted while this call waited for its reply: its "
+            f"caller did not come back within the {2 * _CALLERS_LEAVE:g} s a restart waits for "
+            "the calls in flight (its thread was held up: a debugger, a slow signal handler, "
+            "an overloaded host); whether the call ran is unknown", index=self.index)
 
     def _take_reply(self, call: int, slot: int):
         """The reply to ``call`` from its slot (``None`` if not there yet).  Under ``_rx``."""
