@@ -25,6 +25,7 @@ import torch
 from _interrupting import assert_nothing_stranded, balancer_counts
 from _rows import movable_rows
 from multipy.backends.base import Worker
+from multipy.runtime import balancer as balancer_module
 from multipy.runtime import dispatch
 
 INTERPRETERS = 2
@@ -187,3 +188,114 @@ def test_a_ctrl_c_before_a_batch_is_sent_fails_only_the_interrupted_callers_requ
         assert request.future.exception(timeout=60) is None
         assert torch.equal(request.future.result(), x * 2 + 1)
     assert_nothing_stranded(manager, "the batch's post", counts)
+
+
+# -- a second Ctrl-C, inside the recovery from the first -----------------------------------
+_RECOVERY_FILES = {_HERE, balancer_module.__file__}
+_LET_GO_AFTER = Worker.let_go_after.__code__
+
+
+def _in_recovery(event, frame) -> bool:
+    """A point in the dispatcher's code or in what it calls to give back what it
+    took (the balancer's release, ``Worker.let_go_after``)."""
+    if event == "c_return":
+        code = frame.f_code
+    elif event == "call" and frame.f_back is not None:
+        code = frame.f_back.f_code
+    else:
+        return False
+    return code.co_filename in _RECOVERY_FILES or code is _LET_GO_AFTER
+
+
+def _interrupted_twice(manager, monkeypatch, first: str, m: int, action):
+    """Run ``action()`` with a KeyboardInterrupt raised by the first call of
+    ``first`` ("_post": the dispatcher's send step, "post": ``Worker.post``, each
+    as it is entered: nothing sent) and a second one at the ``m``-th point after
+    it; returns the second's point (``None``: never reached) and the requests
+    submitted meanwhile."""
+    dispatcher = manager._dispatcher
+    raised, hit, count, submitted = [], [], [0], []
+
+    def interrupting(original):
+        def once(*args, **kwargs):
+            if not raised:
+                raised.append(first)
+                raise KeyboardInterrupt(f"as {first} was entered")
+            return original(*args, **kwargs)
+        return once
+
+    submit = dispatcher.submit
+
+    def recording(request):
+        submitted.append(request)
+        return submit(request)
+
+    def hook(frame, event, arg):
+        if not raised or hit or not _in_recovery(event, frame):
+            return
+        if count[0] == m:
+            hit.append(_name(event, frame, arg))
+            raise KeyboardInterrupt(f"at {hit[0]}, after one as {first} was entered")
+        count[0] += 1
+
+    with monkeypatch.context() as patch:
+        patch.setattr(dispatcher, "submit", recording)
+        if first == "_post":
+            patch.setattr(dispatcher, "_post", interrupting(dispatcher._post))
+        else:
+            for worker in manager._workers:
+                patch.setattr(worker, "post", interrupting(worker.post))
+        sys.setprofile(hook)
+        try:
+            action()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.setprofile(None)
+    assert raised, f"{first} was never entered"
+    return (hit[0] if hit else None), submitted
+
+
+@pytest.mark.parametrize("kind, first", [("submit", "_post"), ("session", "_post"),
+                                         ("batch", "_post"), ("batch", "post")])
+def test_a_second_ctrl_c_while_the_dispatcher_recovers_from_one_strands_nothing(
+        manager, model, session, kind, first, monkeypatch):
+    # The first Ctrl-C stops a send before anything went out; the second lands at each
+    # point in turn of what gives back the interpreter's lock, the balancer's count and
+    # the requests.  Nothing is stranded, and every request but the interrupted
+    # caller's own is answered.
+    dispatcher = manager._dispatcher
+    batched = model.batched(max_batch_size=8, max_delay_ms=0)
+    rows = session.global_("_rows", "rows")
+    counts = balancer_counts(manager)
+    xs = [torch.full((1,), float(i)) for i in range(4)]
+    others = []
+
+    def action():
+        if kind == "submit":
+            return model.submit(xs[0])
+        if kind == "session":
+            return rows.submit(xs[0])
+        # Queued by other threads (their pumps found it busy): this one sends all four.
+        others[:] = [batched._request((x,), {}) for x in xs[:3]]
+        dispatcher._incoming.extend(others)
+        dispatcher._empty = False
+        return dispatcher.submit(batched._request((xs[3],), {}))
+
+    points = []
+    for m in range(200):
+        point, submitted = _interrupted_twice(manager, monkeypatch, first, m, action)
+        where = f"{point}, after one as {first} was entered"
+        assert_nothing_stranded(manager, where, counts)
+        for x, request in zip(xs, others):
+            assert torch.equal(request.future.result(timeout=60), x * 2 + 1), where
+        if kind == "session":  # queued again, then sent
+            assert torch.equal(submitted[0].future.result(timeout=60).deref(), xs[0] * 2 + 1), where
+        if point is None:
+            break
+        points.append(point)
+    else:
+        raise AssertionError("the recovery never ended")
+    assert points, "no second interrupt landed in the recovery"
+    for post in _posts(model, session).values():
+        assert torch.equal(_answer(post()), torch.full((1,), 3.0))

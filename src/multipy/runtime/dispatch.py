@@ -176,7 +176,10 @@ class Dispatcher:
             self._run()
         except BaseException:  # a Ctrl-C before the pump ran: the completion thread pumps
             self._submitter = None
-            self._completions.call_soon(self.pump)
+            try:
+                self._completions.call_soon(self.pump)
+            except BaseException:  # a second Ctrl-C: once more (a pump too many finds nothing)
+                self._completions.call_soon(self.pump)
             raise
         self._submitter = None  # (its future and result are not kept alive here)
         return request.future
@@ -207,7 +210,11 @@ class Dispatcher:
                 balancer.release(index, notify=False)
             return True
         except BaseException:
-            self._let_go(index, worker, group, requeue=False)  # the caller's own: it was interrupted
+            taken = [index, worker, group]  # see _let_go
+            try:
+                self._let_go(taken, requeue=False)  # the caller's own: it was interrupted
+            except BaseException:  # a second Ctrl-C in there: what is left is given back
+                self._let_go(taken, requeue=False)
             raise
 
     def idle_now(self) -> int | None:
@@ -303,7 +310,10 @@ class Dispatcher:
                 if mine and not self._empty:
                     # Interrupted (Ctrl-C) with requests still queued, some perhaps
                     # handed back (_let_go): the completion thread pumps for them.
-                    self._completions.call_soon(self.pump)
+                    try:
+                        self._completions.call_soon(self.pump)
+                    except BaseException:  # a second Ctrl-C: once more (harmless if twice)
+                        self._completions.call_soon(self.pump)
                 if left:
                     self._completions.call_soon(lambda: _fail_closed(left))
                 raise
@@ -392,7 +402,11 @@ class Dispatcher:
                     break
                 self._post(index, worker, group)
             except BaseException:
-                self._let_go(index, worker, group)
+                taken = [index, worker, group]  # see _let_go
+                try:
+                    self._let_go(taken)
+                except BaseException:  # a second Ctrl-C in there: what is left is given back
+                    self._let_go(taken)
                 raise
         if not pending:
             self._next_due = _NEVER
@@ -447,14 +461,11 @@ class Dispatcher:
                     self._post(index, worker, group)
                 except BaseException:
                     if not group.handed:
-                        worker.lock.release()
-                        if not group.balanced:  # its future may have started: it goes as a retry
-                            group = _Group([_retry(r) for r in group.requests], balanced=False)
-                        if removed:
-                            queue.appendleft(group)
-                            self._n_pinned += 1
-                        else:
-                            queue[0] = group
+                        taken = [worker, group, removed]  # see _put_back
+                        try:
+                            self._put_back(queue, taken)
+                        except BaseException:  # a second Ctrl-C in there: what is left, done
+                            self._put_back(queue, taken)
                     raise
                 # The interpreter is busy now; one that queues calls may take the next.
 
@@ -578,50 +589,112 @@ class Dispatcher:
         except RequestNotSent as not_sent:
             # The interpreter was found dead before anything was sent (and is restarting).
             self._not_sent(index, group, not_sent)
-        except BaseException as exc:
-            if worker.let_go_after(exc):  # sent, then a Ctrl-C: its done() gives all back
+        except Exception as exc:
+            if worker.let_go_after(exc):  # sent, then an error (of on_free): its done() ends it
                 raise
-            # Nothing was sent: an argument that cannot cross, a Ctrl-C...
+            # Nothing was sent (an argument that cannot cross...): the requests fail with it.
             if group.balanced:
                 self._balancer.release(index, notify=False)
-            if isinstance(exc, Exception):
-                self._finish(group, None, exc)
-                return
-            # A Ctrl-C reaches the thread it hit and fails that thread's own request;
-            # the other callers' requests of a batch go back to the queue, each alone.
-            submitter = self._submitter
-            own = submitter[1] if submitter is not None and submitter[0] == get_ident() else None
-            if len(requests) > 1:
-                self._retries.extend([_retry(r) for r in requests if r is not own])
-                self._empty = False
-                if own is not None and own in requests:
-                    _resolve(own, None, exc)
-            else:
-                self._finish(group, None, exc)
+            self._finish(group, None, exc)
+        except BaseException as exc:
+            # A Ctrl-C.  A second one inside this recovery is absorbed (the first goes
+            # on): each step it interrupts is done once more.
+            try:
+                sent = worker.let_go_after(exc)
+            except BaseException:  # asked again, it tells the same (see let_go_after)
+                sent = worker.let_go_after(exc)
+            if sent:  # sent, then a Ctrl-C: its done() gives all back
+                raise
+            taken = [index if group.balanced else None, None, group]  # see _let_go
+            try:
+                self._unsent(taken, exc)
+            except BaseException:
+                self._unsent(taken, exc)
             raise
         else:  # sent: from here its done() gives everything back, whatever happens here
             if handle is not None and len(requests) == 1:
                 first.sent = (worker, handle)
 
-    def _let_go(self, index: int | None, worker, group: _Group | None, *,
-                requeue: bool = True) -> None:
+    def _let_go(self, taken: list, *, requeue: bool = True) -> None:
         """A Ctrl-C (KeyboardInterrupt, raised by a signal handler right after any
         call) stopped a send after it took the load balancer's count of interpreter
-        ``index``, ``worker``'s lock or the requests of ``group`` (``None`` for
-        what it had not taken yet), before :meth:`_post` had them
-        (``group.handed``): they are given back, and the requests queued again
-        first (``requeue``; the interrupted pump has the completion thread pump).
-        Without this, the interpreter would look busy, and the requests wait, for
-        ever."""
+        ``index``, ``worker``'s lock or the requests of ``group`` (``taken`` is
+        ``[index, worker, group]``, ``None`` for what it had not taken yet), before
+        :meth:`_post` had them (``group.handed``): they are given back, and the
+        requests queued again first (``requeue``; the interrupted pump has the
+        completion thread pump).  Without this, the interpreter would look busy,
+        and the requests wait, for ever.
+
+        Each is struck from ``taken`` as it is given back, with no point between the
+        two where a signal handler runs: run again after a second Ctrl-C stopped
+        it, it gives back what is left, once."""
+        index, worker, group = taken
         if group is not None and group.handed:
             return
         if worker is not None:
+            taken[1] = None  # struck first: nothing between here and the release runs a handler
             worker.lock.release()
         if index is not None:
-            self._balancer.release(index, notify=False)
+            self._balancer.release(index, notify=False)  # all or nothing
+            taken[0] = None  # (a Python function's return runs no handler)
         if group is not None and requeue:
-            self._retries.extend(_retry(request) for request in group.requests)
-            self._empty = False
+            self._queue_again(group.requests)  # all or nothing
+            taken[2] = None
+
+    def _unsent(self, taken: list, exc: BaseException) -> None:
+        """A Ctrl-C (``exc``) stopped :meth:`_post` before anything was sent, the
+        interpreter's lock given back: the balancer's count (``taken[0]``, or
+        ``None``) is given back; the interrupted thread's own request fails with
+        ``exc`` (the interrupt reaches that thread), every other request of the
+        group (``taken[2]``; other callers' requests, which it sent for them) goes
+        back to the queue, each alone.  Run again after a second Ctrl-C stopped
+        it, it does what is left (see :meth:`_let_go`)."""
+        index, _, group = taken
+        if index is not None:
+            self._balancer.release(index, notify=False)  # all or nothing
+            taken[0] = None
+        if group is None:
+            return
+        requests = group.requests
+        if self._pumper != get_ident():  # a submit's own send (_post_now): its own request
+            own = requests[0]
+        else:
+            submitter = self._submitter
+            own = submitter[1] if submitter is not None and submitter[0] == get_ident() else None
+        others = [r for r in requests if r is not own]
+        if others:
+            self._queue_again(others)  # all or nothing
+        taken[2] = None
+        if own is not None and own in requests:  # (a courtesy: its caller was interrupted)
+            _resolve(own, None, exc)
+
+    def _put_back(self, queue: collections.deque, taken: list) -> None:
+        """A Ctrl-C stopped :meth:`_dispatch_pinned` before :meth:`_post` had the
+        group (``taken``: ``[worker, group, removed]``): the interpreter's lock is
+        given back and the group goes back first in its interpreter's queue (a
+        session's request as a retry: its future may have started).  Run again
+        after a second Ctrl-C stopped it, it does what is left (see :meth:`_let_go`)."""
+        worker, group, removed = taken
+        if worker is not None:
+            taken[0] = None
+            worker.lock.release()
+        if group is not None:
+            if not group.balanced:  # its future may have started: it goes as a retry
+                group = _Group([_retry(r) for r in group.requests], balanced=False)
+            taken[1] = None  # struck first: nothing between here and the queueing runs a handler
+            if removed:
+                self._n_pinned += 1  # (before: a handler may run as appendleft returns)
+                queue.appendleft(group)
+            else:
+                queue[0] = group
+
+    def _queue_again(self, requests: list) -> None:
+        """Queue ``requests`` again, first, each alone (as retries).  All or nothing: a
+        Ctrl-C while the retries are made queues none of them."""
+        again = [_retry(request) for request in requests]
+        retries = self._retries
+        retries += again  # an operator, not a call: no signal handler runs in it
+        self._empty = False
 
     def _done(self, index: int, group: _Group, value, error) -> None:
         """On the completion thread, after the worker freed the interpreter."""
