@@ -299,3 +299,33 @@ def test_a_second_ctrl_c_while_the_dispatcher_recovers_from_one_strands_nothing(
     assert points, "no second interrupt landed in the recovery"
     for post in _posts(model, session).values():
         assert torch.equal(_answer(post()), torch.full((1,), 3.0))
+
+
+def test_a_ctrl_c_as_another_callers_request_is_sent_does_not_fail_it(manager, model, monkeypatch):
+    # The thread that submits a request runs the pump, which sends the request another
+    # caller queued before it.  A Ctrl-C there before that send reaches this thread
+    # only: the other caller's request goes back to the queue and gets its answer.
+    dispatcher = manager._dispatcher
+    counts = balancer_counts(manager)
+    other = manager._replicated_request(model, None, (torch.full((1,), 5.0),), {}, None)
+    interrupted = []
+
+    def interrupting(post):
+        def once(*args, **kwargs):  # a Ctrl-C as Worker.post is entered (nothing sent)
+            if not interrupted:
+                interrupted.append(args)
+                raise KeyboardInterrupt("as the other caller's request was sent")
+            return post(*args, **kwargs)
+        return once
+
+    for worker in manager._workers:
+        monkeypatch.setattr(worker, "post", interrupting(worker.post))
+    dispatcher._incoming.append(other)  # queued by another thread (its pump found it busy)
+    dispatcher._empty = False
+    with pytest.raises(KeyboardInterrupt):
+        dispatcher.submit(manager._replicated_request(model, None, (torch.ones(1),), {}, None))
+    assert len(interrupted) == 1
+    # (exception(), not result(): a KeyboardInterrupt raised here would stop pytest)
+    assert other.future.exception(timeout=60) is None
+    assert torch.equal(other.future.result(), torch.full((1,), 11.0))
+    assert_nothing_stranded(manager, "the other caller's post", counts)
