@@ -567,7 +567,7 @@ def test_a_ctrl_c_in_a_blocking_request_loses_no_release(manager, model, monkeyp
     assert torch.equal(model(torch.ones(1)), torch.full((1,), 3.0))
 
 
-def test_a_ctrl_c_as_a_blocking_call_is_sent_reports_each_freed_block_once(backend):
+def test_a_ctrl_c_as_a_blocking_call_is_sent_reports_each_freed_block_once(manager, backend, model):
     # A request reports the result blocks whose host tensors died (the interpreter
     # frees them): interrupted as it is sent, each is reported by the request that
     # went out, or kept for the next one if none did; never both (a block reported
@@ -576,18 +576,17 @@ def test_a_ctrl_c_as_a_blocking_call_is_sent_reports_each_freed_block_once(backe
 
     if backend != "process":
         pytest.skip("the blocking call sent in C is the process backend's")
-    with multipy.InterpreterManager(1, backend=backend) as manager:
-        worker = manager._workers[0]
-        if worker._caller is None:
-            pytest.skip("the blocking call is sent in C on the call channel only")
-        model = movable_rows(manager)
-        model(torch.ones(1))  # loaded: the request below is the common call
-        blocks = [1 << 40, (1 << 40) + 64]  # offsets no arena has: the interpreter ignores them
-        call = lambda: worker.request(  # noqa: E731
-            Op.CALL_REPLICATED, (model._id, None, (torch.ones(1),), {}, 0),
-            materializes=model._id, recipe=model._recipe)
-        n = 0
-        points = []
+    worker = manager._workers[0]
+    if worker._caller is None:
+        pytest.skip("the blocking call is sent in C on the call channel only")
+    blocks = [1 << 40, (1 << 40) + 64]  # offsets no arena has: the interpreter ignores them
+    call = lambda: worker.request(  # noqa: E731
+        Op.CALL_REPLICATED, (model._id, None, (torch.ones(1),), {}, 0),
+        materializes=model._id, recipe=model._recipe)
+    call()  # loaded there: the request below is the common call
+    n = 0
+    points = []
+    try:
         while True:
             worker._freed.clear()
             worker._freed.extend(blocks)
@@ -603,11 +602,15 @@ def test_a_ctrl_c_as_a_blocking_call_is_sent_reports_each_freed_block_once(backe
                 f"interrupted at {point} ({'sent' if sent else 'not sent'}): kept {kept} "
                 "for the next request")
             n += 1
-        assert ("send in _send_call", True) in points, points  # the common call, sent in C
-        assert torch.equal(model(torch.ones(1)), torch.full((1,), 3.0))
+    finally:
+        for block in blocks:  # (not blocks of its arena: never reported to it again)
+            while block in worker._freed:
+                worker._freed.remove(block)
+    assert ("send in _send_call", True) in points, points  # the common call, sent in C
+    assert torch.equal(call(), torch.full((1,), 3.0))
 
 
-def test_a_ctrl_c_as_a_posted_call_is_sent_reports_each_freed_block_once(backend):
+def test_a_ctrl_c_as_a_posted_call_is_sent_reports_each_freed_block_once(manager, backend, model):
     # The same for a posted call sent in C: a block is reported by the call that went
     # out or kept for the next one, never both; and a call that went out ends as one
     # interrupted after its send (its future gets its answer, nothing stays in flight).
@@ -615,14 +618,14 @@ def test_a_ctrl_c_as_a_posted_call_is_sent_reports_each_freed_block_once(backend
 
     if backend != "process":
         pytest.skip("the posted call sent in C is the process backend's")
-    manager = multipy.InterpreterManager(1, backend=backend)
+    worker = manager._workers[0]
+    if worker._caller is None:
+        pytest.skip("the posted call is sent in C on the call channel only")
+    counts = balancer_counts(manager)
+    blocks = [1 << 40, (1 << 40) + 64]  # offsets no arena has: the interpreter ignores them
+    manager.debug_limit_interpreters(1)  # every posted call to interpreter 0
     try:
-        worker = manager._workers[0]
-        if worker._caller is None:
-            pytest.skip("the posted call is sent in C on the call channel only")
-        model = movable_rows(manager)
-        model(torch.ones(1))  # loaded: the request below is the common call
-        blocks = [1 << 40, (1 << 40) + 64]  # offsets no arena has: the interpreter ignores them
+        model(torch.ones(1))  # loaded there: the request below is the common call
         n = 0
         points = []
         while True:
@@ -646,6 +649,9 @@ def test_a_ctrl_c_as_a_posted_call_is_sent_reports_each_freed_block_once(backend
                          f"the call sent before the interrupt at {point} to end")
             n += 1
         assert ("post in _post", True) in points, points  # the common call, sent in C
-        assert_nothing_stranded(manager, "the posts", [0])
+        assert_nothing_stranded(manager, "the posts", counts)
     finally:
-        manager.close()
+        manager.debug_limit_interpreters(len(manager))
+        for block in blocks:
+            while block in worker._freed:
+                worker._freed.remove(block)
