@@ -28,7 +28,7 @@ demo: $(STAMP)
 # modules that exercise the transport and the process backend: NATIVE_OFF_TESTS.
 NATIVE_OFF_TESTS := tests/test_channel.py tests/test_transport.py tests/test_reliability.py tests/test_manager.py \
 	tests/test_futures.py tests/test_in_flight.py tests/test_codec.py tests/test_odd_arguments.py \
-	tests/test_whole_call.py
+	tests/test_whole_call.py tests/test_call_races.py
 
 # The first run: the tests and the docstring examples (testpaths and --doctest-modules in pyproject.toml).
 test: $(STAMP)
