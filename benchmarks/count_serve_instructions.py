@@ -14,6 +14,10 @@ interpreter.  ``--layer infer`` counts
 ``ServedModel.infer`` alone (no body decoded or answer encoded); ``--layer handler``
 the app with the model's call left out (``ServedModel._call`` answers with its first
 input at once: the handler, the body decoded, the answer encoded, the metrics).
+``--layer http`` the app under the HTTP protocol ``multipy serve`` runs it with
+(uvicorn's, as ``multipy.serve.server`` configures it): each request's bytes fed to
+one connection's protocol, its answer written to a stand-in transport, so HTTP
+parsing and writing are counted, but not the socket's system calls.
 
 Instruction counts do not depend on machine load; wall time under callgrind means
 nothing.  They leave out the kernel, and the wait for the interpreter.
@@ -44,7 +48,7 @@ from multipy.serve.protocol import decode_request, encode_request
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("n", type=int, nargs="?", default=200)
-    parser.add_argument("--layer", choices=("app", "infer", "handler"), default="app")
+    parser.add_argument("--layer", choices=("app", "infer", "handler", "http"), default="app")
     parser.add_argument("--concurrency", type=int, default=1,
                         help="requests in flight at once (64: most wait in line for an interpreter)")
     parser.add_argument("--model", default="identity", help="an example model (identity, smallops)")
@@ -85,7 +89,8 @@ def main() -> None:
                 return call_args[0]
 
             model._call = first_input
-        one = infer if args.layer == "infer" else request
+        one = {"infer": infer, "http": _http_request(app, body) if args.layer == "http" else None
+               }.get(args.layer, request)
 
         async def many(n: int) -> None:
             """``n`` requests, ``args.concurrency`` of them in flight at any time."""
@@ -117,6 +122,70 @@ def main() -> None:
         else:
             uvloop.run(run())
     print(f"{counts[0] / args.n:,.0f} instructions per request (host)")
+
+
+class _Transport:
+    """A stand-in for one connection's socket: what is written is dropped."""
+
+    def __init__(self) -> None:
+        self.written = 0
+
+    def write(self, data) -> None:
+        self.written += len(data)
+
+    def writelines(self, chunks) -> None:
+        for data in chunks:
+            self.written += len(data)
+
+    def get_extra_info(self, name, default=None):
+        return {"sockname": ("127.0.0.1", 8000), "peername": ("127.0.0.1", 50000)}.get(name,
+                                                                                        default)
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        raise AssertionError("the connection was closed")
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def _http_request(app, body: bytes):
+    """``request()`` through the HTTP protocol ``multipy serve`` gives uvicorn: one
+    connection, one keep-alive request after another."""
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    from multipy.serve import server
+
+    make = getattr(server, "_config", None)
+    if make is not None:
+        config = make(app, host="127.0.0.1", port=8000, log_level="warning")
+    else:  # a tree before _config: uvicorn's settings there
+        config = uvicorn.Config(app, lifespan="off", access_log=False, proxy_headers=False,
+                                server_header=False, log_level="warning")
+    config.load()
+    state = ServerState()
+    protocol = None
+    wire = (b"POST /v2/models/model/infer HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    async def request() -> None:
+        nonlocal protocol
+        if protocol is None:
+            protocol = config.http_protocol_class(config=config, server_state=state,
+                                                  app_state={})
+            protocol.connection_made(_Transport())
+        protocol.data_received(wire)
+        task, = state.tasks
+        await task
+        assert protocol.cycle.response_complete and protocol.transport.written > 200
+
+    return request
 
 
 def _waits(registry, model, one, args) -> None:
