@@ -193,69 +193,71 @@ class _Infer:
         model = self.models.get(name)
         status = 500
         try:
-            registry = self.registry
-            if model is None:
-                registry.get(name)  # raises ModelNotFound (404), naming the models
-            options = registry.options
-            if registry.draining:
-                raise _draining(options.retry_after)
-            header_length, declared = _headers(scope["headers"])
-            limit = options.max_request_bytes
-            if declared is not None and declared > limit:
-                raise _too_large(declared, limit)
-            message = await receive()
-            if message["type"] == "http.request" and not message.get("more_body", False):
-                body = message.get("body", b"")  # the whole body in one message: the common case
-                if len(body) > limit:
-                    raise _too_large(None, limit)
-                if header_length is not None:  # binary tensors view it in place
-                    body = bytearray(body)
-            else:
-                body = await _read_body(receive, message, limit, writable=header_length is not None)
-            if body is None:
-                status = _CLIENT_GONE
-            else:
-                if len(body) > _OFFLOAD_BYTES:
-                    decoded = await asyncio.to_thread(decode_request, body, header_length)
+            try:
+                registry = self.registry
+                if model is None:
+                    registry.get(name)  # raises ModelNotFound (404), naming the models
+                options = registry.options
+                if registry.draining:
+                    raise _draining(options.retry_after)
+                header_length, declared = _headers(scope["headers"])
+                limit = options.max_request_bytes
+                if declared is not None and declared > limit:
+                    raise _too_large(declared, limit)
+                message = await receive()
+                if message["type"] == "http.request" and not message.get("more_body", False):
+                    body = message.get("body", b"")  # the whole body in one message (common)
+                    if len(body) > limit:
+                        raise _too_large(None, limit)
+                    if header_length is not None:  # binary tensors view it in place
+                        body = bytearray(body)
                 else:
-                    decoded = decode_request(body, header_length)
-                timeout = options.request_timeout
-                if decoded.timeout is not None:
-                    timeout = min(timeout, decoded.timeout)
-                infer = model.infer(decoded.args, deadline=time.monotonic() + timeout)
-                if model.busy():  # it waits in line: drop it if its client leaves meanwhile
-                    result = await _unless_gone(infer, receive)
-                else:  # runs at once: nothing to drop if the client leaves
-                    result = await infer
-                if result is _GONE:
+                    body = await _read_body(receive, message, limit,
+                                            writable=header_length is not None)
+                if body is None:
                     status = _CLIENT_GONE
                 else:
-                    encoded = encode_response(name, result, request=decoded, model_version="1",
-                                              declared=model.output_names)
-                    body = encoded.body
-                    if encoded.header_length is None:
-                        headers = [(b"content-type", b"application/json")]
+                    if len(body) > _OFFLOAD_BYTES:
+                        decoded = await asyncio.to_thread(decode_request, body, header_length)
                     else:
-                        headers = [(b"content-type", b"application/octet-stream"),
-                                   (_HEADER_LENGTH, b"%d" % encoded.header_length)]
-                    status = 200
-        except InferenceError as exc:
-            status = exc.status
-            headers, body = _error_headers(exc.retry_after), error_body(exc.message)
-        except asyncio.CancelledError:
-            status = _CLIENT_GONE
-            raise
-        except Exception as exc:
-            log.exception("internal error serving %s", scope["path"])
-            headers = _error_headers(None)
-            body = error_body(f"internal error: {type(exc).__name__}: {exc}")
-        finally:
+                        decoded = decode_request(body, header_length)
+                    timeout = options.request_timeout
+                    if decoded.timeout is not None:
+                        timeout = min(timeout, decoded.timeout)
+                    infer = model.infer(decoded.args, deadline=time.monotonic() + timeout)
+                    if model.busy():  # it waits in line: drop it if its client leaves meanwhile
+                        result = await _unless_gone(infer, receive)
+                    else:  # runs at once: nothing to drop if the client leaves
+                        result = await infer
+                    if result is _GONE:
+                        status = _CLIENT_GONE
+                    else:
+                        encoded = encode_response(name, result, request=decoded, model_version="1",
+                                                  declared=model.output_names)
+                        body = encoded.body
+                        if encoded.header_length is None:
+                            headers = [(b"content-type", b"application/json")]
+                        else:
+                            headers = [(b"content-type", b"application/octet-stream"),
+                                       (_HEADER_LENGTH, b"%d" % encoded.header_length)]
+                        status = 200
+            except InferenceError as exc:
+                status = exc.status
+                headers, body = _error_headers(exc.retry_after), error_body(exc.message)
+            except asyncio.CancelledError:
+                status = _CLIENT_GONE
+                raise
+            except Exception as exc:
+                log.exception("internal error serving %s", scope["path"])
+                headers = _error_headers(None)
+                body = error_body(f"internal error: {type(exc).__name__}: {exc}")
+            if status != _CLIENT_GONE:
+                headers.append((b"content-length", b"%d" % len(body)))
+                await send({"type": "http.response.start", "status": status, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+        finally:  # (after the answer is written: counting it does not delay it)
             if model is not None:
                 self.metrics.request(name, status, time.perf_counter() - started)
-        if status != _CLIENT_GONE:
-            headers.append((b"content-length", b"%d" % len(body)))
-            await send({"type": "http.response.start", "status": status, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
 
 
 _GONE = object()
