@@ -118,9 +118,11 @@ RESPONSES = {
 POST = b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n{}"
 HEAD = b"HEAD /x HTTP/1.1\r\nHost: a\r\n\r\n"
 HTTP10 = b"POST /x HTTP/1.0\r\nHost: a\r\nContent-Length: 2\r\n\r\n{}"
+EXPECT = b"POST /x HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n{}"
 
 
-@pytest.mark.parametrize("request_bytes", [POST, HEAD, HTTP10], ids=["POST", "HEAD", "HTTP/1.0"])
+@pytest.mark.parametrize("request_bytes", [POST, HEAD, HTTP10, EXPECT],
+                         ids=["POST", "HEAD", "HTTP/1.0", "Expect: 100-continue"])
 @pytest.mark.parametrize("kind", sorted(RESPONSES))
 def test_the_bytes_written_are_uvicorns_in_one_write_per_body_message(kind, request_bytes):
     async def main():
@@ -134,8 +136,33 @@ def test_the_bytes_written_are_uvicorns_in_one_write_per_body_message(kind, requ
     assert theirs[0].startswith(b"HTTP/1.1 ")
     body_messages = sum(m["type"] == "http.response.body" for m in RESPONSES[kind])
     # uvicorn: one write for the head, one per body message (none for HEAD's body).
+    interim = request_bytes == EXPECT  # (+1: "100 Continue", written when the body is read)
     assert len(ours) == len(theirs) - 1 or request_bytes == HEAD
-    assert len(ours) <= body_messages
+    assert len(ours) <= body_messages + interim
+
+
+def test_pipelined_requests_are_answered_in_order_as_uvicorn_answers_them():
+    async def main():
+        async def app(scope, receive, send):
+            await receive()
+            body = scope["path"].encode()
+            await send(_start(length=len(body)))
+            await send(_body(body))
+
+        wire = b"".join(b"POST /%d HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n{}" % i
+                        for i in range(3))
+        out = []
+        for protocol_class in (server._HttpProtocol, httptools_impl.HttpToolsProtocol):
+            protocol, transport, state = _connection(app, protocol_class)
+            protocol.data_received(wire)
+            await asyncio.wait_for(_until(lambda: state.total_requests == 3), WAIT)
+            protocol.connection_lost(None)
+            out.append(transport.writes)
+        return out
+
+    ours, theirs = asyncio.run(main())
+    assert b"".join(ours) == b"".join(theirs)
+    assert [w.rsplit(b"\r\n", 1)[1] for w in ours] == [b"/0", b"/1", b"/2"]
 
 
 @pytest.mark.parametrize("messages, error", [
