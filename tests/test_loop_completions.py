@@ -10,6 +10,8 @@ Calls that must stay in flight wait inside the interpreter for a gate file
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
 
 import pytest
@@ -50,32 +52,102 @@ def test_every_caller_gets_its_own_answer_read_on_the_loops_thread(model, manage
     assert {ident for _, ident in outs} == {threading.get_ident()}
 
 
-def test_a_busy_interpreters_replies_are_read_without_a_reader_added_per_call(
-        model, manager, backend):
-    if backend == "thread":
-        pytest.skip("the thread backend's interpreters wake the loop themselves (no descriptor)")
+def _readers_added(manager, calls):
+    """Run ``calls(loop)`` (a coroutine function) on a fresh loop; returns its result,
+    the descriptors the loop began to read (add_reader) and those watched for a
+    reply (watch / watch_kept) meanwhile, and the loop's completions."""
     added, watched = [], []
 
     async def main():
         loop = asyncio.get_running_loop()
         completions = manager._dispatcher._on_loop(loop)
-        add_reader, watch = loop.add_reader, completions.watch
+        add_reader, watch, kept = loop.add_reader, completions.watch, completions.watch_kept
         loop.add_reader = lambda fd, *args: (added.append(fd), add_reader(fd, *args))[1]
         completions.watch = lambda fd, callback: (watched.append(fd), watch(fd, callback))[1]
+        completions.watch_kept = lambda fd, callback, owner: (
+            watched.append(fd), kept(fd, callback, owner))[1]
         try:
-            xs = [torch.full((2,), float(i)) for i in range(64)]
-            outs = await asyncio.gather(*(_call(model, x) for x in xs))
+            return await calls(loop), completions
         finally:
-            del loop.add_reader, completions.watch
-        assert all(torch.equal(out, x * 2 + 1) for x, out in zip(xs, outs))
-        # No reader outlives its call: remove_reader says whether one was there.
-        return [fd for fd in set(watched) if loop.remove_reader(fd)]
+            del loop.add_reader, completions.watch, completions.watch_kept
 
-    left = asyncio.run(main())
-    assert left == []
+    out, completions = asyncio.run(main())
+    return out, added, watched, completions
+
+
+def test_a_busy_interpreters_replies_are_read_without_a_reader_added_per_call(
+        model, manager, backend):
+    if backend == "thread":
+        pytest.skip("the thread backend's interpreters wake the loop themselves (no descriptor)")
+    xs = [torch.full((2,), float(i)) for i in range(64)]
+
+    async def calls(loop):
+        return await asyncio.gather(*(_call(model, x) for x in xs))
+
+    outs, added, watched, _ = _readers_added(manager, calls)
+    assert all(torch.equal(out, x * 2 + 1) for x, out in zip(xs, outs))
     # 64 calls queued on 2 interpreters: each interpreter's next call is sent, and
     # its reply watched, while the loop still reads that interpreter's descriptor.
     assert watched and len(added) < len(watched) / 2
+
+
+def test_one_call_at_a_time_keeps_the_bell_read_between_calls(model, manager, backend):
+    """The server's one connection: each call waits for the one before.  The loop
+    reads each interpreter's bell from its first call on (a reader added per
+    interpreter, not per call), and stops once the loop is gone: no duplicate
+    descriptor is left open."""
+    if backend == "thread":
+        pytest.skip("the thread backend's interpreters wake the loop themselves (no descriptor)")
+
+    async def calls(loop):
+        outs = [await _call(model, torch.full((2,), float(i))) for i in range(40)]
+        return outs
+
+    outs, added, watched, completions = _readers_added(manager, calls)
+    assert [o[0].item() for o in outs] == [i * 2 + 1 for i in range(40)]
+    assert len(watched) >= 20  # (a reply there at once needs no watch)
+    assert 1 <= len(added) <= 2 * INTERPRETERS  # (a ring left over may stop it once)
+    dups = [dup for _, dup in completions._kept.values()]
+    completions.hand_over()  # the manager's close, for a loop that stopped
+    assert completions._kept == {}
+    for dup in dups:
+        with pytest.raises(OSError):
+            os.fstat(dup)
+
+
+def test_the_kept_reader_stops_when_its_interpreter_restarts(model, manager, backend):
+    """The interpreter dies between two calls: its bell reaches end-of-file and the
+    loop stops reading it (its duplicate closed), while the replacement's bell is
+    read from its first call."""
+    if backend == "thread":
+        pytest.skip("the thread backend's interpreters wake the loop themselves (no descriptor)")
+
+    async def calls(loop):
+        completions = manager._dispatcher._on_loop(loop)
+        first = await asyncio.gather(*(_call(model, torch.ones(1)) for _ in range(8)))
+        old = dict(completions._kept)
+        assert old, "no bell kept read after the calls"
+        for worker in manager._workers:
+            os.kill(worker.pid, signal.SIGKILL)
+        # The dead interpreters' bells are dropped at end-of-file by the loop itself.
+        deadline = loop.time() + 60
+        while any(completions._kept.get(fd, (None,))[0] is owner
+                  for fd, (owner, _) in old.items()):
+            assert loop.time() < deadline, "the loop still reads a dead interpreter's bell"
+            await asyncio.sleep(0.01)
+        for _, dup in old.values():
+            with pytest.raises(OSError):
+                os.fstat(dup)
+        deadline = loop.time() + 120
+        while True:  # the calls after the kill reach the replacements
+            try:
+                return first, await _call(model, torch.ones(1))
+            except multipy.InterpreterCrashedError:
+                assert loop.time() < deadline
+                await asyncio.sleep(0.05)
+
+    (first, after), *_ = _readers_added(manager, calls)
+    assert all(o.item() == 3 for o in first) and after.item() == 3
 
 
 def test_a_call_cancelled_in_flight_is_dropped_and_the_pool_stays_usable(

@@ -738,7 +738,7 @@ class HostEnd:
         if self.bell_closed or replied():
             completions.call_soon(partial(callback, _BELL_READY))
         else:
-            completions.watch(self.bell_r, callback)
+            completions.watch_kept(self.bell_r, callback, self)  # a loop keeps reading it
 
     def drain_bell(self) -> None:
         """Empty the bell pipe; :attr:`bell_closed` once it reached end-of-file
