@@ -4602,6 +4602,434 @@ done:
     return out;
 }
 
+/* -- host: an awaited call's reply, settled and its future resolved in C ---------
+ *
+ * ring_awaited(watch, completions) -> bool: BellWatch.on_bell's common case on an
+ * event loop that reads its own replies (a served request, submit_async with
+ * on_loop=True): the loop's bell rang and the one posted call in flight on that
+ * channel is a lone awaited request of this loop whose reply is the common one.
+ * What the Python path does from the bell to the caller's future, in one C call:
+ * the bell watch cleared (watching) and the bell emptied (HostEnd.drain_bell), the
+ * reply settled (settle_common, as Caller.collect), the call ended
+ * (_PostedCall._end: posted_in_flight, calls, latencies, the worker lock when it
+ * holds it), the dispatcher's end of it (Dispatcher._done: the balancer's count
+ * given back and its queue pumped, as give_turn_back) and the loop's future set.
+ *
+ * False, with nothing changed but the watch cleared and the bell emptied (which the
+ * Python path does again, harmlessly), when anything is not that case: the bell's
+ * end-of-file (the interpreter died), a reply not there yet or not the common one
+ * (an error, output, a pickled or spilled reply), several calls in flight, a batch,
+ * a timeout's timer, a first load, a thread's completions, a held lock; then
+ * on_bell goes on in Python.  Past the settle, a worker tally held by another
+ * thread hands the rest to _PostedCall._end.  The Python objects and functions it
+ * recognises are registered once by runtime.dispatch (ring_setup). */
+
+static PyObject *ring_hand_over, *ring_posted_type, *ring_finish_fn, *ring_done_fn,
+    *ring_loop_future_type, *ring_partial_type, *ring_running_loop;
+static PyObject *s_retired, *s_posted, *s_wlock_b, *s_watching, *s_end_b, *s_bell_r,
+    *s_bell_closed, *s_hand, *s_handed, *s_completions_a, *s_outcome, *s_finished, *s_then,
+    *s_timer, *s_posted_a, *s_worker_a, *s_slots, *s_draining_a, *s_counted, *s_tally,
+    *s_posted_in_flight, *s_holds, *s_started_a, *s_done_a, *s_func, *s_args, *s_requests,
+    *s_balanced, *s_convert, *s_future, *s_on_loop, *s_waiter, *s_sent, *s_cancelled,
+    *s_set_result, *s_watch_m, *s_end_m, *s_balancer_a, *s_finish, *s_materializes,
+    *s_materialized_a, *s_loop_a;
+
+static int ring_strings(void) {
+    if (s_balancer_a != NULL)
+        return 0;
+#define S(var, text) if ((var = PyUnicode_InternFromString(text)) == NULL) return -1
+    S(s_retired, "retired"); S(s_posted, "posted"); S(s_wlock_b, "lock"); S(s_watching, "watching");
+    S(s_end_b, "end"); S(s_bell_r, "bell_r"); S(s_bell_closed, "bell_closed"); S(s_hand, "_hand");
+    S(s_handed, "handed"); S(s_completions_a, "completions"); S(s_outcome, "outcome");
+    S(s_finished, "finished"); S(s_then, "then"); S(s_timer, "timer"); S(s_posted_a, "_posted");
+    S(s_worker_a, "worker"); S(s_slots, "_slots"); S(s_draining_a, "_draining");
+    S(s_counted, "counted"); S(s_tally, "_tally"); S(s_posted_in_flight, "posted_in_flight");
+    S(s_holds, "holds"); S(s_started_a, "started"); S(s_done_a, "done"); S(s_func, "func");
+    S(s_args, "args"); S(s_requests, "requests"); S(s_balanced, "balanced");
+    S(s_convert, "convert"); S(s_future, "future"); S(s_on_loop, "on_loop");
+    S(s_waiter, "waiter"); S(s_sent, "sent"); S(s_cancelled, "cancelled");
+    S(s_set_result, "set_result"); S(s_watch_m, "watch"); S(s_end_m, "_end");
+    S(s_balancer_a, "_balancer"); S(s_finish, "finish"); S(s_materializes, "materializes");
+    S(s_materialized_a, "materialized"); S(s_loop_a, "_loop");
+#undef S
+    return 0;
+}
+
+/* ring_setup(hand_over, posted_call_type, dispatcher_done, loop_future_type, partial_type,
+ *            running_loop) */
+static PyObject *native_ring_setup(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
+    (void)m;
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "ring_setup() takes 6 arguments");
+        return NULL;
+    }
+    if (!cache_here())
+        Py_RETURN_NONE; /* another interpreter's objects: ring_awaited says False */
+    if (ring_strings() < 0 || whole_call_strings() < 0 || balancer_strings() < 0)
+        return NULL;
+    PyObject *finish = PyObject_GetAttrString(args[1], "finish");
+    if (finish == NULL)
+        return NULL;
+    Py_XSETREF(ring_hand_over, Py_NewRef(args[0]));
+    Py_XSETREF(ring_posted_type, Py_NewRef(args[1]));
+    Py_XSETREF(ring_finish_fn, finish);
+    Py_XSETREF(ring_done_fn, Py_NewRef(args[2]));
+    Py_XSETREF(ring_loop_future_type, Py_NewRef(args[3]));
+    Py_XSETREF(ring_partial_type, Py_NewRef(args[4]));
+    Py_XSETREF(ring_running_loop, Py_NewRef(args[5]));
+    Py_RETURN_NONE;
+}
+
+/* getattr(obj, name) is want: 1 yes, 0 no, -1 error. */
+static int attr_is(PyObject *obj, PyObject *name, PyObject *want) {
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL)
+        return -1;
+    int is = v == want;
+    Py_DECREF(v);
+    return is;
+}
+
+/* A threading.Lock taken without waiting: 1 taken, 0 held elsewhere, -1 error. */
+static int lock_now(PyObject *lock) {
+    PyObject *r = PyObject_CallMethodOneArg(lock, s_acquire, Py_False);
+    if (r == NULL)
+        return -1;
+    int taken = r == Py_True;
+    Py_DECREF(r);
+    return taken;
+}
+
+static int unlock(PyObject *lock) {
+    PyObject *r = PyObject_CallMethodNoArgs(lock, s_release);
+    Py_XDECREF(r);
+    return r == NULL ? -1 : 0;
+}
+
+/* HostEnd.drain_bell: 1 emptied, 0 end-of-file or closed (bell_closed set), -1 error. */
+static int drain_bell_fd(PyObject *end) {
+    PyObject *fd_o = PyObject_GetAttr(end, s_bell_r);
+    if (fd_o == NULL)
+        return -1;
+    int fd = (int)PyLong_AsLong(fd_o);
+    Py_DECREF(fd_o);
+    if (fd == -1 && PyErr_Occurred())
+        return -1;
+    char buf[4096];
+    for (;;) {
+        ssize_t n = fd < 0 ? -1 : read(fd, buf, sizeof buf);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            return 1;
+        if (n <= 0) /* end-of-file: the interpreter died; or closed by the host */
+            return PyObject_SetAttr(end, s_bell_closed, Py_True) < 0 ? -1 : 0;
+        if (n < (ssize_t)sizeof buf)
+            return 1;
+    }
+}
+
+static PyObject *native_ring_awaited(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
+    (void)m;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "ring_awaited(watch, completions) takes 2 arguments");
+        return NULL;
+    }
+    PyObject *watch = args[0], *completions = args[1];
+    if (ring_posted_type == NULL || !cache_here())
+        Py_RETURN_FALSE;
+    PyObject *out = NULL, *posted = NULL, *key = NULL, *entry = NULL, *pc = NULL,
+             *worker = NULL, *caller = NULL, *slot_o = NULL, *done = NULL, *dispatcher = NULL,
+             *index = NULL, *group = NULL, *request = NULL, *future = NULL, *waiter = NULL,
+             *balancer = NULL, *lock = NULL, *end = NULL, *value = NULL, *got = NULL,
+             *tmp = NULL;
+    /* -- the case, recognised before anything changes ------------------------- */
+    int r;
+#define CHECK(expr) do { r = (expr); if (r < 0) goto unknown; if (!r) goto not_ours; } while (0)
+    CHECK(attr_is(watch, s_retired, Py_False));
+    CHECK(attr_is(watch, s_hand, ring_hand_over));
+    if ((posted = PyObject_GetAttr(watch, s_posted)) == NULL)
+        goto unknown;
+    CHECK(PyDict_CheckExact(posted) && PyDict_GET_SIZE(posted) == 1);
+    {
+        Py_ssize_t pos = 0;
+        PyObject *k, *v;
+        PyDict_Next(posted, &pos, &k, &v);
+        key = Py_NewRef(k);
+        entry = Py_NewRef(v);
+    }
+    CHECK(attr_is(entry, s_handed, Py_False));
+    CHECK(attr_is(entry, s_completions_a, completions));
+    CHECK(attr_is(entry, s_outcome, Py_None));
+    if ((tmp = PyObject_GetAttr(entry, s_finish)) == NULL)
+        goto unknown;
+    CHECK(PyMethod_Check(tmp) && PyMethod_GET_FUNCTION(tmp) == ring_finish_fn &&
+          Py_TYPE(PyMethod_GET_SELF(tmp)) == (PyTypeObject *)ring_posted_type);
+    pc = Py_NewRef(PyMethod_GET_SELF(tmp));
+    Py_CLEAR(tmp);
+    CHECK(attr_is(pc, s_finished, Py_False));
+    CHECK(attr_is(pc, s_then, Py_None));
+    CHECK(attr_is(pc, s_timer, Py_None));
+    CHECK(attr_is(pc, s_posted, entry));
+    if ((worker = PyObject_GetAttr(pc, s_worker_a)) == NULL)
+        goto unknown;
+    CHECK(attr_is(worker, s_posted_a, posted));
+    r = attr_true(worker, s_draining_a); /* threads waiting in _drain (a count) */
+    CHECK(r < 0 ? r : !r);
+    if ((tmp = iattr(worker, s_left)) == NULL)
+        goto unknown;
+    CHECK(PyObject_Length(tmp) == 0);
+    Py_CLEAR(tmp);
+    if ((caller = iattr(worker, s_caller)) == NULL)
+        goto unknown;
+    CHECK(Py_TYPE(caller) == (PyTypeObject *)caller_type);
+    {   /* worker._links._links, as _collect's test (CUDA link buffers: Python's) */
+        PyObject *links = iattr(worker, s_links);
+        if (links == NULL)
+            goto unknown;
+        tmp = iattr(links, s_links_in);
+        Py_DECREF(links);
+        if (tmp == NULL)
+            goto unknown;
+        r = PyObject_IsTrue(tmp);
+        Py_CLEAR(tmp);
+        CHECK(r < 0 ? r : !r);
+    }
+    {
+        PyObject *slots = iattr(worker, s_slots);
+        if (slots == NULL)
+            goto unknown;
+        slot_o = PyDict_Check(slots) ? PyDict_GetItemWithError(slots, key) : NULL;
+        Py_XINCREF(slot_o);
+        Py_DECREF(slots);
+        if (slot_o == NULL && PyErr_Occurred())
+            goto unknown;
+        CHECK(slot_o != NULL);
+    }
+    if ((done = PyObject_GetAttr(pc, s_done_a)) == NULL)
+        goto unknown;
+    CHECK(Py_TYPE(done) == (PyTypeObject *)ring_partial_type);
+    if ((tmp = PyObject_GetAttr(done, s_func)) == NULL)
+        goto unknown;
+    CHECK(PyMethod_Check(tmp) && PyMethod_GET_FUNCTION(tmp) == ring_done_fn);
+    dispatcher = Py_NewRef(PyMethod_GET_SELF(tmp));
+    Py_CLEAR(tmp);
+    if ((tmp = PyObject_GetAttr(done, s_args)) == NULL)
+        goto unknown;
+    CHECK(PyTuple_CheckExact(tmp) && PyTuple_GET_SIZE(tmp) == 2);
+    index = Py_NewRef(PyTuple_GET_ITEM(tmp, 0));
+    group = Py_NewRef(PyTuple_GET_ITEM(tmp, 1));
+    Py_CLEAR(tmp);
+    CHECK(attr_is(group, s_balanced, Py_True));
+    if ((tmp = PyObject_GetAttr(group, s_requests)) == NULL)
+        goto unknown;
+    CHECK(PyList_CheckExact(tmp) && PyList_GET_SIZE(tmp) == 1);
+    request = Py_NewRef(PyList_GET_ITEM(tmp, 0));
+    Py_CLEAR(tmp);
+    CHECK(attr_is(request, s_convert, Py_None));
+    if ((future = PyObject_GetAttr(request, s_future)) == NULL)
+        goto unknown;
+    CHECK(Py_TYPE(future) == (PyTypeObject *)ring_loop_future_type);
+    CHECK(attr_is(future, s_on_loop, completions));
+    {   /* on that loop's thread, while it runs (a stopped loop's watches are run by the
+         * completion thread: the bridge hands their results over) */
+        PyObject *ref = PyObject_GetAttr(completions, s_loop_a);
+        PyObject *loop = ref == NULL ? NULL : PyObject_CallNoArgs(ref);
+        Py_XDECREF(ref);
+        if (loop == NULL)
+            goto unknown;
+        tmp = PyObject_CallNoArgs(ring_running_loop);
+        r = tmp == NULL ? -1 : loop != Py_None && tmp == loop;
+        Py_DECREF(loop);
+        Py_CLEAR(tmp);
+        CHECK(r);
+    }
+    if ((waiter = PyObject_GetAttr(future, s_waiter)) == NULL ||
+        (balancer = PyObject_GetAttr(dispatcher, s_balancer_a)) == NULL ||
+        (end = PyObject_GetAttr(watch, s_end_b)) == NULL ||
+        (lock = PyObject_GetAttr(watch, s_wlock_b)) == NULL)
+        goto unknown;
+    /* -- on_bell's start: the watch cleared, the bell emptied --------------------- */
+    CHECK(lock_now(lock));
+    r = PyObject_SetAttr(watch, s_watching, Py_None);
+    if (unlock(lock) < 0 || r < 0)
+        goto unknown;
+    CHECK(drain_bell_fd(end)); /* end-of-file: the Python path says the interpreter died */
+    /* -- the reply: settled here when it is there and the common one ------------ */
+    {
+        CallerObject *cl = (CallerObject *)caller;
+        ChannelObject *c = cl->channel;
+        unsigned long long call = PyLong_AsUnsignedLongLong(key);
+        unsigned long slot = PyLong_AsUnsignedLong(slot_o);
+        if (PyErr_Occurred())
+            goto unknown;
+        CHECK(c->attached && !c->detach_pending && slot < c->nslots);
+        CHECK(reply_ready(c, slot_at(c, (unsigned int)slot)));
+        if (PyObject_SetAttr(entry, s_handed, Py_True) < 0)
+            goto unknown;
+        int settled = settle_common(cl, slot_at(c, (unsigned int)slot), call, posted, &got);
+        if (settled == 0) { /* not the common reply: on_bell hands it to finish() */
+            if (PyObject_SetAttr(entry, s_handed, Py_False) < 0)
+                goto done;
+            goto not_ours;
+        }
+        if (settled < 0) { /* _collect's and finish()'s except: the call ends with it */
+            PyObject *exc = fetch_error();
+            if (PyDict_DelItem(posted, key) < 0)
+                PyErr_Clear();
+            tmp = PyObject_CallMethodObjArgs(pc, s_end_m, Py_None, exc, NULL);
+            Py_XDECREF(exc);
+            if (tmp == NULL)
+                goto done;
+            Py_CLEAR(tmp);
+            goto ended;
+        }
+        value = Py_NewRef(PyTuple_GET_ITEM(got, 0));
+    }
+    {   /* finish(): the object is loaded in the generation the call went to */
+        PyObject *rid = PyObject_GetAttr(pc, s_materializes);
+        if (rid == NULL)
+            goto hand_end;
+        if (rid != Py_None) {
+            PyObject *loaded = PyObject_GetAttr(pc, s_materialized_a);
+            int rc = loaded == NULL ? -1 : PySet_Check(loaded) ? PySet_Add(loaded, rid)
+                : (tmp = PyObject_CallMethod(loaded, "add", "O", rid)) == NULL ? -1 : 0;
+            Py_CLEAR(tmp);
+            Py_XDECREF(loaded);
+            if (rc < 0) { /* finish()'s except: the call ends with the error */
+                Py_DECREF(rid);
+                PyObject *exc = fetch_error();
+                tmp = PyObject_CallMethodObjArgs(pc, s_end_m, Py_None, exc, NULL);
+                Py_XDECREF(exc);
+                if (tmp == NULL)
+                    goto done;
+                Py_CLEAR(tmp);
+                goto ended;
+            }
+        }
+        Py_DECREF(rid);
+    }
+    /* -- _PostedCall._end ----------------------------------------------------------- */
+    if (PyObject_SetAttr(pc, s_finished, Py_True) < 0)
+        goto hand_end;
+    r = attr_is(pc, s_counted, Py_True);
+    if (r < 0)
+        goto hand_end;
+    if (r) {
+        PyObject *tally = iattr(worker, s_tally);
+        int taken = tally == NULL ? -1 : lock_now(tally);
+        if (taken <= 0) { /* held by another thread: _end waits for it */
+            Py_XDECREF(tally);
+            if (taken < 0)
+                PyErr_Clear();
+            goto hand_end;
+        }
+        PyObject *n = iattr(worker, s_posted_in_flight), *n1 = NULL;
+        if (n != NULL) {
+            PyObject *one = PyLong_FromLong(1);
+            n1 = one == NULL ? NULL : PyNumber_Subtract(n, one);
+            Py_XDECREF(one);
+            Py_DECREF(n);
+        }
+        int rc = n1 == NULL ? -1 : iset(worker, s_posted_in_flight, n1);
+        Py_XDECREF(n1);
+        rc = rc < 0 ? -1 : PyObject_SetAttr(pc, s_counted, Py_False);
+        int ru = unlock(tally);
+        Py_DECREF(tally);
+        if (rc < 0 || ru < 0)
+            goto done;
+    }
+    {
+        PyObject *started = PyObject_GetAttr(pc, s_started_a);
+        double t = started == NULL ? -1.0 : PyFloat_AsDouble(started);
+        Py_XDECREF(started);
+        if (PyErr_Occurred() || count_call(worker, (int64_t)(t * 1e9), 1) < 0)
+            goto done;
+    }
+    if (PyObject_SetAttr(pc, s_posted, Py_None) < 0)
+        goto done;
+    r = attr_is(pc, s_holds, Py_True);
+    if (r < 0)
+        goto done;
+    if (r) {
+        PyObject *wl = iattr(worker, s_wlock);
+        if (wl == NULL || unlock(wl) < 0) {
+            Py_XDECREF(wl);
+            goto done;
+        }
+        Py_DECREF(wl);
+    }
+    if (PyObject_SetAttr(pc, s_done_a, Py_None) < 0)
+        goto done;
+    /* -- Dispatcher._done: the request ended, the count given back (the queue pumped),
+     * the caller's future set ------------------------------------------------------ */
+    if (PyObject_SetAttr(request, s_sent, Py_None) < 0)
+        goto done;
+    {
+        int gave = give_turn_back(balancer, index, dispatcher);
+        PyObject *first = gave < 0 ? fetch_error() : NULL; /* raised after the future is set */
+        tmp = PyObject_CallMethodNoArgs(waiter, s_cancelled);
+        if (tmp != NULL && tmp == Py_False) {
+            Py_DECREF(tmp);
+            tmp = PyObject_CallMethodOneArg(waiter, s_set_result, value);
+        }
+        if (first != NULL) {
+            Py_XDECREF(tmp);
+            tmp = NULL;
+            PyErr_Clear();
+            restore_error(first);
+        }
+        if (tmp == NULL)
+            goto done;
+        Py_CLEAR(tmp);
+    }
+ended:
+    /* on_bell's end: the bell watched again for calls posted meanwhile (by the pump) */
+    if (PyDict_GET_SIZE(posted) > 0) {
+        tmp = PyObject_CallMethodNoArgs(watch, s_watch_m);
+        if (tmp == NULL)
+            goto done;
+        Py_CLEAR(tmp);
+    }
+    out = Py_NewRef(Py_True);
+    goto done;
+hand_end: /* settled; _PostedCall._end does the rest (and the dispatcher's done) */
+    if (PyErr_Occurred())
+        goto done;
+    tmp = PyObject_CallMethodObjArgs(pc, s_end_m, value, Py_None, NULL);
+    if (tmp == NULL)
+        goto done;
+    Py_CLEAR(tmp);
+    goto ended;
+unknown: /* an error while recognising the case: the Python path meets it again */
+    PyErr_Clear();
+not_ours:
+    out = Py_NewRef(Py_False);
+done:
+#undef CHECK
+    Py_XDECREF(tmp);
+    Py_XDECREF(got);
+    Py_XDECREF(value);
+    Py_XDECREF(end);
+    Py_XDECREF(lock);
+    Py_XDECREF(balancer);
+    Py_XDECREF(waiter);
+    Py_XDECREF(future);
+    Py_XDECREF(request);
+    Py_XDECREF(group);
+    Py_XDECREF(index);
+    Py_XDECREF(dispatcher);
+    Py_XDECREF(done);
+    Py_XDECREF(slot_o);
+    Py_XDECREF(caller);
+    Py_XDECREF(worker);
+    Py_XDECREF(pc);
+    Py_XDECREF(entry);
+    Py_XDECREF(key);
+    Py_XDECREF(posted);
+    return out;
+}
+
 static PyMethodDef module_methods[] = {
     {"spinners", native_spinners, METH_NOARGS, "Host threads of this process spinning now."},
     {"in_flight", native_in_flight, METH_NOARGS,
@@ -4686,6 +5114,16 @@ static PyMethodDef module_methods[] = {
      "common blocking call in one C call (the balancer's turn, the worker's lock, the\n"
      "send, the wait, the statistics); anything else by the manager's and the\n"
      "worker's Python path, from the step it was reached."},
+    {"ring_setup", (PyCFunction)(void (*)(void))native_ring_setup, METH_FASTCALL,
+     "ring_setup(hand_over, posted_call_type, dispatcher_done, loop_future_type,\n"
+     "           partial_type, running_loop, /) -> None\n\n"
+     "The Python objects ring_awaited recognises (registered by runtime.dispatch)."},
+    {"ring_awaited", (PyCFunction)(void (*)(void))native_ring_awaited, METH_FASTCALL,
+     "ring_awaited(watch, completions, /) -> bool\n\n"
+     "BellWatch.on_bell's common case on an event loop: the one posted call in flight\n"
+     "is a lone awaited request of this loop whose reply is the common one; it is\n"
+     "settled, ended and its future set here (True).  False, the bell emptied and\n"
+     "nothing else changed, for anything else (on_bell goes on in Python)."},
     {"watch_block", (PyCFunction)(void (*)(void))native_watch_block, METH_FASTCALL,
      "watch_block(holder, offset, book, /) -> bool\n\n"
      "Make a TensorBlock call book(offset) when it dies; False for another holder."},

@@ -341,10 +341,13 @@ class LoopCompletions:
 
     def _ready_kept(self, fd: int) -> None:
         callback = self._watches.pop(fd, None)
-        if callback is not None:
-            _run_callback(callback, READY)  # (its next watch keeps the reader)
-        else:
+        if callback is None:
             self._drop_kept(fd)  # readable with no watch: not read until the next one
+            return
+        try:  # _run_callback, written out (once per reply); its next watch keeps the reader
+            callback(READY)
+        except BaseException as exc:  # noqa: BLE001
+            _report(exc, callback)
 
     def _drop_kept(self, fd: int) -> None:
         kept = self._kept.pop(fd, None)

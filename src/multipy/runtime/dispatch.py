@@ -715,7 +715,22 @@ class Dispatcher:
         else:
             self.pump()
         if len(requests) == 1:
-            _resolve(requests[0], value, error)
+            request = requests[0]
+            future = request.future
+            if type(future) is _LoopFuture and request.convert is None:
+                # _resolve and _Bridge.deliver, written out for an awaited call read on
+                # its own loop (a served request: once per request)
+                waiter, loop = future.waiter, future.bridge.loop_ref()
+                if loop is not None and asyncio._get_running_loop() is loop:
+                    if not waiter.cancelled():
+                        if error is None:
+                            waiter.set_result(value)
+                        else:
+                            waiter.set_exception(error)
+                else:
+                    future.bridge.deliver(waiter, value, error)
+            else:
+                _resolve(request, value, error)
         elif rows is not None:
             requests[0].batch[0].deliver(requests, value, rows)
 
@@ -871,6 +886,20 @@ class _Bridge:
                 waiter.set_result(value)
             else:
                 waiter.set_exception(error)
+
+
+def _setup_ring() -> None:
+    """Tell the extension what the bell watch's C common case on a loop recognises
+    (``_native.ring_awaited``): the objects of an awaited request's path."""
+    from ..backends.base import _PostedCall
+    from ..transport import channel
+
+    if channel._ring_awaited is not None:
+        channel._native_module.ring_setup(channel._hand_over, _PostedCall, Dispatcher._done,
+                                          _LoopFuture, partial, asyncio._get_running_loop)
+
+
+_setup_ring()
 
 
 _bridges: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Bridge]" = weakref.WeakKeyDictionary()

@@ -882,6 +882,8 @@ class BellWatch:
         raised after that."""
         if self.retired:
             return  # this generation is over; its calls were given their outcome
+        if _ring_awaited is not None and event == _BELL_READY and _ring_awaited(self, completions):
+            return  # a loop's lone awaited call, settled and its future set in C
         ready: list = []
         gone = False  # until known: watch again (a watch sees a dead interpreter at once)
         try:
@@ -916,11 +918,14 @@ class BellWatch:
             for entry in ready:
                 entry.handed = True
                 try:
-                    hand(entry, completions, event, gone)
+                    if hand is _hand_over and entry.completions is completions:
+                        entry.finish(event)  # the default hand-over's common case, written out
+                    else:
+                        hand(entry, completions, event, gone)
                 except BaseException as exc:
                     if error is None:
                         error = exc
-            if not gone:
+            if not gone and self.posted:  # (none left: nothing to watch for)
                 try:
                     self.watch()
                 except BaseException as exc:
@@ -1120,3 +1125,7 @@ NATIVE = _native_module is not None
 
 #: The channel class in use: the extension's where it is active, else the twin.
 Channel = _native_module.Channel if NATIVE else PyChannel
+
+# BellWatch.on_bell's common case on an event loop, in C (see runtime.dispatch, which
+# registers what it recognises); None on the Python path.
+_ring_awaited = getattr(_native_module, "ring_awaited", None) if NATIVE else None

@@ -1,0 +1,165 @@
+"""A served request's reply settled in C (``_native.ring_awaited``): when an event
+loop's bell rings for its one call in flight, a lone awaited request whose reply is
+the common one, the reply is settled, the call ended and the loop's future set in
+one C call; anything else goes on in Python (``BellWatch.on_bell``).  These tests
+count which path each ring took and check that both leave the same statistics,
+errors and interpreter state.
+
+Calls that must stay in flight wait inside the interpreter for a gate file
+(``_rows.rows(gate=...)``), so nothing here depends on timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+import torch
+
+import multipy
+from _rows import logged, open_gate
+from _wait import wait_for
+from multipy.transport import channel
+
+INTERPRETERS = 2
+
+# A ring that raises is reported as unraisable (the loop's callback): a failure here.
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+
+
+@pytest.fixture(scope="module")
+def model(manager, backend):
+    if backend != "process" or channel._ring_awaited is None:
+        pytest.skip("the ring in C is the process backend's, on the call channel")
+    with manager.acquire_one() as s:
+        return s.create_movable(s.global_("_rows", "rows"))
+
+
+@pytest.fixture
+def rings(monkeypatch):
+    """What each ring of a loop's bell did: [Python path, settled in C]; ``off()``
+    sends every ring down the Python path."""
+    class Taken(list):
+        def off(self):
+            monkeypatch.setattr(channel, "_ring_awaited", None)
+
+    real, taken = channel._ring_awaited, Taken([0, 0])
+
+    def counting(watch, completions):
+        done = real(watch, completions)
+        taken[done] += 1
+        return done
+
+    monkeypatch.setattr(channel, "_ring_awaited", counting)
+    return taken
+
+
+def _call(model, *args, **kwargs):
+    """What a served request sends: an awaited call read on the loop (on_loop=True)."""
+    manager = model._manager
+    request = manager._replicated_request(model, None, args, kwargs, None)
+    return manager._dispatcher.submit_async(request, on_loop=True)
+
+
+def _state(manager):
+    """The books a call leaves behind: calls, latencies, failures, and what must be
+    back to nothing once none is in flight."""
+    workers = manager._workers
+    return {"calls": sum(w.calls for w in workers),
+            "latencies": sum(len(w.latencies) for w in workers),
+            "failures": sum(w.failures for w in workers),
+            "in_flight": [w.posted_in_flight for w in workers],
+            "posted": [len(w._posted) for w in workers],
+            "load": list(manager._balancer._load)}
+
+
+def _delta(before, after):
+    return {k: after[k] - before[k] if isinstance(after[k], int) else after[k] for k in after}
+
+
+def _one_at_a_time(model, n):
+    async def main():
+        return [await _call(model, torch.full((2,), float(i))) for i in range(n)]
+
+    return asyncio.run(main())
+
+
+def test_one_call_at_a_time_is_settled_in_c_with_the_python_paths_statistics(
+        model, manager, rings):
+    before = _state(manager)
+    outs = _one_at_a_time(model, 30)
+    in_c = _delta(before, _state(manager))
+    assert [o[0].item() for o in outs] == [i * 2 + 1 for i in range(30)]
+    assert rings[1] >= 20, rings  # (a reply there before its watch still rings once)
+
+    rings.off()
+    before = _state(manager)
+    outs = _one_at_a_time(model, 30)
+    in_python = _delta(before, _state(manager))
+    assert [o[0].item() for o in outs] == [i * 2 + 1 for i in range(30)]
+    assert in_c == in_python == {"calls": 30, "latencies": 30, "failures": 0,
+                                 "in_flight": [0] * INTERPRETERS,
+                                 "posted": [0] * INTERPRETERS, "load": [0] * INTERPRETERS}
+
+
+def test_an_error_reply_goes_the_python_way_and_keeps_its_type(model, manager, rings):
+    async def main():
+        with pytest.raises(ValueError, match="negative input") as info:
+            await _call(model, torch.full((2,), -1.0))
+        return info.value
+
+    before = _state(manager)
+    error = asyncio.run(main())
+    assert _delta(before, _state(manager))["failures"] == 1
+    assert rings[1] == 0 and rings[0] >= 1
+    assert error.__cause__ is not None  # the interpreter's traceback, as for any call
+    rings.off()
+    before = _state(manager)
+    asyncio.run(main())
+    assert _delta(before, _state(manager))["failures"] == 1
+
+
+def test_a_call_cancelled_in_flight_is_counted_and_its_result_dropped(
+        model, manager, rings, tmp_path, assert_usable):
+    gate, log = str(tmp_path / "gate"), str(tmp_path / "log")
+
+    async def main():
+        slow = asyncio.ensure_future(_call(model, torch.zeros(1), gate=gate, log=log, tag="c"))
+        await asyncio.to_thread(wait_for, lambda: logged(log), "the call to start")
+        slow.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await slow
+        open_gate(gate)
+        # the cancelled call's reply is still read: its interpreter comes back
+        while any(manager._balancer._load):
+            await asyncio.sleep(0.01)
+
+    before = _state(manager)
+    asyncio.run(main())
+    after = _delta(before, _state(manager))
+    assert after["calls"] == 1 and after["failures"] == 0
+    assert after["load"] == [0] * INTERPRETERS and after["in_flight"] == [0] * INTERPRETERS
+    assert_usable(manager)
+
+
+def test_an_interpreter_killed_mid_call_fails_the_awaited_call_at_once(
+        model, manager, rings, tmp_path):
+    gate, log = str(tmp_path / "gate"), str(tmp_path / "log")  # never opened
+
+    async def main():
+        call = asyncio.ensure_future(_call(model, torch.zeros(1), gate=gate, log=log, tag="k"))
+        await asyncio.to_thread(wait_for, lambda: logged(log), "the call to start")
+        os.kill(int(logged(log)[0][1]), signal.SIGKILL)
+        with pytest.raises(multipy.InterpreterCrashedError):
+            await asyncio.wait_for(call, 120)  # the bell's end-of-file, not a timeout
+
+    asyncio.run(main())
+    assert rings[1] == 0  # the dead interpreter's ring went the Python way
+    # the replacement serves the next calls, settled in C again
+    wait_for(lambda: all(w.dead_reason is None and w._started for w in manager._workers),
+             "the replacement to start")
+    outs = _one_at_a_time(model, 10)
+    assert [o[0].item() for o in outs] == [i * 2 + 1 for i in range(10)]
+    assert rings[1] >= 5
