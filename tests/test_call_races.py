@@ -197,3 +197,40 @@ def test_a_caller_that_outlives_the_restart_wait_fails_and_leaves_the_replacemen
     assert len(answer) == 1 and torch.equal(answer[0], (x + 10) * 2 + 1)
     assert worker.pid == replacement and worker.generation == generation + 1
     assert torch.equal(model(x), x * 2 + 1)
+
+
+_COUNT = """
+def replicated_count():
+    from multipy.interp.state import current_state
+    return len(current_state().replicated)
+"""
+
+
+def _replicated_count(manager) -> int:
+    """How many replicated objects interpreter 0 holds (the releases queued by the host
+    go with this request, before it runs)."""
+    with manager.all_instances()[0].acquire_session() as s:
+        return s.global_("races_count", "replicated_count")().deref()
+
+
+def test_a_handle_dropped_while_its_first_call_runs_leaves_no_copy_behind(manager, gate):
+    # The object's last handle goes while the call that loads it runs (a posted call on a
+    # temporary handle: `package.load_pickle(...).submit(x)`): the copy that call loaded
+    # is released all the same, not kept by the interpreter for ever.
+    import gc
+
+    if "races_count" not in manager.__dict__.setdefault("_test_sources", set()):
+        manager.register_module_source("races_count", _COUNT)
+        manager._test_sources.add("races_count")
+    gate_path, log = gate
+    gc.collect()  # settle objects of earlier tests first
+    before = _replicated_count(manager)
+    temp = movable_rows(manager)
+    x = torch.arange(2.0)
+    future = temp.submit(x, gate=gate_path, log=log)  # its first call: loads it
+    wait_for(lambda: len(logged(log)) == 1, "the first call to start")
+    del temp
+    gc.collect()
+    open_gate(gate_path)
+    assert torch.equal(future.result(60), x * 2 + 1)
+    assert _replicated_count(manager) == before
