@@ -234,3 +234,40 @@ def test_a_handle_dropped_while_its_first_call_runs_leaves_no_copy_behind(manage
     open_gate(gate_path)
     assert torch.equal(future.result(60), x * 2 + 1)
     assert _replicated_count(manager) == before
+
+
+def test_a_handle_dropped_while_its_call_waits_to_be_sent_keeps_the_call_working(
+        manager, model, gate):
+    # The last handle goes while its posted call waits in the dispatcher's queue (every
+    # interpreter busy): the call keeps the object alive until it ends, so it runs (the
+    # object's tensors are still shared with it) and the copy it loads is released after.
+    import gc
+
+    from _rows import hold_every_interpreter
+
+    if "races_count" not in manager.__dict__.setdefault("_test_sources", set()):
+        manager.register_module_source("races_count", _COUNT)
+        manager._test_sources.add("races_count")
+    gate_path, log = gate
+    model(torch.zeros(1))  # loaded: counted in `before`
+    gc.collect()
+    before = _replicated_count(manager)
+    with manager.acquire_one() as s:
+        linear = s.global_("torch.nn", "Linear")(2, 2)
+        weight, bias = linear.attr("weight").deref(), linear.attr("bias").deref()
+        temp = s.create_movable(linear)
+    x = torch.ones(1, 2)
+    held = hold_every_interpreter(model, manager, gate_path, log)
+    try:
+        future = temp.submit(x)
+        assert not future.running()  # queued: every interpreter is busy
+        del temp
+        gc.collect()
+    finally:
+        open_gate(gate_path)
+    for f in held:
+        f.result(60)
+    assert torch.allclose(future.result(60), x @ weight.T + bias)
+    del future
+    gc.collect()
+    assert _replicated_count(manager) == before

@@ -82,17 +82,21 @@ class Request:
     :class:`concurrent.futures.Future` unless the caller brings its own object
     with the same ``set_running_or_notify_cancel`` / ``set_result`` /
     ``set_exception`` (a blocking caller's cheaper waiter), or passes
-    :data:`AWAITED` for a request that goes to ``submit_async``.
+    :data:`AWAITED` for a request that goes to ``submit_async``.  ``owner``: what
+    the request keeps alive until it ends (the ReplicatedObj it calls: dropping its
+    last handle would release the object, and what its recipe loads from, under a
+    call still waiting to be sent).
     """
 
     __slots__ = ("future", "op", "args", "timeout", "handles", "materializes", "recipe",
-                 "index", "resend", "convert", "batch", "queued_at", "fresh", "sent", "sends")
+                 "index", "resend", "convert", "batch", "queued_at", "fresh", "sent", "sends",
+                 "owner")
 
     def __init__(self, op: Op, args: tuple, *, timeout: float | None = None, handles=None,
                  materializes: int | None = None, recipe: tuple | None = None,
                  index: int | None = None, resend: bool = True,
                  convert: Callable[[Any], Any] | None = None, batch: tuple | None = None,
-                 future=None) -> None:
+                 future=None, owner=None) -> None:
         self.future = concurrent.futures.Future() if future is None else future
         self.op = op
         self.args = args
@@ -108,6 +112,7 @@ class Request:
         self.fresh = True
         self.sent = None  # (worker, handle) once sent alone: see submit_async
         self.sends = 0    # times it reached an interpreter that died before taking it
+        self.owner = owner
 
 
 class _Group:

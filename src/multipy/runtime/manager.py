@@ -271,7 +271,8 @@ class InterpreterManager:
             timeout = None
         return Request(_CALL_REPLICATED, (replicated._id, method, args, kwargs, grad_mode),
                        timeout=timeout,
-                       materializes=replicated._id, recipe=replicated._recipe, future=future)
+                       materializes=replicated._id, recipe=replicated._recipe, future=future,
+                       owner=replicated)
 
     def _call_replicated(self, replicated: ReplicatedObj, method: str | None, args: tuple,
                          kwargs: dict, timeout: float | None, index: int | None = None) -> Any:

@@ -38,13 +38,10 @@ _call_replicated = getattr(_native_module, "call_replicated", None)
 
 
 def _release(workers, rid: int, fd: int | None) -> None:
-    # Released in every interpreter, not only where the host knows it loaded: a call in
-    # flight (its first, carrying the recipe) may be loading it there now.  The release
-    # goes with a later request, so it runs after that call; releasing an object an
-    # interpreter never loaded does nothing.
     for worker in workers:
-        worker.materialized.discard(rid)
-        worker.drop((_REPLICATED, rid))
+        if rid in worker.materialized:
+            worker.materialized.discard(rid)
+            worker.drop((_REPLICATED, rid))
     if fd is not None:
         try:
             os.close(fd)
