@@ -4715,9 +4715,11 @@ static int drain_bell_fd(PyObject *end) {
     Py_DECREF(fd_o);
     if (fd == -1 && PyErr_Occurred())
         return -1;
+    if (fd < 0) /* closed by the host: this generation is over */
+        return PyObject_SetAttr(end, s_bell_closed, Py_True) < 0 ? -1 : 0;
     char buf[4096];
     for (;;) {
-        ssize_t n = fd < 0 ? -1 : read(fd, buf, sizeof buf);
+        ssize_t n = read(fd, buf, sizeof buf);
         if (n < 0 && errno == EINTR)
             continue;
         if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
@@ -4993,9 +4995,9 @@ ended:
     }
     out = Py_NewRef(Py_True);
     goto done;
-hand_end: /* settled; _PostedCall._end does the rest (and the dispatcher's done) */
-    if (PyErr_Occurred())
-        goto done;
+hand_end: /* settled; _PostedCall._end does the rest (and the dispatcher's done), which
+           * meets again an error met here, if any, and reports it */
+    PyErr_Clear();
     tmp = PyObject_CallMethodObjArgs(pc, s_end_m, value, Py_None, NULL);
     if (tmp == NULL)
         goto done;
