@@ -4,7 +4,9 @@ Starts one server of ``multipy bench serve`` (``multipy serve``, mosec, ...)
 with a model, loads it with ``wrk -c C`` for S seconds, and prints the CPU time
 each process of the server's tree, each thread of its first process, and wrk
 itself used per request (user + system, from /proc through psutil), before and
-after the run::
+after the run, and each process's voluntary context switches per request (its
+sleeps: an interpreter that sleeps between two requests switches at least once
+per request; load moves this count far less than CPU times)::
 
     python benchmarks/serve_cpu.py --server multipy --model smallops -c 64 -s 5
     python benchmarks/serve_cpu.py --server mosec --model smallops -c 64 -s 5
@@ -33,7 +35,7 @@ def _times(proc: psutil.Process) -> dict:
         with contextlib.suppress(psutil.Error):
             t = p.cpu_times()
             name = " ".join(p.cmdline()[:3])[-60:] or p.name()
-            out[p.pid] = (name, t.user, t.system)
+            out[p.pid] = (name, t.user, t.system, p.num_ctx_switches().voluntary)
     return out
 
 
@@ -78,14 +80,15 @@ def main() -> None:
     print(f"{wanted}, {args.model}, {args.connections} connections: {rate:,.0f} req/s, "
           f"p50 {p50:.2f} ms, p99 {p99:.2f} ms, errors {errors}; loadavg "
           f"{open('/proc/loadavg').read().split()[:3]}")
-    print(f"{'process':62} {'user':>8} {'sys':>8}  ms CPU per request")
+    print(f"{'process':62} {'user':>8} {'sys':>8}  ms CPU per request  {'switches':>8}")
     total = 0.0
-    for pid, (name, user, system) in after.items():
+    for pid, (name, user, system, switches) in after.items():
         if pid not in before:
             continue
         u, s = user - before[pid][1], system - before[pid][2]
         total += u + s
-        print(f"{name:62} {u * 1e3 / n:8.3f} {s * 1e3 / n:8.3f}")
+        print(f"{name:62} {u * 1e3 / n:8.3f} {s * 1e3 / n:8.3f}  {'':17} "
+              f"{(switches - before[pid][3]) / n:8.2f}")
     u, s = wrk.ru_utime - children.ru_utime, wrk.ru_stime - children.ru_stime
     print(f"{'wrk':62} {u * 1e3 / n:8.3f} {s * 1e3 / n:8.3f}")
     total += u + s

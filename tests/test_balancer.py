@@ -132,3 +132,29 @@ def test_giving_back_in_one_step_marks_the_warm_interpreter_as_release_does():
     assert balancing.give_back(a, 1) and a._warm == 1
     b.release(1, notify=False)
     assert (a._load, a._warm) == (b._load, b._warm) == ([1, 0], 1)
+
+
+def test_the_likely_choice_is_what_an_idle_request_takes_next_without_counting_it(take):
+    # LoadBalancer.likely: the hint of ReplicatedObj.expect_call, which wakes the
+    # interpreter the next posted call will go to.  Whatever the loads, it names
+    # what acquire_idle then takes, and changes no count.
+    import random
+
+    acquire, release = take
+    rng = random.Random(5)
+    b = LoadBalancer(4)
+    held = []
+    for _ in range(300):
+        if held and rng.random() < 0.5:
+            release(b, held.pop(rng.randrange(len(held))))
+        elif rng.random() < 0.3:
+            held.append(acquire(b))  # a blocking call's turn: moves the round robin
+        if rng.random() < 0.1:
+            b.set_limit(rng.randint(1, 4))
+        loads = list(b._load)
+        hint = b.likely()
+        assert b._load == loads
+        taken = b.acquire_idle()
+        assert taken == hint
+        if taken is not None:
+            held.append(taken)

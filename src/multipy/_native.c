@@ -38,6 +38,8 @@
 #define WATCH_MAX_NS 32000000LL /* a host watcher's slice doubles from SLICE_NS up to this */
 
 enum { READY = 0, TIMEOUT = 1, DEAD = 2, CLOSED = 3, SLEPT = 4 };
+#define POKED 5 /* (inside wait_for only) a request wait's sleep ended by a poke: spin again */
+#define SHORT_SPIN_DIVISOR 8 /* a request wait's spin after a poke paid off: spin / 8 */
 enum { SLOT_FREE = 0, SLOT_WAITING = 1, SLOT_REPLIED = 2 };
 enum { REC_EMPTY = 0, REC_DATA = 1, REC_PAD = 2 };
 
@@ -94,10 +96,12 @@ enum {
     C_GIL_WAITS,    /* waits after which taking the GIL back took over 2 µs */
     C_GIL_NS,       /* nanoseconds spent taking the GIL back after waits */
     C_YIELDS,       /* sched_yield calls while spinning */
+    C_POKES,        /* request waits whose sleep a poke ended (Channel.poke) */
     C_COUNT
 };
 static const char *const counter_names[C_COUNT] = {
-    "waits", "spin_hits", "no_spin", "sleeps", "wakes", "gil_waits", "gil_ns", "yields"};
+    "waits", "spin_hits", "no_spin", "sleeps", "wakes", "gil_waits", "gil_ns", "yields",
+    "pokes"};
 static int counting;
 static uint64_t counters[C_COUNT];
 #define COUNT(i, n) do { if (counting) __atomic_add_fetch(&counters[i], (n), __ATOMIC_RELAXED); } while (0)
@@ -109,6 +113,8 @@ typedef struct {
     long inflight;         /* host side: posted here, reply not taken yet */
     int in_use;            /* waits in progress (they run without the GIL) */
     int watching;          /* a sleeper of this process watches the peer's liveness (wait_for) */
+    int poke_paid;         /* consumer side: the last request wait slept, was poked, and then
+                              found its request while spinning (wait_for: the next spin is short) */
     int detach_pending;
     header_t *h;
     char *ring;
@@ -328,14 +334,29 @@ static void wake_sleepers(ChannelObject *c) {
 }
 
 /* wait_for's sleep: `ready_rc` when the message is there before the first sleep,
- * `slept_rc` after one. */
+ * `slept_rc` after one.  `poked` (a request wait that may spin): a sleep that ends
+ * with the word changed from `seen` (its value when the spin began) and nothing
+ * ready returns POKED (Channel.poke bumped the word: a request is coming, spin for
+ * it) instead of going back to sleep. */
 static int sleep_for(ChannelObject *c, ready_fn ready, void *arg, uint32_t *word,
                      uint32_t *sleeping, int64_t start, int64_t timeout_ns, int ready_rc,
-                     int slept_rc, int fd, int *watcher) {
+                     int slept_rc, int fd, int *watcher, int poked, uint32_t seen) {
     header_t *h = c->h;
     int64_t watch = SLICE_NS; /* the watcher's next slice */
-    for (;;) {
-        uint32_t seen = SC_LOAD(word);
+    if (!poked)
+        seen = SC_LOAD(word);
+    for (int first = !poked;; first = 0) {
+        if (!first) {
+            /* Between two slices (and between the spin and the first) the sleeping
+             * flag is down: a poke then bumps the word without a wake-up, and is
+             * seen here against the value seen before. */
+            uint32_t now = SC_LOAD(word);
+            if (poked && now != seen && !LOAD(&h->closed)) {
+                COUNT(C_POKES, 1);
+                return POKED;
+            }
+            seen = now;
+        }
         SC_STORE(sleeping, 1u);
         if (ready(c, arg)) {
             SC_STORE(sleeping, 0u);
@@ -381,44 +402,79 @@ static int sleep_for(ChannelObject *c, ready_fn ready, void *arg, uint32_t *word
 /* Spin up to spin_ns, then sleep on `word` (while it holds the value seen before
  * the check) in slices, looking at the peer's fd and the closed flag between
  * them.  Called without the GIL.  Returns READY/TIMEOUT/DEAD/CLOSED, or -1 when
- * a signal interrupted the sleep (the caller runs Python's handlers). */
+ * a signal interrupted the sleep (the caller runs Python's handlers).
+ *
+ * A request wait that spins is poked awake (Channel.poke): the word changing
+ * while it spins starts a fresh spin window, and a sleep ended by a poke spins
+ * again instead of sleeping on, so that the request the poke announced finds it
+ * awake.  A post also changes the word, but its record is there first: the wait
+ * takes it, whatever the poke did. */
 static int wait_for(ChannelObject *c, ready_fn ready, void *arg, uint32_t *word,
                     uint32_t *sleeping, int64_t timeout_ns, int64_t spin_ns, int may_spin,
                     int fd) {
     header_t *h = c->h;
     int64_t start = now_ns();
-    if (spin_ns > 0 && may_spin) {
-        int64_t until = start + spin_ns, look = start + SLICE_NS;
-        for (unsigned i = 1;; i++) {
-            if (ready(c, arg)) {
-                COUNT(C_SPIN_HITS, 1);
-                return READY;
-            }
-            if (LOAD(&h->closed))
-                return CLOSED;
-            cpu_pause();
-            if ((i & 63) == 0) {
-                /* Let a peer that shares this core run: a pure user-space spin would
-                 * otherwise hold the core for a whole time slice when cores are scarce. */
-                COUNT(C_YIELDS, 1);
-                sched_yield();
-                int64_t t = now_ns();
-                if (t > until)
-                    break;
-                if (t > look) { /* a long spin still notices a dead peer */
-                    look = t + SLICE_NS;
-                    if (fd_ready(fd))
-                        return ready(c, arg) ? READY : DEAD;
+    int spins = spin_ns > 0 && may_spin;
+    int poked = spins && ready == request_ready;
+    int watcher = 0, rc, woken = 0;
+    uint32_t seen = 0;
+    /* After a request found in the spin that a poke started, the host pokes before
+     * it posts: a long spin after the reply would only burn the core until the
+     * poke comes.  A short one still catches a request posted right behind. */
+    int64_t window = poked && c->poke_paid ? spin_ns / SHORT_SPIN_DIVISOR : spin_ns;
+    for (int64_t from = start;;) {
+        if (spins) {
+            int64_t until = from + window, look = from + SLICE_NS;
+            seen = poked ? SC_LOAD(word) : 0;
+            for (unsigned i = 1;; i++) {
+                if (ready(c, arg)) {
+                    COUNT(C_SPIN_HITS, 1);
+                    rc = READY;
+                    goto out;
+                }
+                if (LOAD(&h->closed)) {
+                    rc = CLOSED;
+                    goto out;
+                }
+                cpu_pause();
+                if ((i & 63) == 0) {
+                    /* Let a peer that shares this core run: a pure user-space spin would
+                     * otherwise hold the core for a whole time slice when cores are scarce. */
+                    COUNT(C_YIELDS, 1);
+                    sched_yield();
+                    int64_t t = now_ns();
+                    if (poked) {
+                        uint32_t now_seen = LOAD(word);
+                        if (now_seen != seen) { /* poked while spinning: a fresh window */
+                            seen = now_seen;
+                            until = t + spin_ns;
+                        }
+                    }
+                    if (t > until)
+                        break;
+                    if (t > look) { /* a long spin still notices a dead peer */
+                        look = t + SLICE_NS;
+                        if (fd_ready(fd)) {
+                            rc = ready(c, arg) ? READY : DEAD;
+                            goto out;
+                        }
+                    }
                 }
             }
         }
+        rc = sleep_for(c, ready, arg, word, sleeping, start, timeout_ns, spins ? SLEPT : READY,
+                       spin_ns > 0 && !may_spin ? READY : SLEPT, fd, &watcher, poked, seen);
+        if (rc != POKED)
+            break;
+        woken = 1;
+        window = spin_ns;
+        from = now_ns();
     }
-    int watcher = 0;
-    int rc = sleep_for(c, ready, arg, word, sleeping, start, timeout_ns,
-                       spin_ns > 0 && may_spin ? SLEPT : READY,
-                       spin_ns > 0 && !may_spin ? READY : SLEPT, fd, &watcher);
+out:
     if (watcher)
         STORE(&c->watching, 0);
+    if (poked)
+        c->poke_paid = woken && rc == READY;
     return rc;
 }
 
@@ -673,7 +729,8 @@ PyDoc_STRVAR(wait_request_doc,
 "sleeps and its readiness (with the ring still empty) means the peer is gone.\n"
 "Returns READY (found without sleeping), SLEPT (found after sleeping, when no spin\n"
 "was asked for or the spin ran out), TIMEOUT,\n"
-"DEAD or CLOSED.  The GIL is released once.");
+"DEAD or CLOSED.  The GIL is released once.  With a spin, a poke (``poke()``) ends\n"
+"a sleep and starts a fresh spin window, as it does during the spin.");
 
 static PyObject *Channel_wait_request(ChannelObject *self, PyObject *args) {
     double timeout, spin;
@@ -685,6 +742,31 @@ static PyObject *Channel_wait_request(ChannelObject *self, PyObject *args) {
     header_t *h = self->h;
     return blocking_wait(self, request_ready, NULL, &h->req_seq, &h->req_sleeping, timeout, spin,
                          -1, fd);
+}
+
+PyDoc_STRVAR(poke_doc,
+"poke() -> bool\n\n"
+"A request is coming: wake the consumer if it sleeps in wait_request, so that it\n"
+"spins for the request (a fresh spin window) instead of sleeping until the post.\n"
+"Posts nothing; a consumer that spins or runs a call is left as it is (one atomic\n"
+"add, no system call).  True when the consumer slept (one FUTEX_WAKE).  Harmless on\n"
+"a closed channel: False.\n\n"
+">>> ch.poke()  # doctest: +SKIP\n"
+"True");
+
+static PyObject *Channel_poke(ChannelObject *self, PyObject *unused) {
+    if (!self->attached || self->detach_pending)
+        Py_RETURN_FALSE;
+    header_t *h = self->h;
+    if (LOAD(&h->closed))
+        Py_RETURN_FALSE;
+    /* The post's protocol: the word bumped, then the sleeper flag read (a sleeper
+     * that set it after the bump finds the word changed and does not sleep). */
+    __atomic_add_fetch(&h->req_seq, 1u, __ATOMIC_SEQ_CST);
+    if (!SC_LOAD(&h->req_sleeping))
+        Py_RETURN_FALSE;
+    futex_wake(&h->req_seq);
+    Py_RETURN_TRUE;
 }
 
 PyDoc_STRVAR(claim_doc,
@@ -965,6 +1047,7 @@ static PyMethodDef Channel_methods[] = {
     {"post", (PyCFunction)Channel_post, METH_VARARGS, post_doc},
     {"take", (PyCFunction)Channel_take, METH_NOARGS, take_doc},
     {"wait_request", (PyCFunction)Channel_wait_request, METH_VARARGS, wait_request_doc},
+    {"poke", (PyCFunction)Channel_poke, METH_NOARGS, poke_doc},
     {"claim", (PyCFunction)Channel_claim, METH_NOARGS, claim_doc},
     {"release", (PyCFunction)Channel_release, METH_O, release_doc},
     {"reply", (PyCFunction)Channel_reply, METH_VARARGS, reply_doc},
@@ -5040,7 +5123,8 @@ static PyMethodDef module_methods[] = {
     {"counters", native_counters, METH_NOARGS,
      "counters() -> dict\n\nWhat the waits of this process did so far (all zero unless\n"
      "MULTIPY_CHANNEL_COUNTS=1 was set when the module loaded): waits, spin_hits,\n"
-     "no_spin, sleeps (FUTEX_WAIT), wakes (FUTEX_WAKE), gil_waits, gil_ns, yields."},
+     "no_spin, sleeps (FUTEX_WAIT), wakes (FUTEX_WAKE), gil_waits, gil_ns, yields, pokes\n"
+     "(request waits whose sleep a poke ended)."},
     {"copy", (PyCFunction)(void (*)(void))native_copy, METH_FASTCALL,
      "copy(dst, src, nbytes, /)\n\nCopy nbytes from address src to address dst (memmove)."},
     {"unpack_reply", native_unpack_reply, METH_O,

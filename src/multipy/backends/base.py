@@ -209,6 +209,17 @@ class Worker:
         interpreter (:meth:`_pipelines`)."""
         return 1
 
+    def poke(self) -> bool:
+        """A call is coming: wake the interpreter if it sleeps waiting for requests,
+        so that it is awake (spinning) when the call is posted.  Posts nothing and
+        never raises; ``False`` where there is nothing to wake (this backend's
+        interpreters do not sleep on a request word, or the interpreter is down).
+
+        >>> worker.poke()  # doctest: +SKIP
+        False
+        """
+        return False
+
     def cancel_posted(self, posted) -> None:
         """The caller of a posted request gave up on it after it was sent
         (``posted`` is what :meth:`post` returned): a backend that queues requests

@@ -799,6 +799,19 @@ class ProcessWorker(Worker):
             posted.handed = True
             posted.completions.call_soon(lambda finish=posted.finish: finish(READY))
 
+    def poke(self) -> bool:
+        """Wake the interpreter if it sleeps waiting for requests (``Channel.poke``):
+        it spins for the call about to be posted.  A no-op on the pipes
+        (``MULTIPY_NATIVE=0``: the interpreter blocks in a read of its request
+        pipe, which only a request ends) and while no generation runs; a channel
+        closed or let go of answers ``False``.
+
+        >>> manager._workers[0].poke()  # doctest: +SKIP
+        True
+        """
+        end = self._end
+        return end is not None and end.channel.poke()
+
     def cancel_posted(self, posted) -> None:
         """The caller of a posted call queued on the channel gave up on it (an
         ``acall`` cancelled): the interpreter skips it unrun unless it started it

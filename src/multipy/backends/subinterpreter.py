@@ -483,6 +483,17 @@ class SubinterpreterWorker(Worker):
     def posted_depth(self) -> int:
         return PIPELINE_DEPTH if self._pipelines() else 1
 
+    def poke(self) -> bool:
+        """Wake the subinterpreter if it sleeps waiting for requests
+        (``Channel.poke``); ``False`` without the channel or a running driver.
+
+        >>> manager._workers[0].poke()  # doctest: +SKIP
+        True
+        """
+        driver = self._driver
+        end = None if driver is None else driver.end
+        return end is not None and end.channel.poke()
+
     def cancel_posted(self, posted) -> None:
         """An ``acall`` cancelled after its call was sent: skipped unrun if it is
         still queued behind others (one compare-and-swap against its start); its

@@ -149,6 +149,29 @@ class LoadBalancer:
             raise
         return taken
 
+    def likely(self) -> int | None:
+        """The interpreter that :meth:`acquire_room` would take now for a call
+        that needs an idle one (``depth`` ``None``, every interpreter usable),
+        without counting it; ``None`` when none is idle.  A hint, read without
+        the lock: by the time the call comes another may have taken it.
+
+        >>> lb = LoadBalancer(2)
+        >>> lb.release(lb.acquire_idle()); lb.likely()  # 0 went idle last
+        0
+        >>> a = lb.acquire_idle(); lb.likely()  # 0 is busy: the next idle in turn
+        1
+        """
+        load, n = self._load, self._limit
+        warm = self._warm
+        if warm is not None and warm < n and not load[warm]:
+            return warm
+        start = self._start
+        for k in range(n):
+            i = (start + k) % n
+            if not load[i]:
+                return i
+        return None
+
     def release(self, index: int, *, notify: bool = True) -> None:
         """Give back one count of interpreter ``index`` (from :meth:`acquire`,
         :meth:`acquire_idle` or :meth:`acquire_room`), then run ``on_release``

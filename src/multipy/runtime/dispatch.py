@@ -222,6 +222,24 @@ class Dispatcher:
                 self._let_go(taken, requeue=False)
             raise
 
+    def expect(self) -> int | None:
+        """A posted call is coming soon: wake the interpreter it will most likely
+        go to (:meth:`LoadBalancer.likely`), if that one sleeps, so that its
+        wake-up overlaps the caller's work until the post (``Worker.poke``).
+        Returns that interpreter's index, or ``None`` when requests wait in the
+        queue or no interpreter is idle (the call will not be posted at once).
+        Never raises for an interpreter that is down or restarting.
+
+        >>> manager._dispatcher.expect()  # doctest: +SKIP
+        0
+        """
+        if not self._empty or self._closed:
+            return None
+        index = self._balancer.likely()
+        if index is not None:
+            self._workers[index].poke()
+        return index
+
     def idle_now(self) -> int | None:
         """An idle interpreter for a blocking call, counted in the balancer, when
         nothing waits in the queue (so the call takes no one's turn); else ``None``."""

@@ -114,6 +114,24 @@ class ReplicatedObj:
         return await manager._dispatcher.submit_async(
             manager._replicated_request(self, None, args, kwargs, None, future=AWAITED))
 
+    def expect_call(self) -> int | None:
+        """Say that a posted call (:meth:`submit`, :meth:`acall`, a batched call) is
+        coming: the interpreter it will most likely run on is woken now if it
+        sleeps waiting for requests, and spins for the call instead.  Worth it
+        when the caller has work to do first (reading and decoding a request):
+        the interpreter's wake-up overlaps that work instead of following the
+        post.  Nothing is sent; calling it without a call following only costs
+        the interpreter a short spin.  Returns the interpreter's index, or
+        ``None`` when none is idle (the call would wait anyway).  On the thread
+        backend and without the C extension it wakes nothing.
+
+        >>> model.expect_call()                 # doctest: +SKIP
+        0
+        >>> x = decode(body)                    # doctest: +SKIP
+        >>> out = await model.acall(x)          # doctest: +SKIP
+        """
+        return self._manager._dispatcher.expect()
+
     def batched(self, *, max_batch_size: int = 32, max_delay_ms: float = 2.0,
                 method: str | None = None) -> "BatchedObj":
         """This object with dynamic batching: concurrent calls whose tensors agree

@@ -309,6 +309,20 @@ class PyChannel:
             self._wake(_REQ_SEQ)
         return tail + rec
 
+    def poke(self) -> bool:
+        """A request is coming: wake the consumer if it sleeps in :meth:`wait_request`
+        (see the extension's docstring).  This twin never spins, so the woken wait
+        only looks once and sleeps again until the post.  ``False`` when detached
+        or closed, or when nothing slept."""
+        if not self._attached or self._u32(_CLOSED):
+            return False
+        with self._post_lock:
+            self._set32(_REQ_SEQ, (self._u32(_REQ_SEQ) + 1) & 0xFFFFFFFF)
+        if not self._u32(_REQ_SLEEPING):
+            return False
+        self._wake(_REQ_SEQ)
+        return True
+
     def take(self):
         """The oldest request as ``(tag, bytes)``, or None when the ring is empty."""
         self._check()
