@@ -9,15 +9,11 @@ its caller, and is harmless on an interpreter that is down, restarting or closed
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
 import random
 import signal
 import struct
-import subprocess
-import sys
-import textwrap
 import threading
 
 import pytest
@@ -55,6 +51,11 @@ def _consumer_asleep(memory) -> bool:
     return struct.unpack_from("<I", memory, chan._REQ_SLEEPING)[0] == 1
 
 
+def _poked(memory) -> int:
+    """The consumer's count of its sleeps that a poke ended."""
+    return struct.unpack_from("<I", memory, chan._POKED)[0]
+
+
 def _wait_in_thread(ch, spin: float):
     result = []
     t = threading.Thread(target=lambda: result.append(ch.wait_request(-1.0, spin, -1)), daemon=True)
@@ -84,7 +85,7 @@ def test_a_poked_consumer_spins_for_the_request_instead_of_sleeping_until_the_po
     t, result = _wait_in_thread(ch, 0.5)
     wait_for(lambda: _consumer_asleep(memory), "the consumer to sleep after its spin")
     assert ch.poke() is True
-    wait_for(lambda: not _consumer_asleep(memory), "the poked consumer to spin")
+    wait_for(lambda: _poked(memory) == 1, "the poked consumer to spin")
     ch.post(b"expected", 2)
     t.join(60)
     # READY: found while spinning.  Without the fresh spin the poke would only have
@@ -100,7 +101,7 @@ def test_the_twin_s_consumer_poked_sleeps_on_until_the_post():
     wait_for(lambda: _consumer_asleep(memory), "the consumer to sleep")
     assert ch.poke() is True
     wait_for(lambda: _consumer_asleep(memory), "the consumer to sleep again")
-    assert t.is_alive() and result == []
+    assert t.is_alive() and result == [] and _poked(memory) == 0
     ch.post(b"x", 3)
     t.join(60)
     assert result == [Wait.SLEPT]
@@ -115,7 +116,7 @@ def test_after_a_poke_paid_off_the_next_wait_spins_shorter():
         t, result = _wait_in_thread(ch, 0.05)
         wait_for(lambda: _consumer_asleep(memory), "the consumer to sleep")
         ch.poke()
-        wait_for(lambda: not _consumer_asleep(memory), "the poked consumer to spin")
+        wait_for(lambda: _poked(memory) == attempt + 1, "the poked consumer to spin")
         ch.post(b"p", attempt)
         t.join(60)
         assert ch.take() == (attempt, b"p")
@@ -225,50 +226,15 @@ def test_expect_call_on_an_interpreter_killed_restarting_or_closed_never_raises(
     assert obj.expect_call() is None  # closed manager: nothing to wake, no error
 
 
-_COUNT_POKES = textwrap.dedent("""
-    import json, struct, sys
-    sys.path[:0] = [sys.argv[1], sys.argv[2]]
-    import torch, multipy
-    from _faults import replicated_run
-    from _wait import wait_for
-    from multipy.transport import channel as chan
-    from multipy.transport.messages import Op
-
-    def counters(worker):
-        return worker.request(Op.EXEC, ("import multipy._native as n\\nresult = n.counters()",))
-
-    with multipy.InterpreterManager(1, backend="process") as m:
-        obj = replicated_run(m)
-        worker = m._workers[0]
-        obj.submit("echo", 1).result()
-        memory = worker._end.memory
-        asleep = lambda: struct.unpack_from("<I", memory, chan._REQ_SLEEPING)[0] == 1
-        before = counters(worker)["pokes"]
-        wait_for(asleep, "the interpreter to sleep")
-        index = obj.expect_call()
-        # Read (not posted to, which would race the poke: a request there when it
-        # wakes is taken as the reason it woke): the poked interpreter spins
-        # (200 µs) before it sleeps again.
-        left = 10_000_000
-        while asleep() and left:
-            left -= 1
-        assert left, "the poked interpreter never woke"
-        wait_for(lambda: counters(worker)["pokes"] > before, "the poke to be counted")
-        out = obj.submit("echo", 2).result()
-        print(json.dumps({"index": index, "out": out}))
-""")
-
-
-def test_expect_call_wakes_a_sleeping_interpreter_without_a_call():
-    # Counted by the interpreter's extension (MULTIPY_CHANNEL_COUNTS=1 at its start):
-    # "pokes" are request waits whose sleep a poke ended.  (The EXEC that reads the
-    # counters is a request: it ends a sleep as a post, not as a poke.)
-    if not chan.NATIVE:
-        pytest.skip(f"the process backend uses the call channel only natively ({chan.NATIVE_WHY})")
-    tests = os.path.dirname(os.path.abspath(__file__))
-    src = os.path.dirname(os.path.dirname(chan.__file__))
-    out = subprocess.run([sys.executable, "-c", _COUNT_POKES, src, tests],
-                         env={**os.environ, "MULTIPY_CHANNEL_COUNTS": "1"},
-                         capture_output=True, text=True, timeout=240)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"index": 0, "out": 2}
+def test_expect_call_wakes_the_sleeping_interpreter_the_next_call_goes_to(manager, run):
+    if manager.backend != "process" or not chan.NATIVE:
+        pytest.skip("only a process interpreter on the call channel sleeps on its request word")
+    run.submit("echo", 1).result()
+    index = manager._balancer.likely()
+    memory = manager._workers[index]._end.memory
+    wait_for(lambda: _consumer_asleep(memory), "the interpreter to sleep after its spin")
+    before = _poked(memory)
+    assert run.expect_call() == index
+    # Woken without a call: its sleep ended by the poke, then it spins for the call.
+    wait_for(lambda: _poked(memory) == before + 1, "the poke to end the interpreter's sleep")
+    assert run.submit("echo", 2).result() == 2

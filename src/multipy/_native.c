@@ -48,7 +48,8 @@ typedef struct {
     uint32_t closed, _pad1[15];            /* 64: set once by close() */
     uint64_t tail, _pad2[7];               /* 128: producers reserve here */
     uint64_t head, _pad3[7];               /* 192: the consumer's position */
-    uint32_t req_seq, req_sleeping, _pad4[14]; /* 256: bumped on every post */
+    uint32_t req_seq, req_sleeping, poked, _pad4[13]; /* 256: bumped on every post; poked:
+                                                 the consumer's count of sleeps a poke ended */
     uint32_t slot_hint, _pad5[15];         /* 320 */
 } header_t;
 
@@ -353,6 +354,7 @@ static int sleep_for(ChannelObject *c, ready_fn ready, void *arg, uint32_t *word
             uint32_t now = SC_LOAD(word);
             if (poked && now != seen && !LOAD(&h->closed)) {
                 COUNT(C_POKES, 1);
+                __atomic_add_fetch(&h->poked, 1u, __ATOMIC_RELAXED); /* the only writer */
                 return POKED;
             }
             seen = now;
@@ -761,9 +763,14 @@ static PyObject *Channel_poke(ChannelObject *self, PyObject *unused) {
     if (LOAD(&h->closed))
         Py_RETURN_FALSE;
     /* The post's protocol: the word bumped, then the sleeper flag read (a sleeper
-     * that set it after the bump finds the word changed and does not sleep). */
+     * that set it after the bump finds the word changed and does not sleep).  The
+     * flag is taken down here, before the wake-up: the post that follows, finding
+     * it down, makes no second FUTEX_WAKE while the woken consumer is on its way
+     * (it looks at the ring before it sleeps again, and sets the flag then). */
     __atomic_add_fetch(&h->req_seq, 1u, __ATOMIC_SEQ_CST);
-    if (!SC_LOAD(&h->req_sleeping))
+    uint32_t asleep = 1u;
+    if (!__atomic_compare_exchange_n(&h->req_sleeping, &asleep, 0u, 0, __ATOMIC_SEQ_CST,
+                                     __ATOMIC_SEQ_CST))
         Py_RETURN_FALSE;
     futex_wake(&h->req_seq);
     Py_RETURN_TRUE;

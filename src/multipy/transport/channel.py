@@ -18,7 +18,7 @@
 Memory (one memfd, like the arenas)::
 
     0    header: magic, version, ring_bytes, slots, slot_bytes | closed | tail | head
-              | req_seq, req_sleeping | slot_hint      (each word on its own cache line)
+              | req_seq, req_sleeping, poked | slot_hint  (each on its own cache line)
               | bell (384: the process backend's, see HostEnd.want_bell)
     512  request ring (ring_bytes, a power of two): records of
               [state u32 | len u32 | tag u32 | pad u32 | payload, padded to 16]
@@ -88,6 +88,9 @@ _WATCH_MAX = 0.032  # the host's watcher: its slice doubles from _SLICE up to th
 # Offsets of the header words (see the layout above and _native.c's header_t).
 _CLOSED, _TAIL, _HEAD, _REQ_SEQ, _REQ_SLEEPING, _SLOT_HINT = 64, 128, 192, 256, 260, 320
 _BELL = 384  # unused by the mechanism: set by the host once a reply needs the bell pipe
+# The consumer's count of its sleeps that a poke ended (Channel.poke; diagnostics and
+# tests: the twin, which never spins, leaves it at 0).
+_POKED = 264
 # A slot's go word (see _native.c's GO_*): 0 unarmed, 1 cancelled, 2 started, 3 skipped,
 # else armed with a time.monotonic_ns() deadline (2**64 - 1: none).
 _SLOT_GO = 16
