@@ -230,8 +230,9 @@ def _waits(registry, model, one, args) -> None:
     h1, i1 = time.process_time(), sum(_cpu_seconds(w.pid) for w in workers)
     k1 = counters()
     print(f"{args.model}, {args.concurrency} in flight, {model.slots} slots: interpreter waits "
-          f"{(k1['waits'] - k0['waits']) / n:.2f}, sleeps {(k1['sleeps'] - k0['sleeps']) / n:.2f} "
-          f"per request | host {(h1 - h0) / n * 1e6:.0f} µs CPU, interpreters "
+          f"{(k1['waits'] - k0['waits']) / n:.2f}, sleeps {(k1['sleeps'] - k0['sleeps']) / n:.2f}"
+          + (f", sleeps a poke ended {(k1['pokes'] - k0['pokes']) / n:.2f}" if "pokes" in k1 else "")
+          + f" per request | host {(h1 - h0) / n * 1e6:.0f} µs CPU, interpreters "
           f"{(i1 - i0) / n * 1e6:.0f} µs CPU per request | {n / elapsed:,.0f} requests/s "
           f"(load {open('/proc/loadavg').read().split()[0]})")
 
