@@ -271,3 +271,43 @@ def test_a_handle_dropped_while_its_call_waits_to_be_sent_keeps_the_call_working
     del future
     gc.collect()
     assert _replicated_count(manager) == before
+
+
+def test_a_first_call_answered_while_another_object_unloads_leaves_no_copy_behind(
+        manager, gate):
+    # b's first call (it loads b) is in flight while a's unload is sent: its reply
+    # marks b loaded in the record that unload replaced.  b's copy is released all the
+    # same once b's last handle goes, not kept by the interpreter for ever.
+    import gc
+
+    worker = manager._workers[0]
+    if worker.posted_depth == 1:
+        pytest.skip("a call holds the interpreter until its reply: nothing is sent behind it")
+    if "races_count" not in manager.__dict__.setdefault("_test_sources", set()):
+        manager.register_module_source("races_count", _COUNT)
+        manager._test_sources.add("races_count")
+    gate_path, log = gate
+    gc.collect()  # settle objects of earlier tests first
+    before = _replicated_count(manager)
+    a, b = movable_rows(manager), movable_rows(manager)
+    x = torch.arange(3.0)
+    assert torch.equal(a(x), x * 2 + 1)
+    answers = []
+    calling = threading.Thread(target=lambda: answers.append(b(x, gate=gate_path, log=log)))
+    calling.start()
+    unloading = None
+    try:
+        wait_for(lambda: len(logged(log)) == 1, "b's first call to start")
+        record = worker.materialized
+        unloading = threading.Thread(target=a.unload)
+        unloading.start()
+        wait_for(lambda: worker.materialized is not record, "a's unload to be sent")
+    finally:
+        open_gate(gate_path)
+        calling.join(60)
+        if unloading is not None:
+            unloading.join(60)
+    assert torch.equal(answers[0], x * 2 + 1)
+    del a, b, answers
+    gc.collect()
+    assert _replicated_count(manager) == before

@@ -38,10 +38,16 @@ _call_replicated = getattr(_native_module, "call_replicated", None)
 
 
 def _release(workers, rid: int, fd: int | None) -> None:
+    # Released in every interpreter, not only where the host records it loaded: a
+    # first call's reply read while another object's unload was in flight marks its
+    # object loaded in the set that unload replaced (Worker._forget_loaded), so the
+    # record can miss a copy.  No call of it is in flight here (a posted call keeps
+    # its object alive until it ends, a blocking one holds its handle); the release
+    # goes with a later request, and releasing what an interpreter never loaded
+    # does nothing.
     for worker in workers:
-        if rid in worker.materialized:
-            worker.materialized.discard(rid)
-            worker.drop((_REPLICATED, rid))
+        worker.materialized.discard(rid)
+        worker.drop((_REPLICATED, rid))
     if fd is not None:
         try:
             os.close(fd)
