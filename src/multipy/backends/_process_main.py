@@ -106,7 +106,7 @@ def main(config, fds) -> None:
         torch.version.interp = config.index
     state = InterpreterState(config.index)
     state.activate_for_process()
-    Loop(state, req_r, rep_w, args_fd, results_fd, spin=config.spin, channel_fd=channel_fd,
+    Loop(state, req_r, rep_w, args_fd, results_fd, spin=config.idle_spin, channel_fd=channel_fd,
          bell_w=bell_w).run()
 
 

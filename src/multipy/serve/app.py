@@ -197,7 +197,6 @@ class _Infer:
                 registry = self.registry
                 if model is None:
                     registry.get(name)  # raises ModelNotFound (404), naming the models
-                model.expect_call()  # its interpreter wakes while the request is read and decoded
                 options = registry.options
                 if registry.draining:
                     raise _draining(options.retry_after)

@@ -153,10 +153,6 @@ class ServedModel:
         self._answered = 0  # calls of the model that ended, when they are not batched
         self._manager = obj._manager
         self._dispatcher = obj._manager._dispatcher
-        #: ``expect_call()``: wake the interpreter this model's next request will most
-        #: likely run on (``ReplicatedObj.expect_call``), before the request is read
-        #: and decoded, so that the interpreter's wake-up overlaps that work.
-        self.expect_call = self._dispatcher.expect
         # Admission: `_free` slots left; the requests waiting for one, oldest first,
         # each a future its slot is handed to (a semaphore, with no lock and no
         # timeout object per waiting request).
