@@ -213,18 +213,25 @@ def _replicated_count(manager) -> int:
         return s.global_("races_count", "replicated_count")().deref()
 
 
+def _settled_count(manager) -> int:
+    """:func:`_replicated_count` once the objects of earlier tests are collected."""
+    import gc
+
+    if "races_count" not in manager.__dict__.setdefault("_test_sources", set()):
+        manager.register_module_source("races_count", _COUNT)
+        manager._test_sources.add("races_count")
+    gc.collect()
+    return _replicated_count(manager)
+
+
 def test_a_handle_dropped_while_its_first_call_runs_leaves_no_copy_behind(manager, gate):
     # The object's last handle goes while the call that loads it runs (a posted call on a
     # temporary handle: `package.load_pickle(...).submit(x)`): the copy that call loaded
     # is released all the same, not kept by the interpreter for ever.
     import gc
 
-    if "races_count" not in manager.__dict__.setdefault("_test_sources", set()):
-        manager.register_module_source("races_count", _COUNT)
-        manager._test_sources.add("races_count")
     gate_path, log = gate
-    gc.collect()  # settle objects of earlier tests first
-    before = _replicated_count(manager)
+    before = _settled_count(manager)
     temp = movable_rows(manager)
     x = torch.arange(2.0)
     future = temp.submit(x, gate=gate_path, log=log)  # its first call: loads it
@@ -283,12 +290,8 @@ def test_a_first_call_answered_while_another_object_unloads_leaves_no_copy_behin
     worker = manager._workers[0]
     if worker.posted_depth == 1:
         pytest.skip("a call holds the interpreter until its reply: nothing is sent behind it")
-    if "races_count" not in manager.__dict__.setdefault("_test_sources", set()):
-        manager.register_module_source("races_count", _COUNT)
-        manager._test_sources.add("races_count")
     gate_path, log = gate
-    gc.collect()  # settle objects of earlier tests first
-    before = _replicated_count(manager)
+    before = _settled_count(manager)
     a, b = movable_rows(manager), movable_rows(manager)
     x = torch.arange(3.0)
     assert torch.equal(a(x), x * 2 + 1)
