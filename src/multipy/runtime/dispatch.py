@@ -738,22 +738,7 @@ class Dispatcher:
         else:
             self.pump()
         if len(requests) == 1:
-            request = requests[0]
-            future = request.future
-            if type(future) is _LoopFuture and request.convert is None:
-                # _resolve and _Bridge.deliver, written out for an awaited call read on
-                # its own loop (a served request: once per request)
-                waiter, loop = future.waiter, future.bridge.loop_ref()
-                if loop is not None and asyncio._get_running_loop() is loop:
-                    if not waiter.cancelled():
-                        if error is None:
-                            waiter.set_result(value)
-                        else:
-                            waiter.set_exception(error)
-                else:
-                    future.bridge.deliver(waiter, value, error)
-            else:
-                _resolve(request, value, error)
+            _resolve(requests[0], value, error)
         elif rows is not None:
             requests[0].batch[0].deliver(requests, value, rows)
 
