@@ -4714,6 +4714,17 @@ done:
  * thread hands the rest to _PostedCall._end.  The Python objects and functions it
  * recognises are registered once by runtime.dispatch (ring_setup). */
 
+/* Rings ring_awaited settled in C (its True answers), in this process: always
+ * counted (one add under the GIL), so that a test notices when the case is no longer
+ * recognised and every served request goes the Python way (ring_settled()). */
+static unsigned long long ring_settled;
+
+static PyObject *native_ring_settled(PyObject *m, PyObject *unused) {
+    (void)m;
+    (void)unused;
+    return PyLong_FromUnsignedLongLong(ring_settled);
+}
+
 static PyObject *ring_hand_over, *ring_posted_type, *ring_finish_fn, *ring_done_fn,
     *ring_loop_future_type, *ring_partial_type, *ring_running_loop;
 static PyObject *s_retired, *s_posted, *s_wlock_b, *s_watching, *s_end_b, *s_bell_r,
@@ -4722,7 +4733,7 @@ static PyObject *s_retired, *s_posted, *s_wlock_b, *s_watching, *s_end_b, *s_bel
     *s_posted_in_flight, *s_holds, *s_started_a, *s_done_a, *s_func, *s_args, *s_requests,
     *s_balanced, *s_convert, *s_future, *s_on_loop, *s_waiter, *s_sent, *s_cancelled,
     *s_set_result, *s_watch_m, *s_end_m, *s_balancer_a, *s_finish, *s_materializes,
-    *s_materialized_a, *s_loop_a;
+    *s_materialized_a, *s_loop_a, *s_set_exception, *s_failures;
 
 static int ring_strings(void) {
     if (s_balancer_a != NULL)
@@ -4741,6 +4752,7 @@ static int ring_strings(void) {
     S(s_set_result, "set_result"); S(s_watch_m, "watch"); S(s_end_m, "_end");
     S(s_balancer_a, "_balancer"); S(s_finish, "finish"); S(s_materializes, "materializes");
     S(s_materialized_a, "materialized"); S(s_loop_a, "_loop");
+    S(s_set_exception, "set_exception"); S(s_failures, "failures");
 #undef S
     return 0;
 }
@@ -4834,7 +4846,7 @@ static PyObject *native_ring_awaited(PyObject *m, PyObject *const *args, Py_ssiz
              *worker = NULL, *caller = NULL, *slot_o = NULL, *done = NULL, *dispatcher = NULL,
              *index = NULL, *group = NULL, *request = NULL, *future = NULL, *waiter = NULL,
              *balancer = NULL, *lock = NULL, *end = NULL, *value = NULL, *got = NULL,
-             *tmp = NULL;
+             *tmp = NULL, *failed = NULL;
     /* -- the case, recognised before anything changes ------------------------- */
     int r;
 #define CHECK(expr) do { r = (expr); if (r < 0) goto unknown; if (!r) goto not_ours; } while (0)
@@ -5001,7 +5013,13 @@ static PyObject *native_ring_awaited(PyObject *m, PyObject *const *args, Py_ssiz
         }
         Py_DECREF(rid);
     }
-    /* -- _PostedCall._end ----------------------------------------------------------- */
+    /* -- _PostedCall._end -----------------------------------------------------------
+     * From the first step on, the reply is the call's alone: every later step is
+     * taken whatever the one before it met.  An error (no memory for a count, a
+     * lock that will not let go) is kept, the first one, and the call ends with it:
+     * the worker's lock and the balancer's count are given back and the future gets
+     * the exception (a call that never ends would hold its interpreter for ever). */
+#define KEEP_ERROR() do { if (failed == NULL) failed = fetch_error(); else PyErr_Clear(); } while (0)
     if (PyObject_SetAttr(pc, s_finished, Py_True) < 0)
         goto hand_end;
     r = attr_is(pc, s_counted, Py_True);
@@ -5025,45 +5043,56 @@ static PyObject *native_ring_awaited(PyObject *m, PyObject *const *args, Py_ssiz
         }
         int rc = n1 == NULL ? -1 : iset(worker, s_posted_in_flight, n1);
         Py_XDECREF(n1);
-        rc = rc < 0 ? -1 : PyObject_SetAttr(pc, s_counted, Py_False);
-        int ru = unlock(tally);
+        if (rc < 0 || PyObject_SetAttr(pc, s_counted, Py_False) < 0)
+            KEEP_ERROR();
+        if (unlock(tally) < 0)
+            KEEP_ERROR();
         Py_DECREF(tally);
-        if (rc < 0 || ru < 0)
-            goto done;
     }
     {
         PyObject *started = PyObject_GetAttr(pc, s_started_a);
         double t = started == NULL ? -1.0 : PyFloat_AsDouble(started);
         Py_XDECREF(started);
         if (PyErr_Occurred() || count_call(worker, (int64_t)(t * 1e9), 1) < 0)
-            goto done;
+            KEEP_ERROR();
     }
     if (PyObject_SetAttr(pc, s_posted, Py_None) < 0)
-        goto done;
+        KEEP_ERROR();
     r = attr_is(pc, s_holds, Py_True);
-    if (r < 0)
-        goto done;
-    if (r) {
+    if (r < 0) {
+        KEEP_ERROR(); /* (a slot that cannot be read: whether it holds the lock is unknown) */
+    } else if (r) {
         PyObject *wl = iattr(worker, s_wlock);
-        if (wl == NULL || unlock(wl) < 0) {
-            Py_XDECREF(wl);
-            goto done;
-        }
-        Py_DECREF(wl);
+        if (wl == NULL || unlock(wl) < 0)
+            KEEP_ERROR();
+        Py_XDECREF(wl);
     }
     if (PyObject_SetAttr(pc, s_done_a, Py_None) < 0)
-        goto done;
+        KEEP_ERROR();
     /* -- Dispatcher._done: the request ended, the count given back (the queue pumped),
      * the caller's future set ------------------------------------------------------ */
     if (PyObject_SetAttr(request, s_sent, Py_None) < 0)
-        goto done;
+        KEEP_ERROR();
+    if (failed != NULL) { /* counted as _end counts a call that ended with an error */
+        PyObject *f = iattr(worker, s_failures), *f1 = NULL;
+        if (f != NULL) {
+            PyObject *one = PyLong_FromLong(1);
+            f1 = one == NULL ? NULL : PyNumber_Add(f, one);
+            Py_XDECREF(one);
+            Py_DECREF(f);
+        }
+        if (f1 == NULL || iset(worker, s_failures, f1) < 0)
+            PyErr_Clear(); /* (the call's own error is the one its caller gets) */
+        Py_XDECREF(f1);
+    }
     {
         int gave = give_turn_back(balancer, index, dispatcher);
         PyObject *first = gave < 0 ? fetch_error() : NULL; /* raised after the future is set */
         tmp = PyObject_CallMethodNoArgs(waiter, s_cancelled);
         if (tmp != NULL && tmp == Py_False) {
             Py_DECREF(tmp);
-            tmp = PyObject_CallMethodOneArg(waiter, s_set_result, value);
+            tmp = failed == NULL ? PyObject_CallMethodOneArg(waiter, s_set_result, value)
+                                 : PyObject_CallMethodOneArg(waiter, s_set_exception, failed);
         }
         if (first != NULL) {
             Py_XDECREF(tmp);
@@ -5075,7 +5104,9 @@ static PyObject *native_ring_awaited(PyObject *m, PyObject *const *args, Py_ssiz
             goto done;
         Py_CLEAR(tmp);
     }
+#undef KEEP_ERROR
 ended:
+    ring_settled++;
     /* on_bell's end: the bell watched again for calls posted meanwhile (by the pump) */
     if (PyDict_GET_SIZE(posted) > 0) {
         tmp = PyObject_CallMethodNoArgs(watch, s_watch_m);
@@ -5099,6 +5130,7 @@ not_ours:
     out = Py_NewRef(Py_False);
 done:
 #undef CHECK
+    Py_XDECREF(failed);
     Py_XDECREF(tmp);
     Py_XDECREF(got);
     Py_XDECREF(value);
@@ -5217,6 +5249,12 @@ static PyMethodDef module_methods[] = {
      "is a lone awaited request of this loop whose reply is the common one; it is\n"
      "settled, ended and its future set here (True).  False, the bell emptied and\n"
      "nothing else changed, for anything else (on_bell goes on in Python)."},
+    {"ring_settled", native_ring_settled, METH_NOARGS,
+     "ring_settled() -> int\n\n"
+     "How many rings ring_awaited settled in C in this process (its True answers):\n"
+     "a served request's reply that went the Python way does not count.\n\n"
+     ">>> ring_settled() >= 0\n"
+     "True"},
     {"watch_block", (PyCFunction)(void (*)(void))native_watch_block, METH_FASTCALL,
      "watch_block(holder, offset, book, /) -> bool\n\n"
      "Make a TensorBlock call book(offset) when it dies; False for another holder."},
