@@ -23,6 +23,7 @@ if sys.version_info < (3, 13):
                 allow_module_level=True)
 
 import multipy
+import _stall
 from _faults import RAISES
 from _wait import wait_for, wait_started
 from multipy import (BackendUnavailableError, CallTimeoutError, InterpreterError,
@@ -612,7 +613,8 @@ def test_callers_sharing_one_subinterpreter_each_get_their_own_answer():
         m.register_module_source("helpers", HELPERS)
         with m.acquire_one() as s:
             echo = s.create_movable(s.global_("helpers", "echo"))
-        failures = []
+        failures, books = [], []
+        first = threading.Lock()
 
         def work(t: int) -> None:
             try:
@@ -624,14 +626,17 @@ def test_callers_sharing_one_subinterpreter_each_get_their_own_answer():
                     if got != value:
                         failures.append((t, i, kind))
             except BaseException as exc:  # reported below, with the thread that failed
-                failures.append((t, exc))
+                with first:
+                    if not books:  # the manager's books as the first failure found them
+                        books.append(_stall.describe(m))
+                failures.append((t, i, exc))
 
         threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
-        assert failures == []
+        assert failures == [], "\n".join(books)
         assert m.statistics().interpreters[0].restarts == 0
 
 
