@@ -640,6 +640,52 @@ def test_callers_sharing_one_subinterpreter_each_get_their_own_answer():
         assert m.statistics().interpreters[0].restarts == 0
 
 
+ECHO_AFTER_GATE = """
+import os, time
+
+def echo(value, gate=None):
+    while gate is not None and not os.path.exists(gate):
+        time.sleep(0.001)
+    return value
+"""
+
+# Posted calls sent by the completion thread, behind a call whose big reply only that
+# thread reads: with more than two in flight, that thread waited inside the send for
+# the subinterpreter, which waited for it (a deadlock).  Run in a process of its own:
+# a deadlock there is a timeout here, not a hung test run.
+_SEND_BEHIND_A_BIG_REPLY = """
+import sys
+from multipy import InterpreterManager
+from multipy.backends import subinterpreter
+
+subinterpreter.PIPELINE_DEPTH = int(sys.argv[2])  # MULTIPY_PIPELINE_DEPTH, read at import
+with InterpreterManager(1, backend="subinterpreter") as m:
+    m.register_module_source("gates", sys.argv[3])
+    with m.acquire_one() as s:
+        echo = s.create_movable(s.global_("gates", "echo"))
+    echo(0)  # loaded
+    big_reply = "r" * 100_000     # its reply spills through the reply pipe (read by the completion thread)
+    shared = b"b" * 80_000        # crosses as a shared buffer, taken by the loop in turn
+    gated = echo.submit(1, sys.argv[1])
+    calls = [(v, echo.submit(v)) for v in (big_reply, shared, 2, shared, big_reply, shared)]
+    open(sys.argv[1], "w").close()  # the calls behind the gated one go on
+    assert gated.result(timeout=30) == 1
+    for value, future in calls:
+        assert future.result(timeout=30) == value
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("depth", [2, 4])
+def test_posted_calls_sent_by_the_completion_thread_never_wait_for_their_own_replies(
+        tmp_path, depth):
+    _needs_channel()
+    out = subprocess.run([sys.executable, "-c", _SEND_BEHIND_A_BIG_REPLY, str(tmp_path / "gate"),
+                          str(depth), ECHO_AFTER_GATE],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
 def test_a_call_that_times_out_queued_behind_another_never_runs(tmp_path, monkeypatch):
     from multipy.backends import subinterpreter
 

@@ -84,6 +84,7 @@ from .process import PIPELINE_DEPTH
 from .completions import CLOSED, READY, Completions
 
 INTERRUPT_GRACE = 1.0     # seconds an interrupted call gets to unwind
+POSTED_DEPTH = 2          # posted calls in flight per subinterpreter at most (see posted_depth)
 _NOTHING = object()       # _Call.frame: no reply taken off the channel yet
 _TIMEOUT = _channel.Wait.TIMEOUT
 START_ARENA = 1 << 20     # the result arena grows on demand
@@ -481,7 +482,17 @@ class SubinterpreterWorker(Worker):
 
     @property
     def posted_depth(self) -> int:
-        return PIPELINE_DEPTH if self._pipelines() else 1
+        # At most POSTED_DEPTH whatever MULTIPY_PIPELINE_DEPTH says.  The completion
+        # thread sends a posted call only while fewer than this are in flight here, and
+        # its send may wait for the subinterpreter (to take the shared buffers of a
+        # big argument queued before it, or to make room in the ring), while the
+        # subinterpreter may wait for the completion thread (to read a posted call's
+        # reply too big for its slot, or the arena holding one's big buffers).  With
+        # one other call in flight, the send waits only for that call to be taken,
+        # and nothing the subinterpreter answered is left unread then; with two or
+        # more, the send waited for a call queued behind an answer only the
+        # completion thread reads (a deadlock).
+        return min(PIPELINE_DEPTH, POSTED_DEPTH) if self._pipelines() else 1
 
     def poke(self) -> bool:
         """Wake the subinterpreter if it sleeps waiting for requests
