@@ -5154,6 +5154,727 @@ done:
     return out;
 }
 
+/* -- host: an awaited call's send in C --------------------------------------------
+ *
+ * post_awaited(dispatcher, request) -> bool: Dispatcher.submit's common case for a
+ * request of submit_async(..., on_loop=True) (a served request): nothing queued,
+ * the request alone (no batch, not pinned, no timeout, no handles), its object
+ * loaded in the interpreter chosen, on its loop's thread.  What _post_now, _post,
+ * Worker.post, Worker._send_posted and ProcessWorker._post do, in one C call:
+ * the interpreter chosen as LoadBalancer.acquire_room chooses (an idle usable one,
+ * the one that went idle last first, else the first in turn; else the least loaded
+ * with room in its queue), counted, its lock taken without waiting; the dispatcher's
+ * group, the worker's _PostedCall and the backend's posted entry made; counted in
+ * posted_in_flight; sent and its books kept (caller_post); the bell watched
+ * (BellWatch.watch); the lock let go when the interpreter queues calls; request.sent
+ * set.  Its reply is then settled by ring_awaited (or the Python path: the books
+ * are the Python path's own).
+ *
+ * False, with nothing changed, for anything else (then Dispatcher.submit runs):
+ * another backend or the pipes, a closed manager or dispatcher, requests queued,
+ * every interpreter busy and full, a lock held by another thread, a first load,
+ * drops or CUDA links to send, a request the ring does not take.  An error before
+ * the send gives back what was taken: a KeyboardInterrupt (a Python call it made,
+ * e.g. an object's __init__) is raised, any other error leaves it to the Python path
+ * (False).  After the send the call is in flight and ends through its reply, as a
+ * call the Python path sent; an error then (of the bell watch, of the on_free hook)
+ * is raised once the books are kept, as Worker._send_posted raises it. */
+
+static PyObject *send_group_type, *send_posted_type, *send_worker_type, *send_call_op;
+static long send_depth; /* process.PIPELINE_DEPTH */
+static PyObject *s_batch, *s_index, *s_op, *s_handles, *s_timeout, *s_usable, *s_end_w,
+    *s_bells, *s_posted_depth, *s_call_a, *s_placed, *s_handed_g, *s_kept, *s_watches, *s_on_bell,
+    *s_watch_kept, *s_ready, *s_call_soon, *s_unwatch;
+
+static int send_strings(void) {
+    if (s_handed_g != NULL)
+        return 0;
+#define S(var, text) if ((var = PyUnicode_InternFromString(text)) == NULL) return -1
+    S(s_batch, "batch"); S(s_index, "index"); S(s_op, "op"); S(s_handles, "handles");
+    S(s_timeout, "timeout"); S(s_usable, "_usable"); S(s_end_w, "_end"); S(s_bells, "_bells");
+    S(s_posted_depth, "posted_depth"); S(s_call_a, "call"); S(s_placed, "placed");
+    S(s_handed_g, "handed"); S(s_kept, "_kept"); S(s_watches, "_watches"); S(s_on_bell, "on_bell");
+    S(s_watch_kept, "watch_kept"); S(s_ready, "ready"); S(s_call_soon, "call_soon");
+    S(s_unwatch, "_unwatch");
+#undef S
+    return 0;
+}
+
+/* send_setup(group_type, posted_type, process_worker_type, call_op, pipeline_depth) */
+static PyObject *native_send_setup(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
+    (void)m;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "send_setup() takes 5 arguments");
+        return NULL;
+    }
+    if (!cache_here())
+        Py_RETURN_NONE; /* another interpreter's objects: post_awaited says False */
+    long depth = PyLong_AsLong(args[4]);
+    if (depth == -1 && PyErr_Occurred())
+        return NULL;
+    if (send_strings() < 0 || ring_strings() < 0 || whole_call_strings() < 0 ||
+        balancer_strings() < 0)
+        return NULL;
+    Py_XSETREF(send_group_type, Py_NewRef(args[0]));
+    Py_XSETREF(send_posted_type, Py_NewRef(args[1]));
+    Py_XSETREF(send_worker_type, Py_NewRef(args[2]));
+    Py_XSETREF(send_call_op, Py_NewRef(args[3]));
+    send_depth = depth;
+    Py_RETURN_NONE;
+}
+
+/* usable(index) (the dispatcher's test): 1, 0, -1 on an error. */
+static int send_usable(PyObject *usable, long i) {
+    PyObject *io = PyLong_FromLong(i);
+    PyObject *r = io == NULL ? NULL : PyObject_CallOneArg(usable, io);
+    Py_XDECREF(io);
+    int ok = r == NULL ? -1 : PyObject_IsTrue(r);
+    Py_XDECREF(r);
+    return ok;
+}
+
+/* The worker's CUDA links in use (links._links or links._wanted): 1, 0, -1. */
+static int send_links_active(PyObject *worker) {
+    PyObject *links = iattr(worker, s_links);
+    if (links == NULL)
+        return -1;
+    int active = attr_true(links, s_links_in);
+    if (active == 0)
+        active = attr_true(links, s_wanted);
+    Py_DECREF(links);
+    return active;
+}
+
+/* Worker.posted_depth of a ProcessWorker, written out: 1 while it queues no calls
+ * (the pipes, CUDA links in use), else PIPELINE_DEPTH.  -1 on an error. */
+static long send_worker_depth(PyObject *worker) {
+    if (Py_TYPE(worker) != (PyTypeObject *)send_worker_type) {
+        PyObject *v = PyObject_GetAttr(worker, s_posted_depth);
+        long d = v == NULL ? -1 : PyLong_AsLong(v);
+        Py_XDECREF(v);
+        return d;
+    }
+    PyObject *end = iattr(worker, s_end_w);
+    if (end == NULL)
+        return -1;
+    Py_DECREF(end);
+    if (end == Py_None)
+        return 1;
+    int active = send_links_active(worker);
+    return active < 0 ? -1 : active ? 1 : send_depth;
+}
+
+/* LoadBalancer.acquire_room(None, usable), then acquire_room(depth, usable), under
+ * the balancer's lock taken without waiting: the index counted, -1 when none (or the
+ * lock held elsewhere: *busy set), -2 on an error (nothing counted). */
+static long send_choose(PyObject *balancer, PyObject *usable, PyObject *workers, int *busy) {
+    PyObject *lock = iattr(balancer, s_lock);
+    if (lock == NULL)
+        return -2;
+    int taken = lock_now(lock);
+    if (taken <= 0) {
+        Py_DECREF(lock);
+        *busy = 1;
+        return taken < 0 ? -2 : -1;
+    }
+    long best = -2, n = -1, start = -1;
+    PyObject *load = iattr(balancer, s_load), *v;
+    if (load == NULL)
+        goto out;
+    if ((v = iattr(balancer, s_limit)) != NULL) {
+        n = PyLong_AsLong(v);
+        Py_DECREF(v);
+    }
+    if (!PyErr_Occurred() && (v = iattr(balancer, s_start)) != NULL) {
+        start = PyLong_AsLong(v);
+        Py_DECREF(v);
+    }
+    if (PyErr_Occurred())
+        goto out;
+    if (!PyList_CheckExact(load) || n <= 0 || n > PyList_GET_SIZE(load) || start < 0 ||
+        start >= n) {
+        best = -1, *busy = 1; /* not what acquire_room keeps: its own choice */
+        goto out;
+    }
+    long counts[64];
+    if (n > 64) {
+        best = -1, *busy = 1;
+        goto out;
+    }
+    for (long i = 0; i < n; i++) {
+        PyObject *c = PyList_GET_ITEM(load, i);
+        counts[i] = PyLong_CheckExact(c) ? PyLong_AsLong(c) : -1;
+        if (counts[i] < 0) {
+            PyErr_Clear();
+            best = -1, *busy = 1;
+            goto out;
+        }
+    }
+    best = -1;
+    /* An idle one: the warm one (went idle last) first, else the first in turn. */
+    PyObject *warm = iattr(balancer, s_warm);
+    if (warm == NULL)
+        goto error;
+    long w = warm == Py_None ? -1 : PyLong_AsLong(warm);
+    Py_DECREF(warm);
+    if (w == -1 && PyErr_Occurred())
+        goto error;
+    if (w >= 0 && w < n && counts[w] == 0) {
+        int ok = send_usable(usable, w);
+        if (ok < 0)
+            goto error;
+        if (ok)
+            best = w;
+    }
+    for (long k = 0; best < 0 && k < n; k++) {
+        long i = (start + k) % n;
+        if (counts[i])
+            continue;
+        int ok = send_usable(usable, i);
+        if (ok < 0)
+            goto error;
+        if (ok)
+            best = i;
+    }
+    /* Else the least loaded with room in its queue (the first of equals in turn;
+     * the idle ones were asked above). */
+    if (best < 0) {
+        long room = -1;
+        for (long k = 0; k < n; k++) {
+            long i = (start + k) % n;
+            if (counts[i] == 0 || (room >= 0 && counts[i] >= counts[room]))
+                continue;
+            PyObject *worker = PySequence_GetItem(workers, i);
+            long depth = worker == NULL ? -1 : send_worker_depth(worker);
+            Py_XDECREF(worker);
+            if (depth < 0)
+                goto error;
+            if (counts[i] >= depth)
+                continue;
+            int ok = send_usable(usable, i);
+            if (ok < 0)
+                goto error;
+            if (ok)
+                room = i;
+        }
+        best = room;
+    }
+    if (best >= 0) {
+        PyObject *next = PyLong_FromLong((best + 1) % n), *counted = PyLong_FromLong(counts[best] + 1);
+        if (next == NULL || counted == NULL || iset(balancer, s_start, next) < 0) {
+            Py_XDECREF(next);
+            Py_XDECREF(counted);
+            goto error;
+        }
+        Py_DECREF(next);
+        PyList_SetItem(load, best, counted); /* steals counted */
+    }
+    goto out;
+error:
+    best = -2;
+out:
+    Py_XDECREF(load);
+    if (unlock(lock) < 0 && best >= 0) {
+        /* (cannot happen for a lock taken here; the count stays this call's) */
+        PyErr_WriteUnraisable(lock);
+    }
+    Py_DECREF(lock);
+    return best;
+}
+
+/* The balancer's count of index given back without its hook (release(index,
+ * notify=False)), the error being raised (if any) kept; an error of its own is
+ * reported as unraisable (the count then stays taken, as release() leaves it). */
+static void send_give_back(PyObject *balancer, PyObject *index) {
+    PyObject *pending = fetch_error();
+    PyObject *av[2] = {balancer, index};
+    PyObject *given = native_give_back(NULL, av, 2);
+    if (given == Py_False) {
+        PyObject *kwnames = Py_BuildValue("(s)", "notify");
+        PyObject *vec[3] = {balancer, index, Py_False};
+        PyObject *r = kwnames == NULL ? NULL
+            : PyObject_VectorcallMethod(s_release, vec, 2, kwnames);
+        Py_XDECREF(kwnames);
+        if (r == NULL)
+            PyErr_WriteUnraisable(balancer);
+        Py_XDECREF(r);
+    } else if (given == NULL) {
+        PyErr_WriteUnraisable(balancer);
+    }
+    Py_XDECREF(given);
+    if (pending != NULL)
+        restore_error(pending);
+}
+
+/* worker.posted_in_flight += d under worker._tally (taken without waiting when
+ * wait is 0: 0 returned, nothing changed, while another thread holds it).  1 done,
+ * -1 on an error. */
+static int send_tally(PyObject *worker, long d, int wait) {
+    PyObject *tally = iattr(worker, s_tally);
+    if (tally == NULL)
+        return -1;
+    int taken;
+    if (wait) {
+        PyObject *r = PyObject_CallMethodNoArgs(tally, s_acquire);
+        taken = r == NULL ? -1 : 1;
+        Py_XDECREF(r);
+    } else {
+        taken = lock_now(tally);
+    }
+    if (taken <= 0) {
+        Py_DECREF(tally);
+        return taken;
+    }
+    PyObject *n = iattr(worker, s_posted_in_flight), *n1 = NULL;
+    if (n != NULL) {
+        PyObject *one = PyLong_FromLong(d);
+        n1 = one == NULL ? NULL : PyNumber_Add(n, one);
+        Py_XDECREF(one);
+        Py_DECREF(n);
+    }
+    int rc = n1 == NULL ? -1 : iset(worker, s_posted_in_flight, n1);
+    Py_XDECREF(n1);
+    if (rc < 0) {
+        release_keeping_error(tally);
+        Py_DECREF(tally);
+        return -1;
+    }
+    rc = unlock(tally);
+    Py_DECREF(tally);
+    return rc < 0 ? -1 : 1;
+}
+
+/* BellWatch.watch() for a call just posted by post_awaited, in its common case:
+ * nobody watches the bell, the oldest call not handed over is this loop's, no reply
+ * is in its slot yet, and the loop keeps reading this end's bell (watch_kept's
+ * reader in place): the watch is armed (completions._watches[bell_r] = the bell's
+ * callback) and marked (watching) in one step under the watch's lock.  1 done (or
+ * nothing to do, as watch() finds), 0 for BellWatch.watch() to do (nothing changed),
+ * -1 on an error (nothing changed). */
+static int send_watch(CallerObject *cl, PyObject *bells, PyObject *completions, PyObject *posted) {
+    PyObject *lock = iattr(bells, s_wlock_b);
+    if (lock == NULL)
+        return -1;
+    int r = lock_now(lock);
+    if (r <= 0) {
+        Py_DECREF(lock);
+        return r;
+    }
+    PyObject *end = NULL, *kept_map = NULL, *fd = NULL, *watches = NULL, *on_bell = NULL,
+             *callback = NULL, *v;
+    int there = 0, soon = 0;
+    r = attr_is(bells, s_watching, Py_None);
+    if (r > 0)
+        r = attr_is(bells, s_retired, Py_False);
+    if (r == 0) { /* watched already, or retired: watch() returns */
+        r = 1;
+        goto out;
+    }
+    if (r < 0)
+        goto out;
+    /* The oldest call not handed over: this loop's; no reply there yet (any_reply) */
+    Py_ssize_t pos = 0;
+    PyObject *k, *entry;
+    int oldest = 1;
+    while (PyDict_Next(posted, &pos, &k, &entry)) {
+        r = attr_is(entry, s_handed, Py_False);
+        if (r <= 0) {
+            if (r < 0)
+                goto out;
+            continue;
+        }
+        if (oldest) {
+            oldest = 0;
+            r = attr_is(entry, s_completions_a, completions);
+            if (r <= 0)
+                goto out;
+        }
+        PyObject *call = PyObject_GetAttr(entry, s_call_a);
+        if (call == NULL) {
+            r = -1;
+            goto out;
+        }
+        PyObject *slot = PyDict_GetItemWithError(cl->slots, call);
+        Py_DECREF(call);
+        if (slot == NULL) {
+            r = PyErr_Occurred() ? -1 : 0;
+            goto out;
+        }
+        unsigned long i = PyLong_AsUnsignedLong(slot);
+        if (PyErr_Occurred()) {
+            r = -1;
+            goto out;
+        }
+        ChannelObject *c = cl->channel;
+        if (!c->attached || c->detach_pending || i >= c->nslots) {
+            r = 0;
+            goto out;
+        }
+        if (reply_ready(c, slot_at(c, (unsigned int)i)))
+            there = 1;
+    }
+    if (oldest) { /* every call handed over: watch() returns */
+        r = 1;
+        goto out;
+    }
+    if ((end = PyObject_GetAttr(bells, s_end_b)) == NULL) {
+        r = -1;
+        goto out;
+    }
+    r = attr_is(end, s_bell_closed, Py_True);
+    if (r < 0)
+        goto out;
+    if (r || there) {
+        /* HostEnd.watch_bell's "a reply is there already, or the interpreter is gone":
+         * on_bell runs soon, from the loop, the watch marked meanwhile */
+        if ((on_bell = PyObject_GetAttr(bells, s_on_bell)) == NULL ||
+            (callback = PyObject_CallFunctionObjArgs(ring_partial_type, on_bell, completions,
+                                                     s_ready, NULL)) == NULL ||
+            PyObject_SetAttr(bells, s_watching, completions) < 0) {
+            r = -1;
+            goto out;
+        }
+        soon = 1;
+        r = 1;
+        goto out;
+    }
+    /* LoopCompletions.watch_kept's common case: its reader on this end's bell kept
+     * (and its method not replaced on the instance, as a test that counts watches does) */
+    {
+        PyObject **dict = _PyObject_GetDictPtr(completions);
+        if (dict == NULL || *dict == NULL) {
+            r = 0;
+            goto out;
+        }
+        v = PyDict_GetItemWithError(*dict, s_watch_kept);
+        if (v != NULL || PyErr_Occurred()) {
+            r = v != NULL ? 0 : -1;
+            goto out;
+        }
+    }
+    if ((fd = PyObject_GetAttr(end, s_bell_r)) == NULL ||
+        (kept_map = PyObject_GetAttr(completions, s_kept)) == NULL ||
+        (watches = PyObject_GetAttr(completions, s_watches)) == NULL) {
+        r = -1;
+        goto out;
+    }
+    r = PyDict_CheckExact(kept_map) && PyDict_CheckExact(watches) && PyLong_CheckExact(fd);
+    if (r <= 0)
+        goto out;
+    v = PyDict_GetItemWithError(kept_map, fd);
+    if (v == NULL) {
+        r = PyErr_Occurred() ? -1 : 0;
+        goto out;
+    }
+    r = PyTuple_CheckExact(v) && PyTuple_GET_SIZE(v) == 2 && PyTuple_GET_ITEM(v, 0) == end;
+    if (r <= 0)
+        goto out;
+    if ((on_bell = PyObject_GetAttr(bells, s_on_bell)) == NULL ||
+        (callback = PyObject_CallFunctionObjArgs(ring_partial_type, on_bell, completions, NULL))
+            == NULL ||
+        PyDict_SetItem(watches, fd, callback) < 0) {
+        r = -1;
+        goto out;
+    }
+    if (PyObject_SetAttr(bells, s_watching, completions) < 0) {
+        PyObject *exc = fetch_error();
+        if (PyDict_DelItem(watches, fd) < 0)
+            PyErr_Clear();
+        restore_error(exc);
+        r = -1;
+        goto out;
+    }
+    r = 1;
+out:
+    Py_XDECREF(watches);
+    Py_XDECREF(kept_map);
+    Py_XDECREF(fd);
+    Py_XDECREF(end);
+    if (unlock(lock) < 0) {
+        PyErr_WriteUnraisable(lock);
+        r = -1;
+    }
+    Py_DECREF(lock);
+    if (soon) { /* (outside the lock, as BellWatch._arm) */
+        v = PyObject_CallMethodOneArg(completions, s_call_soon, callback);
+        if (v == NULL) { /* not armed after all: the next watch arms one */
+            PyObject *exc = fetch_error();
+            v = PyObject_CallMethodOneArg(bells, s_unwatch, completions);
+            if (v == NULL)
+                PyErr_WriteUnraisable(bells);
+            restore_error(exc);
+            Py_XDECREF(v);
+            v = NULL;
+            r = -1;
+        }
+        Py_XDECREF(v);
+    }
+    Py_XDECREF(callback);
+    Py_XDECREF(on_bell);
+    return r;
+}
+
+static PyObject *native_post_awaited(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
+    (void)m;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "post_awaited(dispatcher, request) takes 2 arguments");
+        return NULL;
+    }
+    PyObject *dispatcher = args[0], *request = args[1];
+    if (send_group_type == NULL || ring_loop_future_type == NULL || !cache_here())
+        Py_RETURN_FALSE;
+    PyObject *out = NULL, *future = NULL, *on_loop = NULL, *waiter = NULL, *rid = NULL,
+             *balancer = NULL, *usable = NULL, *workers = NULL, *index = NULL, *worker = NULL,
+             *wlock = NULL, *caller = NULL, *materialized = NULL, *freed_q = NULL, *freed = NULL,
+             *call_args = NULL, *full = NULL, *group = NULL, *requests = NULL, *method = NULL,
+             *done = NULL, *pc = NULL, *finish = NULL, *entry = NULL, *posted = NULL,
+             *key = NULL, *placed = NULL, *sent = NULL, *bells = NULL, *tmp = NULL;
+    int r, counted = 0, holds = 1;
+    /* -- the case, recognised before anything is taken ---------------------------- */
+#define CHECK(expr) do { r = (expr); if (r < 0) goto unknown; if (!r) goto not_ours; } while (0)
+    CHECK(attr_is(dispatcher, s_closed_m, Py_False));
+    CHECK(attr_is(dispatcher, s_empty, Py_True));
+    CHECK(attr_is(request, s_batch, Py_None));
+    CHECK(attr_is(request, s_index, Py_None));
+    CHECK(attr_is(request, s_op, send_call_op));
+    CHECK(attr_is(request, s_handles, Py_None));
+    CHECK(attr_is(request, s_timeout, Py_None));
+    if ((rid = PyObject_GetAttr(request, s_materializes)) == NULL)
+        goto unknown;
+    CHECK(rid != Py_None);
+    if ((call_args = PyObject_GetAttr(request, s_args)) == NULL)
+        goto unknown;
+    CHECK(PyTuple_CheckExact(call_args));
+    if ((future = PyObject_GetAttr(request, s_future)) == NULL)
+        goto unknown;
+    CHECK(Py_TYPE(future) == (PyTypeObject *)ring_loop_future_type);
+    if ((on_loop = PyObject_GetAttr(future, s_on_loop)) == NULL ||
+        (waiter = PyObject_GetAttr(future, s_waiter)) == NULL)
+        goto unknown;
+    CHECK(on_loop != Py_None);
+    {   /* LoopCompletions.here(): on the loop's thread, while it runs */
+        PyObject *ref = PyObject_GetAttr(on_loop, s_loop_a);
+        PyObject *loop = ref == NULL ? NULL : PyObject_CallNoArgs(ref);
+        Py_XDECREF(ref);
+        if (loop == NULL)
+            goto unknown;
+        tmp = PyObject_CallNoArgs(ring_running_loop);
+        r = tmp == NULL ? -1 : loop != Py_None && tmp == loop;
+        Py_DECREF(loop);
+        Py_CLEAR(tmp);
+        CHECK(r);
+    }
+    /* set_running_or_notify_cancel(): a task cancelled already is the Python path's */
+    if ((tmp = PyObject_CallMethodNoArgs(waiter, s_cancelled)) == NULL)
+        goto unknown;
+    CHECK(tmp == Py_False);
+    Py_CLEAR(tmp);
+    if ((balancer = PyObject_GetAttr(dispatcher, s_balancer_a)) == NULL ||
+        (usable = PyObject_GetAttr(dispatcher, s_usable)) == NULL ||
+        (workers = PyObject_GetAttr(dispatcher, s_workers)) == NULL)
+        goto unknown;
+    /* -- the interpreter: counted in the balancer, its lock taken -------------------- */
+    {
+        int busy = 0;
+        long chosen = send_choose(balancer, usable, workers, &busy);
+        if (chosen == -2)
+            goto before_count;
+        CHECK(chosen >= 0);
+        if ((index = PyLong_FromLong(chosen)) == NULL) {
+            /* (no memory: the count cannot be named to give it back) */
+            PyErr_WriteUnraisable(balancer);
+            goto unknown;
+        }
+    }
+    /* The count is taken: from here every way out before the send gives it back. */
+    if ((worker = PyObject_GetItem(workers, index)) == NULL)
+        goto give_back;
+    if (Py_TYPE(worker) != (PyTypeObject *)send_worker_type)
+        goto give_back;
+    if ((wlock = iattr(worker, s_wlock)) == NULL)
+        goto give_back;
+    r = lock_now(wlock);
+    if (r <= 0) /* held outside the balancer (a pinned session, a restart): Python's */
+        goto give_back;
+    /* Under the lock: what Worker.post and ProcessWorker._post look at. */
+    r = attr_true(worker, s_closed);
+    r = r != 0 ? (r < 0 ? -1 : 0) : attr_true(worker, s_started);
+    if (r > 0) {
+        caller = iattr(worker, s_caller); /* this generation's */
+        r = caller == NULL ? -1 : Py_TYPE(caller) == (PyTypeObject *)caller_type;
+    }
+    if (r > 0) {
+        tmp = iattr(worker, s_end_w);
+        r = tmp == NULL ? -1 : tmp != Py_None;
+        Py_CLEAR(tmp);
+    }
+    if (r > 0) {
+        int active = send_links_active(worker);
+        r = active < 0 ? -1 : !active;
+    }
+    if (r > 0) {
+        tmp = iattr(worker, s_drops);
+        Py_ssize_t nd = tmp == NULL ? -1 : PyObject_Length(tmp);
+        Py_CLEAR(tmp);
+        r = nd < 0 ? -1 : nd == 0;
+    }
+    if (r > 0) {
+        materialized = iattr(worker, s_materialized);
+        r = materialized == NULL ? -1 : PySet_Check(materialized) ? PySet_Contains(materialized, rid) : 0;
+    }
+    if (r > 0) {
+        bells = iattr(worker, s_bells);
+        posted = bells == NULL ? NULL : iattr(worker, s_posted_a);
+        r = posted == NULL ? -1 : PyDict_Check(posted) && bells != Py_None;
+    }
+    if (r <= 0)
+        goto unlock_give_back;
+    holds = send_depth <= 1; /* Worker._pipelines(): links and _end looked at above */
+    /* -- the books: the dispatcher's group, the worker's call, the backend's entry ----- */
+    if ((requests = PyList_New(1)) == NULL)
+        goto unlock_give_back;
+    PyList_SET_ITEM(requests, 0, Py_NewRef(request));
+    if ((group = PyObject_CallFunctionObjArgs(send_group_type, requests, Py_True, NULL)) == NULL ||
+        (method = PyMethod_New(ring_done_fn, dispatcher)) == NULL ||
+        (done = PyObject_CallFunctionObjArgs(ring_partial_type, method, index, group, NULL)) == NULL ||
+        (pc = PyObject_CallFunctionObjArgs(ring_posted_type, worker, done, rid, Py_None, NULL)) == NULL ||
+        (!holds && PyObject_SetAttr(pc, s_holds, Py_False) < 0) ||
+        (finish = PyObject_GetAttr(pc, s_finish)) == NULL ||
+        (entry = PyObject_CallFunctionObjArgs(send_posted_type, send_call_op, on_loop, finish,
+                                              Py_None, NULL)) == NULL)
+        goto unlock_give_back;
+    /* Counted before the send (as _send_posted): its reply may be read before this
+     * returns only on this thread, but the count is read by others. */
+    if (PyObject_SetAttr(pc, s_counted, Py_True) < 0)
+        goto unlock_give_back;
+    r = send_tally(worker, 1, 0);
+    if (r <= 0)
+        goto unlock_give_back;
+    counted = 1;
+    /* -- the send: freed blocks reported, pending argument blocks settled ------------- */
+    if ((freed_q = iattr(worker, s_freed)) == NULL)
+        goto unsent;
+    Py_ssize_t nfreed = PyObject_Length(freed_q);
+    if (nfreed < 0)
+        goto unsent;
+    freed = nfreed ? released_offsets(worker, freed_q) : PyTuple_New(0);
+    if (freed == NULL)
+        goto unsent;
+    CallerObject *cl = (CallerObject *)caller;
+    if (cl->held != Py_None && PyList_GET_SIZE(((HeldObject *)cl->held)->pending) > 0 &&
+        held_settle((HeldObject *)cl->held) < 0)
+        goto unsent;
+    {   /* Worker.post: the recipe left out, the object being loaded there */
+        Py_ssize_t na = PyTuple_GET_SIZE(call_args);
+        if ((full = PyTuple_New(na + 1)) == NULL)
+            goto unsent;
+        for (Py_ssize_t i = 0; i < na; i++)
+            PyTuple_SET_ITEM(full, i, Py_NewRef(PyTuple_GET_ITEM(call_args, i)));
+        PyTuple_SET_ITEM(full, na, Py_NewRef(Py_None));
+    }
+    key = caller_post(cl, full, freed, entry, posted, -1, &placed, NULL);
+    if (key == NULL)
+        goto unsent;
+    if (key == Py_None) { /* not the common call after all: nothing sent */
+        Py_CLEAR(key);
+        goto unsent;
+    }
+    /* -- sent: the books, then the bell watched, the lock let go --------------------- */
+    if (PyObject_SetAttr(entry, s_call_a, key) < 0 ||
+        PyObject_SetAttr(entry, s_placed, placed) < 0 ||
+        PyObject_SetAttr(pc, s_posted, entry) < 0 ||
+        PyObject_SetAttr(group, s_handed_g, Py_True) < 0 ||
+        (sent = PyTuple_Pack(2, worker, entry)) == NULL ||
+        PyObject_SetAttr(request, s_sent, sent) < 0) {
+        /* (no memory for the books: the reply is read as the Python path reads it,
+         * pc.posted aside, which its finish needs) */
+        PyErr_WriteUnraisable(worker);
+    }
+    r = send_watch(cl, bells, on_loop, posted);
+    if (r < 0)
+        PyErr_Clear(); /* BellWatch.watch() meets it again */
+    tmp = r > 0 ? Py_NewRef(Py_None) : PyObject_CallMethodNoArgs(bells, s_watch_m);
+    if (tmp == NULL) { /* watched again, as ProcessWorker._post does, then raised */
+        PyObject *exc = fetch_error();
+        tmp = PyObject_CallMethodNoArgs(bells, s_watch_m);
+        if (tmp == NULL)
+            PyErr_WriteUnraisable(bells);
+        Py_CLEAR(tmp);
+        restore_error(exc);
+    }
+    Py_CLEAR(tmp);
+    if (!holds) { /* the next request may follow it into the interpreter */
+        release_keeping_error(wlock);
+        PyObject *exc = fetch_error();
+        if (run_hook(worker, s_on_free, dispatcher) < 0 && exc != NULL)
+            PyErr_WriteUnraisable(worker); /* (the first error goes on) */
+        if (exc != NULL)
+            restore_error(exc);
+    }
+    out = PyErr_Occurred() ? NULL : Py_NewRef(Py_True);
+    goto done;
+
+unsent: /* nothing sent: the freed blocks go with the next call, the count back */
+    {
+        PyObject *exc = fetch_error();
+        if (freed != NULL) {
+            PyObject *r2 = PyObject_CallMethodOneArg(freed_q, s_extend, freed);
+            if (r2 == NULL)
+                PyErr_WriteUnraisable(worker);
+            Py_XDECREF(r2);
+        }
+        if (counted && send_tally(worker, -1, 1) < 0)
+            PyErr_WriteUnraisable(worker);
+        if (pc != NULL && PyObject_SetAttr(pc, s_counted, Py_False) < 0)
+            PyErr_WriteUnraisable(worker);
+        if (exc != NULL)
+            restore_error(exc);
+    }
+unlock_give_back:
+    release_keeping_error(wlock);
+give_back:
+    send_give_back(balancer, index);
+before_count:
+    if (PyErr_Occurred() && !PyErr_ExceptionMatches(PyExc_Exception))
+        goto done; /* a KeyboardInterrupt (a Python call made here): raised */
+unknown: /* an error while recognising the case: the Python path meets it again */
+    PyErr_Clear();
+not_ours:
+    out = Py_NewRef(Py_False);
+done:
+#undef CHECK
+    Py_XDECREF(tmp);
+    Py_XDECREF(bells);
+    Py_XDECREF(sent);
+    Py_XDECREF(placed);
+    Py_XDECREF(key);
+    Py_XDECREF(posted);
+    Py_XDECREF(entry);
+    Py_XDECREF(finish);
+    Py_XDECREF(pc);
+    Py_XDECREF(done);
+    Py_XDECREF(method);
+    Py_XDECREF(requests);
+    Py_XDECREF(group);
+    Py_XDECREF(full);
+    Py_XDECREF(call_args);
+    Py_XDECREF(freed);
+    Py_XDECREF(freed_q);
+    Py_XDECREF(materialized);
+    Py_XDECREF(caller);
+    Py_XDECREF(wlock);
+    Py_XDECREF(worker);
+    Py_XDECREF(index);
+    Py_XDECREF(workers);
+    Py_XDECREF(usable);
+    Py_XDECREF(balancer);
+    Py_XDECREF(rid);
+    Py_XDECREF(waiter);
+    Py_XDECREF(on_loop);
+    Py_XDECREF(future);
+    return out;
+}
+
 static PyMethodDef module_methods[] = {
     {"spinners", native_spinners, METH_NOARGS, "Host threads of this process spinning now."},
     {"in_flight", native_in_flight, METH_NOARGS,
@@ -5243,6 +5964,15 @@ static PyMethodDef module_methods[] = {
      "ring_setup(hand_over, posted_call_type, dispatcher_done, loop_future_type,\n"
      "           partial_type, running_loop, /) -> None\n\n"
      "The Python objects ring_awaited recognises (registered by runtime.dispatch)."},
+    {"send_setup", (PyCFunction)(void (*)(void))native_send_setup, METH_FASTCALL,
+     "send_setup(group_type, posted_type, process_worker_type, call_op, pipeline_depth, /)\n\n"
+     "The Python objects post_awaited makes and recognises (registered by runtime.dispatch)."},
+    {"post_awaited", (PyCFunction)(void (*)(void))native_post_awaited, METH_FASTCALL,
+     "post_awaited(dispatcher, request, /) -> bool\n\n"
+     "Send an awaited request read on its loop (submit_async(..., on_loop=True)) in its\n"
+     "common case: an interpreter taken as the balancer's acquire_room takes it, the\n"
+     "call sent on the process backend's channel and its books kept, the bell watched.\n"
+     "False, with nothing taken, for what Dispatcher.submit sends."},
     {"ring_awaited", (PyCFunction)(void (*)(void))native_ring_awaited, METH_FASTCALL,
      "ring_awaited(watch, completions, /) -> bool\n\n"
      "BellWatch.on_bell's common case on an event loop: the one posted call in flight\n"

@@ -265,8 +265,16 @@ class Dispatcher:
         bridge = _last_bridge
         if bridge is None or bridge.loop_ref() is not loop:
             bridge = _bridge(loop)
-        request.future = _LoopFuture(waiter, bridge, self._on_loop(loop) if on_loop else None)
-        self.submit(request)
+        if on_loop:
+            request.future = _LoopFuture(waiter, bridge, self._on_loop(loop))
+            # The common case (an idle interpreter or room in one's queue, the process
+            # backend's channel) sent in one C call; anything else, with nothing taken
+            # (False), by submit.
+            if _post_awaited is None or not _post_awaited(self, request):
+                self.submit(request)
+        else:
+            request.future = _LoopFuture(waiter, bridge)
+            self.submit(request)
         try:
             return await waiter
         except asyncio.CancelledError:
@@ -907,7 +915,23 @@ def _setup_ring() -> None:
                                           _LoopFuture, partial, asyncio._get_running_loop)
 
 
+def _setup_send():
+    """Tell the extension what ``_native.post_awaited`` makes and recognises (the
+    send of ``submit_async(..., on_loop=True)``); ``None`` without the extension
+    (``MULTIPY_NATIVE=0``): every request goes through :meth:`Dispatcher.submit`."""
+    from ..backends import process
+    from ..transport import channel
+
+    post = getattr(channel._native_module, "post_awaited", None) if channel.NATIVE else None
+    if post is None or channel._ring_awaited is None:
+        return None
+    channel._native_module.send_setup(_Group, process._Posted, process.ProcessWorker,
+                                      process._CALL_REPLICATED, process.PIPELINE_DEPTH)
+    return post
+
+
 _setup_ring()
+_post_awaited = _setup_send()
 
 
 _bridges: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Bridge]" = weakref.WeakKeyDictionary()
