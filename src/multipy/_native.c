@@ -5182,20 +5182,20 @@ done:
 
 static PyObject *send_group_type, *send_posted_type, *send_worker_type, *send_call_op;
 static long send_depth; /* process.PIPELINE_DEPTH */
-static PyObject *s_batch, *s_index, *s_op, *s_handles, *s_timeout, *s_usable, *s_end_w,
-    *s_bells, *s_posted_depth, *s_call_a, *s_placed, *s_handed_g, *s_kept, *s_watches, *s_on_bell,
-    *s_watch_kept, *s_ready, *s_call_soon, *s_unwatch;
+static PyObject *sd_batch, *sd_index, *sd_op, *sd_handles, *sd_timeout, *sd_usable, *sd_end_w,
+    *sd_bells, *sd_posted_depth, *sd_call_a, *sd_placed, *sd_handed_g, *sd_kept, *sd_watches, *sd_on_bell,
+    *sd_watch_kept, *sd_ready, *sd_call_soon, *sd_unwatch;
 
 static int send_strings(void) {
-    if (s_handed_g != NULL)
+    if (sd_handed_g != NULL)
         return 0;
 #define S(var, text) if ((var = PyUnicode_InternFromString(text)) == NULL) return -1
-    S(s_batch, "batch"); S(s_index, "index"); S(s_op, "op"); S(s_handles, "handles");
-    S(s_timeout, "timeout"); S(s_usable, "_usable"); S(s_end_w, "_end"); S(s_bells, "_bells");
-    S(s_posted_depth, "posted_depth"); S(s_call_a, "call"); S(s_placed, "placed");
-    S(s_handed_g, "handed"); S(s_kept, "_kept"); S(s_watches, "_watches"); S(s_on_bell, "on_bell");
-    S(s_watch_kept, "watch_kept"); S(s_ready, "ready"); S(s_call_soon, "call_soon");
-    S(s_unwatch, "_unwatch");
+    S(sd_batch, "batch"); S(sd_index, "index"); S(sd_op, "op"); S(sd_handles, "handles");
+    S(sd_timeout, "timeout"); S(sd_usable, "_usable"); S(sd_end_w, "_end"); S(sd_bells, "_bells");
+    S(sd_posted_depth, "posted_depth"); S(sd_call_a, "call"); S(sd_placed, "placed");
+    S(sd_handed_g, "handed"); S(sd_kept, "_kept"); S(sd_watches, "_watches"); S(sd_on_bell, "on_bell");
+    S(sd_watch_kept, "watch_kept"); S(sd_ready, "ready"); S(sd_call_soon, "call_soon");
+    S(sd_unwatch, "_unwatch");
 #undef S
     return 0;
 }
@@ -5249,12 +5249,12 @@ static int send_links_active(PyObject *worker) {
  * (the pipes, CUDA links in use), else PIPELINE_DEPTH.  -1 on an error. */
 static long send_worker_depth(PyObject *worker) {
     if (Py_TYPE(worker) != (PyTypeObject *)send_worker_type) {
-        PyObject *v = PyObject_GetAttr(worker, s_posted_depth);
+        PyObject *v = PyObject_GetAttr(worker, sd_posted_depth);
         long d = v == NULL ? -1 : PyLong_AsLong(v);
         Py_XDECREF(v);
         return d;
     }
-    PyObject *end = iattr(worker, s_end_w);
+    PyObject *end = iattr(worker, sd_end_w);
     if (end == NULL)
         return -1;
     Py_DECREF(end);
@@ -5489,7 +5489,7 @@ static int send_watch(CallerObject *cl, PyObject *bells, PyObject *completions, 
             if (r <= 0)
                 goto out;
         }
-        PyObject *call = PyObject_GetAttr(entry, s_call_a);
+        PyObject *call = PyObject_GetAttr(entry, sd_call_a);
         if (call == NULL) {
             r = -1;
             goto out;
@@ -5527,9 +5527,9 @@ static int send_watch(CallerObject *cl, PyObject *bells, PyObject *completions, 
     if (r || there) {
         /* HostEnd.watch_bell's "a reply is there already, or the interpreter is gone":
          * on_bell runs soon, from the loop, the watch marked meanwhile */
-        if ((on_bell = PyObject_GetAttr(bells, s_on_bell)) == NULL ||
+        if ((on_bell = PyObject_GetAttr(bells, sd_on_bell)) == NULL ||
             (callback = PyObject_CallFunctionObjArgs(ring_partial_type, on_bell, completions,
-                                                     s_ready, NULL)) == NULL ||
+                                                     sd_ready, NULL)) == NULL ||
             PyObject_SetAttr(bells, s_watching, completions) < 0) {
             r = -1;
             goto out;
@@ -5546,15 +5546,15 @@ static int send_watch(CallerObject *cl, PyObject *bells, PyObject *completions, 
             r = 0;
             goto out;
         }
-        v = PyDict_GetItemWithError(*dict, s_watch_kept);
+        v = PyDict_GetItemWithError(*dict, sd_watch_kept);
         if (v != NULL || PyErr_Occurred()) {
             r = v != NULL ? 0 : -1;
             goto out;
         }
     }
     if ((fd = PyObject_GetAttr(end, s_bell_r)) == NULL ||
-        (kept_map = PyObject_GetAttr(completions, s_kept)) == NULL ||
-        (watches = PyObject_GetAttr(completions, s_watches)) == NULL) {
+        (kept_map = PyObject_GetAttr(completions, sd_kept)) == NULL ||
+        (watches = PyObject_GetAttr(completions, sd_watches)) == NULL) {
         r = -1;
         goto out;
     }
@@ -5569,7 +5569,7 @@ static int send_watch(CallerObject *cl, PyObject *bells, PyObject *completions, 
     r = PyTuple_CheckExact(v) && PyTuple_GET_SIZE(v) == 2 && PyTuple_GET_ITEM(v, 0) == end;
     if (r <= 0)
         goto out;
-    if ((on_bell = PyObject_GetAttr(bells, s_on_bell)) == NULL ||
+    if ((on_bell = PyObject_GetAttr(bells, sd_on_bell)) == NULL ||
         (callback = PyObject_CallFunctionObjArgs(ring_partial_type, on_bell, completions, NULL))
             == NULL ||
         PyDict_SetItem(watches, fd, callback) < 0) {
@@ -5596,10 +5596,10 @@ out:
     }
     Py_DECREF(lock);
     if (soon) { /* (outside the lock, as BellWatch._arm) */
-        v = PyObject_CallMethodOneArg(completions, s_call_soon, callback);
+        v = PyObject_CallMethodOneArg(completions, sd_call_soon, callback);
         if (v == NULL) { /* not armed after all: the next watch arms one */
             PyObject *exc = fetch_error();
-            v = PyObject_CallMethodOneArg(bells, s_unwatch, completions);
+            v = PyObject_CallMethodOneArg(bells, sd_unwatch, completions);
             if (v == NULL)
                 PyErr_WriteUnraisable(bells);
             restore_error(exc);
@@ -5634,11 +5634,11 @@ static PyObject *native_post_awaited(PyObject *m, PyObject *const *args, Py_ssiz
 #define CHECK(expr) do { r = (expr); if (r < 0) goto unknown; if (!r) goto not_ours; } while (0)
     CHECK(attr_is(dispatcher, s_closed_m, Py_False));
     CHECK(attr_is(dispatcher, s_empty, Py_True));
-    CHECK(attr_is(request, s_batch, Py_None));
-    CHECK(attr_is(request, s_index, Py_None));
-    CHECK(attr_is(request, s_op, send_call_op));
-    CHECK(attr_is(request, s_handles, Py_None));
-    CHECK(attr_is(request, s_timeout, Py_None));
+    CHECK(attr_is(request, sd_batch, Py_None));
+    CHECK(attr_is(request, sd_index, Py_None));
+    CHECK(attr_is(request, sd_op, send_call_op));
+    CHECK(attr_is(request, sd_handles, Py_None));
+    CHECK(attr_is(request, sd_timeout, Py_None));
     if ((rid = PyObject_GetAttr(request, s_materializes)) == NULL)
         goto unknown;
     CHECK(rid != Py_None);
@@ -5670,7 +5670,7 @@ static PyObject *native_post_awaited(PyObject *m, PyObject *const *args, Py_ssiz
     CHECK(tmp == Py_False);
     Py_CLEAR(tmp);
     if ((balancer = PyObject_GetAttr(dispatcher, s_balancer_a)) == NULL ||
-        (usable = PyObject_GetAttr(dispatcher, s_usable)) == NULL ||
+        (usable = PyObject_GetAttr(dispatcher, sd_usable)) == NULL ||
         (workers = PyObject_GetAttr(dispatcher, s_workers)) == NULL)
         goto unknown;
     /* -- the interpreter: counted in the balancer, its lock taken -------------------- */
@@ -5704,7 +5704,7 @@ static PyObject *native_post_awaited(PyObject *m, PyObject *const *args, Py_ssiz
         r = caller == NULL ? -1 : Py_TYPE(caller) == (PyTypeObject *)caller_type;
     }
     if (r > 0) {
-        tmp = iattr(worker, s_end_w);
+        tmp = iattr(worker, sd_end_w);
         r = tmp == NULL ? -1 : tmp != Py_None;
         Py_CLEAR(tmp);
     }
@@ -5723,7 +5723,7 @@ static PyObject *native_post_awaited(PyObject *m, PyObject *const *args, Py_ssiz
         r = materialized == NULL ? -1 : PySet_Check(materialized) ? PySet_Contains(materialized, rid) : 0;
     }
     if (r > 0) {
-        bells = iattr(worker, s_bells);
+        bells = iattr(worker, sd_bells);
         posted = bells == NULL ? NULL : iattr(worker, s_posted_a);
         r = posted == NULL ? -1 : PyDict_Check(posted) && bells != Py_None;
     }
@@ -5780,10 +5780,10 @@ static PyObject *native_post_awaited(PyObject *m, PyObject *const *args, Py_ssiz
         goto unsent;
     }
     /* -- sent: the books, then the bell watched, the lock let go --------------------- */
-    if (PyObject_SetAttr(entry, s_call_a, key) < 0 ||
-        PyObject_SetAttr(entry, s_placed, placed) < 0 ||
+    if (PyObject_SetAttr(entry, sd_call_a, key) < 0 ||
+        PyObject_SetAttr(entry, sd_placed, placed) < 0 ||
         PyObject_SetAttr(pc, s_posted, entry) < 0 ||
-        PyObject_SetAttr(group, s_handed_g, Py_True) < 0 ||
+        PyObject_SetAttr(group, sd_handed_g, Py_True) < 0 ||
         (sent = PyTuple_Pack(2, worker, entry)) == NULL ||
         PyObject_SetAttr(request, s_sent, sent) < 0) {
         /* (no memory for the books: the reply is read as the Python path reads it,
