@@ -5,7 +5,9 @@ write, and keeping one keep-alive timer per connection.
 Driven in process through a stand-in transport (no sockets, no interpreters): the
 bytes it writes must be exactly those of uvicorn's own protocol for every kind
 of response, in one write where uvicorn made two; an idle connection must close
-after ``timeout_keep_alive`` and a busy one must not.
+after ``timeout_keep_alive`` and a busy one must not.  The infer handler's answers
+(on one interpreter) must be uvicorn's bytes too, though it takes a whole body and
+writes its answer without ASGI messages under this protocol.
 """
 
 from __future__ import annotations
@@ -263,3 +265,108 @@ def test_a_closed_connection_leaves_no_timer():
 async def _until(condition) -> None:
     while not condition():
         await asyncio.sleep(0.005)
+
+
+# ------------------------------------------------------------ the infer handler over HTTP
+INTERPRETERS = 1  # (the infer tests below: one interpreter is enough)
+
+
+@pytest.fixture(scope="module")
+def infer_app(manager, tmp_path_factory):
+    import _serve_models
+
+    from multipy.serve import ModelRegistry, ServeOptions, build_app
+
+    path = tmp_path_factory.mktemp("serve") / "models.pt"
+    _serve_models.write(path)
+    models = {name: f"{path}:model/{name}.pkl" for name in ("affine", "weights")}
+    registry = ModelRegistry(manager, models, ServeOptions(max_request_bytes=1 << 12))
+    yield build_app(registry)
+    registry.close()
+
+
+def _post(path: str, body: bytes, *headers: bytes, version: bytes = b"1.1") -> bytes:
+    return b"POST %s HTTP/%s\r\nHost: a\r\n%sContent-Length: %d\r\n\r\n%s" % (
+        path.encode(), version, b"".join(h + b"\r\n" for h in headers), len(body), body)
+
+
+def _infer_body(*, binary: bool = False, shape=(2, 3)) -> tuple[bytes, bytes | None]:
+    import torch
+
+    from multipy.serve.protocol import encode_request
+
+    x = torch.arange(6, dtype=torch.float32).reshape(shape)
+    body, length = encode_request([("INPUT__0", x)], binary=binary, binary_output=binary)
+    return body, None if length is None else b"Inference-Header-Content-Length: %d" % length
+
+
+JSON_BODY, _ = _infer_body()
+BINARY_BODY, BINARY_HEADER = _infer_body(binary=True)
+INFER = "/v2/models/affine/infer"
+INFER_REQUESTS = {
+    "json": _post(INFER, JSON_BODY),
+    "binary": _post(INFER, BINARY_BODY, BINARY_HEADER),
+    "HTTP/1.0": _post(INFER, JSON_BODY, version=b"1.0"),
+    "Expect: 100-continue": _post(INFER, JSON_BODY, b"Expect: 100-continue"),
+    "bad JSON (400)": _post(INFER, b"{nope"),
+    "no such model (404)": _post("/v2/models/nope/infer", JSON_BODY),
+    "too large (413)": _post(INFER, b"x" * 5000),
+    "the model raises (422)": _post("/v2/models/weights/infer", _infer_body(shape=(3, 2))[0]),
+}
+
+
+async def _infer_exchange(app, protocol_class, wire: bytes, *, split: bool) -> list[bytes]:
+    """The writes of one infer request; ``split``: the body arrives after the app
+    started (so it is read through ``receive()``)."""
+    protocol, transport, state = _connection(app, protocol_class)
+    if split:
+        head, body = wire.split(b"\r\n\r\n", 1)
+        protocol.data_received(head + b"\r\n\r\n")
+        await asyncio.sleep(0)  # the request's task starts, finds no body, waits for it
+        protocol.data_received(body)
+    else:
+        protocol.data_received(wire)
+    await asyncio.wait_for(asyncio.gather(*state.tasks, return_exceptions=True), WAIT)
+    protocol.connection_lost(None)
+    return transport.writes
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "body later"])
+@pytest.mark.parametrize("kind", sorted(INFER_REQUESTS))
+def test_infer_answers_are_uvicorns_bytes_without_asgi_messages(infer_app, kind, split,
+                                                                monkeypatch):
+    calls = []
+    uvicorns_send, uvicorns_receive = server._Cycle.send, server._Cycle.receive
+
+    async def send(self, message):
+        calls.append(message["type"])
+        await uvicorns_send(self, message)
+
+    async def receive(self):
+        calls.append("receive")
+        return await uvicorns_receive(self)
+
+    monkeypatch.setattr(server._Cycle, "send", send)
+    monkeypatch.setattr(server._Cycle, "receive", receive)
+    wire = INFER_REQUESTS[kind]
+
+    async def main():
+        ours = await _infer_exchange(infer_app, server._HttpProtocol, wire, split=split)
+        theirs = await _infer_exchange(infer_app, httptools_impl.HttpToolsProtocol, wire,
+                                       split=split)
+        return ours, theirs
+
+    ours, theirs = asyncio.run(main())
+    assert b"".join(ours) == b"".join(theirs)
+    expect = kind.startswith("Expect")
+    status = theirs[1 if expect else 0].split(b" ")[1]
+    assert status == {"bad": b"400", "no": b"404", "too": b"413", "the": b"422"}.get(
+        kind.split()[0], b"200")
+    if expect:  # the interim answer first, when the body is read
+        assert ours[0] == b"HTTP/1.1 100 Continue\r\n\r\n"
+        ours = ours[1:]
+    assert len(ours) == 1  # head and body in one write
+    # The answer is written without ASGI messages; the body is taken without
+    # receive() when it is all there and nothing is owed first (100 Continue).
+    unread = kind.split()[0] in ("too", "no")  # (refused before the body is read)
+    assert calls == ([] if unread or not (split or expect) else ["receive"])

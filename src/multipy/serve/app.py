@@ -192,6 +192,11 @@ class _Infer:
         started = time.perf_counter()
         model = self.models.get(name)
         status = 500
+        # multipy serve's HTTP protocol hands over the body it holds, and writes the
+        # answer, in plain calls (see _Direct); other servers' take ASGI messages.
+        direct = getattr(send, "__self__", None)
+        if not isinstance(direct, _Direct):
+            direct = None
         try:
             try:
                 registry = self.registry
@@ -204,16 +209,21 @@ class _Infer:
                 limit = options.max_request_bytes
                 if declared is not None and declared > limit:
                     raise _too_large(declared, limit)
-                message = await receive()
-                if message["type"] == "http.request" and not message.get("more_body", False):
-                    body = message.get("body", b"")  # the whole body in one message (common)
+                body = None if direct is None else direct.take_body()  # a bytearray
+                if body is not None:
                     if len(body) > limit:
                         raise _too_large(None, limit)
-                    if header_length is not None:  # binary tensors view it in place
-                        body = bytearray(body)
                 else:
-                    body = await _read_body(receive, message, limit,
-                                            writable=header_length is not None)
+                    message = await receive()
+                    if message["type"] == "http.request" and not message.get("more_body", False):
+                        body = message.get("body", b"")  # the whole body in one message (common)
+                        if len(body) > limit:
+                            raise _too_large(None, limit)
+                        if header_length is not None:  # binary tensors view it in place
+                            body = bytearray(body)
+                    else:
+                        body = await _read_body(receive, message, limit,
+                                                writable=header_length is not None)
                 if body is None:
                     status = _CLIENT_GONE
                 else:
@@ -224,7 +234,9 @@ class _Infer:
                     timeout = options.request_timeout
                     if decoded.timeout is not None:
                         timeout = min(timeout, decoded.timeout)
-                    infer = model.infer(decoded.args, deadline=time.monotonic() + timeout)
+                    inputs = decoded.inputs  # (one input: its args without the property's list)
+                    args = (inputs[0].data,) if len(inputs) == 1 else decoded.args
+                    infer = model.infer(args, deadline=time.monotonic() + timeout)
                     if model.busy():  # it waits in line: drop it if its client leaves meanwhile
                         result = await _unless_gone(infer, receive)
                     else:  # runs at once: nothing to drop if the client leaves
@@ -253,11 +265,33 @@ class _Infer:
                 body = error_body(f"internal error: {type(exc).__name__}: {exc}")
             if status != _CLIENT_GONE:
                 headers.append((b"content-length", b"%d" % len(body)))
-                await send({"type": "http.response.start", "status": status, "headers": headers})
-                await send({"type": "http.response.body", "body": body})
+                if direct is None or not direct.respond(status, headers, body):
+                    await send({"type": "http.response.start", "status": status,
+                                "headers": headers})
+                    await send({"type": "http.response.body", "body": body})
         finally:  # (after the answer is written: counting it does not delay it)
             if model is not None:
                 self.metrics.request(name, status, time.perf_counter() - started)
+
+
+class _Direct:
+    """What an ASGI server's ``send`` may be a method of, to let the infer handler
+    read a request's body and write its answer in plain calls instead of ASGI
+    messages (two coroutines, three message dicts and their checks per request):
+    ``multipy serve``'s HTTP protocol (:class:`multipy.serve.server._Cycle`).
+    Any other server's ``receive`` and ``send`` are used as ASGI says."""
+
+    __slots__ = ()
+
+    def take_body(self) -> bytearray | None:
+        """The whole body, when ``receive()`` would return it at once; else ``None``
+        (then the handler awaits ``receive()``)."""
+        return None
+
+    def respond(self, status: int, headers: list, body: bytes) -> bool:
+        """Send the whole answer as ``http.response.start`` and one
+        ``http.response.body`` would; ``False`` (nothing sent) where ``send`` must."""
+        return False
 
 
 _GONE = object()

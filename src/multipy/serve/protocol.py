@@ -245,6 +245,7 @@ def _article(name: str) -> str:
 
 
 _NO_PARAMETERS: Mapping = {}  # (read only)
+_NO_BINARY = memoryview(b"")  # a JSON body's binary part (read only; made once)
 
 
 def _parameters(obj: Mapping, where: str) -> Mapping:
@@ -264,7 +265,7 @@ def decode_request(body: bytes | bytearray, header_length: int | None = None) ->
     tensor([1, 2], dtype=torch.int32)
     """
     if header_length is None:
-        header, binary = body, memoryview(b"")
+        header, binary = body, _NO_BINARY
     else:
         if not 0 <= header_length <= len(body):
             raise BadRequest(f"{HEADER_LENGTH} is {header_length} but the body has "
@@ -494,10 +495,13 @@ def encode_response(model_name: str, result: Any, *, request: InferRequest | Non
     >>> encode_response("m", torch.ones(2)).body
     b'{"model_name":"m","outputs":[{"name":"OUTPUT__0","datatype":"FP32","shape":[2],"data":[1.0,1.0]}]}'
     """
-    named = output_names(result, declared)
-    wanted: list[tuple[str, Any, bool]]
+    wanted: Sequence[tuple[str, Any, bool]]
     binary_default = request.binary_output if request is not None else False
-    if request is not None and request.outputs:
+    if isinstance(result, torch.Tensor) and (request is None or not request.outputs):
+        # The common case: one tensor, its one output (output_names, written out).
+        wanted = ((declared[0] if len(declared) == 1 else "OUTPUT__0", result, binary_default),)
+    elif request is not None and request.outputs:
+        named = output_names(result, declared)
         by_name = dict(named)
         unknown = [o.name for o in request.outputs if o.name not in by_name]
         if unknown:
@@ -506,7 +510,7 @@ def encode_response(model_name: str, result: Any, *, request: InferRequest | Non
         wanted = [(o.name, by_name[o.name], binary_default if o.binary is None else o.binary)
                   for o in request.outputs]
     else:
-        wanted = [(name, value, binary_default) for name, value in named]
+        wanted = [(name, value, binary_default) for name, value in output_names(result, declared)]
     doc: dict[str, Any] = {"model_name": model_name}
     if model_version is not None:
         doc["model_version"] = model_version
@@ -583,7 +587,6 @@ def _tensor_value(name: str, value: torch.Tensor, binary: bool):
     except KeyError:
         raise InferenceError(f"output {name!r} has dtype {value.dtype}, which the protocol "
                              "lacks") from None
-    shape = list(value.shape)
     if datatype in _NUMPY:
         # numpy's view of the tensor, flattened by numpy (in C order, copying only a
         # tensor that is not contiguous): each torch call costs its dispatcher.
@@ -591,12 +594,14 @@ def _tensor_value(name: str, value: torch.Tensor, binary: bool):
             array = value.numpy()
         except (RuntimeError, TypeError):  # e.g. a tensor with its conjugate or negative bit set
             array = value.resolve_conj().resolve_neg().numpy()
+        shape = list(array.shape)  # (numpy's: a torch size costs its dispatcher)
         if binary:
             return datatype, shape, None, array.tobytes()
         if datatype in _ORJSON_NUMPY:  # written by orjson straight from the array
             return datatype, shape, array.ravel(), b""  # (contiguous, as orjson needs)
         return datatype, shape, array.ravel().tolist(), b""
     # BF16, which numpy lacks: its bytes through torch, its JSON values as FP32.
+    shape = list(value.shape)
     if binary:
         raw = value.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
         return datatype, shape, None, raw

@@ -20,7 +20,7 @@ import urllib.parse
 
 import uvicorn
 
-from .app import build_app
+from .app import _Direct, build_app
 from .registry import ModelRegistry
 
 __all__ = ["serve"]
@@ -43,7 +43,7 @@ except ImportError:  # pragma: no cover
 
 
 if HttpToolsProtocol is not None:
-    class _Cycle(RequestResponseCycle):
+    class _Cycle(RequestResponseCycle, _Direct):
         """uvicorn's request-response cycle, writing a response's status line and
         headers together with its first body message: one system call and one TCP
         segment for an answer that fits one.
@@ -69,92 +69,124 @@ if HttpToolsProtocol is not None:
                 if message["type"] != "http.response.start":
                     raise RuntimeError("Expected ASGI message 'http.response.start', but got "
                                        f"'{message['type']}'.")
-                self.response_started = True
-                self.waiting_for_100_continue = False
-                status_code = message["status"]
-                headers = self.default_headers + list(message.get("headers", []))
-                if self.access_log:
-                    self.access_logger.info(
-                        '%s - "%s %s HTTP/%s" %d', get_client_addr(self.scope),
-                        self.scope["method"], get_path_with_query_string(self.scope),
-                        self.scope["http_version"], status_code)
-                content = [STATUS_LINE[status_code]]
-                has_connection_close = False
-                names, values = _NAMES, _VALUES
-                for name, value in headers:
-                    if name not in names:  # (checked once: a search costs ~1,800 instructions)
-                        if HEADER_RE.search(name):
-                            raise RuntimeError("Invalid HTTP header name.")  # pragma: full coverage
-                        if len(names) < _CHECKED_MAX:
-                            names.add(name)
-                    if value not in values and not value.isdigit():
-                        if HEADER_VALUE_RE.search(value):
-                            raise RuntimeError("Invalid HTTP header value.")
-                        if len(values) < _CHECKED_MAX:
-                            values.add(value)
-                    name = name.lower()
-                    if name == b"content-length" and self.chunked_encoding is None:
-                        self.expected_content_length = int(value.decode())
-                        self.chunked_encoding = False
-                    elif name == b"transfer-encoding" and value.lower() == b"chunked":
-                        self.expected_content_length = 0
-                        self.chunked_encoding = True
-                    elif name == b"connection":
-                        connection = [token.lower().strip() for token in value.split(b",")]
-                        if b"close" in connection:
-                            self.keep_alive = False
-                            has_connection_close = True
-                    content.extend([name, b": ", value, b"\r\n"])
-                if not self.keep_alive and not has_connection_close:
-                    content.append(b"connection: close\r\n")
-                if (self.chunked_encoding is None and self.scope["method"] != "HEAD"
-                        and status_code not in (204, 304)):
-                    self.chunked_encoding = True
-                    content.append(b"transfer-encoding: chunked\r\n")
-                content.append(b"\r\n")
-                self._head = b"".join(content)  # written with the body (uvicorn: here)
+                self._start(message["status"], message.get("headers", []))
             elif not self.response_complete:
                 if message["type"] != "http.response.body":
                     raise RuntimeError("Expected ASGI message 'http.response.body', but got "
                                        f"'{message['type']}'.")
-                body = message.get("body", b"")
-                more_body = message.get("more_body", False)
-                head, self._head = self._head, None
-                if self.scope["method"] == "HEAD":
-                    self.expected_content_length = 0
-                    if head is not None:
-                        self.transport.write(head)
-                elif self.chunked_encoding:
-                    content = [] if head is None else [head]
-                    if body:
-                        content += [b"%x\r\n" % len(body), body, b"\r\n"]
-                    if not more_body:
-                        content.append(b"0\r\n\r\n")
-                    self.transport.write(b"".join(content))
-                else:
-                    num_bytes = len(body)
-                    if num_bytes > self.expected_content_length:
-                        if head is not None:
-                            self.transport.write(head)
-                        raise RuntimeError("Response content longer than Content-Length")
-                    self.expected_content_length -= num_bytes
-                    if head is None:
-                        self.transport.write(body)
-                    elif num_bytes <= _JOIN_BYTES:  # (one copy: cheaper than writelines)
-                        self.transport.write(head + body)
-                    else:
-                        self.transport.writelines((head, body))
-                if not more_body:
-                    if self.expected_content_length != 0:
-                        raise RuntimeError("Response content shorter than Content-Length")
-                    self.response_complete = True
-                    self.message_event.set()
-                    if not self.keep_alive:
-                        self.transport.close()
-                    self.on_response()
+                self._body(message.get("body", b""), message.get("more_body", False))
             else:
                 raise RuntimeError(f"Unexpected ASGI message '{message['type']}' sent, after "
                                    "response already completed.")
+
+        def take_body(self) -> bytearray | None:
+            """The request's whole body, as :meth:`receive` would give it, when it has
+            all arrived and nothing else is owed first (no ``100 Continue`` to write,
+            the connection open): then no coroutine and no message.  Else ``None``,
+            and the caller awaits :meth:`receive` instead.
+
+            The bytearray is the one the body was read into, handed over (not copied)."""
+            if (self.more_body or self.waiting_for_100_continue or self.disconnected
+                    or self.response_complete or not self.message_event.is_set()):
+                return None
+            self.flow.resume_reading()
+            self.message_event.clear()
+            body, self.body = self.body, bytearray()
+            return body
+
+        def respond(self, status: int, headers: list, body: bytes) -> bool:
+            """:meth:`send` of ``http.response.start`` with ``status`` and ``headers``,
+            then of ``http.response.body`` with the whole ``body``, in one call: the
+            same checks and bytes, without the two messages and coroutines.  ``False``
+            (nothing done) where :meth:`send` must wait or do otherwise: a response
+            already started, a closed connection, or writing paused."""
+            if self.response_started or self.disconnected or self.flow.write_paused:
+                return False
+            self._start(status, headers)
+            self._body(body, False)
+            return True
+
+        def _start(self, status_code: int, headers) -> None:
+            """``http.response.start``: the head, kept for the first body message."""
+            self.response_started = True
+            self.waiting_for_100_continue = False
+            headers = self.default_headers + list(headers)
+            if self.access_log:
+                self.access_logger.info(
+                    '%s - "%s %s HTTP/%s" %d', get_client_addr(self.scope),
+                    self.scope["method"], get_path_with_query_string(self.scope),
+                    self.scope["http_version"], status_code)
+            content = [STATUS_LINE[status_code]]
+            has_connection_close = False
+            names, values = _NAMES, _VALUES
+            for name, value in headers:
+                if name not in names:  # (checked once: a search costs ~1,800 instructions)
+                    if HEADER_RE.search(name):
+                        raise RuntimeError("Invalid HTTP header name.")  # pragma: full coverage
+                    if len(names) < _CHECKED_MAX:
+                        names.add(name)
+                if value not in values and not value.isdigit():
+                    if HEADER_VALUE_RE.search(value):
+                        raise RuntimeError("Invalid HTTP header value.")
+                    if len(values) < _CHECKED_MAX:
+                        values.add(value)
+                name = name.lower()
+                if name == b"content-length" and self.chunked_encoding is None:
+                    self.expected_content_length = int(value.decode())
+                    self.chunked_encoding = False
+                elif name == b"transfer-encoding" and value.lower() == b"chunked":
+                    self.expected_content_length = 0
+                    self.chunked_encoding = True
+                elif name == b"connection":
+                    connection = [token.lower().strip() for token in value.split(b",")]
+                    if b"close" in connection:
+                        self.keep_alive = False
+                        has_connection_close = True
+                content.extend([name, b": ", value, b"\r\n"])
+            if not self.keep_alive and not has_connection_close:
+                content.append(b"connection: close\r\n")
+            if (self.chunked_encoding is None and self.scope["method"] != "HEAD"
+                    and status_code not in (204, 304)):
+                self.chunked_encoding = True
+                content.append(b"transfer-encoding: chunked\r\n")
+            content.append(b"\r\n")
+            self._head = b"".join(content)  # written with the body (uvicorn: here)
+
+        def _body(self, body: bytes, more_body: bool) -> None:
+            """``http.response.body``: written, after the head if it is still held."""
+            head, self._head = self._head, None
+            if self.scope["method"] == "HEAD":
+                self.expected_content_length = 0
+                if head is not None:
+                    self.transport.write(head)
+            elif self.chunked_encoding:
+                content = [] if head is None else [head]
+                if body:
+                    content += [b"%x\r\n" % len(body), body, b"\r\n"]
+                if not more_body:
+                    content.append(b"0\r\n\r\n")
+                self.transport.write(b"".join(content))
+            else:
+                num_bytes = len(body)
+                if num_bytes > self.expected_content_length:
+                    if head is not None:
+                        self.transport.write(head)
+                    raise RuntimeError("Response content longer than Content-Length")
+                self.expected_content_length -= num_bytes
+                if head is None:
+                    self.transport.write(body)
+                elif num_bytes <= _JOIN_BYTES:  # (one copy: cheaper than writelines)
+                    self.transport.write(head + body)
+                else:
+                    self.transport.writelines((head, body))
+            if not more_body:
+                if self.expected_content_length != 0:
+                    raise RuntimeError("Response content shorter than Content-Length")
+                self.response_complete = True
+                self.message_event.set()
+                if not self.keep_alive:
+                    self.transport.close()
+                self.on_response()
 
     class _HttpProtocol(HttpToolsProtocol):
         """uvicorn's httptools protocol whose requests run in :class:`_Cycle`, with
