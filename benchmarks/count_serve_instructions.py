@@ -16,8 +16,9 @@ the app with the model's call left out (``ServedModel._call`` answers with its f
 input at once: the handler, the body decoded, the answer encoded, the metrics).
 ``--layer http`` the app under the HTTP protocol ``multipy serve`` runs it with
 (uvicorn's, as ``multipy.serve.server`` configures it): each request's bytes fed to
-one connection's protocol, its answer written to a stand-in transport, so HTTP
-parsing and writing are counted, but not the socket's system calls.
+one connection's protocol (one connection per request in flight), its answer
+written to a stand-in transport, so HTTP parsing and writing are counted, but not
+the socket's system calls.
 
 Instruction counts do not depend on machine load; wall time under callgrind means
 nothing.  They leave out the kernel, and the wait for the interpreter.
@@ -156,7 +157,7 @@ class _Transport:
 
 def _http_request(app, body: bytes):
     """``request()`` through the HTTP protocol ``multipy serve`` gives uvicorn: one
-    connection, one keep-alive request after another."""
+    keep-alive connection per request in flight, one request after another on each."""
     import uvicorn
     from uvicorn.server import ServerState
 
@@ -169,14 +170,17 @@ def _http_request(app, body: bytes):
         config = uvicorn.Config(app, lifespan="off", access_log=False, proxy_headers=False,
                                 server_header=False, log_level="warning")
     config.load()
-    state = ServerState()
-    protocol = None
+    idle = []  # (protocol, its server state) of connections between requests
     wire = (b"POST /v2/models/model/infer HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n"
             b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
 
     async def request() -> None:
-        nonlocal protocol
-        if protocol is None:
+        # One keep-alive connection per request in flight (--concurrency), each
+        # made once: a request takes an idle one, or makes one.
+        if idle:
+            protocol, state = idle.pop()
+        else:
+            state = ServerState()
             protocol = config.http_protocol_class(config=config, server_state=state,
                                                   app_state={})
             protocol.connection_made(_Transport())
@@ -184,6 +188,7 @@ def _http_request(app, body: bytes):
         task, = state.tasks
         await task
         assert protocol.cycle.response_complete and protocol.transport.written > 200
+        idle.append((protocol, state))
 
     return request
 

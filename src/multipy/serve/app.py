@@ -238,7 +238,7 @@ class _Infer:
                     args = (inputs[0].data,) if len(inputs) == 1 else decoded.args
                     infer = model.infer(args, deadline=time.monotonic() + timeout)
                     if model.busy():  # it waits in line: drop it if its client leaves meanwhile
-                        result = await _unless_gone(infer, receive)
+                        result = await _unless_gone(infer, receive, direct)
                     else:  # runs at once: nothing to drop if the client leaves
                         result = await infer
                     if result is _GONE:
@@ -293,18 +293,27 @@ class _Direct:
         ``http.response.body`` would; ``False`` (nothing sent) where ``send`` must."""
         return False
 
+    def watch_disconnect(self, task: asyncio.Task):
+        """A watch that cancels ``task`` when ``receive()`` would say
+        ``http.disconnect``, with ``gone`` (true once it did) and ``stop()``, as
+        :class:`_DisconnectWatch`; ``None``: the handler watches ``receive()``."""
+        return None
+
 
 _GONE = object()
 
 
-async def _unless_gone(infer, receive):
+async def _unless_gone(infer, receive, direct: _Direct | None = None):
     """``await infer``, or ``_GONE`` if the client disconnects first: then ``infer``
     is cancelled wherever it is (in line: it never runs; sent: its result is dropped).
 
     ``infer`` runs in this task; :class:`_DisconnectWatch` runs the ASGI server's
-    ``receive()`` beside it and cancels this task if that says the client left."""
+    ``receive()`` beside it and cancels this task if that says the client left
+    (``direct``'s own watch instead, when it has one)."""
     task = asyncio.current_task()
-    watch = _DisconnectWatch(receive, task)
+    watch = None if direct is None else direct.watch_disconnect(task)
+    if watch is None:
+        watch = _DisconnectWatch(receive, task)
     try:
         return await infer
     except asyncio.CancelledError:

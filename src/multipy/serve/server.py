@@ -106,6 +106,18 @@ if HttpToolsProtocol is not None:
             self._body(body, False)
             return True
 
+        _watch: "_Watch | None" = None  # watch_disconnect's, while it watches
+
+        def watch_disconnect(self, task: asyncio.Task) -> "_Watch":
+            """A watch that cancels ``task`` when the client disconnects before the
+            response completes (when :meth:`receive` would say ``http.disconnect``),
+            until its ``stop()``: told by the protocol's ``connection_lost``, with no
+            ``receive()`` stepped, no future made and none cancelled per request."""
+            self._watch = watch = _Watch(task)
+            if self.disconnected:  # receive() would say so at once
+                watch.disconnected()
+            return watch
+
         def _start(self, status_code: int, headers) -> None:
             """``http.response.start``: the head, kept for the first body message."""
             self.response_started = True
@@ -188,6 +200,23 @@ if HttpToolsProtocol is not None:
                     self.transport.close()
                 self.on_response()
 
+    class _Watch:
+        """:meth:`_Cycle.watch_disconnect`'s watch: ``gone`` once it cancelled its task."""
+
+        __slots__ = ("task", "gone")
+
+        def __init__(self, task: asyncio.Task) -> None:
+            self.task, self.gone = task, False
+
+        def disconnected(self) -> None:
+            task, self.task = self.task, None
+            if task is not None:
+                self.gone = True
+                task.cancel()
+
+        def stop(self) -> None:
+            self.task = None
+
     class _HttpProtocol(HttpToolsProtocol):
         """uvicorn's httptools protocol whose requests run in :class:`_Cycle`, with
         one keep-alive timer per connection instead of one per request.
@@ -240,6 +269,9 @@ if HttpToolsProtocol is not None:
 
         def connection_lost(self, exc: Exception | None) -> None:
             super().connection_lost(exc)
+            cycle = self.cycle  # (the one uvicorn marks disconnected, as it does)
+            if cycle is not None and cycle.disconnected and cycle._watch is not None:
+                cycle._watch.disconnected()
             if self.timeout_keep_alive_task is not None:
                 self.timeout_keep_alive_task.cancel()
                 self.timeout_keep_alive_task = None
