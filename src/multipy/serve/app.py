@@ -193,7 +193,7 @@ class _Infer:
         model = self.models.get(name)
         status = 500
         # multipy serve's HTTP protocol hands over the body it holds, and writes the
-        # answer, in plain calls (see _Direct); other servers' take ASGI messages.
+        # answer, in plain calls (see _Direct); any other server gets ASGI messages.
         direct = getattr(send, "__self__", None)
         if not isinstance(direct, _Direct):
             direct = None
