@@ -640,6 +640,28 @@ def test_callers_sharing_one_subinterpreter_each_get_their_own_answer():
         assert m.statistics().interpreters[0].restarts == 0
 
 
+def test_spilled_replies_queued_in_the_reply_pipe_are_each_read_whole(manager):
+    # A reply too big for its slot crosses the reply pipe, and several can be queued
+    # there (each is written once the one before it was).  The first read of a frame
+    # may then bring in the start of the next: it must be kept for that one.
+    from multipy.transport.frames import write_frame
+
+    _needs_channel()
+    with manager.acquire_one() as s:
+        index = s.interpreter_index
+    driver = manager._workers[index]._driver
+    first, second = b"1" * 65_000, b"2" * 100  # the first frame smaller than one read
+    rep_w = driver._sub_fds[1]  # the subinterpreter's end, idle: nothing else writes now
+    write_frame(rep_w, first)
+    write_frame(rep_w, second)
+    with driver._spill_lock:  # as HostEnd.spilled reads them
+        assert driver.end.read_spilled() == first
+        assert driver.end.read_spilled() == second
+    with manager.all_instances()[index].acquire_session() as s:  # the pipe is in step:
+        big = "x" * 200_000                                       # a big reply comes whole
+        assert s.global_("builtins", "str")(big).deref() == big
+
+
 ECHO_AFTER_GATE = """
 import os, time
 

@@ -76,7 +76,7 @@ from ..errors import (CallTimeoutError, InterpreterCrashedError, ManagerClosedEr
                       OwnershipError, TransportError)
 from ..transport import channel as _channel
 from ..transport.codec import FAST_VALUE, Decoder, Encoder
-from ..transport.frames import Waiter, block_readable, read_frame
+from ..transport.frames import FrameReader, Waiter, block_readable
 from ..transport.messages import Handle, Op
 from ..transport import subinterp_wire as wire
 from .base import PENDING, Backend, BackendKind, RequestNotSent, Worker, WorkerConfig, no_start
@@ -151,10 +151,12 @@ class _Driver:
             # ended (the reply pipe will not do: it is readable whenever a spilled
             # reply of another call in flight is on its way).
             self.alive_r, self._alive_w = os.pipe()
-            rep_r = self.rep_r
+            # Spilled replies can queue in the reply pipe (each caller reads them in
+            # order, under _spill_lock): a reader that keeps what one read brought in
+            # beyond a frame, not read_frame's one-frame-at-a-time read.
             self.end = _channel.HostEnd(_channel.Channel(self.memory), self.req_w,
-                                        lambda: read_frame(rep_r), self.alive_r, config.spin,
-                                        bell_r, self.memory)
+                                        FrameReader(self.rep_r).read, self.alive_r,
+                                        config.spin, bell_r, self.memory)
         self._sub_fds = (req_r, rep_w, intr_r, bell_w)
         self._boot = (config.index, tuple(config.sys_path), self._sub_fds, _ROOT, config.spin)
         self.arena = bytearray(START_ARENA)
