@@ -479,3 +479,32 @@ def test_ten_thousand_posted_calls_from_threads_and_loops_each_get_their_own_ans
         jobs = [pool.submit(submitter, k * 1500, 1500) for k in range(4)]
         jobs += [pool.submit(looper, 6000 + k * 2000, 2000) for k in range(2)]
         assert [job.result(timeout=600) for job in jobs] == [[]] * 6
+
+
+class _NoMemoryToCount(int):
+    """A worker's call count whose next increment fails as if memory had run out."""
+
+    def __add__(self, other):
+        raise MemoryError("no memory left to count the call")
+
+
+def test_an_error_counting_a_posted_call_ends_it_with_that_error(rows_model, manager,
+                                                                 assert_usable):
+    # The reply was read: a failure in the books that follow must still give the
+    # interpreter back and tell the caller, never leave the call in flight for ever.
+    rows_model.submit(torch.ones(1)).result(timeout=60)  # loaded
+    workers = manager._workers
+    calls = [w.calls for w in workers]
+    try:
+        for w in workers:
+            w.calls = _NoMemoryToCount(w.calls)
+        with pytest.raises(MemoryError, match="no memory left to count"):
+            rows_model.submit(torch.ones(2)).result(timeout=60)
+    finally:
+        for w, n in zip(workers, calls):
+            w.calls = n
+    wait_for(lambda: not any(manager._balancer._load), "the interpreter's count to be given back")
+    assert [w.posted_in_flight for w in workers] == [0] * INTERPRETERS
+    assert not any(w.lock.locked() for w in workers)
+    assert torch.equal(rows_model.submit(torch.ones(3)).result(timeout=60), torch.full((3,), 3.0))
+    assert_usable(manager)

@@ -983,10 +983,13 @@ class _PostedCall:
                     raise
                 self.done(None, exc)
             return
-        if error is not None:
-            with worker._tally:
-                worker.failures += 1
-        worker._count(self.started)
+        try:
+            if error is not None:
+                with worker._tally:
+                    worker.failures += 1
+            worker._count(self.started)
+        except Exception as exc:  # (no memory left to count it): the call ends with that
+            value, error = None, exc  # error, the interpreter given back all the same
         self.posted = None
         if self.holds:
             worker.lock.release()
