@@ -39,6 +39,9 @@ test: $(STAMP)
 
 # The subinterpreter backend needs CPython 3.13+ (no torch there); pyenv provides one
 # on these machines.  It gets its own small venv; skipped with a message when absent.
+# A test still running after 240 s has every host thread's stack written by faulthandler
+# (faulthandler_timeout): pytest-timeout's own report at 300 s walks the running
+# subinterpreters' threads too (sys._current_frames) and aborts CPython 3.13.
 PY313 ?= $(shell (pyenv prefix 3.13.0 2>/dev/null || ls -d $$HOME/.pyenv/versions/3.13* 2>/dev/null) | head -n 1)
 VENV313 := .venv313
 
@@ -47,7 +50,7 @@ test-subinterpreters:
 		[ -x $(VENV313)/bin/python ] || $(PY313)/bin/python3 -m venv $(VENV313); \
 		$(VENV313)/bin/python -m pip install -q pytest pytest-timeout hypothesis && \
 		$(VENV313)/bin/python -m pip install -q --no-deps -e . && \
-		$(VENV313)/bin/python -m pytest -q -p no:cacheprovider --noconftest --timeout=300 tests/test_subinterpreter.py tests/test_subinterpreter_interrupts.py; \
+		$(VENV313)/bin/python -m pytest -q -p no:cacheprovider --noconftest --timeout=300 -o faulthandler_timeout=240 tests/test_subinterpreter.py tests/test_subinterpreter_interrupts.py; \
 	else echo "skipped: no CPython 3.13 found (pyenv prefix 3.13.0) for the subinterpreter tests"; fi
 
 bench: $(STAMP)
