@@ -77,3 +77,53 @@ def test_workers_exit_when_the_host_is_sigkilled_and_leave_nothing_behind():
     finally:
         if host.poll() is None:
             host.kill()
+
+
+BUSY_HOST = textwrap.dedent("""
+    import os, sys, threading, time
+    import multipy
+    marker = sys.argv[1]
+    m = multipy.InterpreterManager(1)
+    m.register_module_source("busy", "import time\\n"
+                             "def run(path):\\n"
+                             "    open(path, 'w').close()\\n"
+                             "    while True:\\n"
+                             "        time.sleep(0.05)\\n")
+
+    def busy():
+        with m.acquire_one() as s:
+            s.global_("busy", "run")(marker)
+
+    threading.Thread(target=busy, daemon=True).start()
+    while not os.path.exists(marker):
+        time.sleep(0.01)
+    print(m.statistics().interpreters[0].pid, flush=True)
+    time.sleep(120)
+""")
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def test_a_worker_running_a_call_exits_when_the_host_is_sigkilled(tmp_path):
+    # An idle worker sees its request pipe close; one running a call that never
+    # returns reads no pipe, and is forked from a fork server that outlived the host
+    # as long as any of its children held the server's liveness pipe.
+    host = subprocess.Popen([sys.executable, "-c", BUSY_HOST, str(tmp_path / "running")],
+                            stdout=subprocess.PIPE, text=True)
+    worker = server = None
+    try:
+        worker = int(host.stdout.readline())
+        server = _parent(worker)  # the fork server it was forked from
+        host.send_signal(signal.SIGKILL)
+        host.wait(10)
+        wait_for(lambda: gone(worker), "the busy worker to exit with its host")
+        wait_for(lambda: gone(server), "its fork server to exit with the host")
+    finally:
+        if host.poll() is None:
+            host.kill()
+        for pid in (worker, server):  # left behind only when this test fails
+            if pid is not None and not gone(pid):
+                os.kill(pid, signal.SIGKILL)

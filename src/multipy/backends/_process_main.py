@@ -83,9 +83,31 @@ def _die_with_parent() -> None:
         pass
 
 
+def _let_the_fork_server_go() -> None:
+    """Close this process's copy of its fork server's liveness pipe.
+
+    multiprocessing hands every child of a fork server the write end of the pipe
+    whose end-of-file tells the server that its host is gone; while any child
+    holds it, the server outlives the host, and so does a worker in a call that
+    never returns (its parent, the server, never dies: PR_SET_PDEATHSIG never
+    fires).  A worker forks nothing from the server, so it lets go of it: the
+    host's death ends the server, and the server's ends the worker."""
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if fd is not None:
+        server._forkserver_alive_fd = None
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
 def main(config, fds) -> None:
     """Entry point of a worker process; ``fds`` are inherited descriptors."""
     _die_with_parent()
+    _let_the_fork_server_go()
     req_r, rep_w, args_fd, results_fd, out_w, err_w, channel_fd, bell_w = (
         fd.detach() if hasattr(fd, "detach") else fd for fd in fds)
     os.dup2(out_w, 1)
