@@ -34,7 +34,7 @@ def _driver(lines: list, driver, completions) -> None:
     end = getattr(driver, "end", None)
     _part(lines, "  driver", lambda: (
         f"busy={driver._busy} posting={driver.posting} left={len(driver.left)} "
-        f"pending_in={driver.pending_in is not None} arena_held={driver.arena[0]} "
+        f"buffers_untaken={sorted(driver.pending_in)} arena_held={driver.arena[0]} "
         f"finished={driver.finished.is_set()} abandoned={driver.abandoned} "
         f"answered={driver.answered} spills={sorted(driver._spills)}"))
     if end is None:

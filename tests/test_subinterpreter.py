@@ -665,46 +665,55 @@ def test_spilled_replies_queued_in_the_reply_pipe_are_each_read_whole(manager):
 ECHO_AFTER_GATE = """
 import os, time
 
-def echo(value, gate=None):
+def echo(value, gate=None, times=1):
     while gate is not None and not os.path.exists(gate):
         time.sleep(0.001)
-    return value
+    return value * times
 """
 
-# Posted calls sent by the completion thread, behind a call whose big reply only that
-# thread reads: with more than two in flight, that thread waited inside the send for
-# the subinterpreter, which waited for it (a deadlock).  Run in a process of its own:
-# a deadlock there is a timeout here, not a hung test run.
+# Posted calls sent by the completion thread while the subinterpreter waits for that
+# thread to read a posted call's reply, too big for its slot, from the reply pipe.  The
+# send must not wait for the subinterpreter: not for it to take an earlier call's shared
+# buffers ("buffers"), nor for room in a request ring filled behind that reply ("ring").
+# Run in a process of its own: a deadlock there is a timeout here, not a hung test run.
 _SEND_BEHIND_A_BIG_REPLY = """
-import sys
+import sys, threading
 from multipy import InterpreterManager
 from multipy.backends import subinterpreter
 
-subinterpreter.PIPELINE_DEPTH = int(sys.argv[2])  # MULTIPY_PIPELINE_DEPTH, read at import
+gate, depth, helpers, scenario = sys.argv[1:]
+subinterpreter.PIPELINE_DEPTH = int(depth)  # MULTIPY_PIPELINE_DEPTH, read at import
 with InterpreterManager(1, backend="subinterpreter") as m:
-    m.register_module_source("gates", sys.argv[3])
+    m.register_module_source("gates", helpers)
     with m.acquire_one() as s:
         echo = s.create_movable(s.global_("gates", "echo"))
     echo(0)  # loaded
-    big_reply = "r" * 100_000     # its reply spills through the reply pipe (read by the completion thread)
-    shared = b"b" * 80_000        # crosses as a shared buffer, taken by the loop in turn
-    gated = echo.submit(1, sys.argv[1])
-    calls = [(v, echo.submit(v)) for v in (big_reply, shared, 2, shared, big_reply, shared)]
-    open(sys.argv[1], "w").close()  # the calls behind the gated one go on
+    # The gate opens from another thread: a submit may wait for room in the ring.
+    threading.Timer(1.0, lambda: open(gate, "w").close()).start()
+    gated = echo.submit(1, gate)
+    if scenario == "buffers":  # big bytes cross as shared buffers, taken in turn
+        shared = b"b" * 80_000
+        calls = [((v, None, n), echo.submit(v, None, n)) for v, n in
+                 [("r", 100_000), (shared, 1), (2, 1), (shared, 1), ("r", 100_000), (shared, 1)]]
+    else:  # big str arguments fill the ring (at most two fit)
+        big = "a" * 120_000
+        calls = [((v, None, n), echo.submit(v, None, n)) for v, n in
+                 [("r", 100_000), (big, 1), (big, 1), (big, 1), (big, 1), ("r", 100_000), (big, 1)]]
     assert gated.result(timeout=30) == 1
-    for value, future in calls:
-        assert future.result(timeout=30) == value
+    for (value, _, times), future in calls:
+        assert future.result(timeout=30) == value * times
 print("ok")
 """
 
 
 @pytest.mark.parametrize("depth", [2, 4])
+@pytest.mark.parametrize("scenario", ["buffers", "ring"])
 def test_posted_calls_sent_by_the_completion_thread_never_wait_for_their_own_replies(
-        tmp_path, depth):
+        tmp_path, depth, scenario):
     _needs_channel()
     out = subprocess.run([sys.executable, "-c", _SEND_BEHIND_A_BIG_REPLY, str(tmp_path / "gate"),
-                          str(depth), ECHO_AFTER_GATE],
-                         capture_output=True, text=True, timeout=60)
+                          str(depth), ECHO_AFTER_GATE, scenario],
+                         capture_output=True, text=True, timeout=90)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 

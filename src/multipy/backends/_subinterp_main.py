@@ -47,7 +47,7 @@ _REASON = ("{name} cannot be imported in a subinterpreter: its C extension does 
 
 class WantBuffers(Exception):
     """Raised out of :func:`loop` so the host thread re-enters it with the
-    request's shared buffers (``_multipy_in``)."""
+    request's shared buffers (``_multipy_in``); the message is its call number."""
 
 
 class WantArena(Exception):
@@ -181,7 +181,7 @@ class _Server:
                 return
             if nbufs:
                 self.stash = (seq, payload)
-                raise WantBuffers(nbufs)
+                raise WantBuffers(seq)
             self.serve(seq, payload, ())
 
     def _run_channel(self) -> None:
@@ -200,7 +200,7 @@ class _Server:
             payload = memoryview(data)[head:head + size]
             if nbufs:
                 self.stash = (seq, payload)
-                raise WantBuffers(nbufs)
+                raise WantBuffers(seq)
             serve(seq, payload, ())
 
     def resume(self, incoming) -> None:

@@ -84,7 +84,6 @@ from .process import PIPELINE_DEPTH
 from .completions import CLOSED, READY, Completions
 
 INTERRUPT_GRACE = 1.0     # seconds an interrupted call gets to unwind
-POSTED_DEPTH = 2          # posted calls in flight per subinterpreter at most (see posted_depth)
 _NOTHING = object()       # _Call.frame: no reply taken off the channel yet
 _TIMEOUT = _channel.Wait.TIMEOUT
 START_ARENA = 1 << 20     # the result arena grows on demand
@@ -160,7 +159,10 @@ class _Driver:
         self._sub_fds = (req_r, rep_w, intr_r, bell_w)
         self._boot = (config.index, tuple(config.sys_path), self._sub_fds, _ROOT, config.spin)
         self.arena = bytearray(START_ARENA)
-        self.pending_in: tuple | None = None
+        # Call number -> the shared buffers of its big arguments, until the loop takes
+        # them (WantBuffers names the call): never waited for by a sender, which may
+        # be the completion thread the subinterpreter waits on.
+        self.pending_in: dict = {}
         self.arena_free = threading.Event()  # set after the host read a reply's arena buffers
         self.failure: str | None = None
         self.started = threading.Event()
@@ -168,7 +170,7 @@ class _Driver:
         self._mutex = threading.Lock()
         self._idle = threading.Condition(self._mutex)
         self._busy = 0            # calls in flight (entered, not yet left)
-        self._waiting = 0         # threads in wait_idle / wait_for_buffers (notify only then)
+        self._waiting = 0         # threads in wait_idle (notify only then)
         self._stopping = False
         self._host_open = True
         self.abandoned: str | None = None  # why the worker gave this subinterpreter up
@@ -210,9 +212,7 @@ class _Driver:
                     break  # the host closed the request pipe
                 name = excinfo.type.__name__
                 if name == "WantBuffers":
-                    with self._mutex:
-                        shared, self.pending_in = {"_multipy_in": self.pending_in}, None
-                        self._idle.notify_all()  # see wait_for_buffers
+                    shared = {"_multipy_in": self.pending_in.pop(int(excinfo.msg), None)}
                 elif name == "WantArena":
                     if not self._arena_read():
                         break  # stopping: nobody reads replies any more
@@ -248,7 +248,7 @@ class _Driver:
             self.started.set()
             self.finished.set()
             with self._mutex:
-                self._idle.notify_all()  # see wait_for_buffers
+                self._idle.notify_all()  # waiters (wait_idle) look again
             _live.discard(self)
 
     def _arena_read(self) -> bool:
@@ -284,16 +284,6 @@ class _Driver:
                     self._idle.notify_all()
                 if self._stopping:
                     self._close_host_ends()
-
-    def wait_for_buffers(self) -> None:
-        """Wait until the loop took the shared buffers of the previous request that had
-        some (``pending_in``): one such request is in flight at a time."""
-        with self._idle:
-            self._waiting += 1
-            try:
-                self._idle.wait_for(lambda: self.pending_in is None or self.finished.is_set())
-            finally:
-                self._waiting -= 1
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait up to ``timeout`` for every call in flight to leave."""
@@ -353,6 +343,21 @@ class _Driver:
                 # take the reply of the next call given that slot.
                 del left[i]
                 self.take_frame(call)
+
+    def make_room(self) -> None:
+        """While a send waits for room in the channel (``HostEnd.retry``): settle the
+        replies of calls dropped unrun (:meth:`take_left`), and read the spilled
+        replies waiting in the reply pipe, kept for their callers.  The subinterpreter,
+        blocked writing one, takes no request until it is read, and its reader may be
+        the very thread waiting here (the completion thread sends posted calls too)."""
+        self.take_left()
+        end = self.end
+        with self._spill_lock:
+            while block_readable(self.waiter.poller, 0):
+                frame = end.read_spilled()
+                if frame is None:
+                    return  # end-of-file: the loop ended
+                self._spills[_answers(frame)] = frame
 
     def interrupt(self, seq: int) -> None:
         try:
@@ -484,17 +489,7 @@ class SubinterpreterWorker(Worker):
 
     @property
     def posted_depth(self) -> int:
-        # At most POSTED_DEPTH whatever MULTIPY_PIPELINE_DEPTH says.  The completion
-        # thread sends a posted call only while fewer than this are in flight here, and
-        # its send may wait for the subinterpreter (to take the shared buffers of a
-        # big argument queued before it, or to make room in the ring), while the
-        # subinterpreter may wait for the completion thread (to read a posted call's
-        # reply too big for its slot, or the arena holding one's big buffers).  With
-        # one other call in flight, the send waits only for that call to be taken,
-        # and nothing the subinterpreter answered is left unread then; with two or
-        # more, the send waited for a call queued behind an answer only the
-        # completion thread reads (a deadlock).
-        return min(PIPELINE_DEPTH, POSTED_DEPTH) if self._pipelines() else 1
+        return PIPELINE_DEPTH if self._pipelines() else 1
 
     def poke(self) -> bool:
         """Wake the subinterpreter if it sleeps waiting for requests
@@ -746,10 +741,11 @@ class SubinterpreterWorker(Worker):
         driver.enter()
         try:
             if views:
-                # Fetched by the driver thread when the loop asks for them: one such
-                # request at a time (the next waits for this one's reply).
-                driver.wait_for_buffers()
-                driver.pending_in = views
+                # Fetched by the driver thread when the loop asks for this call's (no
+                # wait here: a sender waiting for the loop to reach an earlier call's
+                # buffers could be the completion thread, which that loop may wait on
+                # to read an earlier posted call's big reply: a deadlock).
+                driver.pending_in[call.seq] = views
             header = wire.REQUEST.pack(len(payload), call.seq, len(views))
             end = driver.end
             try:
@@ -760,10 +756,11 @@ class SubinterpreterWorker(Worker):
                     # wait behind this one.
                     if driver.left:
                         driver.take_left()
-                    call.slot, call.posted_to = end.send(header + payload, armed, driver.take_left)
+                    call.slot, call.posted_to = end.send(header + payload, armed, driver.make_room)
             except OSError:
                 raise RequestNotSent(self._lost(driver, "while idle, before this call was sent")) from None
         except RequestNotSent:
+            driver.pending_in.pop(call.seq, None)  # never taken: nothing fetches them
             driver.leave()
             raise
         except BaseException:
