@@ -495,6 +495,7 @@ def test_an_error_counting_a_posted_call_ends_it_with_that_error(rows_model, man
     rows_model.submit(torch.ones(1)).result(timeout=60)  # loaded
     workers = manager._workers
     calls = [w.calls for w in workers]
+    failures = sum(w.failures for w in workers)
     try:
         for w in workers:
             w.calls = _NoMemoryToCount(w.calls)
@@ -504,6 +505,7 @@ def test_an_error_counting_a_posted_call_ends_it_with_that_error(rows_model, man
         for w, n in zip(workers, calls):
             w.calls = n
     wait_for(lambda: not any(manager._balancer._load), "the interpreter's count to be given back")
+    assert sum(w.failures for w in workers) == failures + 1  # counted as a failed call
     assert [w.posted_in_flight for w in workers] == [0] * INTERPRETERS
     assert not any(w.lock.locked() for w in workers)
     assert torch.equal(rows_model.submit(torch.ones(3)).result(timeout=60), torch.full((3,), 3.0))

@@ -269,3 +269,37 @@ def test_close_with_posted_calls_in_flight_fails_them_and_hangs_nothing(backend,
             f.result(timeout=60)
     open_gate(gate_path)  # an abandoned thread-backend interpreter can finish and exit
     assert [line[0] for line in logged(log)] == ["running"]
+
+
+BIG_REPLIES = """
+import os, time
+
+def echo(value, gate=None):
+    while gate is not None and not os.path.exists(gate):
+        time.sleep(0.001)
+    return value
+
+def big(n):
+    return "r" * n
+"""
+
+
+@pytest.mark.parametrize("argument", [b"b" * 200_000, "s" * 200_000], ids=["bytes", "str"])
+def test_a_queued_call_with_a_big_request_goes_out_behind_a_big_reply(manager, tmp_path, argument):
+    # The completion thread sends the queued call (it pumps as the gated one ends) while
+    # the interpreter writes the reply before it, too big for its slot, to the reply
+    # pipe that only the completion thread reads: the request, too big for the ring,
+    # goes to the request pipe, which the interpreter reads only after that reply.
+    manager.register_module_source("_big_replies", BIG_REPLIES)
+    with manager.acquire_one() as s:
+        echo = s.create_movable(s.global_("_big_replies", "echo"))
+        big = s.create_movable(s.global_("_big_replies", "big"))
+    assert echo(0) == 0 and big(1) == "r"  # loaded
+    gate = str(tmp_path / "gate")
+    gated = echo.submit(1, gate)
+    reply = big.submit(200_000)
+    queued = echo.submit(argument)
+    open(gate, "w").close()
+    assert gated.result(timeout=60) == 1
+    assert reply.result(timeout=60) == "r" * 200_000
+    assert queued.result(timeout=60) == argument

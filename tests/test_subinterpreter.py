@@ -674,7 +674,8 @@ def echo(value, gate=None, times=1):
 # Posted calls sent by the completion thread while the subinterpreter waits for that
 # thread to read a posted call's reply, too big for its slot, from the reply pipe.  The
 # send must not wait for the subinterpreter: not for it to take an earlier call's shared
-# buffers ("buffers"), nor for room in a request ring filled behind that reply ("ring").
+# buffers ("buffers"), nor for room in a request ring filled behind that reply ("ring"),
+# nor for it to read a request too big for the ring from the request pipe ("request").
 # Run in a process of its own: a deadlock there is a timeout here, not a hung test run.
 _SEND_BEHIND_A_BIG_REPLY = """
 import sys, threading
@@ -695,6 +696,9 @@ with InterpreterManager(1, backend="subinterpreter") as m:
         shared = b"b" * 80_000
         calls = [((v, None, n), echo.submit(v, None, n)) for v, n in
                  [("r", 100_000), (shared, 1), (2, 1), (shared, 1), ("r", 100_000), (shared, 1)]]
+    elif scenario == "request":  # a str argument too big for the ring: the request pipe
+        calls = [((v, None, n), echo.submit(v, None, n)) for v, n in
+                 [("r", 200_000), ("s" * 200_000, 1)]]
     else:  # big str arguments fill the ring (at most two fit)
         big = "a" * 120_000
         calls = [((v, None, n), echo.submit(v, None, n)) for v, n in
@@ -707,7 +711,7 @@ print("ok")
 
 
 @pytest.mark.parametrize("depth", [2, 4])
-@pytest.mark.parametrize("scenario", ["buffers", "ring"])
+@pytest.mark.parametrize("scenario", ["buffers", "ring", "request"])
 def test_posted_calls_sent_by_the_completion_thread_never_wait_for_their_own_replies(
         tmp_path, depth, scenario):
     _needs_channel()

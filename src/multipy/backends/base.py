@@ -989,7 +989,13 @@ class _PostedCall:
                     worker.failures += 1
             worker._count(self.started)
         except Exception as exc:  # (no memory left to count it): the call ends with that
-            value, error = None, exc  # error, the interpreter given back all the same
+            if error is None:     # error, the interpreter given back all the same (an
+                value, error = None, exc  # error of its own comes first)
+                try:
+                    with worker._tally:
+                        worker.failures += 1
+                except Exception:  # noqa: BLE001 (the caller gets the first error)
+                    pass
         self.posted = None
         if self.holds:
             worker.lock.release()

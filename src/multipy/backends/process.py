@@ -259,6 +259,8 @@ class ProcessWorker(Worker):
         self._end = None if channel is None else _channel.HostEnd(
             channel, self._req_w, self._reader.read, process.sentinel, self.config.spin, bell[0],
             memory)
+        if self._end is not None:  # a send waiting for the interpreter reads its big replies
+            self._end.reply_fd, self._end.drain = self._rep_r, self._drain_spilled
         # Only the pipes' wait asks whether a caller is alone (base.in_calls); on the
         # channel the extension counts the calls in flight itself.
         self.counts_callers = channel is None
@@ -586,6 +588,20 @@ class ProcessWorker(Worker):
             raise self._desynchronised(f"the reply in the slot of call {call} answers call {reply[0]}")
         del self._owed[call]
         return reply
+
+    def _drain_spilled(self) -> bool:
+        """Read the spilled replies waiting in the reply pipe, kept for their callers
+        (``HostEnd.drain``: a send waiting for the interpreter runs it, since the
+        interpreter, blocked writing one, takes no request until it is read); False at
+        end-of-file (the interpreter died)."""
+        with self._rx:
+            while self._reader.buffered or self._waiter.poller.poll(0):
+                frame = self._reader.read()
+                if frame is None:
+                    return False
+                reply = self._parse(frame)
+                self._stash[_call_of(reply)] = reply
+        return True
 
     def _spilled_reply(self, call: int):
         """The reply to ``call`` announced in its slot and written to the reply pipe.

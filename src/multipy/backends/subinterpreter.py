@@ -153,9 +153,11 @@ class _Driver:
             # Spilled replies can queue in the reply pipe (each caller reads them in
             # order, under _spill_lock): a reader that keeps what one read brought in
             # beyond a frame, not read_frame's one-frame-at-a-time read.
+            self._reader = FrameReader(self.rep_r)
             self.end = _channel.HostEnd(_channel.Channel(self.memory), self.req_w,
-                                        FrameReader(self.rep_r).read, self.alive_r,
+                                        self._reader.read, self.alive_r,
                                         config.spin, bell_r, self.memory)
+            self.end.reply_fd, self.end.drain = self.rep_r, self.drain_spills
         self._sub_fds = (req_r, rep_w, intr_r, bell_w)
         self._boot = (config.index, tuple(config.sys_path), self._sub_fds, _ROOT, config.spin)
         self.arena = bytearray(START_ARENA)
@@ -344,20 +346,18 @@ class _Driver:
                 del left[i]
                 self.take_frame(call)
 
-    def make_room(self) -> None:
-        """While a send waits for room in the channel (``HostEnd.retry``): settle the
-        replies of calls dropped unrun (:meth:`take_left`), and read the spilled
-        replies waiting in the reply pipe, kept for their callers.  The subinterpreter,
-        blocked writing one, takes no request until it is read, and its reader may be
-        the very thread waiting here (the completion thread sends posted calls too)."""
-        self.take_left()
-        end = self.end
+    def drain_spills(self) -> bool:
+        """Read the spilled replies waiting in the reply pipe, kept for their callers
+        (``HostEnd.drain``: a send waiting for the subinterpreter runs it, since the
+        subinterpreter, blocked writing one, takes no request until it is read);
+        False at end-of-file (the loop ended)."""
         with self._spill_lock:
-            while block_readable(self.waiter.poller, 0):
-                frame = end.read_spilled()
+            while self._reader.buffered or block_readable(self.waiter.poller, 0):
+                frame = self.end.read_spilled()
                 if frame is None:
-                    return  # end-of-file: the loop ended
+                    return False
                 self._spills[_answers(frame)] = frame
+        return True
 
     def interrupt(self, seq: int) -> None:
         try:
@@ -756,7 +756,7 @@ class SubinterpreterWorker(Worker):
                     # wait behind this one.
                     if driver.left:
                         driver.take_left()
-                    call.slot, call.posted_to = end.send(header + payload, armed, driver.make_room)
+                    call.slot, call.posted_to = end.send(header + payload, armed, driver.take_left)
             except OSError:
                 raise RequestNotSent(self._lost(driver, "while idle, before this call was sent")) from None
         except RequestNotSent:

@@ -611,6 +611,16 @@ class HostEnd:
         self.ready = channel.ready      # (slot) -> whether its reply is there (never waits)
         self._skip = 0
         self._backoff = 1
+        # While a send waits for the interpreter (no room in the ring or no free slot,
+        # or a big request's frame only partly into the request pipe), the interpreter
+        # may be waiting for the host too: blocked writing a reply too big for its slot
+        # to the reply pipe, until its reader reads it, and that reader may be the very
+        # thread sending (the completion thread sends queued posted calls).  So such a
+        # send runs ``drain()`` whenever ``reply_fd`` (the reply pipe) is readable: the
+        # backend reads the replies waiting there into its keeping for their callers.
+        # ``None``: nothing set (the sends wait as they are).
+        self.reply_fd = -1
+        self.drain = None
 
     def post(self, payload: bytes, slot: int) -> int:
         """Post one request whose reply goes to ``slot`` (claimed); returns the ring
@@ -620,9 +630,12 @@ class HostEnd:
             return self.channel.post(payload, slot)
         end = self.channel.post(b"", slot | SPILLED)
         if end:
-            from .frames import write_frame  # here: a big request is rare
+            from .frames import write_frame, write_frame_draining  # here: a big request is rare
 
-            write_frame(self.req_w, payload)
+            if self.drain is None:
+                write_frame(self.req_w, payload)
+            else:
+                write_frame_draining(self.req_w, payload, self.reply_fd, self.drain)
         return end
 
     def send(self, payload: bytes, armed: bool = False, make_room=None) -> tuple[int, int]:
@@ -658,6 +671,8 @@ class HostEnd:
                 got = attempt()
                 if got is not None:
                     break
+            if self.drain is not None and select.select([self.reply_fd], [], [], 0)[0]:
+                self.drain()  # the interpreter may be blocked writing a reply (see drain)
             if self.channel.closed or select.select([self.alive_fd], [], [], 0)[0]:
                 raise BrokenPipeError("the interpreter is gone: nothing will free a reply slot")
             time.sleep(0.0005)  # releases the GIL: the callers in flight take their replies

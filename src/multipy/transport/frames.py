@@ -37,6 +37,30 @@ def write_frame(fd: int, payload: bytes | memoryview, /) -> None:
     write_all(fd, view)
 
 
+def write_frame_draining(fd: int, payload: bytes | memoryview, other: int, drain, /) -> None:
+    """:func:`write_frame` to a blocking pipe whose reader may first wait for this
+    thread: whenever ``other`` is readable, ``drain()`` runs (it reads ``other``),
+    and the frame goes out only in pieces the pipe takes without waiting.  For a
+    host thread writing a big request while the interpreter may be blocked writing
+    a big reply that this thread must read first.  ``drain()`` returns False once
+    ``other`` has nothing more to give (end-of-file): it is then no longer watched."""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    poller.register(other, select.POLLIN)
+    for view in (memoryview(_HEADER.pack(len(payload))), memoryview(payload).cast("B")):
+        while view:
+            writable = False
+            for ready, _ in poller.poll():
+                if ready == other:
+                    if drain() is False:
+                        poller.unregister(other)
+                else:
+                    writable = True  # (POLLERR too: the write says what went wrong)
+            if writable:
+                # At most PIPE_BUF bytes: a pipe that polls writable takes them at once.
+                view = view[os.write(fd, view[:select.PIPE_BUF]):]
+
+
 def write_all(fd: int, view: memoryview) -> None:
     """Write all of ``view`` to ``fd`` (a blocking descriptor), however many writes it takes."""
     while view:
