@@ -3,6 +3,8 @@ self-contained).  Each answers something a test can check per request."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 
 import torch
@@ -20,6 +22,22 @@ class Sleepy(torch.nn.Module):
 
     def forward(self, seconds, x):
         time.sleep(float(seconds.reshape(-1)[0]))
+        return x
+
+
+def gate_path(token: int) -> str:
+    """The file that opens :class:`Gated`'s gate ``token`` (in the host: create it)."""
+    return os.path.join(tempfile.gettempdir(), f"multipy-serve-gate-{token}")
+
+
+class Gated(torch.nn.Module):
+    """Waits until the gate named by its first input (an integer token) is open
+    (:func:`gate_path` exists), then returns ``x``."""
+
+    def forward(self, token, x):
+        path = gate_path(int(token.reshape(-1)[0]))
+        while not os.path.exists(path):
+            time.sleep(0.001)
         return x
 
 
@@ -57,5 +75,5 @@ def write(path) -> None:
     with PackageExporter(str(path)) as exporter:
         exporter.intern("_serve_models")
         for name, model in (("affine", Affine()), ("sleepy", Sleepy()), ("named", Named()),
-                            ("weights", Weights()), ("mode", Mode())):
+                            ("weights", Weights()), ("mode", Mode()), ("gated", Gated())):
             exporter.save_pickle("model", f"{name}.pkl", model)

@@ -279,7 +279,7 @@ def infer_app(manager, tmp_path_factory):
 
     path = tmp_path_factory.mktemp("serve") / "models.pt"
     _serve_models.write(path)
-    models = {name: f"{path}:model/{name}.pkl" for name in ("affine", "weights", "sleepy")}
+    models = {name: f"{path}:model/{name}.pkl" for name in ("affine", "weights", "gated")}
     registry = ModelRegistry(manager, models, ServeOptions(max_request_bytes=1 << 12))
     yield build_app(registry)
     registry.close()
@@ -374,13 +374,20 @@ def test_infer_answers_are_uvicorns_bytes_without_asgi_messages(infer_app, kind,
 
 def test_a_waiting_request_whose_client_leaves_is_dropped_without_receive(infer_app,
                                                                           monkeypatch):
+    import contextlib
+    import os
+
+    import _serve_models
     import torch
 
     from multipy.serve.protocol import encode_request
 
-    def sleepy(seconds: float) -> bytes:
-        body, _ = encode_request([("s", torch.tensor([seconds])), ("x", torch.tensor([1.0]))])
-        return _post("/v2/models/sleepy/infer", body)
+    token = os.getpid()  # the gate the requests holding the model's slots wait on
+    gate = _serve_models.gate_path(token)
+
+    def gated() -> bytes:
+        body, _ = encode_request([("t", torch.tensor([token])), ("x", torch.tensor([1.0]))])
+        return _post("/v2/models/gated/infer", body)
 
     received = []
     uvicorns_receive = server._Cycle.receive
@@ -390,29 +397,38 @@ def test_a_waiting_request_whose_client_leaves_is_dropped_without_receive(infer_
         return await uvicorns_receive(self)
 
     monkeypatch.setattr(server._Cycle, "receive", receive)
-    model = infer_app.state.registry.get("sleepy")
+    model = infer_app.state.registry.get("gated")
     metrics = infer_app.state.metrics
 
     async def main():
         busy = []  # connections whose requests hold every slot of the model
-        for _ in range(model.slots):
+        try:
+            for _ in range(model.slots):
+                protocol, transport, state = _connection(infer_app, server._HttpProtocol)
+                protocol.data_received(gated())
+                busy.append(state)
+                await asyncio.wait_for(_until(lambda: model.running == len(busy)), WAIT)
             protocol, transport, state = _connection(infer_app, server._HttpProtocol)
-            protocol.data_received(sleepy(0.5))
-            busy.append(state)
-            await asyncio.wait_for(_until(lambda: model.running == len(busy)), WAIT)
-        protocol, transport, state = _connection(infer_app, server._HttpProtocol)
-        protocol.data_received(sleepy(0.0))
-        await asyncio.wait_for(_until(lambda: model.waiting == 1), WAIT)
-        protocol.connection_lost(None)  # the client leaves while its request waits
-        await asyncio.wait_for(asyncio.gather(*state.tasks), WAIT)
-        assert transport.writes == []  # nothing answered
-        assert model.waiting == 0
+            protocol.data_received(gated())
+            await asyncio.wait_for(_until(lambda: model.waiting == 1), WAIT)
+            protocol.connection_lost(None)  # the client leaves while its request waits
+            await asyncio.wait_for(asyncio.gather(*state.tasks), WAIT)
+            assert transport.writes == []  # nothing answered
+            assert model.waiting == 0
+        finally:
+            open(gate, "w").close()  # the held requests end
         for other in busy:
             await asyncio.wait_for(asyncio.gather(*other.tasks), WAIT)
         return len(busy)
 
     ran = model.batch_sizes().get(1, 0)
-    busy = asyncio.run(main())
-    assert metrics._requests[("sleepy", 499)] == 1
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(gate)  # (left by an earlier run of this process id)
+    try:
+        busy = asyncio.run(main())
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(gate)
+    assert metrics._requests[("gated", 499)] == 1
     assert model.batch_sizes().get(1, 0) == ran + busy  # the abandoned request never ran
     assert received == []  # watched by the protocol, not by stepping receive()
