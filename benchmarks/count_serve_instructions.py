@@ -227,16 +227,23 @@ def _waits(registry, model, one, args) -> None:
             return asyncio.run(coro)
         return uvloop.run(coro)
 
+    from multipy import _native
+
     loop(run(time.perf_counter() + 0.5))  # warm up
-    k0 = counters()
+    k0, p0 = counters(), _native.counters()
     h0, i0, t0 = time.process_time(), sum(_cpu_seconds(w.pid) for w in workers), time.perf_counter()
     n = max(1, loop(run(t0 + args.waits)))
     elapsed = time.perf_counter() - t0
     h1, i1 = time.process_time(), sum(_cpu_seconds(w.pid) for w in workers)
-    k1 = counters()
+    k1, p1 = counters(), _native.counters()
+    polls = {k: (p1[k] - p0[k]) / n for k in ("polls", "poll_hits") if k in p1}
     print(f"{args.model}, {args.concurrency} in flight, {model.slots} slots: interpreter waits "
           f"{(k1['waits'] - k0['waits']) / n:.2f}, sleeps {(k1['sleeps'] - k0['sleeps']) / n:.2f}"
           + (f", sleeps a poke ended {(k1['pokes'] - k0['pokes']) / n:.2f}" if "pokes" in k1 else "")
+          + (f", bells not rung {(k1['bells_skipped'] - k0['bells_skipped']) / n:.2f}"
+             if "bells_skipped" in k1 else "")
+          + (f"; the server polled for {polls['polls']:.2f} replies, found "
+             f"{polls['poll_hits']:.2f}" if polls else "")
           + f" per request | host {(h1 - h0) / n * 1e6:.0f} µs CPU, interpreters "
           f"{(i1 - i0) / n * 1e6:.0f} µs CPU per request | {n / elapsed:,.0f} requests/s "
           f"(load {open('/proc/loadavg').read().split()[0]})")

@@ -21,6 +21,7 @@ import torch
 import multipy
 from _rows import logged, open_gate
 from _wait import wait_for
+from multipy.backends.completions import LoopCompletions
 from multipy.transport import channel
 
 INTERPRETERS = 2
@@ -35,6 +36,13 @@ def model(manager, backend):
         pytest.skip("the ring in C is the process backend's, on the call channel")
     with manager.acquire_one() as s:
         return s.create_movable(s.global_("_rows", "rows"))
+
+
+@pytest.fixture(autouse=True)
+def no_poll(monkeypatch):
+    """Every reply here comes by the bell: the loop's poll for a lone call's reply
+    (tests/test_reply_poll.py) would settle most of them before it rings."""
+    monkeypatch.setattr(LoopCompletions, "reply_poll", 0.0)
 
 
 @pytest.fixture

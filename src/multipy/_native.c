@@ -98,11 +98,14 @@ enum {
     C_GIL_NS,       /* nanoseconds spent taking the GIL back after waits */
     C_YIELDS,       /* sched_yield calls while spinning */
     C_POKES,        /* request waits whose sleep a poke ended (Channel.poke) */
+    C_POLLS,        /* host: lone awaited replies polled for (poll_awaited) */
+    C_POLL_HITS,    /* ... found while polling (settled with no bell) */
+    C_BELLS_SKIPPED, /* interpreter: replies whose bell was not rung (the host polled) */
     C_COUNT
 };
 static const char *const counter_names[C_COUNT] = {
     "waits", "spin_hits", "no_spin", "sleeps", "wakes", "gil_waits", "gil_ns", "yields",
-    "pokes"};
+    "pokes", "polls", "poll_hits", "bells_skipped"};
 static int counting;
 static uint64_t counters[C_COUNT];
 #define COUNT(i, n) do { if (counting) __atomic_add_fetch(&counters[i], (n), __ATOMIC_RELAXED); } while (0)
@@ -117,6 +120,8 @@ typedef struct {
     int poke_paid;         /* consumer side: the last request wait slept, was poked, and then
                               found its request while spinning (wait_for: the next spin is short) */
     int detach_pending;
+    unsigned poll_backoff; /* host side: lone replies not polled for after a poll that gave up */
+    unsigned poll_skip;    /* (poll_awaited: 0 after a poll that found its reply) */
     header_t *h;
     char *ring;
     char *slots;
@@ -2297,6 +2302,8 @@ error:
 #define FAST_CALL_TAG 0x02     /* codec.FAST_CALL */
 #define FAST_VALUE_TAG 0x01    /* codec.FAST_VALUE */
 #define BELL_WORD 384          /* channel.py's _BELL */
+#define POLLED_WORD 388        /* channel.py's _POLLED: 1 + the slot whose reply the host polls
+                                  for (poll_awaited), 0 when none: that reply rings no bell */
 enum { GRAD_ON = 0, GRAD_OFF = 1, GRAD_INFERENCE = 2 }; /* messages.GradMode */
 
 /* What a call needs of torch (call_setup), in the interpreter that set it up. */
@@ -2641,8 +2648,16 @@ static int put_reply(ChannelObject *c, slot_t *s, uint64_t call, PyObject *item,
     return 1;
 }
 
-static void ring_bell(ChannelObject *c, int bell_w) {
+/* After publish_reply (a sequentially consistent store of the slot's state): the
+ * polled word is read with a sequentially consistent load, so a host that stops
+ * polling (stores 0, then looks at the slot again: poll_stop) either finds the
+ * reply or is rung for it (the two stores and the two loads in one total order). */
+static void ring_bell(ChannelObject *c, int bell_w, uint32_t slot) {
     if (bell_w >= 0 && LOAD((uint32_t *)((char *)c->h + BELL_WORD))) {
+        if (SC_LOAD((uint32_t *)((char *)c->h + POLLED_WORD)) == slot + 1u) {
+            COUNT(C_BELLS_SKIPPED, 1); /* the host polls for this reply: no bell */
+            return;
+        }
         ssize_t w = write(bell_w, "!", 1); /* full (EAGAIN): readable already */
         (void)w;
     }
@@ -2844,7 +2859,7 @@ static PyObject *native_serve_calls(PyObject *m, PyObject *const *args, Py_ssize
             }
         }
         if (!tail && put_reply(c, s, call, item, placed)) {
-            ring_bell(c, bell_w);
+            ring_bell(c, bell_w, slot);
             Py_XDECREF(item);
             Py_DECREF(placed);
             Py_DECREF(blocks);
@@ -4714,9 +4729,10 @@ done:
  * thread hands the rest to _PostedCall._end.  The Python objects and functions it
  * recognises are registered once by runtime.dispatch (ring_setup). */
 
-/* Rings ring_awaited settled in C (its True answers), in this process: always
- * counted (one add under the GIL), so that a test notices when the case is no longer
- * recognised and every served request goes the Python way (ring_settled()). */
+/* Replies ring_awaited (and poll_awaited) settled in C (their True answers), in this
+ * process: always counted (one add under the GIL), so that a test notices when the
+ * case is no longer recognised and every served request goes the Python way
+ * (ring_settled()). */
 static unsigned long long ring_settled;
 
 static PyObject *native_ring_settled(PyObject *m, PyObject *unused) {
@@ -4833,15 +4849,165 @@ static int drain_bell_fd(PyObject *end) {
     }
 }
 
+#define TAKE_DIVISOR 5 /* poll_awaited: an awake interpreter takes the request within a
+                            fifth of the poll (one that slept, or lost its core, later) */
+#define LIVENESS_POLLS 1024u /* poll_spin: looks at the slot between two at the peer's life */
+
+/* The polled word (see ring_bell): set to name slot before a reply is polled for, so
+ * that the interpreter rings no bell for it; poll_stop clears it. */
+static inline uint32_t *polled_word(ChannelObject *c) {
+    return (uint32_t *)((char *)c->h + POLLED_WORD);
+}
+
+/* Spin until the reply in s is there or until deadline_ns: 1 found, 0 not yet (or
+ * the interpreter died: its liveness fd readable).  With past > 0, until the
+ * interpreter took the request (the ring's head at past): 2. */
+static int poll_spin(ChannelObject *c, slot_t *s, uint64_t past, int64_t deadline_ns, int fd) {
+    for (unsigned i = 1;; i++) {
+        if (reply_ready(c, s))
+            return 1;
+        if (past > 0 && LOAD(&c->h->head) >= past)
+            return 2;
+        if ((i & 15) == 0 && now_ns() >= deadline_ns)
+            return 0;
+        if (i % LIVENESS_POLLS == 0 && fd_ready(fd))
+            return reply_ready(c, s);
+        cpu_pause();
+    }
+}
+
+/* The poll is over: the polled word cleared first, then the slot looked at again
+ * (ring_bell's order reversed), so that a reply not found now rings the bell.  1 when
+ * the reply is there (no bell rung for it, or at worst one left over). */
+static int poll_stop(ChannelObject *c, slot_t *s) {
+    SC_STORE(polled_word(c), 0u);
+    return reply_ready(c, s);
+}
+
+/* ring_awaited's work: want_key NULL, a ring (the bell watch's callback on the loop);
+ * else poll_awaited's, for the call just sent from the loop's thread whose entry in
+ * the watch's posted calls is want_key (the request's sent handle), its slot s of
+ * channel c polled for already (the polled word set; the interpreter took it): polled
+ * for until deadline_ns. */
+static PyObject *awaited_reply(PyObject *watch, PyObject *completions, PyObject *want_key,
+                               ChannelObject *pc_channel, slot_t *ps, int64_t deadline_ns);
+
 static PyObject *native_ring_awaited(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
     (void)m;
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "ring_awaited(watch, completions) takes 2 arguments");
         return NULL;
     }
-    PyObject *watch = args[0], *completions = args[1];
     if (ring_posted_type == NULL || !cache_here())
         Py_RETURN_FALSE;
+    return awaited_reply(args[0], args[1], NULL, NULL, NULL, 0);
+}
+
+static PyObject *s_sent_a, *s_future_a, *s_on_loop_a, *s_reply_poll, *s_bells, *s_on_bell,
+    *s_ready, *s_watches_a, *s_call_a;
+
+/* poll_awaited(request) -> True (settled) | False (polled, gave up) | None (not polled)
+ *
+ * Cheap looks first (every served request pays them): the one call in flight of
+ * the process, the loop's poll on, the interpreter awake; then the polled word set
+ * and the interpreter given TAKE_NS to take the request.  Once it did, the rest of
+ * ring_awaited's recognition runs while the interpreter runs the call. */
+static PyObject *native_poll_awaited(PyObject *m, PyObject *request) {
+    (void)m;
+    if (__atomic_load_n(&g_inflight, __ATOMIC_ACQUIRE) != 1 || ring_posted_type == NULL ||
+        !cache_here())
+        Py_RETURN_NONE;
+    if (s_call_a == NULL) {
+#define S(var, text) if ((var = PyUnicode_InternFromString(text)) == NULL) return NULL
+        S(s_sent_a, "sent"); S(s_future_a, "future"); S(s_on_loop_a, "on_loop");
+        S(s_reply_poll, "reply_poll"); S(s_bells, "_bells"); S(s_on_bell, "on_bell");
+        S(s_ready, "ready"); S(s_watches_a, "_watches"); S(s_call_a, "call");
+#undef S
+    }
+    PyObject *out = NULL, *sent = NULL, *future = NULL, *completions = NULL, *watch = NULL,
+             *budget = NULL, *caller = NULL, *key = NULL, *worker, *entry;
+    if ((sent = PyObject_GetAttr(request, s_sent_a)) == NULL)
+        goto unknown;
+    if (!PyTuple_CheckExact(sent) || PyTuple_GET_SIZE(sent) != 2)
+        goto not_ours;
+    worker = PyTuple_GET_ITEM(sent, 0);
+    entry = PyTuple_GET_ITEM(sent, 1);
+    if ((future = PyObject_GetAttr(request, s_future_a)) == NULL ||
+        (completions = PyObject_GetAttr(future, s_on_loop_a)) == NULL)
+        goto unknown;
+    if (completions == Py_None)
+        goto not_ours;
+    if ((budget = PyObject_GetAttr(completions, s_reply_poll)) == NULL)
+        goto unknown;
+    double seconds = PyFloat_AsDouble(budget);
+    if (seconds == -1.0 && PyErr_Occurred())
+        goto unknown;
+    if (!(seconds > 0.0))
+        goto not_ours;
+    if ((caller = iattr(worker, s_caller)) == NULL)
+        goto unknown;
+    if (Py_TYPE(caller) != (PyTypeObject *)caller_type)
+        goto not_ours;
+    CallerObject *cl = (CallerObject *)caller;
+    ChannelObject *c = cl->channel;
+    if (!c->attached || c->detach_pending || __atomic_load_n(&c->inflight, __ATOMIC_ACQUIRE) != 1)
+        goto not_ours;
+    if (c->poll_skip > 0) { /* the last poll on this channel gave up: a slow model */
+        c->poll_skip--;
+        goto not_ours;
+    }
+    if (SC_LOAD(&c->h->req_sleeping))
+        goto not_ours;
+    if ((key = PyObject_GetAttr(entry, s_call_a)) == NULL)
+        goto unknown;
+    PyObject *slot_o = PyDict_GetItemWithError(cl->slots, key), /* borrowed */
+             *past_o = slot_o == NULL ? NULL : PyDict_GetItemWithError(cl->ends, key);
+    if (past_o == NULL) {
+        if (PyErr_Occurred())
+            goto unknown;
+        goto not_ours;
+    }
+    unsigned long slot = PyLong_AsUnsignedLong(slot_o);
+    uint64_t past = PyLong_AsUnsignedLongLong(past_o);
+    if (PyErr_Occurred())
+        goto unknown;
+    if (slot >= c->nslots || past == 0)
+        goto not_ours;
+    slot_t *s = slot_at(c, (uint32_t)slot);
+    /* -- the interpreter takes the request (or has not: asleep, or off its core) ---- */
+    int64_t poll_ns = (int64_t)(seconds > 3600.0 ? 3600e9 : seconds * 1e9);
+    SC_STORE(polled_word(c), (uint32_t)slot + 1u);
+    int64_t start = now_ns();
+    int got = poll_spin(c, s, past, start + poll_ns / TAKE_DIVISOR, cl->fd);
+    if (got == 0 && !poll_stop(c, s))
+        goto not_ours; /* not taken: the bell rings for its reply */
+    COUNT(C_POLLS, 1);
+    if ((watch = iattr(worker, s_bells)) == NULL) {
+        PyErr_Clear();
+        watch = Py_NewRef(Py_None);
+    }
+    /* (the polled word cleared by awaited_reply, whatever it finds) */
+    out = awaited_reply(watch, completions, entry, c, s, start + poll_ns);
+    goto done;
+unknown:
+    PyErr_Clear();
+not_ours:
+    out = Py_NewRef(Py_None);
+done:
+    Py_XDECREF(key);
+    Py_XDECREF(caller);
+    Py_XDECREF(budget);
+    Py_XDECREF(watch);
+    Py_XDECREF(completions);
+    Py_XDECREF(future);
+    Py_XDECREF(sent);
+    return out;
+}
+
+static PyObject *awaited_reply(PyObject *watch, PyObject *completions, PyObject *want_key,
+                               ChannelObject *pc_channel, slot_t *ps, int64_t deadline_ns) {
+    int polled = 0; /* the reply was found by the poll: no bell rings for it */
+    int polling = want_key != NULL; /* the polled word still set */
     PyObject *out = NULL, *posted = NULL, *key = NULL, *entry = NULL, *pc = NULL,
              *worker = NULL, *caller = NULL, *slot_o = NULL, *done = NULL, *dispatcher = NULL,
              *index = NULL, *group = NULL, *request = NULL, *future = NULL, *waiter = NULL,
@@ -4935,7 +5101,7 @@ static PyObject *native_ring_awaited(PyObject *m, PyObject *const *args, Py_ssiz
         goto unknown;
     CHECK(Py_TYPE(future) == (PyTypeObject *)ring_loop_future_type);
     CHECK(attr_is(future, s_on_loop, completions));
-    {   /* on that loop's thread, while it runs (a stopped loop's watches are run by the
+    if (want_key == NULL) {   /* on that loop's thread, while it runs (a stopped loop's watches are run by the
          * completion thread: the bridge hands their results over) */
         PyObject *ref = PyObject_GetAttr(completions, s_loop_a);
         PyObject *loop = ref == NULL ? NULL : PyObject_CallNoArgs(ref);
@@ -4954,11 +5120,13 @@ static PyObject *native_ring_awaited(PyObject *m, PyObject *const *args, Py_ssiz
         (lock = PyObject_GetAttr(watch, s_wlock_b)) == NULL)
         goto unknown;
     /* -- on_bell's start: the watch cleared, the bell emptied --------------------- */
-    CHECK(lock_now(lock));
-    r = PyObject_SetAttr(watch, s_watching, Py_None);
-    if (unlock(lock) < 0 || r < 0)
-        goto unknown;
-    CHECK(drain_bell_fd(end)); /* end-of-file: the Python path says the interpreter died */
+    if (want_key == NULL) {
+        CHECK(lock_now(lock));
+        r = PyObject_SetAttr(watch, s_watching, Py_None);
+        if (unlock(lock) < 0 || r < 0)
+            goto unknown;
+        CHECK(drain_bell_fd(end)); /* end-of-file: the Python path says the interpreter died */
+    }
     /* -- the reply: settled here when it is there and the common one ------------ */
     {
         CallerObject *cl = (CallerObject *)caller;
@@ -4968,6 +5136,40 @@ static PyObject *native_ring_awaited(PyObject *m, PyObject *const *args, Py_ssiz
         if (PyErr_Occurred())
             goto unknown;
         CHECK(c->attached && !c->detach_pending && slot < c->nslots);
+        if (want_key != NULL) {
+            /* poll_awaited: the call just sent (its books' entry is the request's sent
+             * handle), taken by its interpreter, its slot polled for */
+            CHECK(entry == want_key && c == pc_channel && slot_at(c, (uint32_t)slot) == ps);
+            poll_spin(c, ps, 0, deadline_ns, cl->fd);
+            polling = 0;
+            if (!poll_stop(c, ps)) {
+                /* The model takes longer than the poll: the next lone calls on this
+                 * channel are not polled for (1, 3, 7, ... up to 63 of them). */
+                c->poll_backoff = c->poll_backoff * 2u + 1u > 63u ? 63u : c->poll_backoff * 2u + 1u;
+                c->poll_skip = c->poll_backoff;
+                goto not_ours;
+            }
+            COUNT(C_POLL_HITS, 1);
+            c->poll_backoff = 0;
+            /* From here the call is settled here, or handed to on_bell (not_ours) as
+             * the bell, which did not ring for it, would have. */
+            polled = 1;
+            CHECK(lock_now(lock));
+            r = PyObject_SetAttr(watch, s_watching, Py_None);
+            if (unlock(lock) < 0 || r < 0)
+                goto unknown;
+            /* The loop's watch armed for this reply is spent (a watch's next arming
+             * replaces it; a bell that rings meanwhile finds none) */
+            PyObject *fd = PyObject_GetAttr(end, s_bell_r), *watches = NULL;
+            if (fd != NULL)
+                watches = PyObject_GetAttr(completions, s_watches_a);
+            if (watches != NULL && PyDict_CheckExact(watches) && PyDict_DelItem(watches, fd) < 0)
+                PyErr_Clear(); /* (none: a KeyError) */
+            Py_XDECREF(watches);
+            Py_XDECREF(fd);
+            if (PyErr_Occurred())
+                goto unknown;
+        }
         CHECK(reply_ready(c, slot_at(c, (unsigned int)slot)));
         if (PyObject_SetAttr(entry, s_handed, Py_True) < 0)
             goto unknown;
@@ -5127,6 +5329,14 @@ hand_end: /* settled; _PostedCall._end does the rest (and the dispatcher's done)
 unknown: /* an error while recognising the case: the Python path meets it again */
     PyErr_Clear();
 not_ours:
+    if (polling && poll_stop(pc_channel, ps))
+        polled = 1; /* its reply came while it was recognised */
+    if (polled) { /* its reply is there and rang no bell: on_bell takes it as a bell would */
+        tmp = PyObject_CallMethodObjArgs(watch, s_on_bell, completions, s_ready, NULL);
+        if (tmp == NULL)
+            goto done;
+        Py_CLEAR(tmp);
+    }
     out = Py_NewRef(Py_False);
 done:
 #undef CHECK
@@ -5985,6 +6195,16 @@ static PyMethodDef module_methods[] = {
      "a served request's reply that went the Python way does not count.\n\n"
      ">>> ring_settled() >= 0\n"
      "True"},
+    {"poll_awaited", native_poll_awaited, METH_O,
+     "poll_awaited(request, /) -> bool | None\n\n"
+     "Right after an awaited request (submit_async(..., on_loop=True)) was sent from\n"
+     "its loop's thread: when it is the one call in flight of this process and its\n"
+     "interpreter, awake, takes it within a fifth of the poll, poll its reply slot for\n"
+     "up to the loop's completions.reply_poll seconds and settle it here as\n"
+     "ring_awaited does (True: its future is set; no bell rang for it).  False: polled,\n"
+     "and the poll gave up (the bell rings for the reply) or the reply went to\n"
+     "BellWatch.on_bell.  None, with nothing changed, when it is not that case.\n"
+     "Called on the loop's thread only."},
     {"watch_block", (PyCFunction)(void (*)(void))native_watch_block, METH_FASTCALL,
      "watch_block(holder, offset, book, /) -> bool\n\n"
      "Make a TensorBlock call book(offset) when it dies; False for another holder."},

@@ -272,6 +272,10 @@ class Dispatcher:
             # (False), by submit.
             if _post_awaited is None or not _post_awaited(self, request):
                 self.submit(request)
+            if _poll_awaited is not None:
+                # The one call in flight, to an interpreter awake for it: its reply is
+                # polled for up to LoopCompletions.reply_poll and settled here.
+                _poll_awaited(request)
         else:
             request.future = _LoopFuture(waiter, bridge)
             self.submit(request)
@@ -932,6 +936,17 @@ def _setup_send():
 
 _setup_ring()
 _post_awaited = _setup_send()
+
+
+def _setup_poll():
+    """``_native.poll_awaited``: submit_async's poll for a lone awaited call's reply
+    (``None`` without the extension)."""
+    from ..transport import channel
+
+    return getattr(channel._native_module, "poll_awaited", None) if channel._ring_awaited else None
+
+
+_poll_awaited = _setup_poll()
 
 
 _bridges: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Bridge]" = weakref.WeakKeyDictionary()

@@ -19,7 +19,7 @@ Memory (one memfd, like the arenas)::
 
     0    header: magic, version, ring_bytes, slots, slot_bytes | closed | tail | head
               | req_seq, req_sleeping, poked | slot_hint  (each on its own cache line)
-              | bell (384: the process backend's, see HostEnd.want_bell)
+              | bell (384: the process backend's, see HostEnd.want_bell), polled (388)
     512  request ring (ring_bytes, a power of two): records of
               [state u32 | len u32 | tag u32 | pad u32 | payload, padded to 16]
     ...  reply slots (slots x (64 + slot_bytes)):
@@ -88,6 +88,10 @@ _WATCH_MAX = 0.032  # the host's watcher: its slice doubles from _SLICE up to th
 # Offsets of the header words (see the layout above and _native.c's header_t).
 _CLOSED, _TAIL, _HEAD, _REQ_SEQ, _REQ_SLEEPING, _SLOT_HINT = 64, 128, 192, 256, 260, 320
 _BELL = 384  # unused by the mechanism: set by the host once a reply needs the bell pipe
+# 1 + the slot whose reply the host polls for (_native.poll_awaited), else 0: the
+# extension's serving loop rings no bell for that reply (the Python paths always ring:
+# a bell for a reply taken already only wakes the watch once for nothing).
+_POLLED = 388
 # The consumer's count of its sleeps that a poke ended (Channel.poke; diagnostics and
 # tests: the twin, which never spins, leaves it at 0).
 _POKED = 264
