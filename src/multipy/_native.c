@@ -4909,14 +4909,14 @@ static PyObject *s_sent_a, *s_future_a, *s_on_loop_a, *s_reply_poll, *s_bells, *
 /* poll_awaited(request) -> True (settled) | False (polled, gave up) | None (not polled)
  *
  * Cheap looks first (every served request pays them): the one call in flight of
- * the process, the loop's poll on, the interpreter awake; then the polled word set
+ * the process (the one busy channel, with one call in flight), the loop's poll on, the interpreter awake; then the polled word set
  * and the interpreter given TAKE_NS to take the request.  Once it did, the rest of
  * ring_awaited's recognition runs while the interpreter runs the call. */
 static PyObject *native_poll_awaited(PyObject *m, PyObject *request) {
     (void)m;
-    if (__atomic_load_n(&g_inflight, __ATOMIC_ACQUIRE) != 1 || ring_posted_type == NULL ||
+    if (__atomic_load_n(&g_busy, __ATOMIC_ACQUIRE) != 1 || ring_posted_type == NULL ||
         !cache_here())
-        Py_RETURN_NONE;
+        Py_RETURN_NONE; /* (several channels, so several calls, in flight in the process) */
     if (s_call_a == NULL) {
 #define S(var, text) if ((var = PyUnicode_InternFromString(text)) == NULL) return NULL
         S(s_sent_a, "sent"); S(s_future_a, "future"); S(s_on_loop_a, "on_loop");
@@ -4950,6 +4950,7 @@ static PyObject *native_poll_awaited(PyObject *m, PyObject *request) {
         goto not_ours;
     CallerObject *cl = (CallerObject *)caller;
     ChannelObject *c = cl->channel;
+    /* the one channel with calls in flight in the process, with one */
     if (!c->attached || c->detach_pending || __atomic_load_n(&c->inflight, __ATOMIC_ACQUIRE) != 1)
         goto not_ours;
     if (c->poll_skip > 0) { /* the last poll on this channel gave up: a slow model */
