@@ -4849,8 +4849,8 @@ static int drain_bell_fd(PyObject *end) {
     }
 }
 
-#define TAKE_DIVISOR 5 /* poll_awaited: an awake interpreter takes the request within a
-                            fifth of the poll (one that slept, or lost its core, later) */
+#define TAKE_DIVISOR 10 /* poll_awaited: an awake interpreter takes the request within a
+                             tenth of the poll (one that slept, or lost its core, later) */
 #define LIVENESS_POLLS 1024u /* poll_spin: looks at the slot between two at the peer's life */
 
 /* The polled word (see ring_bell): set to name slot before a reply is polled for, so
@@ -4874,6 +4874,14 @@ static int poll_spin(ChannelObject *c, slot_t *s, uint64_t past, int64_t deadlin
             return reply_ready(c, s);
         cpu_pause();
     }
+}
+
+/* A poll that did not pay (the reply or the take came too late): the next lone calls
+ * on this channel are not polled for, 1, 3, 7, ... up to 63 of them after as many
+ * such polls in a row; a poll that finds its reply starts again at 0. */
+static void poll_back_off(ChannelObject *c) {
+    c->poll_backoff = c->poll_backoff * 2u + 1u > 63u ? 63u : c->poll_backoff * 2u + 1u;
+    c->poll_skip = c->poll_backoff;
 }
 
 /* The poll is over: the polled word cleared first, then the slot looked at again
@@ -4980,8 +4988,13 @@ static PyObject *native_poll_awaited(PyObject *m, PyObject *request) {
     SC_STORE(polled_word(c), (uint32_t)slot + 1u);
     int64_t start = now_ns();
     int got = poll_spin(c, s, past, start + poll_ns / TAKE_DIVISOR, cl->fd);
-    if (got == 0 && !poll_stop(c, s))
-        goto not_ours; /* not taken: the bell rings for its reply */
+    if (got == 0 && !poll_stop(c, s)) {
+        /* Not taken (the interpreter lost its core: a busy machine): the bell rings for
+         * its reply, and the next lone calls are not polled for, as after a poll that
+         * gave up (poll_back_off). */
+        poll_back_off(c);
+        goto not_ours;
+    }
     COUNT(C_POLLS, 1);
     if ((watch = iattr(worker, s_bells)) == NULL) {
         PyErr_Clear();
@@ -5146,8 +5159,7 @@ static PyObject *awaited_reply(PyObject *watch, PyObject *completions, PyObject 
             if (!poll_stop(c, ps)) {
                 /* The model takes longer than the poll: the next lone calls on this
                  * channel are not polled for (1, 3, 7, ... up to 63 of them). */
-                c->poll_backoff = c->poll_backoff * 2u + 1u > 63u ? 63u : c->poll_backoff * 2u + 1u;
-                c->poll_skip = c->poll_backoff;
+                poll_back_off(c);
                 goto not_ours;
             }
             COUNT(C_POLL_HITS, 1);
