@@ -49,12 +49,13 @@ def main() -> None:
     scope = {"type": "http", "method": "POST", "path": "/v2/models/model/infer",
              "root_path": "", "headers": [(b"content-type", b"application/json"),
                                           (b"content-length", b"%d" % len(body))]}
-    settled = [0]
+    settled = [0, 0]  # settled by the poll, polled and gave up
     real_poll = dispatch._poll_awaited
 
     def counting(request):
         got = real_poll(request)
         settled[0] += got is True
+        settled[1] += got is False
         return got
 
     dispatch._poll_awaited = counting
@@ -82,6 +83,7 @@ def main() -> None:
         times = {"poll": [], "no poll": []}
         cpu = {"poll": 0.0, "no poll": 0.0}
         hits = {"poll": 0, "no poll": 0}
+        gave_up = {"poll": 0, "no poll": 0}
 
         async def run() -> None:
             for _ in range(200):  # warm up: loaded, every path taken once
@@ -89,13 +91,14 @@ def main() -> None:
             for block in range(2 * args.blocks):
                 mode = "poll" if block % 2 == 0 else "no poll"
                 LoopCompletions.reply_poll = budget if mode == "poll" else 0.0
-                out, before, hit0 = times[mode], time.process_time(), settled[0]
+                out, before, hit0, miss0 = times[mode], time.process_time(), *settled
                 for _ in range(args.per_block):
                     t0 = time.perf_counter_ns()
                     await one()
                     out.append(time.perf_counter_ns() - t0)
                 cpu[mode] += time.process_time() - before
                 hits[mode] += settled[0] - hit0
+                gave_up[mode] += settled[1] - miss0
 
         try:
             import uvloop
@@ -111,7 +114,7 @@ def main() -> None:
         q = statistics.quantiles(values, n=10)
         print(f"  {mode:8} p50 {statistics.median(values) / 1e3:6.1f} µs  p90 {q[8] / 1e3:6.1f} µs"
               f"  host CPU {cpu[mode] / n * 1e6:6.1f} µs/request  settled by the poll "
-              f"{hits[mode] / n:.2f}")
+              f"{hits[mode] / n:.2f}, polled in vain {gave_up[mode] / n:.2f}")
 
 
 if __name__ == "__main__":
