@@ -258,7 +258,10 @@ class Dispatcher:
         read there too (:class:`~multipy.backends.completions.LoopCompletions`),
         with no hand-off through the completion thread.  Only for a loop that
         keeps running while its requests are in flight, like a server's: the
-        interpreter stays busy until the loop reads the reply.
+        interpreter stays busy until the loop reads the reply.  A lone request whose
+        interpreter takes it at once is polled for right after its send (for up to
+        ``LoopCompletions.reply_poll``): its reply, found then, is settled before the
+        ``await``, which does not suspend.
         """
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
