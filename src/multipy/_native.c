@@ -5423,6 +5423,76 @@ static int send_strings(void) {
     return 0;
 }
 
+/* The books' objects made without their classes' __init__ (a Python frame each):
+ * allocated by the class and their __slots__ written at the offsets of the class's
+ * member descriptors, found once by send_setup.  A class whose __slots__ are not
+ * exactly the names expected here leaves send_setup unregistered (post_awaited
+ * then sends nothing): what __init__ sets must be set here too. */
+#define SEND_MAX_SLOTS 16
+typedef struct {
+    PyTypeObject *type;
+    int n;
+    Py_ssize_t off[SEND_MAX_SLOTS];
+} send_class_t;
+
+static send_class_t send_group_c, send_pc_c, send_posted_c;
+
+static const char *const send_group_slots[] = {"requests", "balanced", "retried", "handed", NULL};
+static const char *const send_pc_slots[] = {"worker", "done", "materializes", "timeout", "posted",
+                                            "timer", "finished", "started", "lock", "early", "then",
+                                            "holds", "completions", "counted", "materialized", NULL};
+static const char *const send_posted_slots[] = {"op", "call", "placed", "completions", "finish",
+                                                "handed", "outcome", "timeout", NULL};
+
+/* 0 registered, 1 not the class expected (nothing registered), -1 an error. */
+static int send_class(PyObject *type, const char *const *names, send_class_t *out) {
+    if (!PyType_Check(type))
+        return 1;
+    PyTypeObject *t = (PyTypeObject *)type;
+    if (t->tp_dictoffset != 0 || t->tp_init == NULL)
+        return 1;
+    PyObject *declared = PyObject_GetAttrString(type, "__slots__");
+    if (declared == NULL)
+        return -1;
+    int n = 0;
+    while (names[n] != NULL)
+        n++;
+    int same = PyTuple_Check(declared) && PyTuple_GET_SIZE(declared) == n && n <= SEND_MAX_SLOTS;
+    for (int i = 0; same && i < n; i++) {
+        PyObject *name = PyTuple_GET_ITEM(declared, i);
+        same = PyUnicode_Check(name) && PyUnicode_CompareWithASCIIString(name, names[i]) == 0;
+    }
+    Py_DECREF(declared);
+    if (!same)
+        return 1;
+    send_class_t c = {t, n, {0}};
+    for (int i = 0; i < n; i++) {
+        PyObject *d = PyDict_GetItemString(t->tp_dict, names[i]); /* borrowed */
+        if (d == NULL || Py_TYPE(d) != &PyMemberDescr_Type)
+            return 1;
+        PyMemberDef *def = ((PyMemberDescrObject *)d)->d_member;
+        if (def->type != T_OBJECT_EX)
+            return 1;
+        c.off[i] = def->offset;
+    }
+    Py_INCREF(type);
+    Py_XDECREF((PyObject *)out->type);
+    *out = c;
+    return 0;
+}
+
+/* A new instance of c's class with its slots set to values (new references taken). */
+static PyObject *send_new(send_class_t *c, PyObject *const *values) {
+    PyObject *o = c->type->tp_alloc(c->type, 0);
+    if (o == NULL)
+        return NULL;
+    for (int i = 0; i < c->n; i++)
+        *(PyObject **)((char *)o + c->off[i]) = Py_NewRef(values[i]);
+    return o;
+}
+
+static PyObject *send_allocate_lock; /* _thread.allocate_lock */
+
 /* send_setup(group_type, posted_type, process_worker_type, call_op, pipeline_depth) */
 static PyObject *native_send_setup(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
     (void)m;
@@ -5438,12 +5508,28 @@ static PyObject *native_send_setup(PyObject *m, PyObject *const *args, Py_ssize_
     if (send_strings() < 0 || ring_strings() < 0 || whole_call_strings() < 0 ||
         balancer_strings() < 0)
         return NULL;
+    if (ring_posted_type == NULL)
+        Py_RETURN_FALSE; /* (ring_setup first: the _PostedCall class) */
+    int rc = send_class(args[0], send_group_slots, &send_group_c);
+    if (rc == 0)
+        rc = send_class(ring_posted_type, send_pc_slots, &send_pc_c);
+    if (rc == 0)
+        rc = send_class(args[1], send_posted_slots, &send_posted_c);
+    if (rc != 0)
+        return rc < 0 ? NULL : Py_NewRef(Py_False); /* not the classes expected: Python's */
+    if (send_allocate_lock == NULL) {
+        PyObject *thread = PyImport_ImportModule("_thread");
+        send_allocate_lock = thread == NULL ? NULL : PyObject_GetAttrString(thread, "allocate_lock");
+        Py_XDECREF(thread);
+        if (send_allocate_lock == NULL)
+            return NULL;
+    }
     Py_XSETREF(send_group_type, Py_NewRef(args[0]));
     Py_XSETREF(send_posted_type, Py_NewRef(args[1]));
     Py_XSETREF(send_worker_type, Py_NewRef(args[2]));
     Py_XSETREF(send_call_op, Py_NewRef(args[3]));
     send_depth = depth;
-    Py_RETURN_NONE;
+    Py_RETURN_TRUE;
 }
 
 /* usable(index) (the dispatcher's test): 1, 0, -1 on an error. */
@@ -5851,7 +5937,8 @@ static PyObject *native_post_awaited(PyObject *m, PyObject *const *args, Py_ssiz
              *wlock = NULL, *caller = NULL, *materialized = NULL, *freed_q = NULL, *freed = NULL,
              *call_args = NULL, *full = NULL, *group = NULL, *requests = NULL, *method = NULL,
              *done = NULL, *pc = NULL, *finish = NULL, *entry = NULL, *posted = NULL,
-             *key = NULL, *placed = NULL, *sent = NULL, *bells = NULL, *tmp = NULL;
+             *key = NULL, *placed = NULL, *sent = NULL, *bells = NULL, *tmp = NULL,
+             *started_o = NULL, *pc_lock = NULL;
     int r, counted = 0, holds = 1;
     /* -- the case, recognised before anything is taken ---------------------------- */
 #define CHECK(expr) do { r = (expr); if (r < 0) goto unknown; if (!r) goto not_ours; } while (0)
@@ -5957,15 +6044,26 @@ static PyObject *native_post_awaited(PyObject *m, PyObject *const *args, Py_ssiz
     if ((requests = PyList_New(1)) == NULL)
         goto unlock_give_back;
     PyList_SET_ITEM(requests, 0, Py_NewRef(request));
-    if ((group = PyObject_CallFunctionObjArgs(send_group_type, requests, Py_True, NULL)) == NULL ||
-        (method = PyMethod_New(ring_done_fn, dispatcher)) == NULL ||
-        (done = PyObject_CallFunctionObjArgs(ring_partial_type, method, index, group, NULL)) == NULL ||
-        (pc = PyObject_CallFunctionObjArgs(ring_posted_type, worker, done, rid, Py_None, NULL)) == NULL ||
-        (!holds && PyObject_SetAttr(pc, s_holds, Py_False) < 0) ||
-        (finish = PyObject_GetAttr(pc, s_finish)) == NULL ||
-        (entry = PyObject_CallFunctionObjArgs(send_posted_type, send_call_op, on_loop, finish,
-                                              Py_None, NULL)) == NULL)
-        goto unlock_give_back;
+    /* (their classes' __init__, written out: see send_class) */
+    {
+        PyObject *g[] = {requests, Py_True, Py_False, Py_False};
+        if ((group = send_new(&send_group_c, g)) == NULL ||
+            (method = PyMethod_New(ring_done_fn, dispatcher)) == NULL ||
+            (done = PyObject_CallFunctionObjArgs(ring_partial_type, method, index, group, NULL))
+                == NULL ||
+            (started_o = PyFloat_FromDouble((double)now_ns() / 1e9)) == NULL ||
+            (pc_lock = PyObject_CallNoArgs(send_allocate_lock)) == NULL)
+            goto unlock_give_back;
+        PyObject *c[] = {worker, done, rid, Py_None, Py_None, Py_None, Py_False, started_o, pc_lock,
+                         Py_None, Py_None, holds ? Py_True : Py_False, Py_None, Py_False,
+                         materialized};
+        if ((pc = send_new(&send_pc_c, c)) == NULL ||
+            (finish = PyMethod_New(ring_finish_fn, pc)) == NULL)
+            goto unlock_give_back;
+        PyObject *e[] = {send_call_op, Py_None, Py_None, on_loop, finish, Py_False, Py_None, Py_None};
+        if ((entry = send_new(&send_posted_c, e)) == NULL)
+            goto unlock_give_back;
+    }
     /* Counted before the send (as _send_posted): its reply may be read before this
      * returns only on this thread, but the count is read by others. */
     if (PyObject_SetAttr(pc, s_counted, Py_True) < 0)
@@ -6067,6 +6165,8 @@ not_ours:
 done:
 #undef CHECK
     Py_XDECREF(tmp);
+    Py_XDECREF(pc_lock);
+    Py_XDECREF(started_o);
     Py_XDECREF(bells);
     Py_XDECREF(sent);
     Py_XDECREF(placed);

@@ -932,8 +932,9 @@ def _setup_send():
     post = getattr(channel._native_module, "post_awaited", None) if channel.NATIVE else None
     if post is None or channel._ring_awaited is None:
         return None
-    channel._native_module.send_setup(_Group, process._Posted, process.ProcessWorker,
-                                      process._CALL_REPLICATED, process.PIPELINE_DEPTH)
+    if not channel._native_module.send_setup(_Group, process._Posted, process.ProcessWorker,
+                                             process._CALL_REPLICATED, process.PIPELINE_DEPTH):
+        return None  # (the classes' slots are not those it makes: the Python path)
     return post
 
 
