@@ -25,9 +25,10 @@ def gate_file(token: int) -> str:
 
 def gated(x, token=0):
     if token:
-        with open(started_file(token) + ".tmp", "w") as f:
+        tmp = f"{started_file(token)}.{os.getpid()}"  # (several calls may share a token)
+        with open(tmp, "w") as f:
             f.write(str(os.getpid()))
-        os.replace(started_file(token) + ".tmp", started_file(token))
+        os.replace(tmp, started_file(token))
         if token < 0:
             os._exit(3)
         while not os.path.exists(gate_file(token)):
