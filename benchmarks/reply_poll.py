@@ -5,8 +5,8 @@ The app (``multipy.serve.build_app``, the ``identity`` example on 2 process
 interpreters) runs in process on uvloop under the HTTP protocol ``multipy serve``
 gives uvicorn (each request's bytes fed to one connection's protocol, its answer
 written to a stand-in transport: no sockets).  Blocks of requests alternate
-between ``LoopCompletions.reply_poll`` at its value (``MULTIPY_REPLY_POLL_US``,
-100 µs by default) and 0 (every reply waits for the interpreter's bell in epoll),
+between ``LoopCompletions.reply_poll`` at ``MULTIPY_REPLY_POLL_US`` (100 µs when
+that is unset or 0) and 0 (every reply waits for the interpreter's bell in epoll),
 so both see the same interpreters and the same load on the machine.  Prints, per
 mode, the wall time of a request (p50, p90), the host's CPU per request and how
 many requests the poll settled::
@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--layer", choices=("http", "app", "infer"), default="http")
     parser.add_argument("--model", default="identity")
     args = parser.parse_args()
-    budget = LoopCompletions.reply_poll
+    budget = LoopCompletions.reply_poll or 100e-6  # (off by default: poll 100 µs then)
     if dispatch._poll_awaited is None or budget <= 0:
         raise SystemExit("the poll needs the extension and MULTIPY_REPLY_POLL_US > 0")
     archive = example_archive(args.model)

@@ -4889,7 +4889,9 @@ static void poll_back_off(ChannelObject *c) {
  * the reply is there (no bell rung for it, or at worst one left over). */
 static int poll_stop(ChannelObject *c, slot_t *s) {
     SC_STORE(polled_word(c), 0u);
-    return reply_ready(c, s);
+    /* Sequentially consistent, pairing with the interpreter's SC store of the slot's
+     * state and SC load of the polled word: one of the two sees the other's store. */
+    return SC_LOAD(&s->state) == SLOT_REPLIED;
 }
 
 /* ring_awaited's work: want_key NULL, a ring (the bell watch's callback on the loop);

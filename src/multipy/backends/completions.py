@@ -288,12 +288,13 @@ class LoopCompletions:
 
     #: Seconds a loop polls for the reply of its lone awaited call, right after sending
     #: it, before it goes back to waiting for the bell (``MULTIPY_REPLY_POLL_US``,
-    #: microseconds; 0: never).  Only when that call is the one call in flight of the
+    #: microseconds; 0, the default: never; on a quiet 2-core VM a 100 µs poll settled
+    #: every lone request without lowering its latency, see docs/serving.md).  Only when that call is the one call in flight of the
     #: process and its interpreter was awake for it; a reply found so is settled at
     #: once (its ``await`` does not suspend) and rings no bell.  After a poll that
     #: gave up, the next lone calls on that interpreter are not polled for (1, 3, 7,
     #: ... up to 63 of them), so a model slower than the poll is rarely polled for.
-    reply_poll = float(os.environ.get("MULTIPY_REPLY_POLL_US", "100")) * 1e-6
+    reply_poll = float(os.environ.get("MULTIPY_REPLY_POLL_US", "0")) * 1e-6
 
     def __init__(self, loop: asyncio.AbstractEventLoop, fallback: Completions) -> None:
         self._loop = weakref.ref(loop)  # weak: the loop may be collected with calls done

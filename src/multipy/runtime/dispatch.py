@@ -259,8 +259,8 @@ class Dispatcher:
         with no hand-off through the completion thread.  Only for a loop that
         keeps running while its requests are in flight, like a server's: the
         interpreter stays busy until the loop reads the reply.  A lone request whose
-        interpreter takes it at once is polled for right after its send (for up to
-        ``LoopCompletions.reply_poll``): its reply, found then, is settled before the
+        interpreter takes it at once can be polled for right after its send (for up to
+        ``LoopCompletions.reply_poll``, 0 by default: off): its reply, found then, is settled before the
         ``await``, which does not suspend.
         """
         loop = asyncio.get_running_loop()
