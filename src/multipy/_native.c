@@ -4899,6 +4899,22 @@ static int poll_stop(ChannelObject *c, slot_t *s) {
  * the watch's posted calls is want_key (the request's sent handle), its slot s of
  * channel c polled for already (the polled word set; the interpreter took it): polled
  * for until deadline_ns. */
+/* LoopCompletions.here(): 1 when this thread runs the loop of ``completions`` (a
+ * LoopCompletions: its ``_loop`` is a weak reference), 0 when not, -1 with an
+ * exception set. */
+static int loop_running_here(PyObject *completions) {
+    PyObject *ref = PyObject_GetAttr(completions, s_loop_a);
+    PyObject *loop = ref == NULL ? NULL : PyObject_CallNoArgs(ref);
+    Py_XDECREF(ref);
+    if (loop == NULL)
+        return -1;
+    PyObject *running = PyObject_CallNoArgs(ring_running_loop);
+    int r = running == NULL ? -1 : loop != Py_None && running == loop;
+    Py_DECREF(loop);
+    Py_XDECREF(running);
+    return r;
+}
+
 static PyObject *awaited_reply(PyObject *watch, PyObject *completions, PyObject *want_key,
                                ChannelObject *pc_channel, slot_t *ps, int64_t deadline_ns);
 
@@ -5117,19 +5133,9 @@ static PyObject *awaited_reply(PyObject *watch, PyObject *completions, PyObject 
         goto unknown;
     CHECK(Py_TYPE(future) == (PyTypeObject *)ring_loop_future_type);
     CHECK(attr_is(future, s_on_loop, completions));
-    if (want_key == NULL) {   /* on that loop's thread, while it runs (a stopped loop's watches are run by the
+    if (want_key == NULL)   /* on that loop's thread, while it runs (a stopped loop's watches are run by the
          * completion thread: the bridge hands their results over) */
-        PyObject *ref = PyObject_GetAttr(completions, s_loop_a);
-        PyObject *loop = ref == NULL ? NULL : PyObject_CallNoArgs(ref);
-        Py_XDECREF(ref);
-        if (loop == NULL)
-            goto unknown;
-        tmp = PyObject_CallNoArgs(ring_running_loop);
-        r = tmp == NULL ? -1 : loop != Py_None && tmp == loop;
-        Py_DECREF(loop);
-        Py_CLEAR(tmp);
-        CHECK(r);
-    }
+        CHECK(loop_running_here(completions));
     if ((waiter = PyObject_GetAttr(future, s_waiter)) == NULL ||
         (balancer = PyObject_GetAttr(dispatcher, s_balancer_a)) == NULL ||
         (end = PyObject_GetAttr(watch, s_end_b)) == NULL ||
@@ -5964,18 +5970,7 @@ static PyObject *native_post_awaited(PyObject *m, PyObject *const *args, Py_ssiz
         (waiter = PyObject_GetAttr(future, s_waiter)) == NULL)
         goto unknown;
     CHECK(on_loop != Py_None);
-    {   /* LoopCompletions.here(): on the loop's thread, while it runs */
-        PyObject *ref = PyObject_GetAttr(on_loop, s_loop_a);
-        PyObject *loop = ref == NULL ? NULL : PyObject_CallNoArgs(ref);
-        Py_XDECREF(ref);
-        if (loop == NULL)
-            goto unknown;
-        tmp = PyObject_CallNoArgs(ring_running_loop);
-        r = tmp == NULL ? -1 : loop != Py_None && tmp == loop;
-        Py_DECREF(loop);
-        Py_CLEAR(tmp);
-        CHECK(r);
-    }
+    CHECK(loop_running_here(on_loop));   /* LoopCompletions.here() */
     /* set_running_or_notify_cancel(): a task cancelled already is the Python path's */
     if ((tmp = PyObject_CallMethodNoArgs(waiter, s_cancelled)) == NULL)
         goto unknown;
