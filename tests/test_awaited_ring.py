@@ -20,6 +20,7 @@ import torch
 
 import multipy
 from _rows import logged, open_gate
+from _awaited import books as _state, call_on_loop as _call, delta as _delta, idle
 from _wait import wait_for
 from multipy.backends.completions import LoopCompletions
 from multipy.transport import channel
@@ -64,27 +65,7 @@ def rings(monkeypatch):
     return taken
 
 
-def _call(model, *args, **kwargs):
-    """What a served request sends: an awaited call read on the loop (on_loop=True)."""
-    manager = model._manager
-    request = manager._replicated_request(model, None, args, kwargs, None)
-    return manager._dispatcher.submit_async(request, on_loop=True)
 
-
-def _state(manager):
-    """The books a call leaves behind: calls, latencies, failures, and what must be
-    back to nothing once none is in flight."""
-    workers = manager._workers
-    return {"calls": sum(w.calls for w in workers),
-            "latencies": sum(len(w.latencies) for w in workers),
-            "failures": sum(w.failures for w in workers),
-            "in_flight": [w.posted_in_flight for w in workers],
-            "posted": [len(w._posted) for w in workers],
-            "load": list(manager._balancer._load)}
-
-
-def _delta(before, after):
-    return {k: after[k] - before[k] if isinstance(after[k], int) else after[k] for k in after}
 
 
 def _one_at_a_time(model, n):
@@ -108,8 +89,7 @@ def test_one_call_at_a_time_is_settled_in_c_with_the_python_paths_statistics(
     in_python = _delta(before, _state(manager))
     assert [o[0].item() for o in outs] == [i * 2 + 1 for i in range(30)]
     assert in_c == in_python == {"calls": 30, "latencies": 30, "failures": 0,
-                                 "in_flight": [0] * INTERPRETERS,
-                                 "posted": [0] * INTERPRETERS, "load": [0] * INTERPRETERS}
+                                 **idle(INTERPRETERS)}
 
 
 def test_an_error_reply_goes_the_python_way_and_keeps_its_type(model, manager, rings):
@@ -202,8 +182,7 @@ def test_an_error_after_the_reply_was_taken_ends_the_call_with_it(model, manager
             w.calls = n
     assert rings[1] == settled + 1  # it was the ring settled in C
     assert _delta(before, _state(manager)) == {
-        "calls": 0, "latencies": 0, "failures": 1, "in_flight": [0] * INTERPRETERS,
-        "posted": [0] * INTERPRETERS, "load": [0] * INTERPRETERS}
+        "calls": 0, "latencies": 0, "failures": 1, **idle(INTERPRETERS)}
     assert not any(w.lock.locked() for w in workers)
     assert [o[0].item() for o in _one_at_a_time(model, 3)] == [1.0, 3.0, 5.0]
     assert_usable(manager)

@@ -22,6 +22,7 @@ import torch
 
 import multipy
 from _gated import clean, open_gate, started_pid
+from _awaited import books as _state, call_on_loop as _call, delta as _delta, idle
 from _wait import wait_for
 from multipy.runtime import dispatch
 
@@ -75,30 +76,10 @@ def sends(monkeypatch, request):
     return taken
 
 
-def _call(model, *args):
-    """What a served request sends: an awaited call read on the loop (on_loop=True)."""
-    manager = model._manager
-    request = manager._replicated_request(model, None, args, {}, None)
-    return manager._dispatcher.submit_async(request, on_loop=True)
 
 
-def _state(manager):
-    workers = manager._workers
-    return {"calls": sum(w.calls for w in workers),
-            "latencies": sum(len(w.latencies) for w in workers),
-            "failures": sum(w.failures for w in workers),
-            "in_flight": [w.posted_in_flight for w in workers],
-            "posted": [len(w._posted) for w in workers],
-            "locked": [w.lock.locked() for w in workers],
-            "load": list(manager._balancer._load)}
 
-
-def _delta(before, after):
-    return {k: after[k] - before[k] if isinstance(after[k], int) else after[k] for k in after}
-
-
-IDLE = {"in_flight": [0] * INTERPRETERS, "posted": [0] * INTERPRETERS,
-        "locked": [False] * INTERPRETERS, "load": [0] * INTERPRETERS}
+IDLE = idle(INTERPRETERS)
 
 
 def _one_at_a_time(model, n):

@@ -22,6 +22,7 @@ import torch
 
 import multipy
 from _rows import logged, open_gate
+from _awaited import books as _state, call_on_loop as _call, delta as _delta, idle
 from _wait import wait_for
 from multipy.backends.completions import LoopCompletions
 from multipy.runtime import dispatch
@@ -69,25 +70,7 @@ def polls(monkeypatch, backend):
     return taken
 
 
-def _call(model, *args, **kwargs):
-    """What a served request sends: an awaited call read on the loop (on_loop=True)."""
-    manager = model._manager
-    request = manager._replicated_request(model, None, args, kwargs, None)
-    return manager._dispatcher.submit_async(request, on_loop=True)
 
-
-def _state(manager):
-    workers = manager._workers
-    return {"calls": sum(w.calls for w in workers),
-            "latencies": sum(len(w.latencies) for w in workers),
-            "failures": sum(w.failures for w in workers),
-            "in_flight": [w.posted_in_flight for w in workers],
-            "posted": [len(getattr(w, "_posted", ())) for w in workers],
-            "load": list(manager._balancer._load)}
-
-
-def _delta(before, after):
-    return {k: after[k] - before[k] if isinstance(after[k], int) else after[k] for k in after}
 
 
 def _until_settled(model, polls, wanted):
@@ -125,9 +108,7 @@ def test_a_polled_call_leaves_the_books_of_a_rung_one_and_rings_no_bell(
     rung = _delta(before, _state(manager))
     assert set(polls) == {None} and len(outs) == TRIES
     assert polled == {**rung, "calls": n, "latencies": n}
-    assert rung == {"calls": TRIES, "latencies": TRIES, "failures": 0,
-                    "in_flight": [0] * INTERPRETERS, "posted": [0] * INTERPRETERS,
-                    "load": [0] * INTERPRETERS}
+    assert rung == {"calls": TRIES, "latencies": TRIES, "failures": 0, **idle(INTERPRETERS)}
 
 
 def _gated_poll(model, polls, gate, log, tag, **kwargs):
@@ -191,8 +172,7 @@ def test_many_calls_racing_the_polls_end_all_resolve(model, manager, backend, po
     outs = asyncio.run(main())
     assert [o.item() for o in outs] == [i * 2 + 1 for i in range(400)]
     assert _delta(before, _state(manager)) == {
-        "calls": 400, "latencies": 400, "failures": 0, "in_flight": [0] * INTERPRETERS,
-        "posted": [0] * INTERPRETERS, "load": [0] * INTERPRETERS}
+        "calls": 400, "latencies": 400, "failures": 0, **idle(INTERPRETERS)}
 
 
 def test_an_interpreter_dying_during_the_poll_fails_the_call_at_once(
