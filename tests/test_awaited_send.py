@@ -155,8 +155,10 @@ def test_a_call_cancelled_in_flight_is_dropped_there_counted_and_the_pool_usable
         with pytest.raises(asyncio.CancelledError):
             await slow
         open_gate(token)
-        while any(manager._balancer._load):  # its reply is still read: the interpreter comes back
-            await asyncio.sleep(0.01)
+        # its reply is still read (on this loop, free while the thread waits): the
+        # interpreter comes back
+        await asyncio.to_thread(wait_for, lambda: not any(manager._balancer._load),
+                                "the interpreter to be given back")
 
     before = _state(manager)
     asyncio.run(main())
@@ -195,8 +197,8 @@ def test_a_timeout_around_a_call_sent_in_c_leaves_the_interpreter_usable(
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(_call(model, torch.zeros(1), token), 0.05)
         open_gate(token)
-        while any(manager._balancer._load):
-            await asyncio.sleep(0.01)
+        await asyncio.to_thread(wait_for, lambda: not any(manager._balancer._load),
+                                "the interpreter to be given back")
         return await _call(model, torch.ones(1))
 
     assert asyncio.run(main()).item() == 3.0
