@@ -269,13 +269,14 @@ class Dispatcher:
         if bridge is None or bridge.loop_ref() is not loop:
             bridge = _bridge(loop)
         if on_loop:
-            request.future = _LoopFuture(waiter, bridge, self._on_loop(loop))
+            completions = self._on_loop(loop)
+            request.future = _LoopFuture(waiter, bridge, completions)
             # The common case (an idle interpreter or room in one's queue, the process
             # backend's channel) sent in one C call; anything else, with nothing taken
             # (False), by submit.
             if _post_awaited is None or not _post_awaited(self, request):
                 self.submit(request)
-            if _poll_awaited is not None:
+            if _poll_awaited is not None and completions.reply_poll > 0:
                 # The one call in flight, to an interpreter awake for it: its reply is
                 # polled for up to LoopCompletions.reply_poll and settled here.
                 _poll_awaited(request)
